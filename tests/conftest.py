@@ -1,0 +1,54 @@
+"""Shared test helpers: offline, CPU, small fixtures written by the tests themselves."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import common  # noqa: E402
+
+
+def load_stage(name: str):
+    """Import a numbered stage script (its file name is not a valid module name)."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_config(tmp_path: Path, base: str = "smoke", **changes) -> Path:
+    """A copy of configs/<base>.yaml with run_dir under tmp_path and `section.key` changes."""
+    cfg = yaml.safe_load((ROOT / "configs" / f"{base}.yaml").read_text())
+    cfg["run_dir"] = str(tmp_path / "run")
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[leaf] = copy.deepcopy(value)
+    path = tmp_path / f"{base}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def smoke_config(tmp_path):
+    return write_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """(model, tokenizer) of the smoke profile: a seeded random tiny Llama, built in-process."""
+    cfg = common.load_config(ROOT / "configs" / "smoke.yaml")
+    return common.load_model_and_tokenizer(cfg["models"][0], device="cpu")
