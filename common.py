@@ -349,6 +349,18 @@ def load_split(cfg: dict, dataset: str, split: str) -> list[dict]:
     return read_jsonl(data_dir(cfg, dataset) / f"{split}.jsonl", required=ANNOTATION_FIELDS)
 
 
+def predictions_path(cfg: dict, dataset: str, model_tag: str, method: str, annotator: str) -> Path:
+    return run_dir(cfg) / "predictions" / dataset / model_tag / method / f"{annotator}.jsonl"
+
+
+def adapter_dir(cfg: dict, dataset: str, model_tag: str, method: str, annotator: str) -> Path:
+    return run_dir(cfg) / "adapters" / dataset / model_tag / method / annotator
+
+
+def dataset_annotators(cfg: dict, dataset: str) -> list[str]:
+    return read_json(data_dir(cfg, dataset) / "stats.json")["annotators"]
+
+
 def normalize_label(value: Any, task: dict) -> str | int | None:
     """Canonical label, or None if it is not one of the task's labels."""
     if task["label_type"] == "categorical":
