@@ -37,6 +37,7 @@ def write_config(tmp_path: Path, base: str = "smoke", **changes) -> Path:
         for part in parents:
             node = node[part]
         node[leaf] = copy.deepcopy(value)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{base}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -1,0 +1,224 @@
+"""common.py core: config, atomic IO, response format and parser, prompts, models, embedder."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import common
+from conftest import ROOT
+
+NLI = common.BUILTIN_TASKS["varierr"]
+PAR = common.BUILTIN_TASKS["par"]
+
+
+# ---------------------------------------------------------------------------- config
+def keys(tree, prefix=""):
+    """Nested key paths of a config; list entries (models) are compared by their first entry."""
+    out = set()
+    for key, value in tree.items():
+        out.add(prefix + key)
+        if isinstance(value, dict):
+            out |= keys(value, prefix + key + ".")
+    return out
+
+
+def test_every_profile_parses_and_has_the_same_keys():
+    profiles = {p: common.load_config(ROOT / "configs" / f"{p}.yaml") for p in ("paper", "cpu", "smoke")}
+    reference = keys(profiles["cpu"])
+    for name, cfg in profiles.items():
+        assert keys(cfg) == reference, f"{name}.yaml keys differ from cpu.yaml"
+        assert cfg["profile"] == name and cfg["run_dir"] == f"runs/{name}"
+        for model in cfg["models"]:
+            assert model["source"] in ("hub", "gguf", "tiny") and model["tag"]
+
+
+def test_overrides_are_typed_and_strict():
+    cfg = common.load_config(ROOT / "configs" / "smoke.yaml", ["--seed", "7", "--data.max_items=12",
+                                                                "--datasets", "[varierr]"])
+    assert cfg["seed"] == 7 and cfg["data"]["max_items"] == 12 and cfg["datasets"] == ["varierr"]
+    for bad in (["--sede", "1"], ["--data.nope", "1"], ["--seed"], ["seed", "3"]):
+        with pytest.raises(common.InputError):
+            common.load_config(ROOT / "configs" / "smoke.yaml", bad)
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("profile: [unclosed\n")
+    with pytest.raises(common.InputError, match="bad.yaml: not valid YAML"):
+        common.load_config(bad)
+    missing = tmp_path / "partial.yaml"
+    missing.write_text(yaml.safe_dump({"profile": "x", "seed": 1}))
+    with pytest.raises(common.InputError, match="field 'run_dir'"):
+        common.load_config(missing)
+
+
+# ---------------------------------------------------------------------------- IO
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out" / "preds.jsonl"
+
+    def records():
+        yield {"a": 1}
+        raise RuntimeError("killed mid-way")
+
+    with pytest.raises(RuntimeError):
+        common.write_jsonl(target, records())
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    common.write_jsonl(target, [{"a": "é"}, {"b": 2}])
+    assert common.read_jsonl(target) == [{"a": "é"}, {"b": 2}]
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "adapter"
+    with common.atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError):
+        with common.atomic_dir(target) as tmp:
+            (tmp / "b.txt").write_text("half")
+            raise RuntimeError
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_read_jsonl_names_line_and_field(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"item_id": "1", "label": "neutral"}\n{"item_id": "2"}\n')
+    with pytest.raises(common.InputError, match=r"x.jsonl, line 2, field 'label'"):
+        common.read_jsonl(path, required=("item_id", "label"))
+    path.write_text('{"item_id": "1"}\nnot json\n')
+    with pytest.raises(common.InputError, match=r"x.jsonl, line 2: malformed JSON"):
+        common.read_jsonl(path)
+
+
+# ---------------------------------------------------------------------------- response format
+@pytest.mark.parametrize("text,label,explanation", [
+    ("Label: entailment\nExplanation: The shop opened at dawn.", "entailment", "The shop opened at dawn."),
+    ("label: NEUTRAL\n\nexplanation:   We   cannot tell.  ", "neutral", "We cannot tell."),
+    ("<think>\n\n</think>\n\nLabel: **contradiction**\nExplanation: Opposite claims.", "contradiction",
+     "Opposite claims."),
+    ("Label: contradiction\nExplanation: Opposite.\n\nLabel: neutral\nExplanation: more", "contradiction",
+     "Opposite."),
+])
+def test_parser_accepts_the_format(text, label, explanation):
+    assert common.parse_response(text, NLI) == (label, explanation, True)
+
+
+@pytest.mark.parametrize("text", [
+    "", "entailment", "Label: entailment", "Explanation: only reasons",
+    "Label: maybe\nExplanation: unsure", "Label: entailment\nExplanation:   ",
+    "The answer is Label: entailment\nExplanation: x", "Label: entailment, neutral\nExplanation: both",
+    "\x00\x01 garbage ### Label", None,
+])
+def test_parser_rejects_garbage(text):
+    assert common.parse_response(text, NLI) == (None, None, False)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Label: 4\nExplanation: Same question.", 4), ("Label: -5\nExplanation: Unrelated.", -5),
+    ("Label: +2\nExplanation: Close.", 2), ("Label: 6\nExplanation: too high", None),
+    ("Label: 2.5\nExplanation: halfway", None), ("Label: four\nExplanation: words", None),
+])
+def test_parser_scores(text, expected):
+    label, _, ok = common.parse_response(text, PAR)
+    assert label == expected and ok == (expected is not None)
+
+
+def test_format_then_parse_round_trips():
+    for task, label in ((NLI, "neutral"), (PAR, -3)):
+        text = common.format_response(label, "A short reason.")
+        assert common.parse_response(text, task) == (label, "A short reason.", True)
+
+
+def test_normalize_label():
+    assert common.normalize_label(" Entailment ", NLI) == "entailment"
+    assert common.normalize_label("idk", NLI) is None
+    assert common.normalize_label("-5", PAR) == -5 and common.normalize_label(True, PAR) is None
+    assert common.normalize_label(5.0, PAR) == 5 and common.normalize_label(11, PAR) is None
+
+
+# ---------------------------------------------------------------------------- prompts
+QWEN3_STYLE_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}")
+
+
+def test_prompt_rendering_applies_template(tiny_model):
+    _, tokenizer = tiny_model
+    demo = {"text_a": "Cats purr.", "text_b": "Cats make sounds.", "label": "entailment",
+            "explanation": "Purring is a sound."}
+    messages = common.build_messages(NLI, "A2", "A dog barks.", "An animal is loud.",
+                                     profile="Short, literal reasons.", demonstrations=[demo])
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert "annotator A2" in messages[0]["content"] and "Short, literal reasons." in messages[0]["content"]
+    assert messages[2]["content"] == "Label: entailment\nExplanation: Purring is a sound."
+    prompt = common.render_prompt(tokenizer, messages)
+    assert prompt.startswith("<|im_start|>system\nYou are annotator A2.")
+    assert prompt.endswith("<|im_start|>assistant\n")  # generation prompt present
+    assert "Hypothesis: An animal is loud." in prompt and "SmolLM" not in prompt  # no default system prompt
+
+
+def test_qwen3_style_template_renders_with_thinking_off(tiny_model):
+    _, tokenizer = tiny_model
+    original = tokenizer.chat_template
+    try:
+        tokenizer.chat_template = QWEN3_STYLE_TEMPLATE
+        prompt = common.render_prompt(tokenizer, common.build_messages(PAR, "Ann1", "Q one?", "Q two?"))
+    finally:
+        tokenizer.chat_template = original
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+# ---------------------------------------------------------------------------- models
+def test_tiny_model_forward_and_pad_token(tiny_model):
+    model, tokenizer = tiny_model
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.padding_side == "left"
+    batch = tokenizer(["Label: neutral", "Explanation: a longer line of text"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**batch, labels=batch["input_ids"])
+    assert out.logits.shape == (*batch["input_ids"].shape, len(tokenizer))
+    assert torch.isfinite(out.loss)
+
+
+def test_tiny_model_is_seeded():
+    cfg = common.load_config(ROOT / "configs" / "smoke.yaml")
+    a, _ = common.load_model_and_tokenizer(cfg["models"][0], device="cpu")
+    b, _ = common.load_model_and_tokenizer(cfg["models"][0], device="cpu")
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_smollm2_gguf_loads_offline_and_generates():
+    cfg = common.load_config(ROOT / "configs" / "cpu.yaml")
+    model, tokenizer = common.load_model_and_tokenizer(cfg["models"][0], device="cpu")
+    assert model.config.num_hidden_layers == 30 and "quantization_config" not in model.config.to_dict()
+    assert (common.smollm2_cache_dir() / "model.safetensors").exists()
+    prompt = common.render_prompt(tokenizer, [{"role": "user", "content": "What colour is the sky?"}])
+    ids = tokenizer([prompt], return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert len(text.strip()) > 0
+    assert "sky" in text.lower() or "blue" in text.lower()  # a real instruct model, not noise
+
+
+# ---------------------------------------------------------------------------- embedder
+def test_embedder_loads_offline_and_caches(tmp_path):
+    cfg = common.load_config(ROOT / "configs" / "smoke.yaml")
+    texts = ["The cat sleeps on the mat.", "A cat is sleeping on a rug.", "Stock prices fell sharply."]
+    vectors = common.embed_texts(cfg, texts, cache_dir=tmp_path)
+    assert vectors.shape == (3, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]  # meaning, not noise
+    assert len(list(tmp_path.glob("emb-*.npy"))) == 1
+    again = common.embed_texts(cfg, texts, cache_dir=tmp_path)
+    assert np.array_equal(vectors, again)
+
+
+def test_config_hash_is_stable_and_sensitive():
+    assert common.config_hash({"a": 1, "b": 2}) == common.config_hash({"b": 2, "a": 1})
+    assert common.config_hash({"a": 1}) != common.config_hash({"a": 2})
+    json.dumps(common.package_versions())
