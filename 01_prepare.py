@@ -226,9 +226,10 @@ def read_custom(path: Path, task: dict, out: Collector) -> None:
     if not path.exists():
         raise InputError(f"{path}: custom annotation file not found")
     for lineno, row in iter_custom_rows(path):
-        missing = [c for c in CUSTOM_COLUMNS if row.get(c) in (None, "") and c not in ("label", "explanation")]
-        if missing or "label" not in row or "explanation" not in row:
-            field = missing[0] if missing else ("label" if "label" not in row else "explanation")
+        # Label and explanation may be present but empty: those get their own messages below.
+        field = next((c for c in CUSTOM_COLUMNS if row.get(c) is None
+                      or (c not in ("label", "explanation") and not str(row[c]).strip())), None)
+        if field:
             out.bad(input_error(path, "missing field", line=lineno, field=field), f"missing field {field}")
             continue
         item_id, annotator = str(row["item_id"]).strip(), str(row["annotator"]).strip()

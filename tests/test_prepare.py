@@ -312,3 +312,20 @@ def test_real_data_counts(tmp_path):
         for split in ("train", "dev", "test"):
             for r in read(out / dataset / f"{split}.jsonl"):
                 assert r["explanation"] == " ".join(r["explanation"].split()) != ""
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"annotator": None}, "line 1, field 'annotator'"),
+    ({"text_b": "  "}, "line 1, field 'text_b'"),
+    ({"explanation": " "}, "line 1, field 'explanation': empty explanation"),
+])
+def test_custom_missing_or_empty_fields(tmp_path, change, expected):
+    row = {"item_id": "i1", "text_a": "a", "text_b": "b", "annotator": "x", "label": "yes", "explanation": "ok"}
+    row.update(change)
+    row = {k: v for k, v in row.items() if v is not None}
+    custom = tmp_path / "mine.jsonl"
+    custom.write_text(json.dumps(row) + "\n")
+    with pytest.raises(common.InputError) as err:
+        prepare.main(["--config", str(write_config(tmp_path)), "--custom", str(custom), "--name", "mine",
+                      "--label-type", "categorical"])
+    assert expected in str(err.value)
