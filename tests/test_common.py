@@ -222,3 +222,18 @@ def test_config_hash_is_stable_and_sensitive():
     assert common.config_hash({"a": 1, "b": 2}) == common.config_hash({"b": 2, "a": 1})
     assert common.config_hash({"a": 1}) != common.config_hash({"a": 2})
     json.dumps(common.package_versions())
+
+
+def test_hub_source_loads_a_local_stand_in_in_bf16(tiny_model, tmp_path):
+    """The paper profile's code path (source: hub), exercised with the tiny model saved locally."""
+    model, tokenizer = tiny_model
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tok = common.load_model_and_tokenizer(
+        {"tag": "stand-in", "source": "hub", "name_or_path": str(tmp_path), "dtype": "bfloat16"}, device="cpu")
+    assert loaded.dtype == torch.bfloat16 and loaded_tok.pad_token_id != loaded_tok.eos_token_id
+    ids = tokenizer(["Label: neutral"], return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**ids).logits
+        got = loaded(**ids).logits.float()
+    assert torch.allclose(expected, got, atol=0.05, rtol=0.05)
