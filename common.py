@@ -622,3 +622,144 @@ def embed_texts(cfg: dict, texts: list[str], cache_dir: str | Path | None = None
             with open(tmp, "wb") as fh:
                 np.save(fh, vectors)
     return vectors
+
+
+# ----------------------------------------------------------------------------
+# Annotator classifier (02, 05, 06)
+# ----------------------------------------------------------------------------
+# Who wrote an explanation? 02 measures it on human data (the paper's Fig 5); 05 and 06
+# train the same classifier on human responses and ask it about model outputs.
+REPRESENTATIONS = {
+    "E1": "embedding of the explanation alone",
+    "E2": "embedding of 'label: <label>. explanation: <explanation>'",
+    "E3": "E1 minus the mean E1 of all responses to the same item (input content removed)",
+    "E4": "E2 minus the mean E2 of all responses to the same item (input content removed)",
+}
+RESIDUAL_OF = {"E3": "E1", "E4": "E2"}
+
+
+def representation_texts(records: list[dict], representation: str) -> list[str]:
+    """Texts to embed for E1..E4 (E3/E4 embed the E1/E2 texts; the residual comes later)."""
+    base = RESIDUAL_OF.get(representation, representation)
+    if base == "E1":
+        return [record["explanation"] for record in records]
+    if base == "E2":
+        return [f"label: {record['label']}. explanation: {record['explanation']}" for record in records]
+    raise InputError(f"unknown representation '{representation}' (one of {', '.join(REPRESENTATIONS)})")
+
+
+def item_means(vectors, item_ids: list[str]) -> dict:
+    """Mean vector of all responses to each item: the content every annotator shares."""
+    import numpy as np
+    vectors = np.asarray(vectors)
+    ids = np.asarray(item_ids)
+    return {item: vectors[ids == item].mean(axis=0) for item in dict.fromkeys(item_ids)}
+
+
+def remove_item_content(vectors, item_ids: list[str], means: dict):
+    """Each vector minus its item's mean (E3 from E1, E4 from E2).
+
+    `means` may come from other vectors (human responses) than `vectors` (e.g. model
+    outputs for the same items); an item without a mean is an error, not a silent pass.
+    """
+    import numpy as np
+    vectors = np.asarray(vectors)
+    missing = sorted({item for item in item_ids if item not in means})
+    if missing:
+        raise InputError(f"no human responses to remove item content for item(s) {', '.join(missing[:5])}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return vectors - np.stack([means[item] for item in item_ids]).astype(vectors.dtype)
+
+
+def representation_vectors(cfg: dict, records: list[dict], representation: str,
+                           cache_dir: str | Path | None = None, means: dict | None = None):
+    """(vectors, means) of `records` for E1..E4. For E3/E4, `means` defaults to these records'
+    own item means; pass the human responses' means to place model outputs in the same space."""
+    vectors = embed_texts(cfg, representation_texts(records, representation), cache_dir)
+    if representation not in RESIDUAL_OF:
+        return vectors, None
+    item_ids = [record["item_id"] for record in records]
+    if means is None:
+        means = item_means(vectors, item_ids)
+    return remove_item_content(vectors, item_ids, means), means
+
+
+def annotator_classifier_name(hlv_cfg: dict) -> str:
+    kind = hlv_cfg.get("classifier", "logistic_regression")
+    scaled = "standardised features, " if hlv_cfg.get("standardize", True) else ""
+    return f"{kind} ({scaled}C={hlv_cfg.get('C', 1.0)})"
+
+
+def fit_annotator_classifier(hlv_cfg: dict, X, y: list[str], seed: int):
+    """A fitted sklearn classifier whose classes_ are annotator IDs.
+
+    logistic_regression: multinomial, L2, strength C; features standardised first unless
+    hlv.standardize is false (embedding residuals are small, so C would otherwise mean very
+    strong regularisation). Our choice: the paper does not name its classifier. The
+    newton-cg solver reaches the same (unique) optimum as lbfgs in far fewer iterations.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    kind = hlv_cfg.get("classifier", "logistic_regression")
+    if kind != "logistic_regression":
+        raise InputError(f"hlv.classifier: unknown classifier '{kind}' (logistic_regression)")
+    model = LogisticRegression(C=float(hlv_cfg.get("C", 1.0)), solver="newton-cg", max_iter=1000,
+                               random_state=seed)
+    steps = [StandardScaler(), model] if hlv_cfg.get("standardize", True) else [model]
+    clf = make_pipeline(*steps)
+    with single_thread_blas():
+        clf.fit(X, list(y))
+    return clf
+
+
+def single_thread_blas():
+    """Small dense problems run faster on one BLAS thread; on a busy machine, many times faster."""
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def sample_group_indices(item_ids: list[str], group_size: int, n_groups: int, rng):
+    """(n_groups, m) row indices, m = min(group_size, distinct items): each group on distinct items.
+
+    Items are drawn without replacement within a group, then one of that item's rows (an
+    annotator may have two responses to one item); groups are drawn independently.
+    """
+    import numpy as np
+    rows_by_item: dict[str, list[int]] = {}
+    for index, item in enumerate(item_ids):
+        rows_by_item.setdefault(item, []).append(index)
+    counts = np.array([len(rows) for rows in rows_by_item.values()])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    flat_rows = np.array([row for rows in rows_by_item.values() for row in rows])
+    m = min(group_size, len(counts))
+    chosen_items = np.argsort(rng.random((n_groups, len(counts))), axis=1)[:, :m]
+    offsets = np.floor(rng.random((n_groups, m)) * counts[chosen_items]).astype(int)
+    return flat_rows[starts[chosen_items] + offsets]
+
+
+def group_target_confidence(clf, X, target: str, group_size: int, n_groups: int, seed: int) -> dict:
+    """Average groups of rows, classify, and read off the `target` annotator.
+
+    Rows are responses to distinct items (one per item); each group is min(group_size,
+    len(X)) rows drawn without replacement, groups drawn independently (bootstrap).
+    Returns mean probability of `target`, share of groups predicted as `target`, the
+    effective group size and the number of groups.
+    """
+    import numpy as np
+    X = np.asarray(X)
+    classes = [str(c) for c in clf.classes_]
+    if target not in classes:
+        raise InputError(f"annotator '{target}' is not a class of the classifier ({', '.join(classes)})")
+    if len(X) == 0:
+        return {"mean_prob": None, "accuracy": None, "group_size": 0, "n_groups": 0,
+                "reason": "no rows to group"}
+    rng = np.random.default_rng(seed)
+    rows = sample_group_indices([str(i) for i in range(len(X))], group_size, n_groups, rng)
+    m = rows.shape[1]
+    with single_thread_blas():
+        proba = clf.predict_proba(X[rows].mean(axis=1))
+    column = classes.index(target)
+    return {"mean_prob": float(proba[:, column].mean()),
+            "accuracy": float((proba.argmax(axis=1) == column).mean()),
+            "group_size": int(m), "n_groups": int(n_groups)}
