@@ -109,23 +109,16 @@ def load_json_file(path: Path):
 # ----------------------------------------------------------------------------
 def read_varierr(path: Path, out: Collector) -> None:
     """VariErr JSONL: one item a line, label lists of {annotator, reason, judgments}."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise input_error(path, f"malformed JSON ({err.msg})", line=lineno) from None
-            for field in ("id", "context", "statement", *common.NLI_LABELS):
-                if field not in item:
-                    raise input_error(path, "missing field", line=lineno, field=field)
-            item_id = str(item["id"])
-            out.dropped["idk mark (no label)"] += len(item.get("idk") or [])
-            out.items[item_id] = (normalize_text(item["context"]), normalize_text(item["statement"]))
-            for label in common.NLI_LABELS:
-                for entry in item[label]:
-                    read_varierr_entry(path, lineno, item_id, label, entry, out)
+    for lineno, item in common.iter_jsonl(path):
+        for field in ("id", "context", "statement", *common.NLI_LABELS):
+            if field not in item:
+                raise input_error(path, "missing field", line=lineno, field=field)
+        item_id = str(item["id"])
+        out.dropped["idk mark (no label)"] += len(item.get("idk") or [])
+        out.items[item_id] = (normalize_text(item["context"]), normalize_text(item["statement"]))
+        for label in common.NLI_LABELS:
+            for entry in item[label]:
+                read_varierr_entry(path, lineno, item_id, label, entry, out)
 
 
 def read_varierr_entry(path, lineno, item_id, label, entry, out: Collector) -> None:
@@ -208,17 +201,7 @@ def iter_custom_rows(path: Path):
             for row in reader:
                 yield reader.line_num, row
         return
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise input_error(path, f"malformed JSON ({err.msg})", line=lineno) from None
-            if not isinstance(row, dict):
-                raise input_error(path, "expected a JSON object", line=lineno)
-            yield lineno, row
+    yield from common.iter_jsonl(path)
 
 
 def read_custom(path: Path, task: dict, out: Collector) -> None:

@@ -260,13 +260,11 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
-def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
-    """Read JSONL; a bad line or a missing field stops with file, line and field."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line stops with file and line."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found (did the previous stage run?)")
-    required = tuple(required)
-    records = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -277,10 +275,18 @@ def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
                 raise input_error(path, f"malformed JSON ({err.msg})", line=lineno) from None
             if not isinstance(record, dict):
                 raise input_error(path, "expected a JSON object", line=lineno)
-            for field in required:
-                if field not in record:
-                    raise input_error(path, "missing field", line=lineno, field=field)
-            records.append(record)
+            yield lineno, record
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
+    """Read JSONL; a bad line or a missing field stops with file, line and field."""
+    required = tuple(required)
+    records = []
+    for lineno, record in iter_jsonl(path):
+        for field in required:
+            if field not in record:
+                raise input_error(path, "missing field", line=lineno, field=field)
+        records.append(record)
     return records
 
 
