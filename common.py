@@ -769,3 +769,292 @@ def group_target_confidence(clf, X, target: str, group_size: int, n_groups: int,
     return {"mean_prob": float(proba[:, column].mean()),
             "accuracy": float((proba.argmax(axis=1) == column).mean()),
             "group_size": int(m), "n_groups": int(n_groups)}
+
+
+# ----------------------------------------------------------------------------
+# Generation (03, 04, 05, judge in 06)
+# ----------------------------------------------------------------------------
+PREDICTION_FIELDS = ("dataset", "item_id", "annotator", "method", "model", "seed",
+                     "output", "label", "explanation", "parse_ok")
+
+
+def annotator_requests(records: list[dict], task: dict, annotator: str, **prompt_kwargs) -> list[dict]:
+    """One generation request per distinct item `annotator` labelled in `records`, by item_id.
+
+    `prompt_kwargs` go to build_messages (profile=..., demonstrations=...). An item the
+    annotator labelled twice (two VariErr labels) is asked once.
+    """
+    items: dict[str, dict] = {}
+    for record in records:
+        if record["annotator"] == annotator and record["item_id"] not in items:
+            items[record["item_id"]] = record
+    return [{"dataset": record["dataset"], "item_id": item_id, "annotator": annotator,
+             "messages": build_messages(task, annotator, record["text_a"], record["text_b"],
+                                        **prompt_kwargs)}
+            for item_id, record in sorted(items.items())]
+
+
+def generate_predictions(model, tokenizer, requests: list[dict], task: dict, gen_cfg: dict, *,
+                         method: str, model_tag: str, seed: int, desc: str = "generate") -> list[dict]:
+    """DESIGN.md prediction records for `requests` (dataset, item_id, annotator, messages), in order."""
+    if gen_cfg.get("do_sample"):
+        set_seed(seed)
+    outputs = generate_texts(model, tokenizer, [req["messages"] for req in requests], gen_cfg, desc=desc)
+    predictions = []
+    for request, output in zip(requests, outputs):
+        label, explanation, parse_ok = parse_response(output, task)
+        predictions.append({"dataset": request["dataset"], "item_id": request["item_id"],
+                            "annotator": request["annotator"], "method": method, "model": model_tag,
+                            "seed": seed, "output": output, "label": label,
+                            "explanation": explanation, "parse_ok": parse_ok})
+    return predictions
+
+
+def parse_rate(predictions: list[dict]) -> float | None:
+    """Share of predictions whose output parsed; None for no predictions."""
+    return sum(p["parse_ok"] for p in predictions) / len(predictions) if predictions else None
+
+
+def generate_texts(model, tokenizer, prompts: list[list[dict] | str], gen_cfg: dict,
+                   desc: str = "generate") -> list[str]:
+    """Generated text for each prompt (chat messages, or an already rendered string), in order.
+
+    The end-of-turn token and anything after it are cut off; special tokens are dropped.
+    """
+    token_ids = generate_token_ids(model, tokenizer, prompts, gen_cfg, desc=desc)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
+
+
+def generate_token_ids(model, tokenizer, prompts: list[list[dict] | str], gen_cfg: dict,
+                       desc: str = "generate") -> list[list[int]]:
+    """New token ids per prompt, up to and including the end-of-turn token (if one came)."""
+    if not prompts:
+        return []
+    texts = [p if isinstance(p, str) else render_prompt(tokenizer, p) for p in prompts]
+    if gen_cfg.get("backend", "hf") == "vllm":
+        if _vllm_usable():
+            return _generate_vllm(model, tokenizer, texts, gen_cfg)
+        print("[generate] backend vllm asked for, but vllm or CUDA is missing: using HF generate",
+              flush=True)
+    return _generate_hf(model, tokenizer, texts, gen_cfg, desc)
+
+
+def _generation_config(tokenizer, gen_cfg: dict):
+    """Decoding settings from the profile alone, not the checkpoint's sampling defaults."""
+    from transformers import GenerationConfig
+    settings = {"max_new_tokens": int(gen_cfg["max_new_tokens"]),
+                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                "do_sample": bool(gen_cfg.get("do_sample", False))}
+    if settings["do_sample"]:
+        settings.update(temperature=float(gen_cfg.get("temperature") or 1.0),
+                        top_p=float(gen_cfg.get("top_p", 1.0)), top_k=0)
+    return GenerationConfig(**settings)
+
+
+def _trim_at_eos(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
+    """Keep tokens up to and including the first EOS; drop trailing padding."""
+    if eos_id in ids:
+        return ids[:ids.index(eos_id) + 1]
+    while ids and ids[-1] == pad_id:
+        ids = ids[:-1]
+    return ids
+
+
+def _shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving at least one token of each to feed generate."""
+    shortest = min(len(seq) for seq in sequences)
+    first = sequences[0]
+    length = 0
+    while length < shortest - 1 and all(seq[length] == first[length] for seq in sequences):
+        length += 1
+    return length
+
+
+def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str) -> list[list[int]]:
+    """Batched HF generate. Prompts that share a long token prefix (the system prompt, ICL
+    demonstrations) get its KV cache computed once and copied into every batch, so only
+    each prompt's own tail is prefilled; the tails are left-padded after the prefix, and
+    position ids follow the attention mask, so outputs match unpadded one-at-a-time decoding."""
+    import torch
+    from tqdm.auto import tqdm
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    batch_size = max(1, int(gen_cfg.get("batch_size", 8)))
+    generation_config = _generation_config(tokenizer, gen_cfg)
+    device = next(model.parameters()).device
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if gen_cfg.get("autocast_bf16")
+                else contextlib.nullcontext())
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    prefix_len = _shared_prefix_length(encoded) if len(encoded) > 1 else 0
+    if prefix_len < int(gen_cfg.get("prefix_cache_min_tokens", 32)):
+        prefix_len = 0
+    prefix_cache = None
+    if prefix_len:
+        prefix_ids = torch.tensor([encoded[0][:prefix_len]], device=device)
+        with torch.inference_mode(), autocast:
+            prefix_cache = model(input_ids=prefix_ids, use_cache=True).past_key_values
+
+    # Longest first: similar lengths share a batch (little padding) and memory peaks early.
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
+    results: list[list[int] | None] = [None] * len(texts)
+    with tqdm(total=len(texts), desc=desc, unit="prompt", leave=False,
+              disable=os.environ.get("CAPO_NO_PROGRESS") == "1") as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            tails = tokenizer.pad({"input_ids": [encoded[i][prefix_len:] for i in batch]}, padding=True,
+                                  padding_side="left", return_tensors="pt")
+            input_ids, attention_mask = tails["input_ids"].to(device), tails["attention_mask"].to(device)
+            extra = {}
+            if prefix_cache is not None:
+                input_ids = torch.cat([prefix_ids.expand(len(batch), -1), input_ids], dim=1)
+                attention_mask = torch.cat([torch.ones(len(batch), prefix_len, dtype=attention_mask.dtype,
+                                                       device=device), attention_mask], dim=1)
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(batch))
+                extra["past_key_values"] = cache
+            with torch.inference_mode(), autocast:
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                     generation_config=generation_config, **extra)
+            new_tokens = out[:, input_ids.shape[1]:].tolist()
+            for index, ids in zip(batch, new_tokens):
+                results[index] = _trim_at_eos(ids, eos_id, pad_id)
+            bar.update(len(batch))
+    return results
+
+
+def _vllm_usable() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+_VLLM_ENGINES: dict[str, Any] = {}
+_VLLM_LORA_IDS = iter(range(1, 1 << 30))  # vLLM caches adapters by id: a fresh id per call
+
+
+def _generate_vllm(model, tokenizer, texts: list[str], gen_cfg: dict) -> list[list[int]]:
+    """vLLM on GPUs, a LoRA adapter served as a LoRARequest. UNTESTED HERE (no vllm, no GPU).
+
+    The engine loads the base weights from the model's name_or_path (a hub id or folder);
+    an adapter is saved to a temporary folder and passed per request.
+    """
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+    is_peft = hasattr(model, "peft_config")
+    base = model.get_base_model() if is_peft else model
+    path = base.config.name_or_path
+    if path not in _VLLM_ENGINES:
+        _VLLM_ENGINES[path] = LLM(model=path, tokenizer=path, dtype=str(base.dtype).removeprefix("torch."),
+                                  seed=0, enable_lora=True, max_lora_rank=64)
+    engine = _VLLM_ENGINES[path]
+    params = SamplingParams(max_tokens=int(gen_cfg["max_new_tokens"]),
+                            temperature=float(gen_cfg.get("temperature") or 0.0)
+                            if gen_cfg.get("do_sample") else 0.0,
+                            stop_token_ids=[tokenizer.eos_token_id])
+    with tempfile.TemporaryDirectory() as adapter_tmp:
+        lora = None
+        if is_peft:
+            model.save_pretrained(adapter_tmp)
+            lora_id = next(_VLLM_LORA_IDS)
+            lora = LoRARequest(f"adapter-{lora_id}", lora_id, adapter_tmp)
+        outputs = engine.generate([{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]}
+                                   for t in texts], params, lora_request=lora)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return [_trim_at_eos(list(o.outputs[0].token_ids), eos_id, pad_id) for o in outputs]
+
+
+# ----------------------------------------------------------------------------
+# Training (04, 05): one LoRA run per annotator, shared plumbing
+# ----------------------------------------------------------------------------
+# Chat-template arguments for training data, the same as render_prompt uses at generation
+# (Qwen3: thinking off), so the trained prompt is the prompt the model is later asked.
+TRAINING_TEMPLATE_KWARGS = {"enable_thinking": False}
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of an `accelerate launch` run (or the only process): the one that writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def gradient_accumulation_steps(section: dict, name: str) -> int:
+    """global batch / (per-device batch x processes); it must divide, so the global batch is exact."""
+    global_batch, per_device = int(section["global_batch_size"]), int(section["per_device_batch_size"])
+    per_step = per_device * world_size()
+    if global_batch < per_step or global_batch % per_step:
+        raise InputError(f"{name}.global_batch_size {global_batch} is not a multiple of per_device_batch_size "
+                         f"{per_device} x {world_size()} process(es); change one of them")
+    return global_batch // per_step
+
+
+def trainer_device_args(section: dict) -> dict:
+    """use_cpu / bf16 for a trl config: trl defaults bf16 on, which a CPU run must ask for explicitly."""
+    import torch
+    on_gpu = torch.cuda.is_available()
+    return {"use_cpu": not on_gpu, "bf16": bool(section.get("bf16", False)), "fp16": False}
+
+
+def select_annotators(cfg: dict, dataset: str, choice: str | None) -> list[str]:
+    """The dataset's annotators, or the comma-separated subset `choice` (unknown IDs stop the stage)."""
+    known = dataset_annotators(cfg, dataset)
+    if not choice:
+        return known
+    wanted = [name.strip() for name in choice.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise InputError(f"--annotators: {', '.join(unknown)} not in dataset '{dataset}' "
+                         f"(annotators: {', '.join(known)})")
+    return wanted
+
+
+def adapter_complete(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
+
+
+def training_work_dir(cfg: dict, dataset: str, model_tag: str, method: str, annotator: str) -> Path:
+    """Checkpoints of a run in progress (for --resume); removed once the adapter is saved."""
+    return run_dir(cfg) / "work" / method / dataset / model_tag / annotator
+
+
+def load_adapter_model(model_cfg: dict, adapter_path: str | Path, device: str | None = None):
+    """(PeftModel, tokenizer): the base model of `model_cfg` with a saved adapter, for inference."""
+    from peft import PeftModel
+    base, tokenizer = load_model_and_tokenizer(model_cfg, device=device)
+    model = PeftModel.from_pretrained(base, str(adapter_path))
+    return model.eval(), tokenizer
+
+
+def predict_with_adapter(cfg: dict, model_cfg: dict, task: dict, adapter_path: str | Path,
+                         records: list[dict], annotator: str, method: str, out_path: str | Path) -> dict:
+    """Generate on `annotator`'s items of `records` with a saved adapter; write predictions JSONL."""
+    model, tokenizer = load_adapter_model(model_cfg, adapter_path)
+    requests = annotator_requests(records, task, annotator)
+    predictions = generate_predictions(model, tokenizer, requests, task, cfg["generation"], method=method,
+                                       model_tag=model_cfg["tag"], seed=cfg["seed"],
+                                       desc=f"{method} {annotator}")
+    write_jsonl(out_path, predictions)
+    return {"predictions": len(predictions), "parse_rate": parse_rate(predictions), "path": str(out_path)}
+
+
+def checkpoint_to_resume(work_dir: str | Path, resume: bool, name: str) -> str | None:
+    """The last checkpoint in `work_dir` when resuming; otherwise clear stale checkpoints."""
+    from transformers.trainer_utils import get_last_checkpoint
+    work_dir = Path(work_dir)
+    last = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+    if resume and last:
+        print(f"[{name}] resuming from {last}", flush=True)
+        return last
+    if resume:
+        print(f"[{name}] --resume: no checkpoint in {work_dir}; starting from the beginning", flush=True)
+    elif last:
+        print(f"[{name}] an interrupted run left {last}; starting over (pass --resume to continue it)",
+              flush=True)
+    if work_dir.is_dir() and is_main_process():
+        shutil.rmtree(work_dir)
+    return None

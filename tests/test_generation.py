@@ -1,0 +1,195 @@
+"""Batched generation in common.py: request building, record shape and order, padding
+correctness (batched greedy == one-at-a-time greedy), the shared-prefix KV cache, and the
+parser over real outputs of the smoke model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import common
+
+TASK_NLI = {"label_type": "categorical", "labels": ["entailment", "neutral", "contradiction"],
+            "text_a_name": "Premise", "text_b_name": "Hypothesis",
+            "instruction": "Decide whether the hypothesis follows from the premise."}
+TASK_PAR = {"label_type": "numeric", "score_range": [-5, 5], "text_a_name": "Question 1",
+            "text_b_name": "Question 2", "instruction": "Rate how well the questions paraphrase each other."}
+
+SENTENCES = [
+    ("A violinist tunes her instrument on the pier.", "Someone is preparing to play music."),
+    ("Two dogs chase a red ball across the lawn.", "The animals are asleep."),
+    ("The bakery closes early on Sundays.", "Bread can be bought late on Sunday evening."),
+    ("He painted the fence blue last summer.", "The fence has a colour."),
+    ("The committee postponed its vote until spring.", "A decision was delayed."),
+    ("Snow covered the mountain pass overnight.", "The road may be hard to cross this morning."),
+    ("A child laughs at a puppet show.", "Nobody is watching the show."),
+]
+
+
+def record(item_id, annotator, text_a, text_b, label="neutral", split="test"):
+    return {"dataset": "toy", "item_id": item_id, "split": split, "annotator": annotator,
+            "text_a": text_a, "text_b": text_b, "label": label, "explanation": "Because.", "valid": None}
+
+
+def gen_cfg(**changes):
+    cfg = {"backend": "hf", "batch_size": 4, "max_new_tokens": 12, "do_sample": False,
+           "temperature": 0.0, "autocast_bf16": False, "prefix_cache_min_tokens": 32}
+    cfg.update(changes)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def varied_model(tiny_model):
+    """The smoke model with larger seeded weights, so greedy outputs differ between prompts.
+
+    (The smoke model itself echoes the last prompt token, so every prompt would agree.)"""
+    model, tokenizer = tiny_model
+    model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return model.eval(), tokenizer
+
+
+def one_at_a_time(model, tokenizer, prompts, cfg):
+    generation_config = common._generation_config(tokenizer, cfg)
+    outputs = []
+    for messages in prompts:
+        inputs = tokenizer(common.render_prompt(tokenizer, messages), add_special_tokens=False, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, generation_config=generation_config)
+        outputs.append(common._trim_at_eos(out[0, inputs["input_ids"].shape[1]:].tolist(),
+                                           tokenizer.eos_token_id, tokenizer.pad_token_id))
+    return outputs
+
+
+def varied_prompts(count=7):
+    # Different annotators and items give prompts of different lengths (real padding).
+    return [common.build_messages(TASK_NLI, f"A{i % 3}", a + " " * 0 + ("Indeed. " * (i % 4)), b)
+            for i, (a, b) in enumerate(SENTENCES[:count])]
+
+
+def test_annotator_requests_one_per_distinct_item_sorted():
+    records = [record("i3", "A1", *SENTENCES[2]), record("i1", "A1", *SENTENCES[0]),
+               record("i1", "A1", *SENTENCES[0], label="entailment"),  # two labels, one item
+               record("i2", "A2", *SENTENCES[1])]
+    requests = common.annotator_requests(records, TASK_NLI, "A1")
+    assert [r["item_id"] for r in requests] == ["i1", "i3"]
+    assert all(r["annotator"] == "A1" and r["dataset"] == "toy" for r in requests)
+    assert requests[0]["messages"] == common.build_messages(TASK_NLI, "A1", *SENTENCES[0])
+    with_profile = common.annotator_requests(records, TASK_NLI, "A1", profile="Likes neutral.")
+    assert "Likes neutral." in with_profile[0]["messages"][0]["content"]
+    assert common.annotator_requests(records, TASK_NLI, "A9") == []
+
+
+def test_generate_predictions_records_in_request_order(varied_model):
+    model, tokenizer = varied_model
+    requests = [{"dataset": "toy", "item_id": f"q{i}", "annotator": f"A{i % 3}", "messages": m}
+                for i, m in enumerate(varied_prompts())]
+    requests = requests[::-1]  # not in length or id order
+    predictions = common.generate_predictions(model, tokenizer, requests, TASK_NLI, gen_cfg(batch_size=3),
+                                              method="base", model_tag="tiny", seed=5)
+    assert [p["item_id"] for p in predictions] == [r["item_id"] for r in requests]
+    assert [p["annotator"] for p in predictions] == [r["annotator"] for r in requests]
+    for prediction in predictions:
+        assert tuple(prediction) == common.PREDICTION_FIELDS
+        assert (prediction["method"], prediction["model"], prediction["seed"]) == ("base", "tiny", 5)
+        assert isinstance(prediction["output"], str)
+        assert prediction["parse_ok"] is False and prediction["label"] is None  # random weights: garbage
+    # Each record carries its own prompt's output: the same prompt alone gives the same text.
+    alone = common.generate_texts(model, tokenizer, [requests[2]["messages"]], gen_cfg())
+    assert alone[0] == predictions[2]["output"]
+    assert common.generate_predictions(model, tokenizer, [], TASK_NLI, gen_cfg(), method="base",
+                                       model_tag="tiny", seed=5) == []
+
+
+@pytest.mark.parametrize("prefix_cache_min_tokens", [32, 10**9], ids=["prefix-cache", "no-prefix-cache"])
+def test_batched_greedy_equals_one_at_a_time(varied_model, prefix_cache_min_tokens):
+    model, tokenizer = varied_model
+    prompts = varied_prompts()
+    cfg = gen_cfg(batch_size=4, prefix_cache_min_tokens=prefix_cache_min_tokens)
+    single = one_at_a_time(model, tokenizer, prompts, cfg)
+    assert len({tuple(ids) for ids in single}) > 2, "the test model must give different outputs"
+    lengths = {len(tokenizer(common.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"])
+               for p in prompts}
+    assert len(lengths) > 2, "prompts of different lengths are needed to exercise padding"
+    assert common.generate_token_ids(model, tokenizer, prompts, cfg) == single
+
+
+def test_shared_prefix_of_icl_prompts_is_cached_and_equivalent(varied_model):
+    model, tokenizer = varied_model
+    demos = [record(f"d{i}", "A1", a, b, label="entailment", split="train") for i, (a, b) in enumerate(SENTENCES[:3])]
+    prompts = [common.build_messages(TASK_NLI, "A1", a, b, demonstrations=demos) for a, b in SENTENCES[3:]]
+    encoded = [tokenizer(common.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    assert common._shared_prefix_length(encoded) > 100  # system prompt + demonstrations
+    cfg = gen_cfg(batch_size=3)
+    assert common.generate_token_ids(model, tokenizer, prompts, cfg) == one_at_a_time(model, tokenizer, prompts, cfg)
+
+
+def test_shared_prefix_length_leaves_one_token():
+    assert common._shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common._shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert common._shared_prefix_length([[9], [9, 1]]) == 0
+    assert common._shared_prefix_length([[1, 2], [3, 2]]) == 0
+
+
+def test_generation_stops_at_end_of_turn_and_counts_no_padding():
+    eos, pad = 2, 0
+    assert common._trim_at_eos([5, 6, eos, pad, pad], eos, pad) == [5, 6, eos]
+    assert common._trim_at_eos([5, 6, pad, pad], eos, pad) == [5, 6]
+    assert common._trim_at_eos([eos, 7], eos, pad) == [eos]
+
+
+def test_rendered_string_prompts_and_vllm_fallback(varied_model, capsys):
+    model, tokenizer = varied_model
+    prompts = varied_prompts(3)
+    texts = common.generate_texts(model, tokenizer, prompts, gen_cfg())
+    rendered = [common.render_prompt(tokenizer, p) for p in prompts]
+    assert common.generate_texts(model, tokenizer, rendered, gen_cfg()) == texts
+    if not common._vllm_usable():
+        assert common.generate_texts(model, tokenizer, prompts, gen_cfg(backend="vllm")) == texts
+        assert "using HF generate" in capsys.readouterr().out
+    assert common.generate_texts(model, tokenizer, [], gen_cfg()) == []
+
+
+def test_bf16_autocast_runs_and_mostly_agrees(varied_model):
+    model, tokenizer = varied_model
+    prompts = varied_prompts(4)
+    fp32 = common.generate_token_ids(model, tokenizer, prompts, gen_cfg(max_new_tokens=4))
+    bf16 = common.generate_token_ids(model, tokenizer, prompts, gen_cfg(max_new_tokens=4, autocast_bf16=True))
+    assert len(bf16) == len(fp32) and all(0 < len(ids) <= 4 for ids in bf16)
+    assert sum(a[0] == b[0] for a, b in zip(fp32, bf16)) >= 2  # first token agrees on most prompts
+
+
+def test_parser_over_real_smoke_model_outputs(tiny_model, varied_model):
+    """Garbage from the smoke model (and worse) parses as parse_ok False, never a crash."""
+    outputs = []
+    for model, tokenizer in (tiny_model, varied_model):
+        prompts = varied_prompts(4) + [common.build_messages(TASK_PAR, "Ann1", *SENTENCES[0])]
+        outputs += common.generate_texts(model, tokenizer, prompts, gen_cfg(max_new_tokens=24))
+    outputs += ["", "\n\n\n", "Label:", "Label: maybe\nExplanation: unsure", "Explanation: first\nLabel: neutral",
+                "Label: 12\nExplanation: out of range", "Label: 2.5\nExplanation: not an integer",
+                "Label: neutral\nExplanation:   ", "\x00\ufffd" * 50, "Label: " + "e" * 10000]
+    for task in (TASK_NLI, TASK_PAR):
+        for text in outputs:
+            label, explanation, parse_ok = common.parse_response(text, task)
+            assert parse_ok is False and label is None and explanation is None, text[:80]
+    # The parser is not simply always False: well-formed answers parse.
+    assert common.parse_response("Label: Neutral\nExplanation: Not said.\n\nmore", TASK_NLI) == ("neutral", "Not said.", True)
+    assert common.parse_response("Label: -3\nExplanation: Different topics.", TASK_PAR) == (-3, "Different topics.", True)
+
+
+def test_peft_model_generates_like_one_at_a_time(varied_model):
+    """A model with a LoRA adapter (as 04/05 pass it) goes through the same batched path."""
+    from peft import LoraConfig, get_peft_model
+    model, tokenizer = varied_model
+    torch.manual_seed(3)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    prompts = varied_prompts(5)
+    cfg = gen_cfg(batch_size=3, prefix_cache_min_tokens=16)
+    single = one_at_a_time(peft_model, tokenizer, prompts, cfg)
+    assert single != one_at_a_time(model, tokenizer, prompts, cfg)  # the adapter matters
+    assert common.generate_token_ids(peft_model, tokenizer, prompts, cfg) == single
