@@ -1,0 +1,246 @@
+"""04_sft.py: one LoRA adapter per (dataset, model, annotator), trained with trl's SFTTrainer.
+
+    python 04_sft.py --config configs/cpu.yaml --dataset varierr --annotators A0
+    python 04_sft.py --config configs/smoke.yaml --dataset all
+    python 04_sft.py --config configs/cpu.yaml --dataset varierr --resume      # continue an interrupted run
+    python 04_sft.py --config configs/cpu.yaml --sft.epochs 1 --force          # retrain finished annotators
+    accelerate launch --num_processes 2 04_sft.py --config configs/paper.yaml --dataset varierr --annotators A0
+    CUDA_VISIBLE_DEVICES=1 python 04_sft.py --config configs/paper.yaml --annotators A1   # one GPU per annotator
+
+Reads runs/<profile>/data/<dataset>/{train,dev,test}.jsonl (01). For every model of the profile
+and every annotator (or the --annotators subset) writes:
+  adapters/<dataset>/<model>/sft/<annotator>/          PEFT adapter (PeftModel.from_pretrained on the
+                                                        base model), train_log.json, config.resolved.yaml
+  predictions/<dataset>/<model>/sft/<annotator>.jsonl  greedy generations on the annotator's test items
+  work/sft/<dataset>/<model>/<annotator>/              checkpoints while training (removed when done)
+A finished annotator (adapter and predictions present) is skipped unless --force; an adapter
+without predictions only generates. With `accelerate launch`, the processes train one adapter
+together (DDP; the global batch stays sft.global_batch_size) and only rank 0 writes files.
+
+Training data: one example per train record of the annotator (an annotator who gave two
+labels to an item contributes both), in trl's conversational prompt/completion form: the
+prompt is common.build_messages (the Base prompt: annotator ID, instructions, item) and the
+completion is the response `Label: ...\\nExplanation: ...`. The loss covers the completion
+only, end-of-turn token included (checked on a collated batch before training). The dev
+records of the annotator give a dev loss after every epoch.
+
+Speed: padding-free batches (sft.padding_free: a batch is its examples back to back in one
+row, attention kept within each example; no compute on padding), examples longer than
+sft.max_length are left out (not truncated). Hyperparameters from the `sft:` section. Paper profile defaults are PAPER_NOTES 4's
+suggestions, not the paper's recipe (unknown): LoRA r 16, alpha 32, dropout 0.05 on all
+linear projections; lr 2e-4, cosine, 3% warm-up; max length 512; bf16 on GPUs. The last
+epoch's adapter is kept (our choice; dev loss is logged, not used for selection). CPU:
+bf16 autocast and gradient checkpointing are off in the cpu profile because both were
+slower there (bench/RESULTS.md "## Training").
+"""
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from trl import SFTConfig, SFTTrainer
+
+import common
+from common import InputError
+
+SPLITS = ("train", "dev", "test")
+
+
+def sft_examples(records: list[dict], task: dict, annotator: str) -> list[dict]:
+    """trl prompt/completion rows for `annotator`'s records, in file order."""
+    return [{"prompt": common.build_messages(task, annotator, r["text_a"], r["text_b"]),
+             "completion": [{"role": "assistant", "content": common.format_response(r["label"], r["explanation"])}],
+             "chat_template_kwargs": dict(common.TRAINING_TEMPLATE_KWARGS)}
+            for r in records if r["annotator"] == annotator]
+
+
+def lora_config(section: dict) -> LoraConfig:
+    return LoraConfig(r=int(section["lora_r"]), lora_alpha=int(section["lora_alpha"]),
+                      lora_dropout=float(section["lora_dropout"]), target_modules=section["target_modules"],
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def sft_config(cfg: dict, output_dir, has_dev: bool, **changes) -> SFTConfig:
+    """trl's SFTConfig from the profile's `sft:` section (changes: benchmark variants)."""
+    section = cfg["sft"]
+    settings = dict(
+        output_dir=str(output_dir),
+        num_train_epochs=float(section["epochs"]),
+        per_device_train_batch_size=int(section["per_device_batch_size"]),
+        per_device_eval_batch_size=int(section["per_device_batch_size"]),
+        gradient_accumulation_steps=common.gradient_accumulation_steps(section, "sft"),
+        learning_rate=float(section["learning_rate"]),
+        lr_scheduler_type=section["lr_scheduler"],
+        warmup_steps=float(section["warmup_ratio"]),  # a float below 1 is a ratio of all steps
+        # Padding-free: a batch is one row of its examples back to back (attention stays within each
+        # example), so no compute goes to padding. trl then leaves lengths to us: see within_max_length.
+        padding_free=bool(section["padding_free"]),
+        max_length=None if section["padding_free"] else int(section["max_length"]),
+        gradient_checkpointing=bool(section["gradient_checkpointing"]),
+        completion_only_loss=True,  # loss on the response only (label, explanation, end of turn)
+        eval_strategy="epoch" if has_dev else "no",
+        save_strategy="epoch",  # one checkpoint per epoch is what --resume continues from
+        save_total_limit=1,
+        logging_steps=int(section["logging_steps"]),
+        report_to="none",
+        seed=int(cfg["seed"]),
+        data_seed=int(cfg["seed"]),
+        dataloader_num_workers=0,
+        **common.trainer_device_args(section),
+    )
+    settings.update(changes)
+    return SFTConfig(**settings)
+
+
+def within_max_length(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
+    """Rows whose prompt + response fit in max_length tokens, and how many did not.
+
+    Dropped rather than truncated: a cut response would teach the model to stop mid-sentence
+    (or never to stop). Our choice; none of VariErr's or Par's responses is near 512 tokens.
+    """
+    kept = [row for row in rows
+            if len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True,
+                                                 return_dict=False, **common.TRAINING_TEMPLATE_KWARGS))
+            <= max_length]
+    return kept, len(rows) - len(kept)
+
+
+def check_supervision(trainer, tokenizer, example: dict) -> str:
+    """Fail before training if the response (with its end-of-turn token) is not what is supervised.
+
+    Two known traps: a pad token equal to EOS masks the EOS label (the model never learns to
+    stop), and a chat template that renders the prompt differently on its own than inside
+    prompt+completion trains on one context and generates from another.
+    """
+    prompt_text = common.render_prompt(tokenizer, example["prompt"])
+    full_text = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False,
+                                              **common.TRAINING_TEMPLATE_KWARGS)
+    if not full_text.startswith(prompt_text):
+        raise InputError("the chat template renders the prompt differently alone than before a response; "
+                         "training and generation would see different prompts")
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    labels = batch["labels"][0]
+    supervised = labels[labels != -100].tolist()
+    if not supervised:
+        raise RuntimeError("no supervised token in a collated training example (completion mask is empty)")
+    if tokenizer.eos_token_id not in supervised:
+        raise RuntimeError(f"the end-of-turn token {tokenizer.eos_token!r} is not supervised; "
+                           "the model would never learn to stop")
+    return tokenizer.decode(supervised)
+
+
+def epoch_dev_losses(log_history: list[dict]) -> list[dict]:
+    return [{"epoch": row["epoch"], "step": row["step"], "dev_loss": row["eval_loss"]}
+            for row in log_history if "eval_loss" in row]
+
+
+def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
+                  annotator: str, adapter_path) -> None:
+    tag, name = model_cfg["tag"], f"sft {dataset}/{model_cfg['tag']}/{annotator}"
+    common.set_seed(int(cfg["seed"]))  # before the model and the LoRA initialisation
+    model, tokenizer = common.load_model_and_tokenizer(model_cfg)
+    max_length = int(cfg["sft"]["max_length"])
+    train_rows, too_long = within_max_length(sft_examples(splits["train"], task, annotator), tokenizer, max_length)
+    dev_rows, dev_too_long = within_max_length(sft_examples(splits["dev"], task, annotator), tokenizer, max_length)
+    if too_long or dev_too_long:
+        print(f"[{name}] left out {too_long} train / {dev_too_long} dev examples longer than "
+              f"sft.max_length {max_length} tokens", flush=True)
+    if not train_rows:
+        raise InputError(f"{common.data_dir(cfg, dataset) / 'train.jsonl'}: annotator {annotator} "
+                         f"has no train records (of at most {max_length} tokens)")
+    work_dir = common.training_work_dir(cfg, dataset, tag, "sft", annotator)
+    resume_from = common.checkpoint_to_resume(work_dir, args.resume, name)
+
+    trainer = SFTTrainer(model=model, args=sft_config(cfg, work_dir, has_dev=bool(dev_rows)),
+                         train_dataset=Dataset.from_list(train_rows),
+                         eval_dataset=Dataset.from_list(dev_rows) if dev_rows else None,
+                         processing_class=tokenizer, peft_config=lora_config(cfg["sft"]))
+    supervised = check_supervision(trainer, tokenizer, train_rows[0])
+    print(f"[{name}] {len(train_rows)} train / {len(dev_rows)} dev examples; "
+          f"global batch {cfg['sft']['global_batch_size']} = {trainer.args.per_device_train_batch_size} "
+          f"x {trainer.args.gradient_accumulation_steps} accumulation x {common.world_size()} process(es); "
+          f"supervised text of example 0: {supervised!r}", flush=True)
+
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    if trainer.accelerator.is_main_process:
+        dev_losses = epoch_dev_losses(trainer.state.log_history)
+        for row in dev_losses:
+            print(f"[{name}] epoch {row['epoch']:.0f}: dev loss {row['dev_loss']:.4f}", flush=True)
+        with common.atomic_dir(adapter_path) as tmp:
+            trainer.model.save_pretrained(tmp)
+            common.write_json(tmp / "train_log.json", {
+                "dataset": dataset, "model": tag, "annotator": annotator, "method": "sft",
+                "train_examples": len(train_rows), "dev_examples": len(dev_rows),
+                "left_out_too_long": {"train": too_long, "dev": dev_too_long},
+                "world_size": common.world_size(),
+                "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+                "train_loss": result.training_loss, "steps": trainer.state.global_step,
+                "dev_loss_per_epoch": dev_losses, "resumed_from": resume_from,
+                "seconds": round(time.time() - started, 1), "supervised_example": supervised,
+                "log_history": trainer.state.log_history})
+            common.save_resolved_config(cfg, tmp, stage="04_sft")
+        shutil.rmtree(work_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    del trainer, model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_annotator(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
+                  annotator: str) -> dict | None:
+    tag = model_cfg["tag"]
+    adapter_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
+    pred_path = common.predictions_path(cfg, dataset, tag, "sft", annotator)
+    status = {"dataset": dataset, "model": tag, "annotator": annotator, "adapter": str(adapter_path)}
+    started = time.time()
+    if args.force or not common.adapter_complete(adapter_path):
+        train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, adapter_path)
+        status["trained"] = True
+    else:
+        print(f"[sft {dataset}/{tag}/{annotator}] adapter exists, not retrained (--force retrains)", flush=True)
+        status["trained"] = False
+    if not common.is_main_process():
+        return None
+    if args.force or status["trained"] or not pred_path.exists():
+        status.update(common.predict_with_adapter(cfg, model_cfg, task, adapter_path, splits["test"],
+                                                  annotator, "sft", pred_path))
+        common.save_resolved_config(cfg, pred_path.parent, stage="04_sft")
+    else:
+        status.update(path=str(pred_path), parse_rate=common.parse_rate(common.read_jsonl(pred_path)))
+    status["seconds"] = round(time.time() - started, 1)
+    return status
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = common.stage_parser(__doc__)
+    parser.add_argument("--annotators", default=None, help="comma-separated subset, e.g. A0,A2 (default: all)")
+    parser.add_argument("--force", action="store_true", help="retrain and regenerate finished annotators")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of a killed run")
+    args, cfg = common.parse_stage_args(parser, argv)
+
+    done = []
+    for dataset in common.selected_datasets(cfg, args.dataset):
+        task = common.load_task(cfg, dataset)
+        splits = {split: common.load_split(cfg, dataset, split) for split in SPLITS}
+        annotators = common.select_annotators(cfg, dataset, args.annotators)
+        for model_cfg in common.model_configs(cfg):
+            for annotator in annotators:
+                status = run_annotator(cfg, args, dataset, task, splits, model_cfg, annotator)
+                if status:
+                    done.append(status)
+    for status in done:
+        rate = status.get("parse_rate")
+        print(f"[sft] {status['dataset']}/{status['model']}/{status['annotator']}: adapter {status['adapter']}; "
+              f"predictions {status['path']} (parse rate {'n/a' if rate is None else f'{rate:.2f}'}); "
+              f"{status['seconds']}s", flush=True)
+    return done
+
+
+if __name__ == "__main__":
+    common.run_stage(main)

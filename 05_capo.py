@@ -1,0 +1,443 @@
+"""05_capo.py: cross-annotator preference optimisation (CAPO) from each annotator's SFT adapter.
+
+    python 05_capo.py --config configs/cpu.yaml --dataset varierr --annotators A0
+    python 05_capo.py --config configs/smoke.yaml --dataset all
+    python 05_capo.py --config configs/cpu.yaml --dataset varierr --resume        # continue a killed run
+    python 05_capo.py --config configs/cpu.yaml --pair-policy all      # ablation, saved as method capo_all
+    accelerate launch --num_processes 2 05_capo.py --config configs/paper.yaml --dataset varierr --annotators A0
+    CUDA_VISIBLE_DEVICES=1 python 05_capo.py --config configs/paper.yaml --annotators A1   # one GPU per annotator
+
+Reads 01's data and 04's adapters. Writes, under runs/<profile>/:
+  pairs/<dataset>/<model>/<annotator>.jsonl    the training pairs ({"item_id", "prompt", "chosen",
+                                                "rejected", "rejected_annotator"}, trl's conversational form)
+  pairs/<dataset>/<model>/pairs_stats.json     pair counts per annotator under both policies
+  adapters/<dataset>/<model>/capo/<annotator>/ PEFT adapter, selection.json (every dev evaluation and
+                                                the chosen step), train_log.json, config.resolved.yaml
+  predictions/<dataset>/<model>/capo/<annotator>.jsonl   greedy generations on the test items
+  work/capo/<dataset>/<model>/<annotator>/     checkpoints and the best adapter so far (removed when done)
+Skip (--force), resume (--resume) and subsets (--annotators) work as in 04_sft.py.
+
+Pairs (PAPER_NOTES 10). For every TRAIN item and target annotator: chosen = the target's
+response (each of them, if the target gave two labels); rejected = another annotator's
+response to the same item with the same label (NLI) or a score within capo.score_delta
+(paraphrase), so the contrast is the explanation, not the decision. Pairs whose two
+responses are the same text (whitespace and case aside) are skipped. capo.pair_policy: all
+(or --pair-policy all) also admits other labels, as an ablation: its pairs go to
+pairs/<dataset>/<model>/all/, its adapters and predictions to method `capo_all`. Our choice: with
+capo.rejected_valid_only, a response that peers judged invalid (VariErr valid: false) is
+never a rejected one; unjudged responses (valid: null, all of paraphrase) count as valid.
+
+Training. The policy is the SFT adapter loaded as a trainable PeftModel; no peft_config and
+no ref_model go to trl's DPOTrainer, which then adds a frozen copy of the adapter named "ref"
+on the same base model and uses it as the reference (the base model is held once). The
+reference log-probabilities are computed once before training (capo.precompute_ref_log_probs).
+Loss: DPO (sigmoid) with capo.beta.
+
+Checkpoint selection (aggregation-aware, on dev). Every capo.eval_every_steps steps and at
+the end, the current adapter generates on the target's dev items; the outputs are embedded as
+in 02 (capo.select_representation, E3 by default: explanation embedding minus the mean of the
+human responses to the same item) and an annotator classifier trained on the human train
+responses scores groups of capo.select_group_size outputs; the measure is the mean
+probability of the target. The best step is kept. When the target has fewer than
+capo.select_min_dev_items dev items (or the classifier cannot be trained), the measure is
+the DPO loss on dev pairs instead; without dev pairs the last step is kept. The SFT adapter
+(step 0) is scored too, for reference, but is not a candidate. Our choices: an unparsable
+output stands in with its raw text (so breaking the format is not rewarded); hyperparameters
+are PAPER_NOTES 5's suggestions (the paper's are unknown).
+"""
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from collections import Counter, defaultdict
+
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from transformers import TrainerCallback
+from trl import DPOConfig, DPOTrainer
+
+import common
+from common import InputError
+
+SPLITS = ("train", "dev", "test")
+POLICIES = ("same_label", "all")
+METHOD_OF_POLICY = {"same_label": "capo", "all": "capo_all"}
+
+
+# ----------------------------------------------------------------------------
+# Pairs
+# ----------------------------------------------------------------------------
+def same_label(a, b, task: dict, score_delta: float) -> bool:
+    if task["label_type"] == "numeric":
+        return abs(float(a) - float(b)) <= score_delta
+    return a == b
+
+
+def response_text(record: dict) -> str:
+    return common.format_response(record["label"], record["explanation"])
+
+
+def build_pairs(records: list[dict], task: dict, target: str, policy: str, score_delta: float,
+                rejected_valid_only: bool = True, split: str = "train", counts: Counter | None = None) -> list[dict]:
+    """CAPO pairs for `target` from the `split` records only (other splits are ignored), by item."""
+    if policy not in POLICIES:
+        raise InputError(f"capo.pair_policy: unknown policy '{policy}' ({' or '.join(POLICIES)})")
+    counts = Counter() if counts is None else counts
+    by_item: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        if record["split"] == split:
+            by_item[record["item_id"]].append(record)
+    pairs = []
+    for item_id in sorted(by_item):
+        responses = by_item[item_id]
+        for chosen in (r for r in responses if r["annotator"] == target):
+            for other in responses:
+                if other["annotator"] == target:
+                    continue
+                if rejected_valid_only and other.get("valid") is False:
+                    counts["skipped_invalid_rejected"] += 1
+                    continue
+                if policy == "same_label" and not same_label(chosen["label"], other["label"], task, score_delta):
+                    counts["skipped_other_label"] += 1
+                    continue
+                chosen_text, rejected_text = response_text(chosen), response_text(other)
+                if common.normalize_text(chosen_text).casefold() == common.normalize_text(rejected_text).casefold():
+                    counts["skipped_identical"] += 1
+                    continue
+                pairs.append({"item_id": item_id,
+                              "prompt": common.build_messages(task, target, chosen["text_a"], chosen["text_b"]),
+                              "chosen": [{"role": "assistant", "content": chosen_text}],
+                              "rejected": [{"role": "assistant", "content": rejected_text}],
+                              "rejected_annotator": other["annotator"]})
+    counts["pairs"] += len(pairs)
+    counts["items"] += len({pair["item_id"] for pair in pairs})
+    return pairs
+
+
+def write_pairs(cfg: dict, dataset: str, task: dict, splits: dict, model_tag: str, policy: str) -> dict:
+    """Every annotator's train pairs (JSONL) and pairs_stats.json; returns {annotator: pairs}."""
+    section = cfg["capo"]
+    out_dir = common.run_dir(cfg) / "pairs" / dataset / model_tag
+    pairs_dir = out_dir if policy == "same_label" else out_dir / policy
+    stats = {"dataset": dataset, "model": model_tag, "policy": policy, "score_delta": section["score_delta"],
+             "rejected_valid_only": section["rejected_valid_only"], "per_annotator": {}}
+    all_pairs = {}
+    for annotator in common.dataset_annotators(cfg, dataset):
+        row = {}
+        for name in POLICIES:
+            counts = Counter()
+            pairs = build_pairs(splits["train"], task, annotator, name, section["score_delta"],
+                                section["rejected_valid_only"], counts=counts)
+            dev_pairs = build_pairs(splits["dev"], task, annotator, name, section["score_delta"],
+                                    section["rejected_valid_only"], split="dev")
+            row[name] = {**dict(counts), "dev_pairs": len(dev_pairs),
+                         "by_rejected_annotator": dict(Counter(p["rejected_annotator"] for p in pairs))}
+            if name == policy:
+                all_pairs[annotator] = pairs
+        stats["per_annotator"][annotator] = row
+        if common.is_main_process():
+            common.write_jsonl(pairs_dir / f"{annotator}.jsonl", all_pairs[annotator])
+    if common.is_main_process():
+        common.write_json(out_dir / "pairs_stats.json", stats)
+        common.save_resolved_config(cfg, out_dir, stage="05_capo")
+    return all_pairs
+
+
+def trl_rows(pairs: list[dict]) -> list[dict]:
+    return [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
+             "chat_template_kwargs": dict(common.TRAINING_TEMPLATE_KWARGS)} for p in pairs]
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint selection on dev
+# ----------------------------------------------------------------------------
+class AttributionMeasure:
+    """How confidently a classifier of human annotators attributes dev generations to the target."""
+
+    name = "group_target_confidence"
+    greater_is_better = True
+
+    def __init__(self, cfg: dict, dataset: str, task: dict, splits: dict, annotator: str, tokenizer):
+        section = cfg["capo"]
+        self.cfg, self.task, self.annotator, self.tokenizer = cfg, task, annotator, tokenizer
+        self.representation = section["select_representation"]
+        cache_dir = common.run_dir(cfg) / "hlv" / dataset / "cache"  # 02's embedding cache (keyed by texts)
+        X_train, _ = common.representation_vectors(cfg, splits["train"], self.representation, cache_dir)
+        self.classifier = common.fit_annotator_classifier(cfg["hlv"], X_train,
+                                                          [r["annotator"] for r in splits["train"]], cfg["seed"])
+        # Item content is removed with the mean of the human dev responses to the same item.
+        _, self.dev_means = common.representation_vectors(cfg, splits["dev"], self.representation, cache_dir)
+        self.requests = common.annotator_requests(splits["dev"], task, annotator)
+
+    def __call__(self, model, trainer=None) -> dict:
+        predictions = common.generate_predictions(model, self.tokenizer, self.requests, self.task,
+                                                  self.cfg["generation"], method="capo", model_tag="",
+                                                  seed=self.cfg["seed"], desc="dev selection")
+        stand_ins = [{"item_id": p["item_id"], "label": p["label"],
+                      "explanation": p["explanation"] if p["parse_ok"] else p["output"]} for p in predictions]
+        X, _ = common.representation_vectors(self.cfg, stand_ins, self.representation, means=self.dev_means)
+        section = self.cfg["capo"]
+        result = common.group_target_confidence(self.classifier, X, self.annotator, section["select_group_size"],
+                                                section["select_groups"], self.cfg["seed"])
+        return {"score": result["mean_prob"], "group_accuracy": result["accuracy"],
+                "group_size": result["group_size"], "dev_parse_rate": common.parse_rate(predictions)}
+
+
+class DevLossMeasure:
+    """Fallback: DPO loss on dev pairs (lower is better)."""
+
+    name = "dev_dpo_loss"
+    greater_is_better = False
+
+    def __call__(self, model, trainer=None) -> dict:
+        metrics = trainer.evaluate()
+        return {"score": metrics["eval_loss"],
+                "dev_reward_accuracy": metrics.get("eval_rewards/accuracies")}
+
+
+def selection_plan(cfg: dict, splits: dict, annotator: str, dev_pairs: list[dict]) -> tuple[str | None, str]:
+    """(AttributionMeasure.name, DevLossMeasure.name or None, why) for this annotator's dev split."""
+    section = cfg["capo"]
+    dev_items = len({r["item_id"] for r in splits["dev"] if r["annotator"] == annotator})
+    train_annotators = {r["annotator"] for r in splits["train"]}
+    if dev_items >= int(section["select_min_dev_items"]) and len(train_annotators) >= 2:
+        return AttributionMeasure.name, (f"{dev_items} dev items (>= capo.select_min_dev_items "
+                                         f"{section['select_min_dev_items']})")
+    why = (f"{dev_items} dev items (< capo.select_min_dev_items {section['select_min_dev_items']})"
+           if len(train_annotators) >= 2 else "fewer than two annotators to train a classifier on")
+    if dev_pairs:
+        return DevLossMeasure.name, why + f"; falling back to DPO loss on {len(dev_pairs)} dev pairs"
+    return None, why + "; no dev pairs either: the last step is kept"
+
+
+class DevSelection(TrainerCallback):
+    """Scores the adapter every `every` steps and at the end; keeps the best one in `best_dir`."""
+
+    def __init__(self, measure, every: int, work_dir, name: str):
+        self.measure, self.every, self.name = measure, max(1, int(every)), name
+        self.best_dir, self.log_path = work_dir / "best", work_dir / "selection_progress.json"
+        self.trainer = None  # set after the trainer exists (the dev-loss measure evaluates with it)
+        saved = common.read_json(self.log_path) if self.log_path.exists() else {}
+        self.history = {int(step): row for step, row in saved.get("history", {}).items()}
+
+    def best(self) -> dict | None:
+        candidates = [row for step, row in self.history.items() if step > 0 and row["score"] is not None]
+        if not candidates:
+            return None
+        pick = max if self.measure.greater_is_better else min
+        return pick(candidates, key=lambda row: row["score"])
+
+    def evaluate(self, model, step: int, epoch: float | None) -> None:
+        is_dev_loss = isinstance(self.measure, DevLossMeasure)
+        row = None
+        if is_dev_loss or common.is_main_process():  # trainer.evaluate needs every rank
+            was_training = model.training
+            model.eval()
+            row = {"step": step, "epoch": epoch, **self.measure(model, self.trainer)}
+            model.train(was_training)
+        if common.is_main_process():
+            previous_best = self.best()
+            self.history[step] = row
+            improved = step > 0 and row["score"] is not None and self.best() is row
+            if improved:
+                with common.atomic_dir(self.best_dir) as tmp:
+                    model.save_pretrained(tmp, selected_adapters=["default"])
+            common.write_json(self.log_path, {"measure": self.measure.name, "history": self.history})
+            note = "best so far" if improved else ("SFT start, not a candidate" if step == 0 else
+                                                   f"best stays step {previous_best['step'] if previous_best else '-'}")
+            print(f"[{self.name}] step {step}: {self.measure.name} = {row['score']} ({note})", flush=True)
+        if self.trainer is not None:
+            self.trainer.accelerator.wait_for_everyone()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if 0 not in self.history:
+            self.evaluate(model, 0, 0.0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if step % self.every == 0 or step >= state.max_steps:
+            self.evaluate(model, step, state.epoch)
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+def dpo_config(cfg: dict, output_dir, **changes) -> DPOConfig:
+    section = cfg["capo"]
+    every = int(section["eval_every_steps"])
+    settings = dict(
+        output_dir=str(output_dir),
+        num_train_epochs=float(section["epochs"]),
+        per_device_train_batch_size=int(section["per_device_batch_size"]),
+        per_device_eval_batch_size=int(section["per_device_batch_size"]),
+        gradient_accumulation_steps=common.gradient_accumulation_steps(section, "capo"),
+        learning_rate=float(section["learning_rate"]),
+        lr_scheduler_type=section["lr_scheduler"],
+        warmup_steps=float(section["warmup_ratio"]),
+        max_length=int(section["max_length"]),
+        beta=float(section["beta"]),
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=bool(section["precompute_ref_log_probs"]),
+        gradient_checkpointing=bool(section["gradient_checkpointing"]),
+        eval_strategy="no",  # dev evaluation happens in DevSelection, on the same steps as checkpoints
+        save_strategy="steps",
+        save_steps=every,  # a checkpoint on every selection step, so --resume continues from one
+        save_total_limit=1,
+        logging_steps=int(section["logging_steps"]),
+        report_to="none",
+        seed=int(cfg["seed"]),
+        data_seed=int(cfg["seed"]),
+        dataloader_num_workers=0,
+        **common.trainer_device_args(section),
+    )
+    settings.update(changes)
+    return DPOConfig(**settings)
+
+
+def build_trainer(cfg: dict, model_cfg: dict, sft_path, train_pairs: list[dict], dev_pairs: list[dict],
+                  output_dir, **config_changes):
+    """DPOTrainer whose policy is the SFT adapter (trainable) and whose reference is trl's frozen copy."""
+    common.set_seed(int(cfg["seed"]))
+    base, tokenizer = common.load_model_and_tokenizer(model_cfg)
+    model = PeftModel.from_pretrained(base, str(sft_path), is_trainable=True)
+    trainer = DPOTrainer(model=model, args=dpo_config(cfg, output_dir, **config_changes),
+                         train_dataset=Dataset.from_list(trl_rows(train_pairs)),
+                         eval_dataset=Dataset.from_list(trl_rows(dev_pairs)) if dev_pairs else None,
+                         processing_class=tokenizer)
+    if "ref" not in trainer.model.peft_config:
+        raise RuntimeError("trl did not create the frozen 'ref' copy of the SFT adapter; the reference would "
+                           "be the bare base model")
+    return trainer, tokenizer
+
+
+def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
+                  annotator: str, pairs: list[dict], adapter_path, method: str) -> None:
+    tag, name = model_cfg["tag"], f"{method} {dataset}/{model_cfg['tag']}/{annotator}"
+    section = cfg["capo"]
+    sft_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
+    if not common.adapter_complete(sft_path):
+        raise InputError(f"{sft_path}: no SFT adapter for {annotator}; run 04_sft.py first")
+    dev_pairs = build_pairs(splits["dev"], task, annotator, section["pair_policy"], section["score_delta"],
+                            section["rejected_valid_only"], split="dev")
+    work_dir = common.training_work_dir(cfg, dataset, tag, method, annotator)
+    resume_from = common.checkpoint_to_resume(work_dir, args.resume, name)
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    plan, why = selection_plan(cfg, splits, annotator, dev_pairs)
+    trainer, tokenizer = build_trainer(cfg, model_cfg, sft_path, pairs,
+                                       dev_pairs if plan == DevLossMeasure.name else [], work_dir)
+    measure = selection = None
+    if plan == AttributionMeasure.name:
+        measure = AttributionMeasure(cfg, dataset, task, splits, annotator, tokenizer)
+    elif plan == DevLossMeasure.name:
+        measure = DevLossMeasure()
+    if measure:
+        selection = DevSelection(measure, section["eval_every_steps"], work_dir, name)
+        selection.trainer = trainer
+        trainer.add_callback(selection)
+    print(f"[{name}] {len(pairs)} train pairs ({section['pair_policy']}), {len(dev_pairs)} dev pairs; policy = "
+          f"SFT adapter {sft_path} (trainable), reference = trl's frozen copy 'ref' of it on the same base model; "
+          f"selection: {measure.name if measure else 'none'} ({why})", flush=True)
+
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    if trainer.accelerator.is_main_process:
+        best = selection.best() if selection else None
+        choice = {"measure": measure.name if measure else None, "why": why,
+                  "greater_is_better": measure.greater_is_better if measure else None,
+                  "chosen_step": best["step"] if best else trainer.state.global_step,
+                  "chosen": best, "final_step": trainer.state.global_step,
+                  "history": [selection.history[s] for s in sorted(selection.history)] if selection else []}
+        print(f"[{name}] chosen step {choice['chosen_step']} of {choice['final_step']} "
+              f"({choice['measure'] or 'last step'})", flush=True)
+        with common.atomic_dir(adapter_path) as tmp:
+            if best:
+                for path in (work_dir / "best").iterdir():
+                    shutil.copy2(path, tmp / path.name)
+            else:
+                trainer.model.save_pretrained(tmp, selected_adapters=["default"])
+            common.write_json(tmp / "selection.json", choice)
+            common.write_json(tmp / "train_log.json", {
+                "dataset": dataset, "model": tag, "annotator": annotator, "method": method,
+                "sft_adapter": str(sft_path), "reference": "frozen copy of the SFT adapter ('ref')",
+                "train_pairs": len(pairs), "dev_pairs": len(dev_pairs), "world_size": common.world_size(),
+                "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+                "train_loss": result.training_loss, "steps": trainer.state.global_step,
+                "resumed_from": resume_from, "seconds": round(time.time() - started, 1),
+                "log_history": trainer.state.log_history})
+            common.save_resolved_config(cfg, tmp, stage="05_capo")
+        shutil.rmtree(work_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_annotator(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
+                  annotator: str, pairs: list[dict]) -> dict | None:
+    tag, method = model_cfg["tag"], METHOD_OF_POLICY[cfg["capo"]["pair_policy"]]
+    adapter_path = common.adapter_dir(cfg, dataset, tag, method, annotator)
+    pred_path = common.predictions_path(cfg, dataset, tag, method, annotator)
+    status = {"dataset": dataset, "model": tag, "annotator": annotator, "method": method,
+              "adapter": str(adapter_path), "pairs": len(pairs)}
+    started = time.time()
+    if not pairs:
+        print(f"[{method} {dataset}/{tag}/{annotator}] no training pairs under policy "
+              f"{cfg['capo']['pair_policy']}: CAPO not trained, no predictions written", flush=True)
+        return {**status, "path": None, "parse_rate": None, "seconds": 0.0}
+    if args.force or not common.adapter_complete(adapter_path):
+        train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, pairs, adapter_path, method)
+        status["trained"] = True
+    else:
+        print(f"[{method} {dataset}/{tag}/{annotator}] adapter exists, not retrained (--force retrains)", flush=True)
+        status["trained"] = False
+    if not common.is_main_process():
+        return None
+    if args.force or status["trained"] or not pred_path.exists():
+        status.update(common.predict_with_adapter(cfg, model_cfg, task, adapter_path, splits["test"],
+                                                  annotator, method, pred_path))
+        common.save_resolved_config(cfg, pred_path.parent, stage="05_capo")
+    else:
+        status.update(path=str(pred_path), parse_rate=common.parse_rate(common.read_jsonl(pred_path)))
+    status["seconds"] = round(time.time() - started, 1)
+    return status
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = common.stage_parser(__doc__)
+    parser.add_argument("--annotators", default=None, help="comma-separated subset, e.g. A0,A2 (default: all)")
+    parser.add_argument("--force", action="store_true", help="retrain and regenerate finished annotators")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of a killed run")
+    parser.add_argument("--pair-policy", choices=POLICIES, default=None,
+                        help="same_label (default) or all (ablation); same as --capo.pair_policy")
+    args, cfg = common.parse_stage_args(parser, argv)
+    if args.pair_policy:
+        cfg["capo"]["pair_policy"] = args.pair_policy
+    policy = cfg["capo"]["pair_policy"]
+    if policy not in POLICIES:
+        raise InputError(f"{cfg['config_path']}: capo.pair_policy '{policy}' is not one of {', '.join(POLICIES)}")
+
+    done = []
+    for dataset in common.selected_datasets(cfg, args.dataset):
+        task = common.load_task(cfg, dataset)
+        splits = {split: common.load_split(cfg, dataset, split) for split in SPLITS}
+        annotators = common.select_annotators(cfg, dataset, args.annotators)
+        for model_cfg in common.model_configs(cfg):
+            pairs = write_pairs(cfg, dataset, task, splits, model_cfg["tag"], policy)
+            for annotator in annotators:
+                status = run_annotator(cfg, args, dataset, task, splits, model_cfg, annotator, pairs[annotator])
+                if status:
+                    done.append(status)
+    for status in done:
+        rate = status.get("parse_rate")
+        print(f"[{status['method']}] {status['dataset']}/{status['model']}/{status['annotator']}: {status['pairs']} pairs; "
+              f"adapter {status['adapter']}; predictions {status['path']} "
+              f"(parse rate {'n/a' if rate is None else f'{rate:.2f}'}); {status['seconds']}s", flush=True)
+    return done
+
+
+if __name__ == "__main__":
+    common.run_stage(main)

@@ -1,0 +1,220 @@
+"""Training speed and memory of 04_sft / 05_capo, side by side, on one profile's model and data.
+
+    .venv/bin/python bench/bench_training.py                                  # cpu profile, varierr A0
+    .venv/bin/python bench/bench_training.py --config configs/cpu.yaml --examples 48 --repeats 2
+
+Throughput: the same LoRA, data and number of training examples under
+  kit      the kit's SFTConfig for the profile (04_sft.sft_config; cpu: bf16 autocast,
+           padding-free batches, no gradient checkpointing)
+  default  trl's default SFTConfig (fp32 on CPU, gradient checkpointing on, padded batches of 8)
+and, with --variants, one-change variants of the kit's config that settle its CPU choices:
+kit-bf16 (fp32), kit+ckpt (gradient checkpointing on), kit-padfree (padded batches).
+Tokens/s counts non-padding tokens of optimizer steps after the first (warm-up). Variants run
+interleaved, --repeats times; the median is reported.
+
+Memory: peak resident memory (CPU) or peak allocated GPU memory of a process that trains the
+kit's SFT for a few steps, against one that trains CAPO from that adapter (05_capo.build_trainer:
+the SFT adapter trainable, trl's frozen "ref" copy as reference, reference log-probs precomputed).
+Each runs in its own process so that peaks do not mix.
+
+The last line is `ratio=<kit tokens/s / default tokens/s>` (target >= 2.5; CAPO/SFT memory target <= 1.3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("CAPO_NO_PROGRESS", "1")
+
+import importlib.util  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+import common  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+
+def load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sft = load_stage("04_sft")
+
+
+class Throughput(TrainerCallback):
+    """Non-padding tokens per second over the optimizer steps after the first."""
+
+    def __init__(self):
+        self.start = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            self.start = (time.perf_counter(), state.num_input_tokens_seen)
+        self.end = (time.perf_counter(), state.num_input_tokens_seen)
+
+
+def sft_rows(cfg, dataset, annotator, n):
+    task = common.load_task(cfg, dataset)
+    rows = sft.sft_examples(common.load_split(cfg, dataset, "train"), task, annotator)
+    return rows[:n]
+
+
+def variant_config(cfg, name, out_dir, examples):
+    section = cfg["sft"]
+    common_args = dict(report_to="none", save_strategy="no", logging_strategy="no",
+                       include_num_input_tokens_seen="non_padding", seed=int(cfg["seed"]))
+    if name == "default":
+        # trl's defaults, except what a CPU run must set (bf16 defaults to on) and the bounded length.
+        per_step = SFTConfig.per_device_train_batch_size * SFTConfig.gradient_accumulation_steps
+        return SFTConfig(output_dir=str(out_dir), max_steps=max(2, examples // per_step),
+                         **common.trainer_device_args({"bf16": False}), **common_args)
+    changes = {"kit": {}, "kit-bf16": {"bf16": False}, "kit+ckpt": {"gradient_checkpointing": True},
+               "kit-padfree": {"padding_free": False, "max_length": int(section["max_length"])}}[name]
+    per_step = int(section["global_batch_size"])
+    return sft.sft_config(cfg, out_dir, has_dev=False, max_steps=max(2, examples // per_step),
+                          **common_args, **changes)
+
+
+def run_variant(cfg, name, rows):
+    model_cfg = cfg["models"][0]
+    common.set_seed(int(cfg["seed"]))
+    model, tokenizer = common.load_model_and_tokenizer(model_cfg)
+    meter = Throughput()
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = SFTTrainer(model=model, args=variant_config(cfg, name, out_dir, len(rows)),
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                             peft_config=sft.lora_config(cfg["sft"]), callbacks=[meter])
+        trainer.train()
+        args = trainer.args
+    seconds = meter.end[0] - meter.start[0]
+    tokens = meter.end[1] - meter.start[1]
+    return {"variant": name, "tokens_per_s": tokens / seconds, "tokens": int(tokens), "seconds": round(seconds, 1),
+            "steps": args.max_steps, "per_device_batch": args.per_device_train_batch_size,
+            "accumulation": args.gradient_accumulation_steps, "bf16": args.bf16,
+            "gradient_checkpointing": args.gradient_checkpointing}
+
+
+# ---------------------------------------------------------------------------- memory (child processes)
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def memory_child(cfg, dataset, annotator, method, steps, adapter_dir):
+    model_cfg = cfg["models"][0]
+    task = common.load_task(cfg, dataset)
+    train = common.load_split(cfg, dataset, "train")
+    with tempfile.TemporaryDirectory() as out_dir:
+        if method == "sft":
+            rows = sft.sft_examples(train, task, annotator)[:steps * int(cfg["sft"]["global_batch_size"])]
+            common.set_seed(int(cfg["seed"]))
+            model, tokenizer = common.load_model_and_tokenizer(model_cfg)
+            trainer = SFTTrainer(model=model, args=sft.sft_config(cfg, out_dir, has_dev=False, max_steps=steps,
+                                                                  save_strategy="no", report_to="none"),
+                                 train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                 peft_config=sft.lora_config(cfg["sft"]))
+            trainer.train()
+            trainer.model.save_pretrained(adapter_dir)
+        else:
+            capo = load_stage("05_capo")
+            section = cfg["capo"]
+            pairs = capo.build_pairs(train, task, annotator, section["pair_policy"], section["score_delta"],
+                                     section["rejected_valid_only"])
+            pairs = pairs[:steps * int(section["global_batch_size"])]  # the reference pass covers these only
+            trainer, _ = capo.build_trainer(cfg, model_cfg, adapter_dir, pairs, [], out_dir, max_steps=steps,
+                                            save_strategy="no", report_to="none")
+            trainer.train()
+        args = trainer.args
+    print(json.dumps({"method": method, "peak_mb": round(peak_memory_mb(), 1),
+                      "measure": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS",
+                      "steps": steps, "per_device_batch": args.per_device_train_batch_size,
+                      "accumulation": args.gradient_accumulation_steps}))
+
+
+def measure_memory(args) -> dict:
+    results = {}
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        for method in ("sft", "capo"):
+            out = subprocess.run([sys.executable, __file__, "--config", args.config, "--dataset", args.dataset,
+                                  "--annotator", args.annotator, "--memory-child", method,
+                                  "--memory-steps", str(args.memory_steps), "--adapter-dir", adapter_dir],
+                                 capture_output=True, text=True, check=False)
+            if out.returncode:
+                raise SystemExit(f"memory child {method} failed:\n{out.stderr[-3000:]}")
+            results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/cpu.yaml")
+    parser.add_argument("--dataset", default="varierr")
+    parser.add_argument("--annotator", default="A0")
+    parser.add_argument("--examples", type=int, default=48, help="training examples per throughput run")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variants", default="kit,default",
+                        help="comma-separated: kit, default, kit-bf16, kit+ckpt, kit-padfree")
+    parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--memory-child", choices=["sft", "capo"], help=argparse.SUPPRESS)
+    parser.add_argument("--adapter-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cfg = common.load_config(ROOT / args.config if not Path(args.config).is_absolute() else args.config)
+
+    if args.memory_child:
+        return memory_child(cfg, args.dataset, args.annotator, args.memory_child, args.memory_steps,
+                            args.adapter_dir)
+
+    rows = sft_rows(cfg, args.dataset, args.annotator, args.examples)
+    variants = args.variants.split(",")
+    print(f"model {cfg['models'][0]['tag']}, {args.dataset}/{args.annotator}: {len(rows)} examples per run, "
+          f"{args.repeats} repeats, torch threads {torch.get_num_threads()}, "
+          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}; load average {os.getloadavg()[0]:.1f}",
+          flush=True)
+    runs = {name: [] for name in variants}
+    for repeat in range(args.repeats):
+        for name in variants:  # interleaved, so a busy spell on the machine hits every variant
+            result = run_variant(cfg, name, rows)
+            runs[name].append(result)
+            print(f"  repeat {repeat + 1} {name:9s} {result['tokens_per_s']:8.1f} tokens/s "
+                  f"({result['tokens']} tokens in {result['seconds']}s; batch {result['per_device_batch']} x "
+                  f"{result['accumulation']}, bf16 {result['bf16']}, "
+                  f"checkpointing {result['gradient_checkpointing']})", flush=True)
+    median = {name: statistics.median(r["tokens_per_s"] for r in results) for name, results in runs.items()}
+    for name in variants:
+        print(f"{name:9s} median {median[name]:8.1f} tokens/s", flush=True)
+
+    memory = measure_memory(args)
+    capo_over_sft = memory["capo"]["peak_mb"] / memory["sft"]["peak_mb"]
+    print(f"memory ({memory['sft']['measure']}): sft {memory['sft']['peak_mb']:.0f} MB "
+          f"(batch {memory['sft']['per_device_batch']} examples), capo {memory['capo']['peak_mb']:.0f} MB "
+          f"(batch {memory['capo']['per_device_batch']} pairs); capo/sft = {capo_over_sft:.2f} (target <= 1.3)",
+          flush=True)
+    if "kit" in median and "default" in median:
+        print(f"ratio={median['kit'] / median['default']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
