@@ -5,21 +5,39 @@
 #   bash run_all.sh --profile smoke      # quick end-to-end check (tiny model, subset)
 #   bash run_all.sh --profile paper      # the paper's setting (Qwen3-4B, Llama-3.2-3B; GPUs)
 #   bash run_all.sh --dataset varierr    # one dataset (or a --custom name prepared by 01)
+#   bash run_all.sh --raw-dir ../shared/data   # where 01 finds the raw files (sets CAPO_RAW_DIR)
+#   bash run_all.sh --force              # rerun every stage, even those already done
 #
-# Extra arguments after `--` go to every stage (e.g. -- --raw-dir ../shared/data).
-# Stops at the first failing stage and names it.
+# Extra arguments after `--` go to every stage (e.g. -- --eval.judge false); a --raw-dir
+# there is taken as run_all.sh's own. Stops at the first failing stage and names it.
+# A stage whose outputs exist for the same config, arguments, code and upstream stages is
+# skipped: after a stage succeeds its key (a hash of those) is stored in
+# <run_dir>/.stamps/<stage>.<dataset>. A stage that reruns because its key changed gets
+# --force, if it has one (04, 05 would otherwise keep adapters from the older config).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 profile=""
 dataset="all"
+force=0
+raw_dir=""
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile="$2"; shift 2 ;;
     --dataset) dataset="$2"; shift 2 ;;
-    --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --force) force=1; shift ;;
+    --raw-dir) raw_dir="$2"; shift 2 ;;
+    --) shift
+        # --raw-dir is 01's flag; the other stages would reject it, so take it out here.
+        while [ $# -gt 0 ]; do
+          case "$1" in
+            --raw-dir) raw_dir="$2"; shift 2 ;;
+            --raw-dir=*) raw_dir="${1#--raw-dir=}"; shift ;;
+            *) extra+=("$1"); shift ;;
+          esac
+        done ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -32,18 +50,65 @@ config="configs/$profile.yaml"
 bash setup.sh
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
 PY=".venv/bin/python"
+[ -n "$raw_dir" ] && export CAPO_RAW_DIR="$raw_dir"
+run_dir=$("$PY" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["run_dir"])' "$config")
+stamps="$run_dir/.stamps"
+
+# 04_sft / 05_capo on a machine with several GPUs: one process per GPU, each training its
+# share of the (dataset, annotator) adapters in turn; with one GPU or none, a single process.
+n_gpus=$( { nvidia-smi -L 2>/dev/null || true; } | grep -c '^GPU' || true)
+fan_out_over_gpus() {  # fan_out_over_gpus <stage> [stage arguments...]
+  local stage=$1 g i pids=() failed=0 jobs=()
+  shift
+  mapfile -t jobs < <("$PY" -c 'import sys, common
+cfg = common.load_config(sys.argv[1])
+for name in common.selected_datasets(cfg, sys.argv[2]):
+    for annotator in common.dataset_annotators(cfg, name):
+        print(name, annotator)' "$config" "$dataset")
+  for ((g = 0; g < n_gpus; g++)); do
+    (
+      for ((i = g; i < ${#jobs[@]}; i += n_gpus)); do
+        read -r job_dataset job_annotator <<< "${jobs[i]}"
+        CUDA_VISIBLE_DEVICES=$g "$PY" "$stage.py" --config "$config" --dataset "$job_dataset" \
+          --annotators "$job_annotator" "$@" || exit 1
+      done
+    ) &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait "$i" || failed=1; done
+  return $failed
+}
 
 start_all=$(date +%s)
+key=""  # chained: each stage's key covers every stage before it
 for stage in 01_prepare 02_analyze_hlv 03_prompt_baselines 04_sft 05_capo 06_eval; do
   [ -f "$stage.py" ] || continue
+  key=$( { echo "$key"; cat "$config" "$stage.py" common.py
+           printf '%s\n' "$dataset" "${CAPO_RAW_DIR:-}" "${extra[@]}"; } | sha256sum | cut -d' ' -f1)
+  stamp="$stamps/$stage.$dataset"
+  if [ "$force" = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
+    echo "== $stage ($profile, $dataset): done for this config, skipped (--force reruns it)"
+    continue
+  fi
+  stage_args=()
+  mkdir -p "$stamps"
+  if grep -q -- '"--force"' "$stage.py" && { [ "$force" = 1 ] || [ -f "$stamp" ]; }; then
+    stage_args=(--force)
+    echo "rerun pending" > "$stamp"  # a killed rerun still forces next time
+  else
+    rm -f "$stamp"
+  fi
   echo "== $stage ($profile, $dataset)"
   t0=$(date +%s)
-  if ! "$PY" "$stage.py" --config "$config" --dataset "$dataset" "${extra[@]}"; then
+  run=("$PY" "$stage.py" --config "$config" --dataset "$dataset")
+  case "$stage" in 04_sft|05_capo) [ "$n_gpus" -gt 1 ] && run=(fan_out_over_gpus "$stage") ;; esac
+  if ! "${run[@]}" "${stage_args[@]}" "${extra[@]}"; then
     echo "run_all.sh: stage $stage failed (profile $profile); later stages were not run" >&2
     exit 1
   fi
+  echo "$key" > "$stamp.tmp" && mv "$stamp.tmp" "$stamp"
   echo "== $stage done in $(( $(date +%s) - t0 ))s"
 done
-echo "run_all.sh: profile $profile finished in $(( $(date +%s) - start_all ))s; outputs in runs/$profile/"
-[ -f "runs/$profile/report.md" ] && echo "report: runs/$profile/report.md"
+echo "run_all.sh: profile $profile finished in $(( $(date +%s) - start_all ))s; outputs in $run_dir/"
+[ -f "$run_dir/report.md" ] && echo "report: $run_dir/report.md"
 exit 0

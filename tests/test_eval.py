@@ -1,0 +1,347 @@
+"""06_eval.py: metric functions on hand-made cases, the score-sheet round trip, and an
+end-to-end run on a tiny invented run directory (every table, every column).
+
+The fixture datasets are called varierr and par so the report's paper sections are
+exercised, but every sentence in them is invented here; no raw data is read.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+import common
+from conftest import load_stage, write_config
+
+ev6 = load_stage("06_eval")
+
+NLI_TASK = dict(common.BUILTIN_TASKS["varierr"])
+PAR_TASK = dict(common.BUILTIN_TASKS["par"])
+NOUNS = ["cat", "river", "teacher", "bicycle", "garden", "violin", "market", "doctor", "lantern", "ship",
+         "forest", "kettle", "painter", "bridge", "tower", "camera", "farmer", "harbor", "engine", "library",
+         "mountain", "pilot", "museum", "orchard", "village", "window", "baker", "island", "station", "clock",
+         "meadow", "castle"]
+ADJECTIVES = ["quiet", "broken", "busy", "green", "old", "bright", "empty", "famous", "small", "cold"]
+
+
+def planted_explanation(annotator_index: int, noun: str, adj: str, rng: random.Random) -> str:
+    """Each annotator has a planted habit: a style word and a shape of sentence."""
+    filler = rng.choice(["today", "here", "again", "now"])
+    return [f"Clearly the {noun} is {adj} {filler}, so it certainly follows.",
+            f"Perhaps the {noun} might be {adj}; it may or may not hold {filler}.",
+            f"Nothing says the {noun} was not {adj}, no evidence {filler} either.",
+            f"{noun} {adj} {filler} match"][annotator_index]
+
+
+def write_fixture_dataset(run_dir, name: str, task: dict, n_train: int = 24, n_test: int = 8, seed: int = 0):
+    """train/dev/test.jsonl + stats.json for 4 annotators with planted styles."""
+    rng = random.Random(seed)
+    annotators = ["A0", "A1", "A2", "A3"] if name == "varierr" else ["Ann1", "Ann2", "Ann3", "Ann4"]
+    splits = {"train": n_train, "dev": 2, "test": n_test}
+    item_no = 0
+    records_by_split = {}
+    for split, n_items in splits.items():
+        records = []
+        for _ in range(n_items):
+            noun, adj = NOUNS[item_no % len(NOUNS)], ADJECTIVES[item_no % len(ADJECTIVES)]
+            item_id = f"{name[:1]}{item_no:03d}"
+            item_no += 1
+            text_a = f"The {noun} near the road was {adj} all week."
+            text_b = f"A {noun} was {rng.choice(ADJECTIVES)}."
+            for index, annotator in enumerate(annotators):
+                if task["label_type"] == "categorical":
+                    labels = [rng.choice(task["labels"])]
+                    if annotator == "A1" and item_no % 3 == 0:  # a second label, as in VariErr
+                        labels.append(next(lb for lb in task["labels"] if lb != labels[0]))
+                else:
+                    labels = [rng.randint(-5, 5)]
+                for label in labels:
+                    records.append({"dataset": name, "item_id": item_id, "split": split, "annotator": annotator,
+                                    "text_a": text_a, "text_b": text_b, "label": label,
+                                    "explanation": planted_explanation(index, noun, adj, rng), "valid": True})
+        records_by_split[split] = records
+        common.write_jsonl(run_dir / "data" / name / f"{split}.jsonl", records)
+    common.write_json(run_dir / "data" / name / "stats.json", {"dataset": name, "task": task, "annotators": annotators})
+    return records_by_split
+
+
+def prediction(record: dict, method: str, output: str, parse: bool = True) -> dict:
+    task = NLI_TASK if record["dataset"] == "varierr" else PAR_TASK
+    label, explanation, ok = common.parse_response(output, task) if parse else (None, None, False)
+    return {"dataset": record["dataset"], "item_id": record["item_id"], "annotator": record["annotator"],
+            "method": method, "model": "tiny", "seed": 42, "output": output, "label": label,
+            "explanation": explanation, "parse_ok": ok}
+
+
+def write_fixture_predictions(run_dir, name: str, test: list[dict]):
+    """sft: the target's own test response (perfect imitation); base: every target answers in
+    the first annotator's words with one fixed label, and every fourth output is unparseable."""
+    firsts = {}
+    for record in test:
+        firsts.setdefault((record["item_id"], record["annotator"]), record)
+    first_annotator = sorted({r["annotator"] for r in test})[0]
+    by_annotator = {}
+    for (item_id, annotator), record in firsts.items():
+        by_annotator.setdefault(annotator, []).append(record)
+    for annotator, records in by_annotator.items():
+        sft = [prediction(r, "sft", common.format_response(r["label"], r["explanation"])) for r in records]
+        base = []
+        for i, r in enumerate(records):
+            voice = firsts[(r["item_id"], first_annotator)]
+            fixed = "neutral" if name == "varierr" else 0
+            text = common.format_response(fixed, voice["explanation"]) if i % 4 else "I am not sure about this one"
+            base.append(prediction(r, "base", text))
+        common.write_jsonl(run_dir / "predictions" / name / "tiny" / "sft" / f"{annotator}.jsonl", sft)
+        common.write_jsonl(run_dir / "predictions" / name / "tiny" / "base" / f"{annotator}.jsonl", base)
+
+
+def make_fixture_run(tmp_path, **changes):
+    """A config and run dir with both fixture datasets and sft/base predictions (capo etc. missing)."""
+    config = write_config(tmp_path, "smoke", eval__judge_items=6, eval__human_sheet_items=4,
+                          eval__bootstrap_groups=20, **changes)
+    run_dir = tmp_path / "run"
+    for name, task in (("varierr", NLI_TASK), ("par", PAR_TASK)):
+        splits = write_fixture_dataset(run_dir, name, task)
+        write_fixture_predictions(run_dir, name, splits["test"])
+    return config, run_dir
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    """The fixture run after one 06 run without the judge and BERTScore (shared by two tests)."""
+    config, run_dir = make_fixture_run(tmp_path_factory.mktemp("eval"), eval__judge=False, eval__bertscore=False)
+    ev6.main(["--config", str(config)])
+    return config, run_dir
+
+
+# ----------------------------------------------------------------------------
+# Metric functions with known answers
+# ----------------------------------------------------------------------------
+def test_rouge_l_identical_is_one_and_max_over_references():
+    scores = ev6.rouge_l(["the cat sat on the mat", "the cat sat", ""],
+                         [["the cat sat on the mat"], ["a dog barked", "the cat sat"], ["anything"]])
+    assert scores[0] == pytest.approx(1.0)
+    assert scores[1] == pytest.approx(1.0)  # the best reference counts
+    assert scores[2] == 0.0
+    assert 0 < ev6.rouge_l(["the cat sat down"], [["the dog sat up"]])[0] < 1
+
+
+def test_kl_is_zero_for_identical_and_known_for_a_hand_case():
+    counts = np.array([3.0, 1.0, 0.0])
+    assert ev6.kl_divergence(counts, counts, 1e-6) == pytest.approx(0.0, abs=1e-12)
+    p, q = np.array([1.0, 1.0]), np.array([9.0, 1.0])  # 0.5/0.5 against 0.9/0.1
+    expected = 0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1)
+    assert ev6.kl_divergence(p, q, 0.0) == pytest.approx(expected)
+    assert ev6.kl_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 1e-6) > 5  # disjoint: large, finite
+
+
+def test_feature_kl_identical_texts_zero_and_different_style_positive():
+    rows = [{"explanation": f"the {n} might not be {a} here", "text_a": f"A {n} is {a}.", "text_b": "Something.",
+             "label": "neutral"} for n, a in zip(NOUNS[:12], ADJECTIVES * 2)]
+    train = {name: [] for name in ev6.STYLE_FEATURES}
+    for row in rows:
+        for name, value in ev6.style_features(row["explanation"], row["text_a"], row["text_b"]).items():
+            train[name].append(value)
+    edges = ev6.feature_bin_edges(train, 10)
+    edges["label"] = ev6.label_categories(NLI_TASK)
+    human = ev6.feature_histograms(rows, edges)
+    same = ev6.feature_kl(rows, human, edges, 1e-6)
+    assert set(same) == set(ev6.FEATURES)
+    assert all(value == pytest.approx(0.0, abs=1e-12) for value in same.values())
+    terse = [dict(row, explanation="yes", label=None) for row in rows]  # short, no hedges, unparsed labels
+    different = ev6.feature_kl(terse, human, edges, 1e-6)
+    assert different["length_words"] > 1 and different["hedge_rate"] > 1 and different["label"] > 1
+
+
+def test_style_features_hand_case():
+    features = ev6.style_features("It might not rain, it can't rain", "It will rain.", "Rain is wet.")
+    # words: it might not rain it can't rain -> 7 words, 5 types; hedges: might; negations: not, can't
+    assert features == pytest.approx({"length_words": 7.0, "hedge_rate": 1 / 7, "type_token_ratio": 5 / 7,
+                                      "input_overlap": 4 / 7, "negation_rate": 2 / 7})
+
+
+def test_decision_outcome_counts_unparsed_as_wrong():
+    assert ev6.decision_outcome("neutral", ["entailment", "neutral"], NLI_TASK) == {"correct": True}
+    assert ev6.decision_outcome(None, ["neutral"], NLI_TASK) == {"correct": False}
+    assert ev6.decision_outcome(3, [1], PAR_TASK) == {"abs_error": 2, "sign_correct": True}
+    assert ev6.decision_outcome(None, [2], PAR_TASK) == {"abs_error": 7, "sign_correct": False}  # worst case: -5
+    assert ev6.decision_outcome(0, [-1], PAR_TASK)["sign_correct"] is False
+
+
+def test_parse_verdict_and_normalised_imitation():
+    annotators = ["Ann1", "Ann2", "Ann10"]
+    assert ev6.parse_verdict("I think ann2 wrote it", annotators) == "Ann2"
+    assert ev6.parse_verdict("Ann10.", annotators) == "Ann10"
+    assert ev6.parse_verdict("Annotator number two", annotators) is None
+    assert ev6.normalised_imitation(0.45, 0.9) == pytest.approx(0.5)
+    assert ev6.normalised_imitation(None, 0.9) is None
+
+
+def planted_vectors(n_items: int, directions: dict, rng, strength: float = 0.5):
+    """Item content (shared by all annotators of an item) + an annotator direction + noise."""
+    annotators, dim = list(directions), len(next(iter(directions.values())))
+    X, ids, who = [], [], []
+    for item in range(n_items):
+        content = rng.normal(size=dim) * 3
+        for a in annotators:
+            X.append(content + strength * directions[a] + rng.normal(size=dim))
+            ids.append(f"i{item}")
+            who.append(a)
+    return np.array(X), ids, who
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_group_confidence_planted_above_chance_shuffled_near_chance(shuffled):
+    annotators = ["A0", "A1", "A2", "A3"]
+    rng = np.random.default_rng(0)
+    directions = {a: rng.normal(size=16) for a in annotators}
+    train_X, train_ids, train_y = planted_vectors(60, directions, rng)
+    test_X, test_ids, test_y = planted_vectors(30, directions, rng)
+    if shuffled:  # break the link between a text and its author: nothing left to learn
+        train_y = list(rng.permutation(train_y))
+    train_X = common.remove_item_content(train_X, train_ids, common.item_means(train_X, train_ids))
+    means = common.item_means(test_X, test_ids)
+    test_X = common.remove_item_content(test_X, test_ids, means)
+    clf = common.fit_annotator_classifier({"classifier": "logistic_regression", "C": 1.0}, train_X, train_y, 0)
+    reference = {"clf": clf, "human_X": {a: test_X[[y == a for y in test_y]] for a in annotators}, "cache": {}}
+    cfg = {"seed": 1}
+    ev = {"group_size": 10, "bootstrap_groups": 100}
+    confidences = [ev6.group_confidence(cfg, ev, reference, a, reference["human_X"][a])["conf"] for a in annotators]
+    mean_conf = float(np.mean(confidences))
+    if shuffled:
+        assert abs(mean_conf - 0.25) < 0.1
+    else:
+        assert mean_conf > 0.6
+    # the same outputs as the human's: normalised imitation is exactly 1
+    result = ev6.group_confidence(cfg, ev, reference, "A0", reference["human_X"]["A0"])
+    assert result["norm"] == pytest.approx(1.0) and result["m"] == 10
+
+
+# ----------------------------------------------------------------------------
+# End to end on the fixture run dir; the human-validation sheet round trip
+# ----------------------------------------------------------------------------
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    return rows[0], rows[1:]
+
+
+def test_end_to_end_every_table_every_column(evaluated_run):
+    config, run_dir = evaluated_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    nli, par = metrics["varierr"]["tiny"], metrics["par"]["tiny"]
+    # perfect imitation (sft copies the human test responses)
+    assert nli["sft"]["label_acc"] == 1.0 and nli["sft"]["parse_rate"] == 1.0
+    assert nli["sft"]["rouge_l"] == pytest.approx(1.0) and nli["sft"]["emb_cos"] == pytest.approx(1.0, abs=1e-5)
+    assert nli["sft"]["norm_imitation"] == pytest.approx(1.0, abs=0.05)  # A1's second labels: other rows
+    assert par["sft"]["norm_imitation"] == pytest.approx(1.0)
+    assert par["sft"]["mae"] == 0.0 and par["sft"]["sign_acc"] == 1.0
+    # with a second label only on some items the A1 duplicates differ from the first response: KL > 0 is fine
+    # there, but for par (one response per cell) KL is exactly 0
+    assert par["sft"]["feature_kl"] == pytest.approx(0.0, abs=1e-9)
+    # base speaks in one annotator's voice and leaves some outputs unparsed
+    assert nli["base"]["parse_rate"] == pytest.approx(0.75, abs=0.1)
+    assert nli["base"]["label_acc"] < 1 and nli["base"]["feature_kl"] > par["sft"]["feature_kl"]
+    assert nli["base"]["norm_imitation"] < nli["sft"]["norm_imitation"] - 0.2
+    # missing methods are rows that say so, with every metric null plus a reason
+    assert nli["capo"]["status"] == "missing" and "05_capo" in nli["capo"]["reason"]
+    assert nli["human"]["group_clf_conf"] > 0.25 and nli["human"]["norm_imitation"] == 1.0
+    for metric in ("label_acc", "rouge_l", "feature_kl", "group_clf_conf", "norm_imitation", "judge_attribution",
+                   "bertscore_f1", "emb_cos", "parse_rate", "per_annotator"):
+        assert metric in nli["sft"]
+    assert nli["sft"]["bertscore_f1"] is None and "disabled" in nli["sft"]["reasons"]["bertscore_f1"]
+    assert set(nli["sft"]["per_annotator"]) == {"A0", "A1", "A2", "A3"}
+
+    tables = run_dir / "tables"
+    expected_columns = {
+        "table4_main": ["dataset", "model", "method", "status"] + [label for _, label in ev6.TABLE4_METRICS] + ["notes"],
+        "table6_feature_kl": ["dataset", "model", "method", "status", *ev6.FEATURES, "mean"],
+        "judge_attribution": ["dataset", "model", "method", "judged outputs", "correct", "accuracy", "chance",
+                              "unparseable verdicts", "cells without output", "judge model"],
+        "per_annotator": ["dataset", "model", "method", "annotator", "status"]
+                         + [label for _, label in ev6.PER_ANNOTATOR_METRICS],
+    }
+    for stem, columns in expected_columns.items():
+        header, rows = read_csv(tables / f"{stem}.csv")
+        assert header == columns
+        assert rows and all(len(row) == len(columns) for row in rows)
+        for row in rows:  # every cell filled or says why not ("notes" may be empty)
+            assert all(value.strip() for column, value in zip(columns, row) if column != "notes"), row
+        assert (tables / f"{stem}.md").read_text().count("\n|") >= len(rows) + 1
+    header, rows = read_csv(tables / "table4_main.csv")
+    capo = next(row for row in rows if row[0] == "varierr" and row[2] == "capo")
+    assert all(value.startswith("missing") for value in capo[4:-1])
+    par_sft = next(row for row in rows if row[0] == "par" and row[2] == "sft")
+    assert par_sft[header.index("label acc")].startswith("n/a: ")
+    assert "missing [" in (tables / "table4_main.md").read_text()  # markdown: reasons as footnotes
+    assert {row[2] for row in rows if row[0] == "varierr"} >= {"base", "icl", "vp", "vp_icl", "sft", "capo"}
+    assert list((tables).glob("fig_*.png")) and (tables / "config.resolved.yaml").exists()
+
+    report = (run_dir / "report.md").read_text()
+    for heading in ("At a glance", "Table 4", "Table 6", "LLM-as-judge", "Per-annotator", "Resolved config"):
+        assert heading in report
+    assert ev6.fmt(ev6.PAPER_TABLE4[1][2]) in report and "paper" in report.lower()
+    assert "not testable" in report  # CAPO is missing, so its claims cannot be tested
+    assert "prompting < SFT on the decision (label_acc) | SFT 1.000" in report
+    assert (run_dir / "human_eval" / "sheet.csv").exists() and (run_dir / "human_eval" / "key.csv").exists()
+
+
+def test_score_sheet_round_trip(evaluated_run, tmp_path):
+    config, run_dir = evaluated_run
+    folder = shutil.copytree(run_dir / "human_eval", tmp_path / "human_eval")
+    sheet, key = folder / "sheet.csv", folder / "key.csv"
+    header, rows = read_csv(sheet)
+    key_header, key_rows = read_csv(key)
+    method_of = {row[0]: row[key_header.index("method")] for row in key_rows}
+    assert {"coherence_r1", "grounding_r1", "style_r1", "coherence_r2", "grounding_r2", "style_r2"} <= set(header)
+    assert "method" not in header and set(method_of.values()) == {"human", "sft", "base"}
+    assert {row[header.index("dataset")] for row in rows} == {"varierr", "par"}
+    # rater 1: human 5, sft 4, base 2 on every dimension; rater 2 agrees except on base (3)
+    planned = {"human": (5, 5), "sft": (4, 4), "base": (2, 3)}
+    filled = []
+    for row in rows:
+        row = dict(zip(header, row))
+        r1, r2 = planned[method_of[row["sheet_id"]]]
+        for dim in ev6.RATING_DIMENSIONS:
+            row[f"{dim}_r1"], row[f"{dim}_r2"] = str(r1), str(r2)
+        filled.append(row)
+    ev6.write_csv(sheet, header, filled)
+    scores = ev6.score_sheet(sheet, key)
+    assert scores["methods"]["varierr/tiny/sft"]["style"]["mean"] == 4.0
+    assert scores["methods"]["varierr/-/human"]["coherence"]["mean"] == 5.0
+    assert scores["methods"]["varierr/tiny/base"]["grounding"]["mean"] == 2.5
+    n_base = sum(1 for m in method_of.values() if m == "base")
+    agreement = scores["agreement"]["style"][0]
+    assert agreement["n"] == len(rows) and agreement["exact"] == pytest.approx(1 - n_base / len(rows))
+    assert agreement["within_1"] == 1.0 and agreement["kappa_quadratic"] > 0.5
+    assert (folder / "scores.md").exists() and (folder / "scores.json").exists()
+    # a rated sheet is never overwritten by a later run
+    status = ev6.write_human_sheet(common.load_config(config), {}, {}, folder)
+    assert "already holds ratings" in status
+    assert read_csv(sheet)[1][0][header.index("style_r1")] == filled[0]["style_r1"]
+    # a bad rating stops with the line and the column
+    filled[1]["style_r2"] = "9"
+    ev6.write_csv(sheet, header, filled)
+    with pytest.raises(common.InputError, match=r"line 3, field 'style_r2'"):
+        ev6.score_sheet(sheet, key)
+
+
+def test_judge_and_bertscore_on_the_tiny_model(tmp_path, tiny_model):
+    """The judge (the smoke profile's tiny model) and BERTScore (MiniLM), once."""
+    config, run_dir = make_fixture_run(tmp_path, eval__judge=True, eval__bertscore=True)
+    ev6.main(["--config", str(config), "--dataset", "varierr"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())["varierr"]["tiny"]
+    assert metrics["sft"]["bertscore_f1"] == pytest.approx(1.0, abs=1e-4)
+    assert 0 < metrics["base"]["bertscore_f1"] < 1
+    for method in ("sft", "base", "human"):
+        judge = metrics[method]["judge"]
+        assert judge["n"] == 6 and 0 <= judge["accuracy"] <= 1 and judge["chance"] == 0.25
+        assert 0 <= judge["unparseable"] <= judge["n"]
+    assert metrics["capo"]["judge_attribution"] is None
+    header, rows = read_csv(run_dir / "tables" / "judge_attribution.csv")
+    sft = next(row for row in rows if row[2] == "sft")
+    assert sft[header.index("judged outputs")] == "6" and sft[header.index("judge model")] == "tiny"
