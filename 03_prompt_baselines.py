@@ -13,7 +13,8 @@ Methods (PAPER_NOTES 3 and 10), all asking for `Label: ...` / `Explanation: ...`
   vp_icl  profile and demonstrations together
 
 Writes runs/<profile>/predictions/<dataset>/<model>/<method>/<annotator>.jsonl (one
-generation per test item the annotator labelled, DESIGN.md prediction records) with a
+generation per test item the annotator labelled, DESIGN.md prediction records; with
+data.max_eval_items, per item of a seeded sample of test items, as in 04-06) with a
 config.resolved.yaml in each method folder, and runs/<profile>/profiles/<dataset>/
 <annotator>.txt (+ .json: cache key, writer model, source items, prompt). A profile is
 reused while its key (writer model, prompt with its source responses, decoding settings)
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     data = {}
     for dataset in common.selected_datasets(cfg, args.dataset):
         train = common.load_split(cfg, dataset, "train")
-        test = common.load_split(cfg, dataset, "test")
-        check_no_leakage(train, common.load_split(cfg, dataset, "dev") + test, dataset)
+        check_no_leakage(train, common.load_split(cfg, dataset, "dev") + common.load_split(cfg, dataset, "test"), dataset)
+        test = common.load_eval_split(cfg, dataset, "test")
         data[dataset] = {"train": train, "test": test, "task": common.load_task(cfg, dataset),
                          "annotators": common.dataset_annotators(cfg, dataset)}
     # Under `accelerate launch`, each process takes every world_size-th (dataset, annotator).

@@ -29,9 +29,11 @@ row, attention kept within each example; no compute on padding), examples longer
 sft.max_length are left out (not truncated). Hyperparameters from the `sft:` section. Paper profile defaults are PAPER_NOTES 4's
 suggestions, not the paper's recipe (unknown): LoRA r 16, alpha 32, dropout 0.05 on all
 linear projections; lr 2e-4, cosine, 3% warm-up; max length 512; bf16 on GPUs. The last
-epoch's adapter is kept (our choice; dev loss is logged, not used for selection). CPU:
-bf16 autocast and gradient checkpointing are off in the cpu profile because both were
-slower there (bench/RESULTS.md "## Training").
+epoch's adapter is kept (our choice; dev loss is logged, not used for selection). CPU: the
+cpu profile trains with bf16 autocast (2.1x the fp32 tokens/s on AVX512-BF16 cores) and without
+gradient checkpointing (it recomputes the forward; memory is no issue at 135M); measured in
+bench/RESULTS.md "## Training". With sft.max_train_examples (the cpu profile's budget) an
+annotator trains on a seeded sample of that many of its examples.
 """
 from __future__ import annotations
 
@@ -47,7 +49,6 @@ from trl import SFTConfig, SFTTrainer
 import common
 from common import InputError
 
-SPLITS = ("train", "dev", "test")
 
 
 def sft_examples(records: list[dict], task: dict, annotator: str) -> list[dict]:
@@ -146,6 +147,11 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
     max_length = int(cfg["sft"]["max_length"])
     train_rows, too_long = within_max_length(sft_examples(splits["train"], task, annotator), tokenizer, max_length)
     dev_rows, dev_too_long = within_max_length(sft_examples(splits["dev"], task, annotator), tokenizer, max_length)
+    available = len(train_rows)
+    train_rows = common.seeded_sample(train_rows, cfg["sft"]["max_train_examples"], f"{cfg['seed']}/{dataset}/{annotator}")
+    if len(train_rows) < available:
+        print(f"[{name}] training on a seeded {len(train_rows)} of {available} train examples "
+              f"(sft.max_train_examples)", flush=True)
     if too_long or dev_too_long:
         print(f"[{name}] left out {too_long} train / {dev_too_long} dev examples longer than "
               f"sft.max_length {max_length} tokens", flush=True)
@@ -175,7 +181,8 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
             trainer.model.save_pretrained(tmp)
             common.write_json(tmp / "train_log.json", {
                 "dataset": dataset, "model": tag, "annotator": annotator, "method": "sft",
-                "train_examples": len(train_rows), "dev_examples": len(dev_rows),
+                "train_examples": len(train_rows), "train_examples_available": available,
+                "dev_examples": len(dev_rows),
                 "left_out_too_long": {"train": too_long, "dev": dev_too_long},
                 "world_size": common.world_size(),
                 "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     done = []
     for dataset in common.selected_datasets(cfg, args.dataset):
         task = common.load_task(cfg, dataset)
-        splits = {split: common.load_split(cfg, dataset, split) for split in SPLITS}
+        splits = common.load_splits(cfg, dataset)
         annotators = common.select_annotators(cfg, dataset, args.annotators)
         for model_cfg in common.model_configs(cfg):
             for annotator in annotators:

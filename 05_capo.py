@@ -26,6 +26,8 @@ responses are the same text (whitespace and case aside) are skipped. capo.pair_p
 pairs/<dataset>/<model>/all/, its adapters and predictions to method `capo_all`. Our choice: with
 capo.rejected_valid_only, a response that peers judged invalid (VariErr valid: false) is
 never a rejected one; unjudged responses (valid: null, all of paraphrase) count as valid.
+With capo.max_pairs (the cpu profile's budget) an annotator trains on a seeded sample of
+that many pairs; the JSONL holds the pairs used, pairs_stats.json both counts.
 
 Training. The policy is the SFT adapter loaded as a trainable PeftModel; no peft_config and
 no ref_model go to trl's DPOTrainer, which then adds a frozen copy of the adapter named "ref"
@@ -61,7 +63,6 @@ from trl import DPOConfig, DPOTrainer
 import common
 from common import InputError
 
-SPLITS = ("train", "dev", "test")
 POLICIES = ("same_label", "all")
 METHOD_OF_POLICY = {"same_label": "capo", "all": "capo_all"}
 
@@ -135,7 +136,9 @@ def write_pairs(cfg: dict, dataset: str, task: dict, splits: dict, model_tag: st
             row[name] = {**dict(counts), "dev_pairs": len(dev_pairs),
                          "by_rejected_annotator": dict(Counter(p["rejected_annotator"] for p in pairs))}
             if name == policy:
-                all_pairs[annotator] = pairs
+                all_pairs[annotator] = common.seeded_sample(pairs, section["max_pairs"],
+                                                            f"{cfg['seed']}/{dataset}/{annotator}/{policy}")
+                row[name]["pairs_used"] = len(all_pairs[annotator])
         stats["per_annotator"][annotator] = row
         if common.is_main_process():
             common.write_jsonl(pairs_dir / f"{annotator}.jsonl", all_pairs[annotator])
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     done = []
     for dataset in common.selected_datasets(cfg, args.dataset):
         task = common.load_task(cfg, dataset)
-        splits = {split: common.load_split(cfg, dataset, split) for split in SPLITS}
+        splits = common.load_splits(cfg, dataset)
         annotators = common.select_annotators(cfg, dataset, args.annotators)
         for model_cfg in common.model_configs(cfg):
             pairs = write_pairs(cfg, dataset, task, splits, model_cfg["tag"], policy)

@@ -9,6 +9,8 @@ Reads runs/<profile>/data/<dataset>/ (01), hlv/<dataset>/ (02, shown in the repo
 predictions/<dataset>/<model>/<method>/<annotator>.jsonl: 03 (base, icl, vp, vp_icl), 04 (sft),
 05 (capo); any other method folder found there is evaluated as well. A method without
 predictions becomes a row that says it is missing; it never stops the stage.
+With data.max_eval_items (the cpu profile's budget) the human test references are the same
+seeded sample of test items that 03-05 generated on (common.load_eval_split).
 
 Writes runs/<profile>/:
   metrics.json                       DESIGN.md shape: dataset -> model -> method -> metrics, with
@@ -269,7 +271,7 @@ def main_decision_metric(task: dict) -> tuple[str, bool, float]:
 def load_dataset(cfg: dict, dataset: str) -> dict:
     task = common.load_task(cfg, dataset)
     train = common.load_split(cfg, dataset, "train")
-    test = common.load_split(cfg, dataset, "test")
+    test = common.load_eval_split(cfg, dataset, "test")
     references: dict[tuple[str, str], list[dict]] = defaultdict(list)
     items: dict[str, dict] = {}
     for record in test:

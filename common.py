@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -354,6 +355,29 @@ def load_task(cfg: dict, dataset: str) -> dict:
 def load_split(cfg: dict, dataset: str, split: str) -> list[dict]:
     return read_jsonl(data_dir(cfg, dataset) / f"{split}.jsonl", required=ANNOTATION_FIELDS)
 
+
+def load_eval_split(cfg: dict, dataset: str, split: str) -> list[dict]:
+    """The dev or test records that 03-06 generate on and score: every item, or with
+    data.max_eval_items the records of a seeded sample of that many items (a CPU budget;
+    01 and 02 always use every item)."""
+    records = load_split(cfg, dataset, split)
+    items = sorted({record["item_id"] for record in records})
+    keep = set(seeded_sample(items, cfg["data"]["max_eval_items"], f"{cfg['seed']}/{dataset}/{split}"))
+    return [record for record in records if record["item_id"] in keep]
+
+
+def seeded_sample(rows: list, cap: int | None, seed_key: str) -> list:
+    """`rows`, or `cap` of them drawn with random.Random(seed_key), in their original order."""
+    if not cap or len(rows) <= int(cap):
+        return rows
+    keep = sorted(random.Random(seed_key).sample(range(len(rows)), int(cap)))
+    return [rows[i] for i in keep]
+
+
+def load_splits(cfg: dict, dataset: str) -> dict[str, list[dict]]:
+    """{"train": every train record, "dev"/"test": load_eval_split} for the training stages."""
+    return {"train": load_split(cfg, dataset, "train"), "dev": load_eval_split(cfg, dataset, "dev"),
+            "test": load_eval_split(cfg, dataset, "test")}
 
 def predictions_path(cfg: dict, dataset: str, model_tag: str, method: str, annotator: str) -> Path:
     return run_dir(cfg) / "predictions" / dataset / model_tag / method / f"{annotator}.jsonl"
@@ -797,9 +821,8 @@ def annotator_requests(records: list[dict], task: dict, annotator: str, **prompt
 def generate_predictions(model, tokenizer, requests: list[dict], task: dict, gen_cfg: dict, *,
                          method: str, model_tag: str, seed: int, desc: str = "generate") -> list[dict]:
     """DESIGN.md prediction records for `requests` (dataset, item_id, annotator, messages), in order."""
-    if gen_cfg.get("do_sample"):
-        set_seed(seed)
-    outputs = generate_texts(model, tokenizer, [req["messages"] for req in requests], gen_cfg, desc=desc)
+    outputs = generate_texts(model, tokenizer, [req["messages"] for req in requests], dict(gen_cfg, seed=seed),
+                             desc=desc)
     predictions = []
     for request, output in zip(requests, outputs):
         label, explanation, parse_ok = parse_response(output, task)
@@ -871,55 +894,214 @@ def _shared_prefix_length(sequences: list[list[int]]) -> int:
 
 
 def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str) -> list[list[int]]:
-    """Batched HF generate. Prompts that share a long token prefix (the system prompt, ICL
-    demonstrations) get its KV cache computed once and copied into every batch, so only
-    each prompt's own tail is prefilled; the tails are left-padded after the prefix, and
-    position ids follow the attention mask, so outputs match unpadded one-at-a-time decoding."""
+    """Continuously batched decoding with a plain forward loop (model.generate is not used).
+
+    Why: on a 2-core CPU, model.generate's batches run until their slowest row stops, and a
+    decoding step costs nearly as much for one row as for sixteen, so most of the work went
+    to padding and stragglers (bench/RESULTS.md). Here a row leaves the batch and its KV cache
+    as soon as it emits the end-of-turn token, and waiting prompts take the free slots (once
+    a quarter of the batch is free, prefilled in groups of similar length and merged into the
+    cache, left-padded).
+    The prompt pass keeps only the last position's logits. Prompts that share a long token
+    prefix (the system prompt, ICL demonstrations) get its KV cache computed once and copied
+    into every prefill, so only each prompt's own tail is prefilled. Position ids follow the
+    attention mask, so greedy outputs match unpadded one-at-a-time model.generate
+    (tests/test_generation.py). Sampling (generation.do_sample) draws from a torch.Generator
+    seeded with gen_cfg's `seed` (generate_predictions passes the run's seed; default 0)."""
     import torch
     from tqdm.auto import tqdm
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     batch_size = max(1, int(gen_cfg.get("batch_size", 8)))
-    generation_config = _generation_config(tokenizer, gen_cfg)
+    max_new_tokens, eos_id = int(gen_cfg["max_new_tokens"]), tokenizer.eos_token_id
     device = next(model.parameters()).device
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if gen_cfg.get("autocast_bf16")
                 else contextlib.nullcontext())
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    generator = torch.Generator(device=device).manual_seed(int(gen_cfg.get("seed", 0)))
 
     prefix_len = _shared_prefix_length(encoded) if len(encoded) > 1 else 0
     if prefix_len < int(gen_cfg.get("prefix_cache_min_tokens", 32)):
         prefix_len = 0
     prefix_cache = None
     if prefix_len:
-        prefix_ids = torch.tensor([encoded[0][:prefix_len]], device=device)
         with torch.inference_mode(), autocast:
-            prefix_cache = model(input_ids=prefix_ids, use_cache=True).past_key_values
+            prefix_cache = model(input_ids=torch.tensor([encoded[0][:prefix_len]], device=device),
+                                 past_key_values=_new_cache(), use_cache=True, logits_to_keep=1).past_key_values
 
-    # Longest first: similar lengths share a batch (little padding) and memory peaks early.
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-    results: list[list[int] | None] = [None] * len(texts)
+    def prefill(indices: list[int]) -> _DecodeBatch:
+        tails = tokenizer.pad({"input_ids": [encoded[i][prefix_len:] for i in indices]}, padding=True,
+                              padding_side="left", return_tensors="pt")
+        mask = torch.cat([torch.ones(len(indices), prefix_len, dtype=torch.long), tails["attention_mask"]],
+                         dim=1).to(device)
+        cache = _new_cache()
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(indices))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids = tails["input_ids"].to(device)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions[:, -input_ids.shape[1]:],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return _DecodeBatch(torch.tensor(indices, device=device), _next_tokens(out.logits[:, -1, :], gen_cfg, generator),
+                            mask, positions[:, -1] + 1, out.past_key_values)
+
+    # Longest first: similar lengths share a prefill (little padding) and memory peaks early.
+    pending = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))[::-1]  # pop() takes the longest
+    results: list[list[int]] = [[] for _ in texts]
+    live: _DecodeBatch | None = None
     with tqdm(total=len(texts), desc=desc, unit="prompt", leave=False,
-              disable=os.environ.get("CAPO_NO_PROGRESS") == "1") as bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            tails = tokenizer.pad({"input_ids": [encoded[i][prefix_len:] for i in batch]}, padding=True,
-                                  padding_side="left", return_tensors="pt")
-            input_ids, attention_mask = tails["input_ids"].to(device), tails["attention_mask"].to(device)
-            extra = {}
-            if prefix_cache is not None:
-                input_ids = torch.cat([prefix_ids.expand(len(batch), -1), input_ids], dim=1)
-                attention_mask = torch.cat([torch.ones(len(batch), prefix_len, dtype=attention_mask.dtype,
-                                                       device=device), attention_mask], dim=1)
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(batch))
-                extra["past_key_values"] = cache
-            with torch.inference_mode(), autocast:
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                     generation_config=generation_config, **extra)
-            new_tokens = out[:, input_ids.shape[1]:].tolist()
-            for index, ids in zip(batch, new_tokens):
-                results[index] = _trim_at_eos(ids, eos_id, pad_id)
-            bar.update(len(batch))
+              disable=os.environ.get("CAPO_NO_PROGRESS") == "1") as bar, torch.inference_mode(), autocast:
+        while pending or live is not None:
+            free = batch_size - (0 if live is None else len(live.rows))
+            mergeable = live is None or _cache_mergeable(live.cache)
+            if pending and (live is None or (mergeable and free >= max(1, batch_size // 4))):
+                joining = [pending.pop() for _ in range(min(free, len(pending)))]  # longest first
+                for chunk in _similar_length_chunks(joining, [len(ids) - prefix_len for ids in encoded]):
+                    fresh = prefill(chunk)
+                    fresh = fresh.record_and_drop(results, eos_id, max_new_tokens)  # their first tokens
+                    bar.update(len(chunk) - (0 if fresh is None else len(fresh.rows)))
+                    if fresh is not None:
+                        live = fresh if live is None else live.merge(fresh)
+                    if live is not None and not _cache_mergeable(live.cache):
+                        pending.extend(reversed(joining[joining.index(chunk[-1]) + 1:]))  # wait for the next round
+                        break
+                continue
+            live.step(model, gen_cfg, generator)
+            decoding = len(live.rows)
+            live = live.record_and_drop(results, eos_id, max_new_tokens)
+            bar.update(decoding - (0 if live is None else len(live.rows)))
     return results
+
+
+def _similar_length_chunks(indices: list[int], lengths: list[int], slack: float = 1.25) -> list[list[int]]:
+    """Split prompts (longest first) into prefill groups padded to at most `slack` x their real tokens."""
+    chunks, current, real = [], [], 0
+    for index in indices:
+        if current and lengths[current[0]] * (len(current) + 1) > slack * (real + lengths[index]):
+            chunks.append(current)
+            current, real = [], 0
+        current.append(index)
+        real += lengths[index]
+    return chunks + [current] if current else chunks
+
+
+class _DecodeBatch:
+    """The rows being decoded: prompt index, next input token, attention mask, next position, KV cache."""
+
+    def __init__(self, rows, tokens, mask, next_position, cache):
+        self.rows, self.tokens, self.mask, self.next_position, self.cache = rows, tokens, mask, next_position, cache
+
+    def step(self, model, gen_cfg: dict, generator) -> None:
+        import torch
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        out = model(input_ids=self.tokens[:, None], attention_mask=self.mask, position_ids=self.next_position[:, None],
+                    past_key_values=self.cache, use_cache=True)
+        self.cache, self.next_position = out.past_key_values, self.next_position + 1
+        self.tokens = _next_tokens(out.logits[:, -1, :], gen_cfg, generator)
+
+    def record_and_drop(self, results: list[list[int]], eos_id: int, max_new_tokens: int) -> "_DecodeBatch | None":
+        """Append each row's new token; rows that stopped leave (None when none is left)."""
+        import torch
+        live = []
+        for position, (row, token) in enumerate(zip(self.rows.tolist(), self.tokens.tolist())):
+            results[row].append(token)
+            if token != eos_id and len(results[row]) < max_new_tokens:
+                live.append(position)
+        if not live:
+            return None
+        if len(live) < len(self.rows):
+            keep = torch.tensor(live, device=self.rows.device)
+            self.rows, self.tokens, self.mask, self.next_position = (
+                self.rows[keep], self.tokens[keep], self.mask[keep], self.next_position[keep])
+            self.cache.batch_select_indices(keep)
+            first_used = int(self.mask.any(dim=0).long().argmax())  # columns no row attends to go
+            if first_used and _cache_mergeable(self.cache):
+                self.mask = self.mask[:, first_used:]
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, first_used:], layer.values[:, :, first_used:]
+        return self
+
+    def merge(self, other: "_DecodeBatch") -> "_DecodeBatch":
+        """Both batches as one: the shorter cache and mask are left-padded (masked out)."""
+        import torch
+        import torch.nn.functional as F
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        for batch in (self, other):
+            pad = length - batch.mask.shape[1]
+            if pad:
+                batch.mask = F.pad(batch.mask, (pad, 0))
+                for layer in batch.cache.layers:
+                    layer.keys, layer.values = F.pad(layer.keys, (0, 0, pad, 0)), F.pad(layer.values, (0, 0, pad, 0))
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys, mine.values = torch.cat([mine.keys, theirs.keys]), torch.cat([mine.values, theirs.values])
+        return _DecodeBatch(*(torch.cat([mine, theirs]) for mine, theirs in
+                              ((self.rows, other.rows), (self.tokens, other.tokens), (self.mask, other.mask),
+                               (self.next_position, other.next_position))), self.cache)
+
+
+@functools.cache
+def _append_layer_class():
+    """A transformers DynamicLayer that appends new keys/values into spare room (grown by half
+    when full) instead of concatenating the whole cache on every decoding step; `keys` and
+    `values` are views of the filled part. Why: with ICL prompts of thousands of tokens the
+    per-step copy of every layer's cache cost more than the model itself."""
+    from transformers.cache_utils import DynamicLayer
+
+    def filled(name):
+        def get(self):
+            buffer = getattr(self, f"_{name}_buffer", None)
+            return buffer if buffer is None or buffer.dim() != 4 else buffer[:, :, :getattr(self, f"_{name}_length")]
+
+        def set_(self, tensor):  # assignments (batch selection, merging, trimming) replace the buffer
+            setattr(self, f"_{name}_buffer", tensor)
+            setattr(self, f"_{name}_length", tensor.shape[-2] if tensor is not None and tensor.dim() == 4 else 0)
+        return property(get, set_)
+
+    class AppendLayer(DynamicLayer):
+        keys, values = filled("keys"), filled("values")
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            for name, new in (("keys", key_states), ("values", value_states)):
+                buffer, length = getattr(self, f"_{name}_buffer"), getattr(self, f"_{name}_length")
+                needed = length + new.shape[-2]
+                if buffer.dim() != 4 or buffer.shape[-2] < needed:
+                    grown = new.new_empty(*new.shape[:2], max(needed * 3 // 2, 32), new.shape[-1])
+                    grown[:, :, :length] = buffer[:, :, :length] if length else grown[:, :, :0]
+                    buffer = grown
+                buffer[:, :, length:needed] = new
+                setattr(self, f"_{name}_buffer", buffer)
+                setattr(self, f"_{name}_length", needed)
+            return self.keys, self.values
+
+    return AppendLayer
+
+
+def _new_cache():
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _append_layer_class()
+    return cache
+
+
+def _cache_mergeable(cache) -> bool:
+    """Plain full-attention layers (keys/values [batch, heads, length, dim]) can be padded and merged."""
+    from transformers.cache_utils import DynamicLayer
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(isinstance(layer, DynamicLayer) and not layer.is_sliding for layer in layers)
+
+
+def _next_tokens(logits, gen_cfg: dict, generator):
+    """Greedy, or a draw at generation.temperature within the generation.top_p nucleus."""
+    import torch
+    if not gen_cfg.get("do_sample"):
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / float(gen_cfg.get("temperature") or 1.0), dim=-1)
+    top_p = float(gen_cfg.get("top_p", 1.0))
+    if top_p < 1.0:
+        sorted_probs, sorted_ids = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the most likely token always stays
+        probs = torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def _vllm_usable() -> bool:

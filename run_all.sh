@@ -102,12 +102,18 @@ for stage in 01_prepare 02_analyze_hlv 03_prompt_baselines 04_sft 05_capo 06_eva
   t0=$(date +%s)
   run=("$PY" "$stage.py" --config "$config" --dataset "$dataset")
   case "$stage" in 04_sft|05_capo) [ "$n_gpus" -gt 1 ] && run=(fan_out_over_gpus "$stage") ;; esac
-  if ! "${run[@]}" "${stage_args[@]}" "${extra[@]}"; then
+  timer=()  # peak resident memory of the stage's process, where GNU time is installed
+  [ -x /usr/bin/time ] && [ "${run[0]}" = "$PY" ] && timer=(/usr/bin/time -f "%M" -o "$stamps/$stage.maxrss_kb")
+  if ! "${timer[@]}" "${run[@]}" "${stage_args[@]}" "${extra[@]}"; then
     echo "run_all.sh: stage $stage failed (profile $profile); later stages were not run" >&2
     exit 1
   fi
   echo "$key" > "$stamp.tmp" && mv "$stamp.tmp" "$stamp"
-  echo "== $stage done in $(( $(date +%s) - t0 ))s"
+  seconds=$(( $(date +%s) - t0 ))
+  peak_mb=$( [ -f "$stamps/$stage.maxrss_kb" ] && echo $(( $(tail -n1 "$stamps/$stage.maxrss_kb") / 1024 )) || echo "n/a")
+  rm -f "$stamps/$stage.maxrss_kb"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$stage" "$dataset" "$seconds" "$peak_mb" >> "$run_dir/stage_times.tsv"
+  echo "== $stage done in ${seconds}s (peak RSS ${peak_mb} MB; appended to $run_dir/stage_times.tsv)"
 done
 echo "run_all.sh: profile $profile finished in $(( $(date +%s) - start_all ))s; outputs in $run_dir/"
 [ -f "$run_dir/report.md" ] && echo "report: $run_dir/report.md"

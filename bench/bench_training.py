@@ -64,15 +64,20 @@ sft = load_stage("04_sft")
 
 
 class Throughput(TrainerCallback):
-    """Non-padding tokens per second over the optimizer steps after the first."""
+    """Non-padding tokens per second over the optimizer steps after the first.
+
+    Wall-clock seconds, and this process's CPU seconds: on a shared machine the second is
+    far less sensitive to other people's jobs (with one thread it is the work itself).
+    """
 
     def __init__(self):
         self.start = None
 
     def on_step_end(self, args, state, control, **kwargs):
+        now = (time.perf_counter(), time.process_time(), state.num_input_tokens_seen)
         if state.global_step == 1:
-            self.start = (time.perf_counter(), state.num_input_tokens_seen)
-        self.end = (time.perf_counter(), state.num_input_tokens_seen)
+            self.start = now
+        self.end = now
 
 
 def sft_rows(cfg, dataset, annotator, n):
@@ -108,9 +113,9 @@ def run_variant(cfg, name, rows):
                              peft_config=sft.lora_config(cfg["sft"]), callbacks=[meter])
         trainer.train()
         args = trainer.args
-    seconds = meter.end[0] - meter.start[0]
-    tokens = meter.end[1] - meter.start[1]
-    return {"variant": name, "tokens_per_s": tokens / seconds, "tokens": int(tokens), "seconds": round(seconds, 1),
+    seconds, cpu_seconds, tokens = (end - start for end, start in zip(meter.end, meter.start))
+    return {"variant": name, "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
+            "tokens": int(tokens), "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
             "steps": args.max_steps, "per_device_batch": args.per_device_train_batch_size,
             "accumulation": args.gradient_accumulation_steps, "bf16": args.bf16,
             "gradient_checkpointing": args.gradient_checkpointing}
@@ -120,7 +125,12 @@ def run_variant(cfg, name, rows):
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+    # VmHWM: this process image's peak RSS. (getrusage's ru_maxrss survives fork + exec, so a
+    # child would report its parent's peak.)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def memory_child(cfg, dataset, annotator, method, steps, adapter_dir):
@@ -149,12 +159,13 @@ def memory_child(cfg, dataset, annotator, method, steps, adapter_dir):
             trainer.train()
         args = trainer.args
     print(json.dumps({"method": method, "peak_mb": round(peak_memory_mb(), 1),
-                      "measure": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS",
+                      "measure": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS (VmHWM)",
                       "steps": steps, "per_device_batch": args.per_device_train_batch_size,
                       "accumulation": args.gradient_accumulation_steps}))
 
 
 def measure_memory(args) -> dict:
+    """Peak memory of an SFT process and of a CAPO process started from its adapter."""
     results = {}
     with tempfile.TemporaryDirectory() as adapter_dir:
         for method in ("sft", "capo"):
@@ -178,6 +189,7 @@ def main():
     parser.add_argument("--variants", default="kit,default",
                         help="comma-separated: kit, default, kit-bf16, kit+ckpt, kit-padfree")
     parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--parts", default="throughput,memory", help="throughput, memory or both")
     parser.add_argument("--memory-child", choices=["sft", "capo"], help=argparse.SUPPRESS)
     parser.add_argument("--adapter-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,6 +199,16 @@ def main():
         return memory_child(cfg, args.dataset, args.annotator, args.memory_child, args.memory_steps,
                             args.adapter_dir)
 
+    parts = args.parts.split(",")
+    if "memory" in parts:
+        memory = measure_memory(args)
+        capo_over_sft = memory["capo"]["peak_mb"] / memory["sft"]["peak_mb"]
+        print(f"memory ({memory['sft']['measure']}): sft {memory['sft']['peak_mb']:.0f} MB "
+              f"(batch {memory['sft']['per_device_batch']} examples), capo {memory['capo']['peak_mb']:.0f} MB "
+              f"(batch {memory['capo']['per_device_batch']} pairs); capo/sft = {capo_over_sft:.2f} "
+              "(target <= 1.3)", flush=True)
+    if "throughput" not in parts:
+        return
     rows = sft_rows(cfg, args.dataset, args.annotator, args.examples)
     variants = args.variants.split(",")
     print(f"model {cfg['models'][0]['tag']}, {args.dataset}/{args.annotator}: {len(rows)} examples per run, "
@@ -198,20 +220,19 @@ def main():
         for name in variants:  # interleaved, so a busy spell on the machine hits every variant
             result = run_variant(cfg, name, rows)
             runs[name].append(result)
-            print(f"  repeat {repeat + 1} {name:9s} {result['tokens_per_s']:8.1f} tokens/s "
-                  f"({result['tokens']} tokens in {result['seconds']}s; batch {result['per_device_batch']} x "
+            print(f"  repeat {repeat + 1} {name:11s} {result['tokens_per_s']:8.1f} tokens/s, "
+                  f"{result['tokens_per_cpu_s']:8.1f} tokens/CPU-s ({result['tokens']} tokens in "
+                  f"{result['seconds']}s, {result['cpu_seconds']} CPU-s; batch {result['per_device_batch']} x "
                   f"{result['accumulation']}, bf16 {result['bf16']}, "
                   f"checkpointing {result['gradient_checkpointing']})", flush=True)
     median = {name: statistics.median(r["tokens_per_s"] for r in results) for name, results in runs.items()}
+    median_cpu = {name: statistics.median(r["tokens_per_cpu_s"] for r in results) for name, results in runs.items()}
     for name in variants:
-        print(f"{name:9s} median {median[name]:8.1f} tokens/s", flush=True)
-
-    memory = measure_memory(args)
-    capo_over_sft = memory["capo"]["peak_mb"] / memory["sft"]["peak_mb"]
-    print(f"memory ({memory['sft']['measure']}): sft {memory['sft']['peak_mb']:.0f} MB "
-          f"(batch {memory['sft']['per_device_batch']} examples), capo {memory['capo']['peak_mb']:.0f} MB "
-          f"(batch {memory['capo']['per_device_batch']} pairs); capo/sft = {capo_over_sft:.2f} (target <= 1.3)",
-          flush=True)
+        print(f"{name:11s} median {median[name]:8.1f} tokens/s, {median_cpu[name]:8.1f} tokens/CPU-s", flush=True)
+    if "kit" in median and "default" in median:
+        print(f"kit / default per CPU-second: {median_cpu['kit'] / median_cpu['default']:.2f}; "
+              f"per wall-clock second: {median['kit'] / median['default']:.2f} (load average now "
+              f"{os.getloadavg()[0]:.1f})", flush=True)
     if "kit" in median and "default" in median:
         print(f"ratio={median['kit'] / median['default']:.2f}")
 

@@ -193,3 +193,38 @@ def test_peft_model_generates_like_one_at_a_time(varied_model):
     single = one_at_a_time(peft_model, tokenizer, prompts, cfg)
     assert single != one_at_a_time(model, tokenizer, prompts, cfg)  # the adapter matters
     assert common.generate_token_ids(peft_model, tokenizer, prompts, cfg) == single
+
+
+def test_rows_leave_and_waiting_prompts_join_without_changing_outputs(varied_model, monkeypatch):
+    """Continuous batching: rows that stop early free their slot for a waiting prompt (the
+    KV caches are merged, left-padded); outputs still equal one-at-a-time generation."""
+    model, tokenizer = varied_model
+    prompts = varied_prompts(7)
+    probe = one_at_a_time(model, tokenizer, prompts, gen_cfg(max_new_tokens=10))
+    # Make a token the random model emits early in some outputs (late or never in others) the stop token.
+    counts = {}
+    for ids in probe:
+        for position, token in enumerate(ids[:6]):
+            counts.setdefault(token, set()).add(position)
+    stop_token = max(counts, key=lambda t: (len(counts[t]), -min(counts[t])))
+    stopping = copy.deepcopy(tokenizer)
+    stopping.eos_token = stopping.convert_ids_to_tokens(stop_token)
+    cfg = gen_cfg(batch_size=3, max_new_tokens=10)
+    single = one_at_a_time(model, stopping, prompts, cfg)
+    assert len({len(ids) for ids in single}) > 1, "rows must stop at different steps"
+    merges = []
+    original_merge = common._DecodeBatch.merge
+    monkeypatch.setattr(common._DecodeBatch, "merge", lambda self, other: merges.append(1) or original_merge(self, other))
+    for prefix_cache_min_tokens in (32, 10**9):
+        assert common.generate_token_ids(model, stopping, prompts, dict(cfg, prefix_cache_min_tokens=prefix_cache_min_tokens)) == single
+    assert merges, "no waiting prompt joined a running batch"
+
+
+def test_sampling_is_seeded(varied_model):
+    model, tokenizer = varied_model
+    prompts = varied_prompts(4)
+    cfg = gen_cfg(do_sample=True, temperature=1.5, top_p=0.95, max_new_tokens=8)
+    first = common.generate_token_ids(model, tokenizer, prompts, dict(cfg, seed=1))
+    assert common.generate_token_ids(model, tokenizer, prompts, dict(cfg, seed=1)) == first
+    assert common.generate_token_ids(model, tokenizer, prompts, dict(cfg, seed=2)) != first
+    assert first != common.generate_token_ids(model, tokenizer, prompts, gen_cfg(max_new_tokens=8))  # not greedy

@@ -267,3 +267,37 @@ def test_resume_after_an_interrupted_run_finishes_with_the_same_files(pipeline, 
     ours = json.loads((common.adapter_dir(cfg, "toy", tag, "capo", "A0") / "selection.json").read_text())
     theirs = json.loads((common.adapter_dir(reference_cfg, "toy", tag, "capo", "A0") / "selection.json").read_text())
     assert ours["chosen_step"] == theirs["chosen_step"]
+
+
+def test_cpu_budget_caps_train_examples_pairs_and_eval_items(tmp_path):
+    """sft.max_train_examples, capo.max_pairs and data.max_eval_items take seeded samples: the
+    same test items for every method, the pairs file holds the pairs used, the logs say so."""
+    config_path = write_fixture(tmp_path, sft__max_train_examples=2, sft__epochs=1, capo__max_pairs=1,
+                                data__max_eval_items=1, capo__select_min_dev_items=99)
+    cfg = common.load_config(config_path)
+    argv = ["--config", str(config_path), "--dataset", "toy", "--annotators", "A0"]
+    sft.main(argv)
+    capo.main(argv)
+    tag = cfg["models"][0]["tag"]
+    eval_items = {r["item_id"] for r in common.load_eval_split(cfg, "toy", "test")}
+    assert len(eval_items) == 1 and eval_items == {r["item_id"] for r in common.load_eval_split(cfg, "toy", "test")}
+    assert len({r["item_id"] for r in common.load_split(cfg, "toy", "test")}) == 2
+    for method in ("sft", "capo"):
+        preds = common.read_jsonl(common.predictions_path(cfg, "toy", tag, method, "A0"))
+        assert {p["item_id"] for p in preds} == eval_items
+    log = json.loads((common.adapter_dir(cfg, "toy", tag, "sft", "A0") / "train_log.json").read_text())
+    assert (log["train_examples"], log["train_examples_available"]) == (2, 4)  # A0 labelled 4 train items
+    pairs_dir = common.run_dir(cfg) / "pairs" / "toy" / tag
+    stats = json.loads((pairs_dir / "pairs_stats.json").read_text())["per_annotator"]["A0"]["same_label"]
+    assert stats["pairs"] > 1 and stats["pairs_used"] == 1
+    assert len(common.read_jsonl(pairs_dir / "A0.jsonl")) == 1
+    capo_log = json.loads((common.adapter_dir(cfg, "toy", tag, "capo", "A0") / "train_log.json").read_text())
+    assert capo_log["train_pairs"] == 1
+
+
+def test_seeded_sample_keeps_order_and_is_stable():
+    rows = list(range(20))
+    sample = common.seeded_sample(rows, 5, "k")
+    assert len(sample) == 5 and sample == sorted(sample) and sample == common.seeded_sample(rows, 5, "k")
+    assert sample != common.seeded_sample(rows, 5, "other key")
+    assert common.seeded_sample(rows, None, "k") == rows and common.seeded_sample(rows, 50, "k") == rows

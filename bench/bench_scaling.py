@@ -1,0 +1,78 @@
+"""How the pipeline's time grows with the number of training items.
+
+    .venv/bin/python bench/bench_scaling.py                       # smoke profile, varierr, 25/50/100%
+    .venv/bin/python bench/bench_scaling.py --items 160 --fractions 0.25,0.5,1
+
+Runs the smoke-sized pipeline (01_prepare, 03_prompt_baselines, 04_sft, 05_capo, 06_eval; 02
+is an analysis of the raw annotations, not part of the modelling pipeline) on one dataset,
+once per fraction, in fresh run directories under a temporary folder. Each run keeps the
+smoke profile's number of dev and test items fixed and uses that fraction of --items train items (via
+data.split_items), so only the training-side work grows. Prints the wall time per stage and
+run, then fits log(time) = a + b * log(train items) by least squares over the whole
+pipeline's time; the last line is `exponent=<b>` (target: at most 1.1, i.e. no worse than
+linear; fixed costs such as loading models push it below 1).
+Needs the raw data (CAPO_RAW_DIR or --raw-dir), as 01_prepare does.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("01_prepare", "03_prompt_baselines", "04_sft", "05_capo", "06_eval")
+
+
+def run_pipeline(args, run_dir: Path, train_items: int) -> dict[str, float]:
+    overrides = ["--run_dir", str(run_dir), "--data.max_items", str(train_items + 2 * args.eval_items),
+                 "--data.split_items", f"[{train_items}, {args.eval_items}, {args.eval_items}]",
+                 "--datasets", f"[{args.dataset}]", "--eval.judge", "false", "--eval.bertscore", "false"]
+    times = {}
+    for stage in STAGES:
+        extra = ["--raw-dir", args.raw_dir] if stage == "01_prepare" and args.raw_dir else []
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, f"{stage}.py", "--config", args.config, "--dataset", args.dataset,
+                               *extra, *overrides], cwd=ROOT, capture_output=True, text=True,
+                              env=dict(os.environ, CAPO_NO_PROGRESS="1", TQDM_DISABLE="1"))
+        if done.returncode:
+            raise SystemExit(f"{stage} failed ({train_items} train items):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        times[stage] = time.perf_counter() - started
+    return times
+
+
+def fit_exponent(sizes: list[int], seconds: list[float]) -> float:
+    xs, ys = [math.log(s) for s in sizes], [math.log(t) for t in seconds]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/smoke.yaml")
+    parser.add_argument("--dataset", default="varierr")
+    parser.add_argument("--items", type=int, default=96, help="train items at 100%%")
+    parser.add_argument("--eval-items", type=int, default=8, help="dev and test items (fixed)")
+    parser.add_argument("--fractions", default="0.25,0.5,1")
+    parser.add_argument("--raw-dir", default=os.environ.get("CAPO_RAW_DIR"))
+    args = parser.parse_args()
+
+    sizes, totals = [], []
+    with tempfile.TemporaryDirectory(prefix="capo-scaling-") as tmp:
+        for fraction in (float(f) for f in args.fractions.split(",")):
+            train_items = max(4, round(fraction * args.items))
+            times = run_pipeline(args, Path(tmp) / f"train{train_items}", train_items)
+            sizes.append(train_items)
+            totals.append(sum(times.values()))
+            per_stage = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in times.items())
+            print(f"{train_items:4d} train items ({fraction:.0%}): {totals[-1]:.1f}s  [{per_stage}]  "
+                  f"(load avg {os.getloadavg()[0]:.1f})", flush=True)
+    print(f"exponent={fit_exponent(sizes, totals):.3f}")
+
+
+if __name__ == "__main__":
+    main()
