@@ -12,7 +12,9 @@ end-of-turn token. Generated tokens are counted per prompt up to and including t
 end-of-turn token (no padding, nothing after it), the same way for both paths.
 
 The one-at-a-time path (plain model.generate per prompt, no padding, no cache reuse) runs
-first on a warmed-up model; then common.generate_token_ids runs once per batched variant:
+first on a warmed-up model, then the kit's previous path (model.generate on static
+left-padded batches; the "before" of the continuous-batching speed-up), then
+common.generate_token_ids once per batched variant:
 first the profile's own generation settings, then each --variant (key=value overrides of
 the `generation:` section). Other processes share the cores, so everything runs in this
 one process, back to back, and the load average is printed.
@@ -64,6 +66,25 @@ def one_at_a_time(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
     return outputs
 
 
+def batched_model_generate(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
+    """The kit's previous path (commit 1493622), kept here as the 'before' of its speed-up:
+    model.generate on static batches of gen_cfg['batch_size'] prompts (longest first,
+    left-padded), each batch running until its last row stops. No prefix cache."""
+    generation_config = common._generation_config(tokenizer, gen_cfg)
+    encoded = [tokenizer(common.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    results = [None] * len(prompts)
+    for start in range(0, len(order), int(gen_cfg["batch_size"])):
+        batch = order[start:start + int(gen_cfg["batch_size"])]
+        padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, padding_side="left",
+                               return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**padded, generation_config=generation_config)
+        for index, ids in zip(batch, out[:, padded["input_ids"].shape[1]:].tolist()):
+            results[index] = common._trim_at_eos(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/cpu.yaml")
@@ -104,6 +125,15 @@ def main() -> None:
     print(f"one-at-a-time: {single_tokens} tokens in {single_s:.1f}s = {single_rate:.2f} tokens/s "
           f"(load avg {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
 
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    static = batched_model_generate(model, tokenizer, prompts, gen_cfg)
+    static_s = time.perf_counter() - start
+    static_tokens = sum(len(ids) for ids in static)
+    print(f"batched model.generate (static batches of {gen_cfg['batch_size']}, the kit's previous path): "
+          f"{static_tokens} tokens in {static_s:.1f}s = {static_tokens / static_s:.2f} tokens/s, ratio "
+          f"{static_tokens / static_s / single_rate:.2f}, greedy agreement {sum(a == b for a, b in zip(single, static))}/"
+          f"{len(prompts)} (load avg {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
+
     ratios = []
     for name, settings in variants:
         start, load = time.perf_counter(), os.getloadavg()[0]
@@ -117,6 +147,7 @@ def main() -> None:
               f"{batched_s:.1f}s = {batched_tokens / batched_s:.2f} tokens/s, ratio {ratios[-1]:.2f}, "
               f"greedy agreement {identical}/{len(prompts)} identical outputs "
               f"(load avg {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
+    print(f"kit continuous batching / batched model.generate: {ratios[0] * single_rate / (static_tokens / static_s):.2f}x")
     print(f"ratio={ratios[0]:.2f}")
 
 

@@ -8,7 +8,8 @@ Throughput: the same LoRA, data and number of training examples under
            padding-free batches, no gradient checkpointing)
   default  trl's default SFTConfig (fp32 on CPU, gradient checkpointing on, padded batches of 8)
 and, with --variants, one-change variants of the kit's config that settle its CPU choices:
-kit-bf16 (fp32), kit+ckpt (gradient checkpointing on), kit-padfree (padded batches).
+kit-bf16 (fp32), kit+ckpt (gradient checkpointing on), kit-padfree (padded batches),
+kit-batch8 (8 examples per forward instead of the profile's per-device batch).
 Tokens/s counts non-padding tokens of optimizer steps after the first (warm-up). Variants run
 interleaved, --repeats times; the median is reported.
 
@@ -96,7 +97,9 @@ def variant_config(cfg, name, out_dir, examples):
         return SFTConfig(output_dir=str(out_dir), max_steps=max(2, examples // per_step),
                          **common.trainer_device_args({"bf16": False}), **common_args)
     changes = {"kit": {}, "kit-bf16": {"bf16": False}, "kit+ckpt": {"gradient_checkpointing": True},
-               "kit-padfree": {"padding_free": False, "max_length": int(section["max_length"])}}[name]
+               "kit-padfree": {"padding_free": False, "max_length": int(section["max_length"])},
+               "kit-batch8": {"per_device_train_batch_size": 8,
+                              "gradient_accumulation_steps": max(1, int(section["global_batch_size"]) // 8)}}[name]
     per_step = int(section["global_batch_size"])
     return sft.sft_config(cfg, out_dir, has_dev=False, max_steps=max(2, examples // per_step),
                           **common_args, **changes)
@@ -187,7 +190,7 @@ def main():
     parser.add_argument("--examples", type=int, default=48, help="training examples per throughput run")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", default="kit,default",
-                        help="comma-separated: kit, default, kit-bf16, kit+ckpt, kit-padfree")
+                        help="comma-separated: kit, default, kit-bf16, kit+ckpt, kit-padfree, kit-batch8")
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--parts", default="throughput,memory", help="throughput, memory or both")
     parser.add_argument("--memory-child", choices=["sft", "capo"], help=argparse.SUPPRESS)
