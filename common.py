@@ -122,6 +122,9 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = N
     """Parse known flags; everything else must be a `--section.key value` config override."""
     args, rest = parser.parse_known_args(argv)
     cfg = load_config(args.config, rest)
+    if cfg.get("torch_threads"):
+        import torch
+        torch.set_num_threads(int(cfg["torch_threads"]))
     return args, cfg
 
 
@@ -943,6 +946,7 @@ def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str) -
         return _DecodeBatch(torch.tensor(indices, device=device), _next_tokens(out.logits[:, -1, :], gen_cfg, generator),
                             mask, positions[:, -1] + 1, out.past_key_values)
 
+    tail_lengths = [len(ids) - prefix_len for ids in encoded]
     # Longest first: similar lengths share a prefill (little padding) and memory peaks early.
     pending = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))[::-1]  # pop() takes the longest
     results: list[list[int]] = [[] for _ in texts]
@@ -954,7 +958,7 @@ def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str) -
             mergeable = live is None or _cache_mergeable(live.cache)
             if pending and (live is None or (mergeable and free >= max(1, batch_size // 4))):
                 joining = [pending.pop() for _ in range(min(free, len(pending)))]  # longest first
-                for chunk in _similar_length_chunks(joining, [len(ids) - prefix_len for ids in encoded]):
+                for chunk in _similar_length_chunks(joining, tail_lengths):
                     fresh = prefill(chunk)
                     fresh = fresh.record_and_drop(results, eos_id, max_new_tokens)  # their first tokens
                     bar.update(len(chunk) - (0 if fresh is None else len(fresh.rows)))

@@ -53,3 +53,12 @@ def tiny_model():
     """(model, tokenizer) of the smoke profile: a seeded random tiny Llama, built in-process."""
     cfg = common.load_config(ROOT / "configs" / "smoke.yaml")
     return common.load_model_and_tokenizer(cfg["models"][0], device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Stages set torch's thread count from the config (smoke: 1); keep that inside the test."""
+    import torch
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 import common
-from conftest import ROOT
+from conftest import ROOT, write_config
 
 NLI = common.BUILTIN_TASKS["varierr"]
 PAR = common.BUILTIN_TASKS["par"]
@@ -237,3 +237,10 @@ def test_hub_source_loads_a_local_stand_in_in_bf16(tiny_model, tmp_path):
         expected = model(**ids).logits
         got = loaded(**ids).logits.float()
     assert torch.allclose(expected, got, atol=0.05, rtol=0.05)
+
+
+def test_stage_arguments_apply_the_profiles_torch_threads(tmp_path):
+    torch.set_num_threads(3)  # restored after the test (conftest)
+    parser = common.stage_parser("test")
+    _, cfg = common.parse_stage_args(parser, ["--config", str(write_config(tmp_path)), "--torch_threads", "1"])
+    assert cfg["torch_threads"] == 1 and torch.get_num_threads() == 1
