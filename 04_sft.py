@@ -30,7 +30,7 @@ sft.max_length are left out (not truncated). Hyperparameters from the `sft:` sec
 suggestions, not the paper's recipe (unknown): LoRA r 16, alpha 32, dropout 0.05 on all
 linear projections; lr 2e-4, cosine, 3% warm-up; max length 512; bf16 on GPUs. The last
 epoch's adapter is kept (our choice; dev loss is logged, not used for selection). CPU: the
-cpu profile trains with bf16 autocast (2.1x the fp32 tokens/s on AVX512-BF16 cores) and without
+cpu profile trains with bf16 autocast (1.4-1.7x the fp32 tokens/s on AVX512-BF16 cores) and without
 gradient checkpointing (it recomputes the forward; memory is no issue at 135M); measured in
 bench/RESULTS.md "## Training". With sft.max_train_examples (the cpu profile's budget) an
 annotator trains on a seeded sample of that many of its examples.
