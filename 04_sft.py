@@ -201,27 +201,10 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
 
 def run_annotator(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
                   annotator: str) -> dict | None:
-    tag = model_cfg["tag"]
-    adapter_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
-    pred_path = common.predictions_path(cfg, dataset, tag, "sft", annotator)
-    status = {"dataset": dataset, "model": tag, "annotator": annotator, "adapter": str(adapter_path)}
-    started = time.time()
-    if args.force or not common.adapter_complete(adapter_path):
-        train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, adapter_path)
-        status["trained"] = True
-    else:
-        print(f"[sft {dataset}/{tag}/{annotator}] adapter exists, not retrained (--force retrains)", flush=True)
-        status["trained"] = False
-    if not common.is_main_process():
-        return None
-    if args.force or status["trained"] or not pred_path.exists():
-        status.update(common.predict_with_adapter(cfg, model_cfg, task, adapter_path, splits["test"],
-                                                  annotator, "sft", pred_path))
-        common.save_resolved_config(cfg, pred_path.parent, stage="04_sft")
-    else:
-        status.update(path=str(pred_path), parse_rate=common.parse_rate(common.read_jsonl(pred_path)))
-    status["seconds"] = round(time.time() - started, 1)
-    return status
+    return common.train_then_predict(
+        cfg, args, model_cfg, task, dataset, annotator, "sft", "04_sft", splits["test"],
+        lambda path: train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, path),
+        {"dataset": dataset, "model": model_cfg["tag"], "annotator": annotator})
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

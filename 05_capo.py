@@ -382,31 +382,16 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
 def run_annotator(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
                   annotator: str, pairs: list[dict]) -> dict | None:
     tag, method = model_cfg["tag"], METHOD_OF_POLICY[cfg["capo"]["pair_policy"]]
-    adapter_path = common.adapter_dir(cfg, dataset, tag, method, annotator)
-    pred_path = common.predictions_path(cfg, dataset, tag, method, annotator)
-    status = {"dataset": dataset, "model": tag, "annotator": annotator, "method": method,
-              "adapter": str(adapter_path), "pairs": len(pairs)}
-    started = time.time()
+    status = {"dataset": dataset, "model": tag, "annotator": annotator, "method": method, "pairs": len(pairs)}
     if not pairs:
         print(f"[{method} {dataset}/{tag}/{annotator}] no training pairs under policy "
               f"{cfg['capo']['pair_policy']}: CAPO not trained, no predictions written", flush=True)
-        return {**status, "path": None, "parse_rate": None, "seconds": 0.0}
-    if args.force or not common.adapter_complete(adapter_path):
-        train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, pairs, adapter_path, method)
-        status["trained"] = True
-    else:
-        print(f"[{method} {dataset}/{tag}/{annotator}] adapter exists, not retrained (--force retrains)", flush=True)
-        status["trained"] = False
-    if not common.is_main_process():
-        return None
-    if args.force or status["trained"] or not pred_path.exists():
-        status.update(common.predict_with_adapter(cfg, model_cfg, task, adapter_path, splits["test"],
-                                                  annotator, method, pred_path))
-        common.save_resolved_config(cfg, pred_path.parent, stage="05_capo")
-    else:
-        status.update(path=str(pred_path), parse_rate=common.parse_rate(common.read_jsonl(pred_path)))
-    status["seconds"] = round(time.time() - started, 1)
-    return status
+        return {**status, "adapter": str(common.adapter_dir(cfg, dataset, tag, method, annotator)),
+                "path": None, "parse_rate": None, "seconds": 0.0}
+    return common.train_then_predict(
+        cfg, args, model_cfg, task, dataset, annotator, method, "05_capo", splits["test"],
+        lambda path: train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, pairs, path, method),
+        status)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

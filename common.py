@@ -1228,6 +1228,34 @@ def predict_with_adapter(cfg: dict, model_cfg: dict, task: dict, adapter_path: s
     return {"predictions": len(predictions), "parse_rate": parse_rate(predictions), "path": str(out_path)}
 
 
+def train_then_predict(cfg: dict, args, model_cfg: dict, task: dict, dataset: str, annotator: str,
+                       method: str, stage: str, test_records: list[dict], train: Callable[[Path], None],
+                       status: dict) -> dict | None:
+    """04/05 for one annotator: train the adapter unless it is complete (or --force), then write test
+    predictions unless they exist and the adapter is unchanged. Returns the status on rank 0 only."""
+    import time
+    tag = model_cfg["tag"]
+    adapter_path = adapter_dir(cfg, dataset, tag, method, annotator)
+    pred_path = predictions_path(cfg, dataset, tag, method, annotator)
+    status = {**status, "adapter": str(adapter_path)}
+    started = time.time()
+    status["trained"] = bool(args.force or not adapter_complete(adapter_path))
+    if status["trained"]:
+        train(adapter_path)
+    else:
+        print(f"[{method} {dataset}/{tag}/{annotator}] adapter exists, not retrained (--force retrains)", flush=True)
+    if not is_main_process():
+        return None
+    if args.force or status["trained"] or not pred_path.exists():
+        status.update(predict_with_adapter(cfg, model_cfg, task, adapter_path, test_records, annotator, method,
+                                           pred_path))
+        save_resolved_config(cfg, pred_path.parent, stage=stage)
+    else:
+        status.update(path=str(pred_path), parse_rate=parse_rate(read_jsonl(pred_path)))
+    status["seconds"] = round(time.time() - started, 1)
+    return status
+
+
 def checkpoint_to_resume(work_dir: str | Path, resume: bool, name: str) -> str | None:
     """The last checkpoint in `work_dir` when resuming; otherwise clear stale checkpoints."""
     from transformers.trainer_utils import get_last_checkpoint

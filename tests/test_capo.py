@@ -15,19 +15,10 @@ from safetensors.torch import load_file
 
 import common
 from conftest import load_stage, write_config
-from test_sft import NLI, write_fixture
+from test_sft import NLI, one_thread, write_fixture  # noqa: F401 (one_thread: autouse fixture)
 
 capo = load_stage("05_capo")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to share between threads; on a busy 2-core machine the
-    second thread mostly waits (10x slower). Restored afterwards for other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 PAR = {"label_type": "numeric", "score_range": [-5, 5], "text_a_name": "Question 1",
        "text_b_name": "Question 2", "instruction": "Rate the paraphrase."}
