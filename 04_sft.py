@@ -69,29 +69,15 @@ def sft_config(cfg: dict, output_dir, has_dev: bool, **changes) -> SFTConfig:
     """trl's SFTConfig from the profile's `sft:` section (changes: benchmark variants)."""
     section = cfg["sft"]
     settings = dict(
+        common.trainer_args(cfg, "sft"),
         output_dir=str(output_dir),
-        num_train_epochs=float(section["epochs"]),
-        per_device_train_batch_size=int(section["per_device_batch_size"]),
-        per_device_eval_batch_size=int(section["per_device_batch_size"]),
-        gradient_accumulation_steps=common.gradient_accumulation_steps(section, "sft"),
-        learning_rate=float(section["learning_rate"]),
-        lr_scheduler_type=section["lr_scheduler"],
-        warmup_steps=float(section["warmup_ratio"]),  # a float below 1 is a ratio of all steps
         # Padding-free: a batch is one row of its examples back to back (attention stays within each
         # example), so no compute goes to padding. trl then leaves lengths to us: see within_max_length.
         padding_free=bool(section["padding_free"]),
         max_length=None if section["padding_free"] else int(section["max_length"]),
-        gradient_checkpointing=bool(section["gradient_checkpointing"]),
         completion_only_loss=True,  # loss on the response only (label, explanation, end of turn)
         eval_strategy="epoch" if has_dev else "no",
         save_strategy="epoch",  # one checkpoint per epoch is what --resume continues from
-        save_total_limit=1,
-        logging_steps=int(section["logging_steps"]),
-        report_to="none",
-        seed=int(cfg["seed"]),
-        data_seed=int(cfg["seed"]),
-        dataloader_num_workers=0,
-        **common.trainer_device_args(section),
     )
     settings.update(changes)
     return SFTConfig(**settings)
@@ -204,14 +190,11 @@ def run_annotator(cfg: dict, args, dataset: str, task: dict, splits: dict, model
     return common.train_then_predict(
         cfg, args, model_cfg, task, dataset, annotator, "sft", "04_sft", splits["test"],
         lambda path: train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, path),
-        {"dataset": dataset, "model": model_cfg["tag"], "annotator": annotator})
+        {"dataset": dataset, "model": model_cfg["tag"], "annotator": annotator, "method": "sft"})
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = common.stage_parser(__doc__)
-    parser.add_argument("--annotators", default=None, help="comma-separated subset, e.g. A0,A2 (default: all)")
-    parser.add_argument("--force", action="store_true", help="retrain and regenerate finished annotators")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of a killed run")
+    parser = common.training_stage_parser(__doc__)
     args, cfg = common.parse_stage_args(parser, argv)
 
     done = []
@@ -224,11 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 status = run_annotator(cfg, args, dataset, task, splits, model_cfg, annotator)
                 if status:
                     done.append(status)
-    for status in done:
-        rate = status.get("parse_rate")
-        print(f"[sft] {status['dataset']}/{status['model']}/{status['annotator']}: adapter {status['adapter']}; "
-              f"predictions {status['path']} (parse rate {'n/a' if rate is None else f'{rate:.2f}'}); "
-              f"{status['seconds']}s", flush=True)
+    common.print_training_summary(done)
     return done
 
 

@@ -271,29 +271,15 @@ def dpo_config(cfg: dict, output_dir, **changes) -> DPOConfig:
     section = cfg["capo"]
     every = int(section["eval_every_steps"])
     settings = dict(
+        common.trainer_args(cfg, "capo"),
         output_dir=str(output_dir),
-        num_train_epochs=float(section["epochs"]),
-        per_device_train_batch_size=int(section["per_device_batch_size"]),
-        per_device_eval_batch_size=int(section["per_device_batch_size"]),
-        gradient_accumulation_steps=common.gradient_accumulation_steps(section, "capo"),
-        learning_rate=float(section["learning_rate"]),
-        lr_scheduler_type=section["lr_scheduler"],
-        warmup_steps=float(section["warmup_ratio"]),
         max_length=int(section["max_length"]),
         beta=float(section["beta"]),
         loss_type=["sigmoid"],
         precompute_ref_log_probs=bool(section["precompute_ref_log_probs"]),
-        gradient_checkpointing=bool(section["gradient_checkpointing"]),
         eval_strategy="no",  # dev evaluation happens in DevSelection, on the same steps as checkpoints
         save_strategy="steps",
         save_steps=every,  # a checkpoint on every selection step, so --resume continues from one
-        save_total_limit=1,
-        logging_steps=int(section["logging_steps"]),
-        report_to="none",
-        seed=int(cfg["seed"]),
-        data_seed=int(cfg["seed"]),
-        dataloader_num_workers=0,
-        **common.trainer_device_args(section),
     )
     settings.update(changes)
     return DPOConfig(**settings)
@@ -395,10 +381,7 @@ def run_annotator(cfg: dict, args, dataset: str, task: dict, splits: dict, model
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = common.stage_parser(__doc__)
-    parser.add_argument("--annotators", default=None, help="comma-separated subset, e.g. A0,A2 (default: all)")
-    parser.add_argument("--force", action="store_true", help="retrain and regenerate finished annotators")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of a killed run")
+    parser = common.training_stage_parser(__doc__)
     parser.add_argument("--pair-policy", choices=POLICIES, default=None,
                         help="same_label (default) or all (ablation); same as --capo.pair_policy")
     args, cfg = common.parse_stage_args(parser, argv)
@@ -419,11 +402,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 status = run_annotator(cfg, args, dataset, task, splits, model_cfg, annotator, pairs[annotator])
                 if status:
                     done.append(status)
-    for status in done:
-        rate = status.get("parse_rate")
-        print(f"[{status['method']}] {status['dataset']}/{status['model']}/{status['annotator']}: {status['pairs']} pairs; "
-              f"adapter {status['adapter']}; predictions {status['path']} "
-              f"(parse rate {'n/a' if rate is None else f'{rate:.2f}'}); {status['seconds']}s", flush=True)
+    common.print_training_summary(done)
     return done
 
 

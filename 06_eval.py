@@ -813,6 +813,14 @@ def ordered_methods(methods: dict) -> list[str]:
     return [m for m in methods if m != HUMAN] + ([HUMAN] if HUMAN in methods else [])
 
 
+def result_cells(results: dict):
+    """(dataset, model tag, method, result) for every table row group, methods in table order."""
+    for dataset, models in results.items():
+        for model_tag, methods in models.items():
+            for method in ordered_methods(methods):
+                yield dataset, model_tag, method, methods[method]
+
+
 def method_label(method: str) -> str:
     return "human (target's test explanations)" if method == HUMAN else method
 
@@ -842,35 +850,28 @@ def write_tables(cfg: dict, results: dict, datasets: dict, tables_dir: Path) -> 
     # Table 4
     header = ["dataset", "model", "method", "status"] + [label for _, label in TABLE4_METRICS] + ["notes"]
     rows = []
-    for dataset, models in results.items():
-        task = datasets[dataset]["task"]
-        for model_tag, methods in models.items():
-            for method in ordered_methods(methods):
-                result = methods[method]
-                rows.append([dataset, model_tag, method_label(method), result["status"]]
-                            + [cell(result, metric, task) for metric, _ in TABLE4_METRICS]
-                            + [result.get("note", "")])
+    for dataset, model_tag, method, result in result_cells(results):
+        rows.append([dataset, model_tag, method_label(method), result["status"]]
+                    + [cell(result, metric, datasets[dataset]["task"]) for metric, _ in TABLE4_METRICS]
+                    + [result.get("note", "")])
     write_table(tables_dir / "table4_main", header, rows, "Table 4: main results (this run)", notes)
     paths["table4"] = tables_dir / "table4_main.md"
 
     # Table 6
     header = ["dataset", "model", "method", "status"] + list(FEATURES) + ["mean"]
     rows = []
-    for dataset, models in results.items():
-        for model_tag, methods in models.items():
-            for method in ordered_methods(methods):
-                result = methods[method]
-                if method == HUMAN:
-                    continue
-                if result["status"] == "missing":
-                    rows.append([dataset, model_tag, method, "missing"]
-                                + [f"missing: {result.get('reason')}"] * (len(FEATURES) + 1))
-                    continue
-                by_feature = result.get("feature_kl_by_feature", {})
-                rows.append([dataset, model_tag, method, result["status"]]
-                            + [fmt(by_feature.get(name)) if by_feature.get(name) is not None
-                               else f"missing: {result['reasons'].get('feature_kl', 'not computed')}"
-                               for name in FEATURES] + [cell(result, "feature_kl", datasets[dataset]["task"])])
+    for dataset, model_tag, method, result in result_cells(results):
+        if method == HUMAN:
+            continue
+        if result["status"] == "missing":
+            rows.append([dataset, model_tag, method, "missing"]
+                        + [f"missing: {result.get('reason')}"] * (len(FEATURES) + 1))
+            continue
+        by_feature = result.get("feature_kl_by_feature", {})
+        rows.append([dataset, model_tag, method, result["status"]]
+                    + [fmt(by_feature.get(name)) if by_feature.get(name) is not None
+                       else f"missing: {result['reasons'].get('feature_kl', 'not computed')}"
+                       for name in FEATURES] + [cell(result, "feature_kl", datasets[dataset]["task"])])
     write_table(tables_dir / "table6_feature_kl", header, rows, "Table 6: feature KL by feature, KL(human || model)",
                 [notes[2], "Features: " + ", ".join(FEATURES) + " (label: the label/score distribution, with an "
                  "'unparsed' category)."])
@@ -880,18 +881,16 @@ def write_tables(cfg: dict, results: dict, datasets: dict, tables_dir: Path) -> 
     header = ["dataset", "model", "method", "judged outputs", "correct", "accuracy", "chance",
               "unparseable verdicts", "cells without output", "judge model"]
     rows = []
-    for dataset, models in results.items():
-        for model_tag, methods in models.items():
-            for method in ordered_methods(methods):
-                judge = methods[method].get("judge", {})
-                if judge.get("accuracy") is None:
-                    why = "missing: " + judge.get("reason", "not computed")
-                    rows.append([dataset, model_tag, method_label(method), why, why, why, fmt(judge.get("chance")),
-                                 why, why, why])
-                    continue
-                rows.append([dataset, model_tag, method_label(method), str(judge["n"]), str(judge["correct"]),
-                             fmt(judge["accuracy"]), fmt(judge["chance"]), str(judge["unparseable"]),
-                             str(judge["no_output"]), judge["judge_model"]])
+    for dataset, model_tag, method, result in result_cells(results):
+        judge = result.get("judge", {})
+        if judge.get("accuracy") is None:
+            why = "missing: " + judge.get("reason", "not computed")
+            rows.append([dataset, model_tag, method_label(method), why, why, why, fmt(judge.get("chance")),
+                         why, why, why])
+            continue
+        rows.append([dataset, model_tag, method_label(method), str(judge["n"]), str(judge["correct"]),
+                     fmt(judge["accuracy"]), fmt(judge["chance"]), str(judge["unparseable"]),
+                     str(judge["no_output"]), judge["judge_model"]])
     write_table(tables_dir / "judge_attribution", header, rows, "LLM-as-judge attribution",
                 [f"The same {int(cfg['eval']['judge_items'])} sampled test cells (item, target annotator) for every "
                  f"method; the judge sees {int(cfg['eval']['judge_examples_per_annotator'])} train responses of each "
@@ -903,24 +902,20 @@ def write_tables(cfg: dict, results: dict, datasets: dict, tables_dir: Path) -> 
     # Per annotator
     header = ["dataset", "model", "method", "annotator", "status"] + [label for _, label in PER_ANNOTATOR_METRICS]
     rows = []
-    for dataset, models in results.items():
-        task = datasets[dataset]["task"]
-        for model_tag, methods in models.items():
-            for method in ordered_methods(methods):
-                result = methods[method]
-                if result["status"] == "missing":  # one row, not one per annotator
-                    rows.append([dataset, model_tag, method_label(method), "all", "missing"]
-                                + [f"missing: {result.get('reason', 'missing')}"] * len(PER_ANNOTATOR_METRICS))
-                    continue
-                for annotator in datasets[dataset]["annotators"]:
-                    entry = result.get("per_annotator", {}).get(annotator)
-                    if entry is None or entry.get("status") != "ok":
-                        why = (entry or result).get("reason", "missing")
-                        rows.append([dataset, model_tag, method_label(method), annotator, "missing"]
-                                    + [f"missing: {why}"] * len(PER_ANNOTATOR_METRICS))
-                        continue
-                    rows.append([dataset, model_tag, method_label(method), annotator, "ok"]
-                                + [cell(entry, metric, task) for metric, _ in PER_ANNOTATOR_METRICS])
+    for dataset, model_tag, method, result in result_cells(results):
+        if result["status"] == "missing":  # one row, not one per annotator
+            rows.append([dataset, model_tag, method_label(method), "all", "missing"]
+                        + [f"missing: {result.get('reason', 'missing')}"] * len(PER_ANNOTATOR_METRICS))
+            continue
+        for annotator in datasets[dataset]["annotators"]:
+            entry = result.get("per_annotator", {}).get(annotator)
+            if entry is None or entry.get("status") != "ok":
+                why = (entry or result).get("reason", "missing")
+                rows.append([dataset, model_tag, method_label(method), annotator, "missing"]
+                            + [f"missing: {why}"] * len(PER_ANNOTATOR_METRICS))
+                continue
+            rows.append([dataset, model_tag, method_label(method), annotator, "ok"]
+                        + [cell(entry, metric, datasets[dataset]["task"]) for metric, _ in PER_ANNOTATOR_METRICS])
     write_table(tables_dir / "per_annotator", header, rows, "Per-annotator breakdown", notes)
     paths["per_annotator"] = tables_dir / "per_annotator.md"
     return paths

@@ -118,6 +118,15 @@ def stage_parser(doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def training_stage_parser(doc: str | None) -> argparse.ArgumentParser:
+    """stage_parser plus what the training stages (04, 05) share."""
+    parser = stage_parser(doc)
+    parser.add_argument("--annotators", default=None, help="comma-separated subset, e.g. A0,A2 (default: all)")
+    parser.add_argument("--force", action="store_true", help="retrain and regenerate finished annotators")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of a killed run")
+    return parser
+
+
 def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
     """Parse known flags; everything else must be a `--section.key value` config override."""
     args, rest = parser.parse_known_args(argv)
@@ -1178,11 +1187,28 @@ def gradient_accumulation_steps(section: dict, name: str) -> int:
     return global_batch // per_step
 
 
-def trainer_device_args(section: dict) -> dict:
-    """use_cpu / bf16 for a trl config: trl defaults bf16 on, which a CPU run must ask for explicitly."""
+def trainer_args(cfg: dict, stage: str) -> dict:
+    """What SFTConfig (04) and DPOConfig (05) share, from the profile's `sft:` or `capo:` section."""
     import torch
-    on_gpu = torch.cuda.is_available()
-    return {"use_cpu": not on_gpu, "bf16": bool(section.get("bf16", False)), "fp16": False}
+    section = cfg[stage]
+    return dict(
+        num_train_epochs=float(section["epochs"]),
+        per_device_train_batch_size=int(section["per_device_batch_size"]),
+        per_device_eval_batch_size=int(section["per_device_batch_size"]),
+        gradient_accumulation_steps=gradient_accumulation_steps(section, stage),
+        learning_rate=float(section["learning_rate"]),
+        lr_scheduler_type=section["lr_scheduler"],
+        warmup_steps=float(section["warmup_ratio"]),  # a float below 1 is a ratio of all steps
+        gradient_checkpointing=bool(section["gradient_checkpointing"]),
+        save_total_limit=1,
+        logging_steps=int(section["logging_steps"]),
+        report_to="none",
+        seed=int(cfg["seed"]),
+        data_seed=int(cfg["seed"]),
+        dataloader_num_workers=0,
+        # trl defaults bf16 on, which a CPU run must turn off explicitly
+        use_cpu=not torch.cuda.is_available(), bf16=bool(section.get("bf16", False)), fp16=False,
+    )
 
 
 def select_annotators(cfg: dict, dataset: str, choice: str | None) -> list[str]:
@@ -1254,6 +1280,16 @@ def train_then_predict(cfg: dict, args, model_cfg: dict, task: dict, dataset: st
         status.update(path=str(pred_path), parse_rate=parse_rate(read_jsonl(pred_path)))
     status["seconds"] = round(time.time() - started, 1)
     return status
+
+
+def print_training_summary(done: list[dict]) -> None:
+    """One line per annotator that 04/05 trained or found finished."""
+    for status in done:
+        rate = status.get("parse_rate")
+        pairs = f"{status['pairs']} pairs; " if "pairs" in status else ""
+        print(f"[{status['method']}] {status['dataset']}/{status['model']}/{status['annotator']}: {pairs}"
+              f"adapter {status['adapter']}; predictions {status['path']} "
+              f"(parse rate {'n/a' if rate is None else f'{rate:.2f}'}); {status['seconds']}s", flush=True)
 
 
 def checkpoint_to_resume(work_dir: str | Path, resume: bool, name: str) -> str | None:
