@@ -12,6 +12,7 @@ and CAPO pairs are lifted, and CAPO's dev selection runs at the first and last s
 run, then fits log(time) = a + b * log(train items) by least squares, per stage (for reading)
 and over the whole pipeline's time; the last line is `exponent=<b>` (target: at most 1.1, i.e. no worse than
 linear; fixed costs such as loading models push it below 1).
+A warm-up (01 and 03 at the smallest size) runs first and is not timed.
 Needs the raw data (CAPO_RAW_DIR or --raw-dir), as 01_prepare does.
 """
 from __future__ import annotations
@@ -29,14 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("01_prepare", "03_prompt_baselines", "04_sft", "05_capo", "06_eval")
 
 
-def run_pipeline(args, run_dir: Path, train_items: int) -> dict[str, float]:
+def run_pipeline(args, run_dir: Path, train_items: int, stages=STAGES) -> dict[str, float]:
     overrides = ["--run_dir", str(run_dir), "--data.max_items", str(train_items + 2 * args.eval_items),
                  "--data.split_items", f"[{train_items}, {args.eval_items}, {args.eval_items}]",
                  "--datasets", f"[{args.dataset}]", "--eval.judge", "false", "--eval.bertscore", "false",
                  "--sft.max_train_examples", "null", "--capo.max_pairs", "null",  # training grows with the items
                  "--capo.eval_every_steps", "1000"]  # dev selection at the start and the end only
     times = {}
-    for stage in STAGES:
+    for stage in stages:
         extra = ["--raw-dir", args.raw_dir] if stage == "01_prepare" and args.raw_dir else []
         started = time.perf_counter()
         done = subprocess.run([sys.executable, f"{stage}.py", "--config", args.config, "--dataset", args.dataset,
@@ -65,8 +66,14 @@ def main() -> None:
     args = parser.parse_args()
 
     sizes, totals, per_stage_seconds = [], [], {stage: [] for stage in STAGES}
+    fractions = [float(f) for f in args.fractions.split(",")]
     with tempfile.TemporaryDirectory(prefix="capo-scaling-") as tmp:
-        for fraction in (float(f) for f in args.fractions.split(",")):
+        # Warm-up, not timed: one-time work (the tokenizer's conversion into .cache/, cold disk
+        # caches) would otherwise land on the first size only and flatten the fitted exponent.
+        warmup = run_pipeline(args, Path(tmp) / "warmup", max(4, round(min(fractions) * args.items)),
+                              stages=("01_prepare", "03_prompt_baselines"))
+        print(f"warm-up (01, 03; not timed): {sum(warmup.values()):.1f}s", flush=True)
+        for fraction in fractions:
             train_items = max(4, round(fraction * args.items))
             times = run_pipeline(args, Path(tmp) / f"train{train_items}", train_items)
             sizes.append(train_items)
