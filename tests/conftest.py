@@ -62,3 +62,14 @@ def restore_torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's ops are too small to share between threads; on a busy 2-core machine the
+    second thread mostly waits (10x slower). For the training test modules; restored afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 import common
 from conftest import load_stage, write_config
-from test_sft import NLI, one_thread, write_fixture  # noqa: F401 (one_thread: autouse fixture)
+from test_sft import NLI, write_fixture
 
 capo = load_stage("05_capo")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PAR = {"label_type": "numeric", "score_range": [-5, 5], "text_a_name": "Question 1",

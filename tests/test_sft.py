@@ -21,16 +21,7 @@ from conftest import load_stage, write_config
 
 sft = load_stage("04_sft")
 capo = load_stage("05_capo")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to share between threads; on a busy 2-core machine the
-    second thread mostly waits (10x slower). Restored afterwards for other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A short instruction keeps the prompts (and the tiny model's work) small.
 NLI = {**common.BUILTIN_TASKS["varierr"], "instruction": "Label the pair."}
