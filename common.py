@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import difflib
 import functools
+import glob
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -51,20 +53,190 @@ def input_error(path: str | Path, message: str, *, line: int | None = None,
 
 
 def run_stage(main: Callable[[], Any]) -> None:
-    """Call main(); turn InputError into one clear line on stderr and exit code 2."""
+    """Call main(); bad input becomes one line on stderr (exit 2), Ctrl-C one line (exit 130)."""
     try:
         main()
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted: {Path(sys.argv[0]).name} stopped; finished outputs are kept, "
+              "unfinished ones are redone on the next run", file=sys.stderr)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------
-# Config: YAML profile + `--section.key value` overrides, strict
+# Config: YAML profile + `--section.key value` overrides, checked against one schema
 # ----------------------------------------------------------------------------
+# Every key a profile may hold, with its type. `?` after a name: the key may be left out.
+# Types: int, float (an int is accepted), bool, str, map (free mapping), null (allowed
+# where written `|null`), list[T]. Unknown keys and wrong types stop with one line.
+CONFIG_SCHEMA = yaml.safe_load("""
+profile: str
+seed: int
+seeds?: list[int]|null
+torch_threads: int|null
+run_dir: str
+datasets: list[str]
+data:
+  raw_dir: str|null
+  split_items: list[int]
+  split_seed: int
+  max_items: int|null
+  max_eval_items: int|null
+  min_train_records_per_annotator: int
+models:
+  - tag: str
+    source: str
+    name_or_path: str|null
+    dtype: str
+    init_seed?: int
+    tiny?: {hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int}
+embedder:
+  source: str
+  package?: str
+  name?: str
+  name_or_path?: str|null
+  batch_size: int
+hlv:
+  classifier: str
+  C: float
+  standardize: bool
+  folds: int
+  group_sizes: list[int]
+  bootstrap_groups: int
+  control_permutations: int
+  par_kappa_binning: str
+generation:
+  backend: str
+  batch_size: int
+  max_new_tokens: int
+  do_sample: bool
+  temperature: float|null
+  top_p?: float
+  autocast_bf16: bool
+  prefix_cache_min_tokens: int
+baselines:
+  methods: list[str]
+  icl_k: int
+  profile_source_examples: int
+  profile_max_new_tokens: int
+  profile_writer: str|null
+sft:
+  lora_r: int
+  lora_alpha: int
+  lora_dropout: float
+  target_modules: str|list[str]
+  learning_rate: float
+  epochs: float
+  max_train_examples: int|null
+  global_batch_size: int
+  per_device_batch_size: int
+  max_length: int
+  padding_free: bool
+  lr_scheduler: str
+  warmup_ratio: float
+  bf16: bool
+  gradient_checkpointing: bool
+  logging_steps: int
+capo:
+  pair_policy: str
+  score_delta: float
+  rejected_valid_only: bool
+  beta: float
+  learning_rate: float
+  epochs: float
+  max_pairs: int|null
+  global_batch_size: int
+  per_device_batch_size: int
+  max_length: int
+  lr_scheduler: str
+  warmup_ratio: float
+  precompute_ref_log_probs: bool
+  gradient_checkpointing: bool
+  bf16: bool
+  logging_steps: int
+  eval_every_steps: int
+  select_representation: str
+  select_group_size: int
+  select_groups: int
+  select_min_dev_items: int
+eval:
+  group_size: int
+  bootstrap_groups: int
+  classifier_representation: str
+  feature_bins: int
+  kl_smoothing: float
+  bertscore: bool
+  bertscore_model: str
+  bertscore_num_layers: int|null
+  judge: bool
+  judge_examples_per_annotator: int
+  judge_items: int
+  judge_max_new_tokens: int
+  human_sheet_items: int
+  human_sheet_raters: int
+""")
+
+
+def _type_ok(value: Any, spec: str) -> bool:
+    """Whether `value` fits a schema type such as `int`, `float|null` or `list[str]`."""
+    for kind in spec.split("|"):
+        if kind == "null" and value is None:
+            return True
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if kind == "bool" and isinstance(value, bool):
+            return True
+        if kind == "str" and isinstance(value, str):
+            return True
+        if kind == "map" and isinstance(value, dict):
+            return True
+        if kind.startswith("list[") and isinstance(value, list):
+            return all(_type_ok(item, kind[5:-1]) for item in value)
+    return False
+
+
+def _schema_keys(schema: dict) -> dict[str, tuple[Any, bool]]:
+    """{key: (sub-schema, optional)} with the `?` marks taken off."""
+    return {key.rstrip("?"): (sub, key.endswith("?")) for key, sub in schema.items()}
+
+
+def check_config(node: Any, schema: Any, source: str, where: str = "") -> None:
+    """Stop at the first unknown key, missing key or value of the wrong type, naming it."""
+    if isinstance(schema, str):
+        if not _type_ok(node, schema):
+            raise InputError(f"{source}: {where} = {node!r} is not {' or '.join(schema.split('|'))}")
+        return
+    if isinstance(schema, list):
+        if not isinstance(node, list) or not node:
+            raise InputError(f"{source}: {where} must be a non-empty list")
+        for index, item in enumerate(node):
+            check_config(item, schema[0], source, f"{where}[{index}]")
+        return
+    if not isinstance(node, dict):
+        raise InputError(f"{source}: {where or 'the config'} must be a mapping, got {node!r}")
+    keys = _schema_keys(schema)
+    for key in node:
+        if key not in keys:
+            nearest = difflib.get_close_matches(str(key), list(keys), n=1, cutoff=0.6)
+            hint = f" (did you mean '{nearest[0]}'?)" if nearest else ""
+            raise InputError(f"{source}: unknown config key '{where + '.' if where else ''}{key}'{hint}")
+    for key, (sub, optional) in keys.items():
+        if key in node:
+            check_config(node[key], sub, source, f"{where}.{key}" if where else key)
+        elif not optional:
+            raise InputError(f"{source}: missing config key '{where + '.' if where else ''}{key}'")
+
+
 def _coerce(text: str) -> Any:
     """CLI override values are parsed as YAML scalars/lists (`3`, `1e-4`, `true`, `[a, b]`)."""
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # the schema check names the key and the value
 
 
 def apply_overrides(cfg: dict, overrides: list[str], source: str = "command line") -> dict:
@@ -88,25 +260,36 @@ def apply_overrides(cfg: dict, overrides: list[str], source: str = "command line
                 raise InputError(f"{source}: unknown config key '{key}'")
             node = node[part]
         if parts[-1] not in node:
-            raise InputError(f"{source}: unknown config key '{key}'")
+            known = [k for k in node if isinstance(k, str)]
+            nearest = difflib.get_close_matches(parts[-1], known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{'.'.join(parts[:-1] + nearest)}'?)" if nearest else ""
+            raise InputError(f"{source}: unknown config key '{key}'{hint}")
         node[parts[-1]] = _coerce(value)
     return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The profile at `path` with `overrides` applied, checked against CONFIG_SCHEMA."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise InputError(f"{path}: config file not found")
     try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({err})") from None
-    for key in ("profile", "seed", "run_dir", "datasets", "data", "models", "embedder"):
-        if key not in cfg:
-            raise input_error(path, "missing required key", field=key)
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path}: empty or not a mapping of config keys")
+    check_config(cfg, CONFIG_SCHEMA, str(path))
     cfg = apply_overrides(cfg, overrides or [])
+    check_config(cfg, CONFIG_SCHEMA, f"{path} with the command-line overrides")
     cfg["config_path"] = str(path)
+    cfg["config_overrides"] = list(overrides or [])
     return cfg
+
+
+def stage_command(cfg: dict, script: str, *args: str) -> str:
+    """The command line that runs `script` with this config (and its overrides): for messages."""
+    return " ".join(["python", script, "--config", cfg["config_path"], *args, *cfg.get("config_overrides", [])])
 
 
 def stage_parser(doc: str | None) -> argparse.ArgumentParser:
@@ -116,6 +299,8 @@ def stage_parser(doc: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="configs/<profile>.yaml")
     parser.add_argument("--dataset", default="all",
                         help="varierr, par, a --custom name, or all (the config's datasets)")
+    parser.add_argument("--force", action="store_true",
+                        help="redo finished work too (by default only what is missing or stale is done)")
     return parser
 
 
@@ -123,7 +308,6 @@ def training_stage_parser(doc: str | None) -> argparse.ArgumentParser:
     """stage_parser plus what the training stages (04, 05) share."""
     parser = stage_parser(doc)
     parser.add_argument("--annotators", default=None, help="comma-separated subset, e.g. A0,A2 (default: all)")
-    parser.add_argument("--force", action="store_true", help="retrain and regenerate finished annotators")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of a killed run")
     return parser
 
@@ -144,8 +328,229 @@ def selected_datasets(cfg: dict, choice: str) -> list[str]:
     return [name.strip() for name in choice.split(",") if name.strip()]
 
 
+# ----------------------------------------------------------------------------
+# Run layout: every path under runs/<profile>/ is spelled here, and only here
+# ----------------------------------------------------------------------------
 def run_dir(cfg: dict) -> Path:
     return Path(cfg["run_dir"])
+
+
+def seed_dir(cfg: dict) -> Path:
+    """Where 03-05 write: the run directory, or seeds/<seed>/ in it when the config lists
+    several training seeds (01 and 02 do not depend on the training seed and stay shared)."""
+    seeds = cfg.get("seeds") or []
+    return run_dir(cfg) / "seeds" / str(cfg["seed"]) if len(seeds) > 1 else run_dir(cfg)
+
+
+def data_dir(cfg: dict, dataset: str) -> Path:
+    return run_dir(cfg) / "data" / dataset
+
+
+def hlv_dir(cfg: dict, dataset: str) -> Path:
+    return run_dir(cfg) / "hlv" / dataset
+
+
+def embedding_cache_dir(cfg: dict, dataset: str) -> Path:
+    """Sentence embeddings keyed by embedder and texts (02 fills it; 05 and 06 reuse it)."""
+    return hlv_dir(cfg, dataset) / "cache"
+
+
+def profiles_dir(cfg: dict, dataset: str) -> Path:
+    return seed_dir(cfg) / "profiles" / dataset
+
+
+def method_dir(cfg: dict, dataset: str, model_tag: str, method: str) -> Path:
+    return seed_dir(cfg) / "predictions" / dataset / model_tag / method
+
+
+def predictions_path(cfg: dict, dataset: str, model_tag: str, method: str, annotator: str) -> Path:
+    return method_dir(cfg, dataset, model_tag, method) / f"{annotator}.jsonl"
+
+
+def adapter_dir(cfg: dict, dataset: str, model_tag: str, method: str, annotator: str) -> Path:
+    return seed_dir(cfg) / "adapters" / dataset / model_tag / method / annotator
+
+
+def pairs_dir(cfg: dict, dataset: str, model_tag: str, policy: str = "same_label") -> Path:
+    """CAPO pairs of a policy (same_label directly in the model folder, others in a subfolder)."""
+    folder = seed_dir(cfg) / "pairs" / dataset / model_tag
+    return folder if policy == "same_label" else folder / policy
+
+
+def training_work_dir(cfg: dict, dataset: str, model_tag: str, method: str, annotator: str) -> Path:
+    """Checkpoints of a run in progress (for --resume); removed once the adapter is saved."""
+    return seed_dir(cfg) / "work" / method / dataset / model_tag / annotator
+
+
+def eval_cache_dir(cfg: dict, dataset: str) -> Path:
+    return run_dir(cfg) / "eval_cache" / dataset
+
+
+def tables_dir(cfg: dict) -> Path:
+    return run_dir(cfg) / "tables"
+
+
+def metrics_path(cfg: dict) -> Path:
+    return run_dir(cfg) / "metrics.json"
+
+
+def report_path(cfg: dict) -> Path:
+    return run_dir(cfg) / "report.md"
+
+
+def human_eval_dir(cfg: dict) -> Path:
+    return run_dir(cfg) / "human_eval"
+
+
+# ----------------------------------------------------------------------------
+# Provenance: a manifest beside every output says what it was made from
+# ----------------------------------------------------------------------------
+# A recipe is what an output depends on: content hashes of the input files it read, the
+# config values it used, and the code that made it. An output counts as finished only
+# when it exists, its manifest is there, and the manifest's recipe equals the recipe it
+# would be made from now; otherwise the stage redoes it (and a consumer refuses it).
+MANIFEST_SUFFIX = ".manifest.json"
+UNHASHED_FILES = {"README.md"}  # an adapter's model card gains test metrics after 06; not an input
+
+
+def manifest_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + MANIFEST_SUFFIX)
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def content_hash(path: str | Path) -> str | None:
+    """sha256 of a file, or of a folder's files (names and contents, manifests and model
+    cards left out); None if it does not exist. Memoised per file size and mtime."""
+    path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        if file.name in UNHASHED_FILES or file.name.endswith(MANIFEST_SUFFIX):
+            continue
+        digest.update(f"{file.relative_to(path).as_posix()}\0{content_hash(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def config_value(cfg: dict, key: str) -> Any:
+    """A dotted config key's value; `models[<tag>]` is the model entry with that tag."""
+    node: Any = cfg
+    for part in key.split("."):
+        if part.startswith("models[") and part.endswith("]"):
+            node = next((m for m in node["models"] if m["tag"] == part[7:-1]), None)
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _input_key(cfg: dict, path: Path) -> str:
+    """Inputs inside the run directory are named relative to it (a moved run stays valid)."""
+    try:
+        return Path(path).resolve().relative_to(run_dir(cfg).resolve()).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def _input_path(cfg: dict, key: str) -> Path:
+    return Path(key) if Path(key).is_absolute() else run_dir(cfg) / key
+
+
+def recipe(cfg: dict, stage: str, inputs: Iterable[str | Path], config_keys: Iterable[str],
+           **extra: Any) -> dict:
+    """What an output of `stage` is made from now: input hashes, config values, code hashes."""
+    made = {"stage": stage,
+            "inputs": {_input_key(cfg, p): content_hash(p) for p in inputs},
+            "config": {key: config_value(cfg, key) for key in config_keys},
+            "code": {name: content_hash(KIT_ROOT / name) for name in (f"{stage}.py", "common.py")},
+            **extra}
+    return json.loads(json.dumps(made, sort_keys=True, default=str))  # the form it has once saved
+
+
+def _first_difference(recorded: dict, current: dict) -> str | None:
+    for key in sorted(set(recorded.get("config", {})) | set(current.get("config", {}))):
+        old, new = recorded.get("config", {}).get(key), current.get("config", {}).get(key)
+        if old != new:
+            return f"config {key} was {json.dumps(old)}, now {json.dumps(new)}"
+    for name in sorted(set(recorded.get("inputs", {})) | set(current.get("inputs", {}))):
+        old, new = recorded.get("inputs", {}).get(name), current.get("inputs", {}).get(name)
+        if old != new:
+            return (f"input {name} is new" if old is None else f"input {name} is gone" if new is None
+                    else f"input {name} has changed")
+    for name in sorted(set(recorded.get("code", {})) | set(current.get("code", {}))):
+        if recorded.get("code", {}).get(name) != current.get("code", {}).get(name):
+            return f"{name} has changed"
+    for key in sorted(set(recorded) | set(current)):
+        if recorded.get(key) != current.get(key):
+            return f"{key} was {json.dumps(recorded.get(key))}, now {json.dumps(current.get(key))}"
+    return None
+
+
+def _read_manifest(output: Path) -> dict | None:
+    path = manifest_path(output)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def why_not_current(output: str | Path, made_from: dict) -> str | None:
+    """None if `output` is finished and was made from `made_from`; else the reason, in words."""
+    output = Path(output)
+    if not output.exists():
+        return "not there yet"
+    manifest = _read_manifest(output)
+    if manifest is None:
+        return "no manifest (unfinished, or written by an older kit)"
+    if content_hash(output) != manifest.get("output_sha256"):
+        return "changed after it was written"
+    return _first_difference(manifest.get("made_from", {}), made_from)
+
+
+def stale_reason(output: str | Path, cfg: dict) -> str | None:
+    """A consumer's check of an upstream output: are the inputs, config values and code its
+    manifest records still what is here now? None if so; else the reason."""
+    output = Path(output)
+    manifest = _read_manifest(output) if output.exists() else None
+    if manifest is None:
+        return why_not_current(output, {})
+    recorded = manifest.get("made_from", {})
+    current = dict(recorded,
+                   inputs={key: (content_hash(_input_path(cfg, key)) if _input_path(cfg, key).exists()
+                                 or not Path(key).is_absolute() else digest)  # raw files moved away: unchecked
+                           for key, digest in recorded.get("inputs", {}).items()},
+                   config={key: json.loads(json.dumps(config_value(cfg, key), default=str))
+                           for key in recorded.get("config", {})},
+                   code={name: content_hash(KIT_ROOT / name) for name in recorded.get("code", {})})
+    return why_not_current(output, current)
+
+
+def require_current(output: str | Path, cfg: dict, redo: str) -> None:
+    """Stop with one line if an input made by an earlier stage is stale or unfinished."""
+    reason = stale_reason(output, cfg)
+    if reason:
+        raise InputError(f"{output}: not made from the files and config now present ({reason}); "
+                         f"redo it with: {redo}")
+
+
+def write_manifest(output: str | Path, made_from: dict, **details: Any) -> None:
+    """Record that `output` is finished and what it was made from (after `output` is complete)."""
+    output = Path(output)
+    write_json(manifest_path(output), {
+        "output": output.name, "output_sha256": content_hash(output), "made_from": made_from,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details})
+
+
+def forget_output(output: str | Path) -> None:
+    """Drop `output`'s manifest before rewriting it, so a half-done rewrite is never current."""
+    manifest_path(output).unlink(missing_ok=True)
 
 
 def package_versions() -> dict[str, str]:
@@ -215,14 +620,28 @@ def set_seed(seed: int) -> None:
 # ----------------------------------------------------------------------------
 # Atomic IO: a killed stage never leaves a half file behind
 # ----------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files and folders a killed writer of `path` left beside it (only one writer per path)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in the target's folder; rename it over `path` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the user's umask
     try:
         yield tmp
         os.replace(tmp, path)
@@ -236,7 +655,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temp folder beside `path`; it replaces `path` whole only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         old = path.with_name(f".{path.name}.old")
@@ -356,8 +777,20 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
-def data_dir(cfg: dict, dataset: str) -> Path:
-    return run_dir(cfg) / "data" / dataset
+DATA_FILES = ("train.jsonl", "dev.jsonl", "test.jsonl", "stats.json")
+
+
+def data_files(cfg: dict, dataset: str) -> list[Path]:
+    """01's files for `dataset`: the inputs every later stage's recipe names."""
+    return [data_dir(cfg, dataset) / name for name in DATA_FILES]
+
+
+def require_data(cfg: dict, dataset: str) -> None:
+    """Stop unless 01 finished `dataset` with the config (split seed, sizes) and code now present."""
+    if not data_dir(cfg, dataset).is_dir():
+        raise InputError(f"{data_dir(cfg, dataset)}: no prepared data for '{dataset}'; run: "
+                         + stage_command(cfg, "01_prepare.py", "--dataset", dataset))
+    require_current(data_dir(cfg, dataset), cfg, stage_command(cfg, "01_prepare.py", "--dataset", dataset))
 
 
 def load_task(cfg: dict, dataset: str) -> dict:
@@ -375,7 +808,7 @@ def load_eval_split(cfg: dict, dataset: str, split: str) -> list[dict]:
     01 and 02 always use every item)."""
     records = load_split(cfg, dataset, split)
     items = sorted({record["item_id"] for record in records})
-    keep = set(seeded_sample(items, cfg["data"]["max_eval_items"], f"{cfg['seed']}/{dataset}/{split}"))
+    keep = set(seeded_sample(items, cfg["data"]["max_eval_items"], f"{cfg['data']['split_seed']}/{dataset}/{split}"))
     return [record for record in records if record["item_id"] in keep]
 
 
@@ -391,14 +824,6 @@ def load_splits(cfg: dict, dataset: str) -> dict[str, list[dict]]:
     """{"train": every train record, "dev"/"test": load_eval_split} for the training stages."""
     return {"train": load_split(cfg, dataset, "train"), "dev": load_eval_split(cfg, dataset, "dev"),
             "test": load_eval_split(cfg, dataset, "test")}
-
-def predictions_path(cfg: dict, dataset: str, model_tag: str, method: str, annotator: str) -> Path:
-    return run_dir(cfg) / "predictions" / dataset / model_tag / method / f"{annotator}.jsonl"
-
-
-def adapter_dir(cfg: dict, dataset: str, model_tag: str, method: str, annotator: str) -> Path:
-    return run_dir(cfg) / "adapters" / dataset / model_tag / method / annotator
-
 
 def dataset_annotators(cfg: dict, dataset: str) -> list[str]:
     return read_json(data_dir(cfg, dataset) / "stats.json")["annotators"]
@@ -1232,11 +1657,6 @@ def adapter_complete(path: str | Path) -> bool:
     return (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
 
 
-def training_work_dir(cfg: dict, dataset: str, model_tag: str, method: str, annotator: str) -> Path:
-    """Checkpoints of a run in progress (for --resume); removed once the adapter is saved."""
-    return run_dir(cfg) / "work" / method / dataset / model_tag / annotator
-
-
 def load_adapter_model(model_cfg: dict, adapter_path: str | Path, device: str | None = None):
     """(PeftModel, tokenizer): the base model of `model_cfg` with a saved adapter, for inference."""
     from peft import PeftModel
@@ -1245,43 +1665,26 @@ def load_adapter_model(model_cfg: dict, adapter_path: str | Path, device: str | 
     return model.eval(), tokenizer
 
 
-def predict_with_adapter(cfg: dict, model_cfg: dict, task: dict, adapter_path: str | Path,
-                         records: list[dict], annotator: str, method: str, out_path: str | Path) -> dict:
-    """Generate on `annotator`'s items of `records` with a saved adapter; write predictions JSONL."""
+def adapter_predictions_recipe(cfg: dict, stage: str, dataset: str, model_cfg: dict, adapter_path: Path) -> dict:
+    """What an adapter's test predictions depend on: the adapter, 01's files, decoding settings."""
+    return recipe(cfg, stage, [adapter_path, *data_files(cfg, dataset)],
+                  ["seed", "data.split_seed", "data.max_eval_items", "generation", f"models[{model_cfg['tag']}]"])
+
+
+def predict_with_adapter(cfg: dict, model_cfg: dict, task: dict, adapter_path: str | Path, records: list[dict],
+                         annotator: str, method: str, out_path: str | Path, made_from: dict) -> dict:
+    """Generate on `annotator`'s items of `records` with a saved adapter; write predictions JSONL
+    and its manifest (`made_from`)."""
     model, tokenizer = load_adapter_model(model_cfg, adapter_path)
     requests = annotator_requests(records, task, annotator)
     predictions = generate_predictions(model, tokenizer, requests, task, cfg["generation"], method=method,
                                        model_tag=model_cfg["tag"], seed=cfg["seed"],
                                        desc=f"{method} {annotator}")
+    forget_output(out_path)
     write_jsonl(out_path, predictions)
+    save_resolved_config(cfg, Path(out_path).parent, stage=made_from["stage"])
+    write_manifest(out_path, made_from)
     return {"predictions": len(predictions), "parse_rate": parse_rate(predictions), "path": str(out_path)}
-
-
-def train_then_predict(cfg: dict, args, model_cfg: dict, task: dict, dataset: str, annotator: str,
-                       method: str, stage: str, test_records: list[dict], train: Callable[[Path], None],
-                       status: dict) -> dict | None:
-    """04/05 for one annotator: train the adapter unless it is complete (or --force), then write test
-    predictions unless they exist and the adapter is unchanged. Returns the status on rank 0 only."""
-    tag = model_cfg["tag"]
-    adapter_path = adapter_dir(cfg, dataset, tag, method, annotator)
-    pred_path = predictions_path(cfg, dataset, tag, method, annotator)
-    status = {**status, "adapter": str(adapter_path)}
-    started = time.time()
-    status["trained"] = bool(args.force or not adapter_complete(adapter_path))
-    if status["trained"]:
-        train(adapter_path)
-    else:
-        print(f"[{method} {dataset}/{tag}/{annotator}] adapter exists, not retrained (--force retrains)", flush=True)
-    if not is_main_process():
-        return None
-    if args.force or status["trained"] or not pred_path.exists():
-        status.update(predict_with_adapter(cfg, model_cfg, task, adapter_path, test_records, annotator, method,
-                                           pred_path))
-        save_resolved_config(cfg, pred_path.parent, stage=stage)
-    else:
-        status.update(path=str(pred_path), parse_rate=parse_rate(read_jsonl(pred_path)))
-    status["seconds"] = round(time.time() - started, 1)
-    return status
 
 
 def print_training_summary(done: list[dict]) -> None:
@@ -1294,19 +1697,26 @@ def print_training_summary(done: list[dict]) -> None:
               f"(parse rate {'n/a' if rate is None else f'{rate:.2f}'}); {status['seconds']}s", flush=True)
 
 
-def checkpoint_to_resume(work_dir: str | Path, resume: bool, name: str) -> str | None:
-    """The last checkpoint in `work_dir` when resuming; otherwise clear stale checkpoints."""
+def checkpoint_to_resume(work_dir: str | Path, resume: bool, name: str, made_from: dict) -> str | None:
+    """The last checkpoint in `work_dir` when resuming a run of the same recipe; otherwise clear
+    the folder (stale checkpoints are never continued) and record `made_from` in it."""
     from transformers.trainer_utils import get_last_checkpoint
     work_dir = Path(work_dir)
     last = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
-    if resume and last:
+    recorded = work_dir / "recipe.json"
+    same = recorded.is_file() and _first_difference(read_json(recorded), made_from) is None
+    if resume and last and same:
         print(f"[{name}] resuming from {last}", flush=True)
         return last
-    if resume:
+    if resume and last:
+        print(f"[{name}] --resume: {last} was made from other data, config or code; starting over", flush=True)
+    elif resume:
         print(f"[{name}] --resume: no checkpoint in {work_dir}; starting from the beginning", flush=True)
     elif last:
         print(f"[{name}] an interrupted run left {last}; starting over (pass --resume to continue it)",
               flush=True)
-    if work_dir.is_dir() and is_main_process():
-        shutil.rmtree(work_dir)
+    if is_main_process():
+        if work_dir.is_dir():
+            shutil.rmtree(work_dir)
+        write_json(recorded, made_from)
     return None

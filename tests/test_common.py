@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -52,8 +53,65 @@ def test_bad_yaml_names_the_file(tmp_path):
         common.load_config(bad)
     missing = tmp_path / "partial.yaml"
     missing.write_text(yaml.safe_dump({"profile": "x", "seed": 1}))
-    with pytest.raises(common.InputError, match="field 'run_dir'"):
+    with pytest.raises(common.InputError, match="partial.yaml: missing config key 'torch_threads'"):
         common.load_config(missing)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(common.InputError, match="empty.yaml: empty or not a mapping"):
+        common.load_config(empty)
+
+
+def yaml_with(tmp_path, **changes) -> Path:
+    """configs/smoke.yaml with `section__key` set (a key that is not there is added: a typo)."""
+    cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_yaml_typo_is_refused_with_the_nearest_key(tmp_path):
+    # Before the schema, `max_itmes` was ignored and the smoke profile ran on all 500 items.
+    with pytest.raises(common.InputError, match=r"unknown config key 'data.max_itmes' \(did you mean 'max_items'"):
+        common.load_config(yaml_with(tmp_path, data__max_itmes=40))
+    with pytest.raises(common.InputError, match=r"unknown config key 'sft.lerning_rate'.*'learning_rate'"):
+        common.load_config(yaml_with(tmp_path, sft__lerning_rate=1e-4))
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--seed", "abc"], "seed = 'abc' is not int"),
+    (["--sft.epochs", "abc"], "sft.epochs = 'abc' is not float"),
+    (["--data.max_items", "ten"], "data.max_items = 'ten' is not int or null"),
+    (["--generation.do_sample", "3"], "generation.do_sample = 3 is not bool"),
+    (["--datasets", "varierr"], "datasets = 'varierr' is not list"),
+    (["--sft.lerning_rate", "1"], r"unknown config key 'sft.lerning_rate' \(did you mean 'sft.learning_rate'"),
+])
+def test_override_values_are_type_checked(override, message):
+    with pytest.raises(common.InputError, match=message):
+        common.load_config(ROOT / "configs" / "smoke.yaml", override)
+
+
+def test_yaml_values_are_type_checked(tmp_path):
+    with pytest.raises(common.InputError, match=r"typo.yaml: hlv.folds = 'five' is not int"):
+        common.load_config(yaml_with(tmp_path, hlv__folds="five"))
+    with pytest.raises(common.InputError, match=r"models\[0\].dtype = None is not str"):
+        common.load_config(yaml_with(tmp_path, models=[{"tag": "t", "source": "tiny", "name_or_path": None,
+                                                         "dtype": None}]))
+
+
+def test_stage_cli_bad_value_is_one_line(tmp_path):
+    import subprocess
+    result = subprocess.run([sys.executable, str(ROOT / "02_analyze_hlv.py"), "--config",
+                             str(ROOT / "configs" / "smoke.yaml"), "--seed", "abc"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {ROOT / 'configs' / 'smoke.yaml'} with the command-line overrides: seed = 'abc' is not int"]
 
 
 # ---------------------------------------------------------------------------- IO
