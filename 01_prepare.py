@@ -309,7 +309,7 @@ def annotator_sort_key(annotator: str):
 
 
 def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dict[str, Path]) -> dict:
-    seed = cfg["seed"]
+    seed = cfg["data"]["split_seed"]  # never the training seed: a new training seed keeps the split
     splits = split_items(list(out.items), cfg["data"]["split_items"], seed, cfg["data"].get("max_items"))
     kept_items = {i for ids in splits.values() for i in ids}
     records = [r for r in out.records if r["item_id"] in kept_items]
@@ -338,7 +338,7 @@ def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dic
 
     stats = {
         "dataset": name,
-        "seed": seed,
+        "split_seed": seed,
         "task": task,
         "annotators": annotators,
         "items": {s: len(splits[s]) for s in SPLITS} | {"total": len(kept_items)},
@@ -360,6 +360,23 @@ def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dic
     return stats
 
 
+# What a prepared dataset depends on besides its source files (and the options of --custom).
+DATA_CONFIG_KEYS = ("data.split_items", "data.split_seed", "data.max_items", "data.min_train_records_per_annotator")
+CUSTOM_OPTIONS = ("custom", "label_type", "labels", "score_range", "instruction")
+
+
+def custom_options_of(cfg: dict, name: str) -> dict:
+    """The --custom options `name` was prepared with (from its manifest), to re-read the same file."""
+    manifest = common.read_json(common.manifest_path(common.data_dir(cfg, name))) \
+        if common.manifest_path(common.data_dir(cfg, name)).is_file() else {}
+    options = manifest.get("made_from", {}).get("options", {})
+    if not options.get("custom"):
+        raise InputError(f"unknown dataset '{name}': built-in ones are varierr and par, and no custom dataset of "
+                         f"that name was prepared in {common.run_dir(cfg)} (prepare it with --custom FILE --name "
+                         f"{name} --label-type categorical|numeric)")
+    return options
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = common.stage_parser(__doc__)
     parser.add_argument("--raw-dir", help="folder with the raw files (default: $CAPO_RAW_DIR or data/raw)")
@@ -374,39 +391,55 @@ def main(argv: list[str] | None = None) -> None:
     args, cfg = common.parse_stage_args(parser, argv)
     common.set_seed(cfg["seed"])
 
-    jobs = []  # (name, task, collector, sources)
+    # ---- which datasets, from which files: (name, sources, options)
+    wanted = []
     if args.custom:
         if not args.name or not re.fullmatch(r"[A-Za-z0-9_-]+", args.name) or args.name in common.BUILTIN_DATASETS:
             raise InputError("--custom needs --name: letters, digits, - and _, not varierr or par")
         if not args.label_type:
             raise InputError("--custom needs --label-type categorical|numeric")
-        path = Path(args.custom)
-        if not path.exists():
-            raise InputError(f"{path}: custom annotation file not found")
-        task = custom_task(path, args.label_type, args.labels, args.score_range, args.instruction)
-        out = Collector(args.skip_invalid)
-        read_custom(path, task, out)
-        jobs.append((args.name, task, out, {"custom": path}))
+        options = {key: getattr(args, key) for key in CUSTOM_OPTIONS}
+        options["custom"] = str(Path(args.custom).resolve())
+        wanted.append((args.name, {"custom": Path(options["custom"])}, options))
     else:
         raw_dir = resolve_raw_dir(args.raw_dir, cfg)
         for name in common.selected_datasets(cfg, args.dataset):
-            out = Collector(args.skip_invalid)
             if name == "varierr":
-                sources = {"varierr": find_raw_file(raw_dir, "varierr.json")}
-                read_varierr(sources["varierr"], out)
+                wanted.append((name, {"varierr": find_raw_file(raw_dir, "varierr.json")}, {}))
             elif name == "par":
-                sources = {s: find_raw_file(raw_dir, f"Paraphrase_{s}.json") for s in SPLITS}
-                read_paraphrase(list(sources.values()), out)
-            else:
-                raise InputError(f"unknown dataset '{name}': built-in ones are varierr and par "
-                                 "(prepare your own with --custom FILE --name NAME)")
-            jobs.append((name, common.BUILTIN_TASKS[name], out, sources))
+                wanted.append((name, {s: find_raw_file(raw_dir, f"Paraphrase_{s}.json") for s in SPLITS}, {}))
+            else:  # a custom dataset prepared before: re-read the file it was prepared from
+                options = custom_options_of(cfg, name)
+                wanted.append((name, {"custom": Path(options["custom"])}, options))
 
-    for name, task, out, sources in jobs:
+    # ---- each dataset: skip if finished from the same files and config, else read, split, write
+    for name, sources, options in wanted:
+        for path in sources.values():
+            if not path.is_file():
+                raise InputError(f"{path}: source file of dataset '{name}' not found")
+        made_from = common.recipe(cfg, "01_prepare", sources.values(), DATA_CONFIG_KEYS, dataset=name,
+                                  options={**options, "skip_invalid": args.skip_invalid})
+        target = common.data_dir(cfg, name)
+        reason = "--force" if args.force else common.why_not_current(target, made_from)
+        if reason is None:
+            print(f"[prepare] {name}: {target} is current (same source files, split and code); skipped")
+            continue
+        out = Collector(args.skip_invalid)
+        if options:
+            task = custom_task(sources["custom"], options["label_type"], options["labels"], options["score_range"],
+                               options["instruction"])
+            read_custom(sources["custom"], task, out)
+        elif name == "varierr":
+            task = common.BUILTIN_TASKS[name]
+            read_varierr(sources["varierr"], out)
+        else:
+            task = common.BUILTIN_TASKS[name]
+            read_paraphrase(list(sources.values()), out)
+        common.forget_output(target)
         stats = write_dataset(cfg, name, task, out, sources)
-        print(f"[prepare] {name}: items {stats['items']}, records {stats['records']}, "
-              f"annotators {stats['annotators']}, dropped {stats['dropped'] or 'none'} "
-              f"-> {common.data_dir(cfg, name)}")
+        common.write_manifest(target, made_from)
+        print(f"[prepare] {name} ({reason}): items {stats['items']}, records {stats['records']}, "
+              f"annotators {stats['annotators']}, dropped {stats['dropped'] or 'none'} -> {target}")
 
 
 if __name__ == "__main__":

@@ -442,7 +442,7 @@ def check_hlv_config(hlv_cfg: dict, config_path: str) -> None:
 def analyse_dataset(cfg: dict, dataset: str) -> dict:
     hlv_cfg = cfg["hlv"]
     seed = int(cfg["seed"])
-    out_dir = common.run_dir(cfg) / "hlv" / dataset
+    out_dir = common.hlv_dir(cfg, dataset)
     records = [record for split in SPLITS for record in common.load_split(cfg, dataset, split)]
     task = common.load_task(cfg, dataset)
     annotators = common.dataset_annotators(cfg, dataset)
@@ -463,7 +463,7 @@ def analyse_dataset(cfg: dict, dataset: str) -> dict:
         raise InputError(f"{common.data_dir(cfg, dataset)}: identification needs at least 2 items and 2 "
                          f"annotators (found {n_items} items, {len(annotators)} annotators)")
     folds = item_grouped_folds(item_ids, n_folds, seed)
-    vectors = embed_representations(cfg, records, out_dir / "cache")
+    vectors = embed_representations(cfg, records, common.embedding_cache_dir(cfg, dataset))
     identification, control = {}, {}
     for name, X in vectors.items():
         started = time.time()
@@ -511,13 +511,26 @@ def analyse_dataset(cfg: dict, dataset: str) -> dict:
     return summary
 
 
+CONFIG_KEYS = ("seed", "hlv", "embedder")  # what summary.json depends on besides 01's files
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = common.stage_parser(__doc__)
     args, cfg = common.parse_stage_args(parser, argv)
     common.set_seed(cfg["seed"])
     check_hlv_config(cfg["hlv"], cfg["config_path"])
     for dataset in common.selected_datasets(cfg, args.dataset):
+        common.require_data(cfg, dataset)
+        summary_path = common.hlv_dir(cfg, dataset) / "summary.json"
+        made_from = common.recipe(cfg, "02_analyze_hlv", common.data_files(cfg, dataset), CONFIG_KEYS)
+        reason = "--force" if args.force else common.why_not_current(summary_path, made_from)
+        if reason is None:
+            print(f"[hlv] {dataset}: {summary_path} is current; skipped", flush=True)
+            continue
+        print(f"[hlv] {dataset}: analysing ({reason})", flush=True)
+        common.forget_output(summary_path)
         analyse_dataset(cfg, dataset)
+        common.write_manifest(summary_path, made_from)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,15 @@ def write_config(tmp_path: Path, base: str = "smoke", **changes) -> Path:
     return path
 
 
+def mark_prepared(config, dataset: str) -> None:
+    """A data/<dataset>/ folder a test wrote by hand counts as 01's output: write the manifest
+    01 would write beside it (later stages refuse data without one)."""
+    cfg = config if isinstance(config, dict) else common.load_config(config)
+    prepare = load_stage("01_prepare")
+    made_from = common.recipe(cfg, "01_prepare", [], prepare.DATA_CONFIG_KEYS, dataset=dataset, options={})
+    common.write_manifest(common.data_dir(cfg, dataset), made_from)
+
+
 @pytest.fixture
 def smoke_config(tmp_path):
     return write_config(tmp_path)

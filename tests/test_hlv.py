@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import common
-from conftest import load_stage, write_config
+from conftest import load_stage, mark_prepared, write_config
 
 hlv = load_stage("02_analyze_hlv")
 
@@ -219,6 +219,7 @@ def write_tiny_run(cfg_path):
     task = {"label_type": "categorical", "labels": labels, "text_a_name": "A", "text_b_name": "B",
             "instruction": "Decide."}
     common.write_json(data / "stats.json", {"dataset": "tiny", "task": task, "annotators": list(STYLE)})
+    mark_prepared(cfg, "tiny")
     return cfg
 
 

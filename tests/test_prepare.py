@@ -160,7 +160,10 @@ def test_same_seed_gives_byte_identical_files(tmp_path, raw):
     for dataset in ("varierr", "par"):
         for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "stats.json"):
             assert (first / dataset / name).read_bytes() == (second / dataset / name).read_bytes()
-    other = run_prepare(tmp_path / "c", raw, "--seed", "7")
+    # The training seed never re-splits; the split seed does.
+    same_split = run_prepare(tmp_path / "c", raw, "--seed", "7")
+    assert (same_split / "varierr" / "test.jsonl").read_bytes() == (first / "varierr" / "test.jsonl").read_bytes()
+    other = run_prepare(tmp_path / "d", raw, "--data.split_seed", "7")
     assert (other / "varierr" / "test.jsonl").read_bytes() != (first / "varierr" / "test.jsonl").read_bytes()
 
 
