@@ -82,43 +82,44 @@ def profile_messages(task: dict, annotator: str, sources: list[dict], max_words:
     ]
 
 
-def write_value_profiles(cfg: dict, dataset: str, annotators: list[str], task: dict, train: list[dict],
-                         model, tokenizer, model_cfg: dict) -> dict[str, str]:
-    """Profiles of `annotators`: read from runs/<profile>/profiles/ when their key matches, else written."""
+def profile_request(cfg: dict, dataset: str, annotator: str, task: dict, train: list[dict],
+                    writer_cfg: dict) -> dict:
+    """What `annotator`'s value profile is written from, and its cache key (no model needed)."""
     base_cfg = cfg["baselines"]
     gen_cfg = dict(cfg["generation"], max_new_tokens=base_cfg["profile_max_new_tokens"])
-    folder = common.run_dir(cfg) / "profiles" / dataset
-    profiles, todo = {}, []
-    for annotator in annotators:
-        sources = sample_train_records(train, annotator, base_cfg["profile_source_examples"],
-                                       cfg["seed"], "profile")
-        messages = profile_messages(task, annotator, sources, base_cfg["profile_max_new_tokens"] // 2)
-        key = common.config_hash({k: v for k, v in model_cfg.items() if k != "tag"}, messages,
-                                 {k: gen_cfg.get(k) for k in ("max_new_tokens", "do_sample", "temperature")},
-                                 cfg["seed"])
-        meta_path = folder / f"{annotator}.json"
-        if meta_path.exists() and (folder / f"{annotator}.txt").exists() and common.read_json(meta_path).get("key") == key:
-            profiles[annotator] = (folder / f"{annotator}.txt").read_text(encoding="utf-8")
-            print(f"[03] {dataset} {annotator}: value profile reused ({folder / f'{annotator}.txt'})", flush=True)
-        else:
-            todo.append((annotator, sources, messages, key))
-    if todo:
-        if gen_cfg.get("do_sample"):
-            common.set_seed(cfg["seed"])
-        texts = common.generate_texts(model, tokenizer, [m for _, _, m, _ in todo], gen_cfg,
-                                      desc=f"{dataset} profiles")
-        for (annotator, sources, messages, key), text in zip(todo, texts):
-            profile = text.strip()
-            if not profile:
-                print(f"[03] warning: {dataset} {annotator}: the writer model returned an empty profile; "
-                      "vp prompts for this annotator carry none", flush=True)
-            common.atomic_write_text(folder / f"{annotator}.txt", profile + ("\n" if profile else ""))
-            common.write_json(folder / f"{annotator}.json", {
-                "key": key, "writer_model": model_cfg["tag"], "annotator": annotator, "dataset": dataset,
-                "source_item_ids": [r["item_id"] for r in sources], "prompt": messages})
-            profiles[annotator] = profile
-            print(f"[03] {dataset} {annotator}: value profile written ({len(profile.split())} words)", flush=True)
-    return {a: profiles[a].strip() for a in annotators}
+    sources = sample_train_records(train, annotator, base_cfg["profile_source_examples"], cfg["seed"], "profile")
+    messages = profile_messages(task, annotator, sources, base_cfg["profile_max_new_tokens"] // 2)
+    key = common.config_hash({k: v for k, v in writer_cfg.items() if k != "tag"}, messages,
+                             {k: gen_cfg.get(k) for k in ("max_new_tokens", "do_sample", "temperature")},
+                             cfg["seed"])
+    folder = common.profiles_dir(cfg, dataset)
+    return {"annotator": annotator, "sources": sources, "messages": messages, "key": key, "gen_cfg": gen_cfg,
+            "text_path": folder / f"{annotator}.txt", "meta_path": folder / f"{annotator}.json"}
+
+
+def profile_is_current(request: dict) -> bool:
+    return (request["text_path"].is_file() and request["meta_path"].is_file()
+            and common.read_json(request["meta_path"]).get("key") == request["key"])
+
+
+def write_value_profiles(cfg: dict, dataset: str, requests: list[dict], model, tokenizer, writer_tag: str) -> None:
+    """Write the profiles of `requests` with the writer model (one batch)."""
+    if not requests:
+        return
+    if requests[0]["gen_cfg"].get("do_sample"):
+        common.set_seed(cfg["seed"])
+    texts = common.generate_texts(model, tokenizer, [r["messages"] for r in requests], requests[0]["gen_cfg"],
+                                  desc=f"{dataset} profiles")
+    for request, text in zip(requests, texts):
+        profile, annotator = text.strip(), request["annotator"]
+        if not profile:
+            print(f"[03] warning: {dataset} {annotator}: the writer model returned an empty profile; "
+                  "vp prompts for this annotator carry none", flush=True)
+        common.atomic_write_text(request["text_path"], profile + ("\n" if profile else ""))
+        common.write_json(request["meta_path"], {
+            "key": request["key"], "writer_model": writer_tag, "annotator": annotator, "dataset": dataset,
+            "source_item_ids": [r["item_id"] for r in request["sources"]], "prompt": request["messages"]})
+        print(f"[03] {dataset} {annotator}: value profile written ({len(profile.split())} words)", flush=True)
 
 
 # ---- stage ----------------------------------------------------------------------------------------
@@ -138,6 +139,18 @@ def ordered_models(cfg: dict) -> list[dict]:
     return sorted(models, key=lambda m: m["tag"] != writer)
 
 
+def prediction_recipe(cfg: dict, dataset: str, model_cfg: dict, method: str, profile_path) -> dict:
+    """What one predictions file depends on: 01's files, the profile (vp methods) and the
+    config values the method reads."""
+    keys = ["seed", "data.split_seed", "data.max_eval_items", "generation", f"models[{model_cfg['tag']}]"]
+    inputs = common.data_files(cfg, dataset)
+    if "icl" in method:
+        keys.append("baselines.icl_k")
+    if method.startswith("vp"):
+        inputs.append(profile_path)
+    return common.recipe(cfg, "03_prompt_baselines", inputs, keys, method=method)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = common.stage_parser(__doc__)
     args, cfg = common.parse_stage_args(parser, argv)
@@ -147,10 +160,13 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise common.InputError(f"{cfg['config_path']}: baselines.methods has unknown {unknown} (known: {list(METHODS)})")
+    models = ordered_models(cfg)
+    writer = models[0]
 
     # ---- data: train records feed demonstrations and profiles; test items are asked ----
     data = {}
     for dataset in common.selected_datasets(cfg, args.dataset):
+        common.require_data(cfg, dataset)
         train = common.load_split(cfg, dataset, "train")
         check_no_leakage(train, common.load_split(cfg, dataset, "dev") + common.load_split(cfg, dataset, "test"), dataset)
         test = common.load_eval_split(cfg, dataset, "test")
@@ -164,44 +180,62 @@ def main(argv: list[str] | None = None) -> None:
     for (d, a), demos in demonstrations.items():
         if any(m in ("icl", "vp_icl") for m in methods) and len(demos) < base_cfg["icl_k"]:
             print(f"[03] {d} {a}: only {len(demos)} train records for icl_k={base_cfg['icl_k']}", flush=True)
+    profile_requests = {(d, a): profile_request(cfg, d, a, data[d]["task"], data[d]["train"], writer)
+                        for d, a in units}
 
-    # ---- models: each loaded once; the profile writer goes first ----
-    profiles: dict[tuple[str, str], str | None] = {}
+    # ---- plan: a predictions file is redone when missing or stale (its manifest says from what) ----
+    todo = []  # (model_cfg, dataset, annotator, method, why)
+    for model_cfg in models:
+        for dataset, annotator in units:
+            for method in methods:
+                path = common.predictions_path(cfg, dataset, model_cfg["tag"], method, annotator)
+                made_from = prediction_recipe(cfg, dataset, model_cfg, method,
+                                              profile_requests[(dataset, annotator)]["text_path"])
+                if method.startswith("vp") and not profile_is_current(profile_requests[(dataset, annotator)]):
+                    reason = "its value profile is missing or stale"
+                else:
+                    reason = "--force" if args.force else common.why_not_current(path, made_from)
+                if reason:
+                    todo.append((model_cfg, dataset, annotator, method, reason))
+    print(f"[03] {len(todo)} of {len(models) * len(units) * len(methods)} predictions files to (re)do; "
+          "the rest are current", flush=True)
+    stale_profiles = [profile_requests[(d, a)] for d, a in units if not profile_is_current(profile_requests[(d, a)])
+                      and any(m.startswith("vp") for _, d2, a2, m, _ in todo if (d2, a2) == (d, a))]
+
+    # ---- models: each loaded once, only if it has work; the profile writer goes first ----
     summary = []
-    for model_cfg in ordered_models(cfg):
+    for model_cfg in models:
+        jobs = [job for job in todo if job[0] is model_cfg]
+        writes_profiles = model_cfg is writer and stale_profiles
+        if not jobs and not writes_profiles:
+            continue
         model, tokenizer = common.load_model_and_tokenizer(model_cfg)
         tag = model_cfg["tag"]
-        if any(m.startswith("vp") for m in methods) and not profiles:
-            for dataset, d in data.items():
-                mine = [a for ds, a in units if ds == dataset]
-                written = write_value_profiles(cfg, dataset, mine, d["task"], d["train"], model, tokenizer, model_cfg)
-                profiles.update({(dataset, a): text for a, text in written.items()})
-
-        # ---- work: one file per dataset, method and annotator ----
-        for dataset, annotator in units:
-            d = data[dataset]
-            for method in methods:
-                started = time.time()
-                requests = common.annotator_requests(
-                    d["test"], d["task"], annotator,
-                    **prompt_kwargs(method, demonstrations[(dataset, annotator)], profiles.get((dataset, annotator))))
-                predictions = common.generate_predictions(
-                    model, tokenizer, requests, d["task"], gen_cfg, method=method, model_tag=tag,
-                    seed=cfg["seed"], desc=f"{dataset} {tag} {method} {annotator}")
-                path = common.predictions_path(cfg, dataset, tag, method, annotator)
-                common.write_jsonl(path, predictions)
-                rate = common.parse_rate(predictions)
-                summary.append((dataset, tag, method, annotator, len(predictions), rate))
-                rate_text = "n/a" if rate is None else f"{rate:.1%}"
-                print(f"[03] {path}: {len(predictions)} predictions, parse rate {rate_text}, "
-                      f"{time.time() - started:.0f}s", flush=True)
-
-        # ---- save: the resolved config beside every method folder ----
-        if rank == 0:
+        if writes_profiles:
             for dataset in data:
-                for method in methods:
-                    folder = common.predictions_path(cfg, dataset, tag, method, "x").parent
-                    common.save_resolved_config(cfg, folder, stage="03_prompt_baselines", argv=argv)
+                write_value_profiles(cfg, dataset, [r for r in stale_profiles if r["text_path"].parent ==
+                                                    common.profiles_dir(cfg, dataset)], model, tokenizer, tag)
+
+        # ---- work: one file per dataset, method and annotator, each with its manifest ----
+        for _, dataset, annotator, method, reason in jobs:
+            d, started = data[dataset], time.time()
+            request = profile_requests[(dataset, annotator)]
+            profile = request["text_path"].read_text(encoding="utf-8").strip() if method.startswith("vp") else None
+            requests = common.annotator_requests(
+                d["test"], d["task"], annotator, **prompt_kwargs(method, demonstrations[(dataset, annotator)], profile))
+            predictions = common.generate_predictions(
+                model, tokenizer, requests, d["task"], gen_cfg, method=method, model_tag=tag,
+                seed=cfg["seed"], desc=f"{dataset} {tag} {method} {annotator}")
+            path = common.predictions_path(cfg, dataset, tag, method, annotator)
+            common.forget_output(path)
+            common.write_jsonl(path, predictions)
+            common.save_resolved_config(cfg, path.parent, stage="03_prompt_baselines", argv=argv)
+            common.write_manifest(path, prediction_recipe(cfg, dataset, model_cfg, method, request["text_path"]))
+            rate = common.parse_rate(predictions)
+            summary.append((dataset, tag, method, annotator, len(predictions), rate))
+            rate_text = "n/a" if rate is None else f"{rate:.1%}"
+            print(f"[03] {path} ({reason}): {len(predictions)} predictions, parse rate {rate_text}, "
+                  f"{time.time() - started:.0f}s", flush=True)
         del model
 
     print("[03] parse rate per dataset, model and method:")

@@ -8,7 +8,7 @@ import re
 import pytest
 
 import common
-from conftest import load_stage, write_config
+from conftest import load_stage, mark_prepared, write_config
 
 stage = load_stage("03_prompt_baselines")
 
@@ -64,6 +64,7 @@ def write_fixture_run(tmp_path, leak_item: str | None = None, **config_changes):
             common.write_jsonl(folder / f"{split}.jsonl", records)
         common.write_json(folder / "stats.json", {"dataset": dataset, "task": TASKS[dataset],
                                                   "annotators": ANNOTATORS[dataset]})
+        mark_prepared(cfg, dataset)
     return config, cfg
 
 
