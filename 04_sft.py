@@ -125,8 +125,14 @@ def epoch_dev_losses(log_history: list[dict]) -> list[dict]:
             for row in log_history if "eval_loss" in row]
 
 
+def adapter_recipe(cfg: dict, dataset: str, model_cfg: dict) -> dict:
+    """What an SFT adapter depends on: 01's files (train, and dev for the dev loss) and the config."""
+    return common.recipe(cfg, "04_sft", common.data_files(cfg, dataset),
+                         ["seed", "data.split_seed", "data.max_eval_items", "sft", f"models[{model_cfg['tag']}]"])
+
+
 def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
-                  annotator: str, adapter_path) -> None:
+                  annotator: str, adapter_path, made_from: dict) -> None:
     tag, name = model_cfg["tag"], f"sft {dataset}/{model_cfg['tag']}/{annotator}"
     common.set_seed(int(cfg["seed"]))  # before the model and the LoRA initialisation
     model, tokenizer = common.load_model_and_tokenizer(model_cfg)
@@ -145,7 +151,7 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
         raise InputError(f"{common.data_dir(cfg, dataset) / 'train.jsonl'}: annotator {annotator} "
                          f"has no train records (of at most {max_length} tokens)")
     work_dir = common.training_work_dir(cfg, dataset, tag, "sft", annotator)
-    resume_from = common.checkpoint_to_resume(work_dir, args.resume, name)
+    resume_from = common.checkpoint_to_resume(work_dir, args.resume, name, made_from)
 
     trainer = SFTTrainer(model=model, args=sft_config(cfg, work_dir, has_dev=bool(dev_rows)),
                          train_dataset=Dataset.from_list(train_rows),
@@ -163,6 +169,7 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
         dev_losses = epoch_dev_losses(trainer.state.log_history)
         for row in dev_losses:
             print(f"[{name}] epoch {row['epoch']:.0f}: dev loss {row['dev_loss']:.4f}", flush=True)
+        common.forget_output(adapter_path)
         with common.atomic_dir(adapter_path) as tmp:
             trainer.model.save_pretrained(tmp)
             common.write_json(tmp / "train_log.json", {
@@ -177,6 +184,7 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
                 "seconds": round(time.time() - started, 1), "supervised_example": supervised,
                 "log_history": trainer.state.log_history})
             common.save_resolved_config(cfg, tmp, stage="04_sft")
+        common.write_manifest(adapter_path, made_from)
         shutil.rmtree(work_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     del trainer, model
@@ -185,28 +193,44 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
         torch.cuda.empty_cache()
 
 
-def run_annotator(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
-                  annotator: str) -> dict | None:
-    return common.train_then_predict(
-        cfg, args, model_cfg, task, dataset, annotator, "sft", "04_sft", splits["test"],
-        lambda path: train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, path),
-        {"dataset": dataset, "model": model_cfg["tag"], "annotator": annotator, "method": "sft"})
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = common.training_stage_parser(__doc__)
     args, cfg = common.parse_stage_args(parser, argv)
 
     done = []
     for dataset in common.selected_datasets(cfg, args.dataset):
+        common.require_data(cfg, dataset)
         task = common.load_task(cfg, dataset)
         splits = common.load_splits(cfg, dataset)
         annotators = common.select_annotators(cfg, dataset, args.annotators)
         for model_cfg in common.model_configs(cfg):
             for annotator in annotators:
-                status = run_annotator(cfg, args, dataset, task, splits, model_cfg, annotator)
-                if status:
-                    done.append(status)
+                tag, started = model_cfg["tag"], time.time()
+                name = f"sft {dataset}/{tag}/{annotator}"
+                adapter_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
+                pred_path = common.predictions_path(cfg, dataset, tag, "sft", annotator)
+
+                # ---- train, unless the adapter is finished from the same data, config and code
+                made_from = adapter_recipe(cfg, dataset, model_cfg)
+                reason = "--force" if args.force else common.why_not_current(adapter_path, made_from)
+                if reason:
+                    print(f"[{name}] training ({reason})", flush=True)
+                    train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, adapter_path, made_from)
+                else:
+                    print(f"[{name}] adapter is current (same data, config and code); not retrained", flush=True)
+                if not common.is_main_process():
+                    continue
+
+                # ---- predict the test items, unless those predictions are current for this adapter
+                pred_made_from = common.adapter_predictions_recipe(cfg, "04_sft", dataset, model_cfg, adapter_path)
+                status = {"dataset": dataset, "model": tag, "annotator": annotator, "method": "sft",
+                          "adapter": str(adapter_path), "path": str(pred_path)}
+                if args.force or reason or common.why_not_current(pred_path, pred_made_from):
+                    status.update(common.predict_with_adapter(cfg, model_cfg, task, adapter_path, splits["test"],
+                                                              annotator, "sft", pred_path, pred_made_from))
+                else:
+                    status["parse_rate"] = common.parse_rate(common.read_jsonl(pred_path))
+                done.append({**status, "seconds": round(time.time() - started, 1)})
     common.print_training_summary(done)
     return done
 

@@ -120,8 +120,7 @@ def build_pairs(records: list[dict], task: dict, target: str, policy: str, score
 def write_pairs(cfg: dict, dataset: str, task: dict, splits: dict, model_tag: str, policy: str) -> dict:
     """Every annotator's train pairs (JSONL) and pairs_stats.json; returns {annotator: pairs}."""
     section = cfg["capo"]
-    out_dir = common.run_dir(cfg) / "pairs" / dataset / model_tag
-    pairs_dir = out_dir if policy == "same_label" else out_dir / policy
+    out_dir, pairs_dir = common.pairs_dir(cfg, dataset, model_tag), common.pairs_dir(cfg, dataset, model_tag, policy)
     stats = {"dataset": dataset, "model": model_tag, "policy": policy, "score_delta": section["score_delta"],
              "rejected_valid_only": section["rejected_valid_only"], "per_annotator": {}}
     all_pairs = {}
@@ -166,7 +165,7 @@ class AttributionMeasure:
         section = cfg["capo"]
         self.cfg, self.task, self.annotator, self.tokenizer = cfg, task, annotator, tokenizer
         self.representation = section["select_representation"]
-        cache_dir = common.run_dir(cfg) / "hlv" / dataset / "cache"  # 02's embedding cache (keyed by texts)
+        cache_dir = common.embedding_cache_dir(cfg, dataset)  # 02's embedding cache (keyed by texts)
         X_train, _ = common.representation_vectors(cfg, splits["train"], self.representation, cache_dir)
         self.classifier = common.fit_annotator_classifier(cfg["hlv"], X_train,
                                                           [r["annotator"] for r in splits["train"]], cfg["seed"])
@@ -301,17 +300,22 @@ def build_trainer(cfg: dict, model_cfg: dict, sft_path, train_pairs: list[dict],
     return trainer, tokenizer
 
 
+def adapter_recipe(cfg: dict, dataset: str, model_cfg: dict, sft_path, pairs_path) -> dict:
+    """What a CAPO adapter depends on: its pairs, the SFT adapter it starts from, 01's files
+    (dev selection) and the config (DPO, the selection classifier and decoding)."""
+    return common.recipe(cfg, "05_capo", [pairs_path, sft_path, *common.data_files(cfg, dataset)],
+                         ["seed", "data.split_seed", "data.max_eval_items", "capo", "hlv", "embedder", "generation",
+                          f"models[{model_cfg['tag']}]"])
+
+
 def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
-                  annotator: str, pairs: list[dict], adapter_path, method: str) -> None:
+                  annotator: str, pairs: list[dict], sft_path, adapter_path, method: str, made_from: dict) -> None:
     tag, name = model_cfg["tag"], f"{method} {dataset}/{model_cfg['tag']}/{annotator}"
     section = cfg["capo"]
-    sft_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
-    if not common.adapter_complete(sft_path):
-        raise InputError(f"{sft_path}: no SFT adapter for {annotator}; run 04_sft.py first")
     dev_pairs = build_pairs(splits["dev"], task, annotator, section["pair_policy"], section["score_delta"],
                             section["rejected_valid_only"], split="dev")
     work_dir = common.training_work_dir(cfg, dataset, tag, method, annotator)
-    resume_from = common.checkpoint_to_resume(work_dir, args.resume, name)
+    resume_from = common.checkpoint_to_resume(work_dir, args.resume, name, made_from)
     work_dir.mkdir(parents=True, exist_ok=True)
 
     plan, why = selection_plan(cfg, splits, annotator, dev_pairs)
@@ -341,6 +345,7 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
                   "history": [selection.history[s] for s in sorted(selection.history)] if selection else []}
         print(f"[{name}] chosen step {choice['chosen_step']} of {choice['final_step']} "
               f"({choice['measure'] or 'last step'})", flush=True)
+        common.forget_output(adapter_path)
         with common.atomic_dir(adapter_path) as tmp:
             if best:
                 for path in (work_dir / "best").iterdir():
@@ -357,27 +362,13 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
                 "resumed_from": resume_from, "seconds": round(time.time() - started, 1),
                 "log_history": trainer.state.log_history})
             common.save_resolved_config(cfg, tmp, stage="05_capo")
+        common.write_manifest(adapter_path, made_from)
         shutil.rmtree(work_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     del trainer
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def run_annotator(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
-                  annotator: str, pairs: list[dict]) -> dict | None:
-    tag, method = model_cfg["tag"], METHOD_OF_POLICY[cfg["capo"]["pair_policy"]]
-    status = {"dataset": dataset, "model": tag, "annotator": annotator, "method": method, "pairs": len(pairs)}
-    if not pairs:
-        print(f"[{method} {dataset}/{tag}/{annotator}] no training pairs under policy "
-              f"{cfg['capo']['pair_policy']}: CAPO not trained, no predictions written", flush=True)
-        return {**status, "adapter": str(common.adapter_dir(cfg, dataset, tag, method, annotator)),
-                "path": None, "parse_rate": None, "seconds": 0.0}
-    return common.train_then_predict(
-        cfg, args, model_cfg, task, dataset, annotator, method, "05_capo", splits["test"],
-        lambda path: train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, pairs, path, method),
-        status)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -390,18 +381,57 @@ def main(argv: list[str] | None = None) -> list[dict]:
     policy = cfg["capo"]["pair_policy"]
     if policy not in POLICIES:
         raise InputError(f"{cfg['config_path']}: capo.pair_policy '{policy}' is not one of {', '.join(POLICIES)}")
+    method = METHOD_OF_POLICY[policy]
 
     done = []
     for dataset in common.selected_datasets(cfg, args.dataset):
+        common.require_data(cfg, dataset)
         task = common.load_task(cfg, dataset)
         splits = common.load_splits(cfg, dataset)
         annotators = common.select_annotators(cfg, dataset, args.annotators)
         for model_cfg in common.model_configs(cfg):
-            pairs = write_pairs(cfg, dataset, task, splits, model_cfg["tag"], policy)
+            tag = model_cfg["tag"]
+            all_pairs = write_pairs(cfg, dataset, task, splits, tag, policy)
             for annotator in annotators:
-                status = run_annotator(cfg, args, dataset, task, splits, model_cfg, annotator, pairs[annotator])
-                if status:
-                    done.append(status)
+                name, started = f"{method} {dataset}/{tag}/{annotator}", time.time()
+                pairs = all_pairs[annotator]
+                adapter_path = common.adapter_dir(cfg, dataset, tag, method, annotator)
+                pred_path = common.predictions_path(cfg, dataset, tag, method, annotator)
+                status = {"dataset": dataset, "model": tag, "annotator": annotator, "method": method,
+                          "pairs": len(pairs), "adapter": str(adapter_path), "path": str(pred_path)}
+                if not pairs:
+                    print(f"[{name}] no training pairs under policy {policy}: CAPO not trained, no predictions "
+                          "written", flush=True)
+                    done.append({**status, "path": None, "parse_rate": None, "seconds": 0.0})
+                    continue
+
+                # ---- the SFT adapter it starts from must be finished from the same data and config
+                sft_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
+                common.require_current(sft_path, cfg, common.stage_command(
+                    cfg, "04_sft.py", "--dataset", dataset, "--annotators", annotator))
+
+                # ---- train, unless the adapter is finished from the same pairs, SFT adapter and config
+                pairs_path = common.pairs_dir(cfg, dataset, tag, policy) / f"{annotator}.jsonl"
+                made_from = adapter_recipe(cfg, dataset, model_cfg, sft_path, pairs_path)
+                reason = "--force" if args.force else common.why_not_current(adapter_path, made_from)
+                if reason:
+                    print(f"[{name}] training ({reason})", flush=True)
+                    train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, pairs, sft_path,
+                                  adapter_path, method, made_from)
+                else:
+                    print(f"[{name}] adapter is current (same pairs, SFT adapter and config); not retrained",
+                          flush=True)
+                if not common.is_main_process():
+                    continue
+
+                # ---- predict the test items, unless those predictions are current for this adapter
+                pred_made_from = common.adapter_predictions_recipe(cfg, "05_capo", dataset, model_cfg, adapter_path)
+                if args.force or reason or common.why_not_current(pred_path, pred_made_from):
+                    status.update(common.predict_with_adapter(cfg, model_cfg, task, adapter_path, splits["test"],
+                                                              annotator, method, pred_path, pred_made_from))
+                else:
+                    status["parse_rate"] = common.parse_rate(common.read_jsonl(pred_path))
+                done.append({**status, "seconds": round(time.time() - started, 1)})
     common.print_training_summary(done)
     return done
 

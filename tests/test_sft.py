@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import common
-from conftest import load_stage, write_config
+from conftest import load_stage, mark_prepared, write_config
 
 sft = load_stage("04_sft")
 capo = load_stage("05_capo")
@@ -84,6 +85,7 @@ def write_fixture(tmp_path, **changes):
                                 "explanation": explanation, "valid": True})
         common.write_jsonl(out / f"{split}.jsonl", records)
     common.write_json(out / "stats.json", {"dataset": "toy", "task": NLI, "annotators": ANNOTATORS})
+    mark_prepared(cfg, "toy")
     return config_path
 
 
@@ -214,7 +216,83 @@ def test_04_and_05_run_end_to_end_and_adapters_load_with_plain_peft(pipeline, ca
     sft.main(["--config", str(config_path), "--dataset", "toy", "--annotators", "A2"])
     capo.main(["--config", str(config_path), "--dataset", "toy", "--annotators", "A2"])
     out = capsys.readouterr().out
-    assert out.count("adapter exists, not retrained") == 2
+    assert out.count("adapter is current") == 2 and "training (" not in out
+
+
+# ---------------------------------------------------------------------------- provenance
+def copy_of_pipeline(pipeline, tmp_path):
+    """The pipeline's run directory copied elsewhere, with the same data: (config path, cfg)."""
+    _, reference_cfg, _, _ = pipeline
+    shutil.copytree(common.run_dir(reference_cfg), tmp_path / "run")
+    config_path = write_fixture(tmp_path)  # rewrites the same data files into the copy
+    return config_path, common.load_config(config_path)
+
+
+def test_a_moved_run_directory_is_still_current(pipeline, tmp_path, capsys):
+    config_path, _ = copy_of_pipeline(pipeline, tmp_path)
+    argv = ["--config", str(config_path), "--dataset", "toy", "--annotators", ",".join(TRAINED)]
+    capsys.readouterr()
+    sft.main(argv)
+    capo.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("adapter is current") == 4 and "training (" not in out
+
+
+def test_a_resplit_retrains_sft_and_capo_refuses_the_stale_adapter(pipeline, tmp_path, capsys):
+    """Stale adapters leaked test items: after 01 re-split, 04 said "adapter exists" and 05/06 used it."""
+    config_path, cfg = copy_of_pipeline(pipeline, tmp_path)
+    tag = cfg["models"][0]["tag"]
+    train_path = common.data_dir(cfg, "toy") / "train.jsonl"
+    records = common.read_jsonl(train_path)
+    records[0]["explanation"] = "A different split put another response here."
+    common.write_jsonl(train_path, records)
+    mark_prepared(cfg, "toy")  # as 01 would after a re-split
+    argv = ["--config", str(config_path), "--dataset", "toy", "--annotators", "A0"]
+    with pytest.raises(common.InputError, match=r"sft/A0: not made from the files and config now present "
+                                                r"\(input data/toy/train.jsonl has changed\); redo it with: "
+                                                r"python 04_sft.py .*--annotators A0"):
+        capo.main(argv)
+    capsys.readouterr()
+    sft.main(argv)
+    assert "training (input data/toy/train.jsonl has changed)" in capsys.readouterr().out
+    capo.main(argv)
+    out = capsys.readouterr().out
+    assert re.search(r"training \(input (adapters/toy/tiny/sft/A0|data/toy/train.jsonl|pairs/toy/tiny/A0.jsonl) "
+                     r"has changed\)", out)
+    for method in ("sft", "capo"):
+        assert common.stale_reason(common.adapter_dir(cfg, "toy", tag, method, "A0"), cfg) is None
+        assert common.stale_reason(common.predictions_path(cfg, "toy", tag, method, "A0"), cfg) is None
+
+
+def test_deleted_predictions_are_regenerated_without_retraining(pipeline, tmp_path, capsys):
+    config_path, cfg = copy_of_pipeline(pipeline, tmp_path)
+    path = common.predictions_path(cfg, "toy", cfg["models"][0]["tag"], "sft", "A2")
+    expected = path.read_text()
+    path.unlink()
+    capsys.readouterr()
+    sft.main(["--config", str(config_path), "--dataset", "toy", "--annotators", "A2"])
+    assert "adapter is current" in capsys.readouterr().out
+    assert path.read_text() == expected
+
+
+def test_a_new_training_seed_retrains_on_the_same_split(pipeline, tmp_path, capsys):
+    config_path, cfg = copy_of_pipeline(pipeline, tmp_path)
+    split_before = common.data_dir(cfg, "toy").joinpath("test.jsonl").read_bytes()
+    capsys.readouterr()
+    sft.main(["--config", str(config_path), "--dataset", "toy", "--annotators", "A2", "--seed", "7"])
+    assert "training (config seed was 42, now 7)" in capsys.readouterr().out
+    assert common.data_dir(cfg, "toy").joinpath("test.jsonl").read_bytes() == split_before
+
+
+def test_resume_never_continues_a_checkpoint_of_another_recipe(tmp_path, capsys):
+    work = tmp_path / "work"
+    (work / "checkpoint-2").mkdir(parents=True)
+    common.write_json(work / "recipe.json", {"config": {"seed": 1}})
+    assert common.checkpoint_to_resume(work, True, "x", {"config": {"seed": 2}}) is None
+    assert "made from other data, config or code; starting over" in capsys.readouterr().out
+    assert not (work / "checkpoint-2").exists() and common.read_json(work / "recipe.json") == {"config": {"seed": 2}}
+    (work / "checkpoint-3").mkdir()
+    assert common.checkpoint_to_resume(work, True, "x", {"config": {"seed": 2}}).endswith("checkpoint-3")
 
 
 class Interrupt(Exception):
