@@ -4,16 +4,18 @@
 #   bash run_all.sh                      # profile cpu without a GPU, paper with one
 #   bash run_all.sh --profile smoke      # quick end-to-end check (tiny model, subset)
 #   bash run_all.sh --profile paper      # the paper's setting (Qwen3-4B, Llama-3.2-3B; GPUs)
-#   bash run_all.sh --dataset varierr    # one dataset (or a --custom name prepared by 01)
+#   bash run_all.sh --dataset varierr    # one dataset, or the name of one you prepared with
+#                                        #   01_prepare.py --custom FILE --name NAME (01 re-reads FILE)
 #   bash run_all.sh --raw-dir ../shared/data   # where 01 finds the raw files (sets CAPO_RAW_DIR)
-#   bash run_all.sh --force              # rerun every stage, even those already done
+#   bash run_all.sh --force              # redo every stage's work, even what is finished
 #
-# Extra arguments after `--` go to every stage (e.g. -- --eval.judge false); a --raw-dir
-# there is taken as run_all.sh's own. Stops at the first failing stage and names it.
-# A stage whose outputs exist for the same config, arguments, code and upstream stages is
-# skipped: after a stage succeeds its key (a hash of those) is stored in
-# <run_dir>/.stamps/<stage>.<dataset>. A stage that reruns because its key changed gets
-# --force, if it has one (04, 05 would otherwise keep adapters from the older config).
+# Extra arguments after `--` go to every stage as config overrides (e.g. -- --eval.judge false
+# --run_dir runs/try1); a --raw-dir there is taken as run_all.sh's own. Stops at the first
+# failing stage and names it. Every stage runs, and each one skips the work whose outputs are
+# finished and current (their manifests record the inputs, config values and code they were
+# made from), so a changed config, a re-split, new code or a deleted output redoes exactly
+# what depends on it. Each stage's output also goes to <run_dir>/logs/<stage>.log, and its
+# wall time and peak memory to <run_dir>/stage_times.tsv.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -37,7 +39,7 @@ while [ $# -gt 0 ]; do
             *) extra+=("$1"); shift ;;
           esac
         done ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -51,8 +53,11 @@ bash setup.sh
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
 PY=".venv/bin/python"
 [ -n "$raw_dir" ] && export CAPO_RAW_DIR="$raw_dir"
-run_dir=$("$PY" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["run_dir"])' "$config")
-stamps="$run_dir/.stamps"
+# The config with its overrides, checked once before any stage spends time (a typo stops here).
+run_dir=$("$PY" -c 'import sys, common
+common.run_stage(lambda: print(common.run_dir(common.load_config(sys.argv[1], sys.argv[2:]))))' \
+  "$config" "${extra[@]}") || exit 2
+mkdir -p "$run_dir/logs"
 
 # 04_sft / 05_capo on a machine with several GPUs: one process per GPU, each training its
 # share of the (dataset, annotator) adapters in turn; with one GPU or none, a single process.
@@ -61,10 +66,10 @@ fan_out_over_gpus() {  # fan_out_over_gpus <stage> [stage arguments...]
   local stage=$1 g i pids=() failed=0 jobs=()
   shift
   mapfile -t jobs < <("$PY" -c 'import sys, common
-cfg = common.load_config(sys.argv[1])
+cfg = common.load_config(sys.argv[1], sys.argv[3:])
 for name in common.selected_datasets(cfg, sys.argv[2]):
     for annotator in common.dataset_annotators(cfg, name):
-        print(name, annotator)' "$config" "$dataset")
+        print(name, annotator)' "$config" "$dataset" "${extra[@]}")
   for ((g = 0; g < n_gpus; g++)); do
     (
       for ((i = g; i < ${#jobs[@]}; i += n_gpus)); do
@@ -80,38 +85,24 @@ for name in common.selected_datasets(cfg, sys.argv[2]):
 }
 
 start_all=$(date +%s)
-key=""  # chained: each stage's key covers every stage before it
+stage_args=()
+[ "$force" = 1 ] && stage_args=(--force)
 for stage in 01_prepare 02_analyze_hlv 03_prompt_baselines 04_sft 05_capo 06_eval; do
-  [ -f "$stage.py" ] || continue
-  key=$( { echo "$key"; cat "$config" "$stage.py" common.py
-           printf '%s\n' "$dataset" "${CAPO_RAW_DIR:-}" "${extra[@]}"; } | sha256sum | cut -d' ' -f1)
-  stamp="$stamps/$stage.$dataset"
-  if [ "$force" = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
-    echo "== $stage ($profile, $dataset): done for this config, skipped (--force reruns it)"
-    continue
-  fi
-  stage_args=()
-  mkdir -p "$stamps"
-  if grep -q -- '"--force"' "$stage.py" && { [ "$force" = 1 ] || [ -f "$stamp" ]; }; then
-    stage_args=(--force)
-    echo "rerun pending" > "$stamp"  # a killed rerun still forces next time
-  else
-    rm -f "$stamp"
-  fi
   echo "== $stage ($profile, $dataset)"
   t0=$(date +%s)
   run=("$PY" "$stage.py" --config "$config" --dataset "$dataset")
   case "$stage" in 04_sft|05_capo) [ "$n_gpus" -gt 1 ] && run=(fan_out_over_gpus "$stage") ;; esac
   timer=()  # peak resident memory of the stage's process, where GNU time is installed
-  [ -x /usr/bin/time ] && [ "${run[0]}" = "$PY" ] && timer=(/usr/bin/time -f "%M" -o "$stamps/$stage.maxrss_kb")
-  if ! "${timer[@]}" "${run[@]}" "${stage_args[@]}" "${extra[@]}"; then
-    echo "run_all.sh: stage $stage failed (profile $profile); later stages were not run" >&2
+  maxrss="$run_dir/logs/.$stage.maxrss_kb"
+  [ -x /usr/bin/time ] && [ "${run[0]}" = "$PY" ] && timer=(/usr/bin/time -f "%M" -o "$maxrss")
+  if ! "${timer[@]}" "${run[@]}" "${stage_args[@]}" "${extra[@]}" 2>&1 | tee "$run_dir/logs/$stage.log"; then
+    echo "run_all.sh: stage $stage failed (profile $profile; its output is in $run_dir/logs/$stage.log);" \
+         "later stages were not run" >&2
     exit 1
   fi
-  echo "$key" > "$stamp.tmp" && mv "$stamp.tmp" "$stamp"
   seconds=$(( $(date +%s) - t0 ))
-  peak_mb=$( [ -f "$stamps/$stage.maxrss_kb" ] && echo $(( $(tail -n1 "$stamps/$stage.maxrss_kb") / 1024 )) || echo "n/a")
-  rm -f "$stamps/$stage.maxrss_kb"
+  peak_mb=$( [ -f "$maxrss" ] && echo $(( $(tail -n1 "$maxrss") / 1024 )) || echo "n/a")
+  rm -f "$maxrss"
   printf '%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$stage" "$dataset" "$seconds" "$peak_mb" >> "$run_dir/stage_times.tsv"
   echo "== $stage done in ${seconds}s (peak RSS ${peak_mb} MB; appended to $run_dir/stage_times.tsv)"
 done
