@@ -80,7 +80,7 @@ def sft_config(cfg: dict, output_dir, has_dev: bool, **changes) -> SFTConfig:
         save_strategy="epoch",  # one checkpoint per epoch is what --resume continues from
     )
     settings.update(changes)
-    return SFTConfig(**settings)
+    return common.trainer_config(SFTConfig, cfg, "sft", settings)  # + sft.trainer
 
 
 def within_max_length(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
@@ -177,6 +177,7 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
                 "seconds": round(time.time() - started, 1), "supervised_example": supervised,
                 "log_history": trainer.state.log_history})
             common.save_resolved_config(cfg, tmp, stage="04_sft")
+            common.finish_adapter_dir(tmp, cfg, model_cfg)  # hub ID of the base, model card
         shutil.rmtree(work_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     del trainer, model

@@ -282,7 +282,7 @@ def dpo_config(cfg: dict, output_dir, **changes) -> DPOConfig:
         save_steps=every,  # a checkpoint on every selection step, so --resume continues from one
     )
     settings.update(changes)
-    return DPOConfig(**settings)
+    return common.trainer_config(DPOConfig, cfg, "capo", settings)  # + capo.trainer
 
 
 def build_trainer(cfg: dict, model_cfg: dict, sft_path, train_pairs: list[dict], dev_pairs: list[dict],
@@ -357,6 +357,7 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
                 "resumed_from": resume_from, "seconds": round(time.time() - started, 1),
                 "log_history": trainer.state.log_history})
             common.save_resolved_config(cfg, tmp, stage="05_capo")
+            common.finish_adapter_dir(tmp, cfg, model_cfg)  # hub ID of the base, model card
         shutil.rmtree(work_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     del trainer
