@@ -26,8 +26,8 @@ records of the annotator give a dev loss after every epoch.
 
 Speed: padding-free batches (sft.padding_free: a batch is its examples back to back in one
 row, attention kept within each example; no compute on padding), examples longer than
-sft.max_length are left out (not truncated). Hyperparameters from the `sft:` section. Paper profile defaults are PAPER_NOTES 4's
-suggestions, not the paper's recipe (unknown): LoRA r 16, alpha 32, dropout 0.05 on all
+sft.max_length are left out (not truncated). Hyperparameters from the `sft:` section. Paper profile defaults are the kit's
+choices, not the paper's recipe (unknown; docs/CHOICES.md): LoRA r 16, alpha 32, dropout 0.05 on all
 linear projections; lr 2e-4, cosine, 3% warm-up; max length 512; bf16 on GPUs. The last
 epoch's adapter is kept (our choice; dev loss is logged, not used for selection). CPU: the
 cpu profile trains with bf16 autocast (1.4-1.7x the fp32 tokens/s on AVX512-BF16 cores) and without

@@ -840,7 +840,7 @@ def annotator_requests(records: list[dict], task: dict, annotator: str, **prompt
 
 def generate_predictions(model, tokenizer, requests: list[dict], task: dict, gen_cfg: dict, *,
                          method: str, model_tag: str, seed: int, desc: str = "generate") -> list[dict]:
-    """DESIGN.md prediction records for `requests` (dataset, item_id, annotator, messages), in order."""
+    """Prediction records (docs/DESIGN.md) for `requests` (dataset, item_id, annotator, messages), in order."""
     outputs = generate_texts(model, tokenizer, [req["messages"] for req in requests], dict(gen_cfg, seed=seed),
                              desc=desc)
     predictions = []
