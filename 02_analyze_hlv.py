@@ -6,7 +6,7 @@
 
 Reads every split of runs/<profile>/data/<dataset>/ (01's output: this is an analysis of the
 human annotations, not of a model). Writes runs/<profile>/hlv/<dataset>/:
-  summary.json           DESIGN.md "hlv summary.json" (+ intervals, the control, details)
+  summary.json           docs/DESIGN.md "hlv summary.json" (+ intervals, the control, details)
   agreement.png/.md      pairwise Cohen's kappa (Fig 1)
   identification.png/.md annotator identification accuracy against group size m (Fig 5),
                          with the paper's reported figures beside ours
@@ -17,7 +17,7 @@ Agreement. Cohen's kappa (sklearn) for every annotator pair on the items both an
 Categorical labels (NLI): items where both gave exactly one label. Numeric scores
 (paraphrase): kappa on binned scores (hlv.par_kappa_binning: sign3 = {<0, 0, >0}, sign2 =
 {<=0, >0}, none = raw scores) and quadratic-weighted kappa on the raw scores. The paper's
-binning is not known (PAPER_NOTES 2): both are our choice.
+binning is not known (docs/CHOICES.md): both are our choice.
 
 Identification. E1..E4 as in common.REPRESENTATIONS, embedded with the profile's sentence
 embedder. A classifier (hlv.classifier, default multinomial logistic regression on
@@ -60,12 +60,12 @@ import common  # noqa: E402
 from common import InputError  # noqa: E402
 
 SPLITS = ("train", "dev", "test")
-# The paper's figures as summarised second-hand (PAPER_NOTES 2 and 10); shown beside ours.
+# The paper's figures as summarised second-hand (docs/CHOICES.md); shown beside ours.
 PAPER_REPORTED = {
     "kappa_range": [0.31, 0.41],
     "single_instance_accuracy": 0.419,
     "content_removed_m50_accuracy": 0.964,
-    "source": "second-hand summaries of the paper (PAPER_NOTES.md sections 2 and 10); which "
+    "source": "second-hand summaries of the paper (docs/CHOICES.md); which "
               "dataset, binning, representation and m each number belongs to is not stated",
 }
 SHORT_NAMES = {"E1": "explanation", "E2": "label + explanation", "E3": "E1 - item mean", "E4": "E2 - item mean"}

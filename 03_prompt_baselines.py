@@ -5,7 +5,7 @@
     python 03_prompt_baselines.py --config configs/cpu.yaml --baselines.methods "[base, icl]" --baselines.icl_k 10
     accelerate launch 03_prompt_baselines.py --config configs/paper.yaml   # annotators are shared out over processes
 
-Methods (PAPER_NOTES 3 and 10), all asking for `Label: ...` / `Explanation: ...`:
+Methods (the paper's four baselines; docs/CHOICES.md), all asking for `Label: ...` / `Explanation: ...`:
   base    the annotator ID and the task instructions only
   icl     + k demonstrations: the target annotator's own train responses (baselines.icl_k)
   vp      + a value profile: the profile writer model's short description of how the
@@ -13,7 +13,7 @@ Methods (PAPER_NOTES 3 and 10), all asking for `Label: ...` / `Explanation: ...`
   vp_icl  profile and demonstrations together
 
 Writes runs/<profile>/predictions/<dataset>/<model>/<method>/<annotator>.jsonl (one
-generation per test item the annotator labelled, DESIGN.md prediction records; with
+generation per test item the annotator labelled, docs/DESIGN.md prediction records; with
 data.max_eval_items, per item of a seeded sample of test items, as in 04-06) with a
 config.resolved.yaml in each method folder, and runs/<profile>/profiles/<dataset>/
 <annotator>.txt (+ .json: cache key, writer model, source items, prompt). A profile is

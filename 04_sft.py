@@ -26,8 +26,8 @@ records of the annotator give a dev loss after every epoch.
 
 Speed: padding-free batches (sft.padding_free: a batch is its examples back to back in one
 row, attention kept within each example; no compute on padding), examples longer than
-sft.max_length are left out (not truncated). Hyperparameters from the `sft:` section. Paper profile defaults are PAPER_NOTES 4's
-suggestions, not the paper's recipe (unknown): LoRA r 16, alpha 32, dropout 0.05 on all
+sft.max_length are left out (not truncated). Hyperparameters from the `sft:` section. Paper profile defaults are the kit's
+choices, not the paper's recipe (unknown; docs/CHOICES.md): LoRA r 16, alpha 32, dropout 0.05 on all
 linear projections; lr 2e-4, cosine, 3% warm-up; max length 512; bf16 on GPUs. The last
 epoch's adapter is kept (our choice; dev loss is logged, not used for selection). CPU: the
 cpu profile trains with bf16 autocast (1.4-1.7x the fp32 tokens/s on AVX512-BF16 cores) and without
@@ -80,7 +80,7 @@ def sft_config(cfg: dict, output_dir, has_dev: bool, **changes) -> SFTConfig:
         save_strategy="epoch",  # one checkpoint per epoch is what --resume continues from
     )
     settings.update(changes)
-    return SFTConfig(**settings)
+    return common.trainer_config(SFTConfig, cfg, "sft", settings)  # + sft.trainer
 
 
 def within_max_length(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
@@ -184,6 +184,7 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
                 "seconds": round(time.time() - started, 1), "supervised_example": supervised,
                 "log_history": trainer.state.log_history})
             common.save_resolved_config(cfg, tmp, stage="04_sft")
+            common.finish_adapter_dir(tmp, cfg, model_cfg)  # hub ID of the base, model card
         common.write_manifest(adapter_path, made_from)
         shutil.rmtree(work_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()

