@@ -581,6 +581,7 @@ def test_wrong_flag_for_label_type(tmp_path):
         "--labels is for --label-type categorical")
     assert "at least two different labels" in custom_bad(tmp_path, custom, "--labels", "yes")
     assert "at least two different labels" in custom_bad(tmp_path, custom, "--labels", "yes,no,Yes")
+    assert custom_bad(tmp_path, custom, "--accept-modified-raw").startswith("--accept-modified-raw is for the built-in")
 
 
 def cli(tmp_path, *args, **cfg):
