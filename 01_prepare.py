@@ -1,7 +1,7 @@
 """01_prepare.py: raw annotations -> normalised, item-split JSONL.
 
     python 01_prepare.py --config configs/cpu.yaml --dataset all          # varierr + par
-    python 01_prepare.py --config configs/cpu.yaml --dataset varierr --raw-dir ../shared/data
+    python 01_prepare.py --config configs/cpu.yaml --dataset varierr --raw-dir data/raw
     python 01_prepare.py --config configs/cpu.yaml --custom my.csv --name mine --label-type categorical
 
 Raw files are looked up in --raw-dir, else $CAPO_RAW_DIR, else data/raw/ (and one folder
@@ -9,10 +9,10 @@ below it). A missing built-in file is downloaded from its public source; offline
 stops with one line saying what is missing and where to put it.
 
 Writes runs/<profile>/data/<dataset>/{train,dev,test}.jsonl (one record per item, annotator,
-label and explanation; DESIGN.md record format), stats.json (counts, dropped records and
+label and explanation), stats.json (counts, dropped records and
 why, the task description later stages read) and config.resolved.yaml.
 
-Our choices where the paper is silent (PAPER_NOTES 1.4): items are re-split 300/100/100
+Our choices where the paper is silent: items are re-split 300/100/100
 with the kit's seed over all 500 items of each dataset (not the shared task's split);
 VariErr `idk` marks yield no record; `valid` is a strict majority of the *other*
 annotators' makes_sense judgments (ties are invalid, no peer judgment gives null);
