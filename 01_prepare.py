@@ -13,11 +13,27 @@ label and explanation; docs/DESIGN.md, annotation record), stats.json (counts, d
 why, the task description later stages read) and config.resolved.yaml.
 
 Our choices where the paper is silent (docs/CHOICES.md, Data): items are re-split 300/100/100
-with the kit's seed over all 500 items of each dataset (not the shared task's split);
+with data.split_seed (never the training seed) over all 500 items of each dataset (not the shared task's split);
 VariErr `idk` marks yield no record; `valid` is a strict majority of the *other*
 annotators' makes_sense judgments (ties are invalid, no peer judgment gives null);
 paraphrase has no validity judgments (valid: null). Every explanation is stripped and its
 whitespace collapsed, because raw whitespace habits identify annotators.
+
+The built-in raw files must be the known public releases (items per file and sha256 in
+KNOWN_RELEASES: varierr.json 500 items; Paraphrase_train/dev/test.json 400/50/50); a cut,
+edited or re-released file stops the stage unless --accept-modified-raw is given, and is
+then listed under `modified_raw` in stats.json. An empty file always stops.
+
+Bring your own annotations (--custom FILE.jsonl or FILE.csv, UTF-8, a CSV may start with a BOM):
+- --name and every annotator ID become folder and file names, so they may hold only letters,
+  digits, '-', '_' and '.', and may not start with a dot (--name: not varierr or par).
+- categorical: JSON integer labels count as their string (0 -> "0"), with --labels 0,1 or with
+  the labels read from the file; one annotator may give an item several labels.
+- numeric: --score-range LOW,HIGH with LOW < HIGH (e.g. --score-range -5,5); one annotator
+  gives an item one score: two different scores stop the stage (--skip-invalid drops that
+  annotator's records on that item, counted in stats.json).
+- A folder, an empty file, a header without rows, or bytes that are not UTF-8 stop with one
+  line naming the file (and the line and byte offset where decoding failed).
 """
 from __future__ import annotations
 
@@ -26,6 +42,7 @@ import json
 import os
 import random
 import re
+import sys
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
@@ -41,6 +58,21 @@ RAW_SOURCES = {
        for split in ("train", "dev", "test")},
 }
 SPLITS = ("train", "dev", "test")
+# What the kit knows of the public releases (items per file, sha256 of the file as published).
+# A cut, edited or re-released file stops the stage unless --accept-modified-raw is given.
+KNOWN_RELEASES = {
+    "varierr.json": {"items": 500,
+                     "sha256": "c8f9a634a69d72a6c390047ac242562b80a8caac08db19714db3f98bd40e13ea"},
+    "Paraphrase_train.json": {"items": 400,
+                              "sha256": "2ec98bad361732dbb568e4acea339edbbd747299fbd716e99812e4f14042bc53"},
+    "Paraphrase_dev.json": {"items": 50,
+                            "sha256": "821f8b142d63c9ccc38cb801fa6ca4cdcfe5049c8bfb151c7d7d3dd025db8e03"},
+    "Paraphrase_test.json": {"items": 50,
+                             "sha256": "5c2396b91ae84edcf64b1b529b8ade83b1fa3a78b4b930cbcf613b917875ae1d"},
+}
+# Dataset names and annotator IDs become folder and file names in later stages.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+SAFE_NAME_RULE = "letters, digits, '-', '_' and '.', not starting with a dot"
 
 
 class Collector:
@@ -51,6 +83,7 @@ class Collector:
         self.records: list[dict] = []
         self.items: dict[str, tuple[str, str]] = {}  # item_id -> (text_a, text_b)
         self.dropped: Counter = Counter()
+        self.modified_raw: list[dict] = []  # raw files accepted with --accept-modified-raw
 
     def bad(self, error: InputError, reason: str) -> None:
         if not self.skip_invalid:
@@ -96,8 +129,46 @@ def line_of(text: str, needle: str) -> int | None:
     return None if pos < 0 else text.count("\n", 0, pos) + 1
 
 
+def checked_text(path: Path, encoding: str = "utf-8") -> str:
+    """The file's text; a folder, an empty file or bytes that are not UTF-8 stop with one line."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected a file")
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise input_error(path, f"not UTF-8: byte {data[err.start]:#04x} at offset {err.start} cannot be "
+                                "decoded (save the file as UTF-8)", line=line) from None
+    if not text.strip():
+        raise InputError(f"{path}: file is empty")
+    return text
+
+
+def check_release(path: Path, items_found: int, known: dict, accept_modified: bool) -> dict | None:
+    """None if path is the known public release; else stop, or with accept_modified a note for stats.json.
+
+    known: {"items": count, "sha256": hex digest} of the release as published.
+    """
+    found_sha = common.file_sha256(path)
+    if found_sha == known["sha256"] and items_found == known["items"]:
+        return None
+    note = {"file": path.name, "expected_items": known["items"], "found_items": items_found,
+            "expected_sha256": known["sha256"], "found_sha256": found_sha}
+    if not accept_modified:
+        raise InputError(f"{path}: not the known release of {path.name}: expected {known['items']} items "
+                         f"(sha256 {known['sha256'][:12]}...), found {items_found} items "
+                         f"(sha256 {found_sha[:12]}...); "
+                         "pass --accept-modified-raw to use it anyway (recorded in stats.json)")
+    print(f"[prepare] warning: {path} is not the known release ({items_found} items, expected "
+          f"{known['items']}); used because of --accept-modified-raw", flush=True)
+    return note
+
+
 def load_json_file(path: Path):
-    text = path.read_text(encoding="utf-8")
+    text = checked_text(path)
     try:
         return text, json.loads(text)
     except json.JSONDecodeError as err:
@@ -107,18 +178,31 @@ def load_json_file(path: Path):
 # ----------------------------------------------------------------------------
 # Readers: one per source format, each filling a Collector
 # ----------------------------------------------------------------------------
-def read_varierr(path: Path, out: Collector) -> None:
-    """VariErr JSONL: one item a line, label lists of {annotator, reason, judgments}."""
+def read_varierr(path: Path, out: Collector) -> int:
+    """VariErr JSONL: one item a line, label lists of {annotator, reason, judgments}; returns the item count."""
+    checked_text(path)
+    n_items = 0
     for lineno, item in common.iter_jsonl(path):
         for field in ("id", "context", "statement", *common.NLI_LABELS):
             if field not in item:
                 raise input_error(path, "missing field", line=lineno, field=field)
         item_id = str(item["id"])
+        for field in ("context", "statement"):
+            if not isinstance(item[field], str):
+                raise input_error(path, f"expected a string, got {item[field]!r}", line=lineno, field=field)
+        for field in common.NLI_LABELS:
+            if not isinstance(item[field], list) or not all(isinstance(e, dict) for e in item[field]):
+                raise input_error(path, "expected a list of {annotator, reason, judgments} objects",
+                                  line=lineno, field=field)
+        if item_id in out.items:
+            raise input_error(path, "item id appears twice", line=lineno, item=item_id, field="id")
+        n_items += 1
         out.dropped["idk mark (no label)"] += len(item.get("idk") or [])
         out.items[item_id] = (normalize_text(item["context"]), normalize_text(item["statement"]))
         for label in common.NLI_LABELS:
             for entry in item[label]:
                 read_varierr_entry(path, lineno, item_id, label, entry, out)
+    return n_items
 
 
 def read_varierr_entry(path, lineno, item_id, label, entry, out: Collector) -> None:
@@ -131,11 +215,18 @@ def read_varierr_entry(path, lineno, item_id, label, entry, out: Collector) -> N
     if isinstance(annotator, bool) or not isinstance(annotator, int) or annotator < 0:
         return out.bad(input_error(path, f"annotator must be a non-negative integer, got {annotator!r}",
                                    field=f"{label}[].annotator", **where), "bad annotator")
+    if not isinstance(entry["reason"], (str, type(None))):
+        return out.bad(input_error(path, f"explanation must be a string, got {entry['reason']!r}",
+                                   field=f"{label}[].reason", **where), "explanation not a string")
     explanation = normalize_text(entry["reason"] or "")
     if not explanation:
         return out.bad(input_error(path, "empty explanation", field=f"{label}[].reason", **where),
                        "empty explanation")
-    peers = [j.get("makes_sense") for j in entry.get("judgments") or []
+    judgments = entry.get("judgments") or []
+    if not isinstance(judgments, list) or not all(isinstance(j, dict) for j in judgments):
+        raise input_error(path, "expected a list of {annotator, makes_sense} objects",
+                          field=f"{label}[].judgments", **where)
+    peers = [j.get("makes_sense") for j in judgments
              if j.get("annotator") != annotator and j.get("makes_sense") is not None]
     valid = None if not peers else sum(bool(p) for p in peers) * 2 > len(peers)
     text_a, text_b = out.items[item_id]
@@ -143,13 +234,17 @@ def read_varierr_entry(path, lineno, item_id, label, entry, out: Collector) -> N
              "label": label, "explanation": explanation, "valid": valid})
 
 
-def read_paraphrase(paths: list[Path], out: Collector) -> None:
-    """LeWiDi-2025 Par: {id: {text: {Question1, Question2}, annotators, annotations, other_info}}."""
+def read_paraphrase(paths: list[Path], out: Collector) -> dict[Path, int]:
+    """LeWiDi-2025 Par: {id: {text: {Question1, Question2}, annotators, annotations, other_info}}.
+
+    Returns the item count of each file."""
     task = common.BUILTIN_TASKS["par"]
+    counts = {}
     for path in paths:
         text, data = load_json_file(path)
         if not isinstance(data, dict):
             raise input_error(path, "expected a JSON object keyed by item id")
+        counts[path] = len(data)
         for item_id, item in data.items():
             where = dict(line=line_of(text, f'"{item_id}"'), item=item_id)
             if item_id in out.items:
@@ -162,12 +257,21 @@ def read_paraphrase(paths: list[Path], out: Collector) -> None:
                 explanations = item["other_info"]["explanations"]
             except (KeyError, TypeError, AttributeError) as err:
                 raise input_error(path, "missing field", field=str(err).strip("'\""), **where) from None
+            for field, value, kind in (("text.Question1", text_a, str), ("text.Question2", text_b, str),
+                                       ("annotations", scores, dict),
+                                       ("other_info.explanations", explanations, list)):
+                if not isinstance(value, kind):
+                    raise input_error(path, f"expected a {kind.__name__}, got {value!r}", field=field, **where)
             if len(explanations) != len(annotators):
                 raise input_error(path, f"{len(explanations)} explanations for {len(annotators)} annotators",
                                   field="other_info.explanations", **where)
             out.items[item_id] = (normalize_text(text_a), normalize_text(text_b))
             # The i-th explanation belongs to the i-th listed annotator.
             for annotator, raw_explanation in zip(annotators, explanations):
+                if not SAFE_NAME.fullmatch(annotator):
+                    out.bad(input_error(path, f"annotator ID {annotator!r} is not path-safe ({SAFE_NAME_RULE})",
+                                        field="annotators", **where), "annotator ID not path-safe")
+                    continue
                 if annotator not in scores:
                     out.bad(input_error(path, "no score for listed annotator",
                                         field=f"annotations.{annotator}", **where), "missing score")
@@ -177,7 +281,7 @@ def read_paraphrase(paths: list[Path], out: Collector) -> None:
                     out.bad(input_error(path, f"score {scores[annotator]!r} is not an integer in -5..5",
                                         field=f"annotations.{annotator}", **where), "score out of range")
                     continue
-                explanation = normalize_text(raw_explanation or "")
+                explanation = normalize_text(raw_explanation if isinstance(raw_explanation, str) else "")
                 if not explanation:
                     out.bad(input_error(path, f"empty explanation for {annotator}",
                                         field="other_info.explanations", **where), "empty explanation")
@@ -185,30 +289,52 @@ def read_paraphrase(paths: list[Path], out: Collector) -> None:
                 out.add({"item_id": item_id, "annotator": annotator, "text_a": out.items[item_id][0],
                          "text_b": out.items[item_id][1], "label": score, "explanation": explanation,
                          "valid": None})
+    return counts
 
 
 CUSTOM_COLUMNS = ("item_id", "text_a", "text_b", "annotator", "label", "explanation")
 
 
 def iter_custom_rows(path: Path):
-    """(line number, row dict) from a JSONL or CSV file with the custom columns."""
-    if path.suffix.lower() == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
+    """(line number, row dict) from a JSONL or CSV file with the custom columns.
+
+    A folder, an empty file or bytes that are not UTF-8 stop first; a CSV may start with a BOM.
+    """
+    if path.suffix.lower() != ".csv":
+        checked_text(path)
+        yield from common.iter_jsonl(path)
+        return
+    checked_text(path, encoding="utf-8-sig")
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh)
+        try:
             missing = [c for c in CUSTOM_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise input_error(path, "missing column", line=1, field=missing[0])
             for row in reader:
                 yield reader.line_num, row
-        return
-    yield from common.iter_jsonl(path)
+        except csv.Error as err:
+            raise input_error(path, f"malformed CSV ({err})", line=reader.line_num) from None
+
+
+def categorical_value(value):
+    """A JSON integer label is its string for a categorical task (JSON 0 -> "0", as a CSV gives it)."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def read_custom(path: Path, task: dict, out: Collector) -> None:
-    """Your own annotations: columns item_id, text_a, text_b, annotator, label, explanation (+ valid)."""
-    if not path.exists():
-        raise InputError(f"{path}: custom annotation file not found")
+    """Your own annotations: columns item_id, text_a, text_b, annotator, label, explanation (+ valid).
+
+    On a numeric task an annotator gives one score per item: two different scores for one item
+    stop the stage (with --skip-invalid, every record of that annotator on that item is dropped).
+    On a categorical task several labels per annotator and item are kept (VariErr has them).
+    """
+    numeric = task["label_type"] == "numeric"
+    first_score: dict[tuple[str, str], tuple[int, int]] = {}  # (item, annotator) -> (line, score)
+    conflicting: set[tuple[str, str]] = set()
+    n_rows = 0
     for lineno, row in iter_custom_rows(path):
+        n_rows += 1
         # Label and explanation may be present but empty: those get their own messages below.
         field = next((c for c in CUSTOM_COLUMNS if row.get(c) is None
                       or (c not in ("label", "explanation") and not str(row[c]).strip())), None)
@@ -216,7 +342,11 @@ def read_custom(path: Path, task: dict, out: Collector) -> None:
             out.bad(input_error(path, "missing field", line=lineno, field=field), f"missing field {field}")
             continue
         item_id, annotator = str(row["item_id"]).strip(), str(row["annotator"]).strip()
-        label = common.normalize_label(row["label"], task)
+        if not SAFE_NAME.fullmatch(annotator):
+            out.bad(input_error(path, f"annotator ID {annotator!r} is not path-safe ({SAFE_NAME_RULE})",
+                                line=lineno, field="annotator"), "annotator ID not path-safe")
+            continue
+        label = common.normalize_label(row["label"] if numeric else categorical_value(row["label"]), task)
         if label is None:
             out.bad(input_error(path, f"unknown label {row['label']!r} (expected {common.label_space(task)})",
                                 line=lineno, field="label"), "unknown label")
@@ -230,10 +360,35 @@ def read_custom(path: Path, task: dict, out: Collector) -> None:
         if out.items.setdefault(item_id, texts) != texts:
             raise input_error(path, f"item {item_id} has different texts on different lines",
                               line=lineno, field="text_a")
+        if numeric:
+            first_line, first = first_score.setdefault((item_id, annotator), (lineno, label))
+            if first != label:
+                conflicting.add((item_id, annotator))
+                out.bad(input_error(path, f"annotator {annotator} gave this item two different scores: "
+                                          f"{first} (line {first_line}) and {label} (line {lineno})",
+                                    line=lineno, item=item_id, field="label"),
+                        "two different scores from one annotator for one item")
+                continue
         valid = row.get("valid")
         valid = None if valid in (None, "") else str(valid).strip().lower() in ("1", "true", "yes")
         out.add({"item_id": item_id, "annotator": annotator, "text_a": texts[0], "text_b": texts[1],
                  "label": label, "explanation": explanation, "valid": valid})
+    if not n_rows:
+        raise InputError(f"{path}: no annotation rows (only a header?)")
+    if conflicting:  # the first score of a conflicting pair is no more trustworthy than the second
+        kept = [r for r in out.records if (r["item_id"], r["annotator"]) not in conflicting]
+        out.dropped["two different scores from one annotator for one item"] += len(out.records) - len(kept)
+        out.records = kept
+
+
+def parse_score_range(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*([+-]?\d+)\s*,\s*([+-]?\d+)\s*", text)
+    if not match:
+        raise InputError(f"--score-range {text!r}: expected LOW,HIGH (two integers, e.g. -5,5)")
+    low, high = int(match[1]), int(match[2])
+    if low >= high:
+        raise InputError(f"--score-range {text!r}: LOW must be below HIGH (e.g. {high},{low})")
+    return low, high
 
 
 def custom_task(path: Path, label_type: str, labels: str | None, score_range: str | None,
@@ -242,14 +397,21 @@ def custom_task(path: Path, label_type: str, labels: str | None, score_range: st
     if label_type == "categorical":
         if labels:
             found = [s.strip() for s in labels.split(",") if s.strip()]
+            distinct = {label.lower() for label in found}
+            if len(distinct) < 2 or len(distinct) < len(found):
+                raise InputError(f"--labels {labels!r}: give at least two different labels, each once "
+                                 "(labels compare case-insensitively)")
         else:
-            found = sorted({str(row.get("label", "")).strip().lower() for _, row in iter_custom_rows(path)} - {""})
+            values = (categorical_value(row.get("label")) for _, row in iter_custom_rows(path))
+            found = sorted({v.strip().lower() for v in values if isinstance(v, str) and v.strip()})
+            if not found:
+                raise InputError(f"{path}: no label found in the 'label' column")
         task = {"label_type": "categorical", "labels": found}
         default_instruction = (f"Decide which label ({', '.join(found)}) fits the pair of texts, "
                                "and explain why in one or two sentences.")
     else:
         if score_range:
-            low, high = (int(v) for v in score_range.split(","))
+            low, high = parse_score_range(score_range)
         else:
             values = []
             for lineno, row in iter_custom_rows(path):
@@ -349,6 +511,7 @@ def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dic
         "valid": {json.dumps(v): sum(r["valid"] is v for r in unique) for v in (True, False, None)},
         "dropped": dict(sorted(out.dropped.items())),
         "skip_invalid": out.skip_invalid,
+        "modified_raw": out.modified_raw,  # built-in raw files that are not the known release
         "sources": {p.name: common.file_sha256(p) for p in sources.values()},
     }
     target = common.data_dir(cfg, name)
@@ -377,32 +540,76 @@ def custom_options_of(cfg: dict, name: str) -> dict:
     return options
 
 
+def glue_negative_values(argv: list[str]) -> list[str]:
+    """argparse reads the -5,5 of `--score-range -5,5` as an option; pass it as --score-range=-5,5."""
+    argv = list(argv)
+    for i in range(len(argv) - 1):
+        if argv[i] == "--score-range" and argv[i + 1].startswith("-"):
+            argv[i:i + 2] = [f"--score-range={argv[i + 1]}"]
+            break
+    return argv
+
+
+def check_custom_args(args) -> None:
+    """Argument combinations for --custom; a flag that would be silently ignored stops too."""
+    custom_only = {"--name": args.name, "--label-type": args.label_type, "--labels": args.labels,
+                   "--score-range": args.score_range, "--instruction": args.instruction}
+    if not args.custom:
+        given = [flag for flag, value in custom_only.items() if value is not None]
+        if given:
+            raise InputError(f"{given[0]} is only used with --custom FILE")
+        return
+    if args.accept_modified_raw:
+        raise InputError("--accept-modified-raw is for the built-in raw files, not --custom")
+    if not args.name:
+        raise InputError("--custom needs --name NAME (the dataset name later stages use)")
+    if not SAFE_NAME.fullmatch(args.name) or args.name in common.BUILTIN_DATASETS:
+        raise InputError(f"--name {args.name!r} is not allowed: use {SAFE_NAME_RULE}; "
+                         f"not {' or '.join(common.BUILTIN_DATASETS)}")
+    if not args.label_type:
+        raise InputError("--custom needs --label-type categorical|numeric")
+    if args.labels is not None and args.label_type != "categorical":
+        raise InputError("--labels is for --label-type categorical (numeric: --score-range LOW,HIGH)")
+    if args.score_range is not None and args.label_type != "numeric":
+        raise InputError("--score-range is for --label-type numeric (categorical: --labels a,b,c)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = common.stage_parser(__doc__)
     parser.add_argument("--raw-dir", help="folder with the raw files (default: $CAPO_RAW_DIR or data/raw)")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="drop bad records (counted in stats.json) instead of stopping")
+    parser.add_argument("--accept-modified-raw", action="store_true",
+                        help="use built-in raw files that differ from the known public release "
+                             "(recorded in stats.json)")
     parser.add_argument("--custom", help="your own annotations: a .jsonl or .csv file")
-    parser.add_argument("--name", help="dataset name for --custom (letters, digits, - and _)")
+    parser.add_argument("--name", help=f"dataset name for --custom ({SAFE_NAME_RULE})")
     parser.add_argument("--label-type", choices=["categorical", "numeric"], help="for --custom")
     parser.add_argument("--labels", help="for --custom categorical: the allowed labels, comma-separated")
     parser.add_argument("--score-range", help="for --custom numeric: LOW,HIGH (default: from the data)")
     parser.add_argument("--instruction", help="for --custom: the task instruction shown to the model")
+    argv = glue_negative_values(sys.argv[1:] if argv is None else argv)
     args, cfg = common.parse_stage_args(parser, argv)
+    check_custom_args(args)
     common.set_seed(cfg["seed"])
 
     # ---- which datasets, from which files: (name, sources, options)
     wanted = []
     if args.custom:
-        if not args.name or not re.fullmatch(r"[A-Za-z0-9_-]+", args.name) or args.name in common.BUILTIN_DATASETS:
-            raise InputError("--custom needs --name: letters, digits, - and _, not varierr or par")
-        if not args.label_type:
-            raise InputError("--custom needs --label-type categorical|numeric")
+        path = Path(args.custom)
+        rows = iter_custom_rows(path)  # folder, missing or empty file, not UTF-8, no rows: stop here
+        first_row = next(rows, None)
+        rows.close()
+        if first_row is None:
+            raise InputError(f"{path}: no annotation rows (only a header?)")
         options = {key: getattr(args, key) for key in CUSTOM_OPTIONS}
-        options["custom"] = str(Path(args.custom).resolve())
+        options["custom"] = str(path.resolve())
         wanted.append((args.name, {"custom": Path(options["custom"])}, options))
     else:
         raw_dir = resolve_raw_dir(args.raw_dir, cfg)
+        if raw_dir.exists() and not raw_dir.is_dir():
+            raise InputError(f"{raw_dir}: the raw folder (--raw-dir, data.raw_dir or $CAPO_RAW_DIR) "
+                             "is a file, expected a folder")
         for name in common.selected_datasets(cfg, args.dataset):
             if name == "varierr":
                 wanted.append((name, {"varierr": find_raw_file(raw_dir, "varierr.json")}, {}))
@@ -412,13 +619,11 @@ def main(argv: list[str] | None = None) -> None:
                 options = custom_options_of(cfg, name)
                 wanted.append((name, {"custom": Path(options["custom"])}, options))
 
-    # ---- each dataset: skip if finished from the same files and config, else read, split, write
+    # ---- each dataset: skip if finished from the same files and config, else read, check, split, write
     for name, sources, options in wanted:
-        for path in sources.values():
-            if not path.is_file():
-                raise InputError(f"{path}: source file of dataset '{name}' not found")
         made_from = common.recipe(cfg, "01_prepare", sources.values(), DATA_CONFIG_KEYS, dataset=name,
-                                  options={**options, "skip_invalid": args.skip_invalid})
+                                  options={**options, "skip_invalid": args.skip_invalid,
+                                           "accept_modified_raw": args.accept_modified_raw})
         target = common.data_dir(cfg, name)
         reason = "--force" if args.force else common.why_not_current(target, made_from)
         if reason is None:
@@ -429,12 +634,19 @@ def main(argv: list[str] | None = None) -> None:
             task = custom_task(sources["custom"], options["label_type"], options["labels"], options["score_range"],
                                options["instruction"])
             read_custom(sources["custom"], task, out)
-        elif name == "varierr":
-            task = common.BUILTIN_TASKS[name]
-            read_varierr(sources["varierr"], out)
         else:
             task = common.BUILTIN_TASKS[name]
-            read_paraphrase(list(sources.values()), out)
+            if name == "varierr":
+                item_counts = {sources["varierr"]: read_varierr(sources["varierr"], out)}
+            else:
+                item_counts = read_paraphrase(list(sources.values()), out)
+            for path, n_items in item_counts.items():  # the known public release, or an explicit yes
+                note = check_release(path, n_items, KNOWN_RELEASES[path.name], args.accept_modified_raw)
+                if note:
+                    out.modified_raw.append(note)
+        if not out.records:
+            raise InputError(f"{', '.join(str(p) for p in sources.values())}: no usable records "
+                             f"(dropped: {dict(out.dropped) or 'none'})")
         common.forget_output(target)
         stats = write_dataset(cfg, name, task, out, sources)
         common.write_manifest(target, made_from)

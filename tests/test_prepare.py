@@ -83,12 +83,14 @@ def raw(tmp_path):
     return raw
 
 
-def run_prepare(tmp_path, raw, *extra, **cfg_changes):
+def run_prepare(tmp_path, raw, *extra, accept_modified=True, **cfg_changes):
+    """01 on the invented raw files; those are not the public releases, hence --accept-modified-raw."""
     cfg_changes.setdefault("data__split_items", [12, 4, 4])
     cfg_changes.setdefault("data__max_items", None)
     cfg_changes.setdefault("data__min_train_records_per_annotator", 3)
     config = write_config(tmp_path, **cfg_changes)
-    prepare.main(["--config", str(config), "--raw-dir", str(raw), *extra])
+    flags = ["--accept-modified-raw"] if accept_modified else []
+    prepare.main(["--config", str(config), "--raw-dir", str(raw), *flags, *extra])
     return tmp_path / "run" / "data"
 
 
@@ -311,10 +313,25 @@ def test_real_data_counts(tmp_path):
     assert par["annotators"] == ["Ann1", "Ann2", "Ann3", "Ann4"]
     assert 1900 <= varierr["records"]["total"] <= 1933
     assert par["records"]["total"] == 2000
+    assert varierr["modified_raw"] == par["modified_raw"] == []  # the known public releases
     for dataset in ("varierr", "par"):
         for split in ("train", "dev", "test"):
             for r in read(out / dataset / f"{split}.jsonl"):
                 assert r["explanation"] == " ".join(r["explanation"].split()) != ""
+
+
+@pytest.mark.skipif(not RAW_DIR or not Path(RAW_DIR).exists(), reason="CAPO_RAW_DIR (raw data mirror) not set")
+def test_cut_real_varierr_is_refused_unless_accepted(tmp_path):
+    real = prepare.find_raw_file(Path(RAW_DIR), "varierr.json")
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "varierr.json").write_bytes(b"".join(real.read_bytes().splitlines(keepends=True)[:250]))
+    msg = bad_input_message(tmp_path, cut, "--dataset", "varierr", accept_modified=False)
+    assert "varierr.json: not the known release" in msg
+    assert "expected 500 items" in msg and "found 250 items" in msg
+    out = run_prepare(tmp_path / "ok", cut, "--dataset", "varierr", data__split_items=[150, 50, 50])
+    stats = json.loads((out / "varierr" / "stats.json").read_text())
+    assert stats["items_in_source"] == 250 and stats["modified_raw"][0]["found_items"] == 250
 
 
 @pytest.mark.parametrize("change,expected", [
@@ -332,3 +349,270 @@ def test_custom_missing_or_empty_fields(tmp_path, change, expected):
         prepare.main(["--config", str(write_config(tmp_path)), "--custom", str(custom), "--name", "mine",
                       "--label-type", "categorical"])
     assert expected in str(err.value)
+
+
+# ---------------------------------------------------------------------------- trustworthy inputs
+def run_custom(tmp_path, custom, *extra, name="mine", label_type="categorical", **cfg):
+    cfg.setdefault("data__split_items", [6, 2, 2])
+    cfg.setdefault("data__min_train_records_per_annotator", 1)
+    config = write_config(tmp_path, **cfg)
+    prepare.main(["--config", str(config), "--custom", str(custom), "--name", name,
+                  "--label-type", label_type, *extra])
+    return tmp_path / "run" / "data" / name
+
+
+def custom_bad(tmp_path, custom, *extra, **kwargs):
+    with pytest.raises(common.InputError) as err:
+        run_custom(tmp_path, custom, *extra, **kwargs)
+    return str(err.value)
+
+
+def custom_rows(n_items=10, annotators=("r1", "r2"), label=lambda i, a: "yes" if i % 2 else "no"):
+    return [{"item_id": f"q{i}", "text_a": f"Is tea {i} hot?", "text_b": f"Is tea {i} warm?", "annotator": a,
+             "label": label(i, a), "explanation": f"{a} on tea {i}"} for i in range(n_items) for a in annotators]
+
+
+def write_jsonl_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_csv_rows(path, rows, encoding="utf-8"):
+    lines = [",".join(prepare.CUSTOM_COLUMNS)]
+    lines += [",".join(f'"{r[c]}"' for c in prepare.CUSTOM_COLUMNS) for r in rows]
+    path.write_bytes(("\n".join(lines) + "\n").encode(encoding))
+    return path
+
+
+def test_check_release_on_invented_files(tmp_path):
+    path = tmp_path / "release.json"
+    path.write_text('{"a": 1, "b": 2, "c": 3}')
+    known = {"items": 3, "sha256": common.file_sha256(path)}
+    assert prepare.check_release(path, 3, known, accept_modified=False) is None
+    path.write_text('{"a": 1, "b": 2}')
+    with pytest.raises(common.InputError) as err:
+        prepare.check_release(path, 2, known, accept_modified=False)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: not the known release") and "expected 3 items" in msg
+    assert f"sha256 {known['sha256'][:12]}" in msg and "found 2 items" in msg and "--accept-modified-raw" in msg
+    note = prepare.check_release(path, 2, known, accept_modified=True)
+    assert note == {"file": "release.json", "expected_items": 3, "found_items": 2,
+                    "expected_sha256": known["sha256"], "found_sha256": common.file_sha256(path)}
+    # Same bytes but a different count (a reader that skipped items) is not the release either.
+    with pytest.raises(common.InputError):
+        prepare.check_release(path, 3, {"items": 2, "sha256": common.file_sha256(path)}, accept_modified=False)
+
+
+def test_raw_files_other_than_the_release_stop_unless_accepted(tmp_path, raw):
+    msg = bad_input_message(tmp_path, raw, "--dataset", "varierr", accept_modified=False)
+    assert "varierr.json: not the known release" in msg
+    assert "expected 500 items" in msg and "found 20 items" in msg
+    msg = bad_input_message(tmp_path, raw, "--dataset", "par", accept_modified=False)
+    assert "Paraphrase_train.json: not the known release" in msg and "expected 400 items" in msg
+    assert "found 10 items" in msg
+    out = run_prepare(tmp_path / "ok", raw)
+    varierr = json.loads((out / "varierr" / "stats.json").read_text())
+    par = json.loads((out / "par" / "stats.json").read_text())
+    assert [(n["file"], n["found_items"]) for n in varierr["modified_raw"]] == [("varierr.json", 20)]
+    assert [(n["file"], n["expected_items"], n["found_items"]) for n in par["modified_raw"]] == [
+        ("Paraphrase_train.json", 400, 10), ("Paraphrase_dev.json", 50, 5), ("Paraphrase_test.json", 50, 5)]
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_empty_raw_file_always_stops(tmp_path, raw, content):
+    (raw / "varierr.json").write_text(content)
+    msg = bad_input_message(tmp_path, raw, "--dataset", "varierr")  # even with --accept-modified-raw
+    assert msg == f"{raw / 'varierr.json'}: file is empty"
+    (raw / "Paraphrase_dev.json").write_text(content)
+    assert bad_input_message(tmp_path, raw, "--dataset", "par").endswith("Paraphrase_dev.json: file is empty")
+
+
+def test_raw_file_with_wrong_structure_names_line_and_field(tmp_path):
+    raw = tmp_path / "raw"
+    def null_labels(lines):
+        item = json.loads(lines[2]); item["neutral"] = None; lines[2] = json.dumps(item); return lines
+    write_varierr(raw, mutate=null_labels)
+    msg = bad_input_message(tmp_path, raw, "--dataset", "varierr")
+    assert "varierr.json, line 3, field 'neutral'" in msg
+    def duplicate(lines):
+        return lines + [lines[0]]
+    write_varierr(raw, mutate=duplicate)
+    msg = bad_input_message(tmp_path, raw, "--dataset", "varierr")
+    assert "line 21, item 0000x, field 'id': item id appears twice" in msg
+    write_par(raw, mutate=lambda split, data: split == "test" and data[next(iter(data))].update(annotations=[3]))
+    assert "Paraphrase_test.json, line" in bad_input_message(tmp_path, raw, "--dataset", "par")
+
+
+@pytest.mark.parametrize("annotator", ["../../../../escaped", "a/b", ".hidden", "a b", "é\\x"])
+def test_annotator_ids_must_be_path_safe(tmp_path, annotator):
+    rows = custom_rows()
+    rows[3]["annotator"] = annotator
+    msg = custom_bad(tmp_path, write_jsonl_rows(tmp_path / "mine.jsonl", rows))
+    assert msg.startswith(f"{tmp_path / 'mine.jsonl'}, line 4, field 'annotator': annotator ID {annotator!r}")
+    assert "not path-safe" in msg
+    out = run_custom(tmp_path / "skip", tmp_path / "mine.jsonl", "--skip-invalid")
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["dropped"] == {"annotator ID not path-safe": 1} and stats["annotators"] == ["r1", "r2"]
+
+
+def test_paraphrase_annotator_ids_must_be_path_safe(tmp_path):
+    raw = tmp_path / "raw"
+    def unsafe(split, data):
+        if split == "dev":
+            item = data[next(iter(data))]
+            item["annotators"] = "Ann1,../Ann2,Ann3,Ann4"
+            item["annotations"]["../Ann2"] = "1"
+    write_par(raw, mutate=unsafe)
+    msg = bad_input_message(tmp_path, raw, "--dataset", "par")
+    assert "Paraphrase_dev.json, line" in msg and "'../Ann2' is not path-safe" in msg
+
+
+@pytest.mark.parametrize("name", ["../../../../escaped", "a/b", ".hidden", "", "varierr", "par", "x y"])
+def test_dataset_name_must_be_path_safe(tmp_path, name):
+    custom = write_jsonl_rows(tmp_path / "mine.jsonl", custom_rows())
+    msg = custom_bad(tmp_path, custom, name=name)
+    assert (f"--name {name!r} is not allowed" in msg) if name else msg.startswith("--custom needs --name")
+    assert not (tmp_path / "run").exists()
+
+
+def test_dotted_names_are_allowed(tmp_path):
+    rows = custom_rows(annotators=("r.1", "R-2_b"))
+    out = run_custom(tmp_path, write_jsonl_rows(tmp_path / "mine.jsonl", rows), name="tea.v1-b_2")
+    assert json.loads((out / "stats.json").read_text())["annotators"] == ["R-2_b", "r.1"]
+
+
+@pytest.mark.parametrize("score_range,expected", [
+    ("1-5", "--score-range '1-5': expected LOW,HIGH (two integers, e.g. -5,5)"),
+    ("5,1", "--score-range '5,1': LOW must be below HIGH (e.g. 1,5)"),
+    ("3,3", "--score-range '3,3': LOW must be below HIGH"),
+])
+def test_bad_score_range(tmp_path, score_range, expected):
+    custom = write_jsonl_rows(tmp_path / "mine.jsonl", custom_rows(label=lambda i, a: i % 3))
+    assert custom_bad(tmp_path, custom, "--score-range", score_range, label_type="numeric").startswith(expected)
+
+
+def test_negative_score_range_as_documented(tmp_path):
+    custom = write_jsonl_rows(tmp_path / "mine.jsonl", custom_rows(label=lambda i, a: i % 3 - 1))
+    out = run_custom(tmp_path, custom, "--score-range", "-5,5", label_type="numeric")
+    assert json.loads((out / "stats.json").read_text())["task"]["score_range"] == [-5, 5]
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("", "file is empty"),
+    ("item_id,text_a,text_b,annotator,label,explanation\n", "no annotation rows (only a header?)"),
+])
+@pytest.mark.parametrize("label_type", ["numeric", "categorical"])
+def test_empty_custom_file(tmp_path, content, expected, label_type):
+    custom = tmp_path / "mine.csv"
+    custom.write_text(content)
+    assert custom_bad(tmp_path, custom, label_type=label_type) == f"{custom}: {expected}"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_latin1_file_names_line_and_byte(tmp_path, suffix):
+    rows = custom_rows()
+    rows[4]["explanation"] = "caf\u00e9 au lait"
+    path = tmp_path / f"mine{suffix}"
+    if suffix == ".csv":
+        write_csv_rows(path, rows, encoding="latin-1")
+        line = 6  # header + 5th row
+    else:
+        path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("latin-1"))
+        line = 5
+    offset = path.read_bytes().index(b"\xe9")
+    msg = custom_bad(tmp_path, path)
+    assert msg == (f"{path}, line {line}: not UTF-8: byte 0xe9 at offset {offset} cannot be decoded "
+                   "(save the file as UTF-8)")
+
+
+def test_folder_as_custom_file(tmp_path):
+    folder = tmp_path / "annotations.jsonl"
+    folder.mkdir()
+    assert custom_bad(tmp_path, folder) == f"{folder}: is a folder, expected a file"
+
+
+def test_csv_with_byte_order_mark(tmp_path):
+    custom = write_csv_rows(tmp_path / "mine.csv", custom_rows(), encoding="utf-8-sig")
+    assert custom.read_bytes().startswith(b"\xef\xbb\xbfitem_id")
+    stats = json.loads((run_custom(tmp_path, custom) / "stats.json").read_text())
+    assert stats["records"]["total"] == 20 and stats["task"]["labels"] == ["no", "yes"]
+
+
+@pytest.mark.parametrize("labels", [["--labels", "0,1"], []])
+def test_integer_labels_on_a_categorical_task(tmp_path, labels):
+    custom = write_jsonl_rows(tmp_path / "mine.jsonl", custom_rows(label=lambda i, a: i % 2))
+    out = run_custom(tmp_path, custom, *labels)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["task"]["labels"] == ["0", "1"] and stats["records"]["total"] == 20
+    assert {r["label"] for r in read(out / "train.jsonl")} == {"0", "1"}
+
+
+def test_two_scores_from_one_annotator_for_one_item(tmp_path):
+    rows = custom_rows(label=lambda i, a: i % 3)
+    rows.insert(7, dict(rows[2], label=2, explanation="second thoughts"))  # r1 on q1: 1 (line 3), 2 (line 8)
+    custom = write_jsonl_rows(tmp_path / "mine.jsonl", rows)
+    msg = custom_bad(tmp_path, custom, label_type="numeric")
+    assert msg == (f"{custom}, line 8, item q1, field 'label': annotator r1 gave this item two different "
+                   "scores: 1 (line 3) and 2 (line 8)")
+    out = run_custom(tmp_path / "skip", custom, "--skip-invalid", label_type="numeric")
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["dropped"] == {"two different scores from one annotator for one item": 2}
+    assert stats["records"]["total"] == 19  # 20 rows less r1's record on q1
+    records = [r for s in ("train", "dev", "test") for r in read(out / f"{s}.jsonl")]
+    assert not any(r["item_id"] == "q1" and r["annotator"] == "r1" for r in records)
+    # Categorical: two labels from one annotator for one item are both kept (as in VariErr).
+    rows[7]["label"], rows[2]["label"] = "yes", "no"
+    out = run_custom(tmp_path / "cat", write_jsonl_rows(tmp_path / "cat.jsonl", rows), name="cat")
+    records = [r for s in ("train", "dev", "test") for r in read(out / f"{s}.jsonl")]
+    r1_on_q1 = [r["label"] for r in records if r["item_id"] == "q1" and r["annotator"] == "r1"]
+    assert sorted(r1_on_q1) == ["no", "yes"]
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--name", "mine"], "--name is only used with --custom FILE"),
+    (["--score-range", "1,5"], "--score-range is only used with --custom FILE"),
+])
+def test_custom_flags_without_custom(tmp_path, raw, extra, expected):
+    assert bad_input_message(tmp_path, raw, *extra) == expected
+
+
+def test_wrong_flag_for_label_type(tmp_path):
+    custom = write_jsonl_rows(tmp_path / "mine.jsonl", custom_rows())
+    msg = custom_bad(tmp_path, custom, "--score-range", "1,5")
+    assert msg.startswith("--score-range is for --label-type numeric")
+    assert custom_bad(tmp_path, custom, "--labels", "yes,no", label_type="numeric").startswith(
+        "--labels is for --label-type categorical")
+    assert "at least two different labels" in custom_bad(tmp_path, custom, "--labels", "yes")
+    assert "at least two different labels" in custom_bad(tmp_path, custom, "--labels", "yes,no,Yes")
+    assert custom_bad(tmp_path, custom, "--accept-modified-raw").startswith("--accept-modified-raw is for the built-in")
+
+
+def cli(tmp_path, *args, **cfg):
+    cfg.setdefault("torch_threads", None)  # no torch import: these runs stop before any model work
+    config = write_config(tmp_path, **cfg)
+    return subprocess.run([sys.executable, str(ROOT / "01_prepare.py"), "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_inputs_print_one_error_line_and_exit_2(tmp_path):
+    """A few of the cases above through the real command line: exit 2, one stderr line starting
+    with error:. (Each run costs a torch import, so the rest are checked in-process.)"""
+    numeric = write_jsonl_rows(tmp_path / "scores.jsonl", custom_rows(label=lambda i, a: i % 3))
+    latin1 = write_csv_rows(tmp_path / "latin1.csv", [dict(r, explanation="caf\u00e9") for r in custom_rows()],
+                            encoding="latin-1")
+    (tmp_path / "folder").mkdir()
+    cut = tmp_path / "cut"
+    write_varierr(cut, n=5)
+    custom = ["--label-type", "numeric", "--name", "mine", "--custom"]
+    cases = {
+        "LOW must be below HIGH": [*custom, str(numeric), "--score-range", "5,1"],
+        "line 2: not UTF-8": [*custom, str(latin1)],
+        "is a folder": [*custom, str(tmp_path / "folder")],
+        "not the known release": ["--dataset", "varierr", "--raw-dir", str(cut)],
+    }
+    for expected, args in cases.items():
+        proc = cli(tmp_path, *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (args, proc.stderr)
+    assert not (tmp_path / "run" / "data").exists()
