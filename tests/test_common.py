@@ -141,6 +141,61 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
+def test_outputs_follow_the_umask_and_stale_temps_are_cleaned(tmp_path):
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        common.write_jsonl(tmp_path / "preds.jsonl", [{"a": 1}])  # was 0600 (mkstemp's mode)
+        with common.atomic_dir(tmp_path / "adapter") as tmp:
+            (tmp / "w.bin").write_bytes(b"1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "preds.jsonl").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755
+    # A killed writer left a temp folder and a temp file; the next write of the same path removes them.
+    (tmp_path / ".varierr.abc123.tmp").mkdir()
+    (tmp_path / ".preds.jsonl.xyz.tmp").write_text("half")
+    with common.atomic_dir(tmp_path / "varierr") as tmp:
+        (tmp / "train.jsonl").write_text("")
+    common.write_jsonl(tmp_path / "preds.jsonl", [{"a": 2}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "preds.jsonl", "varierr"]
+
+
+def test_ctrl_c_prints_one_line(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as stop:
+        common.run_stage(interrupted)
+    assert stop.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted: ")
+
+
+def test_manifest_marks_outputs_current_until_an_input_config_or_output_changes(tmp_path):
+    cfg = common.load_config(write_config(tmp_path))
+    data = common.run_dir(cfg) / "in.jsonl"
+    common.write_jsonl(data, [{"a": 1}])
+    out = common.run_dir(cfg) / "out.jsonl"
+    made_from = common.recipe(cfg, "02_analyze_hlv", [data], ["seed", "hlv.folds"])
+    assert common.why_not_current(out, made_from) == "not there yet"
+    common.write_jsonl(out, [{"b": 1}])
+    assert common.why_not_current(out, made_from).startswith("no manifest")
+    common.write_manifest(out, made_from)
+    assert common.why_not_current(out, made_from) is None and common.stale_reason(out, cfg) is None
+    other_seed = common.load_config(write_config(tmp_path, seed=7))
+    assert common.stale_reason(out, other_seed) == "config seed was 42, now 7"
+    common.write_jsonl(data, [{"a": 2}])
+    assert common.stale_reason(out, cfg) == "input in.jsonl has changed"
+    assert common.why_not_current(out, common.recipe(cfg, "02_analyze_hlv", [data], ["seed", "hlv.folds"])) \
+        == "input in.jsonl has changed"
+    common.write_jsonl(data, [{"a": 1}])
+    common.write_jsonl(out, [{"b": "edited by hand"}])
+    assert common.why_not_current(out, made_from) == "changed after it was written"
+    with pytest.raises(common.InputError, match=r"out.jsonl: not made from .* redo it with: rerun"):
+        common.require_current(out, cfg, "rerun")
+
+
 def test_read_jsonl_names_line_and_field(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"item_id": "1", "label": "neutral"}\n{"item_id": "2"}\n')
