@@ -586,6 +586,17 @@ def bootstrap_group_confidence(logits: np.ndarray, item: np.ndarray, slots: np.n
     counts = np.bincount(item, minlength=slots.shape[1]) if len(item) else np.zeros(slots.shape[1], int)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     out = np.full(len(slots), np.nan)
+
+    def target_probability(scores: np.ndarray) -> np.ndarray:
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        return np.exp(scores[..., column]) / np.exp(scores).sum(axis=-1)
+
+    if len(item) and group_size >= slots.shape[1] and (counts == 1).all():
+        # One row per item and groups as large as the resample: every group is the whole
+        # resample, so its score is the weighted mean of the rows' scores (all resamples at once).
+        weights = np.zeros(slots.shape)
+        np.add.at(weights, (np.arange(len(slots))[:, None], slots), 1.0)
+        return target_probability(weights @ logits[order] / slots.shape[1])
     for b, drawn in enumerate(slots):
         per_slot = counts[drawn]
         total = int(per_slot.sum())
@@ -593,13 +604,11 @@ def bootstrap_group_confidence(logits: np.ndarray, item: np.ndarray, slots: np.n
             continue
         within = np.arange(total) - np.repeat(np.cumsum(per_slot) - per_slot, per_slot)
         rows = order[np.repeat(starts[drawn], per_slot) + within]
-        m = min(group_size, total)
-        members = (np.argpartition(rng.random((draws, total)), m - 1, axis=1)[:, :m] if m < total
-                   else np.broadcast_to(np.arange(total), (draws, total)))
-        scores = logits[rows[members]].mean(axis=1)
-        scores = scores - scores.max(axis=1, keepdims=True)
-        proba = np.exp(scores[:, column]) / np.exp(scores).sum(axis=1)
-        out[b] = proba.mean()
+        if group_size >= total:  # every group is the whole resample
+            out[b] = target_probability(logits[rows].mean(axis=0))
+            continue
+        members = np.argpartition(rng.random((draws, total)), group_size - 1, axis=1)[:, :group_size]
+        out[b] = target_probability(logits[rows[members]].mean(axis=1)).mean()
     return out
 
 
