@@ -54,7 +54,7 @@ import numpy as np
 import common
 import eval_report
 from common import input_error
-from eval_report import HUMAN, fmt
+from eval_report import HUMAN
 
 PROMPTING_METHODS = ("base", "icl", "vp", "vp_icl")
 TRAINED_METHODS = ("sft", "capo")
@@ -404,19 +404,14 @@ def embedding_cosine(cfg: dict, outputs: list[str], references: list[list[str]],
 # Aggregation-aware imitation: feature KL and group classifier confidence
 # ----------------------------------------------------------------------------
 def feature_reference(ds: dict, ev: dict) -> dict:
-    """Fixed bins from the human train explanations, and the human test histograms per target."""
+    """Fixed bins from the human train explanations: {"edges": {feature: edges or categories}}."""
     train_values = defaultdict(list)
     for record in ds["train"]:
         for name, value in style_features(record["explanation"], record["text_a"], record["text_b"]).items():
             train_values[name].append(value)
     edges = feature_bin_edges(train_values, int(ev["feature_bins"]))
     edges["label"] = label_categories(ds["task"])
-    human = {}
-    for annotator in ds["annotators"]:
-        rows = [row for row in human_rows(ds) if row["annotator"] == annotator]
-        if rows:
-            human[annotator] = feature_histograms(rows, edges)
-    return {"edges": edges, "human": human}
+    return {"edges": edges}
 
 
 def feature_histograms(rows: list[dict], edges: dict) -> dict[str, np.ndarray]:
@@ -444,6 +439,8 @@ def feature_bins(rows: list[dict], edges: dict) -> dict[str, tuple[np.ndarray, i
 
 
 def feature_kl(rows: list[dict], human_hist: dict, edges: dict, smoothing: float) -> dict[str, float]:
+    """The definition on one row set. 06 computes the same numbers through feature_bins and
+    weighted_kl, which rebuild the histograms of any bootstrap resample cheaply."""
     model_hist = feature_histograms(rows, edges)
     return {name: kl_divergence(human_hist[name], model_hist[name], smoothing) for name in FEATURES}
 

@@ -142,7 +142,8 @@ def table_notes(cfg: dict, features: list[str]) -> list[str]:
         f"[low, high]: 95% percentile interval from {int(ev['bootstrap_resamples'])} bootstrap resamples of the "
         "test items, drawn per target annotator (seeded; the same resamples for every method). Group metrics "
         f"redraw {int(ev['bootstrap_group_draws'])} groups inside each resample with the classifier fixed; "
-        "feature KL is recomputed on each resample.",
+        "feature KL is recomputed on each resample (a resample repeats items, so its histograms are coarser "
+        "and its KL is biased upwards: the interval can sit above the value).",
         "ROUGE-L (stemmed), BERTScore F1 "
         f"({ev['bertscore_model']}, layer {ev.get('bertscore_num_layers') or 'default'}) and embedding cosine: "
         "max over the target's reference explanations for the item.",

@@ -64,6 +64,19 @@ def test_weighted_kl_with_unit_weights_is_the_plain_kl():
     plain = ev6.kl_divergence(np.bincount(human_bins[0], minlength=3).astype(float),
                               np.bincount(model_bins[0], minlength=3).astype(float), 1e-6)
     assert unit == pytest.approx(plain)
+    # feature_bins (the bootstrap's per-row bins) rebuild feature_histograms (the definition)
+    rows = [{"explanation": text, "text_a": "The cat sat.", "text_b": "A cat.", "label": label}
+            for text, label in (("the cat might sit", "neutral"), ("no", None), ("it can't be a dog at all", "entailment"),
+                                ("cat cat cat", "contradiction"))]
+    train = {name: [] for name in ev6.STYLE_FEATURES}
+    for row in rows + [dict(rows[0], explanation="a longer sentence about nothing much here")]:
+        for name, value in ev6.style_features(row["explanation"], row["text_a"], row["text_b"]).items():
+            train[name].append(value)
+    edges = ev6.feature_bin_edges(train, 3)
+    edges["label"] = ev6.label_categories(NLI_TASK)
+    histograms = ev6.feature_histograms(rows, edges)
+    for name, (bins, n_bins) in ev6.feature_bins(rows, edges).items():
+        assert np.bincount(bins, minlength=n_bins) == pytest.approx(histograms[name])
 
 
 def test_group_scores_of_averaged_rows_are_averaged_row_scores():
