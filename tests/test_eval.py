@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import common
+import eval_report
 from conftest import load_stage, write_config
 
 ev6 = load_stage("06_eval")
-import eval_report  # noqa: E402  (after conftest put the repository on sys.path)
 
 NLI_TASK = dict(common.BUILTIN_TASKS["varierr"])
 PAR_TASK = dict(common.BUILTIN_TASKS["par"])
@@ -335,13 +335,18 @@ def test_judge_and_bertscore_on_the_tiny_model(tmp_path, tiny_model):
     """The judge (the smoke profile's tiny model) and BERTScore (MiniLM), once."""
     config, run_dir = make_fixture_run(tmp_path, eval__judge=True, eval__bertscore=True)
     ev6.main(["--config", str(config), "--dataset", "varierr"])
-    metrics = json.loads((run_dir / "metrics.json").read_text())["varierr"]["tiny"]
+    everything = json.loads((run_dir / "metrics.json").read_text())
+    metrics = everything["varierr"]["tiny"]
+    calibration = everything["judge_calibration"]["varierr"]  # the judge on the human references, vs chance
+    assert calibration["chance"] == 0.25 and calibration["informative"] == (calibration["ci"][0] > 0.25)
     assert metrics["sft"]["bertscore_f1"] == pytest.approx(1.0, abs=1e-4)
     assert 0 < metrics["base"]["bertscore_f1"] < 1
     for method in ("sft", "base", "human"):
         judge = metrics[method]["judge"]
         assert judge["n"] == 6 and 0 <= judge["accuracy"] <= 1 and judge["chance"] == 0.25
         assert 0 <= judge["unparseable"] <= judge["n"]
+        low, high = judge["accuracy_ci"]  # bootstrap over the judged cells' items
+        assert low <= judge["accuracy"] <= high
     assert metrics["capo"]["judge_attribution"] is None
     header, rows = read_csv(run_dir / "tables" / "judge_attribution.csv")
     sft = next(row for row in rows if row[2] == "sft")
