@@ -1075,8 +1075,8 @@ def attach_judge(results: dict, draws: dict, ds: dict, jobs: list[dict], judge_r
 
 def judge_calibration(results: dict) -> dict:
     """The judge's accuracy on the human references, with its interval, against chance. A judge
-    whose interval includes chance cannot tell annotators apart on this profile: its verdicts
-    say nothing, and claims that rest on them are not resolved."""
+    whose interval does not lie above chance cannot tell annotators apart on this profile: its
+    verdicts say nothing, and claims that rest on them are not resolved."""
     reference = next((methods[HUMAN] for methods in results.values() if HUMAN in methods), None)
     judge = (reference or {}).get("judge", {})
     calibration = {"accuracy": judge.get("accuracy"), "ci": judge.get("accuracy_ci"), "chance": judge.get("chance"),
@@ -1088,7 +1088,7 @@ def judge_calibration(results: dict) -> dict:
     else:
         calibration["informative"] = bool(judge["accuracy_ci"][0] > judge["chance"])
         if not calibration["informative"]:
-            calibration["reason"] = "the judge's accuracy on the human references cannot be told from chance"
+            calibration["reason"] = "the judge's accuracy on the human references is not above chance"
     return calibration
 
 

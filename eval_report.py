@@ -539,7 +539,8 @@ def claims_markdown(claims: list[dict], judge_calibration: dict, margin_note: st
                          "its claims are not resolved.")
             continue
         status = ("informative" if calibration["informative"] else
-                  "**uninformative for this profile** (its interval includes chance): its claims are not resolved")
+                  "**uninformative for this profile** (its interval does not lie above chance): its claims are not "
+                  "resolved")
         lines.append(f"- Judge on {dataset}: accuracy on the human references "
                      f"{fmt_ci(calibration['accuracy'], calibration['ci'])} over {calibration['n']} cells, "
                      f"chance {fmt(calibration['chance'])}: {status}.")
