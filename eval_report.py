@@ -1,13 +1,14 @@
 """eval_report.py: the presentation half of 06_eval.py (tables, figures, report.md, the
 human-validation sheet and its scoring). Imported by 06_eval.py only:
 
-    python 06_eval.py --config configs/smoke.yaml                                   # writes everything below
+    python 06_eval.py --config configs/smoke.yaml     # tables/, report.md, human_eval/ of the run
     python 06_eval.py --config configs/cpu.yaml --score-sheet runs/cpu/human_eval/sheet.csv
 
-06_eval.py computes every number (metrics, intervals, judge verdicts, claims) and hands
-plain dicts to this module; nothing here computes a metric. It never imports 06 (the
-stage's file name is not a module name): the few names both must agree on (the human
-reference row's name, number formatting) live here and 06 imports them.
+06_eval.py computes every model metric, interval, judge verdict and claim and hands plain
+dicts to this module, which only lays them out (and, for a filled sheet, summarises the
+human ratings). It never imports 06 (the stage's file name is not a module name): the few
+names both must agree on (the human reference row's name, number formatting) live here
+and 06 imports them.
 """
 from __future__ import annotations
 

@@ -191,3 +191,28 @@ def test_training_curves_figure_from_logs(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 1000
     shutil.rmtree(run_dir / "adapters")
     assert not eval_report.plot_training_curves(cfg, datasets, tmp_path / "none.png")
+
+
+def test_pooled_prediction_sets_share_their_items():
+    """Two runs (seeds) of one method pool into one row set: an item's rows stay together, so
+    the same predictions twice give the same means and the same resampled values."""
+    task = NLI_TASK
+    reference = {"item_id": "i1", "annotator": "A0", "label": "neutral", "explanation": "maybe so"}
+    ds = {"references": {("i1", "A0"): [reference], ("i2", "A0"): [dict(reference, item_id="i2")]},
+          "items": {i: {"text_a": "A cat.", "text_b": "A dog."} for i in ("i1", "i2")}}
+    run = {"A0": [{"item_id": "i1", "annotator": "A0", "label": "neutral", "explanation": "maybe", "parse_ok": True,
+                   "output": "Label: neutral"},
+                  {"item_id": "i2", "annotator": "A0", "label": None, "explanation": None, "parse_ok": False,
+                   "output": "??"}]}
+    single, _ = ev6.output_rows(ds, [run])
+    pooled, _ = ev6.output_rows(ds, [run, run])
+    assert len(pooled) == 2 * len(single)
+    weights = np.array([[1.0, 1.0], [2.0, 0.0], [0.0, 2.0]])
+    one = ev6.score_arrays(single, ["i1", "i2"], task, {"label": ev6.label_categories(task),
+                                                        **{f: np.array([0.5]) for f in ev6.STYLE_FEATURES}})
+    two = ev6.score_arrays(pooled, ["i1", "i2"], task, {"label": ev6.label_categories(task),
+                                                        **{f: np.array([0.5]) for f in ev6.STYLE_FEATURES}})
+    for metric in ("parse_rate", "label_acc"):
+        assert ev6.weighted_means(two["item"], two["values"][metric], weights) == pytest.approx(
+            ev6.weighted_means(one["item"], one["values"][metric], weights))
+    assert list(ev6.weighted_means(one["item"], one["values"]["label_acc"], weights)) == [0.5, 1.0, 0.0]
