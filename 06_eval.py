@@ -1159,7 +1159,7 @@ def claims_check(results: dict, draws: dict, datasets: dict, calibration: dict) 
                                 f"CAPO keeps SFT's {decision} (non-inferiority, margin {margin:g})", decision,
                                 "capo", "sft", higher, margin))
             for row in rows:
-                if row["metric"] == "judge_attribution" and not judge_ok and row["verdict"] != "not resolved":
+                if row["metric"] == "judge_attribution" and not judge_ok and "reason" not in row:
                     row["verdict"] = "not resolved"
                     row["reason"] = ("judge uninformative on this profile: "
                                      + calibration.get(dataset, {}).get("reason", "not calibrated"))
