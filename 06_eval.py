@@ -1,70 +1,71 @@
-"""06_eval.py: every metric, every table, the figures and report.md.
+"""06_eval.py: every metric with its 95% interval, the judge and the claims check.
 
     python 06_eval.py --config configs/cpu.yaml --dataset all            # varierr + par
     python 06_eval.py --config configs/smoke.yaml --eval.judge false --eval.bertscore false
     python 06_eval.py --config configs/cpu.yaml --score-sheet runs/cpu/human_eval/sheet.csv
     accelerate launch 06_eval.py --config configs/paper.yaml             # same; one process is enough
 
-Reads runs/<profile>/data/<dataset>/ (01), hlv/<dataset>/ (02, shown in the report) and
+Reads runs/<profile>/data/<dataset>/ (01), hlv/<dataset>/ (02, shown in the report),
 predictions/<dataset>/<model>/<method>/<annotator>.jsonl: 03 (base, icl, vp, vp_icl), 04 (sft),
-05 (capo); any other method folder found there is evaluated as well. A method without
-predictions becomes a row that says it is missing; it never stops the stage.
-With data.max_eval_items (the cpu profile's budget) the human test references are the same
-seeded sample of test items that 03-05 generated on (common.load_eval_split).
+05 (capo), any other method folder found there (ablations), and adapters/ (04's and 05's
+train_log.json and selection.json, for the training curves). A method without predictions
+becomes a row that says it is missing; it never stops the stage. With data.max_eval_items
+(the cpu profile's budget) the human test references are the same seeded sample of test
+items that 03-05 generated on (common.load_eval_split).
 
-Writes runs/<profile>/:
-  metrics.json                       DESIGN.md shape: dataset -> model -> method -> metrics, with
-                                     "per_annotator" and, for every null, "reasons"[metric]
-  tables/table4_main.{md,csv}        main results (decision, reference similarity, imitation, judge)
+This file computes the numbers; eval_report.py (imported here only) writes them out:
+  metrics.json                       dataset -> model -> method -> metrics, each metric `m` with
+                                     `m_ci` [low, high], "per_annotator" and, for every null,
+                                     "reasons"[metric]; top level "claims" (paired comparisons
+                                     with verdicts) and "judge_calibration"
+  tables/table4_main.{md,csv}        main results, `value [low, high]`
   tables/table6_feature_kl.{md,csv}  feature KL by feature
   tables/judge_attribution.{md,csv}  LLM-as-judge attribution
   tables/judge_verdicts.jsonl        every judge reply and the verdict read from it
   tables/per_annotator.{md,csv}      every metric per target annotator
-  tables/fig_<metric>.png            one bar chart per metric
+  tables/fig_<metric>.png            one bar chart per metric, with interval error bars
+  tables/fig_training_curves.png     training loss (04, 05) and CAPO's dev-selection score per step
   tables/config.resolved.yaml
   human_eval/sheet.csv, sheet.html   blinded human-validation sheet (never overwritten once rated)
   human_eval/key.csv                 blinded id -> model, method (keep it away from the raters)
-  report.md                          HLV results from 02, every table, the paper's numbers beside
-                                     ours, the claims check, the resolved config and versions
+  report.md                          HLV results from 02, the claims, every table, the paper's
+                                     numbers beside ours, the resolved config and versions
 
 Scoring a filled sheet: `--score-sheet FILE` (key: FILE's folder/key.csv, or --sheet-key)
 writes scores.json/.md beside it: per-method means and agreement between raters.
 
-Metrics are computed per target annotator and averaged over annotators (macro). Every
-definition the paper does not give is in the block "OUR DEFINITIONS" below.
+Metrics are computed per target annotator and averaged over annotators (macro). Intervals
+come from one seeded bootstrap over test items, drawn per target annotator and shared by
+every method, so two methods' resamples are paired. Every definition the paper does not
+give is in the block "OUR DEFINITIONS" below.
 """
 from __future__ import annotations
 
-import csv
-import html
 import random
 import re
 import time
+import warnings
 import zlib
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-
-import common  # noqa: E402
-from common import InputError, input_error  # noqa: E402
+import common
+import eval_report
+from common import input_error
+from eval_report import HUMAN
 
 PROMPTING_METHODS = ("base", "icl", "vp", "vp_icl")
 TRAINED_METHODS = ("sft", "capo")
 STAGE_OF_METHOD = {**{m: "03_prompt_baselines" for m in PROMPTING_METHODS}, "sft": "04_sft", "capo": "05_capo"}
-HUMAN = "human"  # reference row: the target's own held-out test explanations, scored the same way
 
 
 # ============================================================================
 # OUR DEFINITIONS. The paper's formulas, word lists, bins, judge prompt and human
-# protocol are not public (PAPER_NOTES 6 and 9). Every reconstruction lives in this
-# block so it can be swapped when the paper's code appears; the README lists each
-# one as "our definition".
+# protocol are not public. Every reconstruction lives in this block (the human-
+# validation protocol in eval_report.py) so it can be swapped when the paper's code
+# appears; the README lists each one as "our definition".
 # ============================================================================
 
 # -- Unparsed outputs are never dropped. Their label counts as wrong (accuracy, sign),
@@ -203,32 +204,28 @@ def parse_verdict(reply: str, annotators: list[str]) -> str | None:
     return {a.lower(): a for a in annotators}[match.group(1).lower()]
 
 
-# -- Human validation: 1-5 ratings of coherence, grounding (in the item) and style fidelity
-#    (to the target's examples) by eval.human_sheet_raters raters; agreement = exact and
-#    within-1 agreement and quadratic-weighted Cohen's kappa, per pair of raters.
-RATING_DIMENSIONS = ("coherence", "grounding", "style")
-RATING_SCALE = (1, 5)
+# -- Uncertainty: a percentile bootstrap over test items, stratified by target annotator
+#    (each target's items are redrawn with replacement, all of an item's rows come along).
+#    The resamples are seeded per (dataset, annotator) only, so every method and model is
+#    scored on the same resampled items: differences between two methods are paired.
+#    Group metrics keep the classifier fixed and redraw their groups inside each resample;
+#    feature KL recomputes both histograms (human and model) on each resample.
+CI_LEVEL = 0.95
+CI_MIN_DEFINED = 0.9  # an interval needs the metric defined on >= 90% of the resamples
 
-# -- Claims check: "accuracy kept" allows a drop of 2% of the metric's range (accuracy 0.02,
-#    paraphrase MAE 0.2 points); the paper calls .638 -> .627 (Qwen, NLI) "maintained".
+# -- Claims check: paired differences a - b with their interval. Superiority: `holds` when
+#    the interval excludes 0 in the claimed direction, `contradicted` when it excludes 0 the
+#    other way, else `not resolved`. Non-inferiority ("CAPO keeps SFT's decision quality"):
+#    the margin is our choice, 2% of the metric's range (accuracy 0.02, paraphrase MAE 0.2
+#    points; the paper calls .638 -> .627 "maintained"); `holds` when the whole interval is
+#    on the good side of -margin, `contradicted` when it is wholly beyond it.
 KEPT_FRACTION_OF_RANGE = 0.02
+# Imitation claims: (metric, higher is better).
+IMITATION_CLAIM_METRICS = (("group_clf_conf", True), ("norm_imitation", True), ("feature_kl", False),
+                           ("judge_attribution", True))
 # ============================================================================
 # END OF OUR DEFINITIONS
 # ============================================================================
-
-# The paper's numbers, as summarised second-hand (PAPER_NOTES section 10; VariErr NLI).
-# Shown beside ours in the report, always labelled as the paper's.
-PAPER_TABLE4 = [
-    # model, method, label acc, feature KL, group clf conf, norm. imitation
-    ("Qwen3-4B", "base", 0.472, None, None, None),
-    ("Qwen3-4B", "sft", 0.638, 0.084, 0.845, 0.859),
-    ("Qwen3-4B", "capo", 0.627, 0.081, 0.867, 0.888),
-    ("Llama-3.2-3B", "base", 0.315, None, None, None),
-    ("Llama-3.2-3B", "sft", 0.512, 0.113, 0.909, 0.946),
-    ("Llama-3.2-3B", "capo", 0.512, 0.121, 0.924, 0.964),
-]
-PAPER_JUDGE = {"dataset": "varierr", "method": "capo", "accuracy": 0.328, "chance": 0.25}
-
 
 # ----------------------------------------------------------------------------
 # Small helpers
@@ -243,14 +240,6 @@ def mean_or_none(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.{digits}f}"
 
 
 def decision_metrics(task: dict) -> list[str]:
@@ -280,8 +269,11 @@ def load_dataset(cfg: dict, dataset: str) -> dict:
         items.setdefault(record["item_id"], record)
     for record in train:
         record["label"] = common.normalize_label(record["label"], task)
-    return {"name": dataset, "task": task, "annotators": common.dataset_annotators(cfg, dataset),
-            "train": train, "test": test, "references": dict(references), "items": items}
+    annotators = common.dataset_annotators(cfg, dataset)
+    # The bootstrap's units: each target's test items (those with a human reference), sorted.
+    target_items = {a: sorted({item for item, ann in references if ann == a}) for a in annotators}
+    return {"name": dataset, "task": task, "annotators": annotators, "train": train, "test": test,
+            "references": dict(references), "items": items, "target_items": target_items}
 
 
 def expected_methods(cfg: dict) -> list[str]:
@@ -323,11 +315,13 @@ def load_predictions(cfg: dict, ds: dict, model_tag: str, method: str) -> tuple[
     return found, missing
 
 
-def output_rows(ds: dict, predictions: dict) -> tuple[list[dict], dict]:
+def output_rows(ds: dict, prediction_sets: list[dict]) -> tuple[list[dict], dict]:
     """One scored row per prediction that has a human reference (the target's test responses
-    to that item); counts of predictions without one per annotator."""
+    to that item); counts of predictions without one per annotator. `prediction_sets` is a
+    list of {annotator: [prediction]}: several runs (seeds) of one method pool into one row
+    set, an item then has several rows, and the bootstrap keeps them together."""
     rows, unmatched = [], defaultdict(int)
-    for annotator, preds in predictions.items():
+    for annotator, preds in ((a, p) for predictions in prediction_sets for a, p in predictions.items()):
         for prediction in preds:
             references = ds["references"].get((prediction["item_id"], annotator))
             if not references:
@@ -410,19 +404,14 @@ def embedding_cosine(cfg: dict, outputs: list[str], references: list[list[str]],
 # Aggregation-aware imitation: feature KL and group classifier confidence
 # ----------------------------------------------------------------------------
 def feature_reference(ds: dict, ev: dict) -> dict:
-    """Fixed bins from the human train explanations, and the human test histograms per target."""
+    """Fixed bins from the human train explanations: {"edges": {feature: edges or categories}}."""
     train_values = defaultdict(list)
     for record in ds["train"]:
         for name, value in style_features(record["explanation"], record["text_a"], record["text_b"]).items():
             train_values[name].append(value)
     edges = feature_bin_edges(train_values, int(ev["feature_bins"]))
     edges["label"] = label_categories(ds["task"])
-    human = {}
-    for annotator in ds["annotators"]:
-        rows = [row for row in human_rows(ds) if row["annotator"] == annotator]
-        if rows:
-            human[annotator] = feature_histograms(rows, edges)
-    return {"edges": edges, "human": human}
+    return {"edges": edges}
 
 
 def feature_histograms(rows: list[dict], edges: dict) -> dict[str, np.ndarray]:
@@ -434,7 +423,24 @@ def feature_histograms(rows: list[dict], edges: dict) -> dict[str, np.ndarray]:
     return {name: feature_histogram(values[name], edges[name], categorical=(name == "label")) for name in FEATURES}
 
 
+def feature_bins(rows: list[dict], edges: dict) -> dict[str, tuple[np.ndarray, int]]:
+    """{feature: (bin of each row, number of bins)}: the same bins as feature_histograms, per row,
+    so histograms of any resample are a weighted bincount."""
+    values = defaultdict(list)
+    for row in rows:
+        for name, value in style_features(row["explanation"], row["text_a"], row["text_b"]).items():
+            values[name].append(value)
+    bins = {name: (np.digitize(np.asarray(values[name], dtype=float), edges[name]).astype(int), len(edges[name]) + 1)
+            for name in STYLE_FEATURES}
+    index = {category: i for i, category in enumerate(edges["label"])}
+    bins["label"] = (np.array([index[UNPARSED if row["label"] is None else row["label"]] for row in rows], dtype=int),
+                     len(edges["label"]))
+    return bins
+
+
 def feature_kl(rows: list[dict], human_hist: dict, edges: dict, smoothing: float) -> dict[str, float]:
+    """The definition on one row set. 06 computes the same numbers through feature_bins and
+    weighted_kl, which rebuild the histograms of any bootstrap resample cheaply."""
     model_hist = feature_histograms(rows, edges)
     return {name: kl_divergence(human_hist[name], model_hist[name], smoothing) for name in FEATURES}
 
@@ -493,93 +499,272 @@ def score_rows(cfg: dict, ev: dict, rows: list[dict], cache_dir: Path) -> str | 
     return bert_reason
 
 
-def aggregate(cfg: dict, ds: dict, rows: list[dict], features: dict, imitation: dict | None,
-              imitation_reason: str | None, bert_reason: str | None, missing: dict, unmatched: dict,
-              cache_dir: Path, is_human: bool = False) -> dict:
-    """Metrics per target annotator and their macro average (the method's row)."""
-    ev = cfg["eval"]
-    task = ds["task"]
-    decision = decision_metrics(task)
-    X_all = None
-    if imitation is not None and rows:
-        records = [{"item_id": r["item_id"], "label": r["label"] if r["label"] is not None else UNPARSED,
-                    "explanation": r["explanation"]} for r in rows]
-        X_all, _ = common.representation_vectors(cfg, records, imitation["representation"], cache_dir,
-                                                 means=imitation["means"])
-    per_annotator = {}
-    for annotator in ds["annotators"]:
-        if annotator in missing:
-            per_annotator[annotator] = {"status": "missing", "reason": missing[annotator]}
-            continue
-        index = [i for i, row in enumerate(rows) if row["annotator"] == annotator]
-        mine = [rows[i] for i in index]
-        target_items = {item for item, a in ds["references"] if a == annotator}
-        entry = {"status": "ok", "n": len(mine),
-                 "coverage": len({r["item_id"] for r in mine}) / len(target_items) if target_items else None,
-                 "unmatched_predictions": unmatched.get(annotator, 0), "reasons": {}}
-        if not mine:
-            entry["status"] = "missing"
-            entry["reason"] = "no predictions for this annotator's test items"
-            per_annotator[annotator] = entry
-            continue
-        outcomes = [decision_outcome(r["label"], r["target_labels"], task) for r in mine]
-        entry["parse_rate"] = float(np.mean([r["parse_ok"] for r in mine]))
-        if "label_acc" in decision:
-            entry["label_acc"] = float(np.mean([o["correct"] for o in outcomes]))
-        else:
-            entry["mae"] = float(np.mean([o["abs_error"] for o in outcomes]))
-            entry["sign_acc"] = float(np.mean([o["sign_correct"] for o in outcomes]))
-        for metric in ("rouge_l", "bertscore_f1", "emb_cos"):
-            entry[metric] = None if is_human else mean_or_none(r[metric] for r in mine)
-        if bert_reason:
-            entry["reasons"]["bertscore_f1"] = bert_reason
-        if annotator in features["human"]:
-            by_feature = feature_kl(mine, features["human"][annotator], features["edges"], float(ev["kl_smoothing"]))
-            entry["feature_kl_by_feature"] = by_feature
-            entry["feature_kl"] = float(np.mean(list(by_feature.values())))
-        else:
-            entry["feature_kl"] = None
-            entry["reasons"]["feature_kl"] = "no human test explanations for this annotator"
-        if imitation is None:
-            for metric in ("group_clf_conf", "norm_imitation"):
-                entry[metric] = None
-                entry["reasons"][metric] = imitation_reason
-        else:
-            conf = group_confidence(cfg, ev, imitation, annotator, X_all[index])
-            entry.update(group_clf_conf=conf["conf"], group_m=conf["m"], human_group_clf_conf=conf["human_conf"],
-                         norm_imitation=conf.get("norm"), group_accuracy=conf.get("group_accuracy"))
-            if conf["conf"] is None:
-                entry["reasons"]["group_clf_conf"] = entry["reasons"]["norm_imitation"] = conf["reason"]
-        per_annotator[annotator] = entry
+# ----------------------------------------------------------------------------
+# The bootstrap: shared resamples, vectorised statistics on per-row score arrays
+# ----------------------------------------------------------------------------
+def resample_plan(cfg: dict, ds: dict) -> dict[str, dict]:
+    """{annotator: {"slots": (B, n_items) item positions drawn with replacement, "weights":
+    (B, n_items) how often each item was drawn}}. Seeded per dataset and annotator only, so
+    every method and model is scored on the same resampled items (paired comparisons)."""
+    n_resamples = int(cfg["eval"]["bootstrap_resamples"])
+    plan = {}
+    for annotator, items in ds["target_items"].items():
+        n = len(items)
+        rng = np.random.default_rng(stable_seed(cfg["seed"], "bootstrap", ds["name"], annotator))
+        slots = rng.integers(0, max(n, 1), size=(n_resamples, n))
+        flat = (np.arange(n_resamples)[:, None] * n + slots).ravel()
+        weights = np.bincount(flat, minlength=n_resamples * n).reshape(n_resamples, n).astype(float)
+        plan[annotator] = {"slots": slots, "weights": weights}
+    return plan
 
-    ok = [e for e in per_annotator.values() if e.get("status") == "ok"]
+
+def interval(draws: np.ndarray | None) -> list[float] | None:
+    """The percentile interval of bootstrap draws; None if the metric is undefined (nan) on
+    more than 1 - CI_MIN_DEFINED of them."""
+    if draws is None or len(draws) == 0:
+        return None
+    finite = draws[np.isfinite(draws)]
+    if len(finite) < CI_MIN_DEFINED * len(draws):
+        return None
+    tail = 100 * (1 - CI_LEVEL) / 2
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return [float(low), float(high)]
+
+
+def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+def weighted_means(item: np.ndarray, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Mean of per-row `values` when item i's rows count weights[..., i] times: (k,) for (k, n) weights."""
+    n = weights.shape[-1]
+    sums = np.bincount(item, weights=values, minlength=n)
+    counts = np.bincount(item, minlength=n).astype(float)
+    return ratio(weights @ sums, weights @ counts)
+
+
+def weighted_kl(human_bins: tuple, human_item: np.ndarray, model_bins: tuple, model_item: np.ndarray,
+                weights: np.ndarray, smoothing: float) -> np.ndarray:
+    """KL(human || model) of one feature's histograms, both rebuilt from the resampled items."""
+    n, n_bins = weights.shape[-1], human_bins[1]
+
+    def histogram(item, bins):
+        table = np.zeros((n, n_bins))
+        np.add.at(table, (item, bins), 1.0)
+        return weights @ table
+
+    p, q = histogram(human_item, human_bins[0]), histogram(model_item, model_bins[0])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = p / p.sum(axis=-1, keepdims=True) + smoothing
+        q = q / q.sum(axis=-1, keepdims=True) + smoothing
+        p, q = p / p.sum(axis=-1, keepdims=True), q / q.sum(axis=-1, keepdims=True)
+        return np.sum(p * np.log(p / q), axis=-1)  # nan where a resample has no rows
+
+
+def row_logits(clf, X: np.ndarray) -> np.ndarray:
+    """Per-row class scores of the (affine) scaler + logistic-regression classifier. The
+    classifier is affine up to its softmax, so the scores of a group's averaged vector are
+    the average of its rows' scores: groups can be redrawn without refitting or re-embedding."""
+    with common.single_thread_blas():
+        scores = clf.decision_function(X)
+    if scores.ndim == 1:  # two classes: sklearn gives one score, P(class 1) = sigmoid(score)
+        scores = np.column_stack([np.zeros_like(scores), scores])
+    return scores
+
+
+def bootstrap_group_confidence(logits: np.ndarray, item: np.ndarray, slots: np.ndarray, column: int,
+                               group_size: int, draws: int, seed: int) -> np.ndarray:
+    """(B,) group confidence for the target `column`: in each resample (its drawn items, each
+    with all its rows) `draws` groups of min(group_size, rows) distinct rows are averaged and
+    classified, as in the point estimate (common.group_target_confidence)."""
+    rng = np.random.default_rng(seed)
+    order = np.argsort(item, kind="stable")
+    counts = np.bincount(item, minlength=slots.shape[1]) if len(item) else np.zeros(slots.shape[1], int)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out = np.full(len(slots), np.nan)
+
+    def target_probability(scores: np.ndarray) -> np.ndarray:
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        return np.exp(scores[..., column]) / np.exp(scores).sum(axis=-1)
+
+    if len(item) and group_size >= slots.shape[1] and (counts == 1).all():
+        # One row per item and groups as large as the resample: every group is the whole
+        # resample, so its score is the weighted mean of the rows' scores (all resamples at once).
+        weights = np.zeros(slots.shape)
+        np.add.at(weights, (np.arange(len(slots))[:, None], slots), 1.0)
+        return target_probability(weights @ logits[order] / slots.shape[1])
+    for b, drawn in enumerate(slots):
+        per_slot = counts[drawn]
+        total = int(per_slot.sum())
+        if total == 0:
+            continue
+        within = np.arange(total) - np.repeat(np.cumsum(per_slot) - per_slot, per_slot)
+        rows = order[np.repeat(starts[drawn], per_slot) + within]
+        if group_size >= total:  # every group is the whole resample
+            out[b] = target_probability(logits[rows].mean(axis=0))
+            continue
+        members = np.argpartition(rng.random((draws, total)), group_size - 1, axis=1)[:, :group_size]
+        out[b] = target_probability(logits[rows[members]].mean(axis=1)).mean()
+    return out
+
+
+# ----------------------------------------------------------------------------
+# One dataset: score every method's rows, then aggregate per target and overall
+# ----------------------------------------------------------------------------
+def score_arrays(rows: list[dict], items: list[str], task: dict, edges: dict) -> dict:
+    """Per-row scores of one target's rows as numpy arrays, with each row's item position."""
+    position = {item: i for i, item in enumerate(items)}
+    outcomes = [decision_outcome(r["label"], r["target_labels"], task) for r in rows]
+    values = {"parse_rate": [r["parse_ok"] for r in rows]}
+    if task["label_type"] == "categorical":
+        values["label_acc"] = [o["correct"] for o in outcomes]
+    else:
+        values["mae"] = [o["abs_error"] for o in outcomes]
+        values["sign_acc"] = [o["sign_correct"] for o in outcomes]
+    for metric in ("rouge_l", "bertscore_f1", "emb_cos"):
+        if rows and all(r.get(metric) is not None for r in rows):
+            values[metric] = [r[metric] for r in rows]
+    return {"item": np.array([position[r["item_id"]] for r in rows], dtype=int), "n_items": len(items),
+            "values": {k: np.asarray(v, dtype=float) for k, v in values.items()},
+            "bins": feature_bins(rows, edges)}
+
+
+def human_reference_arrays(cfg: dict, ds: dict, features: dict, imitation: dict | None) -> dict:
+    """Per target: the human test rows' items, feature bins and classifier scores (shared by
+    every method's KL and normalised imitation)."""
+    rows = human_rows(ds)
+    reference = {}
+    for annotator in ds["annotators"]:
+        mine = [r for r in rows if r["annotator"] == annotator]  # the order of imitation["human_X"]
+        arrays = score_arrays(mine, ds["target_items"][annotator], ds["task"], features["edges"])
+        if imitation is not None and len(mine):
+            arrays["logits"] = row_logits(imitation["clf"], imitation["human_X"][annotator])
+        reference[annotator] = arrays
+    return reference
+
+
+def target_entry(cfg: dict, ds: dict, annotator: str, rows: list[dict], plan: dict, human: dict,
+                 imitation: dict | None, imitation_reason: str | None, X, unmatched: int) -> tuple[dict, dict]:
+    """(metrics of one method for one target, {metric: (B,) bootstrap draws})."""
+    ev = cfg["eval"]
+    items = ds["target_items"][annotator]
+    weights = plan[annotator]["weights"]
+    ones = np.ones(len(items))
+    arrays = score_arrays(rows, items, ds["task"], human["edges"])
+    entry = {"status": "ok", "n": len(rows), "unmatched_predictions": unmatched, "reasons": {}}
+    draws = {}
+    has_rows = (np.bincount(arrays["item"], minlength=len(items)) > 0).astype(float)
+    entry["coverage"] = float(has_rows.mean()) if items else None
+    draws["coverage"] = ratio(weights @ has_rows, weights.sum(axis=1))
+    for metric, values in arrays["values"].items():
+        entry[metric] = float(weighted_means(arrays["item"], values, ones))
+        draws[metric] = weighted_means(arrays["item"], values, weights)
+    for metric in ("rouge_l", "bertscore_f1", "emb_cos"):
+        if metric not in entry:
+            entry[metric] = None
+            entry["reasons"][metric] = human["reasons"].get(metric, "not computed")
+    # Feature KL against the target's human test explanations, both rebuilt per resample.
+    reference = human["targets"][annotator]
+    if len(reference["item"]):
+        smoothing = float(ev["kl_smoothing"])
+        by_feature, by_feature_draws = {}, {}
+        for name in FEATURES:
+            args = (reference["bins"][name], reference["item"], arrays["bins"][name], arrays["item"])
+            by_feature[name] = float(weighted_kl(*args, ones, smoothing))
+            by_feature_draws[name] = weighted_kl(*args, weights, smoothing)
+        entry["feature_kl_by_feature"] = by_feature
+        entry["feature_kl"] = float(np.mean(list(by_feature.values())))
+        draws["feature_kl_by_feature"] = by_feature_draws
+        draws["feature_kl"] = np.mean(list(by_feature_draws.values()), axis=0)
+    else:
+        entry["feature_kl"] = None
+        entry["reasons"]["feature_kl"] = "no human test explanations for this annotator"
+    # Group classifier confidence and normalised imitation.
+    if imitation is None:
+        for metric in ("group_clf_conf", "norm_imitation"):
+            entry[metric] = None
+            entry["reasons"][metric] = imitation_reason
+        return entry, draws
+    conf = group_confidence(cfg, ev, imitation, annotator, X)
+    entry.update(group_clf_conf=conf["conf"], group_m=conf["m"], human_group_clf_conf=conf["human_conf"],
+                 norm_imitation=conf.get("norm"), group_accuracy=conf.get("group_accuracy"))
+    if conf["conf"] is None:
+        entry["reasons"]["group_clf_conf"] = entry["reasons"]["norm_imitation"] = conf["reason"]
+        return entry, draws
+    column = [str(c) for c in imitation["clf"].classes_].index(annotator)
+    n_draws = int(ev["bootstrap_group_draws"])
+    slots = plan[annotator]["slots"]
+    draws["group_clf_conf"] = bootstrap_group_confidence(
+        row_logits(imitation["clf"], X), arrays["item"], slots, column, conf["m"], n_draws,
+        stable_seed(cfg["seed"], "group-bootstrap", ds["name"], annotator, len(rows)))
+    key = ("bootstrap", annotator, conf["m"])
+    if key not in imitation["cache"]:  # the human side at the same m, once per target and m
+        imitation["cache"][key] = bootstrap_group_confidence(
+            reference["logits"], reference["item"], slots, column, conf["m"], n_draws,
+            stable_seed(cfg["seed"], "group-bootstrap-human", ds["name"], annotator, conf["m"]))
+    draws["human_group_clf_conf"] = imitation["cache"][key]
+    draws["norm_imitation"] = ratio(draws["group_clf_conf"], draws["human_group_clf_conf"])
+    return entry, draws
+
+
+def attach_intervals(entry: dict, draws: dict) -> None:
+    """`m_ci` beside every metric `m` that has draws (None where the metric is None)."""
+    for metric, values in draws.items():
+        if metric == "feature_kl_by_feature":
+            entry["feature_kl_by_feature_ci"] = {name: interval(v) if entry.get("feature_kl_by_feature", {}).get(name)
+                                                 is not None else None for name, v in values.items()}
+        elif entry.get(metric) is not None:
+            entry[f"{metric}_ci"] = interval(values)
+
+
+def macro_average(values: list[float], draws: list[np.ndarray]) -> tuple[float | None, np.ndarray | None]:
+    """(mean of the targets' values, the mean of their draws per resample); draws None unless
+    every target has them. A target undefined on a resample (no rows drawn) is left out there."""
+    if not values:
+        return None, None
+    if len(draws) != len(values):
+        return float(np.mean(values)), None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-nan column: undefined on that resample
+        return float(np.mean(values)), np.nanmean(np.vstack(draws), axis=0)
+
+
+def macro(per_target: dict, draws: dict, metric: str):
+    """(macro average of `metric` over the targets with a value, its (B,) draws or None)."""
+    targets = [a for a, e in per_target.items() if e.get(metric) is not None]
+    return macro_average([per_target[a][metric] for a in targets],
+                         [draws[a][metric] for a in targets if metric in draws.get(a, {})])
+
+
+def method_row(ds: dict, per_target: dict, target_draws: dict, metrics: list[str], unmatched: dict) -> tuple[dict, dict]:
+    """The macro row of one method from its per-target entries; (row, {metric: (B,) draws})."""
+    ok = {a: e for a, e in per_target.items() if e.get("status") == "ok"}
     result = {"status": "ok" if len(ok) == len(ds["annotators"]) else ("partial" if ok else "missing"),
-              "annotators_evaluated": [a for a, e in per_annotator.items() if e.get("status") == "ok"],
-              "n": sum(e["n"] for e in ok), "reasons": {}, "per_annotator": per_annotator}
+              "annotators_evaluated": list(ok), "n": sum(e["n"] for e in ok.values()), "reasons": {},
+              "per_annotator": per_target}
+    draws = {}
     if not ok:
-        reasons = sorted({e.get("reason", "missing") for e in per_annotator.values()})
-        result["reason"] = "; ".join(reasons)
-        return result
-    metrics = ["coverage", "parse_rate", *decision, "rouge_l", "bertscore_f1", "emb_cos", "feature_kl",
-               "group_clf_conf", "norm_imitation", "human_group_clf_conf"]
+        result["reason"] = "; ".join(sorted({e.get("reason", "missing") for e in per_target.values()}))
+        return result, draws
     for metric in metrics:
-        result[metric] = mean_or_none(e.get(metric) for e in ok)
+        result[metric], draws[metric] = macro(ok, target_draws, metric)
         if result[metric] is None:
-            why = sorted({e["reasons"].get(metric, "") for e in ok} - {""})
+            why = sorted({e["reasons"].get(metric, "") for e in ok.values()} - {""})
             result["reasons"][metric] = "; ".join(why) if why else "not computed"
-    result["group_m"] = min((e["group_m"] for e in ok if e.get("group_m")), default=None)
+    result["group_m"] = min((e["group_m"] for e in ok.values() if e.get("group_m")), default=None)
     if result["group_m"] is None:
         result["reasons"]["group_m"] = result["reasons"].get("group_clf_conf", "not computed")
-    result["feature_kl_by_feature"] = {
-        name: mean_or_none(e.get("feature_kl_by_feature", {}).get(name) for e in ok) for name in FEATURES}
-    if is_human:
-        # The reference row: only the imitation metrics (and the judge) say anything about it.
-        for entry in [result, *ok]:
-            for metric in ("coverage", "parse_rate", *decision, "rouge_l", "bertscore_f1", "emb_cos", "feature_kl"):
-                entry[metric] = None
-                entry.setdefault("reasons", {})[metric] = ("n/a: reference row (the target's own test "
-                                                           "explanations); only imitation and the judge apply")
-            entry["feature_kl_by_feature"] = {name: None for name in FEATURES}
+    by_feature, by_feature_draws = {}, {}
+    for name in FEATURES:
+        targets = [a for a, e in ok.items() if (e.get("feature_kl_by_feature") or {}).get(name) is not None]
+        by_feature[name], by_feature_draws[name] = macro_average(
+            [ok[a]["feature_kl_by_feature"][name] for a in targets],
+            [target_draws[a]["feature_kl_by_feature"][name] for a in targets
+             if "feature_kl_by_feature" in target_draws.get(a, {})])
+    result["feature_kl_by_feature"] = by_feature
+    draws["feature_kl_by_feature"] = by_feature_draws
+    attach_intervals(result, draws)
     notes = []
     if result["status"] == "partial":
         notes.append("averaged over " + ", ".join(result["annotators_evaluated"]) + " only")
@@ -587,11 +772,97 @@ def aggregate(cfg: dict, ds: dict, rows: list[dict], features: dict, imitation: 
         notes.append(f"{sum(unmatched.values())} predictions for cells without a human test response not scored")
     if notes:
         result["note"] = "; ".join(notes)
-    return result
+    return result, draws
 
 
-def evaluate_dataset(cfg: dict, ds: dict) -> tuple[dict, dict]:
-    """({model: {method: metrics}}, judge inputs) for one dataset, without the judge."""
+def model_row(cfg: dict, ds: dict, rows: list[dict], plan: dict, human: dict, imitation: dict | None,
+              imitation_reason: str | None, missing: dict, unmatched: dict, cache_dir: Path) -> tuple[dict, dict]:
+    """One method's metrics per target annotator and their macro average, with intervals;
+    (row, draws) where draws = {"macro": {metric: (B,)}, "per_annotator": {a: {metric: (B,)}}}."""
+    X_all = None
+    if imitation is not None and rows:
+        records = [{"item_id": r["item_id"], "label": r["label"] if r["label"] is not None else UNPARSED,
+                    "explanation": r["explanation"]} for r in rows]
+        X_all, _ = common.representation_vectors(cfg, records, imitation["representation"], cache_dir,
+                                                 means=imitation["means"])
+    per_target, target_draws = {}, {}
+    for annotator in ds["annotators"]:
+        if annotator in missing:
+            per_target[annotator] = {"status": "missing", "reason": missing[annotator]}
+            continue
+        index = [i for i, row in enumerate(rows) if row["annotator"] == annotator]
+        if not index:
+            per_target[annotator] = {"status": "missing", "n": 0, "reasons": {},
+                                     "reason": "no predictions for this annotator's test items"}
+            continue
+        X = X_all[index] if X_all is not None else None
+        entry, draws = target_entry(cfg, ds, annotator, [rows[i] for i in index], plan, human, imitation,
+                                    imitation_reason, X, unmatched.get(annotator, 0))
+        attach_intervals(entry, draws)
+        per_target[annotator], target_draws[annotator] = entry, draws
+    metrics = ["coverage", "parse_rate", *decision_metrics(ds["task"]), "rouge_l", "bertscore_f1", "emb_cos",
+               "feature_kl", "group_clf_conf", "norm_imitation", "human_group_clf_conf"]
+    result, draws = method_row(ds, per_target, target_draws, metrics, unmatched)
+    return result, {"macro": draws, "per_annotator": target_draws}
+
+
+REFERENCE_ROW_NA = ("n/a: reference row (the target's own test explanations); only imitation and the judge apply")
+
+
+def human_reference_row(cfg: dict, ds: dict, plan: dict, human: dict, imitation: dict | None,
+                        imitation_reason: str | None) -> tuple[dict, dict]:
+    """The human reference row: the target's own test explanations through the group
+    classifier (normalised imitation is 1 by construction); the judge is attached later.
+    Decision and similarity metrics compare a response with itself and are n/a."""
+    ev = cfg["eval"]
+    not_applicable = ["coverage", "parse_rate", *decision_metrics(ds["task"]), "rouge_l", "bertscore_f1",
+                      "emb_cos", "feature_kl"]
+    per_target, target_draws = {}, {}
+    for annotator in ds["annotators"]:
+        reference = human["targets"][annotator]
+        if not len(reference["item"]):
+            per_target[annotator] = {"status": "missing", "reason": "no human test explanations"}
+            continue
+        entry = {"status": "ok", "n": int(len(reference["item"])), "reasons": {}}
+        for metric in not_applicable:
+            entry[metric] = None
+            entry["reasons"][metric] = REFERENCE_ROW_NA
+        entry["feature_kl_by_feature"] = {name: None for name in FEATURES}
+        draws = {}
+        if imitation is None:
+            for metric in ("group_clf_conf", "norm_imitation"):
+                entry[metric] = None
+                entry["reasons"][metric] = imitation_reason
+        else:
+            conf = group_confidence(cfg, ev, imitation, annotator, imitation["human_X"][annotator])
+            entry.update(group_clf_conf=conf["conf"], group_m=conf["m"], human_group_clf_conf=conf["human_conf"],
+                         norm_imitation=conf.get("norm"), group_accuracy=conf.get("group_accuracy"))
+            if conf["conf"] is None:
+                entry["reasons"]["group_clf_conf"] = entry["reasons"]["norm_imitation"] = conf["reason"]
+            else:
+                column = [str(c) for c in imitation["clf"].classes_].index(annotator)
+                key = ("bootstrap", annotator, conf["m"])
+                if key not in imitation["cache"]:
+                    imitation["cache"][key] = bootstrap_group_confidence(
+                        reference["logits"], reference["item"], plan[annotator]["slots"], column, conf["m"],
+                        int(ev["bootstrap_group_draws"]),
+                        stable_seed(cfg["seed"], "group-bootstrap-human", ds["name"], annotator, conf["m"]))
+                draws["group_clf_conf"] = draws["human_group_clf_conf"] = imitation["cache"][key]
+                draws["norm_imitation"] = ratio(draws["group_clf_conf"], draws["human_group_clf_conf"])
+        attach_intervals(entry, draws)
+        per_target[annotator], target_draws[annotator] = entry, draws
+    result, draws = method_row(ds, per_target, target_draws, [*not_applicable, "group_clf_conf", "norm_imitation",
+                                                              "human_group_clf_conf"], {})
+    for metric in not_applicable:
+        result["reasons"][metric] = REFERENCE_ROW_NA
+    result["feature_kl_by_feature"] = {name: None for name in FEATURES}
+    result.pop("feature_kl_by_feature_ci", None)
+    return result, {"macro": draws, "per_annotator": target_draws}
+
+
+def evaluate_dataset(cfg: dict, ds: dict) -> tuple[dict, dict, dict, dict]:
+    """({model: {method: metrics}}, {model: {method: bootstrap draws}}, judge inputs, the
+    resample plan) for one dataset, without the judge."""
     ev = cfg["eval"]
     cache_dir = common.run_dir(cfg) / "eval_cache" / ds["name"]
     features = feature_reference(ds, ev)
@@ -605,7 +876,7 @@ def evaluate_dataset(cfg: dict, ds: dict) -> tuple[dict, dict]:
     for model_cfg in common.model_configs(cfg):
         for method in discover_methods(cfg, ds["name"], model_cfg["tag"]):
             predictions, missing = load_predictions(cfg, ds, model_cfg["tag"], method)
-            rows, unmatched = output_rows(ds, predictions)
+            rows, unmatched = output_rows(ds, [predictions])
             loaded[(model_cfg["tag"], method)] = (predictions, missing, rows, unmatched)
             all_rows += rows
     started = time.time()
@@ -613,20 +884,27 @@ def evaluate_dataset(cfg: dict, ds: dict) -> tuple[dict, dict]:
     print(f"[eval] {ds['name']}: reference similarity for {len(all_rows)} outputs in {time.time() - started:.0f}s",
           flush=True)
 
+    started = time.time()
+    plan = resample_plan(cfg, ds)
+    human = {"edges": features["edges"], "targets": human_reference_arrays(cfg, ds, features, imitation),
+             "reasons": {"bertscore_f1": bert_reason} if bert_reason else {}}
     results: dict[str, dict] = {}
+    draws: dict[str, dict] = {}
     for (model_tag, method), (predictions, missing, rows, unmatched) in loaded.items():
-        results.setdefault(model_tag, {})[method] = aggregate(cfg, ds, rows, features, imitation, imitation_reason,
-                                                              bert_reason, missing, unmatched, cache_dir)
-        result = results[model_tag][method]
-        detail = (f"n={result['n']}, norm_imitation {fmt(result.get('norm_imitation'))}"
+        result, method_draws = model_row(cfg, ds, rows, plan, human, imitation, imitation_reason, missing,
+                                         unmatched, cache_dir)
+        results.setdefault(model_tag, {})[method] = result
+        draws.setdefault(model_tag, {})[method] = method_draws
+        detail = (f"n={result['n']}, norm_imitation {eval_report.fmt_ci(result.get('norm_imitation'), result.get('norm_imitation_ci'))}"
                   if result["status"] != "missing" else result.get("reason"))
         print(f"[eval] {ds['name']} {model_tag} {method}: {result['status']} ({detail})", flush=True)
-    human = aggregate(cfg, ds, human_rows(ds), features, imitation, imitation_reason, None, {}, {}, cache_dir,
-                      is_human=True)
+    reference, reference_draws = human_reference_row(cfg, ds, plan, human, imitation, imitation_reason)
     for model_tag in results:
-        results[model_tag][HUMAN] = human
-    return results, {key: value[0] for key, value in loaded.items()}
-
+        results[model_tag][HUMAN] = reference
+        draws[model_tag][HUMAN] = reference_draws
+    print(f"[eval] {ds['name']}: metrics and {int(ev['bootstrap_resamples'])} bootstrap resamples in "
+          f"{time.time() - started:.1f}s", flush=True)
+    return results, draws, {key: value[0] for key, value in loaded.items()}, plan
 
 # ----------------------------------------------------------------------------
 # LLM-as-judge attribution
@@ -733,259 +1011,179 @@ def judge_summary(jobs: list[dict], annotators: list[str], judge_reason: str | N
             "chance": chance, "judge_model": judge_tag, "per_annotator": per_annotator}
 
 
-def attach_judge(results: dict, ds: dict, jobs: list[dict], judge_reason: str | None, cfg: dict) -> None:
+def judge_draws(jobs: list[dict], ds: dict, plan: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Bootstrap draws of judge accuracy over the same item resamples as every other metric:
+    ((B,) over all judged cells, {annotator: (B,)})."""
+    numerator, denominator, per_annotator = 0.0, 0.0, {}
+    for annotator in ds["annotators"]:
+        mine = [job for job in jobs if "messages" in job and job["annotator"] == annotator]
+        if not mine:
+            continue
+        position = {item: i for i, item in enumerate(ds["target_items"][annotator])}
+        item = np.array([position[job["item_id"]] for job in mine], dtype=int)
+        correct = np.array([job["verdict"] == job["annotator"] for job in mine], dtype=float)
+        weights = plan[annotator]["weights"]
+        n = weights.shape[1]
+        sums = weights @ np.bincount(item, weights=correct, minlength=n)
+        counts = weights @ np.bincount(item, minlength=n).astype(float)
+        per_annotator[annotator] = ratio(sums, counts)
+        numerator, denominator = numerator + sums, denominator + counts
+    return ratio(np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)), per_annotator
+
+
+def attach_judge(results: dict, draws: dict, ds: dict, jobs: list[dict], judge_reason: str | None, cfg: dict,
+                 plan: dict) -> None:
+    """judge summary, judge_attribution and its interval on every row and target; draws too."""
     judge_tag = common.model_configs(cfg)[0]["tag"]
-    human_jobs = [job for job in jobs if job["method"] == HUMAN]
-    human = judge_summary(human_jobs, ds["annotators"], judge_reason, judge_tag)
+
+    def summarise(mine: list[dict]) -> tuple[dict, np.ndarray | None, dict]:
+        summary = judge_summary(mine, ds["annotators"], judge_reason, judge_tag)
+        if summary["accuracy"] is None:
+            return summary, None, {}
+        overall, per_annotator = judge_draws(mine, ds, plan)
+        summary["accuracy_ci"] = interval(overall)
+        summary["per_annotator_ci"] = {a: interval(per_annotator[a]) if a in per_annotator else None
+                                       for a in ds["annotators"]}
+        return summary, overall, per_annotator
+
+    human = summarise([job for job in jobs if job["method"] == HUMAN])
     for model_tag, methods in results.items():
         for method, result in methods.items():
-            if method == HUMAN:
-                summary = human
-            else:
-                mine = [j for j in jobs if j["model"] == model_tag and j["method"] == method]
-                summary = judge_summary(mine, ds["annotators"], judge_reason, judge_tag)
+            summary, overall, per_annotator = (human if method == HUMAN else summarise(
+                [j for j in jobs if j["model"] == model_tag and j["method"] == method]))
             if result["status"] == "missing":
-                summary = {"accuracy": None, "reason": result.get("reason", "missing"), "chance": summary["chance"]}
+                summary, overall, per_annotator = ({"accuracy": None, "reason": result.get("reason", "missing"),
+                                                    "chance": summary["chance"]}, None, {})
             result["judge"] = summary
             result["judge_attribution"] = summary["accuracy"]
+            result["judge_attribution_ci"] = summary.get("accuracy_ci")
+            method_draws = draws[model_tag][method]
+            method_draws["macro"]["judge_attribution"] = overall
             if summary["accuracy"] is None:
                 result.setdefault("reasons", {})["judge_attribution"] = summary["reason"]
             for annotator, entry in result.get("per_annotator", {}).items():
                 if entry.get("status") == "ok":
                     value = summary.get("per_annotator", {}).get(annotator)
                     entry["judge_attribution"] = value
+                    entry["judge_attribution_ci"] = summary.get("per_annotator_ci", {}).get(annotator)
+                    method_draws["per_annotator"].setdefault(annotator, {})["judge_attribution"] = \
+                        per_annotator.get(annotator)
                     if value is None:
                         entry["reasons"]["judge_attribution"] = (summary.get("reason")
                                                                  or "no sampled cell of this annotator")
 
 
+def judge_calibration(results: dict) -> dict:
+    """The judge's accuracy on the human references, with its interval, against chance. A judge
+    whose interval does not lie above chance cannot tell annotators apart on this profile: its
+    verdicts say nothing, and claims that rest on them are not resolved."""
+    reference = next((methods[HUMAN] for methods in results.values() if HUMAN in methods), None)
+    judge = (reference or {}).get("judge", {})
+    calibration = {"accuracy": judge.get("accuracy"), "ci": judge.get("accuracy_ci"), "chance": judge.get("chance"),
+                   "n": judge.get("n")}
+    if judge.get("accuracy") is None:
+        calibration.update(informative=False, reason=judge.get("reason", "no verdicts on the human references"))
+    elif judge.get("accuracy_ci") is None:
+        calibration.update(informative=False, reason="no interval (too few judged cells)")
+    else:
+        calibration["informative"] = bool(judge["accuracy_ci"][0] > judge["chance"])
+        if not calibration["informative"]:
+            calibration["reason"] = "the judge's accuracy on the human references is not above chance"
+    return calibration
+
+
 # ----------------------------------------------------------------------------
-# Tables: markdown + CSV; every cell is a value or says why not
+# Claims: paired differences between two methods on the same resampled items
 # ----------------------------------------------------------------------------
-TABLE4_METRICS = [("coverage", "coverage"), ("parse_rate", "parse rate"), ("label_acc", "label acc"),
-                  ("mae", "MAE"), ("sign_acc", "sign acc"), ("rouge_l", "ROUGE-L"),
-                  ("bertscore_f1", "BERTScore F1"), ("emb_cos", "emb cos"), ("feature_kl", "feature KL (lower better)"),
-                  ("group_clf_conf", "group clf conf"), ("group_m", "group m"),
-                  ("norm_imitation", "norm. imitation"), ("judge_attribution", "judge attribution")]
-PER_ANNOTATOR_METRICS = [("n", "n")] + TABLE4_METRICS
+def verdict(ci: list[float] | None, higher_is_better: bool, margin: float = 0.0) -> str:
+    """`holds` / `contradicted` / `not resolved` for the difference a - b with interval `ci`;
+    margin > 0: non-inferiority of a (a may be worse than b by less than the margin)."""
+    if ci is None:
+        return "not resolved"
+    low, high = ci
+    if higher_is_better:
+        return "holds" if low > -margin else ("contradicted" if high < -margin else "not resolved")
+    return "holds" if high < margin else ("contradicted" if low > margin else "not resolved")
 
 
-def cell(result: dict, metric: str, task: dict) -> str:
-    if result.get("status") == "missing":
-        return f"missing: {result.get('reason', 'no predictions')}"
-    if metric in ("label_acc",) and task["label_type"] != "categorical":
-        return "n/a: label accuracy is for categorical tasks (numeric: MAE, sign acc)"
-    if metric in ("mae", "sign_acc") and task["label_type"] == "categorical":
-        return "n/a: MAE and sign accuracy are for numeric tasks (categorical: label acc)"
-    value = result.get(metric)
-    if value is None:
-        reason = result.get("reasons", {}).get(metric, "not computed")
-        return reason if reason.startswith("n/a: ") else f"missing: {reason}"
-    return fmt(value)
+def compare(results: dict, draws: dict, dataset: str, model_tag: str, claim: str, metric: str, a: str, b: str,
+            higher_is_better: bool, margin: float = 0.0) -> dict:
+    """One row of metrics.json's `claims`: a - b on `metric`, its paired interval and verdict."""
+    row = {"dataset": dataset, "model": model_tag, "claim": claim, "metric": metric, "a": a, "b": b,
+           "higher_is_better": higher_is_better, "margin": margin, "difference": None, "ci": None}
+    values = {m: (results.get(m) or {}).get(metric) for m in (a, b)}
+    absent = [m for m in (a, b) if values[m] is None or (results.get(m) or {}).get("status") == "missing"]
+    if absent:
+        return {**row, "verdict": "not resolved", "reason": "no value for " + ", ".join(absent)}
+    row["difference"] = values[a] - values[b]
+    a_draws, b_draws = (draws.get(m, {}).get("macro", {}).get(metric) for m in (a, b))
+    if a_draws is None or b_draws is None:
+        return {**row, "verdict": "not resolved", "reason": "no bootstrap interval"}
+    row["ci"] = interval(a_draws - b_draws)
+    row["verdict"] = verdict(row["ci"], higher_is_better, margin)
+    if row["ci"] is None:
+        row["reason"] = "the difference is undefined on too many resamples"
+    return row
 
 
-def write_table(path_stem: Path, header: list[str], rows: list[list[str]], title: str, notes: list[str]) -> None:
-    """CSV with every cell in full; markdown with "missing: why" / "n/a: why" cells shortened to
-    "missing [k]" / "n/a [k]" and each distinct reason listed once under the table."""
-    footnotes: dict[str, int] = {}
-
-    def md_cell(text: str) -> str:
-        text = str(text)
-        for prefix in ("missing: ", "n/a: "):
-            if text.startswith(prefix):
-                number = footnotes.setdefault(text[len(prefix):], len(footnotes) + 1)
-                text = f"{prefix[:-2]} [{number}]"
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    body = ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
-    lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *body, ""]
-    lines += [f"- {note}" for note in notes]
-    lines += [f"- [{number}] {reason}" for reason, number in footnotes.items()]
-    common.atomic_write_text(path_stem.with_suffix(".md"), "\n".join(lines) + "\n")
-    with common.atomic_path(path_stem.with_suffix(".csv")) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(rows)
+def best_prompting(results: dict, metric: str, higher_is_better: bool) -> str | None:
+    """The prompting method with the best point estimate on `metric` (None if none has one)."""
+    scored = [(results[m][metric], m) for m in PROMPTING_METHODS
+              if m in results and results[m].get("status") != "missing" and results[m].get(metric) is not None]
+    if not scored:
+        return None
+    return (max if higher_is_better else min)(scored)[1]
 
 
-def ordered_methods(methods: dict) -> list[str]:
-    return [m for m in methods if m != HUMAN] + ([HUMAN] if HUMAN in methods else [])
-
-
-def result_cells(results: dict):
-    """(dataset, model tag, method, result) for every table row group, methods in table order."""
+def claims_check(results: dict, draws: dict, datasets: dict, calibration: dict) -> list[dict]:
+    """The paper's claims as paired comparisons, per dataset and model: CAPO vs SFT and SFT vs the
+    best prompting method on imitation (and the decision), CAPO vs SFT on the decision as
+    non-inferiority. Judge claims are not resolved where the judge is uninformative."""
+    claims = []
     for dataset, models in results.items():
+        decision, higher, span = main_decision_metric(datasets[dataset]["task"])
+        margin = KEPT_FRACTION_OF_RANGE * span
+        judge_ok = calibration.get(dataset, {}).get("informative", False)
         for model_tag, methods in models.items():
-            for method in ordered_methods(methods):
-                yield dataset, model_tag, method, methods[method]
+            rows = []
+            model_draws = draws[dataset][model_tag]
+            for metric, better_high in IMITATION_CLAIM_METRICS:
+                rows.append(compare(methods, model_draws, dataset, model_tag, f"CAPO better than SFT on {metric}",
+                                    metric, "capo", "sft", better_high))
+            for metric, better_high in (*IMITATION_CLAIM_METRICS, (decision, higher)):
+                best = best_prompting(methods, metric, better_high) or "best prompting (none)"
+                rows.append(compare(methods, model_draws, dataset, model_tag,
+                                    f"SFT better than the best prompting method on {metric}", metric, "sft", best,
+                                    better_high))
+            rows.append(compare(methods, model_draws, dataset, model_tag,
+                                f"CAPO keeps SFT's {decision} (non-inferiority, margin {margin:g})", decision,
+                                "capo", "sft", higher, margin))
+            for row in rows:
+                if row["metric"] == "judge_attribution" and not judge_ok and "reason" not in row:
+                    row["verdict"] = "not resolved"
+                    row["reason"] = ("judge uninformative on this profile: "
+                                     + calibration.get(dataset, {}).get("reason", "not calibrated"))
+            claims += rows
+    return claims
 
 
-def method_label(method: str) -> str:
-    return "human (target's test explanations)" if method == HUMAN else method
+def margin_note(datasets: dict) -> str:
+    parts = []
+    for dataset, ds in datasets.items():
+        decision, _, span = main_decision_metric(ds["task"])
+        parts.append(f"{dataset} {decision} {KEPT_FRACTION_OF_RANGE * span:g}")
+    return (f"Non-inferiority margin (our choice: {KEPT_FRACTION_OF_RANGE:.0%} of the metric's range; "
+            + ", ".join(parts) + "): `holds` when the interval stays on the good side of the margin, "
+            "`contradicted` when it lies wholly beyond it.")
 
 
-def table_notes(cfg: dict) -> list[str]:
+# ----------------------------------------------------------------------------
+# Human-validation sheet: which responses go on it (eval_report.py writes it)
+# ----------------------------------------------------------------------------
+def sheet_entries(cfg: dict, datasets: dict, predictions: dict) -> list[dict]:
+    """Sampled test cells, each with the human response and every method's, shuffled per cell."""
     ev = cfg["eval"]
-    return [
-        "Per target annotator, then the mean over annotators. Unparsed outputs count as wrong "
-        "(label), as the worst possible error (MAE) and are scored on their raw text (explanations).",
-        "ROUGE-L (stemmed), BERTScore F1 "
-        f"({ev['bertscore_model']}, layer {ev.get('bertscore_num_layers') or 'default'}) and embedding cosine: "
-        "max over the target's reference explanations for the item.",
-        f"Feature KL: KL(human || model) over {int(ev['feature_bins'])} fixed train-quantile bins "
-        f"(smoothing {ev['kl_smoothing']}), averaged over {len(FEATURES)} features (our definition).",
-        f"Group clf conf: probability of the target for averaged groups of m outputs "
-        f"({ev['classifier_representation']}, {int(ev['bootstrap_groups'])} bootstrap groups; m = "
-        f"eval.group_size {int(ev['group_size'])}, capped by what exists; 'group m' is the smallest m used). "
-        "Norm. imitation = that confidence / the same for the target's human test explanations (our definition).",
-        "Judge attribution: share of single outputs the judge attributes to the target annotator; "
-        "chance = 1/annotators.",
-    ]
-
-
-def write_tables(cfg: dict, results: dict, datasets: dict, tables_dir: Path) -> dict[str, Path]:
-    notes = table_notes(cfg)
-    paths = {}
-    # Table 4
-    header = ["dataset", "model", "method", "status"] + [label for _, label in TABLE4_METRICS] + ["notes"]
-    rows = []
-    for dataset, model_tag, method, result in result_cells(results):
-        task = datasets[dataset]["task"]
-        rows.append([dataset, model_tag, method_label(method), result["status"]]
-                    + [cell(result, metric, task) for metric, _ in TABLE4_METRICS]
-                    + [result.get("note", "")])
-    write_table(tables_dir / "table4_main", header, rows, "Table 4: main results (this run)", notes)
-    paths["table4"] = tables_dir / "table4_main.md"
-
-    # Table 6
-    header = ["dataset", "model", "method", "status"] + list(FEATURES) + ["mean"]
-    rows = []
-    for dataset, model_tag, method, result in result_cells(results):
-        if method == HUMAN:
-            continue
-        if result["status"] == "missing":
-            rows.append([dataset, model_tag, method, "missing"]
-                        + [f"missing: {result.get('reason')}"] * (len(FEATURES) + 1))
-            continue
-        by_feature = result.get("feature_kl_by_feature", {})
-        rows.append([dataset, model_tag, method, result["status"]]
-                    + [fmt(by_feature.get(name)) if by_feature.get(name) is not None
-                       else f"missing: {result['reasons'].get('feature_kl', 'not computed')}"
-                       for name in FEATURES] + [cell(result, "feature_kl", datasets[dataset]["task"])])
-    write_table(tables_dir / "table6_feature_kl", header, rows, "Table 6: feature KL by feature, KL(human || model)",
-                [notes[2], "Features: " + ", ".join(FEATURES) + " (label: the label/score distribution, with an "
-                 "'unparsed' category)."])
-    paths["table6"] = tables_dir / "table6_feature_kl.md"
-
-    # Judge attribution
-    header = ["dataset", "model", "method", "judged outputs", "correct", "accuracy", "chance",
-              "unparseable verdicts", "cells without output", "judge model"]
-    rows = []
-    for dataset, model_tag, method, result in result_cells(results):
-        judge = result.get("judge", {})
-        if judge.get("accuracy") is None:
-            why = "missing: " + judge.get("reason", "not computed")
-            rows.append([dataset, model_tag, method_label(method), why, why, why, fmt(judge.get("chance")),
-                         why, why, why])
-            continue
-        rows.append([dataset, model_tag, method_label(method), str(judge["n"]), str(judge["correct"]),
-                     fmt(judge["accuracy"]), fmt(judge["chance"]), str(judge["unparseable"]),
-                     str(judge["no_output"]), judge["judge_model"]])
-    write_table(tables_dir / "judge_attribution", header, rows, "LLM-as-judge attribution",
-                [f"The same {int(cfg['eval']['judge_items'])} sampled test cells (item, target annotator) for every "
-                 f"method; the judge sees {int(cfg['eval']['judge_examples_per_annotator'])} train responses of each "
-                 "annotator. Unparseable verdicts count as wrong.",
-                 f"Paper (as summarised, PAPER_NOTES 10): CAPO about {PAPER_JUDGE['accuracy']} on VariErr "
-                 f"(chance {PAPER_JUDGE['chance']}), above SFT and prompting."])
-    paths["judge"] = tables_dir / "judge_attribution.md"
-
-    # Per annotator
-    header = ["dataset", "model", "method", "annotator", "status"] + [label for _, label in PER_ANNOTATOR_METRICS]
-    rows = []
-    for dataset, model_tag, method, result in result_cells(results):
-        if result["status"] == "missing":  # one row, not one per annotator
-            rows.append([dataset, model_tag, method_label(method), "all", "missing"]
-                        + [f"missing: {result.get('reason', 'missing')}"] * len(PER_ANNOTATOR_METRICS))
-            continue
-        task = datasets[dataset]["task"]
-        for annotator in datasets[dataset]["annotators"]:
-            entry = result.get("per_annotator", {}).get(annotator)
-            if entry is None or entry.get("status") != "ok":
-                why = (entry or result).get("reason", "missing")
-                rows.append([dataset, model_tag, method_label(method), annotator, "missing"]
-                            + [f"missing: {why}"] * len(PER_ANNOTATOR_METRICS))
-                continue
-            rows.append([dataset, model_tag, method_label(method), annotator, "ok"]
-                        + [cell(entry, metric, task) for metric, _ in PER_ANNOTATOR_METRICS])
-    write_table(tables_dir / "per_annotator", header, rows, "Per-annotator breakdown", notes)
-    paths["per_annotator"] = tables_dir / "per_annotator.md"
-    return paths
-
-
-# ----------------------------------------------------------------------------
-# Figures: one bar chart per metric
-# ----------------------------------------------------------------------------
-FIGURE_METRICS = [m for m, _ in TABLE4_METRICS if m not in ("coverage", "group_m")]
-
-
-def plot_metric(results: dict, datasets: dict, metric: str, label: str, path: Path) -> bool:
-    panels = [d for d in results if metric not in ("label_acc",) or datasets[d]["task"]["label_type"] == "categorical"]
-    panels = [d for d in panels if metric not in ("mae", "sign_acc") or datasets[d]["task"]["label_type"] == "numeric"]
-    if not panels:
-        return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
-    for ax, dataset in zip(axes[0], panels):
-        models = results[dataset]
-        methods = list(dict.fromkeys(m for per in models.values() for m in ordered_methods(per)))
-        width = 0.8 / max(1, len(models))
-        for j, (model_tag, per) in enumerate(models.items()):
-            xs = np.arange(len(methods)) + j * width
-            values = [per.get(m, {}).get(metric) for m in methods]
-            ax.bar(xs, [v if v is not None else 0 for v in values], width, label=model_tag)
-            for x, v in zip(xs, values):
-                if v is None:
-                    ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
-        ax.set_xticks(np.arange(len(methods)) + width * (len(models) - 1) / 2)
-        ax.set_xticklabels(methods, rotation=30, ha="right")
-        ax.set_title(f"{dataset}: {label}")
-        if metric in ("group_clf_conf", "judge_attribution"):
-            chance = 1.0 / len(datasets[dataset]["annotators"])
-            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    with common.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return True
-
-
-# ----------------------------------------------------------------------------
-# Human validation sheet and its scoring
-# ----------------------------------------------------------------------------
-def rating_columns(n_raters: int) -> list[str]:
-    return [f"{dim}_r{k}" for k in range(1, n_raters + 1) for dim in RATING_DIMENSIONS]
-
-
-def sheet_has_ratings(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with open(path, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            if any((value or "").strip() for key, value in row.items()
-                   if key and key.split("_r")[0] in RATING_DIMENSIONS):
-                return True
-    return False
-
-
-def write_human_sheet(cfg: dict, datasets: dict, predictions: dict, out_dir: Path) -> str:
-    """Blinded sheet (CSV + HTML) and key. Returns a one-line status for the report."""
-    ev = cfg["eval"]
-    sheet_path = out_dir / "sheet.csv"
-    if sheet_has_ratings(sheet_path):
-        return f"{sheet_path} already holds ratings: left as it is (score it with --score-sheet)"
-    n_raters = int(ev["human_sheet_raters"])
-    rows, key_rows = [], []
+    entries = []
     for name, ds in datasets.items():
         keys = sample_keys(ds, int(ev["human_sheet_items"]), stable_seed(cfg["seed"], "sheet", name))
         examples = train_examples(ds, 3, stable_seed(cfg["seed"], "sheet-ex", name))
@@ -1002,270 +1200,11 @@ def write_human_sheet(cfg: dict, datasets: dict, predictions: dict, out_dir: Pat
             rng.shuffle(candidates)
             style = " | ".join(f"Label: {r['label']}. {r['explanation']}" for r in examples[annotator])
             for model_tag, method, prediction in candidates:
-                rows.append({"dataset": name, "item_id": item_id, "target_annotator": annotator,
-                             "text_a": item["text_a"], "text_b": item["text_b"], "target_style_examples": style,
-                             "response": response_text(prediction, ds["task"]),
-                             **{column: "" for column in rating_columns(n_raters)}})
-                key_rows.append({"dataset": name, "item_id": item_id, "annotator": annotator,
-                                 "model": model_tag or "", "method": method})
-    width = max(4, len(str(len(rows))))
-    for i, (row, key_row) in enumerate(zip(rows, key_rows), 1):
-        row["sheet_id"] = key_row["sheet_id"] = f"S{i:0{width}d}"
-    columns = ["sheet_id", "dataset", "item_id", "target_annotator", "text_a", "text_b", "target_style_examples",
-               "response"] + rating_columns(n_raters)
-    write_csv(sheet_path, columns, rows)
-    write_csv(out_dir / "key.csv", ["sheet_id", "dataset", "item_id", "annotator", "model", "method"], key_rows)
-    common.atomic_write_text(out_dir / "sheet.html", sheet_html(rows, n_raters))
-    cells = {(r["dataset"], r["item_id"], r["target_annotator"]) for r in rows}
-    return (f"{len(rows)} blinded responses to {len(cells)} test cells in {sheet_path} "
-            f"(+ sheet.html; the key is {out_dir / 'key.csv'})")
-
-
-def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    with common.atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
-
-def sheet_html(rows: list[dict], n_raters: int) -> str:
-    low, high = RATING_SCALE
-    parts = ["<!doctype html><meta charset='utf-8'><title>capo-kit human validation</title>",
-             "<style>body{font-family:sans-serif;max-width:70em}td,th{border:1px solid #ccc;padding:4px;"
-             "vertical-align:top}table{border-collapse:collapse}</style>",
-             "<h1>Human validation sheet</h1>",
-             f"<p>Rate each response {low}-{high} for <b>coherence</b> (is it a sound explanation?), "
-             "<b>grounding</b> (does it rest on the two texts?) and <b>style</b> (does it read like the target "
-             "annotator's examples?). Enter ratings in sheet.csv, columns "
-             + ", ".join(rating_columns(n_raters)) + ". Responses are shuffled and blinded.</p>",
-             "<table><tr><th>id</th><th>item</th><th>target's style examples</th><th>response</th></tr>"]
-    for row in rows:
-        parts.append(f"<tr><td>{html.escape(row['sheet_id'])}<br>{html.escape(row['target_annotator'])}</td>"
-                     f"<td>{html.escape(row['text_a'])}<hr>{html.escape(row['text_b'])}</td>"
-                     f"<td>{html.escape(row['target_style_examples'])}</td>"
-                     f"<td>{html.escape(row['response']).replace(chr(10), '<br>')}</td></tr>")
-    parts.append("</table>")
-    return "\n".join(parts) + "\n"
-
-
-def score_sheet(sheet: Path, key_path: Path) -> dict:
-    """Per-method mean ratings and rater agreement for a filled sheet; writes scores.json/.md."""
-    from sklearn.metrics import cohen_kappa_score
-    if not sheet.exists():
-        raise InputError(f"{sheet}: sheet not found")
-    if not key_path.exists():
-        raise InputError(f"{key_path}: key file not found (pass --sheet-key)")
-    with open(key_path, newline="", encoding="utf-8") as fh:
-        key = {row["sheet_id"]: row for row in csv.DictReader(fh)}
-    low, high = RATING_SCALE
-    ratings = defaultdict(lambda: defaultdict(list))  # (dataset, model, method) -> dim -> values
-    by_rater = defaultdict(dict)  # (dim, rater) -> sheet_id -> value
-    raters = set()
-    with open(sheet, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if "sheet_id" not in (reader.fieldnames or []):
-            raise input_error(sheet, "no sheet_id column", line=1, field="sheet_id")
-        for lineno, row in enumerate(reader, 2):
-            sheet_id = row["sheet_id"]
-            if sheet_id not in key:
-                raise input_error(sheet, f"sheet_id {sheet_id} is not in {key_path}", line=lineno, field="sheet_id")
-            entry = key[sheet_id]
-            for column, value in row.items():
-                match = re.fullmatch(r"(\w+)_r(\d+)", column or "")
-                if not match or match.group(1) not in RATING_DIMENSIONS or not (value or "").strip():
-                    continue
-                try:
-                    rating = int(value.strip())
-                except ValueError:
-                    rating = None
-                if rating is None or not low <= rating <= high:
-                    raise input_error(sheet, f"rating {value!r} is not an integer from {low} to {high}",
-                                      line=lineno, field=column)
-                dim, rater = match.group(1), int(match.group(2))
-                raters.add(rater)
-                ratings[(entry["dataset"], entry["model"], entry["method"])][dim].append(rating)
-                by_rater[(dim, rater)][sheet_id] = rating
-    methods = {}
-    for (dataset, model_tag, method), dims in sorted(ratings.items()):
-        methods[f"{dataset}/{model_tag or '-'}/{method}"] = {
-            dim: {"mean": float(np.mean(dims[dim])), "n": len(dims[dim])} if dims.get(dim) else
-            {"mean": None, "n": 0} for dim in RATING_DIMENSIONS}
-    agreement = {}
-    for dim in RATING_DIMENSIONS:
-        pairs = []
-        ordered = sorted(raters)
-        for i, r1 in enumerate(ordered):
-            for r2 in ordered[i + 1:]:
-                both = sorted(set(by_rater[(dim, r1)]) & set(by_rater[(dim, r2)]))
-                a = [by_rater[(dim, r1)][s] for s in both]
-                b = [by_rater[(dim, r2)][s] for s in both]
-                entry = {"raters": [r1, r2], "n": len(both)}
-                if both:
-                    entry["exact"] = float(np.mean([x == y for x, y in zip(a, b)]))
-                    entry["within_1"] = float(np.mean([abs(x - y) <= 1 for x, y in zip(a, b)]))
-                    if len(set(a) | set(b)) > 1:
-                        entry["kappa_quadratic"] = float(cohen_kappa_score(a, b, weights="quadratic",
-                                                                           labels=list(range(low, high + 1))))
-                    else:
-                        entry["kappa_quadratic"] = None
-                        entry["reason"] = "every rating identical: kappa undefined"
-                pairs.append(entry)
-        agreement[dim] = pairs
-    scores = {"sheet": str(sheet), "scale": [low, high], "raters": sorted(raters), "methods": methods,
-              "agreement": agreement}
-    out_dir = sheet.parent
-    common.write_json(out_dir / "scores.json", scores)
-    lines = ["## Human validation scores", "", "| dataset/model/method | " + " | ".join(RATING_DIMENSIONS) + " |",
-             "|---|" + "---|" * len(RATING_DIMENSIONS)]
-    for name, dims in methods.items():
-        lines.append(f"| {name} | "
-                     + " | ".join(f"{fmt(dims[d]['mean'], 2)} (n={dims[d]['n']})" for d in RATING_DIMENSIONS) + " |")
-    lines += ["", "| dimension | raters | n | exact | within 1 | quadratic kappa |", "|---|---|---|---|---|---|"]
-    for dim, pairs in agreement.items():
-        for entry in pairs:
-            kappa = entry.get("kappa_quadratic")
-            kappa_text = fmt(kappa) if kappa is not None else entry.get("reason", "no shared ratings")
-            lines.append(f"| {dim} | {entry['raters'][0]} vs {entry['raters'][1]} | {entry['n']} | "
-                         f"{fmt(entry.get('exact'))} | {fmt(entry.get('within_1'))} | {kappa_text} |")
-    if not agreement or not any(agreement.values()):
-        lines.append("| - | fewer than two raters | - | - | - | - |")
-    common.atomic_write_text(out_dir / "scores.md", "\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
-    print(f"[eval] wrote {out_dir / 'scores.json'} and scores.md", flush=True)
-    return scores
-
-
-# ----------------------------------------------------------------------------
-# The claims check and report.md
-# ----------------------------------------------------------------------------
-def claims_check(results: dict, datasets: dict) -> list[list[str]]:
-    """[dataset, model, claim, this run's numbers, verdict] for the paper's claims (PAPER_NOTES 7)."""
-    rows = []
-    for dataset, models in results.items():
-        metric, higher, span = main_decision_metric(datasets[dataset]["task"])
-        tolerance = KEPT_FRACTION_OF_RANGE * span
-        for model_tag, methods in models.items():
-            def get(method: str, name: str):
-                result = methods.get(method)
-                return None if result is None or result["status"] == "missing" else result.get(name)
-
-            def best_prompting(name: str, higher_better: bool) -> tuple:
-                scored = [(get(m, name), m) for m in PROMPTING_METHODS if get(m, name) is not None]
-                if not scored:
-                    return None, "none"
-                return (max if higher_better else min)(scored)
-
-            def add(claim: str, values: list[tuple], test) -> None:
-                missing = [name for name, value in values if value is None]
-                shown = "; ".join(f"{name} {fmt(value)}" for name, value in values)
-                verdict = (("not testable: no value for " + ", ".join(missing)) if missing
-                           else ("holds" if test(*[value for _, value in values]) else "does not hold"))
-                rows.append([dataset, model_tag, claim, shown, verdict])
-
-            best, which = best_prompting(metric, higher)
-            add(f"prompting < SFT on the decision ({metric})",
-                [("SFT", get("sft", metric)), (f"best prompting ({which})", best)],
-                lambda sft, prompt: sft > prompt if higher else sft < prompt)
-            best, which = best_prompting("norm_imitation", True)
-            add("prompting < SFT on imitation (norm. imitation)",
-                [("SFT", get("sft", "norm_imitation")), (f"best prompting ({which})", best)],
-                lambda sft, prompt: sft > prompt)
-            add("CAPO >= SFT on imitation (norm. imitation)",
-                [("CAPO", get("capo", "norm_imitation")), ("SFT", get("sft", "norm_imitation"))],
-                lambda capo, sft: capo >= sft)
-            add(f"CAPO keeps SFT's decision quality ({metric}, tolerance {fmt(tolerance, 2)})",
-                [("CAPO", get("capo", metric)), ("SFT", get("sft", metric))],
-                lambda capo, sft: capo >= sft - tolerance if higher else capo <= sft + tolerance)
-            best, which = best_prompting("judge_attribution", True)
-            add("CAPO > SFT and prompting on judge attribution",
-                [("CAPO", get("capo", "judge_attribution")), ("SFT", get("sft", "judge_attribution")),
-                 (f"best prompting ({which})", best)],
-                lambda capo, sft, prompt: capo > max(sft, prompt))
-    return rows
-
-
-def hlv_section(cfg: dict, datasets: dict, report_dir: Path) -> list[str]:
-    lines = ["## 1. Human label variation (02_analyze_hlv)", ""]
-    for dataset in datasets:
-        folder = common.run_dir(cfg) / "hlv" / dataset
-        lines.append(f"### {dataset}")
-        if not (folder / "summary.json").exists():
-            lines += ["", f"Not available: {folder}/summary.json is missing (run 02_analyze_hlv.py).", ""]
-            continue
-        for md in sorted(folder.glob("*.md")):
-            text = md.read_text(encoding="utf-8").strip()
-            lines += ["", re.sub(r"^(#+)", r"###\1", text, flags=re.MULTILINE), ""]
-        for png in sorted(folder.glob("*.png")):
-            lines += [f"![{dataset} {png.stem}]({png.relative_to(report_dir)})", ""]
-    return lines
-
-
-def paper_table4_markdown() -> list[str]:
-    lines = ["**The paper's numbers** (Table 4 as summarised second-hand, PAPER_NOTES section 10; VariErr NLI; "
-             "not computed by this kit):", "",
-             "| model (paper) | method | label acc | feature KL (lower better) | group clf conf | norm. imitation |",
-             "|---|---|---|---|---|---|"]
-    for model, method, acc, kl, conf, imi in PAPER_TABLE4:
-        lines.append(f"| {model} | {method} | {fmt(acc)} | {fmt(kl) if kl is not None else 'not reported'} | "
-                     f"{fmt(conf) if conf is not None else 'not reported'} | "
-                     f"{fmt(imi) if imi is not None else 'not reported'} |")
-    return lines + [""]
-
-
-def write_report(cfg: dict, results: dict, datasets: dict, table_paths: dict, figures: list[Path],
-                 sheet_status: str, started: float) -> Path:
-    run = common.run_dir(cfg)
-    path = run / "report.md"
-
-    def include(md_path: Path) -> list[str]:
-        text = md_path.read_text(encoding="utf-8").strip()
-        return [re.sub(r"^## ", "### ", text, flags=re.MULTILINE), ""]
-
-    lines = [f"# capo-kit report: profile `{cfg['profile']}`", "",
-             "A reproduction attempt of CAPO (arXiv 2605.28802). The paper's full text and code were not available: "
-             "every metric marked 'our definition' is a reconstruction (see the README and 06_eval.py, block "
-             "OUR DEFINITIONS). Numbers labelled 'paper' are the paper's, as summarised second-hand; all others were "
-             "computed by this run.", "",
-             f"Datasets: {', '.join(datasets)}. Models: {', '.join(m['tag'] for m in common.model_configs(cfg))}. "
-             f"Judge: {common.model_configs(cfg)[0]['tag']} (the config's first model).", ""]
-    claims = claims_check(results, datasets)
-    lines += ["## At a glance: do the paper's claims hold in this run?", "",
-              "| dataset | model | claim | this run | verdict |", "|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(row) + " |" for row in claims]
-    lines += ["", "Single run, no significance test: small differences (and anything on the smoke profile, whose "
-              "model is random) are noise.", ""]
-    lines += hlv_section(cfg, datasets, run)
-    lines += ["## 2. Main results (Table 4)", ""]
-    if "varierr" in results:
-        lines += paper_table4_markdown()
-    lines += include(table_paths["table4"])
-    lines += ["## 3. Feature KL by feature (Table 6)", "", "The paper's Table 6 was not recovered (PAPER_NOTES 7).", ""]
-    lines += include(table_paths["table6"])
-    lines += ["## 4. LLM-as-judge attribution", "",
-              f"**Paper** (as summarised): CAPO about {PAPER_JUDGE['accuracy']} on VariErr, "
-              f"chance {PAPER_JUDGE['chance']}.", ""]
-    lines += include(table_paths["judge"])
-    lines += ["## 5. Per-annotator breakdown", ""]
-    lines += include(table_paths["per_annotator"])
-    lines += ["## 6. Figures", ""]
-    lines += [f"![{p.stem}]({p.relative_to(run)})" for p in figures] + [""]
-    lines += ["## 7. Human validation", "", f"Sheet: {sheet_status}.", ""]
-    scores = run / "human_eval" / "scores.md"
-    if scores.exists():
-        lines += include(scores)
-    else:
-        lines += ["Not rated yet. After rating: `python 06_eval.py --config "
-                  f"{cfg.get('config_path', 'configs/<profile>.yaml')} --score-sheet {run / 'human_eval' / 'sheet.csv'}`. "
-                  "Paper (as summarised, unverified): 82.8% agreement between two validators; CAPO judged more "
-                  "coherent, better grounded and closer to the target's style.", ""]
-    lines += ["## 8. Resolved config and package versions", "", "```yaml",
-              yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True).strip(), "```", "",
-              "| package | version |", "|---|---|"]
-    lines += [f"| {name} | {version or 'not installed'} |" for name, version in common.package_versions().items()]
-    lines += ["", f"git: {common.git_sha() or 'unknown'}. 06_eval took {time.time() - started:.0f}s.", ""]
-    common.atomic_write_text(path, "\n".join(lines))
-    return path
+                entries.append({"dataset": name, "item_id": item_id, "target_annotator": annotator,
+                                "text_a": item["text_a"], "text_b": item["text_b"], "target_style_examples": style,
+                                "response": response_text(prediction, ds["task"]), "model": model_tag,
+                                "method": method})
+    return entries
 
 
 # ----------------------------------------------------------------------------
@@ -1278,7 +1217,7 @@ def main(argv: list[str] | None = None) -> None:
     args, cfg = common.parse_stage_args(parser, argv)
     if args.score_sheet:
         sheet = Path(args.score_sheet)
-        score_sheet(sheet, Path(args.sheet_key) if args.sheet_key else sheet.parent / "key.csv")
+        eval_report.score_sheet(sheet, Path(args.sheet_key) if args.sheet_key else sheet.parent / "key.csv")
         return
     started = time.time()
     common.set_seed(cfg["seed"])
@@ -1288,32 +1227,39 @@ def main(argv: list[str] | None = None) -> None:
     # ---- data
     datasets = {name: load_dataset(cfg, name) for name in common.selected_datasets(cfg, args.dataset)}
 
-    # ---- metrics per dataset, model and method; then the judge over everything at once
-    results, predictions, jobs = {}, {}, {}
+    # ---- metrics and intervals per dataset, model and method; then the judge over everything at once
+    results, draws, predictions, plans, jobs = {}, {}, {}, {}, {}
     for name, ds in datasets.items():
-        results[name], predictions[name] = evaluate_dataset(cfg, ds)
+        results[name], draws[name], predictions[name], plans[name] = evaluate_dataset(cfg, ds)
         jobs[name] = judge_jobs(cfg, ds, predictions[name])
     judge_reason = run_judge(cfg, [job for dataset_jobs in jobs.values() for job in dataset_jobs],
                              {name: ds["annotators"] for name, ds in datasets.items()})
     for name, ds in datasets.items():
-        attach_judge(results[name], ds, jobs[name], judge_reason, cfg)
+        attach_judge(results[name], draws[name], ds, jobs[name], judge_reason, cfg, plans[name])
     common.write_jsonl(tables_dir / "judge_verdicts.jsonl",  # every reply, for auditing the judge
                        ({k: v for k, v in job.items() if k != "messages"} for dataset_jobs in jobs.values()
                         for job in dataset_jobs if "reply" in job))
+    calibration = {name: judge_calibration(results[name]) for name in datasets}
+    claims = claims_check(results, draws, datasets, calibration)
 
-    # ---- save: metrics.json, tables, figures, human sheet, report
-    common.write_json(run / "metrics.json", results)
-    table_paths = write_tables(cfg, results, datasets, tables_dir)
+    # ---- save: metrics.json, then eval_report's tables, figures, human sheet and report
+    common.write_json(run / "metrics.json", {**results, "claims": claims, "judge_calibration": calibration})
+    table_paths = eval_report.write_tables(cfg, results, datasets, list(FEATURES), tables_dir)
     figures = []
-    for metric, label in TABLE4_METRICS:
-        if metric in FIGURE_METRICS and plot_metric(results, datasets, metric, label, tables_dir / f"fig_{metric}.png"):
-            figures.append(tables_dir / f"fig_{metric}.png")
-    sheet_status = write_human_sheet(cfg, datasets, predictions, run / "human_eval")
+    for metric, label in eval_report.TABLE4_METRICS:
+        path = tables_dir / f"fig_{metric}.png"
+        if metric in eval_report.FIGURE_METRICS and eval_report.plot_metric(results, datasets, metric, label, path):
+            figures.append(path)
+    curves = tables_dir / "fig_training_curves.png"
+    curves = curves if eval_report.plot_training_curves(cfg, datasets, curves) else None
+    sheet_status = eval_report.write_human_sheet(cfg, sheet_entries(cfg, datasets, predictions), run / "human_eval")
     common.save_resolved_config(cfg, tables_dir, stage="06_eval")
-    report = write_report(cfg, results, datasets, table_paths, figures, sheet_status, started)
+    report = eval_report.write_report(cfg, results, claims, calibration, margin_note(datasets), datasets,
+                                      table_paths, figures, curves, sheet_status, started)
     print(f"[eval] wrote {run / 'metrics.json'}, {tables_dir}/ and {report} in {time.time() - started:.0f}s",
           flush=True)
 
 
 if __name__ == "__main__":
     common.run_stage(main)
+

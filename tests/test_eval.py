@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import common
+import eval_report
 from conftest import load_stage, write_config
 
 ev6 = load_stage("06_eval")
@@ -258,12 +259,13 @@ def test_end_to_end_every_table_every_column(evaluated_run):
 
     tables = run_dir / "tables"
     expected_columns = {
-        "table4_main": ["dataset", "model", "method", "status"] + [label for _, label in ev6.TABLE4_METRICS] + ["notes"],
+        "table4_main": ["dataset", "model", "method", "status"] + [label for _, label in eval_report.TABLE4_METRICS]
+                       + ["notes"],
         "table6_feature_kl": ["dataset", "model", "method", "status", *ev6.FEATURES, "mean"],
         "judge_attribution": ["dataset", "model", "method", "judged outputs", "correct", "accuracy", "chance",
                               "unparseable verdicts", "cells without output", "judge model"],
         "per_annotator": ["dataset", "model", "method", "annotator", "status"]
-                         + [label for _, label in ev6.PER_ANNOTATOR_METRICS],
+                         + [label for _, label in eval_report.PER_ANNOTATOR_METRICS],
     }
     for stem, columns in expected_columns.items():
         header, rows = read_csv(tables / f"{stem}.csv")
@@ -284,9 +286,8 @@ def test_end_to_end_every_table_every_column(evaluated_run):
     report = (run_dir / "report.md").read_text()
     for heading in ("At a glance", "Table 4", "Table 6", "LLM-as-judge", "Per-annotator", "Resolved config"):
         assert heading in report
-    assert ev6.fmt(ev6.PAPER_TABLE4[1][2]) in report and "paper" in report.lower()
-    assert "not testable" in report  # CAPO is missing, so its claims cannot be tested
-    assert "prompting < SFT on the decision (label_acc) | SFT 1.000" in report
+    assert eval_report.fmt(eval_report.PAPER_TABLE4[1][2]) in report and "paper" in report.lower()
+    assert "no value for capo" in report  # CAPO is missing, so its claims cannot be resolved
     assert (run_dir / "human_eval" / "sheet.csv").exists() and (run_dir / "human_eval" / "key.csv").exists()
 
 
@@ -306,11 +307,11 @@ def test_score_sheet_round_trip(evaluated_run, tmp_path):
     for row in rows:
         row = dict(zip(header, row))
         r1, r2 = planned[method_of[row["sheet_id"]]]
-        for dim in ev6.RATING_DIMENSIONS:
+        for dim in eval_report.RATING_DIMENSIONS:
             row[f"{dim}_r1"], row[f"{dim}_r2"] = str(r1), str(r2)
         filled.append(row)
-    ev6.write_csv(sheet, header, filled)
-    scores = ev6.score_sheet(sheet, key)
+    eval_report.write_csv(sheet, header, filled)
+    scores = eval_report.score_sheet(sheet, key)
     assert scores["methods"]["varierr/tiny/sft"]["style"]["mean"] == 4.0
     assert scores["methods"]["varierr/-/human"]["coherence"]["mean"] == 5.0
     assert scores["methods"]["varierr/tiny/base"]["grounding"]["mean"] == 2.5
@@ -320,27 +321,32 @@ def test_score_sheet_round_trip(evaluated_run, tmp_path):
     assert agreement["within_1"] == 1.0 and agreement["kappa_quadratic"] > 0.5
     assert (folder / "scores.md").exists() and (folder / "scores.json").exists()
     # a rated sheet is never overwritten by a later run
-    status = ev6.write_human_sheet(common.load_config(config), {}, {}, folder)
+    status = eval_report.write_human_sheet(common.load_config(config), [], folder)
     assert "already holds ratings" in status
     assert read_csv(sheet)[1][0][header.index("style_r1")] == filled[0]["style_r1"]
     # a bad rating stops with the line and the column
     filled[1]["style_r2"] = "9"
-    ev6.write_csv(sheet, header, filled)
+    eval_report.write_csv(sheet, header, filled)
     with pytest.raises(common.InputError, match=r"line 3, field 'style_r2'"):
-        ev6.score_sheet(sheet, key)
+        eval_report.score_sheet(sheet, key)
 
 
 def test_judge_and_bertscore_on_the_tiny_model(tmp_path, tiny_model):
     """The judge (the smoke profile's tiny model) and BERTScore (MiniLM), once."""
     config, run_dir = make_fixture_run(tmp_path, eval__judge=True, eval__bertscore=True)
     ev6.main(["--config", str(config), "--dataset", "varierr"])
-    metrics = json.loads((run_dir / "metrics.json").read_text())["varierr"]["tiny"]
+    everything = json.loads((run_dir / "metrics.json").read_text())
+    metrics = everything["varierr"]["tiny"]
+    calibration = everything["judge_calibration"]["varierr"]  # the judge on the human references, vs chance
+    assert calibration["chance"] == 0.25 and calibration["informative"] == (calibration["ci"][0] > 0.25)
     assert metrics["sft"]["bertscore_f1"] == pytest.approx(1.0, abs=1e-4)
     assert 0 < metrics["base"]["bertscore_f1"] < 1
     for method in ("sft", "base", "human"):
         judge = metrics[method]["judge"]
         assert judge["n"] == 6 and 0 <= judge["accuracy"] <= 1 and judge["chance"] == 0.25
         assert 0 <= judge["unparseable"] <= judge["n"]
+        low, high = judge["accuracy_ci"]  # bootstrap over the judged cells' items
+        assert low <= judge["accuracy"] <= high
     assert metrics["capo"]["judge_attribution"] is None
     header, rows = read_csv(run_dir / "tables" / "judge_attribution.csv")
     sft = next(row for row in rows if row[2] == "sft")

@@ -1,0 +1,611 @@
+"""eval_report.py: the presentation half of 06_eval.py (tables, figures, report.md, the
+human-validation sheet and its scoring). Imported by 06_eval.py only:
+
+    python 06_eval.py --config configs/smoke.yaml     # tables/, report.md, human_eval/ of the run
+    python 06_eval.py --config configs/cpu.yaml --score-sheet runs/cpu/human_eval/sheet.csv
+
+06_eval.py computes every model metric, interval, judge verdict and claim and hands plain
+dicts to this module, which only lays them out (and, for a filled sheet, summarises the
+human ratings). It never imports 06 (the stage's file name is not a module name): the few
+names both must agree on (the human reference row's name, number formatting) live here
+and 06 imports them.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+import common  # noqa: E402
+from common import InputError, input_error  # noqa: E402
+
+HUMAN = "human"  # reference row: the target's own held-out test explanations, scored the same way
+
+# Human validation (our protocol: the paper's is not public): 1-5 ratings of coherence,
+# grounding (in the item) and style fidelity (to the target's examples) by
+# eval.human_sheet_raters raters; agreement = exact and within-1 agreement and
+# quadratic-weighted Cohen's kappa, per pair of raters.
+RATING_DIMENSIONS = ("coherence", "grounding", "style")
+RATING_SCALE = (1, 5)
+
+# The paper's numbers, as summarised second-hand (VariErr NLI; the paper's text was not available).
+# Shown beside ours in the report, always labelled as the paper's.
+PAPER_TABLE4 = [
+    # model, method, label acc, feature KL, group clf conf, norm. imitation
+    ("Qwen3-4B", "base", 0.472, None, None, None),
+    ("Qwen3-4B", "sft", 0.638, 0.084, 0.845, 0.859),
+    ("Qwen3-4B", "capo", 0.627, 0.081, 0.867, 0.888),
+    ("Llama-3.2-3B", "base", 0.315, None, None, None),
+    ("Llama-3.2-3B", "sft", 0.512, 0.113, 0.909, 0.946),
+    ("Llama-3.2-3B", "capo", 0.512, 0.121, 0.924, 0.964),
+]
+PAPER_JUDGE = {"dataset": "varierr", "method": "capo", "accuracy": 0.328, "chance": 0.25}
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def fmt_ci(value, interval, digits: int = 3) -> str:
+    """`value [low, high]`; the value alone when it has no interval."""
+    if interval is None or value is None or isinstance(value, (bool, int)):
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} [{fmt(interval[0], digits)}, {fmt(interval[1], digits)}]"
+
+
+# ----------------------------------------------------------------------------
+# Tables: markdown + CSV; every cell is a value or says why not
+# ----------------------------------------------------------------------------
+TABLE4_METRICS = [("coverage", "coverage"), ("parse_rate", "parse rate"), ("label_acc", "label acc"),
+                  ("mae", "MAE"), ("sign_acc", "sign acc"), ("rouge_l", "ROUGE-L"),
+                  ("bertscore_f1", "BERTScore F1"), ("emb_cos", "emb cos"), ("feature_kl", "feature KL (lower better)"),
+                  ("group_clf_conf", "group clf conf"), ("group_m", "group m"),
+                  ("norm_imitation", "norm. imitation"), ("judge_attribution", "judge attribution")]
+PER_ANNOTATOR_METRICS = [("n", "n")] + TABLE4_METRICS
+
+
+def cell(result: dict, metric: str, task: dict) -> str:
+    if result.get("status") == "missing":
+        return f"missing: {result.get('reason', 'no predictions')}"
+    if metric in ("label_acc",) and task["label_type"] != "categorical":
+        return "n/a: label accuracy is for categorical tasks (numeric: MAE, sign acc)"
+    if metric in ("mae", "sign_acc") and task["label_type"] == "categorical":
+        return "n/a: MAE and sign accuracy are for numeric tasks (categorical: label acc)"
+    value = result.get(metric)
+    if value is None:
+        reason = result.get("reasons", {}).get(metric, "not computed")
+        return reason if reason.startswith("n/a: ") else f"missing: {reason}"
+    return fmt_ci(value, result.get(f"{metric}_ci"))
+
+
+def write_table(path_stem: Path, header: list[str], rows: list[list[str]], title: str, notes: list[str]) -> None:
+    """CSV with every cell in full; markdown with "missing: why" / "n/a: why" cells shortened to
+    "missing [k]" / "n/a [k]" and each distinct reason listed once under the table."""
+    footnotes: dict[str, int] = {}
+
+    def md_cell(text: str) -> str:
+        text = str(text)
+        for prefix in ("missing: ", "n/a: "):
+            if text.startswith(prefix):
+                number = footnotes.setdefault(text[len(prefix):], len(footnotes) + 1)
+                text = f"{prefix[:-2]} [{number}]"
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    body = ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
+    lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *body, ""]
+    lines += [f"- {note}" for note in notes]
+    lines += [f"- [{number}] {reason}" for reason, number in footnotes.items()]
+    common.atomic_write_text(path_stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    with common.atomic_path(path_stem.with_suffix(".csv")) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+
+def ordered_methods(methods: dict) -> list[str]:
+    return [m for m in methods if m != HUMAN] + ([HUMAN] if HUMAN in methods else [])
+
+
+def result_cells(results: dict):
+    """(dataset, model tag, method, result) for every table row group, methods in table order."""
+    for dataset, models in results.items():
+        for model_tag, methods in models.items():
+            for method in ordered_methods(methods):
+                yield dataset, model_tag, method, methods[method]
+
+
+def method_label(method: str) -> str:
+    return "human (target's test explanations)" if method == HUMAN else method
+
+
+def table_notes(cfg: dict, features: list[str]) -> list[str]:
+    ev = cfg["eval"]
+    return [
+        "Per target annotator, then the mean over annotators. Unparsed outputs count as wrong "
+        "(label), as the worst possible error (MAE) and are scored on their raw text (explanations).",
+        f"[low, high]: 95% percentile interval from {int(ev['bootstrap_resamples'])} bootstrap resamples of the "
+        "test items, drawn per target annotator (seeded; the same resamples for every method). Group metrics "
+        f"redraw {int(ev['bootstrap_group_draws'])} groups inside each resample with the classifier fixed; "
+        "feature KL is recomputed on each resample (a resample repeats items, so its histograms are coarser "
+        "and its KL is biased upwards: the interval can sit above the value).",
+        "ROUGE-L (stemmed), BERTScore F1 "
+        f"({ev['bertscore_model']}, layer {ev.get('bertscore_num_layers') or 'default'}) and embedding cosine: "
+        "max over the target's reference explanations for the item.",
+        f"Feature KL: KL(human || model) over {int(ev['feature_bins'])} fixed train-quantile bins "
+        f"(smoothing {ev['kl_smoothing']}), averaged over {len(features)} features (our definition).",
+        f"Group clf conf: probability of the target for averaged groups of m outputs "
+        f"({ev['classifier_representation']}, {int(ev['bootstrap_groups'])} bootstrap groups; m = "
+        f"eval.group_size {int(ev['group_size'])}, capped by what exists; 'group m' is the smallest m used). "
+        "Norm. imitation = that confidence / the same for the target's human test explanations (our definition).",
+        "Judge attribution: share of single outputs the judge attributes to the target annotator; "
+        "chance = 1/annotators.",
+    ]
+
+
+def write_tables(cfg: dict, results: dict, datasets: dict, features: list[str], tables_dir: Path) -> dict[str, Path]:
+    """Table 4, Table 6, judge attribution and the per-annotator breakdown, each as .md and .csv."""
+    notes = table_notes(cfg, features)
+    paths = {}
+    # Table 4
+    header = ["dataset", "model", "method", "status"] + [label for _, label in TABLE4_METRICS] + ["notes"]
+    rows = []
+    for dataset, model_tag, method, result in result_cells(results):
+        task = datasets[dataset]["task"]
+        rows.append([dataset, model_tag, method_label(method), result["status"]]
+                    + [cell(result, metric, task) for metric, _ in TABLE4_METRICS]
+                    + [result.get("note", "")])
+    write_table(tables_dir / "table4_main", header, rows, "Table 4: main results (this run)", notes)
+    paths["table4"] = tables_dir / "table4_main.md"
+
+    # Table 6
+    header = ["dataset", "model", "method", "status"] + list(features) + ["mean"]
+    rows = []
+    for dataset, model_tag, method, result in result_cells(results):
+        if method == HUMAN:
+            continue
+        if result["status"] == "missing":
+            rows.append([dataset, model_tag, method, "missing"]
+                        + [f"missing: {result.get('reason')}"] * (len(features) + 1))
+            continue
+        by_feature = result.get("feature_kl_by_feature", {})
+        intervals = result.get("feature_kl_by_feature_ci") or {}
+        rows.append([dataset, model_tag, method, result["status"]]
+                    + [fmt_ci(by_feature.get(name), intervals.get(name)) if by_feature.get(name) is not None
+                       else f"missing: {result['reasons'].get('feature_kl', 'not computed')}"
+                       for name in features] + [cell(result, "feature_kl", datasets[dataset]["task"])])
+    write_table(tables_dir / "table6_feature_kl", header, rows, "Table 6: feature KL by feature, KL(human || model)",
+                [notes[1], notes[3], "Features: " + ", ".join(features) + " (label: the label/score distribution, "
+                 "with an 'unparsed' category)."])
+    paths["table6"] = tables_dir / "table6_feature_kl.md"
+
+    # Judge attribution
+    header = ["dataset", "model", "method", "judged outputs", "correct", "accuracy", "chance",
+              "unparseable verdicts", "cells without output", "judge model"]
+    rows = []
+    for dataset, model_tag, method, result in result_cells(results):
+        judge = result.get("judge", {})
+        if judge.get("accuracy") is None:
+            why = "missing: " + judge.get("reason", "not computed")
+            rows.append([dataset, model_tag, method_label(method), why, why, why, fmt(judge.get("chance")),
+                         why, why, why])
+            continue
+        rows.append([dataset, model_tag, method_label(method), str(judge["n"]), str(judge["correct"]),
+                     fmt_ci(judge["accuracy"], judge.get("accuracy_ci")), fmt(judge["chance"]), str(judge["unparseable"]),
+                     str(judge["no_output"]), judge["judge_model"]])
+    write_table(tables_dir / "judge_attribution", header, rows, "LLM-as-judge attribution",
+                [f"The same {int(cfg['eval']['judge_items'])} sampled test cells (item, target annotator) for every "
+                 f"method; the judge sees {int(cfg['eval']['judge_examples_per_annotator'])} train responses of each "
+                 "annotator. Unparseable verdicts count as wrong. [low, high]: 95% bootstrap interval over "
+                 "the judged cells' items, drawn per target annotator.",
+                 f"Paper (as summarised): CAPO about {PAPER_JUDGE['accuracy']} on VariErr "
+                 f"(chance {PAPER_JUDGE['chance']}), above SFT and prompting."])
+    paths["judge"] = tables_dir / "judge_attribution.md"
+
+    # Per annotator
+    header = ["dataset", "model", "method", "annotator", "status"] + [label for _, label in PER_ANNOTATOR_METRICS]
+    rows = []
+    for dataset, model_tag, method, result in result_cells(results):
+        if result["status"] == "missing":  # one row, not one per annotator
+            rows.append([dataset, model_tag, method_label(method), "all", "missing"]
+                        + [f"missing: {result.get('reason', 'missing')}"] * len(PER_ANNOTATOR_METRICS))
+            continue
+        task = datasets[dataset]["task"]
+        for annotator in datasets[dataset]["annotators"]:
+            entry = result.get("per_annotator", {}).get(annotator)
+            if entry is None or entry.get("status") != "ok":
+                why = (entry or result).get("reason", "missing")
+                rows.append([dataset, model_tag, method_label(method), annotator, "missing"]
+                            + [f"missing: {why}"] * len(PER_ANNOTATOR_METRICS))
+                continue
+            rows.append([dataset, model_tag, method_label(method), annotator, "ok"]
+                        + [cell(entry, metric, task) for metric, _ in PER_ANNOTATOR_METRICS])
+    write_table(tables_dir / "per_annotator", header, rows, "Per-annotator breakdown", notes)
+    paths["per_annotator"] = tables_dir / "per_annotator.md"
+    return paths
+
+
+# ----------------------------------------------------------------------------
+# Figures: one bar chart per metric
+# ----------------------------------------------------------------------------
+FIGURE_METRICS = [m for m, _ in TABLE4_METRICS if m not in ("coverage", "group_m")]
+
+
+def plot_metric(results: dict, datasets: dict, metric: str, label: str, path: Path) -> bool:
+    panels = [d for d in results if metric not in ("label_acc",) or datasets[d]["task"]["label_type"] == "categorical"]
+    panels = [d for d in panels if metric not in ("mae", "sign_acc") or datasets[d]["task"]["label_type"] == "numeric"]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
+    for ax, dataset in zip(axes[0], panels):
+        models = results[dataset]
+        methods = list(dict.fromkeys(m for per in models.values() for m in ordered_methods(per)))
+        width = 0.8 / max(1, len(models))
+        for j, (model_tag, per) in enumerate(models.items()):
+            xs = np.arange(len(methods)) + j * width
+            values = [per.get(m, {}).get(metric) for m in methods]
+            intervals = [per.get(m, {}).get(f"{metric}_ci") for m in methods]
+            # Error bars: the 95% bootstrap interval (asymmetric), none where it is missing.
+            errors = np.array([[v - ci[0], ci[1] - v] if v is not None and ci else [0.0, 0.0]
+                               for v, ci in zip(values, intervals)]).T.clip(min=0)
+            ax.bar(xs, [v if v is not None else 0 for v in values], width, label=model_tag,
+                   yerr=errors, capsize=2, error_kw={"linewidth": 0.8})
+            for x, v in zip(xs, values):
+                if v is None:
+                    ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+        ax.set_xticks(np.arange(len(methods)) + width * (len(models) - 1) / 2)
+        ax.set_xticklabels(methods, rotation=30, ha="right")
+        ax.set_title(f"{dataset}: {label}")
+        if metric in ("group_clf_conf", "judge_attribution"):
+            chance = 1.0 / len(datasets[dataset]["annotators"])
+            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with common.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_training_curves(cfg: dict, datasets: dict, path: Path) -> bool:
+    """Training loss per step (04's and 05's train_log.json) and CAPO's dev-selection score per
+    step (05's selection.json), one line per annotator; a row of panels per (dataset, model)."""
+    panels = []  # (title, {annotator: (steps, values)}, y label)
+    for dataset in datasets:
+        for model_cfg in common.model_configs(cfg):
+            tag = model_cfg["tag"]
+            adapters = common.run_dir(cfg) / "adapters" / dataset / tag
+            for method in ("sft", "capo"):
+                curves = {}
+                for log in sorted(adapters.glob(f"{method}/*/train_log.json")):
+                    history = common.read_json(log).get("log_history", [])
+                    points = [(row["step"], row["loss"]) for row in history if "loss" in row and "step" in row]
+                    if points:
+                        curves[log.parent.name] = tuple(zip(*points))
+                if curves:
+                    panels.append((f"{dataset}/{tag}: {method} training loss", curves, "loss"))
+            curves, measure = {}, None
+            for selection in sorted(adapters.glob("capo/*/selection.json")):
+                choice = common.read_json(selection)
+                points = [(row["step"], row["score"]) for row in choice.get("history") or []
+                          if row and row.get("score") is not None]
+                if points:
+                    curves[selection.parent.name] = tuple(zip(*points))
+                    measure = choice.get("measure") or measure
+            if curves:
+                panels.append((f"{dataset}/{tag}: CAPO dev selection", curves, measure or "score"))
+    if not panels:
+        return False
+    cols = min(3, len(panels))
+    n_rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.6 * cols, 3.2 * n_rows), squeeze=False)
+    for ax, (title, curves, ylabel) in zip(axes.flat, panels):
+        for annotator, (steps, values) in curves.items():
+            ax.plot(steps, values, marker=".", linewidth=1, label=annotator)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    with common.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------
+# Human validation sheet and its scoring
+# ----------------------------------------------------------------------------
+def rating_columns(n_raters: int) -> list[str]:
+    return [f"{dim}_r{k}" for k in range(1, n_raters + 1) for dim in RATING_DIMENSIONS]
+
+
+def sheet_has_ratings(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if any((value or "").strip() for key, value in row.items()
+                   if key and key.split("_r")[0] in RATING_DIMENSIONS):
+                return True
+    return False
+
+
+def write_human_sheet(cfg: dict, entries: list[dict], out_dir: Path) -> str:
+    """Blinded sheet (CSV + HTML) and key from `entries` (06's sheet_entries: dataset, item_id,
+    target_annotator, text_a, text_b, target_style_examples, response, model, method; already
+    shuffled). Returns a one-line status for the report."""
+    sheet_path = out_dir / "sheet.csv"
+    if sheet_has_ratings(sheet_path):
+        return f"{sheet_path} already holds ratings: left as it is (score it with --score-sheet)"
+    n_raters = int(cfg["eval"]["human_sheet_raters"])
+    shown = ("dataset", "item_id", "target_annotator", "text_a", "text_b", "target_style_examples", "response")
+    rows = [{**{k: entry[k] for k in shown}, **{column: "" for column in rating_columns(n_raters)}}
+            for entry in entries]
+    key_rows = [{"dataset": entry["dataset"], "item_id": entry["item_id"], "annotator": entry["target_annotator"],
+                 "model": entry["model"] or "", "method": entry["method"]} for entry in entries]
+    width = max(4, len(str(len(rows))))
+    for i, (row, key_row) in enumerate(zip(rows, key_rows), 1):
+        row["sheet_id"] = key_row["sheet_id"] = f"S{i:0{width}d}"
+    columns = ["sheet_id", "dataset", "item_id", "target_annotator", "text_a", "text_b", "target_style_examples",
+               "response"] + rating_columns(n_raters)
+    write_csv(sheet_path, columns, rows)
+    write_csv(out_dir / "key.csv", ["sheet_id", "dataset", "item_id", "annotator", "model", "method"], key_rows)
+    common.atomic_write_text(out_dir / "sheet.html", sheet_html(rows, n_raters))
+    cells = {(r["dataset"], r["item_id"], r["target_annotator"]) for r in rows}
+    return (f"{len(rows)} blinded responses to {len(cells)} test cells in {sheet_path} "
+            f"(+ sheet.html; the key is {out_dir / 'key.csv'})")
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with common.atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def sheet_html(rows: list[dict], n_raters: int) -> str:
+    low, high = RATING_SCALE
+    parts = ["<!doctype html><meta charset='utf-8'><title>capo-kit human validation</title>",
+             "<style>body{font-family:sans-serif;max-width:70em}td,th{border:1px solid #ccc;padding:4px;"
+             "vertical-align:top}table{border-collapse:collapse}</style>",
+             "<h1>Human validation sheet</h1>",
+             f"<p>Rate each response {low}-{high} for <b>coherence</b> (is it a sound explanation?), "
+             "<b>grounding</b> (does it rest on the two texts?) and <b>style</b> (does it read like the target "
+             "annotator's examples?). Enter ratings in sheet.csv, columns "
+             + ", ".join(rating_columns(n_raters)) + ". Responses are shuffled and blinded.</p>",
+             "<table><tr><th>id</th><th>item</th><th>target's style examples</th><th>response</th></tr>"]
+    for row in rows:
+        parts.append(f"<tr><td>{html.escape(row['sheet_id'])}<br>{html.escape(row['target_annotator'])}</td>"
+                     f"<td>{html.escape(row['text_a'])}<hr>{html.escape(row['text_b'])}</td>"
+                     f"<td>{html.escape(row['target_style_examples'])}</td>"
+                     f"<td>{html.escape(row['response']).replace(chr(10), '<br>')}</td></tr>")
+    parts.append("</table>")
+    return "\n".join(parts) + "\n"
+
+
+def score_sheet(sheet: Path, key_path: Path) -> dict:
+    """Per-method mean ratings and rater agreement for a filled sheet; writes scores.json/.md."""
+    from sklearn.metrics import cohen_kappa_score
+    if not sheet.exists():
+        raise InputError(f"{sheet}: sheet not found")
+    if not key_path.exists():
+        raise InputError(f"{key_path}: key file not found (pass --sheet-key)")
+    with open(key_path, newline="", encoding="utf-8") as fh:
+        key = {row["sheet_id"]: row for row in csv.DictReader(fh)}
+    low, high = RATING_SCALE
+    ratings = defaultdict(lambda: defaultdict(list))  # (dataset, model, method) -> dim -> values
+    by_rater = defaultdict(dict)  # (dim, rater) -> sheet_id -> value
+    raters = set()
+    with open(sheet, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if "sheet_id" not in (reader.fieldnames or []):
+            raise input_error(sheet, "no sheet_id column", line=1, field="sheet_id")
+        for lineno, row in enumerate(reader, 2):
+            sheet_id = row["sheet_id"]
+            if sheet_id not in key:
+                raise input_error(sheet, f"sheet_id {sheet_id} is not in {key_path}", line=lineno, field="sheet_id")
+            entry = key[sheet_id]
+            for column, value in row.items():
+                match = re.fullmatch(r"(\w+)_r(\d+)", column or "")
+                if not match or match.group(1) not in RATING_DIMENSIONS or not (value or "").strip():
+                    continue
+                try:
+                    rating = int(value.strip())
+                except ValueError:
+                    rating = None
+                if rating is None or not low <= rating <= high:
+                    raise input_error(sheet, f"rating {value!r} is not an integer from {low} to {high}",
+                                      line=lineno, field=column)
+                dim, rater = match.group(1), int(match.group(2))
+                raters.add(rater)
+                ratings[(entry["dataset"], entry["model"], entry["method"])][dim].append(rating)
+                by_rater[(dim, rater)][sheet_id] = rating
+    methods = {}
+    for (dataset, model_tag, method), dims in sorted(ratings.items()):
+        methods[f"{dataset}/{model_tag or '-'}/{method}"] = {
+            dim: {"mean": float(np.mean(dims[dim])), "n": len(dims[dim])} if dims.get(dim) else
+            {"mean": None, "n": 0} for dim in RATING_DIMENSIONS}
+    agreement = {}
+    for dim in RATING_DIMENSIONS:
+        pairs = []
+        ordered = sorted(raters)
+        for i, r1 in enumerate(ordered):
+            for r2 in ordered[i + 1:]:
+                both = sorted(set(by_rater[(dim, r1)]) & set(by_rater[(dim, r2)]))
+                a = [by_rater[(dim, r1)][s] for s in both]
+                b = [by_rater[(dim, r2)][s] for s in both]
+                entry = {"raters": [r1, r2], "n": len(both)}
+                if both:
+                    entry["exact"] = float(np.mean([x == y for x, y in zip(a, b)]))
+                    entry["within_1"] = float(np.mean([abs(x - y) <= 1 for x, y in zip(a, b)]))
+                    if len(set(a) | set(b)) > 1:
+                        entry["kappa_quadratic"] = float(cohen_kappa_score(a, b, weights="quadratic",
+                                                                           labels=list(range(low, high + 1))))
+                    else:
+                        entry["kappa_quadratic"] = None
+                        entry["reason"] = "every rating identical: kappa undefined"
+                pairs.append(entry)
+        agreement[dim] = pairs
+    scores = {"sheet": str(sheet), "scale": [low, high], "raters": sorted(raters), "methods": methods,
+              "agreement": agreement}
+    out_dir = sheet.parent
+    common.write_json(out_dir / "scores.json", scores)
+    lines = ["## Human validation scores", "", "| dataset/model/method | " + " | ".join(RATING_DIMENSIONS) + " |",
+             "|---|" + "---|" * len(RATING_DIMENSIONS)]
+    for name, dims in methods.items():
+        lines.append(f"| {name} | "
+                     + " | ".join(f"{fmt(dims[d]['mean'], 2)} (n={dims[d]['n']})" for d in RATING_DIMENSIONS) + " |")
+    lines += ["", "| dimension | raters | n | exact | within 1 | quadratic kappa |", "|---|---|---|---|---|---|"]
+    for dim, pairs in agreement.items():
+        for entry in pairs:
+            kappa = entry.get("kappa_quadratic")
+            kappa_text = fmt(kappa) if kappa is not None else entry.get("reason", "no shared ratings")
+            lines.append(f"| {dim} | {entry['raters'][0]} vs {entry['raters'][1]} | {entry['n']} | "
+                         f"{fmt(entry.get('exact'))} | {fmt(entry.get('within_1'))} | {kappa_text} |")
+    if not agreement or not any(agreement.values()):
+        lines.append("| - | fewer than two raters | - | - | - | - |")
+    common.atomic_write_text(out_dir / "scores.md", "\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    print(f"[eval] wrote {out_dir / 'scores.json'} and scores.md", flush=True)
+    return scores
+
+
+
+
+def hlv_section(cfg: dict, datasets: dict, report_dir: Path) -> list[str]:
+    lines = ["## 1. Human label variation (02_analyze_hlv)", ""]
+    for dataset in datasets:
+        folder = common.run_dir(cfg) / "hlv" / dataset
+        lines.append(f"### {dataset}")
+        if not (folder / "summary.json").exists():
+            lines += ["", f"Not available: {folder}/summary.json is missing (run 02_analyze_hlv.py).", ""]
+            continue
+        for md in sorted(folder.glob("*.md")):
+            text = md.read_text(encoding="utf-8").strip()
+            lines += ["", re.sub(r"^(#+)", r"###\1", text, flags=re.MULTILINE), ""]
+        for png in sorted(folder.glob("*.png")):
+            lines += [f"![{dataset} {png.stem}]({png.relative_to(report_dir)})", ""]
+    return lines
+
+
+def paper_table4_markdown() -> list[str]:
+    lines = ["**The paper's numbers** (Table 4 as summarised second-hand; VariErr NLI; "
+             "not computed by this kit):", "",
+             "| model (paper) | method | label acc | feature KL (lower better) | group clf conf | norm. imitation |",
+             "|---|---|---|---|---|---|"]
+    for model, method, acc, kl, conf, imi in PAPER_TABLE4:
+        lines.append(f"| {model} | {method} | {fmt(acc)} | {fmt(kl) if kl is not None else 'not reported'} | "
+                     f"{fmt(conf) if conf is not None else 'not reported'} | "
+                     f"{fmt(imi) if imi is not None else 'not reported'} |")
+    return lines + [""]
+
+
+def claims_markdown(claims: list[dict], judge_calibration: dict, margin_note: str) -> list[str]:
+    """The claims table (from metrics.json's `claims`) and the judge's calibration per dataset."""
+    lines = ["| dataset | model | claim | metric | a | b | a - b [95% CI] | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for claim in claims:
+        verdict = claim["verdict"] + (f" ({claim['reason']})" if claim.get("reason") else "")
+        lines.append("| " + " | ".join([claim["dataset"], claim["model"], claim["claim"], claim["metric"],
+                                         claim["a"], claim["b"], fmt_ci(claim["difference"], claim["ci"]),
+                                         verdict.replace("|", "\\|")]) + " |")
+    lines += ["", "Each claim compares two methods on the same test items: the difference of their macro "
+              "averages and its 95% paired-bootstrap interval (the same resampled items for both methods). "
+              "`holds`: the interval excludes 0 in the claimed direction; `contradicted`: it excludes 0 the other "
+              f"way; otherwise `not resolved`. {margin_note} 'best prompting' is the prompting method with the "
+              "best value on that metric, picked on the point estimates (which favours it slightly).", ""]
+    for dataset, calibration in judge_calibration.items():
+        if calibration.get("accuracy") is None:
+            lines.append(f"- Judge on {dataset}: not calibrated ({calibration.get('reason', 'no verdicts')}); "
+                         "its claims are not resolved.")
+            continue
+        status = ("informative" if calibration["informative"] else
+                  "**uninformative for this profile** (its interval does not lie above chance): its claims are not "
+                  "resolved")
+        lines.append(f"- Judge on {dataset}: accuracy on the human references "
+                     f"{fmt_ci(calibration['accuracy'], calibration['ci'])} over {calibration['n']} cells, "
+                     f"chance {fmt(calibration['chance'])}: {status}.")
+    return lines + [""]
+
+
+def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration: dict, margin_note: str,
+                 datasets: dict, table_paths: dict, figures: list[Path], curves: Path | None,
+                 sheet_status: str, started: float) -> Path:
+    run = common.run_dir(cfg)
+    path = run / "report.md"
+
+    def include(md_path: Path) -> list[str]:
+        text = md_path.read_text(encoding="utf-8").strip()
+        return [re.sub(r"^## ", "### ", text, flags=re.MULTILINE), ""]
+
+    lines = [f"# capo-kit report: profile `{cfg['profile']}`", "",
+             "A reproduction attempt of CAPO (arXiv 2605.28802). The paper's full text and code were not available: "
+             "every metric marked 'our definition' is a reconstruction (see the README and 06_eval.py, block "
+             "OUR DEFINITIONS). Numbers labelled 'paper' are the paper's, as summarised second-hand; all others were "
+             "computed by this run.", "",
+             f"Datasets: {', '.join(datasets)}. Models: {', '.join(m['tag'] for m in common.model_configs(cfg))}. "
+             f"Judge: {common.model_configs(cfg)[0]['tag']} (the config's first model).", ""]
+    lines += ["## At a glance: do the paper's claims hold in this run?", ""]
+    lines += claims_markdown(claims, judge_calibration, margin_note)
+    lines += hlv_section(cfg, datasets, run)
+    lines += ["## 2. Main results (Table 4)", ""]
+    if "varierr" in results:
+        lines += paper_table4_markdown()
+    lines += include(table_paths["table4"])
+    lines += ["## 3. Feature KL by feature (Table 6)", "", "The paper's Table 6 was not recovered.", ""]
+    lines += include(table_paths["table6"])
+    lines += ["## 4. LLM-as-judge attribution", "",
+              f"**Paper** (as summarised): CAPO about {PAPER_JUDGE['accuracy']} on VariErr, "
+              f"chance {PAPER_JUDGE['chance']}.", ""]
+    lines += include(table_paths["judge"])
+    lines += ["## 5. Per-annotator breakdown", ""]
+    lines += include(table_paths["per_annotator"])
+    lines += ["## 6. Figures", ""]
+    lines += ["Bars: the macro average; error bars: its 95% bootstrap interval.", ""]
+    lines += [f"![{p.stem}]({p.relative_to(run)})" for p in figures] + [""]
+    lines += ["### Training curves", ""]
+    if curves is not None:
+        lines += ["Training loss per optimizer step (04 SFT, 05 CAPO; train_log.json) and CAPO's dev-selection "
+                  "score per evaluation (selection.json), one line per annotator.", "",
+                  f"![training curves]({curves.relative_to(run)})", ""]
+    else:
+        lines += ["Not available: no train_log.json or selection.json under adapters/ (run 04_sft.py, "
+                  "05_capo.py).", ""]
+    lines += ["## 7. Human validation", "", f"Sheet: {sheet_status}.", ""]
+    scores = run / "human_eval" / "scores.md"
+    if scores.exists():
+        lines += include(scores)
+    else:
+        lines += ["Not rated yet. After rating: `python 06_eval.py --config "
+                  f"{cfg.get('config_path', 'configs/<profile>.yaml')} --score-sheet {run / 'human_eval' / 'sheet.csv'}`. "
+                  "Paper (as summarised, unverified): 82.8% agreement between two validators; CAPO judged more "
+                  "coherent, better grounded and closer to the target's style.", ""]
+    lines += ["## 8. Resolved config and package versions", "", "```yaml",
+              yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True).strip(), "```", "",
+              "| package | version |", "|---|---|"]
+    lines += [f"| {name} | {version or 'not installed'} |" for name, version in common.package_versions().items()]
+    lines += ["", f"git: {common.git_sha() or 'unknown'}. 06_eval took {time.time() - started:.0f}s.", ""]
+    common.atomic_write_text(path, "\n".join(lines))
+    return path
+
+
