@@ -283,7 +283,7 @@ def expected_methods(cfg: dict) -> list[str]:
 def discover_methods(cfg: dict, dataset: str, model_tag: str) -> list[str]:
     """The expected methods in order, then any other method folder found (ablations)."""
     methods = expected_methods(cfg)
-    folder = common.run_dir(cfg) / "predictions" / dataset / model_tag
+    folder = common.method_dir(cfg, dataset, model_tag, "x").parent
     if folder.is_dir():
         methods += sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in methods)
     return methods
@@ -292,7 +292,7 @@ def discover_methods(cfg: dict, dataset: str, model_tag: str) -> list[str]:
 def load_predictions(cfg: dict, ds: dict, model_tag: str, method: str) -> tuple[dict, dict]:
     """({annotator: [prediction]}, {annotator: why missing}). Labels are re-normalised."""
     found, missing = {}, {}
-    folder = common.predictions_path(cfg, ds["name"], model_tag, method, "x").parent
+    folder = common.method_dir(cfg, ds["name"], model_tag, method)
     stage = STAGE_OF_METHOD.get(method, "the stage that writes it")
     for annotator in ds["annotators"]:
         path = common.predictions_path(cfg, ds["name"], model_tag, method, annotator)
@@ -301,6 +301,8 @@ def load_predictions(cfg: dict, ds: dict, model_tag: str, method: str) -> tuple[
             missing[annotator] = (f"no predictions ({where}/ does not exist; run {stage})" if not folder.is_dir()
                                   else f"{path.name} missing in {where}/")
             continue
+        # Predictions made from another split, config or adapter are never scored.
+        common.require_current(path, cfg, redo_command(cfg, ds["name"], method, annotator))
         predictions = common.read_jsonl(path, required=("item_id", "annotator", "output", "label", "parse_ok"))
         for lineno, prediction in enumerate(predictions, 1):
             if prediction["annotator"] != annotator:
@@ -313,6 +315,15 @@ def load_predictions(cfg: dict, ds: dict, model_tag: str, method: str) -> tuple[
             prediction["label"] = label
         found[annotator] = predictions
     return found, missing
+
+
+def redo_command(cfg: dict, dataset: str, method: str, annotator: str) -> str:
+    """The command that remakes one predictions file."""
+    stage = STAGE_OF_METHOD.get(method)
+    if stage is None:
+        return f"the stage that wrote predictions/{dataset}/.../{method}/ (05_capo.py for capo_all)"
+    args = ["--dataset", dataset] + (["--annotators", annotator] if stage != "03_prompt_baselines" else [])
+    return common.stage_command(cfg, f"{stage}.py", *args)
 
 
 def output_rows(ds: dict, prediction_sets: list[dict]) -> tuple[list[dict], dict]:
@@ -864,7 +875,7 @@ def evaluate_dataset(cfg: dict, ds: dict) -> tuple[dict, dict, dict, dict]:
     """({model: {method: metrics}}, {model: {method: bootstrap draws}}, judge inputs, the
     resample plan) for one dataset, without the judge."""
     ev = cfg["eval"]
-    cache_dir = common.run_dir(cfg) / "eval_cache" / ds["name"]
+    cache_dir = common.eval_cache_dir(cfg, ds["name"])
     features = feature_reference(ds, ev)
     try:
         imitation, imitation_reason = imitation_reference(cfg, ds, ev, cache_dir), None
@@ -1208,6 +1219,38 @@ def sheet_entries(cfg: dict, datasets: dict, predictions: dict) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------
+# Provenance of 06's outputs, and the adapters' model cards
+# ----------------------------------------------------------------------------
+def eval_recipe(cfg: dict, names: list[str]) -> dict:
+    """What metrics.json and the report are made from: 01's files, 02's summaries and every
+    predictions file present (each one checked against its own manifest when read)."""
+    inputs = []
+    for name in names:
+        inputs += common.data_files(cfg, name)
+        summary = common.hlv_dir(cfg, name) / "summary.json"
+        inputs += [summary] if summary.exists() else []
+        for model_cfg in common.model_configs(cfg):
+            folder = common.method_dir(cfg, name, model_cfg["tag"], "x").parent
+            inputs += sorted(folder.glob("*/*.jsonl")) if folder.is_dir() else []
+    return common.recipe(cfg, "06_eval", inputs, ["seed", "data.split_seed", "data.max_eval_items", "eval",
+                                                  "embedder", "hlv", "generation", "models", "baselines.methods"],
+                         code=("eval_report.py",), datasets=names)
+
+
+def fill_adapter_cards(cfg: dict, results: dict) -> None:
+    """Each SFT/CAPO adapter's model card gets its annotator's test metrics (numbers only)."""
+    for dataset, models in results.items():
+        for model_tag, methods in models.items():
+            for method in TRAINED_METHODS:
+                for annotator, entry in (methods.get(method) or {}).get("per_annotator", {}).items():
+                    folder = common.adapter_dir(cfg, dataset, model_tag, method, annotator)
+                    if folder.is_dir() and entry.get("status") == "ok":
+                        numbers = {k: v for k, v in entry.items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                        common.update_adapter_card_metrics(folder, numbers, source="06_eval.py, this run's test items")
+
+
+# ----------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
@@ -1221,11 +1264,21 @@ def main(argv: list[str] | None = None) -> None:
         return
     started = time.time()
     common.set_seed(cfg["seed"])
-    run = common.run_dir(cfg)
-    tables_dir = run / "tables"
+    tables_dir = common.tables_dir(cfg)
 
-    # ---- data
-    datasets = {name: load_dataset(cfg, name) for name in common.selected_datasets(cfg, args.dataset)}
+    # ---- data; done already if metrics.json was made from the same predictions, config and code
+    names = common.selected_datasets(cfg, args.dataset)
+    for name in names:
+        common.require_data(cfg, name)
+    made_from = eval_recipe(cfg, names)
+    reason = "--force" if args.force else common.why_not_current(common.metrics_path(cfg), made_from)
+    if reason is None:
+        print(f"[eval] {common.metrics_path(cfg)} and {common.report_path(cfg)} are current (same predictions, "
+              "config and code); skipped", flush=True)
+        return
+    print(f"[eval] evaluating ({reason})", flush=True)
+    common.forget_output(common.metrics_path(cfg))
+    datasets = {name: load_dataset(cfg, name) for name in names}
 
     # ---- metrics and intervals per dataset, model and method; then the judge over everything at once
     results, draws, predictions, plans, jobs = {}, {}, {}, {}, {}
@@ -1243,7 +1296,8 @@ def main(argv: list[str] | None = None) -> None:
     claims = claims_check(results, draws, datasets, calibration)
 
     # ---- save: metrics.json, then eval_report's tables, figures, human sheet and report
-    common.write_json(run / "metrics.json", {**results, "claims": claims, "judge_calibration": calibration})
+    common.write_json(common.metrics_path(cfg), {**results, "claims": claims, "judge_calibration": calibration})
+    fill_adapter_cards(cfg, results)
     table_paths = eval_report.write_tables(cfg, results, datasets, list(FEATURES), tables_dir)
     figures = []
     for metric, label in eval_report.TABLE4_METRICS:
@@ -1252,11 +1306,13 @@ def main(argv: list[str] | None = None) -> None:
             figures.append(path)
     curves = tables_dir / "fig_training_curves.png"
     curves = curves if eval_report.plot_training_curves(cfg, datasets, curves) else None
-    sheet_status = eval_report.write_human_sheet(cfg, sheet_entries(cfg, datasets, predictions), run / "human_eval")
+    sheet_status = eval_report.write_human_sheet(cfg, sheet_entries(cfg, datasets, predictions),
+                                                 common.human_eval_dir(cfg))
     common.save_resolved_config(cfg, tables_dir, stage="06_eval")
     report = eval_report.write_report(cfg, results, claims, calibration, margin_note(datasets), datasets,
                                       table_paths, figures, curves, sheet_status, started)
-    print(f"[eval] wrote {run / 'metrics.json'}, {tables_dir}/ and {report} in {time.time() - started:.0f}s",
+    common.write_manifest(common.metrics_path(cfg), made_from)
+    print(f"[eval] wrote {common.metrics_path(cfg)}, {tables_dir}/ and {report} in {time.time() - started:.0f}s",
           flush=True)
 
 

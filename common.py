@@ -178,6 +178,8 @@ eval:
   judge_max_new_tokens: int
   human_sheet_items: int
   human_sheet_raters: int
+  bootstrap_resamples: int
+  bootstrap_group_draws: int
 """)
 
 
@@ -471,21 +473,31 @@ def _input_path(cfg: dict, key: str) -> Path:
 
 
 def recipe(cfg: dict, stage: str, inputs: Iterable[str | Path], config_keys: Iterable[str],
-           **extra: Any) -> dict:
-    """What an output of `stage` is made from now: input hashes, config values, code hashes."""
+           code: Iterable[str] = (), **extra: Any) -> dict:
+    """What an output of `stage` is made from now: input hashes, config values, code hashes
+    (the stage's script, common.py and any other module in `code`)."""
     made = {"stage": stage,
             "inputs": {_input_key(cfg, p): content_hash(p) for p in inputs},
             "config": {key: config_value(cfg, key) for key in config_keys},
-            "code": {name: content_hash(KIT_ROOT / name) for name in (f"{stage}.py", "common.py")},
+            "code": {name: content_hash(KIT_ROOT / name) for name in (f"{stage}.py", "common.py", *code)},
             **extra}
     return json.loads(json.dumps(made, sort_keys=True, default=str))  # the form it has once saved
+
+
+def _changed_value(key: str, old: Any, new: Any) -> str:
+    """'<key> was X, now Y' for the first differing leaf (a config section names its sub-key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for sub in sorted(set(old) | set(new)):
+            if old.get(sub) != new.get(sub):
+                return _changed_value(f"{key}.{sub}", old.get(sub), new.get(sub))
+    return f"{key} was {json.dumps(old)}, now {json.dumps(new)}"
 
 
 def _first_difference(recorded: dict, current: dict) -> str | None:
     for key in sorted(set(recorded.get("config", {})) | set(current.get("config", {}))):
         old, new = recorded.get("config", {}).get(key), current.get("config", {}).get(key)
         if old != new:
-            return f"config {key} was {json.dumps(old)}, now {json.dumps(new)}"
+            return "config " + _changed_value(key, old, new)
     for name in sorted(set(recorded.get("inputs", {})) | set(current.get("inputs", {}))):
         old, new = recorded.get("inputs", {}).get(name), current.get("inputs", {}).get(name)
         if old != new:

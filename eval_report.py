@@ -290,7 +290,7 @@ def plot_training_curves(cfg: dict, datasets: dict, path: Path) -> bool:
     for dataset in datasets:
         for model_cfg in common.model_configs(cfg):
             tag = model_cfg["tag"]
-            adapters = common.run_dir(cfg) / "adapters" / dataset / tag
+            adapters = common.adapter_dir(cfg, dataset, tag, "sft", "x").parent.parent
             for method in ("sft", "capo"):
                 curves = {}
                 for log in sorted(adapters.glob(f"{method}/*/train_log.json")):
@@ -495,7 +495,7 @@ def score_sheet(sheet: Path, key_path: Path) -> dict:
 def hlv_section(cfg: dict, datasets: dict, report_dir: Path) -> list[str]:
     lines = ["## 1. Human label variation (02_analyze_hlv)", ""]
     for dataset in datasets:
-        folder = common.run_dir(cfg) / "hlv" / dataset
+        folder = common.hlv_dir(cfg, dataset)
         lines.append(f"### {dataset}")
         if not (folder / "summary.json").exists():
             lines += ["", f"Not available: {folder}/summary.json is missing (run 02_analyze_hlv.py).", ""]
@@ -552,7 +552,7 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
                  datasets: dict, table_paths: dict, figures: list[Path], curves: Path | None,
                  sheet_status: str, started: float) -> Path:
     run = common.run_dir(cfg)
-    path = run / "report.md"
+    path = common.report_path(cfg)
 
     def include(md_path: Path) -> list[str]:
         text = md_path.read_text(encoding="utf-8").strip()
@@ -592,7 +592,7 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
         lines += ["Not available: no train_log.json or selection.json under adapters/ (run 04_sft.py, "
                   "05_capo.py).", ""]
     lines += ["## 7. Human validation", "", f"Sheet: {sheet_status}.", ""]
-    scores = run / "human_eval" / "scores.md"
+    scores = common.human_eval_dir(cfg) / "scores.md"
     if scores.exists():
         lines += include(scores)
     else:

@@ -52,6 +52,21 @@ def mark_prepared(config, dataset: str) -> None:
     common.write_manifest(common.data_dir(cfg, dataset), made_from)
 
 
+STAGE_OF_METHOD = {"base": "03_prompt_baselines", "icl": "03_prompt_baselines", "vp": "03_prompt_baselines",
+                   "vp_icl": "03_prompt_baselines", "sft": "04_sft", "capo": "05_capo"}
+
+
+def mark_predictions(config) -> None:
+    """Predictions files a test wrote by hand count as made by their stage from the data now
+    present: write the manifests 03-05 would write (06 refuses predictions without one)."""
+    cfg = config if isinstance(config, dict) else common.load_config(config)
+    for path in sorted((common.seed_dir(cfg) / "predictions").glob("*/*/*/*.jsonl")):
+        dataset, method = path.parts[-4], path.parts[-2]
+        made_from = common.recipe(cfg, STAGE_OF_METHOD.get(method, "05_capo"), common.data_files(cfg, dataset),
+                                  ["seed", "data.split_seed", "data.max_eval_items", "generation"])
+        common.write_manifest(path, made_from)
+
+
 @pytest.fixture
 def smoke_config(tmp_path):
     return write_config(tmp_path)

@@ -16,7 +16,7 @@ import pytest
 
 import common
 import eval_report
-from conftest import load_stage, write_config
+from conftest import load_stage, mark_predictions, mark_prepared, write_config
 
 ev6 = load_stage("06_eval")
 
@@ -108,6 +108,8 @@ def make_fixture_run(tmp_path, **changes):
     for name, task in (("varierr", NLI_TASK), ("par", PAR_TASK)):
         splits = write_fixture_dataset(run_dir, name, task)
         write_fixture_predictions(run_dir, name, splits["test"])
+        mark_prepared(config, name)
+    mark_predictions(config)
     return config, run_dir
 
 
@@ -351,3 +353,23 @@ def test_judge_and_bertscore_on_the_tiny_model(tmp_path, tiny_model):
     header, rows = read_csv(run_dir / "tables" / "judge_attribution.csv")
     sft = next(row for row in rows if row[2] == "sft")
     assert sft[header.index("judged outputs")] == "6" and sft[header.index("judge model")] == "tiny"
+
+
+# ----------------------------------------------------------------------------
+# Provenance: 06 never scores stale predictions, and skips when nothing changed
+# ----------------------------------------------------------------------------
+def test_06_refuses_stale_predictions_and_skips_when_current(tmp_path, capsys):
+    config, run_dir = make_fixture_run(tmp_path, eval__judge=False, eval__bertscore=False)
+    ev6.main(["--config", str(config)])
+    capsys.readouterr()
+    ev6.main(["--config", str(config)])
+    assert "are current (same predictions, config and code); skipped" in capsys.readouterr().out
+    ev6.main(["--config", str(config), "--eval.bootstrap_resamples", "30"])
+    assert "evaluating (config eval.bootstrap_resamples was 100, now 30)" in capsys.readouterr().out
+    # Predictions of another training seed (or split, adapter) are refused, naming the command that redoes them.
+    with pytest.raises(common.InputError, match=r"base/A0.jsonl: not made from the files and config now present "
+                                                r"\(config seed was 42, now 7\); redo it with: python "
+                                                r"03_prompt_baselines.py .*--dataset varierr --seed 7"):
+        ev6.main(["--config", str(config), "--seed", "7"])
+    assert ev6.redo_command(common.load_config(config), "par", "sft", "Ann2").startswith("python 04_sft.py --config ")
+    assert ev6.redo_command(common.load_config(config), "par", "sft", "Ann2").endswith("--dataset par --annotators Ann2")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import common
-from conftest import load_stage
+from conftest import load_stage, mark_predictions
 from test_eval import NLI_TASK, PAR_TASK, make_fixture_run
 
 ev6 = load_stage("06_eval")
@@ -150,6 +150,7 @@ def test_aa_same_predictions_under_two_names_is_not_resolved(tmp_path):
     config, run_dir = make_fixture_run(tmp_path, eval__judge=False, eval__bertscore=False)
     for name in ("varierr", "par"):
         shutil.copytree(run_dir / "predictions" / name / "tiny" / "sft", run_dir / "predictions" / name / "tiny" / "capo")
+    mark_predictions(config)
     ev6.main(["--config", str(config)])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     pairs = [c for c in metrics["claims"] if c["a"] == "capo" and c["b"] == "sft"]
