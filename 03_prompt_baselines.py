@@ -141,6 +141,7 @@ def ordered_models(cfg: dict) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = common.stage_parser(__doc__)
     args, cfg = common.parse_stage_args(parser, argv)
+    common.require_models(cfg)  # a missing hub model stops here, in one line
     common.set_seed(cfg["seed"])
     base_cfg, gen_cfg = cfg["baselines"], cfg["generation"]
     methods = list(base_cfg["methods"])

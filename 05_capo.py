@@ -407,6 +407,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--pair-policy", choices=POLICIES, default=None,
                         help="same_label (default) or all (ablation); same as --capo.pair_policy")
     args, cfg = common.parse_stage_args(parser, argv)
+    common.require_models(cfg)  # a missing hub model stops here, in one line
     if args.pair_policy:
         cfg["capo"]["pair_policy"] = args.pair_policy
     policy = cfg["capo"]["pair_policy"]
