@@ -3,13 +3,15 @@ annotator, then the whole paper run extrapolated to 1 and N GPUs.
 
     .venv/bin/python bench/bench_paper_gpu.py --architecture qwen3-4b --raw-dir ../data   # a GPU
     .venv/bin/python bench/bench_paper_gpu.py --architecture llama3.2-3b --dataset par --raw-dir ../data
+    .venv/bin/python bench/bench_paper_gpu.py --architecture qwen3-4b --num-layers 2 --raw-dir ../data  # quick GPU check
     .venv/bin/python bench/bench_paper_gpu.py --tiny --run-dir /tmp/bench-tiny          # CPU check of the bench
 
 The model is `source: random` with the paper model's exact architecture (common.STAND_IN_
 ARCHITECTURES) and SmolLM2's tokenizer, so no weights are needed; every other setting is
 configs/paper.yaml's (bf16, batch sizes, max_new_tokens 256, 50 ICL demonstrations, epochs).
 Random weights never emit the end-of-turn token, so every generation runs to max_new_tokens:
-the generation figures are an upper bound. --tiny swaps in the smoke profile (tiny model, CPU)
+the generation figures are an upper bound (--max-new-tokens caps them, e.g. near the human
+responses' length). --tiny swaps in the smoke profile (tiny model, CPU)
 to check the bench itself; its figures mean nothing.
 
 Per stage: wall seconds, tokens/s, peak GPU memory (torch.cuda.max_memory_allocated; missing on
@@ -62,8 +64,10 @@ def bench_config(args) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / ("smoke.yaml" if args.tiny else "paper.yaml")).read_text())
     if not args.tiny:
         cfg["models"] = [{"tag": f"{args.architecture}-stand-in", "source": "random",
-                          "architecture": args.architecture, "num_layers": None, "dtype": "bfloat16",
-                          "init_seed": 0}]
+                          "architecture": args.architecture, "num_layers": args.num_layers,
+                          "dtype": "bfloat16", "init_seed": 0}]
+    if args.max_new_tokens:
+        cfg["generation"]["max_new_tokens"] = args.max_new_tokens
     cfg["run_dir"] = str(args.run_dir)
     cfg["datasets"] = [args.dataset]
     path = Path(args.run_dir) / "bench_config.yaml"
@@ -243,6 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--raw-dir", default=os.environ.get("CAPO_RAW_DIR"), help="for 01 if the data is missing")
     parser.add_argument("--gpus", default="1,2,4,8", help="GPU counts to extrapolate to")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator bf16 dense peak")
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="stand-in depth (default: the full model's); fewer for a quick pipeline check")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="cap generation (default: the profile's 256; random weights never stop early)")
     parser.add_argument("--tiny", action="store_true", help="smoke profile on CPU: checks the bench only")
     args = parser.parse_args(argv)
 
@@ -272,7 +280,11 @@ def main(argv: list[str] | None = None) -> dict:
         seconds = row.get("seconds") or row.get("train_seconds")
         row["achieved_tflops"] = round(row["flops"] / seconds / 1e12, 6) if row.get("flops") and seconds else None
         row["mfu"] = round(row["flops"] / seconds / peak, 4) if peak and row.get("flops") and seconds else None
-    result = {"architecture": "tiny (smoke)" if args.tiny else args.architecture, "dataset": args.dataset,
+    if args.num_layers or args.tiny:
+        print("note: a reduced model (--num-layers or --tiny): the figures check the pipeline, they are "
+              "not the paper model's", flush=True)
+    result = {"architecture": "tiny (smoke)" if args.tiny else args.architecture, "num_layers": args.num_layers,
+              "max_new_tokens": cfg["generation"]["max_new_tokens"], "dataset": args.dataset,
               "annotator": annotator, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "model": shape, "peak_tflops": args.peak_tflops if peak else None, "measured": measured,
               "extrapolated": extrapolate(cfg, args.dataset, annotator, measured,
