@@ -25,8 +25,11 @@ Extrapolation (one dataset, one model; run once per dataset and architecture and
 03: seconds per request of the Base and ICL prompts times the requests of every annotator
 (VP counted as Base, VP-ICL as ICL: their profile adds ~100-200 prompt tokens, so slightly
 low); 04/05: the measured training seconds scaled by each annotator's examples/pairs, plus
-model loading and test generation scaled by test items. N GPUs: run_all.sh's fan-out (job i
-on GPU i mod N), makespan = the busiest GPU; 03 split by annotators the same way.
+model loading and test generation scaled by test items. N GPUs: run_all.sh's fan-out of 04/05
+(job i on GPU i mod N), makespan = the busiest GPU; 03 split by annotators the same way, as
+`accelerate launch 03_prompt_baselines.py` does (run_all.sh runs 03 as one process: take its
+1-GPU figure). Not included: value-profile writing in 03 (one request per annotator), 01, 02
+and 06 (the judge's generations).
 Writes <run-dir>/bench_paper_gpu.json and prints a table.
 """
 from __future__ import annotations
