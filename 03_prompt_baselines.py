@@ -154,6 +154,7 @@ def prediction_recipe(cfg: dict, dataset: str, model_cfg: dict, method: str, pro
 def main(argv: list[str] | None = None) -> None:
     parser = common.stage_parser(__doc__)
     args, cfg = common.parse_stage_args(parser, argv)
+    common.require_models(cfg)  # a missing hub model stops here, in one line
     common.set_seed(cfg["seed"])
     base_cfg, gen_cfg = cfg["baselines"], cfg["generation"]
     methods = list(base_cfg["methods"])

@@ -197,6 +197,7 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = common.training_stage_parser(__doc__)
     args, cfg = common.parse_stage_args(parser, argv)
+    common.require_models(cfg)  # a missing hub model stops here, in one line
 
     done = []
     for dataset in common.selected_datasets(cfg, args.dataset):

