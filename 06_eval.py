@@ -882,13 +882,27 @@ def evaluate_dataset(cfg: dict, ds: dict) -> tuple[dict, dict, dict, dict]:
     except ValueError as err:  # e.g. fewer than two annotators in the train split
         imitation, imitation_reason = None, f"the annotator classifier could not be trained: {err}"
 
+    # With several training seeds each (model, method) has one prediction set per seed: the rows
+    # pool (intervals resample items with all their seeds' rows), and each seed is also scored
+    # alone for the spread across seeds (m_sd).
+    seeds = common.training_seeds(cfg)
     loaded = {}
     all_rows = []
     for model_cfg in common.model_configs(cfg):
-        for method in discover_methods(cfg, ds["name"], model_cfg["tag"]):
-            predictions, missing = load_predictions(cfg, ds, model_cfg["tag"], method)
-            rows, unmatched = output_rows(ds, [predictions])
-            loaded[(model_cfg["tag"], method)] = (predictions, missing, rows, unmatched)
+        methods = list(dict.fromkeys(m for seed in seeds for m in
+                                     discover_methods(common.with_seed(cfg, seed), ds["name"], model_cfg["tag"])))
+        for method in methods:
+            per_seed = [load_predictions(common.with_seed(cfg, seed), ds, model_cfg["tag"], method) for seed in seeds]
+            missing = {}
+            for seed, (_, seed_missing) in zip(seeds, per_seed):
+                for annotator, why in seed_missing.items():
+                    missing.setdefault(annotator, why + (f" (seed {seed})" if len(seeds) > 1 else ""))
+            seed_sets = [{a: p for a, p in predictions.items() if a not in missing} for predictions, _ in per_seed]
+            seed_rows = [output_rows(ds, [predictions]) for predictions in seed_sets]
+            rows = [row for rows_of_seed, _ in seed_rows for row in rows_of_seed]
+            unmatched = {a: sum(u.get(a, 0) for _, u in seed_rows) for a in ds["annotators"]}
+            loaded[(model_cfg["tag"], method)] = (seed_sets[0], missing, rows, {a: n for a, n in unmatched.items() if n},
+                                                  seed_rows)
             all_rows += rows
     started = time.time()
     bert_reason = score_rows(cfg, ev, all_rows, cache_dir) if all_rows else None
@@ -901,9 +915,13 @@ def evaluate_dataset(cfg: dict, ds: dict) -> tuple[dict, dict, dict, dict]:
              "reasons": {"bertscore_f1": bert_reason} if bert_reason else {}}
     results: dict[str, dict] = {}
     draws: dict[str, dict] = {}
-    for (model_tag, method), (predictions, missing, rows, unmatched) in loaded.items():
+    for (model_tag, method), (predictions, missing, rows, unmatched, seed_rows) in loaded.items():
         result, method_draws = model_row(cfg, ds, rows, plan, human, imitation, imitation_reason, missing,
                                          unmatched, cache_dir)
+        if len(seeds) > 1 and result["status"] != "missing":
+            seed_results = [model_row(cfg, ds, rows_of_seed, plan, human, imitation, imitation_reason, missing,
+                                      unmatched_of_seed, cache_dir)[0] for rows_of_seed, unmatched_of_seed in seed_rows]
+            add_seed_spread(result, seed_results, seeds)
         results.setdefault(model_tag, {})[method] = result
         draws.setdefault(model_tag, {})[method] = method_draws
         detail = (f"n={result['n']}, norm_imitation {eval_report.fmt_ci(result.get('norm_imitation'), result.get('norm_imitation_ci'))}"
@@ -916,6 +934,22 @@ def evaluate_dataset(cfg: dict, ds: dict) -> tuple[dict, dict, dict, dict]:
     print(f"[eval] {ds['name']}: metrics and {int(ev['bootstrap_resamples'])} bootstrap resamples in "
           f"{time.time() - started:.1f}s", flush=True)
     return results, draws, {key: value[0] for key, value in loaded.items()}, plan
+
+
+def add_seed_spread(result: dict, seed_results: list[dict], seeds: list[int]) -> None:
+    """With several training seeds: each macro metric `m` becomes the mean over the seeds' own
+    values, `m_sd` their standard deviation (ddof 1) and `m_by_seed` the values; `m_ci` stays
+    the interval of the pooled bootstrap (items resampled with every seed's rows)."""
+    result["seeds"] = list(seeds)
+    for metric, value in list(result.items()):
+        if metric.endswith(("_ci", "_sd")) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        values = [r.get(metric) for r in seed_results]
+        if metric == "n" or any(v is None for v in values):
+            continue
+        result[metric] = float(np.mean(values))
+        result[f"{metric}_sd"] = float(np.std(values, ddof=1))
+        result[f"{metric}_by_seed"] = {str(seed): v for seed, v in zip(seeds, values)}
 
 # ----------------------------------------------------------------------------
 # LLM-as-judge attribution
@@ -1230,24 +1264,28 @@ def eval_recipe(cfg: dict, names: list[str]) -> dict:
         summary = common.hlv_dir(cfg, name) / "summary.json"
         inputs += [summary] if summary.exists() else []
         for model_cfg in common.model_configs(cfg):
-            folder = common.method_dir(cfg, name, model_cfg["tag"], "x").parent
-            inputs += sorted(folder.glob("*/*.jsonl")) if folder.is_dir() else []
-    return common.recipe(cfg, "06_eval", inputs, ["seed", "data.split_seed", "data.max_eval_items", "eval",
+            for seed in common.training_seeds(cfg):
+                folder = common.method_dir(common.with_seed(cfg, seed), name, model_cfg["tag"], "x").parent
+                inputs += sorted(folder.glob("*/*.jsonl")) if folder.is_dir() else []
+    return common.recipe(cfg, "06_eval", inputs, ["seed", "seeds", "data.split_seed", "data.max_eval_items", "eval",
                                                   "embedder", "hlv", "generation", "models", "baselines.methods"],
                          code=("eval_report.py",), datasets=names)
 
 
 def fill_adapter_cards(cfg: dict, results: dict) -> None:
-    """Each SFT/CAPO adapter's model card gets its annotator's test metrics (numbers only)."""
+    """Each SFT/CAPO adapter's model card gets its annotator's test metrics (numbers only; with
+    several training seeds the pooled values, written into each seed's adapter)."""
     for dataset, models in results.items():
         for model_tag, methods in models.items():
             for method in TRAINED_METHODS:
                 for annotator, entry in (methods.get(method) or {}).get("per_annotator", {}).items():
-                    folder = common.adapter_dir(cfg, dataset, model_tag, method, annotator)
-                    if folder.is_dir() and entry.get("status") == "ok":
-                        numbers = {k: v for k, v in entry.items()
-                                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                        common.update_adapter_card_metrics(folder, numbers, source="06_eval.py, this run's test items")
+                    for seed in common.training_seeds(cfg):
+                        folder = common.adapter_dir(common.with_seed(cfg, seed), dataset, model_tag, method, annotator)
+                        if folder.is_dir() and entry.get("status") == "ok":
+                            numbers = {k: v for k, v in entry.items()
+                                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                            common.update_adapter_card_metrics(folder, numbers,
+                                                               source="06_eval.py, this run's test items")
 
 
 # ----------------------------------------------------------------------------

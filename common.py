@@ -74,7 +74,7 @@ def run_stage(main: Callable[[], Any]) -> None:
 CONFIG_SCHEMA = yaml.safe_load("""
 profile: str
 seed: int
-seeds?: list[int]|null
+seeds: list[int]|null
 torch_threads: int|null
 run_dir: str
 datasets: list[str]
@@ -351,6 +351,17 @@ def seed_dir(cfg: dict) -> Path:
     several training seeds (01 and 02 do not depend on the training seed and stay shared)."""
     seeds = cfg.get("seeds") or []
     return run_dir(cfg) / "seeds" / str(cfg["seed"]) if len(seeds) > 1 else run_dir(cfg)
+
+
+def training_seeds(cfg: dict) -> list[int]:
+    """The training seeds of a run: `seeds` when it lists several, else just `seed`."""
+    seeds = [int(s) for s in cfg.get("seeds") or []]
+    return seeds if len(seeds) > 1 else [int(cfg["seed"])]
+
+
+def with_seed(cfg: dict, seed: int) -> dict:
+    """`cfg` as one seed's run of a multi-seed config sees it (its seed_dir and recipes)."""
+    return {**cfg, "seed": int(seed)}
 
 
 def data_dir(cfg: dict, dataset: str) -> Path:

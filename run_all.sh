@@ -8,6 +8,7 @@
 #                                        #   01_prepare.py --custom FILE --name NAME (01 re-reads FILE)
 #   bash run_all.sh --raw-dir ../shared/data   # where 01 finds the raw files (sets CAPO_RAW_DIR)
 #   bash run_all.sh --force              # redo every stage's work, even what is finished
+#   bash run_all.sh --seeds 42,43,44     # 03-05 once per training seed (same split), 06 pools them
 #   bash run_all.sh --profile paper --download-models   # fetch the profile's hub models, then run offline
 #
 # Extra arguments after `--` go to every stage as config overrides (e.g. -- --eval.judge false
@@ -33,6 +34,7 @@ while [ $# -gt 0 ]; do
     --force) force=1; shift ;;
     --raw-dir) raw_dir="$2"; shift 2 ;;
     --download-models) download_models=1; shift ;;
+    --seeds) extra+=(--seeds "[$2]"); shift 2 ;;
     --) shift
         # --raw-dir is 01's flag; the other stages would reject it, so take it out here.
         while [ $# -gt 0 ]; do
@@ -42,7 +44,7 @@ while [ $# -gt 0 ]; do
             *) extra+=("$1"); shift ;;
           esac
         done ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,10 +58,15 @@ bash setup.sh
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
 PY=".venv/bin/python"
 [ -n "$raw_dir" ] && export CAPO_RAW_DIR="$raw_dir"
-# The config with its overrides, checked once before any stage spends time (a typo stops here).
-run_dir=$("$PY" -c 'import sys, common
-common.run_stage(lambda: print(common.run_dir(common.load_config(sys.argv[1], sys.argv[2:]))))' \
-  "$config" "${extra[@]}") || exit 2
+# The config with its overrides, checked once before any stage spends time (a typo stops here);
+# then its run directory and training seeds (`seeds`, or just `seed`).
+read -r run_dir seeds < <("$PY" -c 'import sys, common
+def show():
+    cfg = common.load_config(sys.argv[1], sys.argv[2:])
+    print(common.run_dir(cfg), ",".join(map(str, common.training_seeds(cfg))))
+common.run_stage(show)' "$config" "${extra[@]}") || true
+[ -n "${run_dir:-}" ] || exit 2
+IFS=, read -r -a seed_list <<< "$seeds"
 mkdir -p "$run_dir/logs"
 
 # Models: --download-models fetches the profile's hub models (the run's one online step);
@@ -107,23 +114,37 @@ for name in common.selected_datasets(cfg, sys.argv[2]):
 start_all=$(date +%s)
 stage_args=()
 [ "$force" = 1 ] && stage_args=(--force)
+runs=()  # stage:seed, 03-05 once per training seed, the others once
 for stage in 01_prepare 02_analyze_hlv 03_prompt_baselines 04_sft 05_capo 06_eval; do
-  echo "== $stage ($profile, $dataset)"
+  case "$stage" in
+    03_*|04_*|05_*) if [ "${#seed_list[@]}" -gt 1 ]; then
+                      for s in "${seed_list[@]}"; do runs+=("$stage:$s"); done
+                    else runs+=("$stage:"); fi ;;
+    *) runs+=("$stage:") ;;
+  esac
+done
+for stage_run in "${runs[@]}"; do
+  stage=${stage_run%%:*} seed=${stage_run#*:}
+  seed_args=()
+  [ -n "$seed" ] && seed_args=(--seed "$seed")
+  log="$run_dir/logs/$stage${seed:+.seed$seed}.log"
+  echo "== $stage ($profile, $dataset${seed:+, seed $seed})"
   t0=$(date +%s)
   run=("$PY" "$stage.py" --config "$config" --dataset "$dataset")
   case "$stage" in 04_sft|05_capo) [ "$n_gpus" -gt 1 ] && run=(fan_out_over_gpus "$stage") ;; esac
   timer=()  # peak resident memory of the stage's process, where GNU time is installed
   maxrss="$run_dir/logs/.$stage.maxrss_kb"
   [ -x /usr/bin/time ] && [ "${run[0]}" = "$PY" ] && timer=(/usr/bin/time -f "%M" -o "$maxrss")
-  if ! "${timer[@]}" "${run[@]}" "${stage_args[@]}" "${extra[@]}" 2>&1 | tee "$run_dir/logs/$stage.log"; then
-    echo "run_all.sh: stage $stage failed (profile $profile; its output is in $run_dir/logs/$stage.log);" \
+  if ! "${timer[@]}" "${run[@]}" "${stage_args[@]}" "${extra[@]}" "${seed_args[@]}" 2>&1 | tee "$log"; then
+    echo "run_all.sh: stage $stage${seed:+ (seed $seed)} failed (profile $profile; its output is in $log);" \
          "later stages were not run" >&2
     exit 1
   fi
   seconds=$(( $(date +%s) - t0 ))
   peak_mb=$( [ -f "$maxrss" ] && echo $(( $(tail -n1 "$maxrss") / 1024 )) || echo "n/a")
   rm -f "$maxrss"
-  printf '%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$stage" "$dataset" "$seconds" "$peak_mb" >> "$run_dir/stage_times.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$stage${seed:+.seed$seed}" "$dataset" "$seconds" "$peak_mb" \
+    >> "$run_dir/stage_times.tsv"
   echo "== $stage done in ${seconds}s (peak RSS ${peak_mb} MB; appended to $run_dir/stage_times.tsv)"
 done
 echo "run_all.sh: profile $profile finished in $(( $(date +%s) - start_all ))s; outputs in $run_dir/"

@@ -217,3 +217,31 @@ def test_pooled_prediction_sets_share_their_items():
         assert ev6.weighted_means(two["item"], two["values"][metric], weights) == pytest.approx(
             ev6.weighted_means(one["item"], one["values"][metric], weights))
     assert list(ev6.weighted_means(one["item"], one["values"]["label_acc"], weights)) == [0.5, 1.0, 0.0]
+
+
+def test_two_seeds_pool_and_report_their_spread(tmp_path):
+    """seeds: [1, 2]: 06 reads seeds/<seed>/predictions, reports the mean over seeds, m_sd and
+    m_by_seed, and pools both seeds' rows for the interval."""
+    config, run_dir = make_fixture_run(tmp_path, eval__judge=False, eval__bertscore=False)
+    ev6.main(["--config", str(config)])
+    single = json.loads((run_dir / "metrics.json").read_text())["varierr"]["tiny"]["sft"]
+    for seed in (1, 2):
+        shutil.copytree(run_dir / "predictions", run_dir / "seeds" / str(seed) / "predictions")
+    for path in (run_dir / "seeds" / "2" / "predictions" / "varierr" / "tiny" / "sft").glob("*.jsonl"):
+        rows = common.read_jsonl(path)  # seed 2's SFT never parses
+        common.write_jsonl(path, [{**r, "parse_ok": False, "label": None, "explanation": None} for r in rows])
+    cfg = common.load_config(config, ["--seeds", "[1, 2]"])
+    for seed in (1, 2):
+        mark_predictions(common.with_seed(cfg, seed))
+    ev6.main(["--config", str(config), "--seeds", "[1, 2]"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    sft, base = metrics["varierr"]["tiny"]["sft"], metrics["varierr"]["tiny"]["base"]
+    assert sft["seeds"] == [1, 2]
+    assert sft["parse_rate_by_seed"] == {"1": pytest.approx(single["parse_rate"]), "2": 0.0}
+    assert sft["parse_rate"] == pytest.approx(single["parse_rate"] / 2)
+    assert sft["parse_rate_sd"] == pytest.approx(single["parse_rate"] / np.sqrt(2))
+    low, high = sft["parse_rate_ci"]
+    assert low <= sft["parse_rate"] <= high  # pooled rows: half of them parse
+    # base is the same in both seeds: no spread, and the single-seed value
+    assert base["label_acc_sd"] == 0.0
+    assert base["label_acc"] == pytest.approx(metrics["varierr"]["tiny"]["base"]["label_acc_by_seed"]["1"])

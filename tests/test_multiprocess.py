@@ -45,7 +45,7 @@ def test_04_and_05_on_two_processes_write_one_set_of_outputs_from_rank_0(tmp_pat
         summary = [line for line in done.stdout.splitlines() if line.startswith(f"[{method}] toy/{tag}/{ANNOTATOR}:")]
         assert len(summary) == 1, done.stdout[-3000:]
         adapter = common.adapter_dir(cfg, "toy", tag, method, ANNOTATOR)
-        assert common.adapter_complete(adapter)
+        assert common.stale_reason(adapter, cfg) is None  # finished, with its manifest
         log = json.loads((adapter / "train_log.json").read_text())
         assert log["world_size"] == 2 and log["steps"] > 0
         preds = common.read_jsonl(common.predictions_path(cfg, "toy", tag, method, ANNOTATOR),
