@@ -53,7 +53,7 @@ def test_bad_yaml_names_the_file(tmp_path):
         common.load_config(bad)
     missing = tmp_path / "partial.yaml"
     missing.write_text(yaml.safe_dump({"profile": "x", "seed": 1}))
-    with pytest.raises(common.InputError, match="partial.yaml: missing config key 'torch_threads'"):
+    with pytest.raises(common.InputError, match="partial.yaml: missing config key 'seeds'"):
         common.load_config(missing)
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
