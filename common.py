@@ -1,7 +1,21 @@
-"""What two or more capo-kit stages share, and nothing else.
+"""What two or more capo-kit stages share, and nothing else. Its sections, in order:
 
-Sections: errors and entry point · config · seeding · atomic IO · tasks and the
-response format · prompts · models and tokenizers · sentence embedder.
+  errors and entry point   InputError (one line, no traceback), run_stage (also Ctrl-C)
+  config                   CONFIG_SCHEMA, load_config (YAML + `--section.key value`, all checked),
+                           stage parsers, stage_command
+  run layout               every path under runs/<profile>/ (data_dir, predictions_path, adapter_dir,
+                           seed_dir for several training seeds, ...)
+  provenance               manifests: recipe, why_not_current (producers), stale_reason /
+                           require_current (consumers), write_manifest
+  seeding, atomic IO       set_seed; atomic files and folders, JSONL/JSON readers naming file and line
+  tasks and prompts        the response format and its parser, build_messages, the data loaders
+  models                   tokenizers and models per source (hub, gguf, tiny, random stand-ins),
+                           the hub-model check
+  sentence embedder        MiniLM from its package, embeddings cached by texts
+  annotator classifier     E1-E4 representations, the classifier, group confidence (02, 05, 06)
+  generation               prediction records, transformers' continuous batching (03, 04, 05, 06)
+  training                 trainer settings, adapter folders and model cards, predictions from an
+                           adapter, resume (04, 05)
 """
 from __future__ import annotations
 
