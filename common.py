@@ -418,6 +418,16 @@ def training_work_dir(cfg: dict, dataset: str, model_tag: str, method: str, anno
     return seed_dir(cfg) / "work" / method / dataset / model_tag / annotator
 
 
+def training_logs_dir(cfg: dict, output_dir: str | Path) -> Path:
+    """runs/<profile>/logs/<method>/<dataset>/<model>/<annotator>/ for a work dir under runs/<profile>/work/."""
+    output_dir = Path(output_dir)
+    work_root = seed_dir(cfg) / "work"
+    try:
+        return seed_dir(cfg) / "logs" / output_dir.relative_to(work_root)
+    except ValueError:  # a work dir elsewhere (benchmarks, tests): logs beside it
+        return output_dir.parent / f"{output_dir.name}-logs"
+
+
 def eval_cache_dir(cfg: dict, dataset: str) -> Path:
     return run_dir(cfg) / "eval_cache" / dataset
 
@@ -1913,16 +1923,6 @@ def _check_report_to(report_to, name: str) -> None:
         if integration not in get_available_reporting_integrations():
             raise InputError(f"{name}: '{integration}' is not installed; "
                              f"pip install {REPORT_TO_PIP.get(integration, integration)}")
-
-
-def training_logs_dir(cfg: dict, output_dir: str | Path) -> Path:
-    """runs/<profile>/logs/<method>/<dataset>/<model>/<annotator>/ for a work dir under runs/<profile>/work/."""
-    output_dir = Path(output_dir)
-    work_root = seed_dir(cfg) / "work"
-    try:
-        return seed_dir(cfg) / "logs" / output_dir.relative_to(work_root)
-    except ValueError:  # a work dir elsewhere (benchmarks, tests): logs beside it
-        return output_dir.parent / f"{output_dir.name}-logs"
 
 
 def select_annotators(cfg: dict, dataset: str, choice: str | None) -> list[str]:

@@ -169,7 +169,7 @@ def training_sequences(cfg: dict, dataset: str, annotator: str, method: str, tok
         rows = load_stage("04_sft").sft_examples(common.load_split(cfg, dataset, "train"),
                                                  common.load_task(cfg, dataset), annotator)
         return chat_lengths(tokenizer, [r["prompt"] + r["completion"] for r in rows])
-    pairs = common.read_jsonl(common.run_dir(cfg) / "pairs" / dataset / cfg["models"][0]["tag"] / f"{annotator}.jsonl")
+    pairs = common.read_jsonl(common.pairs_dir(cfg, dataset, cfg["models"][0]["tag"]) / f"{annotator}.jsonl")
     return chat_lengths(tokenizer, [p["prompt"] + p[side] for p in pairs for side in ("chosen", "rejected")])
 
 
@@ -210,7 +210,7 @@ def makespan(job_seconds: list[float], gpus: int) -> float:
 def extrapolate(cfg: dict, dataset: str, annotator: str, measured: dict, gpu_counts: list[int]) -> dict:
     annotators = common.dataset_annotators(cfg, dataset)
     train, test = common.load_split(cfg, dataset, "train"), common.load_eval_split(cfg, dataset, "test")
-    pairs_stats = common.read_json(common.run_dir(cfg) / "pairs" / dataset / cfg["models"][0]["tag"]
+    pairs_stats = common.read_json(common.pairs_dir(cfg, dataset, cfg["models"][0]["tag"])
                                    / "pairs_stats.json")["per_annotator"]
     policy = cfg["capo"]["pair_policy"]
     n_train = {a: sum(r["annotator"] == a for r in train) for a in annotators}
