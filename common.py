@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -866,44 +867,46 @@ def generate_token_ids(model, tokenizer, prompts: list[list[dict] | str], gen_cf
                        desc: str = "generate") -> list[list[int]]:
     """New token ids per prompt, up to and including the end-of-turn token (if one came).
 
-    transformers' continuous batching, `model.generate_batch`: a row leaves the batch when it
-    stops and a waiting prompt takes its place; the KV cache is paged, and pages of prompt
-    prefix that prompts share (system prompt, ICL demonstrations) are computed once. Greedy
-    outputs equal one-prompt-at-a-time `model.generate` (tests/test_generation.py, also with a
-    LoRA adapter); sampling (generation.do_sample) is seeded with gen_cfg's `seed`
-    (generate_predictions passes the run's seed; default 0). Why this and not the kit's own
-    decoder of before: bench/RESULTS.md, "Generation engine".
+    generation.engine picks how: `kit` (default), the kit's continuous-batching decoder below;
+    `generate`, plain `model.generate` on static, left-padded batches of generation.batch_size
+    prompts. Both give one-prompt-at-a-time greedy outputs (tests/test_generation.py). Why the
+    kit's decoder and not transformers' `generate_batch`: bench/RESULTS.md, "Generation engine".
     """
     if not prompts:
         return []
-    import torch
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
     texts = [p if isinstance(p, str) else render_prompt(tokenizer, p) for p in prompts]
+    engine = gen_cfg.get("engine", "kit")
+    if engine == "generate":
+        return _generate_static_batches(model, tokenizer, texts, gen_cfg)
+    if engine != "kit":
+        raise InputError(f"generation.engine: unknown engine '{engine}' (kit or generate)")
+    return _generate_hf(model, tokenizer, texts, gen_cfg, desc)
+
+
+def _generate_static_batches(model, tokenizer, texts: list[str], gen_cfg: dict) -> list[list[int]]:
+    """`model.generate` on batches of generation.batch_size prompts (longest first, left-padded);
+    a batch runs until its last row stops."""
+    import torch
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    batch_size = min(max(1, int(gen_cfg["batch_size"])), len(encoded))
-    page_tokens = ContinuousBatchingConfig.page_size
-    # The cache holds `batch_size` of the longest requests at full length, unshared: all a full
-    # batch needs, and bounded by the work (the library's default on CPU: 60% of free RAM).
-    pages_per_request = -(-(max(map(len, encoded)) + int(gen_cfg["max_new_tokens"])) // page_tokens)
-    cb_config = ContinuousBatchingConfig(
-        max_requests_per_batch=batch_size, num_blocks=batch_size * pages_per_request,
-        max_batch_tokens=int(gen_cfg["max_batch_tokens"]), seed=int(gen_cfg.get("seed", 0)),
-        auto_switch_to_flash=False)  # the model's own attention, so outputs are model.generate's
+    generation_config = _generation_config(tokenizer, gen_cfg)
     device = next(model.parameters()).device
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # the library seeds torch's global generator; keep the caller's
-        outputs = model.generate_batch(encoded, generation_config=_generation_config(tokenizer, gen_cfg),
-                                       continuous_batching_config=cb_config,
-                                       progress_bar=os.environ.get("CAPO_NO_PROGRESS") != "1")
-    results = list(outputs.values())
-    # The library logs a failed request (or a dead generation thread) and returns what it has.
-    failed = [r.error for r in results if r.error is not None]
-    if failed or len(results) != len(encoded):
-        reason = failed[0] if failed else "no result came back"
-        raise RuntimeError(f"[{desc}] generation failed for {len(failed) or len(encoded) - len(results)} of "
-                           f"{len(encoded)} prompts: {reason}")
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    return [_trim_at_eos(list(r.generated_tokens), eos_id, pad_id) for r in results]
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if gen_cfg.get("autocast_bf16")
+                else contextlib.nullcontext())
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
+    batch_size = max(1, int(gen_cfg.get("batch_size", 8)))
+    results: list[list[int]] = [[] for _ in texts]
+    # Sampling draws from torch's global generator: seed it for this call, then give the caller its own back.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(gen_cfg.get("seed", 0)))
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, padding_side="left",
+                                   return_tensors="pt").to(device)
+            with torch.inference_mode(), autocast:
+                out = model.generate(**padded, generation_config=generation_config)
+            for index, ids in zip(batch, out[:, padded["input_ids"].shape[1]:].tolist()):
+                results[index] = _trim_at_eos(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return results
 
 
 def _generation_config(tokenizer, gen_cfg: dict):
@@ -925,6 +928,232 @@ def _trim_at_eos(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
     while ids and ids[-1] == pad_id:
         ids = ids[:-1]
     return ids
+
+
+# ----------------------------------------------------------------------------
+# The kit's decoder (private to generate_token_ids): continuous batching on transformers'
+# DynamicCache. Everything from here to the next section is its; tests/test_generation.py.
+# ----------------------------------------------------------------------------
+def _shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving at least one token of each to feed generate."""
+    shortest = min(len(seq) for seq in sequences)
+    first = sequences[0]
+    length = 0
+    while length < shortest - 1 and all(seq[length] == first[length] for seq in sequences):
+        length += 1
+    return length
+
+
+def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str) -> list[list[int]]:
+    """Continuously batched decoding with a plain forward loop (model.generate is not used).
+
+    Why: on a 2-core CPU, model.generate's batches run until their slowest row stops, and a
+    decoding step costs nearly as much for one row as for sixteen, so most of the work went
+    to padding and stragglers (bench/RESULTS.md). Here a row leaves the batch and its KV cache
+    as soon as it emits the end-of-turn token, and waiting prompts take the free slots (once
+    a quarter of the batch is free, prefilled in groups of similar length and merged into the
+    cache, left-padded).
+    The prompt pass keeps only the last position's logits. Prompts that share a long token
+    prefix (the system prompt, ICL demonstrations) get its KV cache computed once and copied
+    into every prefill, so only each prompt's own tail is prefilled. Position ids follow the
+    attention mask, so greedy outputs match unpadded one-at-a-time model.generate
+    (tests/test_generation.py). Sampling (generation.do_sample) draws from a torch.Generator
+    seeded with gen_cfg's `seed` (generate_predictions passes the run's seed; default 0)."""
+    import torch
+    from tqdm.auto import tqdm
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    batch_size = max(1, int(gen_cfg.get("batch_size", 8)))
+    max_new_tokens, eos_id = int(gen_cfg["max_new_tokens"]), tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if gen_cfg.get("autocast_bf16")
+                else contextlib.nullcontext())
+    generator = torch.Generator(device=device).manual_seed(int(gen_cfg.get("seed", 0)))
+
+    prefix_len = _shared_prefix_length(encoded) if len(encoded) > 1 else 0
+    if prefix_len < int(gen_cfg.get("prefix_cache_min_tokens", 32)):
+        prefix_len = 0
+    prefix_cache = None
+    if prefix_len:
+        with torch.inference_mode(), autocast:
+            prefix_cache = model(input_ids=torch.tensor([encoded[0][:prefix_len]], device=device),
+                                 past_key_values=_new_cache(), use_cache=True, logits_to_keep=1).past_key_values
+
+    def prefill(indices: list[int]) -> _DecodeBatch:
+        tails = tokenizer.pad({"input_ids": [encoded[i][prefix_len:] for i in indices]}, padding=True,
+                              padding_side="left", return_tensors="pt")
+        mask = torch.cat([torch.ones(len(indices), prefix_len, dtype=torch.long), tails["attention_mask"]],
+                         dim=1).to(device)
+        cache = _new_cache()
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(indices))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids = tails["input_ids"].to(device)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions[:, -input_ids.shape[1]:],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return _DecodeBatch(torch.tensor(indices, device=device), _next_tokens(out.logits[:, -1, :], gen_cfg, generator),
+                            mask, positions[:, -1] + 1, out.past_key_values)
+
+    tail_lengths = [len(ids) - prefix_len for ids in encoded]
+    # Longest first: similar lengths share a prefill (little padding) and memory peaks early.
+    pending = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))[::-1]  # pop() takes the longest
+    results: list[list[int]] = [[] for _ in texts]
+    live: _DecodeBatch | None = None
+    with tqdm(total=len(texts), desc=desc, unit="prompt", leave=False,
+              disable=os.environ.get("CAPO_NO_PROGRESS") == "1") as bar, torch.inference_mode(), autocast:
+        while pending or live is not None:
+            free = batch_size - (0 if live is None else len(live.rows))
+            mergeable = live is None or _cache_mergeable(live.cache)
+            if pending and (live is None or (mergeable and free >= max(1, batch_size // 4))):
+                joining = [pending.pop() for _ in range(min(free, len(pending)))]  # longest first
+                for chunk in _similar_length_chunks(joining, tail_lengths):
+                    fresh = prefill(chunk)
+                    fresh = fresh.record_and_drop(results, eos_id, max_new_tokens)  # their first tokens
+                    bar.update(len(chunk) - (0 if fresh is None else len(fresh.rows)))
+                    if fresh is not None:
+                        live = fresh if live is None else live.merge(fresh)
+                    if live is not None and not _cache_mergeable(live.cache):
+                        pending.extend(reversed(joining[joining.index(chunk[-1]) + 1:]))  # wait for the next round
+                        break
+                continue
+            live.step(model, gen_cfg, generator)
+            decoding = len(live.rows)
+            live = live.record_and_drop(results, eos_id, max_new_tokens)
+            bar.update(decoding - (0 if live is None else len(live.rows)))
+    return results
+
+
+def _similar_length_chunks(indices: list[int], lengths: list[int], slack: float = 1.25) -> list[list[int]]:
+    """Split prompts (longest first) into prefill groups padded to at most `slack` x their real tokens."""
+    chunks, current, real = [], [], 0
+    for index in indices:
+        if current and lengths[current[0]] * (len(current) + 1) > slack * (real + lengths[index]):
+            chunks.append(current)
+            current, real = [], 0
+        current.append(index)
+        real += lengths[index]
+    return chunks + [current] if current else chunks
+
+
+class _DecodeBatch:
+    """The rows being decoded: prompt index, next input token, attention mask, next position, KV cache."""
+
+    def __init__(self, rows, tokens, mask, next_position, cache):
+        self.rows, self.tokens, self.mask, self.next_position, self.cache = rows, tokens, mask, next_position, cache
+
+    def step(self, model, gen_cfg: dict, generator) -> None:
+        import torch
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        out = model(input_ids=self.tokens[:, None], attention_mask=self.mask, position_ids=self.next_position[:, None],
+                    past_key_values=self.cache, use_cache=True)
+        self.cache, self.next_position = out.past_key_values, self.next_position + 1
+        self.tokens = _next_tokens(out.logits[:, -1, :], gen_cfg, generator)
+
+    def record_and_drop(self, results: list[list[int]], eos_id: int, max_new_tokens: int) -> "_DecodeBatch | None":
+        """Append each row's new token; rows that stopped leave (None when none is left)."""
+        import torch
+        live = []
+        for position, (row, token) in enumerate(zip(self.rows.tolist(), self.tokens.tolist())):
+            results[row].append(token)
+            if token != eos_id and len(results[row]) < max_new_tokens:
+                live.append(position)
+        if not live:
+            return None
+        if len(live) < len(self.rows):
+            keep = torch.tensor(live, device=self.rows.device)
+            self.rows, self.tokens, self.mask, self.next_position = (
+                self.rows[keep], self.tokens[keep], self.mask[keep], self.next_position[keep])
+            self.cache.batch_select_indices(keep)
+            first_used = int(self.mask.any(dim=0).long().argmax())  # columns no row attends to go
+            if first_used and _cache_mergeable(self.cache):
+                self.mask = self.mask[:, first_used:]
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, first_used:], layer.values[:, :, first_used:]
+        return self
+
+    def merge(self, other: "_DecodeBatch") -> "_DecodeBatch":
+        """Both batches as one: the shorter cache and mask are left-padded (masked out)."""
+        import torch
+        import torch.nn.functional as F
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        for batch in (self, other):
+            pad = length - batch.mask.shape[1]
+            if pad:
+                batch.mask = F.pad(batch.mask, (pad, 0))
+                for layer in batch.cache.layers:
+                    layer.keys, layer.values = F.pad(layer.keys, (0, 0, pad, 0)), F.pad(layer.values, (0, 0, pad, 0))
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys, mine.values = torch.cat([mine.keys, theirs.keys]), torch.cat([mine.values, theirs.values])
+        return _DecodeBatch(*(torch.cat([mine, theirs]) for mine, theirs in
+                              ((self.rows, other.rows), (self.tokens, other.tokens), (self.mask, other.mask),
+                               (self.next_position, other.next_position))), self.cache)
+
+
+@functools.cache
+def _append_layer_class():
+    """A transformers DynamicLayer that appends new keys/values into spare room (grown by half
+    when full) instead of concatenating the whole cache on every decoding step; `keys` and
+    `values` are views of the filled part. Why: with ICL prompts of thousands of tokens the
+    per-step copy of every layer's cache cost more than the model itself."""
+    from transformers.cache_utils import DynamicLayer
+
+    def filled(name):
+        def get(self):
+            buffer = getattr(self, f"_{name}_buffer", None)
+            return buffer if buffer is None or buffer.dim() != 4 else buffer[:, :, :getattr(self, f"_{name}_length")]
+
+        def set_(self, tensor):  # assignments (batch selection, merging, trimming) replace the buffer
+            setattr(self, f"_{name}_buffer", tensor)
+            setattr(self, f"_{name}_length", tensor.shape[-2] if tensor is not None and tensor.dim() == 4 else 0)
+        return property(get, set_)
+
+    class AppendLayer(DynamicLayer):
+        keys, values = filled("keys"), filled("values")
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            for name, new in (("keys", key_states), ("values", value_states)):
+                buffer, length = getattr(self, f"_{name}_buffer"), getattr(self, f"_{name}_length")
+                needed = length + new.shape[-2]
+                if buffer.dim() != 4 or buffer.shape[-2] < needed:
+                    grown = new.new_empty(*new.shape[:2], max(needed * 3 // 2, 32), new.shape[-1])
+                    grown[:, :, :length] = buffer[:, :, :length] if length else grown[:, :, :0]
+                    buffer = grown
+                buffer[:, :, length:needed] = new
+                setattr(self, f"_{name}_buffer", buffer)
+                setattr(self, f"_{name}_length", needed)
+            return self.keys, self.values
+
+    return AppendLayer
+
+
+def _new_cache():
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _append_layer_class()
+    return cache
+
+
+def _cache_mergeable(cache) -> bool:
+    """Plain full-attention layers (keys/values [batch, heads, length, dim]) can be padded and merged."""
+    from transformers.cache_utils import DynamicLayer
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(isinstance(layer, DynamicLayer) and not layer.is_sliding for layer in layers)
+
+
+def _next_tokens(logits, gen_cfg: dict, generator):
+    """Greedy, or a draw at generation.temperature within the generation.top_p nucleus."""
+    import torch
+    if not gen_cfg.get("do_sample"):
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / float(gen_cfg.get("temperature") or 1.0), dim=-1)
+    top_p = float(gen_cfg.get("top_p", 1.0))
+    if top_p < 1.0:
+        sorted_probs, sorted_ids = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the most likely token always stays
+        probs = torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------

@@ -12,15 +12,16 @@ than generation.batch_size on the cpu profile. Reads runs/<profile>/data (run 01
 Per call, back to back on the same warmed-up model:
   library   transformers' continuous batching, `model.generate_batch` (paged KV cache, prefix
             sharing), its cache capped as `library_token_ids` does
-  kit       the kit's own continuous-batching decoder, common.generate_token_ids
+  kit       the kit's own continuous-batching decoder, common.generate_token_ids (engine: kit)
+  generate  model.generate on static left-padded batches, common.generate_token_ids (engine: generate)
   single    plain `model.generate`, one prompt at a time, on the first --single-prompts prompts
             of the call (the reference for identical outputs, and a machine-speed figure)
 All decode greedily with the profile's max_new_tokens and stop at the end-of-turn token;
 generated tokens are counted up to and including it. Wall seconds and this process's CPU
 seconds are both printed (others share the cores), with the load average.
 
-Last lines: `ratio=library/kit <x>` (tokens/s of the library over the kit's engine, all calls),
-`ratio=kit/single <x>`, `ratio=library/single <x>`, and `single_tokens_per_s=<x>` (compare
+Last lines: `ratio=<path>/kit <x>` (tokens/s over the kit's decoder, all calls together; per
+CPU-second in brackets), `ratio=<path>/single <x>`, and `single_tokens_per_s=<x>` (compare
 machines across sessions with it).
 """
 from __future__ import annotations
@@ -84,7 +85,11 @@ def library_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
 
 
 def kit_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
-    return common.generate_token_ids(model, tokenizer, prompts, gen_cfg)
+    return common.generate_token_ids(model, tokenizer, prompts, dict(gen_cfg, engine="kit"))
+
+
+def generate_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
+    return common.generate_token_ids(model, tokenizer, prompts, dict(gen_cfg, engine="generate"))
 
 
 def single_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
@@ -99,7 +104,8 @@ def single_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
     return outputs
 
 
-ENGINES = {"library": library_token_ids, "kit": kit_token_ids, "single": single_token_ids}
+ENGINES = {"library": library_token_ids, "kit": kit_token_ids, "generate": generate_token_ids,
+           "single": single_token_ids}
 
 
 def timed(engine, model, tokenizer, prompts, gen_cfg) -> dict:
@@ -115,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="varierr")
     parser.add_argument("--annotator", default=None, help="default: the dataset's first")
     parser.add_argument("--methods", default="base,icl", help="03 methods, one generate call each")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="paths to run (kit always runs)")
     parser.add_argument("--prompts", type=int, default=None, help="at most this many prompts per call (default: all)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the profile's generation.batch_size")
     parser.add_argument("--single-prompts", type=int, default=None,
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = common.load_config(args.config or ROOT / "configs" / ("smoke.yaml" if args.tiny else "cpu.yaml"))
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg["torch_threads"]))
-    gen_cfg = dict(cfg["generation"], backend="hf")
+    gen_cfg = dict(cfg["generation"])
     single_prompts = args.single_prompts or (2 if args.tiny else 6)
     model, tokenizer = common.load_model_and_tokenizer(cfg["models"][0], device="cpu")
     annotator, calls = workload(cfg, args.dataset, args.annotator, args.methods.split(","))
@@ -140,10 +147,11 @@ def main(argv: list[str] | None = None) -> None:
           f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} load_avg={os.getloadavg()[0]:.2f}",
           flush=True)
     warm = next(iter(calls.values()))[:2]
-    for engine in ENGINES:  # one-time work (kernels, allocator) lands on no measured path
+    engines = ["kit"] + [e for e in args.engines.split(",") if e in ENGINES and e != "kit"]
+    for engine in engines:  # one-time work (kernels, allocator) lands on no measured path
         ENGINES[engine](model, tokenizer, warm, dict(gen_cfg, max_new_tokens=2))
 
-    totals = {engine: {"tokens": 0, "seconds": 0.0, "cpu_seconds": 0.0} for engine in ENGINES}
+    totals = {engine: {"tokens": 0, "seconds": 0.0, "cpu_seconds": 0.0} for engine in engines}
     mismatches = 0
     for method, prompts in calls.items():
         lengths = [len(tokenizer(common.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"])
@@ -151,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{method}: {len(prompts)} prompts, prompt tokens min/mean/max "
               f"{min(lengths)}/{sum(lengths) / len(lengths):.0f}/{max(lengths)}", flush=True)
         runs = {engine: timed(engine, model, tokenizer, prompts if engine != "single" else prompts[:single_prompts],
-                              gen_cfg) for engine in ENGINES}
-        reference = runs["single"]["ids"]
+                              gen_cfg) for engine in engines}
+        reference = runs["single" if "single" in runs else "kit"]["ids"]
         for engine, run in runs.items():
             for key in ("tokens", "seconds", "cpu_seconds"):
                 totals[engine][key] += run[key]
@@ -167,12 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     rate = {engine: t["tokens"] / t["seconds"] for engine, t in totals.items()}
     cpu_rate = {engine: t["tokens"] / t["cpu_seconds"] for engine, t in totals.items()}
     print(f"identical outputs: {'all' if not mismatches else f'NOT ALL ({mismatches} differ)'}")
-    print(f"per CPU-second: library/kit {cpu_rate['library'] / cpu_rate['kit']:.2f}, "
-          f"kit/single {cpu_rate['kit'] / cpu_rate['single']:.2f}")
-    print(f"ratio=library/kit {rate['library'] / rate['kit']:.2f}")
-    print(f"ratio=kit/single {rate['kit'] / rate['single']:.2f}")
-    print(f"ratio=library/single {rate['library'] / rate['single']:.2f}")
-    print(f"single_tokens_per_s={rate['single']:.2f}")
+    for engine in [e for e in engines[1:] if e != "single"]:
+        print(f"ratio={engine}/kit {rate[engine] / rate['kit']:.2f} (per CPU-second "
+              f"{cpu_rate[engine] / cpu_rate['kit']:.2f})")
+    if "single" in rate:
+        for engine in [e for e in engines if e != "single"]:
+            print(f"ratio={engine}/single {rate[engine] / rate['single']:.2f}")
+        print(f"single_tokens_per_s={rate['single']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,13 @@
-"""Generation in common.py (transformers' continuous batching): request building, record shape
-and order, batched greedy == one-at-a-time greedy (shared prefixes, chunked prompts, rows that
-stop early, a LoRA adapter), the cache cap, errors raised, seeded sampling, and the parser over
-real outputs of the smoke model."""
+"""Batched generation in common.py: request building, record shape and order, padding
+correctness (batched greedy == one-at-a-time greedy) of both engines (the kit's decoder and
+model.generate on static batches), the shared-prefix KV cache, and the parser over real
+outputs of the smoke model."""
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
-
-from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import common
 
@@ -37,8 +34,8 @@ def record(item_id, annotator, text_a, text_b, label="neutral", split="test"):
 
 
 def gen_cfg(**changes):
-    cfg = {"batch_size": 4, "max_new_tokens": 12, "do_sample": False, "temperature": 0.0,
-           "max_batch_tokens": 512}
+    cfg = {"engine": "kit", "batch_size": 4, "max_new_tokens": 12, "do_sample": False,
+           "temperature": 0.0, "autocast_bf16": False, "prefix_cache_min_tokens": 32}
     cfg.update(changes)
     return cfg
 
@@ -109,11 +106,11 @@ def test_generate_predictions_records_in_request_order(varied_model):
                                        model_tag="tiny", seed=5) == []
 
 
-@pytest.mark.parametrize("max_batch_tokens", [512, 48], ids=["whole-prompts", "prompts-in-chunks"])
-def test_batched_greedy_equals_one_at_a_time(varied_model, max_batch_tokens):
+@pytest.mark.parametrize("prefix_cache_min_tokens", [32, 10**9], ids=["prefix-cache", "no-prefix-cache"])
+def test_batched_greedy_equals_one_at_a_time(varied_model, prefix_cache_min_tokens):
     model, tokenizer = varied_model
     prompts = varied_prompts()
-    cfg = gen_cfg(batch_size=4, max_batch_tokens=max_batch_tokens)
+    cfg = gen_cfg(batch_size=4, prefix_cache_min_tokens=prefix_cache_min_tokens)
     single = one_at_a_time(model, tokenizer, prompts, cfg)
     assert len({tuple(ids) for ids in single}) > 2, "the test model must give different outputs"
     lengths = {len(tokenizer(common.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"])
@@ -124,14 +121,19 @@ def test_batched_greedy_equals_one_at_a_time(varied_model, max_batch_tokens):
 
 def test_shared_prefix_of_icl_prompts_is_cached_and_equivalent(varied_model):
     model, tokenizer = varied_model
-    demos = [record(f"d{i}", "A1", a, b, label="entailment", split="train")
-             for i, (a, b) in enumerate(SENTENCES[:4] * 2)]
-    prompts = [common.build_messages(TASK_NLI, "A1", a, b, demonstrations=demos) for a, b in SENTENCES[4:]]
+    demos = [record(f"d{i}", "A1", a, b, label="entailment", split="train") for i, (a, b) in enumerate(SENTENCES[:3])]
+    prompts = [common.build_messages(TASK_NLI, "A1", a, b, demonstrations=demos) for a, b in SENTENCES[3:]]
     encoded = [tokenizer(common.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    shared = len(os.path.commonprefix(encoded))
-    assert shared > ContinuousBatchingConfig.page_size  # at least one whole cache page is shared
+    assert common._shared_prefix_length(encoded) > 100  # system prompt + demonstrations
     cfg = gen_cfg(batch_size=3)
     assert common.generate_token_ids(model, tokenizer, prompts, cfg) == one_at_a_time(model, tokenizer, prompts, cfg)
+
+
+def test_shared_prefix_length_leaves_one_token():
+    assert common._shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common._shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert common._shared_prefix_length([[9], [9, 1]]) == 0
+    assert common._shared_prefix_length([[1, 2], [3, 2]]) == 0
 
 
 def test_generation_stops_at_end_of_turn_and_counts_no_padding():
@@ -150,35 +152,39 @@ def test_rendered_string_prompts_give_the_same_texts(varied_model):
     assert common.generate_texts(model, tokenizer, [], gen_cfg()) == []
 
 
-def test_cache_is_sized_for_the_call_not_free_memory(varied_model, monkeypatch):
-    """The library's default on CPU reserves 60% of free RAM; the kit asks for `batch_size`
-    requests of the longest prompt plus max_new_tokens, in whole pages."""
+def test_generate_engine_gives_the_same_greedy_outputs(varied_model):
+    """generation.engine: generate (model.generate on static left-padded batches) against
+    one-at-a-time generation and the kit's decoder."""
     model, tokenizer = varied_model
-    seen = []
-    real = type(model).generate_batch
-    monkeypatch.setattr(type(model), "generate_batch",
-                        lambda self, inputs, **kw: seen.append((inputs, kw)) or real(self, inputs, **kw))
-    prompts = varied_prompts(5)
-    common.generate_token_ids(model, tokenizer, prompts, gen_cfg(batch_size=3, max_new_tokens=12))
-    (inputs, kwargs), = seen
-    cb = kwargs["continuous_batching_config"]
-    pages = -(-(max(map(len, inputs)) + 12) // cb.page_size)
-    assert (cb.num_blocks, cb.max_requests_per_batch, cb.max_batch_tokens) == (3 * pages, 3, 512)
-    common.generate_token_ids(model, tokenizer, prompts[:2], gen_cfg(batch_size=3))
-    assert seen[-1][1]["continuous_batching_config"].max_requests_per_batch == 2  # never more than the prompts
-    assert model.config._attn_implementation == "sdpa"  # the model's attention is left as it was
+    prompts = varied_prompts()
+    cfg = gen_cfg(batch_size=3)
+    single = one_at_a_time(model, tokenizer, prompts, cfg)
+    assert common.generate_token_ids(model, tokenizer, prompts, dict(cfg, engine="generate")) == single
+    assert common.generate_token_ids(model, tokenizer, prompts, cfg) == single
+    with pytest.raises(common.InputError, match="generation.engine: unknown engine 'vllm'"):
+        common.generate_token_ids(model, tokenizer, prompts, dict(cfg, engine="vllm"))
 
 
-def test_a_failure_inside_generation_is_raised_not_logged(varied_model):
-    """transformers logs a failed request and returns what it has; the kit stops instead."""
+def test_generate_engine_sampling_is_seeded_and_keeps_the_callers_random_stream(varied_model):
     model, tokenizer = varied_model
-    model = copy.deepcopy(model)
+    prompts = varied_prompts(4)
+    cfg = gen_cfg(engine="generate", do_sample=True, temperature=1.5, top_p=0.95, max_new_tokens=8)
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    first = common.generate_token_ids(model, tokenizer, prompts, dict(cfg, seed=1))
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is left as it was
+    assert common.generate_token_ids(model, tokenizer, prompts, dict(cfg, seed=1)) == first
+    assert common.generate_token_ids(model, tokenizer, prompts, dict(cfg, seed=2)) != first
 
-    def fail(module, args, output):
-        raise ValueError("broken layer")
-    model.model.layers[0].register_forward_hook(fail)
-    with pytest.raises(RuntimeError, match=r"\[judge\] generation failed for 3 of 3 prompts: .*broken layer"):
-        common.generate_token_ids(model, tokenizer, varied_prompts(3), gen_cfg(), desc="judge")
+
+def test_bf16_autocast_runs_and_mostly_agrees(varied_model):
+    model, tokenizer = varied_model
+    prompts = varied_prompts(4)
+    fp32 = common.generate_token_ids(model, tokenizer, prompts, gen_cfg(max_new_tokens=4))
+    bf16 = common.generate_token_ids(model, tokenizer, prompts, gen_cfg(max_new_tokens=4, autocast_bf16=True))
+    assert len(bf16) == len(fp32) and all(0 < len(ids) <= 4 for ids in bf16)
+    assert sum(a[0] == b[0] for a, b in zip(fp32, bf16)) >= 2  # first token agrees on most prompts
 
 
 def test_parser_over_real_smoke_model_outputs(tiny_model, varied_model):
@@ -207,15 +213,15 @@ def test_peft_model_generates_like_one_at_a_time(varied_model):
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
     prompts = varied_prompts(5)
-    cfg = gen_cfg(batch_size=3)
+    cfg = gen_cfg(batch_size=3, prefix_cache_min_tokens=16)
     single = one_at_a_time(peft_model, tokenizer, prompts, cfg)
     assert single != one_at_a_time(model, tokenizer, prompts, cfg)  # the adapter matters
     assert common.generate_token_ids(peft_model, tokenizer, prompts, cfg) == single
 
 
-def test_rows_leave_and_waiting_prompts_join_without_changing_outputs(varied_model):
-    """Continuous batching: rows that stop early free their slot for a waiting prompt;
-    outputs still equal one-at-a-time generation."""
+def test_rows_leave_and_waiting_prompts_join_without_changing_outputs(varied_model, monkeypatch):
+    """Continuous batching: rows that stop early free their slot for a waiting prompt (the
+    KV caches are merged, left-padded); outputs still equal one-at-a-time generation."""
     model, tokenizer = varied_model
     prompts = varied_prompts(7)
     probe = one_at_a_time(model, tokenizer, prompts, gen_cfg(max_new_tokens=10))
@@ -230,7 +236,12 @@ def test_rows_leave_and_waiting_prompts_join_without_changing_outputs(varied_mod
     cfg = gen_cfg(batch_size=3, max_new_tokens=10)
     single = one_at_a_time(model, stopping, prompts, cfg)
     assert len({len(ids) for ids in single}) > 1, "rows must stop at different steps"
-    assert common.generate_token_ids(model, stopping, prompts, cfg) == single
+    merges = []
+    original_merge = common._DecodeBatch.merge
+    monkeypatch.setattr(common._DecodeBatch, "merge", lambda self, other: merges.append(1) or original_merge(self, other))
+    for prefix_cache_min_tokens in (32, 10**9):
+        assert common.generate_token_ids(model, stopping, prompts, dict(cfg, prefix_cache_min_tokens=prefix_cache_min_tokens)) == single
+    assert merges, "no waiting prompt joined a running batch"
 
 
 def test_sampling_is_seeded(varied_model):
@@ -241,8 +252,3 @@ def test_sampling_is_seeded(varied_model):
     assert common.generate_token_ids(model, tokenizer, prompts, dict(cfg, seed=1)) == first
     assert common.generate_token_ids(model, tokenizer, prompts, dict(cfg, seed=2)) != first
     assert first != common.generate_token_ids(model, tokenizer, prompts, gen_cfg(max_new_tokens=8))  # not greedy
-    torch.manual_seed(11)
-    expected = torch.rand(3)
-    torch.manual_seed(11)
-    common.generate_token_ids(model, tokenizer, prompts, dict(cfg, seed=1))
-    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is left as it was
