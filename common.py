@@ -13,7 +13,8 @@
                            the hub-model check
   sentence embedder        MiniLM from its package, embeddings cached by texts
   annotator classifier     E1-E4 representations, the classifier, group confidence (02, 05, 06)
-  generation               prediction records, transformers' continuous batching (03, 04, 05, 06)
+  generation               prediction records; the kit's continuous-batching engine (a private part)
+                           or plain model.generate (generation.engine) (03, 04, 05, 06)
   training                 trainer settings, adapter folders and model cards, predictions from an
                            adapter, resume (04, 05)
 """
@@ -124,7 +125,7 @@ hlv:
   control_permutations: int
   par_kappa_binning: str
 generation:
-  backend: str
+  engine: str
   batch_size: int
   max_new_tokens: int
   do_sample: bool
@@ -1436,7 +1437,7 @@ def annotator_requests(records: list[dict], task: dict, annotator: str, **prompt
 
 def generate_predictions(model, tokenizer, requests: list[dict], task: dict, gen_cfg: dict, *,
                          method: str, model_tag: str, seed: int, desc: str = "generate") -> list[dict]:
-    """Prediction records (docs/DESIGN.md) for `requests` (dataset, item_id, annotator, messages), in order."""
+    """Prediction records (PREDICTION_FIELDS) for `requests` (dataset, item_id, annotator, messages), in order."""
     outputs = generate_texts(model, tokenizer, [req["messages"] for req in requests], dict(gen_cfg, seed=seed),
                              desc=desc)
     predictions = []
@@ -1466,16 +1467,48 @@ def generate_texts(model, tokenizer, prompts: list[list[dict] | str], gen_cfg: d
 
 def generate_token_ids(model, tokenizer, prompts: list[list[dict] | str], gen_cfg: dict,
                        desc: str = "generate") -> list[list[int]]:
-    """New token ids per prompt, up to and including the end-of-turn token (if one came)."""
+    """New token ids per prompt, up to and including the end-of-turn token (if one came).
+
+    generation.engine picks how: `kit` (default), the kit's continuous-batching decoder below;
+    `generate`, plain `model.generate` on static, left-padded batches of generation.batch_size
+    prompts. Both give one-prompt-at-a-time greedy outputs (tests/test_generation.py). Why the
+    kit's decoder and not transformers' `generate_batch`: bench/RESULTS.md, "Generation engine".
+    """
     if not prompts:
         return []
     texts = [p if isinstance(p, str) else render_prompt(tokenizer, p) for p in prompts]
-    if gen_cfg.get("backend", "hf") == "vllm":
-        if _vllm_usable():
-            return _generate_vllm(model, tokenizer, texts, gen_cfg)
-        print("[generate] backend vllm asked for, but vllm or CUDA is missing: using HF generate",
-              flush=True)
+    engine = gen_cfg.get("engine", "kit")
+    if engine == "generate":
+        return _generate_static_batches(model, tokenizer, texts, gen_cfg)
+    if engine != "kit":
+        raise InputError(f"generation.engine: unknown engine '{engine}' (kit or generate)")
     return _generate_hf(model, tokenizer, texts, gen_cfg, desc)
+
+
+def _generate_static_batches(model, tokenizer, texts: list[str], gen_cfg: dict) -> list[list[int]]:
+    """`model.generate` on batches of generation.batch_size prompts (longest first, left-padded);
+    a batch runs until its last row stops."""
+    import torch
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    generation_config = _generation_config(tokenizer, gen_cfg)
+    device = next(model.parameters()).device
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if gen_cfg.get("autocast_bf16")
+                else contextlib.nullcontext())
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
+    batch_size = max(1, int(gen_cfg.get("batch_size", 8)))
+    results: list[list[int]] = [[] for _ in texts]
+    # Sampling draws from torch's global generator: seed it for this call, then give the caller its own back.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(gen_cfg.get("seed", 0)))
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, padding_side="left",
+                                   return_tensors="pt").to(device)
+            with torch.inference_mode(), autocast:
+                out = model.generate(**padded, generation_config=generation_config)
+            for index, ids in zip(batch, out[:, padded["input_ids"].shape[1]:].tolist()):
+                results[index] = _trim_at_eos(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return results
 
 
 def _generation_config(tokenizer, gen_cfg: dict):
@@ -1499,6 +1532,10 @@ def _trim_at_eos(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
     return ids
 
 
+# ----------------------------------------------------------------------------
+# The kit's decoder (private to generate_token_ids): continuous batching on transformers'
+# DynamicCache. Everything from here to the next section is its; tests/test_generation.py.
+# ----------------------------------------------------------------------------
 def _shared_prefix_length(sequences: list[list[int]]) -> int:
     """Tokens every sequence starts with, leaving at least one token of each to feed generate."""
     shortest = min(len(seq) for seq in sequences)
@@ -1719,49 +1756,6 @@ def _next_tokens(logits, gen_cfg: dict, generator):
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the most likely token always stays
         probs = torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs.masked_fill(outside, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _vllm_usable() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
-
-
-_VLLM_ENGINES: dict[str, Any] = {}
-_VLLM_LORA_IDS = iter(range(1, 1 << 30))  # vLLM caches adapters by id: a fresh id per call
-
-
-def _generate_vllm(model, tokenizer, texts: list[str], gen_cfg: dict) -> list[list[int]]:
-    """vLLM on GPUs, a LoRA adapter served as a LoRARequest. UNTESTED HERE (no vllm, no GPU).
-
-    The engine loads the base weights from the model's name_or_path (a hub id or folder);
-    an adapter is saved to a temporary folder and passed per request.
-    """
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
-    is_peft = hasattr(model, "peft_config")
-    base = model.get_base_model() if is_peft else model
-    path = base.config.name_or_path
-    if path not in _VLLM_ENGINES:
-        _VLLM_ENGINES[path] = LLM(model=path, tokenizer=path, dtype=str(base.dtype).removeprefix("torch."),
-                                  seed=0, enable_lora=True, max_lora_rank=64)
-    engine = _VLLM_ENGINES[path]
-    params = SamplingParams(max_tokens=int(gen_cfg["max_new_tokens"]),
-                            temperature=float(gen_cfg.get("temperature") or 0.0)
-                            if gen_cfg.get("do_sample") else 0.0,
-                            stop_token_ids=[tokenizer.eos_token_id])
-    with tempfile.TemporaryDirectory() as adapter_tmp:
-        lora = None
-        if is_peft:
-            model.save_pretrained(adapter_tmp)
-            lora_id = next(_VLLM_LORA_IDS)
-            lora = LoRARequest(f"adapter-{lora_id}", lora_id, adapter_tmp)
-        outputs = engine.generate([{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]}
-                                   for t in texts], params, lora_request=lora)
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    return [_trim_at_eos(list(o.outputs[0].token_ids), eos_id, pad_id) for o in outputs]
 
 
 # ----------------------------------------------------------------------------

@@ -1,64 +1,102 @@
-"""Batched generation vs one-prompt-at-a-time model.generate, side by side in one process.
+"""Generation engines side by side in one process, on the profile's real 03 workload.
 
-    .venv/bin/python bench/bench_generation.py                          # 32 base prompts, cpu profile model
-    .venv/bin/python bench/bench_generation.py --workload icl --prompts 12
-    .venv/bin/python bench/bench_generation.py --variant batch_size=32 --variant autocast_bf16=true
+    .venv/bin/python bench/bench_generation.py                         # cpu profile, varierr, first annotator
+    .venv/bin/python bench/bench_generation.py --prompts 12 --batch-size 8 --single-prompts 3   # a shorter run
+    .venv/bin/python bench/bench_generation.py --tiny                  # smoke model, seconds (tests/test_bench.py)
 
-Prompts are what 03_prompt_baselines sends in one call: one annotator's test items of
-runs/<profile>/data/<dataset>/test.jsonl (run 01_prepare first) as Base prompts
-(--workload base) or as ICL prompts with the profile's icl_k demonstrations
-(--workload icl). Both paths decode greedily with the same max_new_tokens and stop at the
-end-of-turn token. Generated tokens are counted per prompt up to and including the first
-end-of-turn token (no padding, nothing after it), the same way for both paths.
+Workload: what 03_prompt_baselines asks of one annotator, one generate call per method: the
+Base prompts and the ICL prompts (the profile's icl_k demonstrations, sampled as 03 samples
+them) of the annotator's eval test items (data.max_eval_items), so each call has more prompts
+than generation.batch_size on the cpu profile. Reads runs/<profile>/data (run 01_prepare first).
 
-The one-at-a-time path (plain model.generate per prompt, no padding, no cache reuse) runs
-first on a warmed-up model, then the kit's previous path (model.generate on static
-left-padded batches; the "before" of the continuous-batching speed-up), then
-common.generate_token_ids once per batched variant:
-first the profile's own generation settings, then each --variant (key=value overrides of
-the `generation:` section). Other processes share the cores, so everything runs in this
-one process, back to back, and the load average is printed.
+Per call, back to back on the same warmed-up model:
+  library   transformers' continuous batching, `model.generate_batch` (paged KV cache, prefix
+            sharing), its cache capped as `library_token_ids` does
+  kit       the kit's own continuous-batching decoder, common.generate_token_ids (engine: kit)
+  generate  model.generate on static left-padded batches, common.generate_token_ids (engine: generate)
+  single    plain `model.generate`, one prompt at a time, on the first --single-prompts prompts
+            of the call (the reference for identical outputs, and a machine-speed figure)
+All decode greedily with the profile's max_new_tokens and stop at the end-of-turn token;
+generated tokens are counted up to and including it. Wall seconds and this process's CPU
+seconds are both printed (others share the cores), with the load average.
 
-The last line is `ratio=<batched tokens/s / one-at-a-time tokens/s>` for the profile's own
-settings (the first variant).
+Last lines: `ratio=<path>/kit <x>` (tokens/s over the kit's decoder, all calls together; per
+CPU-second in brackets), `ratio=<path>/single <x>`, and `single_tokens_per_s=<x>` (compare
+machines across sessions with it).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CAPO_NO_PROGRESS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 import common  # noqa: E402
 
 
-def workload_prompts(cfg: dict, dataset: str, workload: str, count: int, annotator: str | None,
-                     icl_k: int) -> tuple[str, list[list[dict]]]:
+def load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def workload(cfg: dict, dataset: str, annotator: str | None, methods: list[str]) -> tuple[str, dict]:
+    """{method: prompts} as 03_prompt_baselines builds them for one annotator."""
+    baselines = load_stage("03_prompt_baselines")
     task = common.load_task(cfg, dataset)
     annotator = annotator or common.dataset_annotators(cfg, dataset)[0]
-    demonstrations = None
-    if workload == "icl":
-        train = [r for r in common.load_split(cfg, dataset, "train") if r["annotator"] == annotator]
-        demonstrations = sorted(train, key=lambda r: r["item_id"])[:icl_k]
-    requests = common.annotator_requests(common.load_split(cfg, dataset, "test"), task, annotator,
-                                         demonstrations=demonstrations)
-    return annotator, [r["messages"] for r in requests[:count]]
+    demonstrations = baselines.sample_train_records(common.load_split(cfg, dataset, "train"), annotator,
+                                                    cfg["baselines"]["icl_k"], cfg["seed"], "icl")
+    test = common.load_eval_split(cfg, dataset, "test")
+    return annotator, {method: [r["messages"] for r in common.annotator_requests(
+        test, task, annotator, **baselines.prompt_kwargs(method, demonstrations, None))] for method in methods}
 
 
-def one_at_a_time(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
+def library_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
+    """transformers' `generate_batch`, its KV cache sized for this call (not 60% of free RAM on
+    CPU), the model's own attention, errors raised (the library only logs them)."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    encoded = [tokenizer(common.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    batch_size = min(int(gen_cfg["batch_size"]), len(encoded))
+    page_size = 256
+    pages_per_request = -(-(max(map(len, encoded)) + int(gen_cfg["max_new_tokens"])) // page_size)
+    cb_config = ContinuousBatchingConfig(max_requests_per_batch=batch_size, page_size=page_size,
+                                         num_blocks=batch_size * pages_per_request, max_batch_tokens=2048,
+                                         seed=0, auto_switch_to_flash=False)
+    outputs = list(model.generate_batch(encoded, generation_config=common._generation_config(tokenizer, gen_cfg),
+                                        continuous_batching_config=cb_config).values())
+    failed = [o.error for o in outputs if o.error is not None]
+    if failed or len(outputs) != len(encoded):
+        raise RuntimeError(f"generate_batch: {len(encoded) - len(outputs)} missing, errors {failed[:1]}")
+    return [common._trim_at_eos(list(o.generated_tokens), tokenizer.eos_token_id, tokenizer.pad_token_id)
+            for o in outputs]
+
+
+def kit_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
+    return common.generate_token_ids(model, tokenizer, prompts, dict(gen_cfg, engine="kit"))
+
+
+def generate_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
+    return common.generate_token_ids(model, tokenizer, prompts, dict(gen_cfg, engine="generate"))
+
+
+def single_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
     generation_config = common._generation_config(tokenizer, gen_cfg)
     outputs = []
     for messages in prompts:
-        inputs = tokenizer(common.render_prompt(tokenizer, messages), add_special_tokens=False,
-                           return_tensors="pt")
+        inputs = tokenizer(common.render_prompt(tokenizer, messages), add_special_tokens=False, return_tensors="pt")
         with torch.inference_mode():
             out = model.generate(**inputs, generation_config=generation_config)
         outputs.append(common._trim_at_eos(out[0, inputs["input_ids"].shape[1]:].tolist(),
@@ -66,89 +104,84 @@ def one_at_a_time(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
     return outputs
 
 
-def batched_model_generate(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
-    """The kit's previous path (commit 1493622), kept here as the 'before' of its speed-up:
-    model.generate on static batches of gen_cfg['batch_size'] prompts (longest first,
-    left-padded), each batch running until its last row stops. No prefix cache."""
-    generation_config = common._generation_config(tokenizer, gen_cfg)
-    encoded = [tokenizer(common.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    results = [None] * len(prompts)
-    for start in range(0, len(order), int(gen_cfg["batch_size"])):
-        batch = order[start:start + int(gen_cfg["batch_size"])]
-        padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, padding_side="left",
-                               return_tensors="pt")
-        with torch.inference_mode():
-            out = model.generate(**padded, generation_config=generation_config)
-        for index, ids in zip(batch, out[:, padded["input_ids"].shape[1]:].tolist()):
-            results[index] = common._trim_at_eos(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    return results
+ENGINES = {"library": library_token_ids, "kit": kit_token_ids, "generate": generate_token_ids,
+           "single": single_token_ids}
 
 
-def main() -> None:
+def timed(engine, model, tokenizer, prompts, gen_cfg) -> dict:
+    load, wall, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
+    ids = ENGINES[engine](model, tokenizer, prompts, gen_cfg)
+    return {"ids": ids, "tokens": sum(map(len, ids)), "seconds": time.perf_counter() - wall,
+            "cpu_seconds": time.process_time() - cpu, "load": (load, os.getloadavg()[0])}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/cpu.yaml")
+    parser.add_argument("--config", default=None, help="default: configs/cpu.yaml (--tiny: configs/smoke.yaml)")
     parser.add_argument("--dataset", default="varierr")
-    parser.add_argument("--workload", choices=["base", "icl"], default="base")
     parser.add_argument("--annotator", default=None, help="default: the dataset's first")
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the profile's")
-    parser.add_argument("--variant", action="append", default=[],
-                        help="key=value[,key=value] overrides of generation: for an extra batched run")
-    args = parser.parse_args()
+    parser.add_argument("--methods", default="base,icl", help="03 methods, one generate call each")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="paths to run (kit always runs)")
+    parser.add_argument("--prompts", type=int, default=None, help="at most this many prompts per call (default: all)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the profile's generation.batch_size")
+    parser.add_argument("--single-prompts", type=int, default=None,
+                        help="prompts per call for one-at-a-time model.generate (default 6; --tiny 2)")
+    parser.add_argument("--tiny", action="store_true", help="smoke model, 4 prompts per call, 8 new tokens")
+    args = parser.parse_args(argv)
 
-    cfg = common.load_config(args.config)
-    gen_cfg = dict(cfg["generation"], backend="hf")
-    if args.max_new_tokens:
-        gen_cfg["max_new_tokens"] = args.max_new_tokens
-    variants = [("profile settings", gen_cfg)]
-    for spec in args.variant:
-        changes = {k: yaml.safe_load(v) for k, v in (pair.split("=", 1) for pair in spec.split(","))}
-        variants.append((spec, dict(gen_cfg, **changes)))
-
+    cfg = common.load_config(args.config or ROOT / "configs" / ("smoke.yaml" if args.tiny else "cpu.yaml"))
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg["torch_threads"]))
+    gen_cfg = dict(cfg["generation"])
+    single_prompts = args.single_prompts or (2 if args.tiny else 6)
     model, tokenizer = common.load_model_and_tokenizer(cfg["models"][0], device="cpu")
-    annotator, prompts = workload_prompts(cfg, args.dataset, args.workload, args.prompts, args.annotator,
-                                          cfg["baselines"]["icl_k"])
-    lengths = [len(tokenizer(common.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"])
-               for p in prompts]
-    print(f"model={cfg['models'][0]['tag']} workload={args.workload} annotator={annotator} "
-          f"prompts={len(prompts)} prompt_tokens(min/mean/max)={min(lengths)}/"
-          f"{sum(lengths) / len(lengths):.0f}/{max(lengths)} max_new_tokens={gen_cfg['max_new_tokens']} "
-          f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()}", flush=True)
-    one_at_a_time(model, tokenizer, prompts[:1], dict(gen_cfg, max_new_tokens=4))  # warm-up
+    annotator, calls = workload(cfg, args.dataset, args.annotator, args.methods.split(","))
+    if args.tiny:
+        gen_cfg.update(max_new_tokens=8, batch_size=3)
+        args.prompts = args.prompts or 4
+    if args.batch_size:
+        gen_cfg["batch_size"] = args.batch_size
+    calls = {method: prompts[:args.prompts] for method, prompts in calls.items()}
+    print(f"model={cfg['models'][0]['tag']} dataset={args.dataset} annotator={annotator} "
+          f"batch_size={gen_cfg['batch_size']} max_new_tokens={gen_cfg['max_new_tokens']} "
+          f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} load_avg={os.getloadavg()[0]:.2f}",
+          flush=True)
+    warm = next(iter(calls.values()))[:2]
+    engines = ["kit"] + [e for e in args.engines.split(",") if e in ENGINES and e != "kit"]
+    for engine in engines:  # one-time work (kernels, allocator) lands on no measured path
+        ENGINES[engine](model, tokenizer, warm, dict(gen_cfg, max_new_tokens=2))
 
-    start, load = time.perf_counter(), os.getloadavg()[0]
-    single = one_at_a_time(model, tokenizer, prompts, gen_cfg)
-    single_s = time.perf_counter() - start
-    single_tokens = sum(len(ids) for ids in single)
-    single_rate = single_tokens / single_s
-    print(f"one-at-a-time: {single_tokens} tokens in {single_s:.1f}s = {single_rate:.2f} tokens/s "
-          f"(load avg {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
-
-    start, load = time.perf_counter(), os.getloadavg()[0]
-    static = batched_model_generate(model, tokenizer, prompts, gen_cfg)
-    static_s = time.perf_counter() - start
-    static_tokens = sum(len(ids) for ids in static)
-    print(f"batched model.generate (static batches of {gen_cfg['batch_size']}, the kit's previous path): "
-          f"{static_tokens} tokens in {static_s:.1f}s = {static_tokens / static_s:.2f} tokens/s, ratio "
-          f"{static_tokens / static_s / single_rate:.2f}, greedy agreement {sum(a == b for a, b in zip(single, static))}/"
-          f"{len(prompts)} (load avg {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
-
-    ratios = []
-    for name, settings in variants:
-        start, load = time.perf_counter(), os.getloadavg()[0]
-        batched = common.generate_token_ids(model, tokenizer, prompts, settings)
-        batched_s = time.perf_counter() - start
-        batched_tokens = sum(len(ids) for ids in batched)
-        identical = sum(a == b for a, b in zip(single, batched))
-        ratios.append((batched_tokens / batched_s) / single_rate)
-        print(f"batched [{name}: batch_size={settings['batch_size']} autocast_bf16={settings.get('autocast_bf16')} "
-              f"prefix_cache_min_tokens={settings.get('prefix_cache_min_tokens')}]: {batched_tokens} tokens in "
-              f"{batched_s:.1f}s = {batched_tokens / batched_s:.2f} tokens/s, ratio {ratios[-1]:.2f}, "
-              f"greedy agreement {identical}/{len(prompts)} identical outputs "
-              f"(load avg {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
-    print(f"kit continuous batching / batched model.generate: {ratios[0] * single_rate / (static_tokens / static_s):.2f}x")
-    print(f"ratio={ratios[0]:.2f}")
+    totals = {engine: {"tokens": 0, "seconds": 0.0, "cpu_seconds": 0.0} for engine in engines}
+    mismatches = 0
+    for method, prompts in calls.items():
+        lengths = [len(tokenizer(common.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"])
+                   for p in prompts]
+        print(f"{method}: {len(prompts)} prompts, prompt tokens min/mean/max "
+              f"{min(lengths)}/{sum(lengths) / len(lengths):.0f}/{max(lengths)}", flush=True)
+        runs = {engine: timed(engine, model, tokenizer, prompts if engine != "single" else prompts[:single_prompts],
+                              gen_cfg) for engine in engines}
+        reference = runs["single" if "single" in runs else "kit"]["ids"]
+        for engine, run in runs.items():
+            for key in ("tokens", "seconds", "cpu_seconds"):
+                totals[engine][key] += run[key]
+            same_as_kit = sum(a == b for a, b in zip(run["ids"], runs["kit"]["ids"]))
+            same_as_single = sum(a == b for a, b in zip(run["ids"], reference))
+            mismatches += (len(run["ids"]) - same_as_kit) + (len(reference) - same_as_single)
+            print(f"  {engine:8s} {len(run['ids']):3d} prompts {run['tokens']:5d} tokens {run['seconds']:7.1f} s "
+                  f"{run['tokens'] / run['seconds']:7.2f} tokens/s {run['tokens'] / run['cpu_seconds']:7.2f} "
+                  f"tokens/CPU-s; identical to kit {same_as_kit}/{len(run['ids'])}, to single "
+                  f"{same_as_single}/{len(reference)} (load avg {run['load'][0]:.2f} -> {run['load'][1]:.2f})",
+                  flush=True)
+    rate = {engine: t["tokens"] / t["seconds"] for engine, t in totals.items()}
+    cpu_rate = {engine: t["tokens"] / t["cpu_seconds"] for engine, t in totals.items()}
+    print(f"identical outputs: {'all' if not mismatches else f'NOT ALL ({mismatches} differ)'}")
+    for engine in [e for e in engines[1:] if e != "single"]:
+        print(f"ratio={engine}/kit {rate[engine] / rate['kit']:.2f} (per CPU-second "
+              f"{cpu_rate[engine] / cpu_rate['kit']:.2f})")
+    if "single" in rate:
+        for engine in [e for e in engines if e != "single"]:
+            print(f"ratio={engine}/single {rate[engine] / rate['single']:.2f}")
+        print(f"single_tokens_per_s={rate['single']:.2f}")
 
 
 if __name__ == "__main__":

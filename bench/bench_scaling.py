@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_scaling.py                       # smoke profile, varierr, 25/50/100%
     .venv/bin/python bench/bench_scaling.py --items 160 --fractions 0.25,0.5,1
+    .venv/bin/python bench/bench_scaling.py --tiny     # 01 and 03 only, 4 and 8 items (tests/test_bench.py)
 
 Runs the smoke-sized pipeline (01_prepare, 03_prompt_baselines, 04_sft, 05_capo, 06_eval; 02
 is an analysis of the raw annotations, not part of the modelling pipeline) on one dataset,
@@ -35,7 +36,8 @@ def run_pipeline(args, run_dir: Path, train_items: int, stages=STAGES) -> dict[s
                  "--data.split_items", f"[{train_items}, {args.eval_items}, {args.eval_items}]",
                  "--datasets", f"[{args.dataset}]", "--eval.judge", "false", "--eval.bertscore", "false",
                  "--sft.max_train_examples", "null", "--capo.max_pairs", "null",  # training grows with the items
-                 "--capo.eval_every_steps", "1000"]  # dev selection at the start and the end only
+                 "--capo.eval_every_steps", "1000",  # dev selection at the start and the end only
+                 *args.extra_overrides]
     times = {}
     for stage in stages:
         extra = ["--raw-dir", args.raw_dir] if stage == "01_prepare" and args.raw_dir else []
@@ -55,7 +57,7 @@ def fit_exponent(sizes: list[int], seconds: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/smoke.yaml")
     parser.add_argument("--dataset", default="varierr")
@@ -63,7 +65,16 @@ def main() -> None:
     parser.add_argument("--eval-items", type=int, default=8, help="dev and test items (fixed)")
     parser.add_argument("--fractions", default="0.25,0.5,1")
     parser.add_argument("--raw-dir", default=os.environ.get("CAPO_RAW_DIR"))
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true",
+                        help="01 and 03 only (Base, 2 new tokens), 4 and 8 train items, 2 eval items, no warm-up: "
+                             "checks the benchmark runs; every override is still checked against the config")
+    args = parser.parse_args(argv)
+    args.extra_overrides, stages = [], STAGES
+    if args.tiny:
+        args.items, args.eval_items, args.fractions = 8, 2, "0.5,1"
+        args.extra_overrides = ["--baselines.methods", "[base]", "--generation.max_new_tokens", "2",
+                                "--data.min_train_records_per_annotator", "2"]
+        stages = STAGES[:2]
 
     fractions = [float(f) for f in args.fractions.split(",")]
     sizes = [max(4, round(fraction * args.items)) for fraction in fractions]
@@ -71,16 +82,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="capo-scaling-") as tmp:
         # Warm-up, not timed: one-time work (the tokenizer's conversion into .cache/, cold disk
         # caches) would otherwise land on the first size only and flatten the fitted exponent.
-        warmup = run_pipeline(args, Path(tmp) / "warmup", min(sizes), stages=("01_prepare", "03_prompt_baselines"))
-        print(f"warm-up (01, 03; not timed): {sum(warmup.values()):.1f}s", flush=True)
+        if not args.tiny:
+            warmup = run_pipeline(args, Path(tmp) / "warmup", min(sizes), stages=("01_prepare", "03_prompt_baselines"))
+            print(f"warm-up (01, 03; not timed): {sum(warmup.values()):.1f}s", flush=True)
         for fraction, train_items in zip(fractions, sizes):
-            runs.append(run_pipeline(args, Path(tmp) / f"train{train_items}", train_items))
+            runs.append(run_pipeline(args, Path(tmp) / f"train{train_items}", train_items, stages))
             per_stage = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in runs[-1].items())
             print(f"{train_items:4d} train items ({fraction:.0%}): {sum(runs[-1].values()):.1f}s  [{per_stage}]  "
                   f"(load avg {os.getloadavg()[0]:.1f})", flush=True)
     # Per stage, for reading the total: stages whose work does not grow with train items sit near 0.
     print("per-stage exponents: " + ", ".join(f"{stage} {fit_exponent(sizes, [run[stage] for run in runs]):.2f}"
-                                               for stage in STAGES))
+                                               for stage in stages))
     totals = [sum(run.values()) for run in runs]
     print(f"exponent={fit_exponent(sizes, totals):.3f}")
 

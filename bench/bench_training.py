@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_training.py                                  # cpu profile, varierr A0
     .venv/bin/python bench/bench_training.py --config configs/cpu.yaml --examples 48 --repeats 2
+    .venv/bin/python bench/bench_training.py --tiny    # smoke model, 2 steps, seconds (tests/test_bench.py)
 
 Throughput: the same LoRA, data and number of training examples under
   kit      the kit's SFTConfig for the profile (04_sft.sft_config; cpu: bf16 autocast,
@@ -95,7 +96,7 @@ def variant_config(cfg, name, out_dir, examples):
         # trl's defaults, except what a CPU run must set (bf16 defaults to on) and the bounded length.
         per_step = SFTConfig.per_device_train_batch_size * SFTConfig.gradient_accumulation_steps
         return SFTConfig(output_dir=str(out_dir), max_steps=max(2, examples // per_step),
-                         **common.trainer_device_args({"bf16": False}), **common_args)
+                         use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, **common_args)
     changes = {"kit": {}, "kit-bf16": {"bf16": False}, "kit+ckpt": {"gradient_checkpointing": True},
                "kit-padfree": {"padding_free": False, "max_length": int(section["max_length"])},
                "kit-batch8": {"per_device_train_batch_size": 8,
@@ -172,7 +173,7 @@ def measure_memory(args) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as adapter_dir:
         for method in ("sft", "capo"):
-            out = subprocess.run([sys.executable, __file__, "--config", args.config, "--dataset", args.dataset,
+            out = subprocess.run([sys.executable, __file__, "--config", str(args.config), "--dataset", args.dataset,
                                   "--annotator", args.annotator, "--memory-child", method,
                                   "--memory-steps", str(args.memory_steps), "--adapter-dir", adapter_dir],
                                  capture_output=True, text=True, check=False)
@@ -182,9 +183,9 @@ def measure_memory(args) -> dict:
     return results
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/cpu.yaml")
+    parser.add_argument("--config", default=None, help="default: configs/cpu.yaml (--tiny: configs/smoke.yaml)")
     parser.add_argument("--dataset", default="varierr")
     parser.add_argument("--annotator", default="A0")
     parser.add_argument("--examples", type=int, default=48, help="training examples per throughput run")
@@ -195,8 +196,15 @@ def main():
     parser.add_argument("--parts", default="throughput,memory", help="throughput, memory or both")
     parser.add_argument("--memory-child", choices=["sft", "capo"], help=argparse.SUPPRESS)
     parser.add_argument("--adapter-dir", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    cfg = common.load_config(ROOT / args.config if not Path(args.config).is_absolute() else args.config)
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke model, 8 examples (2 steps), 1 repeat, 1 memory step: checks the benchmark runs")
+    args = parser.parse_args(argv)
+    args.config = Path(args.config or ROOT / "configs" / ("smoke.yaml" if args.tiny else "cpu.yaml"))
+    if not args.config.is_absolute():
+        args.config = ROOT / args.config
+    if args.tiny:
+        args.examples, args.repeats, args.memory_steps = 8, 1, 1
+    cfg = common.load_config(args.config)
 
     if args.memory_child:
         return memory_child(cfg, args.dataset, args.annotator, args.memory_child, args.memory_steps,

@@ -1,6 +1,7 @@
 """Batched generation in common.py: request building, record shape and order, padding
-correctness (batched greedy == one-at-a-time greedy), the shared-prefix KV cache, and the
-parser over real outputs of the smoke model."""
+correctness (batched greedy == one-at-a-time greedy) of both engines (the kit's decoder and
+model.generate on static batches), the shared-prefix KV cache, and the parser over real
+outputs of the smoke model."""
 from __future__ import annotations
 
 import copy
@@ -33,7 +34,7 @@ def record(item_id, annotator, text_a, text_b, label="neutral", split="test"):
 
 
 def gen_cfg(**changes):
-    cfg = {"backend": "hf", "batch_size": 4, "max_new_tokens": 12, "do_sample": False,
+    cfg = {"engine": "kit", "batch_size": 4, "max_new_tokens": 12, "do_sample": False,
            "temperature": 0.0, "autocast_bf16": False, "prefix_cache_min_tokens": 32}
     cfg.update(changes)
     return cfg
@@ -142,16 +143,39 @@ def test_generation_stops_at_end_of_turn_and_counts_no_padding():
     assert common._trim_at_eos([eos, 7], eos, pad) == [eos]
 
 
-def test_rendered_string_prompts_and_vllm_fallback(varied_model, capsys):
+def test_rendered_string_prompts_give_the_same_texts(varied_model):
     model, tokenizer = varied_model
     prompts = varied_prompts(3)
     texts = common.generate_texts(model, tokenizer, prompts, gen_cfg())
     rendered = [common.render_prompt(tokenizer, p) for p in prompts]
     assert common.generate_texts(model, tokenizer, rendered, gen_cfg()) == texts
-    if not common._vllm_usable():
-        assert common.generate_texts(model, tokenizer, prompts, gen_cfg(backend="vllm")) == texts
-        assert "using HF generate" in capsys.readouterr().out
     assert common.generate_texts(model, tokenizer, [], gen_cfg()) == []
+
+
+def test_generate_engine_gives_the_same_greedy_outputs(varied_model):
+    """generation.engine: generate (model.generate on static left-padded batches) against
+    one-at-a-time generation and the kit's decoder."""
+    model, tokenizer = varied_model
+    prompts = varied_prompts()
+    cfg = gen_cfg(batch_size=3)
+    single = one_at_a_time(model, tokenizer, prompts, cfg)
+    assert common.generate_token_ids(model, tokenizer, prompts, dict(cfg, engine="generate")) == single
+    assert common.generate_token_ids(model, tokenizer, prompts, cfg) == single
+    with pytest.raises(common.InputError, match="generation.engine: unknown engine 'vllm'"):
+        common.generate_token_ids(model, tokenizer, prompts, dict(cfg, engine="vllm"))
+
+
+def test_generate_engine_sampling_is_seeded_and_keeps_the_callers_random_stream(varied_model):
+    model, tokenizer = varied_model
+    prompts = varied_prompts(4)
+    cfg = gen_cfg(engine="generate", do_sample=True, temperature=1.5, top_p=0.95, max_new_tokens=8)
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    first = common.generate_token_ids(model, tokenizer, prompts, dict(cfg, seed=1))
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is left as it was
+    assert common.generate_token_ids(model, tokenizer, prompts, dict(cfg, seed=1)) == first
+    assert common.generate_token_ids(model, tokenizer, prompts, dict(cfg, seed=2)) != first
 
 
 def test_bf16_autocast_runs_and_mostly_agrees(varied_model):
