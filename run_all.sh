@@ -6,7 +6,7 @@
 #   bash run_all.sh --profile paper      # the paper's setting (Qwen3-4B, Llama-3.2-3B; GPUs)
 #   bash run_all.sh --dataset varierr    # one dataset, or the name of one you prepared with
 #                                        #   01_prepare.py --custom FILE --name NAME (01 re-reads FILE)
-#   bash run_all.sh --raw-dir ../shared/data   # where 01 finds the raw files (sets CAPO_RAW_DIR)
+#   bash run_all.sh --raw-dir data/raw   # where 01 finds the raw files (sets CAPO_RAW_DIR)
 #   bash run_all.sh --force              # redo every stage's work, even what is finished
 #   bash run_all.sh --seeds 42,43,44     # 03-05 once per training seed (same split), 06 pools them
 #   bash run_all.sh --profile paper --download-models   # fetch the profile's hub models, then run offline

@@ -27,29 +27,15 @@ machines across sessions with it).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("CAPO_NO_PROGRESS", "1")
+from benchkit import ROOT, load_stage  # noqa: E402  (first: the kit on the path, offline settings)
 
 import torch  # noqa: E402
 
 import common  # noqa: E402
 
-
-def load_stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def workload(cfg: dict, dataset: str, annotator: str | None, methods: list[str]) -> tuple[str, dict]:

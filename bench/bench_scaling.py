@@ -40,7 +40,10 @@ def run_pipeline(args, run_dir: Path, train_items: int, stages=STAGES) -> dict[s
                  *args.extra_overrides]
     times = {}
     for stage in stages:
-        extra = ["--raw-dir", args.raw_dir] if stage == "01_prepare" and args.raw_dir else []
+        extra = []
+        if stage == "01_prepare":
+            extra = (["--raw-dir", args.raw_dir] if args.raw_dir else []) + \
+                    (["--accept-modified-raw"] if args.accept_modified_raw else [])
         started = time.perf_counter()
         done = subprocess.run([sys.executable, f"{stage}.py", "--config", args.config, "--dataset", args.dataset,
                                *extra, *overrides], cwd=ROOT, capture_output=True, text=True,
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-items", type=int, default=8, help="dev and test items (fixed)")
     parser.add_argument("--fractions", default="0.25,0.5,1")
     parser.add_argument("--raw-dir", default=os.environ.get("CAPO_RAW_DIR"))
+    parser.add_argument("--accept-modified-raw", action="store_true",
+                        help="raw files other than the public release (the tests' invented ones)")
     parser.add_argument("--tiny", action="store_true",
                         help="01 and 03 only (Base, 2 new tokens), 4 and 8 train items, 2 eval items, no warm-up: "
                              "checks the benchmark runs; every override is still checked against the config")

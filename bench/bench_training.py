@@ -34,15 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("CAPO_NO_PROGRESS", "1")
-
-import importlib.util  # noqa: E402
+from benchkit import ROOT, load_stage  # noqa: E402  (first: the kit on the path, offline settings)
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -54,12 +46,6 @@ import common  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
-
-def load_stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 sft = load_stage("04_sft")
