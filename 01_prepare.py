@@ -56,6 +56,9 @@ RAW_SOURCES = {
     **{f"Paraphrase_{split}.json": ("https://raw.githubusercontent.com/Le-Wi-Di/le-wi-di.github.io/"
                                     f"main/LeWiDi_3-2025/Paraphrase/Paraphrase_{split}.json")
        for split in ("train", "dev", "test")},
+    **{f"VariErrNLI_{split}.json": ("https://raw.githubusercontent.com/Le-Wi-Di/le-wi-di.github.io/"
+                                    f"main/LeWiDi_3-2025/VariErrNLI/VariErrNLI_{split}.json")
+       for split in ("train", "dev", "test")},
 }
 SPLITS = ("train", "dev", "test")
 # What the kit knows of the public releases (items per file, sha256 of the file as published).
@@ -69,7 +72,16 @@ KNOWN_RELEASES = {
                             "sha256": "821f8b142d63c9ccc38cb801fa6ca4cdcfe5049c8bfb151c7d7d3dd025db8e03"},
     "Paraphrase_test.json": {"items": 50,
                              "sha256": "5c2396b91ae84edcf64b1b529b8ade83b1fa3a78b4b930cbcf613b917875ae1d"},
+    "VariErrNLI_train.json": {"items": 388,
+                              "sha256": "466a507dec72eb118d528e52aa5a905cb23a4e5acaf7af02062938ea958d1a0d"},
+    "VariErrNLI_dev.json": {"items": 50,
+                            "sha256": "6d1b5ca80ee4eb79c608de828b386f524cacddc608d0396464c71d728b369efd"},
+    "VariErrNLI_test.json": {"items": 50,
+                             "sha256": "872fa56f32a999fd46954cae144528ea7445186cf35ca473fabf6d3eeb43340a"},
 }
+# data.split lewidi: the shared task's own train/dev/test files (LeWiDi-2025), per dataset.
+LEWIDI_FILE_PREFIX = {"varierr": "VariErrNLI", "par": "Paraphrase"}
+LEWIDI_TEXT_FIELDS = {"varierr": ("context", "statement"), "par": ("Question1", "Question2")}
 # Dataset names and annotator IDs become folder and file names in later stages.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 SAFE_NAME_RULE = "letters, digits, '-', '_' and '.', not starting with a dot"
@@ -84,6 +96,8 @@ class Collector:
         self.items: dict[str, tuple[str, str]] = {}  # item_id -> (text_a, text_b)
         self.dropped: Counter = Counter()
         self.modified_raw: list[dict] = []  # raw files accepted with --accept-modified-raw
+        self.split_of: dict[str, str] = {}  # item_id -> split, when the source fixes the split (lewidi)
+        self.lewidi_items: dict[str, dict] = {}  # item_id -> {"id", "split", "annotators"} as published
 
     def bad(self, error: InputError, reason: str) -> None:
         if not self.skip_invalid:
@@ -292,6 +306,90 @@ def read_paraphrase(paths: list[Path], out: Collector) -> dict[Path, int]:
     return counts
 
 
+def lewidi_item_id(split: str, source_id: str) -> str:
+    """VariErrNLI's published IDs name the premise, not the item: four test IDs also occur in
+    train with another hypothesis. Items are therefore keyed by split and ID ("test-23751")."""
+    return f"{split}-{source_id}"
+
+
+def read_lewidi(name: str, paths: dict[str, Path], out: Collector) -> dict[Path, int]:
+    """LeWiDi-2025 files (VariErrNLI_*.json or Paraphrase_*.json), one per split, as published:
+    {id: {text: {...}, annotators: "Ann1,Ann2,Ann2", annotations: {Ann2: "entailment,neutral"},
+    other_info: {explanations: [...]}}}. A multi-label annotation ("entailment,neutral") gives one
+    record per label; the `annotators` string repeats an annotator once per label, and the i-th
+    explanation belongs to the i-th entry of that string (its k-th repeat to the k-th label).
+    Returns the item count of each file."""
+    task = common.BUILTIN_TASKS[name]
+    field_a, field_b = LEWIDI_TEXT_FIELDS[name]
+    counts = {}
+    for split, path in paths.items():
+        text, data = load_json_file(path)
+        if not isinstance(data, dict):
+            raise input_error(path, "expected a JSON object keyed by item id")
+        counts[path] = len(data)
+        for source_id, item in data.items():
+            where = dict(line=line_of(text, f'"{source_id}"'), item=source_id)
+            item_id = lewidi_item_id(split, source_id)
+            try:
+                text_a, text_b = item["text"][field_a], item["text"][field_b]
+                annotators = [a.strip() for a in item["annotators"].split(",") if a.strip()]
+                annotations = item["annotations"]
+                explanations = item["other_info"]["explanations"]
+            except (KeyError, TypeError, AttributeError) as err:
+                raise input_error(path, "missing field", field=str(err).strip("'\""), **where) from None
+            for field, value, kind in ((f"text.{field_a}", text_a, str), (f"text.{field_b}", text_b, str),
+                                       ("annotations", annotations, dict),
+                                       ("other_info.explanations", explanations, list)):
+                if not isinstance(value, kind):
+                    raise input_error(path, f"expected a {kind.__name__}, got {value!r}", field=field, **where)
+            if len(explanations) != len(annotators):
+                raise input_error(path, f"{len(explanations)} explanations for {len(annotators)} entries in "
+                                  "`annotators`", field="other_info.explanations", **where)
+            out.items[item_id] = (normalize_text(text_a), normalize_text(text_b))
+            out.split_of[item_id] = split
+            out.lewidi_items[item_id] = {"id": source_id, "split": split, "annotators": list(annotations)}
+            seen: Counter = Counter()  # how many of an annotator's entries were read so far
+            for annotator, raw_explanation in zip(annotators, explanations):
+                if not SAFE_NAME.fullmatch(annotator):
+                    raise input_error(path, f"annotator ID {annotator!r} is not path-safe ({SAFE_NAME_RULE})",
+                                      field="annotators", **where)
+                if annotator not in annotations:
+                    raise input_error(path, "no annotation for listed annotator",
+                                      field=f"annotations.{annotator}", **where)
+                raw = annotations[annotator]
+                labels = raw.split(",") if task["label_type"] == "categorical" and isinstance(raw, str) else [raw]
+                if sum(a == annotator for a in annotators) != len(labels):
+                    raise input_error(path, f"{annotator} is listed {annotators.count(annotator)} times in "
+                                      f"`annotators` but has {len(labels)} labels", field=f"annotations.{annotator}",
+                                      **where)
+                raw_label = labels[seen[annotator]]
+                seen[annotator] += 1
+                label = common.normalize_label(raw_label, task)
+                if label is None:
+                    out.bad(input_error(path, f"{raw_label!r} is not a label of the task ({common.label_space(task)})",
+                                        field=f"annotations.{annotator}", **where), "label not of the task")
+                    continue
+                explanation = normalize_text(raw_explanation if isinstance(raw_explanation, str) else "")
+                if not explanation:
+                    out.bad(input_error(path, f"empty explanation for {annotator}",
+                                        field="other_info.explanations", **where), "empty explanation")
+                    continue
+                out.add({"item_id": item_id, "annotator": annotator, "text_a": out.items[item_id][0],
+                         "text_b": out.items[item_id][1], "label": label, "explanation": explanation,
+                         "valid": None})  # the LeWiDi files carry no peer validity judgments
+    return counts
+
+
+def fixed_splits(split_of: dict[str, str], max_items: int | None, seed: int) -> dict[str, list[str]]:
+    """The source's own split; with data.max_items a seeded sample of each split, in proportion."""
+    splits = {s: sorted(i for i, split in split_of.items() if split == s) for s in SPLITS}
+    total = len(split_of)
+    if max_items and max_items < total:
+        splits = {s: sorted(common.seeded_sample(ids, max(1, round(max_items * len(ids) / total)), f"{seed}/{s}"))
+                  for s, ids in splits.items()}
+    return splits
+
+
 CUSTOM_COLUMNS = ("item_id", "text_a", "text_b", "annotator", "label", "explanation")
 
 
@@ -472,7 +570,10 @@ def annotator_sort_key(annotator: str):
 
 def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dict[str, Path]) -> dict:
     seed = cfg["data"]["split_seed"]  # never the training seed: a new training seed keeps the split
-    splits = split_items(list(out.items), cfg["data"]["split_items"], seed, cfg["data"].get("max_items"))
+    if out.split_of:  # data.split lewidi: the shared task's train/dev/test as published
+        splits = fixed_splits(out.split_of, cfg["data"].get("max_items"), seed)
+    else:
+        splits = split_items(list(out.items), cfg["data"]["split_items"], seed, cfg["data"].get("max_items"))
     kept_items = {i for ids in splits.values() for i in ids}
     records = [r for r in out.records if r["item_id"] in kept_items]
     records = enforce_min_records(records, splits, cfg["data"]["min_train_records_per_annotator"], out,
@@ -500,6 +601,7 @@ def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dic
 
     stats = {
         "dataset": name,
+        "split": cfg["data"].get("split", "paper"),
         "split_seed": seed,
         "task": task,
         "annotators": annotators,
@@ -514,6 +616,8 @@ def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dic
         "modified_raw": out.modified_raw,  # built-in raw files that are not the known release
         "sources": {p.name: common.file_sha256(p) for p in sources.values()},
     }
+    if out.lewidi_items:  # the published ID and annotator order of each item (06's submission files)
+        stats["lewidi_items"] = {i: out.lewidi_items[i] for i in sorted(kept_items)}
     target = common.data_dir(cfg, name)
     with common.atomic_dir(target) as tmp:
         for split in SPLITS:
@@ -524,7 +628,7 @@ def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dic
 
 
 # What a prepared dataset depends on besides its source files (and the options of --custom).
-DATA_CONFIG_KEYS = ("data.split_items", "data.split_seed", "data.max_items", "data.min_train_records_per_annotator")
+DATA_CONFIG_KEYS = ("data.split", "data.split_items", "data.split_seed", "data.max_items", "data.min_train_records_per_annotator")
 CUSTOM_OPTIONS = ("custom", "label_type", "labels", "score_range", "instruction")
 
 
@@ -582,6 +686,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accept-modified-raw", action="store_true",
                         help="use built-in raw files that differ from the known public release "
                              "(recorded in stats.json)")
+    parser.add_argument("--split", choices=common.DATA_SPLITS,
+                        help="paper: re-split the items (data.split_items); lewidi: the LeWiDi-2025 "
+                             "train/dev/test files as published (same as --data.split lewidi)")
     parser.add_argument("--custom", help="your own annotations: a .jsonl or .csv file")
     parser.add_argument("--name", help=f"dataset name for --custom ({SAFE_NAME_RULE})")
     parser.add_argument("--label-type", choices=["categorical", "numeric"], help="for --custom")
@@ -590,7 +697,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--instruction", help="for --custom: the task instruction shown to the model")
     argv = glue_negative_values(sys.argv[1:] if argv is None else argv)
     args, cfg = common.parse_stage_args(parser, argv)
+    if args.split:
+        cfg["data"]["split"] = args.split
     check_custom_args(args)
+    lewidi = cfg["data"].get("split", "paper") == "lewidi"
+    if lewidi and args.custom:
+        raise InputError("--custom is not for data.split lewidi (which reads the LeWiDi-2025 files)")
     common.set_seed(cfg["seed"])
 
     # ---- which datasets, from which files: (name, sources, options)
@@ -611,7 +723,12 @@ def main(argv: list[str] | None = None) -> None:
             raise InputError(f"{raw_dir}: the raw folder (--raw-dir, data.raw_dir or $CAPO_RAW_DIR) "
                              "is a file, expected a folder")
         for name in common.selected_datasets(cfg, args.dataset):
-            if name == "varierr":
+            if lewidi:
+                if name not in LEWIDI_FILE_PREFIX:
+                    raise InputError(f"data.split lewidi has the datasets {', '.join(LEWIDI_FILE_PREFIX)}, not '{name}'")
+                wanted.append((name, {s: find_raw_file(raw_dir, f"{LEWIDI_FILE_PREFIX[name]}_{s}.json")
+                                      for s in SPLITS}, {}))
+            elif name == "varierr":
                 wanted.append((name, {"varierr": find_raw_file(raw_dir, "varierr.json")}, {}))
             elif name == "par":
                 wanted.append((name, {s: find_raw_file(raw_dir, f"Paraphrase_{s}.json") for s in SPLITS}, {}))
@@ -636,7 +753,9 @@ def main(argv: list[str] | None = None) -> None:
             read_custom(sources["custom"], task, out)
         else:
             task = common.BUILTIN_TASKS[name]
-            if name == "varierr":
+            if lewidi:
+                item_counts = read_lewidi(name, sources, out)
+            elif name == "varierr":
                 item_counts = {sources["varierr"]: read_varierr(sources["varierr"], out)}
             else:
                 item_counts = read_paraphrase(list(sources.values()), out)

@@ -95,6 +95,7 @@ run_dir: str
 datasets: list[str]
 data:
   raw_dir: str|null
+  split: str
   split_items: list[int]
   split_seed: int
   max_items: int|null
@@ -357,8 +358,16 @@ def selected_datasets(cfg: dict, choice: str) -> list[str]:
 # ----------------------------------------------------------------------------
 # Run layout: every path under runs/<profile>/ is spelled here, and only here
 # ----------------------------------------------------------------------------
+DATA_SPLITS = ("paper", "lewidi")
+
+
 def run_dir(cfg: dict) -> Path:
-    return Path(cfg["run_dir"])
+    """The profile's run_dir; runs of the LeWiDi-2025 split (data.split: lewidi) go to
+    <run_dir>/lewidi/, so the two splits never share data, predictions or adapters."""
+    split = cfg.get("data", {}).get("split", "paper")
+    if split not in DATA_SPLITS:
+        raise InputError(f"data.split is {split!r}; expected one of {', '.join(DATA_SPLITS)}")
+    return Path(cfg["run_dir"]) / "lewidi" if split == "lewidi" else Path(cfg["run_dir"])
 
 
 def seed_dir(cfg: dict) -> Path:
@@ -435,6 +444,11 @@ def eval_cache_dir(cfg: dict, dataset: str) -> Path:
 
 def tables_dir(cfg: dict) -> Path:
     return run_dir(cfg) / "tables"
+
+
+def lewidi_submission_dir(cfg: dict, model_tag: str, method: str) -> Path:
+    """06's LeWiDi-2025 submission files of one system (data.split: lewidi only)."""
+    return run_dir(cfg) / "lewidi_submissions" / model_tag / method
 
 
 def metrics_path(cfg: dict) -> Path:
