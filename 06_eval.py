@@ -1252,6 +1252,250 @@ def sheet_entries(cfg: dict, datasets: dict, predictions: dict) -> list[dict]:
     return entries
 
 
+
+# ============================================================================
+# THE LEWIDI-2025 VIEW (data.split: lewidi only)
+# The shared task's official metrics (lower is better), implemented from the organisers'
+# evaluation notebook (LeWiDi_3-2025/Evaluation_LeWiDi_2025_Metrics.ipynb in
+# github.com/Le-Wi-Di/le-wi-di.github.io), their baselines computed by the kit, and the
+# submission files. Each function below scores ONE item; a metric is the mean over items.
+#   Par soft:   Wasserstein-1 distance between the predicted and the gold 11-bin distributions
+#               over -5..5 (cost 1 per step).
+#   Par pe:     ANAD, the mean over the item's annotators of |gold - predicted| / 11 (no x100).
+#   VariErrNLI: contradiction, entailment and neutral are each a yes/no variable per annotator
+#               (yes if in that annotator's label set). Soft: the mean over the three labels of
+#               the Manhattan distance between the predicted and gold 2-bin distributions
+#               [share no, share yes]. Pe: the mean over labels of the share of wrong yes/no
+#               decisions over the item's annotators (one column per unique annotator, in the
+#               order of the published `annotations` keys).
+# How the kit's outputs become predictions (our rule):
+#   - perspectivist: each simulated annotator's parsed label on the item;
+#   - soft label: the distribution of the item's simulated annotators' predicted labels (the
+#     kit generates one label per annotator; it does not score label likelihoods);
+#   - an unparsed output, or no prediction for an (item, annotator) cell, falls back to that
+#     annotator's most frequent train label (the organisers' baseline); both are counted.
+# With several training seeds, the first seed's predictions are used.
+# ============================================================================
+LEWIDI_NLI_ORDER = ("contradiction", "entailment", "neutral")  # the published soft_label key order
+LEWIDI_PAR_SCALE = 11  # number of points of -5..5, ANAD's denominator
+LEWIDI_FILE_PREFIX = {"varierr": "VariErrNLI", "par": "Paraphrase"}
+LEWIDI_METRICS = {"par": ("Wasserstein distance", "ANAD"), "varierr": ("Manhattan distance", "error rate")}
+
+
+def par_soft_distance(predicted: list[float], gold: list[float]) -> float:
+    """Wasserstein-1 distance between two distributions over the 11 scores -5..5."""
+    from scipy.stats import wasserstein_distance
+    bins = np.arange(len(gold))
+    return float(wasserstein_distance(bins, bins, u_weights=predicted, v_weights=gold))
+
+
+def par_anad(predicted: list[int], gold: list[int], scale: int = LEWIDI_PAR_SCALE) -> float:
+    """Mean over the item's annotators of |gold - predicted| / scale."""
+    return float(np.mean(np.abs(np.asarray(gold, float) - np.asarray(predicted, float))) / scale)
+
+
+def ven_soft_distance(predicted: list[list[float]], gold: list[list[float]]) -> float:
+    """Mean over the three labels of the Manhattan distance of the [no, yes] distributions."""
+    return float(np.mean(np.abs(np.asarray(predicted, float) - np.asarray(gold, float)).sum(axis=1)))
+
+
+def ven_pe_error(predicted: list[list[int]], gold: list[list[int]]) -> float:
+    """Mean over the three labels of the share of wrong yes/no decisions over the annotators."""
+    return float(np.mean(np.abs(np.asarray(predicted, float) - np.asarray(gold, float)).mean(axis=1)))
+
+
+def lewidi_pe_row(task: dict, labels: list) -> list:
+    """The perspectivist row of one item from each annotator's label set, in annotator order:
+    Par [score, ...]; VariErrNLI [[yes/no per annotator] for contradiction, entailment, neutral]."""
+    if task["label_type"] == "numeric":
+        return [int(next(iter(label_set))) for label_set in labels]
+    return [[int(label in label_set) for label_set in labels] for label in LEWIDI_NLI_ORDER]
+
+
+def lewidi_soft_row(task: dict, labels: list) -> list:
+    """The soft label of one item from the annotators' label sets: Par, the share of annotators
+    giving each score -5..5; VariErrNLI, per label [share without it, share with it]."""
+    n = len(labels)
+    if task["label_type"] == "numeric":
+        low, high = task["score_range"]
+        return [sum(score in label_set for label_set in labels) / n for score in range(low, high + 1)]
+    return [[1 - share, share] for share in (sum(label in s for s in labels) / n for label in LEWIDI_NLI_ORDER)]
+
+
+def lewidi_item_scores(task: dict, predicted: dict, gold: dict) -> tuple[float, float]:
+    """(soft, pe) of one item; `predicted` and `gold` hold "soft" and "pe" rows."""
+    if task["label_type"] == "numeric":
+        return par_soft_distance(predicted["soft"], gold["soft"]), par_anad(predicted["pe"], gold["pe"])
+    return ven_soft_distance(predicted["soft"], gold["soft"]), ven_pe_error(predicted["pe"], gold["pe"])
+
+
+def most_frequent_labels(train: list[dict]) -> dict:
+    """Each annotator's most frequent train label (a multi-label answer counts each label);
+    ties go to the label that sorts first."""
+    counts: dict[str, dict] = defaultdict(lambda: defaultdict(int))
+    for record in train:
+        if record["label"] is not None:
+            counts[record["annotator"]][record["label"]] += 1
+    return {a: min(c, key=lambda label: (-c[label], str(label))) for a, c in counts.items()}
+
+
+def label_sets(records: list[dict]) -> dict[str, dict[str, set]]:
+    """{item: {annotator: set of labels}} of annotation records."""
+    sets: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for record in records:
+        sets[record["item_id"]][record["annotator"]].add(record["label"])
+    return sets
+
+
+def item_annotators(stats: dict, item: str, present: dict) -> list[str]:
+    """The item's annotators in the published order (01 keeps it in stats.json)."""
+    published = stats.get("lewidi_items", {}).get(item, {}).get("annotators")
+    return [a for a in published if a in present] if published else sorted(present)
+
+
+def mean_train_distribution(task: dict, train: list[dict]) -> list:
+    """The organisers' soft baseline: the mean over train items of their soft labels."""
+    rows = [lewidi_soft_row(task, list(per_annotator.values())) for per_annotator in label_sets(train).values()]
+    return np.mean(np.asarray(rows, float), axis=0).tolist()
+
+
+def system_labels(predictions: dict, items: dict[str, list[str]], fallback: dict) -> tuple[dict, dict]:
+    """({item: {annotator: label}}, counts) from {annotator: [prediction]}: the parsed label,
+    else the annotator's most frequent train label (counted as unparsed or missing)."""
+    parsed = {}
+    for annotator, preds in predictions.items():
+        for prediction in preds:
+            parsed.setdefault((prediction["item_id"], annotator), prediction)
+    labels, counts = {}, {"cells": 0, "unparsed": 0, "missing": 0}
+    for item, annotators in items.items():
+        labels[item] = {}
+        for annotator in annotators:
+            counts["cells"] += 1
+            prediction = parsed.get((item, annotator))
+            if prediction is None:
+                counts["missing"] += 1
+            elif not prediction["parse_ok"] or prediction["label"] is None:
+                counts["unparsed"] += 1
+            else:
+                labels[item][annotator] = prediction["label"]
+                continue
+            labels[item][annotator] = fallback[annotator]
+    return labels, counts
+
+
+def bootstrap_mean(cfg: dict, dataset: str, values: np.ndarray) -> tuple[float, list[float] | None]:
+    """The mean over items and its seeded percentile interval; every system of a dataset is
+    resampled on the same items (the seed depends on the dataset only)."""
+    rng = np.random.default_rng(stable_seed(cfg["seed"], "lewidi-bootstrap", dataset))
+    slots = rng.integers(0, len(values), size=(int(cfg["eval"]["bootstrap_resamples"]), len(values)))
+    return float(values.mean()), interval(values[slots].mean(axis=1))
+
+
+def rounded_distribution(values: list[float]) -> list[float]:
+    """Rounded to 10 decimals, the rounding drift put on the largest entry, so it sums to 1."""
+    out = [round(float(v), 10) for v in values]
+    out[int(np.argmax(out))] = round(out[int(np.argmax(out))] + 1 - sum(out), 10)
+    return out
+
+
+def submission_lines(task: dict, stats: dict, rows: dict[str, dict], kind: str) -> list[str]:
+    """`id<TAB>python list` lines in the shared task's format, one per item (published ID)."""
+    lines = []
+    for item, row in rows.items():
+        source_id = stats.get("lewidi_items", {}).get(item, {}).get("id", item)
+        value = row[kind]
+        if kind == "soft":
+            value = (rounded_distribution(value) if task["label_type"] == "numeric"
+                     else [rounded_distribution(pair) for pair in value])
+        lines.append(f"{source_id}\t{value!r}")
+    return lines
+
+
+def write_submission(cfg: dict, dataset: str, task: dict, stats: dict, model_tag: str, method: str,
+                     rows: dict[str, dict]) -> list[Path]:
+    """<Prefix>_test_soft.tsv and <Prefix>_test_pe.tsv of one system, every test item."""
+    folder = common.lewidi_submission_dir(cfg, model_tag, method)
+    paths = []
+    for kind in ("soft", "pe"):
+        path = folder / f"{LEWIDI_FILE_PREFIX[dataset]}_test_{kind}.tsv"
+        common.atomic_write_text(path, "\n".join(submission_lines(task, stats, rows, kind)) + "\n")
+        paths.append(path)
+    return paths
+
+
+def lewidi_dataset_view(cfg: dict, ds: dict, predictions: dict) -> dict:
+    """The official metrics with intervals for every system of one dataset, and its submission
+    files. Scored on the test items this run evaluates (ds["items"]); the submission files
+    cover every test item (items outside data.max_eval_items' sample use the fallback)."""
+    name, task = ds["name"], ds["task"]
+    stats = common.read_json(common.data_dir(cfg, name) / "stats.json")
+    full_test = common.load_split(cfg, name, "test")
+    for record in full_test:
+        record["label"] = common.normalize_label(record["label"], task)
+    gold_sets = label_sets(full_test)
+    annotators_of = {item: item_annotators(stats, item, present) for item, present in sorted(gold_sets.items())}
+    gold = {item: {"soft": lewidi_soft_row(task, [gold_sets[item][a] for a in anns]),
+                   "pe": lewidi_pe_row(task, [gold_sets[item][a] for a in anns])} for item, anns in annotators_of.items()}
+    scored = [item for item in annotators_of if item in ds["items"]]
+    fallback = most_frequent_labels(ds["train"])
+    train_mean = mean_train_distribution(task, ds["train"])
+
+    def rows_of(labels: dict, soft_override=None) -> dict[str, dict]:
+        return {item: {"soft": soft_override if soft_override is not None
+                       else lewidi_soft_row(task, [{labels[item][a]} for a in anns]),
+                       "pe": lewidi_pe_row(task, [{labels[item][a]} for a in anns])}
+                for item, anns in annotators_of.items()}
+
+    def scores(rows: dict[str, dict]) -> dict:
+        per_item = np.array([lewidi_item_scores(task, rows[item], gold[item]) for item in scored])
+        soft, soft_ci = bootstrap_mean(cfg, name, per_item[:, 0])
+        pe, pe_ci = bootstrap_mean(cfg, name, per_item[:, 1])
+        return {"soft": soft, "soft_ci": soft_ci, "pe": pe, "pe_ci": pe_ci}
+
+    systems = []
+    for (model_tag, method), preds in predictions.items():
+        if not preds:
+            systems.append({"model": model_tag, "method": method, "status": "missing",
+                            "reason": "no predictions for any annotator"})
+            continue
+        labels, counts = system_labels(preds, annotators_of, fallback)
+        rows = rows_of(labels)
+        _, scored_counts = system_labels(preds, {i: annotators_of[i] for i in scored}, fallback)
+        systems.append({"model": model_tag, "method": method, "status": "ok", **scores(rows),
+                        "fallback": scored_counts, "submission_fallback": counts,
+                        "submission": [str(p) for p in write_submission(cfg, name, task, stats, model_tag, method, rows)]})
+    # The organisers' baselines, computed by the kit from this run's train split.
+    baseline_labels = {item: {a: fallback[a] for a in anns} for item, anns in annotators_of.items()}
+    most_frequent = scores(rows_of(baseline_labels))
+    mean_train = scores(rows_of(baseline_labels, soft_override=train_mean))
+    baseline_rows = rows_of(baseline_labels, soft_override=train_mean)
+    systems.append({"model": "baseline", "method": "most_frequent", "status": "ok", **most_frequent,
+                    "note": "each annotator's most frequent train label; soft: the distribution of those labels"})
+    systems.append({"model": "baseline", "method": "mean_train_distribution", "status": "ok",
+                    "soft": mean_train["soft"], "soft_ci": mean_train["soft_ci"], "pe": None, "pe_ci": None,
+                    "note": "soft: the mean train soft label for every item",
+                    "submission": [str(p) for p in write_submission(cfg, name, task, stats, "baseline",
+                                                                    "organisers", baseline_rows)]})
+    soft_name, pe_name = LEWIDI_METRICS[name]
+    return {"metrics": {"soft": soft_name, "pe": pe_name}, "n_items": len(scored),
+            "n_test_items": len(annotators_of), "fallback_labels": fallback, "systems": systems}
+
+
+def lewidi_view(cfg: dict, datasets: dict, predictions: dict) -> dict | None:
+    """{dataset: view} when data.split is lewidi; None (and one line saying so) otherwise."""
+    if cfg["data"].get("split", "paper") != "lewidi":
+        print("[eval] LeWiDi-2025 view skipped: data.split is not lewidi (run with --data.split lewidi)", flush=True)
+        return None
+    views = {name: lewidi_dataset_view(cfg, ds, predictions[name])
+             for name, ds in datasets.items() if name in LEWIDI_FILE_PREFIX}
+    for name, view in views.items():
+        print(f"[eval] LeWiDi-2025 {name}: {len(view['systems'])} systems on {view['n_items']} test items; "
+              f"submission files under {common.lewidi_submission_dir(cfg, 'x', 'x').parent.parent}", flush=True)
+    return views
+# ============================================================================
+# END OF THE LEWIDI-2025 VIEW
+# ============================================================================
+
 # ----------------------------------------------------------------------------
 # Provenance of 06's outputs, and the adapters' model cards
 # ----------------------------------------------------------------------------
@@ -1267,7 +1511,7 @@ def eval_recipe(cfg: dict, names: list[str]) -> dict:
             for seed in common.training_seeds(cfg):
                 folder = common.method_dir(common.with_seed(cfg, seed), name, model_cfg["tag"], "x").parent
                 inputs += sorted(folder.glob("*/*.jsonl")) if folder.is_dir() else []
-    return common.recipe(cfg, "06_eval", inputs, ["seed", "seeds", "data.split_seed", "data.max_eval_items", "eval",
+    return common.recipe(cfg, "06_eval", inputs, ["seed", "seeds", "data.split", "data.split_seed", "data.max_eval_items", "eval",
                                                   "embedder", "hlv", "generation", "models", "baselines.methods"],
                          code=("eval_report.py",), datasets=names)
 
@@ -1332,11 +1576,15 @@ def main(argv: list[str] | None = None) -> None:
                         for job in dataset_jobs if "reply" in job))
     calibration = {name: judge_calibration(results[name]) for name in datasets}
     claims = claims_check(results, draws, datasets, calibration)
+    lewidi = lewidi_view(cfg, datasets, predictions)
 
     # ---- save: metrics.json, then eval_report's tables, figures, human sheet and report
-    common.write_json(common.metrics_path(cfg), {**results, "claims": claims, "judge_calibration": calibration})
+    common.write_json(common.metrics_path(cfg), {**results, "claims": claims, "judge_calibration": calibration,
+                                                 **({"lewidi": lewidi} if lewidi is not None else {})})
     fill_adapter_cards(cfg, results)
     table_paths = eval_report.write_tables(cfg, results, datasets, list(FEATURES), tables_dir)
+    if lewidi is not None:
+        table_paths["lewidi"] = eval_report.write_lewidi_table(cfg, lewidi, tables_dir)
     figures = []
     for metric, label in eval_report.TABLE4_METRICS:
         path = tables_dir / f"fig_{metric}.png"
@@ -1348,7 +1596,7 @@ def main(argv: list[str] | None = None) -> None:
                                                  common.human_eval_dir(cfg))
     common.save_resolved_config(cfg, tables_dir, stage="06_eval")
     report = eval_report.write_report(cfg, results, claims, calibration, margin_note(datasets), datasets,
-                                      table_paths, figures, curves, sheet_status, started)
+                                      table_paths, figures, curves, sheet_status, started, lewidi=lewidi)
     common.write_manifest(common.metrics_path(cfg), made_from)
     print(f"[eval] wrote {common.metrics_path(cfg)}, {tables_dir}/ and {report} in {time.time() - started:.0f}s",
           flush=True)

@@ -52,6 +52,25 @@ PAPER_TABLE4 = [
 PAPER_JUDGE = {"dataset": "varierr", "method": "capo", "accuracy": 0.328, "chance": 0.25}
 
 
+# LeWiDi-2025's published results (the shared task's overview and Opt-ICL's system paper), lower
+# is better; shown in tables/lewidi.* beside this run's numbers, always labelled "published".
+# (dataset, system, soft, perspectivist)
+PUBLISHED_LEWIDI = [
+    ("par", "best system (twinhter)", None, 0.080),
+    ("par", "Opt-ICL", None, 0.119),
+    ("par", "most frequent label baseline", None, 0.362),
+    ("par", "random label baseline", None, 0.367),
+    ("varierr", "best system (twinhter)", None, 0.124),
+    ("varierr", "Opt-ICL", None, 0.270),
+    ("varierr", "most frequent label baseline", None, 0.345),
+    ("varierr", "random label baseline", None, 0.497),
+    ("varierr", "best system (joint first)", 0.31, None),
+]
+LEWIDI_CAVEAT = ("The shared task's blind test inputs carried each annotator's own explanation of the test item, "
+                 "and the top systems used it; the kit's models see only the two texts, so the published numbers "
+                 "are not a like-for-like comparison.")
+
+
 def fmt(value, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -244,6 +263,47 @@ def write_tables(cfg: dict, results: dict, datasets: dict, features: list[str], 
 # ----------------------------------------------------------------------------
 # Figures: one bar chart per metric
 # ----------------------------------------------------------------------------
+def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> Path:
+    """tables/lewidi.{md,csv}: the shared task's official metrics for this run's methods and the
+    kit's baselines (value [95% interval]) beside the published results (labelled published)."""
+    header = ["dataset", "source", "system", "soft metric", "soft", "perspectivist metric", "perspectivist",
+              "fallback cells (unparsed, missing / scored)", "notes"]
+    rows = []
+    for dataset, view in lewidi.items():
+        soft_name, pe_name = view["metrics"]["soft"], view["metrics"]["pe"]
+        for system in view["systems"]:
+            label = f"{system['model']}/{method_label(system['method'])}"
+            if system["status"] != "ok":
+                rows.append([dataset, "this run", label, soft_name, f"missing: {system['reason']}",
+                             pe_name, f"missing: {system['reason']}", "", ""])
+                continue
+            fallback = system.get("fallback")
+            rows.append([dataset, "this run", label, soft_name, fmt_ci(system["soft"], system["soft_ci"]),
+                         pe_name, fmt_ci(system["pe"], system["pe_ci"]) if system["pe"] is not None else "-",
+                         f"{fallback['unparsed']}, {fallback['missing']} / {fallback['cells']}" if fallback else "",
+                         system.get("note", "")])
+        for published_dataset, system, soft, pe in PUBLISHED_LEWIDI:
+            if published_dataset == dataset:
+                rows.append([dataset, "published", system, soft_name, fmt(soft, 2) if soft is not None else "-",
+                             pe_name, fmt(pe), "", "LeWiDi-2025 test set, all items"])
+    n_items = {d: f"{v['n_items']} of {v['n_test_items']}" for d, v in lewidi.items()}
+    notes = [LEWIDI_CAVEAT,
+             "Lower is better. Ours: the mean over the test items this run scored "
+             f"({', '.join(f'{d}: {n}' for d, n in n_items.items())}), with a seeded 95% bootstrap interval over "
+             "items (every system resampled on the same items); published: the full test set.",
+             "Perspectivist prediction: each simulated annotator's parsed label. Soft label: the distribution of the "
+             "item's simulated annotators' predicted labels (one generated label each; no label likelihoods). An "
+             "unparsed output or a missing prediction falls back to the annotator's most frequent train label "
+             "(counted in the fallback column). With several training seeds, the first seed's predictions.",
+             "Baselines computed by the kit from this run's train split: each annotator's most frequent train label "
+             "(ties: the label that sorts first); for the soft task also the mean train soft label.",
+             "Metrics as in the organisers' evaluation notebook: Par soft = Wasserstein distance over -5..5, Par "
+             "perspectivist = ANAD (|gold - predicted| / 11); VariErrNLI soft = Manhattan distance of per-label "
+             "yes/no distributions, perspectivist = per-label error rate over the item's annotators."]
+    write_table(tables_dir / "lewidi", header, rows, "The LeWiDi-2025 view: official metrics (lower is better)", notes)
+    return tables_dir / "lewidi.md"
+
+
 FIGURE_METRICS = [m for m, _ in TABLE4_METRICS if m not in ("coverage", "group_m")]
 
 
@@ -550,7 +610,7 @@ def claims_markdown(claims: list[dict], judge_calibration: dict, margin_note: st
 
 def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration: dict, margin_note: str,
                  datasets: dict, table_paths: dict, figures: list[Path], curves: Path | None,
-                 sheet_status: str, started: float) -> Path:
+                 sheet_status: str, started: float, lewidi: dict | None = None) -> Path:
     run = common.run_dir(cfg)
     path = common.report_path(cfg)
 
@@ -600,7 +660,18 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
                   f"{cfg.get('config_path', 'configs/<profile>.yaml')} --score-sheet {run / 'human_eval' / 'sheet.csv'}`. "
                   "Paper (as summarised, unverified): 82.8% agreement between two validators; CAPO judged more "
                   "coherent, better grounded and closer to the target's style.", ""]
-    lines += ["## 8. Resolved config and package versions", "", "```yaml",
+    lines += ["## 8. The LeWiDi-2025 view", ""]
+    if lewidi is None:
+        lines += ["Skipped: this run uses the kit's own split (data.split: paper); run with `--split lewidi` "
+                  "for the shared task's split, official metrics and submission files.", ""]
+    else:
+        lines += [LEWIDI_CAVEAT, ""]
+        lines += include(table_paths["lewidi"])
+        submissions = sorted({str(Path(p).parent.relative_to(run)) for view in lewidi.values()
+                              for system in view["systems"] for p in system.get("submission", [])})
+        lines += ["Submission files (the shared task's format, `id<TAB>python list`): "
+                  + ", ".join(f"`{s}/`" for s in submissions) + ".", ""]
+    lines += ["## 9. Resolved config and package versions", "", "```yaml",
               yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True).strip(), "```", "",
               "| package | version |", "|---|---|"]
     lines += [f"| {name} | {version or 'not installed'} |" for name, version in common.package_versions().items()]
