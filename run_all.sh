@@ -9,6 +9,8 @@
 #   bash run_all.sh --raw-dir data/raw   # where 01 finds the raw files (sets CAPO_RAW_DIR)
 #   bash run_all.sh --force              # redo every stage's work, even what is finished
 #   bash run_all.sh --seeds 42,43,44     # 03-05 once per training seed (same split), 06 pools them
+#   bash run_all.sh --split lewidi       # the LeWiDi-2025 train/dev/test files as published, in
+#                                        #   <run_dir>/lewidi/; 06 adds the official metrics and submission files
 #   bash run_all.sh --profile paper --download-models   # fetch the profile's hub models, then run offline
 #
 # Extra arguments after `--` go to every stage as config overrides (e.g. -- --eval.judge false
@@ -35,6 +37,7 @@ while [ $# -gt 0 ]; do
     --raw-dir) raw_dir="$2"; shift 2 ;;
     --download-models) download_models=1; shift ;;
     --seeds) extra+=(--seeds "[$2]"); shift 2 ;;
+    --split) extra+=(--data.split "$2"); shift 2 ;;
     --) shift
         # --raw-dir is 01's flag; the other stages would reject it, so take it out here.
         while [ $# -gt 0 ]; do
@@ -44,7 +47,7 @@ while [ $# -gt 0 ]; do
             *) extra+=("$1"); shift ;;
           esac
         done ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -291,3 +291,26 @@ def test_most_frequent_baseline_reproduces_published_par_anad(tmp_path):
             assert np.allclose(row, expected, atol=0.005 + 1e-9)  # published to 2 decimals
     baseline = next(s for s in view["par"]["systems"] if s["method"] == "most_frequent")
     assert round(baseline["pe"], 3) == 0.362  # published: .362
+
+
+def test_06_main_writes_lewidi_table_report_and_submissions(lewidi_run):
+    """06 end to end on the invented LeWiDi files (no judge, no BERTScore)."""
+    config, cfg = lewidi_run
+    write_predictions(cfg)
+    flags = ["--config", str(config), "--data.split", "lewidi", "--eval.judge", "false", "--eval.bertscore", "false"]
+    ev6.main(flags)
+    run = common.run_dir(cfg)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["lewidi"]) == {"varierr", "par"}
+    report = (run / "report.md").read_text()
+    assert "## 8. The LeWiDi-2025 view" in report and eval_report.LEWIDI_CAVEAT in report
+    assert "lewidi_submissions/tiny/sft/" in report
+    assert (run / "tables" / "lewidi.csv").exists()
+    for name in ("Paraphrase_test_soft.tsv", "VariErrNLI_test_pe.tsv"):
+        assert (common.lewidi_submission_dir(cfg, "tiny", "sft") / name).exists()
+
+
+def test_06_paper_split_skips_lewidi_section(tmp_path, capsys):
+    cfg = {"data": {"split": "paper"}}
+    assert ev6.lewidi_view(cfg, {}, {}) is None
+    assert "LeWiDi-2025 view skipped" in capsys.readouterr().out
