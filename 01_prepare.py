@@ -3,6 +3,7 @@
     python 01_prepare.py --config configs/cpu.yaml --dataset all          # varierr + par
     python 01_prepare.py --config configs/cpu.yaml --dataset varierr --raw-dir /path/to/raw
     python 01_prepare.py --config configs/cpu.yaml --custom my.csv --name mine --label-type categorical
+    python 01_prepare.py --config configs/cpu.yaml --split lewidi        # the LeWiDi-2025 split, in runs/cpu/lewidi/
 
 Raw files are looked up in --raw-dir, else $CAPO_RAW_DIR, else data/raw/ (and one folder
 below it). A missing built-in file is downloaded from its public source; offline, the stage
@@ -19,8 +20,14 @@ annotators' makes_sense judgments (ties are invalid, no peer judgment gives null
 paraphrase has no validity judgments (valid: null). Every explanation is stripped and its
 whitespace collapsed, because raw whitespace habits identify annotators.
 
+--split lewidi (config data.split: lewidi) reads the LeWiDi-2025 files as published instead,
+VariErrNLI_{train,dev,test}.json and Paraphrase_{train,dev,test}.json, and keeps their split
+(read_lewidi: items keyed by split and published ID, one record per label of a multi-label
+annotation, explanations in the order of the `annotators` string, valid: null).
+
 The built-in raw files must be the known public releases (items per file and sha256 in
-KNOWN_RELEASES: varierr.json 500 items; Paraphrase_train/dev/test.json 400/50/50); a cut,
+KNOWN_RELEASES: varierr.json 500 items; Paraphrase_train/dev/test.json 400/50/50;
+VariErrNLI_train/dev/test.json 388/50/50); a cut,
 edited or re-released file stops the stage unless --accept-modified-raw is given, and is
 then listed under `modified_raw` in stats.json. An empty file always stops.
 

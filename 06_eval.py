@@ -30,6 +30,9 @@ This file computes the numbers; eval_report.py (imported here only) writes them 
   human_eval/key.csv                 blinded id -> model, method (keep it away from the raters)
   report.md                          HLV results from 02, the claims, every table, the paper's
                                      numbers beside ours, the resolved config and versions
+  tables/lewidi.{md,csv}             data.split lewidi only: the shared task's official metrics beside
+  lewidi_submissions/<model>/<method>/   the published results, and submission files (block
+                                     "THE LEWIDI-2025 VIEW" below); otherwise skipped with a one-line note
 
 Scoring a filled sheet: `--score-sheet FILE` (key: FILE's folder/key.csv, or --sheet-key)
 writes scores.json/.md beside it: per-method means and agreement between raters.
