@@ -1386,9 +1386,11 @@ def system_labels(predictions: dict, items: dict[str, list[str]], fallback: dict
     return labels, counts
 
 
-def bootstrap_mean(cfg: dict, dataset: str, values: np.ndarray) -> tuple[float, list[float] | None]:
+def bootstrap_mean(cfg: dict, dataset: str, values: np.ndarray) -> tuple[float | None, list[float] | None]:
     """The mean over items and its seeded percentile interval; every system of a dataset is
     resampled on the same items (the seed depends on the dataset only)."""
+    if len(values) == 0:
+        return None, None
     rng = np.random.default_rng(stable_seed(cfg["seed"], "lewidi-bootstrap", dataset))
     slots = rng.integers(0, len(values), size=(int(cfg["eval"]["bootstrap_resamples"]), len(values)))
     return float(values.mean()), interval(values[slots].mean(axis=1))
@@ -1450,7 +1452,7 @@ def lewidi_dataset_view(cfg: dict, ds: dict, predictions: dict) -> dict:
                 for item, anns in annotators_of.items()}
 
     def scores(rows: dict[str, dict]) -> dict:
-        per_item = np.array([lewidi_item_scores(task, rows[item], gold[item]) for item in scored])
+        per_item = np.array([lewidi_item_scores(task, rows[item], gold[item]) for item in scored]).reshape(-1, 2)
         soft, soft_ci = bootstrap_mean(cfg, name, per_item[:, 0])
         pe, pe_ci = bootstrap_mean(cfg, name, per_item[:, 1])
         return {"soft": soft, "soft_ci": soft_ci, "pe": pe, "pe_ci": pe_ci}

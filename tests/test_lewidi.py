@@ -105,7 +105,21 @@ def test_prepare_lewidi_records(lewidi_run):
     assert [r["label"] for r in par if r["item_id"] == "test-test1"] == [5, -4, -4, 4]
     manifest = common.read_json(common.manifest_path(run / "data" / "varierr"))
     assert manifest["made_from"]["config"]["data.split"] == "lewidi"
-    assert set(manifest["made_from"]["inputs"]) >= {str(Path(p)) for p in manifest["made_from"]["inputs"]}
+    assert sorted(Path(p).name for p in manifest["made_from"]["inputs"]) == [
+        "VariErrNLI_dev.json", "VariErrNLI_test.json", "VariErrNLI_train.json"]
+
+
+def test_prepare_lewidi_max_items_samples_each_split(tmp_path):
+    raw = tmp_path / "raw"
+    write_lewidi_files(raw)
+    config = write_config(tmp_path, "smoke", data__min_train_records_per_annotator=1, data__max_items=6)
+    prepare.main(["--config", str(config), "--raw-dir", str(raw), "--split", "lewidi", "--accept-modified-raw",
+                  "--dataset", "par"])
+    cfg = common.load_config(config, ["--data.split", "lewidi"])
+    stats = common.read_json(common.data_dir(cfg, "par") / "stats.json")
+    assert stats["items"] == {"train": 3, "dev": 1, "test": 2, "total": 6}  # 6/11 of 6, 2, 3 items
+    test_ids = {r["item_id"] for r in common.load_split(cfg, "par", "test")}
+    assert len(test_ids) == 2 and all(i.startswith("test-") for i in test_ids)
 
 
 def test_prepare_lewidi_bad_input_names_file_line_field(tmp_path):
