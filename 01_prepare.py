@@ -255,6 +255,18 @@ def read_varierr_entry(path, lineno, item_id, label, entry, out: Collector) -> N
              "label": label, "explanation": explanation, "valid": valid})
 
 
+def add_explained_record(out: "Collector", path: Path, where: dict, item_id: str, annotator: str, label,
+                         raw_explanation) -> None:
+    """One record of the LeWiDi-format readers (no peer validity judgments: valid is null);
+    an empty explanation is bad input."""
+    explanation = normalize_text(raw_explanation if isinstance(raw_explanation, str) else "")
+    if not explanation:
+        return out.bad(input_error(path, f"empty explanation for {annotator}", field="other_info.explanations",
+                                   **where), "empty explanation")
+    out.add({"item_id": item_id, "annotator": annotator, "text_a": out.items[item_id][0],
+             "text_b": out.items[item_id][1], "label": label, "explanation": explanation, "valid": None})
+
+
 def read_paraphrase(paths: list[Path], out: Collector) -> dict[Path, int]:
     """LeWiDi-2025 Par: {id: {text: {Question1, Question2}, annotators, annotations, other_info}}.
 
@@ -302,14 +314,7 @@ def read_paraphrase(paths: list[Path], out: Collector) -> dict[Path, int]:
                     out.bad(input_error(path, f"score {scores[annotator]!r} is not an integer in -5..5",
                                         field=f"annotations.{annotator}", **where), "score out of range")
                     continue
-                explanation = normalize_text(raw_explanation if isinstance(raw_explanation, str) else "")
-                if not explanation:
-                    out.bad(input_error(path, f"empty explanation for {annotator}",
-                                        field="other_info.explanations", **where), "empty explanation")
-                    continue
-                out.add({"item_id": item_id, "annotator": annotator, "text_a": out.items[item_id][0],
-                         "text_b": out.items[item_id][1], "label": score, "explanation": explanation,
-                         "valid": None})
+                add_explained_record(out, path, where, item_id, annotator, score, raw_explanation)
     return counts
 
 
@@ -376,14 +381,7 @@ def read_lewidi(name: str, paths: dict[str, Path], out: Collector) -> dict[Path,
                     out.bad(input_error(path, f"{raw_label!r} is not a label of the task ({common.label_space(task)})",
                                         field=f"annotations.{annotator}", **where), "label not of the task")
                     continue
-                explanation = normalize_text(raw_explanation if isinstance(raw_explanation, str) else "")
-                if not explanation:
-                    out.bad(input_error(path, f"empty explanation for {annotator}",
-                                        field="other_info.explanations", **where), "empty explanation")
-                    continue
-                out.add({"item_id": item_id, "annotator": annotator, "text_a": out.items[item_id][0],
-                         "text_b": out.items[item_id][1], "label": label, "explanation": explanation,
-                         "valid": None})  # the LeWiDi files carry no peer validity judgments
+                add_explained_record(out, path, where, item_id, annotator, label, raw_explanation)
     return counts
 
 
