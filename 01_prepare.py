@@ -54,6 +54,7 @@ import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import common
 from common import InputError, input_error, normalize_text
@@ -267,6 +268,15 @@ def add_explained_record(out: "Collector", path: Path, where: dict, item_id: str
              "text_b": out.items[item_id][1], "label": label, "explanation": explanation, "valid": None})
 
 
+def keyed_items(path: Path) -> list[tuple[str, Any, dict]]:
+    """(item id, item, where) of a LeWiDi-format file: a JSON object keyed by item id; `where`
+    points error messages at the item's line."""
+    text, data = load_json_file(path)
+    if not isinstance(data, dict):
+        raise input_error(path, "expected a JSON object keyed by item id")
+    return [(item_id, item, dict(line=line_of(text, f'"{item_id}"'), item=item_id)) for item_id, item in data.items()]
+
+
 def read_paraphrase(paths: list[Path], out: Collector) -> dict[Path, int]:
     """LeWiDi-2025 Par: {id: {text: {Question1, Question2}, annotators, annotations, other_info}}.
 
@@ -274,12 +284,9 @@ def read_paraphrase(paths: list[Path], out: Collector) -> dict[Path, int]:
     task = common.BUILTIN_TASKS["par"]
     counts = {}
     for path in paths:
-        text, data = load_json_file(path)
-        if not isinstance(data, dict):
-            raise input_error(path, "expected a JSON object keyed by item id")
-        counts[path] = len(data)
-        for item_id, item in data.items():
-            where = dict(line=line_of(text, f'"{item_id}"'), item=item_id)
+        items = keyed_items(path)
+        counts[path] = len(items)
+        for item_id, item, where in items:
             if item_id in out.items:
                 raise input_error(path, "item id appears twice (across the paraphrase files)", **where)
             try:
@@ -335,12 +342,9 @@ def read_lewidi(name: str, paths: dict[str, Path], out: Collector) -> dict[Path,
     field_a, field_b = LEWIDI_TEXT_FIELDS[name]
     counts = {}
     for split, path in paths.items():
-        text, data = load_json_file(path)
-        if not isinstance(data, dict):
-            raise input_error(path, "expected a JSON object keyed by item id")
-        counts[path] = len(data)
-        for source_id, item in data.items():
-            where = dict(line=line_of(text, f'"{source_id}"'), item=source_id)
+        items = keyed_items(path)
+        counts[path] = len(items)
+        for source_id, item, where in items:
             item_id = lewidi_item_id(split, source_id)
             try:
                 text_a, text_b = item["text"][field_a], item["text"][field_b]

@@ -93,7 +93,7 @@ def profile_request(cfg: dict, dataset: str, annotator: str, task: dict, train: 
                              {k: gen_cfg.get(k) for k in ("max_new_tokens", "do_sample", "temperature")},
                              cfg["seed"])
     folder = common.profiles_dir(cfg, dataset)
-    return {"annotator": annotator, "sources": sources, "messages": messages, "key": key, "gen_cfg": gen_cfg,
+    return {"dataset": dataset, "annotator": annotator, "sources": sources, "messages": messages, "key": key, "gen_cfg": gen_cfg,
             "text_path": folder / f"{annotator}.txt", "meta_path": folder / f"{annotator}.json"}
 
 
@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         tag = model_cfg["tag"]
         if writes_profiles:
             for dataset in data:
-                write_value_profiles(cfg, dataset, [r for r in stale_profiles if r["text_path"].parent ==
-                                                    common.profiles_dir(cfg, dataset)], model, tokenizer, tag)
+                write_value_profiles(cfg, dataset, [r for r in stale_profiles if r["dataset"] == dataset],
+                                     model, tokenizer, tag)
 
         # ---- work: one file per dataset, method and annotator, each with its manifest ----
         for _, dataset, annotator, method, reason in jobs:
