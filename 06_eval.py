@@ -180,8 +180,11 @@ def normalised_imitation(model_confidence: float | None, human_confidence: float
 
 # -- LLM-as-judge attribution: the judge sees k TRAIN responses (label and explanation, no
 #    item text, to keep prompts short) of every annotator, then one response with its item,
-#    and names the annotator. Greedy decoding; the verdict is the first annotator ID in the
-#    reply; a reply without one is "unparseable" and counts as wrong. Chance = 1/annotators.
+#    and names the annotator. A forced choice: the reply is constrained to one of the IDs
+#    (common.ReplyConstraint), chosen greedily by the judge model's own next-token
+#    probabilities; for IDs that differ in one token (A0..A3) that is the most likely ID. So
+#    every judged response gets a verdict. Chance = 1/annotators. The calibration row: the same
+#    judge on the target's own human test responses.
 def judge_messages(task: dict, annotators: list[str], examples: dict[str, list[dict]],
                    text_a: str, text_b: str, response: str) -> list[dict]:
     ids = ", ".join(annotators)
@@ -1024,14 +1027,18 @@ def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> 
         model, tokenizer = common.load_model_and_tokenizer(judge_cfg)
     except Exception as err:  # weights not available offline: report, do not crash
         return f"judge model '{judge_cfg['tag']}' could not be loaded: {type(err).__name__}: {err}"
-    gen_cfg = dict(cfg["generation"], max_new_tokens=int(ev["judge_max_new_tokens"]), do_sample=False)
     for dataset in dict.fromkeys(job["dataset"] for job in todo):
         # One call per dataset: its prompts share the instructions and examples, which
-        # generate_texts then prefills once.
+        # generate_texts then prefills once. The reply is one annotator ID then the end of
+        # the turn (a forced choice, always answered).
+        choices = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                   for a in annotators[dataset]]
+        constraint = common.ReplyConstraint(tokenizer, choices)
+        gen_cfg = dict(cfg["generation"], max_new_tokens=max(map(len, choices)), do_sample=False)
         batch = [job for job in todo if job["dataset"] == dataset]
         started = time.time()
         replies = common.generate_texts(model, tokenizer, [job["messages"] for job in batch], gen_cfg,
-                                        desc=f"judge {dataset}")
+                                        desc=f"judge {dataset}", constraint=constraint)
         print(f"[eval] judge ({judge_cfg['tag']}) {dataset}: {len(batch)} verdicts in {time.time() - started:.0f}s",
               flush=True)
         for job, reply in zip(batch, replies):

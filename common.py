@@ -134,6 +134,7 @@ generation:
   top_p?: float
   autocast_bf16: bool
   prefix_cache_min_tokens: int
+  constrain_response: bool
 baselines:
   methods: list[str]
   icl_k: int
@@ -193,7 +194,6 @@ eval:
   judge: bool
   judge_examples_per_annotator: int
   judge_items: int
-  judge_max_new_tokens: int
   human_sheet_items: int
   human_sheet_raters: int
   bootstrap_resamples: int
@@ -1449,11 +1449,90 @@ def annotator_requests(records: list[dict], task: dict, annotator: str, **prompt
             for item_id, record in sorted(items.items())]
 
 
+def response_openings(task: dict) -> list[str]:
+    """What every reply must begin with when generation.constrain_response is on: the response
+    format's opening with one of the task's labels (categories, or every integer in the score
+    range); the explanation after it is free."""
+    if task["label_type"] == "categorical":
+        labels = task["labels"]
+    else:
+        low, high = task["score_range"]
+        labels = range(int(low), int(high) + 1)
+    return [f"Label: {label}\nExplanation:" for label in labels]
+
+
+_LINE_BREAK_IDS: dict[tuple, frozenset] = {}
+
+
+def _line_break_ids(tokenizer) -> frozenset:
+    """Ids of the vocabulary's tokens whose text holds a line break (computed once per tokenizer)."""
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+    if key not in _LINE_BREAK_IDS:
+        _LINE_BREAK_IDS[key] = frozenset(i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i]))
+    return _LINE_BREAK_IDS[key]
+
+
+class ReplyConstraint:
+    """Decoding rule shared by both engines: a reply begins with one of `openings` (token
+    sequences), chosen token by token by the model itself among the tokens that continue some
+    opening (greedy: the most likely path through the openings' tokens; for openings that differ
+    in one token, such as the NLI labels or the IDs A0..A3, that is the most likely opening).
+    After the opening the reply is free; with `end_at_line_break` it ends at its first line
+    break (the response format's explanation is one line: 01 collapses whitespace, and SFT/CAPO
+    train on one-line explanations). The end-of-turn token is never allowed inside an opening,
+    so every reply that starts yields one of the openings."""
+
+    def __init__(self, tokenizer, openings: list[str | list[int]], end_at_line_break: bool = False):
+        sequences = [tuple(o) if not isinstance(o, str) else tuple(tokenizer(o, add_special_tokens=False)["input_ids"])
+                     for o in openings]
+        if not sequences or not all(sequences):
+            raise ValueError("ReplyConstraint needs at least one non-empty opening")
+        self.next_tokens: dict[tuple, list[int]] = {}
+        for seq in sequences:
+            for k in range(len(seq)):
+                options = self.next_tokens.setdefault(seq[:k], [])
+                if seq[k] not in options:
+                    options.append(seq[k])
+        self.complete = set(sequences)
+        self.lengths = sorted({len(seq) for seq in sequences})
+        self.line_breaks = _line_break_ids(tokenizer) if end_at_line_break else frozenset()
+
+    def allowed(self, generated: list[int]) -> list[int] | None:
+        """The tokens that may come next, or None once the opening is complete (free)."""
+        if len(generated) > self.lengths[-1]:
+            return None
+        return self.next_tokens.get(tuple(generated))
+
+    def ends(self, generated: list[int]) -> bool:
+        """True when the last token is a line break after a complete opening."""
+        if not self.line_breaks or not generated or generated[-1] not in self.line_breaks:
+            return False
+        return any(len(generated) > k and tuple(generated[:k]) in self.complete for k in self.lengths)
+
+    def mask(self, logits, generated: list[list[int]]):
+        """`logits` [rows, vocab] with every token outside a row's allowed set at -inf (in place)."""
+        import torch
+        for row, tokens in enumerate(generated):
+            allowed = self.allowed(tokens)
+            if allowed is not None:
+                keep = torch.full_like(logits[row], float("-inf"))
+                index = torch.tensor(allowed, device=logits.device)
+                keep[index] = logits[row, index]
+                logits[row] = keep
+        return logits
+
+
 def generate_predictions(model, tokenizer, requests: list[dict], task: dict, gen_cfg: dict, *,
                          method: str, model_tag: str, seed: int, desc: str = "generate") -> list[dict]:
-    """Prediction records (PREDICTION_FIELDS) for `requests` (dataset, item_id, annotator, messages), in order."""
+    """Prediction records (PREDICTION_FIELDS) for `requests` (dataset, item_id, annotator, messages), in order.
+
+    With generation.constrain_response every reply opens with `Label: <one of the task's
+    labels>` and `Explanation:` (ReplyConstraint), so a reply that starts always has a label;
+    the parse rate then counts replies with a non-empty explanation."""
+    constraint = (ReplyConstraint(tokenizer, response_openings(task), end_at_line_break=True)
+                  if gen_cfg.get("constrain_response") else None)
     outputs = generate_texts(model, tokenizer, [req["messages"] for req in requests], dict(gen_cfg, seed=seed),
-                             desc=desc)
+                             desc=desc, constraint=constraint)
     predictions = []
     for request, output in zip(requests, outputs):
         label, explanation, parse_ok = parse_response(output, task)
@@ -1470,22 +1549,23 @@ def parse_rate(predictions: list[dict]) -> float | None:
 
 
 def generate_texts(model, tokenizer, prompts: list[list[dict] | str], gen_cfg: dict,
-                   desc: str = "generate") -> list[str]:
+                   desc: str = "generate", constraint: ReplyConstraint | None = None) -> list[str]:
     """Generated text for each prompt (chat messages, or an already rendered string), in order.
 
     The end-of-turn token and anything after it are cut off; special tokens are dropped.
     """
-    token_ids = generate_token_ids(model, tokenizer, prompts, gen_cfg, desc=desc)
+    token_ids = generate_token_ids(model, tokenizer, prompts, gen_cfg, desc=desc, constraint=constraint)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
 
 
 def generate_token_ids(model, tokenizer, prompts: list[list[dict] | str], gen_cfg: dict,
-                       desc: str = "generate") -> list[list[int]]:
+                       desc: str = "generate", constraint: ReplyConstraint | None = None) -> list[list[int]]:
     """New token ids per prompt, up to and including the end-of-turn token (if one came).
 
     generation.engine picks how: `kit` (default), the kit's continuous-batching decoder below;
     `generate`, plain `model.generate` on static, left-padded batches of generation.batch_size
-    prompts. Both give one-prompt-at-a-time greedy outputs (tests/test_generation.py). Why the
+    prompts. Both give one-prompt-at-a-time greedy outputs (tests/test_generation.py) and apply
+    `constraint` (ReplyConstraint: how replies open and end) the same way. Why the
     kit's decoder and not transformers' `generate_batch`: bench/RESULTS.md, "Generation engine".
     """
     if not prompts:
@@ -1493,16 +1573,19 @@ def generate_token_ids(model, tokenizer, prompts: list[list[dict] | str], gen_cf
     texts = [p if isinstance(p, str) else render_prompt(tokenizer, p) for p in prompts]
     engine = gen_cfg.get("engine", "kit")
     if engine == "generate":
-        return _generate_static_batches(model, tokenizer, texts, gen_cfg)
+        return _generate_static_batches(model, tokenizer, texts, gen_cfg, constraint)
     if engine != "kit":
         raise InputError(f"generation.engine: unknown engine '{engine}' (kit or generate)")
-    return _generate_hf(model, tokenizer, texts, gen_cfg, desc)
+    return _generate_hf(model, tokenizer, texts, gen_cfg, desc, constraint)
 
 
-def _generate_static_batches(model, tokenizer, texts: list[str], gen_cfg: dict) -> list[list[int]]:
+def _generate_static_batches(model, tokenizer, texts: list[str], gen_cfg: dict,
+                             constraint: ReplyConstraint | None = None) -> list[list[int]]:
     """`model.generate` on batches of generation.batch_size prompts (longest first, left-padded);
-    a batch runs until its last row stops."""
+    a batch runs until its last row stops. A constraint enters as a logits processor and a
+    stopping criterion over the new tokens."""
     import torch
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     generation_config = _generation_config(tokenizer, gen_cfg)
     device = next(model.parameters()).device
@@ -1518,10 +1601,26 @@ def _generate_static_batches(model, tokenizer, texts: list[str], gen_cfg: dict) 
             batch = order[start:start + batch_size]
             padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, padding_side="left",
                                    return_tensors="pt").to(device)
+            prompt_width = padded["input_ids"].shape[1]
+            extra = {}
+            if constraint is not None:
+                class Constrain(LogitsProcessor):
+                    def __call__(self, input_ids, scores):
+                        return constraint.mask(scores, input_ids[:, prompt_width:].tolist())
+
+                class EndOfLine(StoppingCriteria):
+                    def __call__(self, input_ids, scores, **kwargs):
+                        return torch.tensor([constraint.ends(ids) for ids in input_ids[:, prompt_width:].tolist()],
+                                            device=input_ids.device)
+                extra = {"logits_processor": LogitsProcessorList([Constrain()]),
+                         "stopping_criteria": StoppingCriteriaList([EndOfLine()])}
             with torch.inference_mode(), autocast:
-                out = model.generate(**padded, generation_config=generation_config)
-            for index, ids in zip(batch, out[:, padded["input_ids"].shape[1]:].tolist()):
-                results[index] = _trim_at_eos(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                out = model.generate(**padded, generation_config=generation_config, **extra)
+            for index, ids in zip(batch, out[:, prompt_width:].tolist()):
+                ids = _trim_at_eos(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                if constraint is not None:  # a row that ended at its line break is padded after it
+                    ids = next((ids[:k] for k in range(1, len(ids) + 1) if constraint.ends(ids[:k])), ids)
+                results[index] = ids
     return results
 
 
@@ -1560,7 +1659,8 @@ def _shared_prefix_length(sequences: list[list[int]]) -> int:
     return length
 
 
-def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str) -> list[list[int]]:
+def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str,
+                 constraint: ReplyConstraint | None = None) -> list[list[int]]:
     """Continuously batched decoding with a plain forward loop (model.generate is not used).
 
     Why: on a 2-core CPU, model.generate's batches run until their slowest row stops, and a
@@ -1607,7 +1707,10 @@ def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str) -
         input_ids = tails["input_ids"].to(device)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions[:, -input_ids.shape[1]:],
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return _DecodeBatch(torch.tensor(indices, device=device), _next_tokens(out.logits[:, -1, :], gen_cfg, generator),
+        logits = out.logits[:, -1, :]
+        if constraint is not None:
+            constraint.mask(logits, [[] for _ in indices])
+        return _DecodeBatch(torch.tensor(indices, device=device), _next_tokens(logits, gen_cfg, generator),
                             mask, positions[:, -1] + 1, out.past_key_values)
 
     tail_lengths = [len(ids) - prefix_len for ids in encoded]
@@ -1624,7 +1727,7 @@ def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str) -
                 joining = [pending.pop() for _ in range(min(free, len(pending)))]  # longest first
                 for chunk in _similar_length_chunks(joining, tail_lengths):
                     fresh = prefill(chunk)
-                    fresh = fresh.record_and_drop(results, eos_id, max_new_tokens)  # their first tokens
+                    fresh = fresh.record_and_drop(results, eos_id, max_new_tokens, constraint)  # first tokens
                     bar.update(len(chunk) - (0 if fresh is None else len(fresh.rows)))
                     if fresh is not None:
                         live = fresh if live is None else live.merge(fresh)
@@ -1632,9 +1735,9 @@ def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str) -
                         pending.extend(reversed(joining[joining.index(chunk[-1]) + 1:]))  # wait for the next round
                         break
                 continue
-            live.step(model, gen_cfg, generator)
+            live.step(model, gen_cfg, generator, constraint, results)
             decoding = len(live.rows)
-            live = live.record_and_drop(results, eos_id, max_new_tokens)
+            live = live.record_and_drop(results, eos_id, max_new_tokens, constraint)
             bar.update(decoding - (0 if live is None else len(live.rows)))
     return results
 
@@ -1657,21 +1760,26 @@ class _DecodeBatch:
     def __init__(self, rows, tokens, mask, next_position, cache):
         self.rows, self.tokens, self.mask, self.next_position, self.cache = rows, tokens, mask, next_position, cache
 
-    def step(self, model, gen_cfg: dict, generator) -> None:
+    def step(self, model, gen_cfg: dict, generator, constraint=None, results=None) -> None:
         import torch
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         out = model(input_ids=self.tokens[:, None], attention_mask=self.mask, position_ids=self.next_position[:, None],
                     past_key_values=self.cache, use_cache=True)
         self.cache, self.next_position = out.past_key_values, self.next_position + 1
-        self.tokens = _next_tokens(out.logits[:, -1, :], gen_cfg, generator)
+        logits = out.logits[:, -1, :]
+        if constraint is not None:
+            constraint.mask(logits, [results[row] for row in self.rows.tolist()])
+        self.tokens = _next_tokens(logits, gen_cfg, generator)
 
-    def record_and_drop(self, results: list[list[int]], eos_id: int, max_new_tokens: int) -> "_DecodeBatch | None":
+    def record_and_drop(self, results: list[list[int]], eos_id: int, max_new_tokens: int,
+                        constraint=None) -> "_DecodeBatch | None":
         """Append each row's new token; rows that stopped leave (None when none is left)."""
         import torch
         live = []
         for position, (row, token) in enumerate(zip(self.rows.tolist(), self.tokens.tolist())):
             results[row].append(token)
-            if token != eos_id and len(results[row]) < max_new_tokens:
+            if (token != eos_id and len(results[row]) < max_new_tokens
+                    and not (constraint is not None and constraint.ends(results[row]))):
                 live.append(position)
         if not live:
             return None

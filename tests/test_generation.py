@@ -252,3 +252,77 @@ def test_sampling_is_seeded(varied_model):
     assert common.generate_token_ids(model, tokenizer, prompts, dict(cfg, seed=1)) == first
     assert common.generate_token_ids(model, tokenizer, prompts, dict(cfg, seed=2)) != first
     assert first != common.generate_token_ids(model, tokenizer, prompts, gen_cfg(max_new_tokens=8))  # not greedy
+
+
+# ---- Constrained replies (generation.constrain_response, the judge's forced choice) ----------
+@pytest.mark.parametrize("task", [TASK_NLI, TASK_PAR], ids=["nli", "par"])
+def test_constrained_replies_open_with_a_label_and_end_at_the_line(varied_model, task):
+    """Every reply opens with `Label: <a label of the task>` and `Explanation:`, has one line of
+    explanation, and both engines agree; the random model's free replies never parse."""
+    model, tokenizer = varied_model
+    requests = [{"dataset": "toy", "item_id": f"i{i}", "annotator": "A0",
+                 "messages": common.build_messages(task, "A0", a, b)} for i, (a, b) in enumerate(SENTENCES)]
+    constrained = dict(gen_cfg(max_new_tokens=24, batch_size=3), constrain_response=True)
+    free = common.generate_predictions(model, tokenizer, requests, task, gen_cfg(max_new_tokens=24),
+                                       method="base", model_tag="t", seed=1)
+    assert common.parse_rate(free) == 0.0
+    predictions = common.generate_predictions(model, tokenizer, requests, task, constrained,
+                                              method="base", model_tag="t", seed=1)
+    labels = task.get("labels") or list(range(-5, 6))
+    for p in predictions:
+        head, _, explanation = p["output"].partition("\nExplanation:")
+        assert head.startswith("Label: ") and common.normalize_label(head[len("Label: "):], task) in labels
+        assert "\n" not in explanation.rstrip("\n")
+        assert p["label"] in labels and p["parse_ok"] == bool(p["explanation"])
+    static = common.generate_predictions(model, tokenizer, requests, task, dict(constrained, engine="generate"),
+                                         method="base", model_tag="t", seed=1)
+    assert [p["output"] for p in static] == [p["output"] for p in predictions]
+
+
+def test_constrained_label_is_the_models_most_likely_allowed_token(varied_model):
+    """The first label token is the argmax of the model's logits over the tokens that continue
+    some opening, right after the forced `Label:` (no other rule picks it)."""
+    model, tokenizer = varied_model
+    constraint = common.ReplyConstraint(tokenizer, common.response_openings(TASK_NLI), end_at_line_break=True)
+    prompts = varied_prompts(5)
+    replies = common.generate_token_ids(model, tokenizer, prompts, gen_cfg(max_new_tokens=8), constraint=constraint)
+    forced = constraint.allowed([])
+    assert len(forced) == 1  # every opening starts with the same `Label` token(s)
+    for messages, reply in zip(prompts, replies):
+        prefix = tokenizer(common.render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+        depth = next(k for k in range(len(reply)) if len(constraint.allowed(reply[:k])) > 1)
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([prefix + reply[:depth]])).logits[0, -1]
+        options = constraint.allowed(reply[:depth])
+        assert reply[depth] == options[int(logits[options].argmax())]
+
+
+def test_reply_constraint_trie():
+    class Tok:  # characters as tokens; "\n" is token 10
+        name_or_path = "chars"
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+        def __len__(self):
+            return 128
+
+    eos = 3
+    ids = common.ReplyConstraint(Tok(), [[ord("A"), ord("1"), eos], [ord("A"), ord("1"), ord("0"), eos]])
+    assert ids.allowed([]) == [ord("A")]
+    assert sorted(ids.allowed([ord("A"), ord("1")])) == sorted([eos, ord("0")])  # A1 or A10, no other
+    assert ids.allowed([ord("A"), ord("1"), eos]) is None
+    lines = common.ReplyConstraint(Tok(), ["L: x\nE:", "L: y\nE:"], end_at_line_break=True)
+    assert sorted(lines.allowed([ord(c) for c in "L: "])) == [ord("x"), ord("y")]
+    assert lines.allowed([ord(c) for c in "L: x\nE: so"]) is None
+    assert not lines.ends([ord(c) for c in "L: x\n"])  # the opening's own line break
+    assert lines.ends([ord(c) for c in "L: x\nE: so\n"]) and not lines.ends([ord(c) for c in "L: x\nE: so"])
+    logits = torch.zeros(2, 128)
+    logits[0, ord("y")] = 5.0
+    logits[0, ord("z")] = 9.0
+    masked = lines.mask(logits, [[ord(c) for c in "L: "], [ord(c) for c in "L: x\nE: so"]])
+    assert int(masked[0].argmax()) == ord("y") and torch.isinf(masked[0, ord("z")])
+    assert torch.equal(masked[1], torch.zeros(128))  # free once the opening is complete
