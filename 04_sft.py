@@ -33,7 +33,9 @@ epoch's adapter is kept (our choice; dev loss is logged, not used for selection)
 cpu profile trains with bf16 autocast (1.4-1.7x the fp32 tokens/s on AVX512-BF16 cores) and without
 gradient checkpointing (it recomputes the forward; memory is no issue at 135M); measured in
 bench/RESULTS.md "## Training". With sft.max_train_examples (the cpu profile's budget) an
-annotator trains on a seeded sample of that many of its examples.
+annotator trains on a seeded sample of that many of its examples. Each annotator's budget is
+printed ("SFT budget: N steps x E examples per step", common.training_budget) and kept in
+train_log.json; 05_capo.py prints CAPO's beside it.
 """
 from __future__ import annotations
 
@@ -158,6 +160,10 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
                          eval_dataset=Dataset.from_list(dev_rows) if dev_rows else None,
                          processing_class=tokenizer, peft_config=lora_config(cfg["sft"]))
     supervised = check_supervision(trainer, tokenizer, train_rows[0])
+    budget = common.training_budget(len(train_rows), cfg["sft"])
+    print(f"[{name}] SFT budget: {budget['steps']} steps x {budget['per_step']} examples per step "
+          f"({len(train_rows)} examples x {budget['epochs']:g} epoch(s) / global batch {budget['global_batch_size']})",
+          flush=True)
     print(f"[{name}] {len(train_rows)} train / {len(dev_rows)} dev examples; "
           f"global batch {cfg['sft']['global_batch_size']} = {trainer.args.per_device_train_batch_size} "
           f"x {trainer.args.gradient_accumulation_steps} accumulation x {common.world_size()} process(es); "
@@ -174,7 +180,7 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
             trainer.model.save_pretrained(tmp)
             common.write_json(tmp / "train_log.json", {
                 "dataset": dataset, "model": tag, "annotator": annotator, "method": "sft",
-                "train_examples": len(train_rows), "train_examples_available": available,
+                "train_examples": len(train_rows), "train_examples_available": available, "budget": budget,
                 "dev_examples": len(dev_rows),
                 "left_out_too_long": {"train": too_long, "dev": dev_too_long},
                 "world_size": common.world_size(),

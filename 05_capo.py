@@ -27,7 +27,17 @@ pairs/<dataset>/<model>/all/, its adapters and predictions to method `capo_all`.
 capo.rejected_valid_only, a response that peers judged invalid (VariErr valid: false) is
 never a rejected one; unjudged responses (valid: null, all of paraphrase) count as valid.
 With capo.max_pairs (the cpu profile's budget) an annotator trains on a seeded sample of
-that many pairs; the JSONL holds the pairs used, pairs_stats.json both counts.
+that many pairs, spread over the train items (sample_pairs_across_items): the items in a seeded
+order, one pair per item in turn (every item's first pair, then every item's second, ...) until
+max_pairs, the pair taken within an item seeded too; the same seed gives the same sample. The
+JSONL holds the pairs used, pairs_stats.json both counts.
+
+Budget. Per annotator 05 prints "CAPO budget: N steps x P pairs per step (SFT: M steps x E
+examples per step)": CAPO's from the pairs used, capo.epochs and capo.global_batch_size; SFT's
+from the sft section (min(sft.max_train_examples, the annotator's train examples) x sft.epochs /
+sft.global_batch_size), both as the trainer counts steps (common.training_budget). When CAPO
+gets fewer steps or fewer pairs per step than SFT had examples, a warning line names both
+budgets (not an error: "CAPO vs SFT" then compares unequal training, which may be intended).
 
 Training. The policy is the SFT adapter loaded as a trainable PeftModel; no peft_config and
 no ref_model go to trl's DPOTrainer, which then adds a frozen copy of the adapter named "ref"
@@ -36,20 +46,26 @@ reference log-probabilities are computed once before training (capo.precompute_r
 Loss: DPO (sigmoid) with capo.beta.
 
 Checkpoint selection (aggregation-aware, on dev). Every capo.eval_every_steps steps and at
-the end, the current adapter generates on the target's dev items; the outputs are embedded as
-in 02 (capo.select_representation, E3 by default: explanation embedding minus the mean of the
-human responses to the same item) and an annotator classifier trained on the human train
-responses scores groups of capo.select_group_size outputs; the measure is the mean
-probability of the target. The best step is kept. When the target has fewer than
-capo.select_min_dev_items dev items (or the classifier cannot be trained), the measure is
-the DPO loss on dev pairs instead; without dev pairs the last step is kept. The SFT adapter
+the end, the current adapter generates on the target's dev items; dev-time checkpoint selection
+keeps a sample, stated: with capo.select_max_dev_items, a seeded sample of at most that many of
+the target's dev items (seeded by data.split_seed and the dataset, independent of
+data.max_eval_items, which only decides what 03-06 predict and score; null: every dev item).
+The sample and its size go to selection.json. The outputs are embedded as in 02
+(capo.select_representation, E3 by default: explanation embedding minus the mean of the human
+responses to the same item) and an annotator classifier trained on the human train responses
+scores groups of capo.select_group_size outputs; the measure is the mean probability of the
+target. The best step is kept. When the target has fewer than capo.select_min_dev_items dev
+items in the sample (or the classifier cannot be trained), the measure is the DPO loss on dev
+pairs of the sampled items instead; without dev pairs the last step is kept. The SFT adapter
 (step 0) is scored too, for reference, but is not a candidate. Our choices: an unparsable
 output stands in with its raw text (so breaking the format is not rewarded); hyperparameters
-are the kit's (the paper's are unknown; docs/CHOICES.md).
+are the kit's (the paper's are unknown; docs/CHOICES.md). The cpu profile selects every 8 of
+its 24 steps (steps 0, 8, 16, 24) on 40 dev items.
 """
 from __future__ import annotations
 
 import gc
+import random
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -118,6 +134,34 @@ def build_pairs(records: list[dict], task: dict, target: str, policy: str, score
     return pairs
 
 
+def sample_pairs_across_items(pairs: list[dict], cap: int | None, seed_key: str) -> list[dict]:
+    """`pairs`, or `cap` of them spread over their items, in their original order.
+
+    random.Random(seed_key) orders the items and, within each item, its pairs; the draw then takes
+    one pair per item in turn (each item's first pair in item order, then each item's second, ...)
+    until `cap`. So cap <= number of items gives `cap` distinct items, and no item gets a second
+    pair before every item has one.
+    """
+    if not cap or len(pairs) <= int(cap):
+        return pairs
+    rng = random.Random(seed_key)
+    by_item: dict[str, list[int]] = defaultdict(list)
+    for index, pair in enumerate(pairs):
+        by_item[pair["item_id"]].append(index)
+    items = sorted(by_item)
+    rng.shuffle(items)
+    for item in items:
+        rng.shuffle(by_item[item])
+    keep: list[int] = []
+    for turn in range(max(len(indices) for indices in by_item.values())):
+        for item in items:
+            if turn < len(by_item[item]):
+                keep.append(by_item[item][turn])
+                if len(keep) == int(cap):
+                    return [pairs[i] for i in sorted(keep)]
+    return [pairs[i] for i in sorted(keep)]
+
+
 def write_pairs(cfg: dict, dataset: str, task: dict, splits: dict, model_tag: str, policy: str) -> dict:
     """Every annotator's train pairs (JSONL) and pairs_stats.json; returns {annotator: pairs}."""
     section = cfg["capo"]
@@ -136,9 +180,10 @@ def write_pairs(cfg: dict, dataset: str, task: dict, splits: dict, model_tag: st
             row[name] = {**dict(counts), "dev_pairs": len(dev_pairs),
                          "by_rejected_annotator": dict(Counter(p["rejected_annotator"] for p in pairs))}
             if name == policy:
-                all_pairs[annotator] = common.seeded_sample(pairs, section["max_pairs"],
-                                                            f"{cfg['seed']}/{dataset}/{annotator}/{policy}")
+                all_pairs[annotator] = sample_pairs_across_items(pairs, section["max_pairs"],
+                                                                 f"{cfg['seed']}/{dataset}/{annotator}/{policy}")
                 row[name]["pairs_used"] = len(all_pairs[annotator])
+                row[name]["items_used"] = len({p["item_id"] for p in all_pairs[annotator]})
         stats["per_annotator"][annotator] = row
         if common.is_main_process():
             common.write_jsonl(pairs_dir / f"{annotator}.jsonl", all_pairs[annotator])
@@ -146,6 +191,32 @@ def write_pairs(cfg: dict, dataset: str, task: dict, splits: dict, model_tag: st
         common.write_json(out_dir / "pairs_stats.json", stats)
         common.save_resolved_config(cfg, out_dir, stage="05_capo")
     return all_pairs
+
+
+def budgets(cfg: dict, train_records: list[dict], annotator: str, n_pairs: int) -> dict:
+    """{"capo": ..., "sft": ...}: common.training_budget of CAPO on the `n_pairs` pairs used and of
+    SFT on min(sft.max_train_examples, the annotator's train examples), from the config."""
+    available = sum(1 for record in train_records if record["annotator"] == annotator)
+    cap = cfg["sft"]["max_train_examples"]
+    examples = min(int(cap), available) if cap else available
+    return {"capo": common.training_budget(n_pairs, cfg["capo"]), "sft": common.training_budget(examples, cfg["sft"])}
+
+
+def budget_lines(budget: dict) -> list[str]:
+    """The budget line, and a warning line when CAPO gets fewer steps or fewer pairs per step than SFT."""
+    capo_b, sft_b = budget["capo"], budget["sft"]
+    capo_text = f"{capo_b['steps']} steps x {capo_b['per_step']} pairs per step"
+    sft_text = f"{sft_b['steps']} steps x {sft_b['per_step']} examples per step"
+    lines = [f"CAPO budget: {capo_text} (SFT: {sft_text})"]
+    short = [what for what, fewer in (("fewer optimizer steps", capo_b["steps"] < sft_b["steps"]),
+                                      ("fewer pairs per step", capo_b["per_step"] < sft_b["per_step"])) if fewer]
+    if short:
+        lines.append(f"warning: CAPO gets {' and '.join(short)} than SFT (CAPO {capo_text}, from {capo_b['examples']} "
+                     f"pairs x {capo_b['epochs']:g} epoch(s) / global batch {capo_b['global_batch_size']}; SFT {sft_text}, "
+                     f"from {sft_b['examples']} examples x {sft_b['epochs']:g} epoch(s) / global batch "
+                     f"{sft_b['global_batch_size']}): CAPO vs SFT compares unequal training; see capo.max_pairs, "
+                     f"capo.epochs, capo.global_batch_size")
+    return lines
 
 
 def trl_rows(pairs: list[dict]) -> list[dict]:
@@ -198,6 +269,20 @@ class DevLossMeasure:
         metrics = trainer.evaluate()
         return {"score": metrics["eval_loss"],
                 "dev_reward_accuracy": metrics.get("eval_rewards/accuracies")}
+
+
+def selection_dev_records(cfg: dict, dataset: str, dev_records: list[dict], annotator: str) -> tuple[list[dict], int]:
+    """(the dev records checkpoint selection uses, how many dev items the target has).
+
+    Of the target's dev items, a seeded sample of at most capo.select_max_dev_items (null: all),
+    seeded by data.split_seed and the dataset only (the same items for every training seed and
+    for every annotator with the same dev items; data.max_eval_items plays no part), with every
+    annotator's records on those items (their mean takes the item content out of the embeddings).
+    """
+    items = sorted({record["item_id"] for record in dev_records if record["annotator"] == annotator})
+    keep = set(common.seeded_sample(items, cfg["capo"]["select_max_dev_items"],
+                                    f"{cfg['data']['split_seed']}/{dataset}/dev/capo_selection"))
+    return [record for record in dev_records if record["item_id"] in keep], len(items)
 
 
 def selection_plan(cfg: dict, splits: dict, annotator: str, dev_pairs: list[dict]) -> tuple[str | None, str]:
@@ -324,9 +409,10 @@ def build_trainer(cfg: dict, model_cfg: dict, sft_path, train_pairs: list[dict],
 
 def adapter_recipe(cfg: dict, dataset: str, model_cfg: dict, sft_path, pairs_path) -> dict:
     """What a CAPO adapter depends on: its pairs, the SFT adapter it starts from, 01's files
-    (dev selection) and the config (DPO, the selection classifier and decoding)."""
+    (dev selection) and the config (DPO, the selection classifier and its dev sample, decoding).
+    Not data.max_eval_items: selection draws its own dev sample (capo.select_max_dev_items)."""
     return common.recipe(cfg, "05_capo", [pairs_path, sft_path, *common.data_files(cfg, dataset)],
-                         ["seed", "data.split_seed", "data.max_eval_items", "capo", "hlv", "embedder", "generation",
+                         ["seed", "data.split_seed", "capo", "hlv", "embedder", "generation",
                           f"models[{model_cfg['tag']}]"])
 
 
@@ -334,6 +420,11 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
                   annotator: str, pairs: list[dict], sft_path, adapter_path, method: str, made_from: dict) -> None:
     tag, name = model_cfg["tag"], f"{method} {dataset}/{model_cfg['tag']}/{annotator}"
     section = cfg["capo"]
+    # Selection works on its own seeded sample of dev items (capo.select_max_dev_items), not on 03-06's.
+    dev_records, dev_items_available = selection_dev_records(cfg, dataset, common.load_split(cfg, dataset, "dev"),
+                                                             annotator)
+    dev_items = sorted({r["item_id"] for r in dev_records if r["annotator"] == annotator})
+    splits = {**splits, "dev": dev_records}
     dev_pairs = build_pairs(splits["dev"], task, annotator, section["pair_policy"], section["score_delta"],
                             section["rejected_valid_only"], split="dev")
     work_dir = common.training_work_dir(cfg, dataset, tag, method, annotator)
@@ -354,13 +445,17 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
         trainer.add_callback(selection)
     print(f"[{name}] {len(pairs)} train pairs ({section['pair_policy']}), {len(dev_pairs)} dev pairs; policy = "
           f"SFT adapter {sft_path} (trainable), reference = trl's frozen copy 'ref' of it on the same base model; "
-          f"selection: {measure.name if measure else 'none'} ({why})", flush=True)
+          f"selection: {measure.name if measure else 'none'} ({why}) on {len(dev_items)} of the target's "
+          f"{dev_items_available} dev items (capo.select_max_dev_items {section['select_max_dev_items']}), "
+          f"every {section['eval_every_steps']} steps", flush=True)
 
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     if trainer.accelerator.is_main_process:
         best = selection.best() if selection else None
         choice = {"measure": measure.name if measure else None, "why": why,
+                  "dev_items": dev_items, "dev_items_available": dev_items_available,
+                  "select_max_dev_items": section["select_max_dev_items"],
                   "greater_is_better": measure.greater_is_better if measure else None,
                   "chosen_step": best["step"] if best else trainer.state.global_step,
                   "chosen": best, "final_step": trainer.state.global_step,
@@ -379,6 +474,7 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
                 "dataset": dataset, "model": tag, "annotator": annotator, "method": method,
                 "sft_adapter": str(sft_path), "reference": "frozen copy of the SFT adapter ('ref')",
                 "train_pairs": len(pairs), "dev_pairs": len(dev_pairs), "world_size": common.world_size(),
+                "budget": budgets(cfg, splits["train"], annotator, len(pairs)),
                 "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
                 "train_loss": result.training_loss, "steps": trainer.state.global_step,
                 "resumed_from": resume_from, "seconds": round(time.time() - started, 1),
@@ -428,6 +524,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                           "written", flush=True)
                     done.append({**status, "path": None, "parse_rate": None, "seconds": 0.0})
                     continue
+                if common.is_main_process():
+                    for line in budget_lines(budgets(cfg, splits["train"], annotator, len(pairs))):
+                        print(f"[{name}] {line}", flush=True)
 
                 # ---- the SFT adapter it starts from must be finished from the same data and config
                 sft_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)

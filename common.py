@@ -30,6 +30,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import random
@@ -181,6 +182,7 @@ capo:
   select_group_size: int
   select_groups: int
   select_min_dev_items: int
+  select_max_dev_items: int|null
   trainer: map
 eval:
   group_size: int
@@ -1905,6 +1907,18 @@ def gradient_accumulation_steps(section: dict, name: str) -> int:
         raise InputError(f"{name}.global_batch_size {global_batch} is not a multiple of per_device_batch_size "
                          f"{per_device} x {world_size()} process(es); change one of them")
     return global_batch // per_step
+
+
+def training_budget(examples: int, section: dict) -> dict:
+    """The optimizer steps a run on `examples` rows (examples or pairs) gets from the `sft:` or
+    `capo:` section's epochs and global batch, counted as transformers' Trainer counts them
+    (ceil(epochs x ceil(examples / global batch)), whatever the processes and accumulation), and
+    the rows each step averages over (the global batch; all rows when there are fewer)."""
+    batch = int(section["global_batch_size"])
+    per_epoch = math.ceil(examples / batch) if examples > 0 else 0
+    return {"examples": int(examples), "epochs": section["epochs"], "global_batch_size": batch,
+            "steps": math.ceil(float(section["epochs"]) * per_epoch), "per_step": min(batch, max(int(examples), 0)),
+            "learning_rate": section["learning_rate"]}
 
 
 def trainer_args(cfg: dict, stage: str) -> dict:

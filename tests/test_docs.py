@@ -100,3 +100,37 @@ def test_no_file_cites_notes_outside_the_repository():
             elif rel.parts[0] != "docs" and re.search(r"(?<!docs/)\bDESIGN\.md", line):
                 offenders.append(f"{rel}:{lineno}")
     assert not offenders, f"cite files that are not in the repository: {offenders}"
+
+
+def budget_table(text: str) -> dict[str, tuple[str, str]]:
+    """The README's SFT / CAPO budget table: {row name: (SFT cell, CAPO cell)}."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| per annotator | SFT"))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def test_the_readme_budget_table_is_the_cpu_profiles():
+    """The side-by-side SFT / CAPO budgets in the README are read from configs/cpu.yaml, so they cannot drift."""
+    import common
+    cfg = common.load_config(ROOT / "configs" / "cpu.yaml")
+    sft_b = common.training_budget(cfg["sft"]["max_train_examples"], cfg["sft"])
+    capo_b = common.training_budget(cfg["capo"]["max_pairs"], cfg["capo"])
+    expected = {"examples / pairs": (cfg["sft"]["max_train_examples"], cfg["capo"]["max_pairs"]),
+                "epochs": (cfg["sft"]["epochs"], cfg["capo"]["epochs"]),
+                "global batch": (cfg["sft"]["global_batch_size"], cfg["capo"]["global_batch_size"]),
+                "optimizer steps": (sft_b["steps"], capo_b["steps"]),
+                "examples / pairs per step": (sft_b["per_step"], capo_b["per_step"]),
+                "learning rate": (cfg["sft"]["learning_rate"], cfg["capo"]["learning_rate"])}
+    table = budget_table((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert set(table) == set(expected)
+    for row, values in expected.items():
+        assert tuple(float(cell) for cell in table[row]) == tuple(float(v) for v in values), row
+    # the checker reads what it should: a changed number is caught
+    changed = budget_table("| per annotator | SFT | CAPO |\n|---|---|---|\n| optimizer steps | 24 | 4 |\n")
+    assert changed == {"optimizer steps": ("24", "4")}

@@ -199,8 +199,16 @@ def test_04_and_05_run_end_to_end_and_adapters_load_with_plain_peft(pipeline, ca
         assert log["steps"] > 0
     sft_log = json.loads((common.adapter_dir(cfg, "toy", tag, "sft", "A0") / "train_log.json").read_text())
     assert [row["epoch"] for row in sft_log["dev_loss_per_epoch"]] == [1.0, 2.0]
+    # the budgets 04 and 05 compute from the config are the steps the trainers took
+    for annotator in TRAINED:
+        sft_log, capo_log = (json.loads((common.adapter_dir(cfg, "toy", tag, method, annotator) / "train_log.json")
+                                        .read_text()) for method in ("sft", "capo"))
+        assert sft_log["budget"]["steps"] == sft_log["steps"] == capo_log["budget"]["sft"]["steps"]
+        assert capo_log["budget"]["capo"]["steps"] == capo_log["steps"]
+        assert capo_log["budget"]["capo"]["examples"] == capo_log["train_pairs"]
     selection = json.loads((common.adapter_dir(cfg, "toy", tag, "capo", "A0") / "selection.json").read_text())
     assert selection["measure"] == "group_target_confidence"
+    assert selection["dev_items"] == ["dev0", "dev1"] and selection["dev_items_available"] == 2
     assert selection["history"][0]["step"] == 0 and selection["chosen_step"] >= 1
     pairs_dir = common.run_dir(cfg) / "pairs" / "toy" / tag
     stats = json.loads((pairs_dir / "pairs_stats.json").read_text())
@@ -217,6 +225,12 @@ def test_04_and_05_run_end_to_end_and_adapters_load_with_plain_peft(pipeline, ca
     capo.main(["--config", str(config_path), "--dataset", "toy", "--annotators", "A2"])
     out = capsys.readouterr().out
     assert out.count("adapter is current") == 2 and "training (" not in out
+    # 05 states CAPO's budget beside SFT's, and warns: A2's 3 pairs at global batch 2 are 2 steps, SFT had 4
+    a2_sft, a2_capo = (json.loads((common.adapter_dir(cfg, "toy", tag, method, "A2") / "train_log.json").read_text())
+                       for method in ("sft", "capo"))
+    assert (a2_capo["steps"], a2_sft["steps"]) == (2, 4)
+    assert "[capo toy/tiny/A2] CAPO budget: 2 steps x 2 pairs per step (SFT: 4 steps x 2 examples per step)" in out
+    assert "[capo toy/tiny/A2] warning: CAPO gets fewer optimizer steps than SFT" in out
 
 
 # ---------------------------------------------------------------------------- provenance
@@ -342,7 +356,7 @@ def test_cpu_budget_caps_train_examples_pairs_and_eval_items(tmp_path):
     """sft.max_train_examples, capo.max_pairs and data.max_eval_items take seeded samples: the
     same test items for every method, the pairs file holds the pairs used, the logs say so."""
     config_path = write_fixture(tmp_path, sft__max_train_examples=2, sft__epochs=1, capo__max_pairs=1,
-                                data__max_eval_items=1, capo__select_min_dev_items=99)
+                                data__max_eval_items=1, capo__select_min_dev_items=99, capo__select_max_dev_items=1)
     cfg = common.load_config(config_path)
     argv = ["--config", str(config_path), "--dataset", "toy", "--annotators", "A0"]
     sft.main(argv)
@@ -362,6 +376,10 @@ def test_cpu_budget_caps_train_examples_pairs_and_eval_items(tmp_path):
     assert len(common.read_jsonl(pairs_dir / "A0.jsonl")) == 1
     capo_log = json.loads((common.adapter_dir(cfg, "toy", tag, "capo", "A0") / "train_log.json").read_text())
     assert capo_log["train_pairs"] == 1
+    # dev selection keeps its own seeded sample (capo.select_max_dev_items), stated in selection.json
+    selection = json.loads((common.adapter_dir(cfg, "toy", tag, "capo", "A0") / "selection.json").read_text())
+    assert len(selection["dev_items"]) == 1 and selection["dev_items_available"] == 2
+    assert selection["select_max_dev_items"] == 1
 
 
 def test_seeded_sample_keeps_order_and_is_stable():
