@@ -182,7 +182,8 @@ capo:
   select_min_dev_items: int
   trainer: map
 eval:
-  group_size: int
+  group_sizes: list[int]
+  group_size_max_share: float
   bootstrap_groups: int
   classifier_representation: str
   feature_bins: int
