@@ -23,6 +23,8 @@ This file computes the numbers; eval_report.py (imported here only) writes them 
   tables/judge_attribution.{md,csv}  LLM-as-judge attribution
   tables/judge_verdicts.jsonl        every judge reply and the verdict read from it
   tables/per_annotator.{md,csv}      every metric per target annotator
+  tables/group_sizes.{md,csv}        group clf conf and norm. imitation at every m of eval.group_sizes,
+                                     with the m used where the cap changed it
   tables/fig_<metric>.png            one bar chart per metric, with interval error bars
   tables/fig_training_curves.png     training loss (04, 05) and CAPO's dev-selection score per step
   tables/config.resolved.yaml
@@ -57,7 +59,7 @@ import numpy as np
 import common
 import eval_report
 from common import input_error
-from eval_report import HUMAN
+from eval_report import HUMAN, primary_group_size, requested_group_sizes
 
 PROMPTING_METHODS = ("base", "icl", "vp", "vp_icl")
 TRAINED_METHODS = ("sft", "capo")
@@ -167,8 +169,40 @@ def kl_divergence(human_counts: np.ndarray, model_counts: np.ndarray, smoothing:
 #    human test responses are placed in that space by subtracting the mean of the HUMAN test
 #    responses to the same item (common.representation_vectors). Bootstrapped groups of m
 #    outputs of one target are averaged and classified; the metric is the mean probability
-#    of the target. m = eval.group_size, capped by the outputs that exist; the human
-#    reference uses the same m as the model outputs it normalises.
+#    of the target. Every m in eval.group_sizes is scored (per-m metrics `<metric>_m<m>`);
+#    the plain names (group_clf_conf, norm_imitation, ...) are the PRIMARY m, the largest
+#    in the list (50, the paper's). Each m is capped at floor(eval.group_size_max_share x n),
+#    n = min(the target's outputs, its human test responses), so a group is a real subsample
+#    of the outputs and never the whole set (a whole-set group makes each target's value 0
+#    or 1: the metric saturates); the m used is recorded per target (`group_m_used`). A cap
+#    below 1 leaves the value missing, with the reason. The human reference uses the same m
+#    as the model outputs it normalises.
+def check_group_config(cfg: dict) -> None:
+    ev, where = cfg["eval"], cfg.get("config_path", "config")
+    sizes = ev["group_sizes"]
+    if not isinstance(sizes, list) or not sizes or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1
+                                                           for m in sizes):
+        raise input_error(where, "must be a non-empty list of positive integers", field="eval.group_sizes")
+    share = ev["group_size_max_share"]
+    if not 0 < float(share) <= 1:
+        raise input_error(where, f"must be in (0, 1], got {share}", field="eval.group_size_max_share")
+
+
+def capped_group_size(requested: int, n_outputs: int, n_human: int, share: float) -> tuple[int | None, str | None]:
+    """(m used, None) or (None, why not): requested m capped at floor(share x n), n = min(outputs,
+    human test responses)."""
+    if n_outputs == 0:
+        return None, "no outputs"
+    if n_human == 0:
+        return None, "no human test responses"
+    n = min(n_outputs, n_human)
+    cap = int(np.floor(share * n + 1e-9))
+    if cap < 1:
+        return None, (f"too few responses for a group that is a real subsample: m={requested} capped at "
+                      f"floor({share:g} x n={n}) = {cap} (n = min(outputs {n_outputs}, human test responses {n_human}))")
+    return min(int(requested), cap), None
+
+
 def normalised_imitation(model_confidence: float | None, human_confidence: float | None) -> float | None:
     """Our ImiScore: the model's group confidence for the target divided by the same confidence
     for the target's held-out human test explanations (1.0 = as recognisable as the human).
@@ -474,18 +508,19 @@ def imitation_reference(cfg: dict, ds: dict, ev: dict, cache_dir: Path) -> dict:
             "cache": {}}
 
 
-def group_confidence(cfg: dict, ev: dict, reference: dict, annotator: str, X) -> dict:
-    """Group confidence of the outputs X of one target, and of the target's human test
-    responses at the same m (cached), and their ratio."""
+def group_confidence(cfg: dict, ev: dict, reference: dict, annotator: str, X, requested: int | None = None) -> dict:
+    """Group confidence of the outputs X of one target at the requested m (default: the primary
+    m), capped as in OUR DEFINITIONS; the same for the target's human test responses at the m
+    used (cached), and their ratio. "m" is the m used, "requested" the m asked for."""
+    requested = primary_group_size(ev) if requested is None else int(requested)
     classes = [str(c) for c in reference["clf"].classes_]
     if annotator not in classes:
-        return {"conf": None, "human_conf": None, "m": 0,
+        return {"conf": None, "human_conf": None, "m": 0, "requested": requested,
                 "reason": f"{annotator} has no train responses, so the classifier has no such class"}
     human_X = reference["human_X"][annotator]
-    m = min(int(ev["group_size"]), len(X), len(human_X))
-    if m == 0:
-        why = "no outputs" if len(X) == 0 else "no human test responses"
-        return {"conf": None, "human_conf": None, "m": 0, "reason": why}
+    m, why = capped_group_size(requested, len(X), len(human_X), float(ev["group_size_max_share"]))
+    if m is None:
+        return {"conf": None, "human_conf": None, "m": 0, "requested": requested, "reason": why}
     seed = stable_seed(cfg["seed"], "group", annotator)
     n_groups = int(ev["bootstrap_groups"])
     model = common.group_target_confidence(reference["clf"], X, annotator, m, n_groups, seed)
@@ -494,8 +529,72 @@ def group_confidence(cfg: dict, ev: dict, reference: dict, annotator: str, X) ->
         reference["cache"][key] = common.group_target_confidence(reference["clf"], human_X, annotator, m,
                                                                  n_groups, seed)
     human = reference["cache"][key]
-    return {"conf": model["mean_prob"], "human_conf": human["mean_prob"], "m": m,
+    return {"conf": model["mean_prob"], "human_conf": human["mean_prob"], "m": m, "requested": requested,
             "group_accuracy": model["accuracy"], "norm": normalised_imitation(model["mean_prob"], human["mean_prob"])}
+
+
+GROUP_METRICS = ("group_clf_conf", "group_accuracy", "norm_imitation", "human_group_clf_conf")
+
+
+def group_metric_names(ev: dict) -> list[str]:
+    """The macro-averaged group metrics: the primary ones, then `<metric>_m<m>` for every requested m."""
+    return [*GROUP_METRICS, *(f"{metric}_m{m}" for m in requested_group_sizes(ev) for metric in GROUP_METRICS)]
+
+
+def group_entry(cfg: dict, ds: dict, imitation: dict, annotator: str, X: np.ndarray, logits: np.ndarray,
+                item: np.ndarray, plan: dict, human: dict, salt: tuple) -> tuple[dict, dict]:
+    """(the group metrics of one target's outputs at every requested m, their (B,) draws).
+    Per m: `<metric>_m<m>`; the primary m also under the plain names; `group_m_used` {m: m used}.
+    The logits are computed once by the caller; only the groups are redrawn per m."""
+    ev = cfg["eval"]
+    primary = primary_group_size(ev)
+    classes = [str(c) for c in imitation["clf"].classes_]
+    column = classes.index(annotator) if annotator in classes else None
+    reference = human["targets"][annotator]
+    slots = plan[annotator]["slots"]
+    n_draws = int(ev["bootstrap_group_draws"])
+    entry, draws, reasons, used = {}, {}, {}, {}
+    confs = {requested: group_confidence(cfg, ev, imitation, annotator, X, requested)
+             for requested in requested_group_sizes(ev)}
+    sizes = sorted({conf["m"] for conf in confs.values() if conf["conf"] is not None})
+    model_draws, human_draws = {}, {}
+    if sizes:
+        # the human side at each m used, once per target and m (shared by every method)
+        todo = [m for m in sizes if ("bootstrap", annotator, m) not in imitation["cache"]]
+        if todo:
+            computed = bootstrap_group_scores(reference["logits"], reference["item"], slots, column, todo, n_draws,
+                                              stable_seed(cfg["seed"], "group-bootstrap-human", ds["name"], annotator))
+            for m in todo:
+                imitation["cache"][("bootstrap", annotator, m)] = computed[m]
+        human_draws = {m: imitation["cache"][("bootstrap", annotator, m)] for m in sizes}
+        model_draws = human_draws if logits is None else bootstrap_group_scores(
+            logits, item, slots, column, sizes, n_draws,
+            stable_seed(cfg["seed"], "group-bootstrap", ds["name"], annotator, *salt))
+    for requested, conf in confs.items():
+        used[str(requested)] = conf["m"] or None
+        values = {"group_clf_conf": conf["conf"], "group_accuracy": conf.get("group_accuracy"),
+                  "norm_imitation": conf.get("norm"), "human_group_clf_conf": conf["human_conf"]}
+        names = [(metric, f"{metric}_m{requested}") for metric in GROUP_METRICS]
+        for metric, name in names:
+            entry[name] = values[metric]
+            if values[metric] is None:
+                reasons[name] = conf.get("reason") or "not computed"
+        if conf["conf"] is not None:
+            model, human_side = model_draws[conf["m"]], human_draws[conf["m"]]
+            draws[f"group_clf_conf_m{requested}"] = model["conf"]
+            draws[f"group_accuracy_m{requested}"] = model["accuracy"]
+            draws[f"human_group_clf_conf_m{requested}"] = human_side["conf"]
+            draws[f"norm_imitation_m{requested}"] = ratio(model["conf"], human_side["conf"])
+        if requested == primary:
+            entry["group_m"] = conf["m"]
+            for metric, name in names:
+                entry[metric] = entry[name]
+                if name in reasons:
+                    reasons[metric] = reasons[name]
+                if name in draws:
+                    draws[metric] = draws[name]
+    entry["group_m_used"] = used
+    return {**entry, "reasons": reasons}, draws
 
 
 # ----------------------------------------------------------------------------
@@ -590,40 +689,60 @@ def row_logits(clf, X: np.ndarray) -> np.ndarray:
     return scores
 
 
+GROUP_DRAW_CHUNK = 1_000_000  # random keys per block of resamples (bounds the memory of one block)
+
+
+def bootstrap_group_scores(logits: np.ndarray, item: np.ndarray, slots: np.ndarray, column: int,
+                           group_sizes: list[int], draws: int, seed: int) -> dict[int, dict[str, np.ndarray]]:
+    """{m: {"conf": (B,), "accuracy": (B,)}} for every m in group_sizes: the group confidence for
+    the target `column` and the share of groups classified as the target. In each resample (its
+    drawn items, each with all its rows) `draws` groups of min(m, rows) distinct rows are averaged
+    and classified, as in the point estimate (common.group_target_confidence); nan where a
+    resample has no rows.
+
+    Each group is the first m rows of a random order of the resample's rows, so one order (and
+    one pass over the row scores, their running sums) serves every m. The draws for one m do not
+    depend on which other m are asked for. Resamples are drawn in blocks to bound memory."""
+    sizes = sorted({int(m) for m in group_sizes})
+    n_resamples, n_slots = slots.shape
+    out = {m: {"conf": np.full(n_resamples, np.nan), "accuracy": np.full(n_resamples, np.nan)} for m in sizes}
+    if not len(item) or not sizes:
+        return out
+    order = np.argsort(item, kind="stable")
+    counts = np.bincount(item, minlength=n_slots)
+    # rows_of[i, k]: item i's k-th row, -1 past its rows; a resample's rows are rows_of[its slots].
+    width = int(counts.max())
+    rows_of = np.full((n_slots, width), -1)
+    rows_of[np.arange(width)[None, :] < counts[:, None]] = order
+    padded = bool((counts != width).any())
+    rng = np.random.default_rng(seed)
+    block = max(1, GROUP_DRAW_CHUNK // max(1, draws * n_slots * width))
+    for first in range(0, n_resamples, block):
+        rows = rows_of[slots[first:first + block]].reshape(-1, n_slots * width)  # (b, T)
+        total = (rows >= 0).sum(axis=1)
+        keys = rng.random((len(rows), draws, rows.shape[1]))
+        if padded:  # padding sorts last, so a group never holds it while real rows are left
+            keys[np.broadcast_to((rows < 0)[:, None, :], keys.shape)] = np.inf
+        longest = min(sizes[-1], rows.shape[1])
+        permuted = np.take_along_axis(rows[:, None, :], np.argsort(keys, axis=2)[..., :longest], axis=2)
+        running = np.cumsum(logits[np.maximum(permuted, 0)], axis=2)  # (b, d, longest, C)
+        for m in sizes:
+            # a resample with fewer rows than m: every group is all of its rows
+            size = np.clip(np.minimum(m, total), 1, longest)  # (b,)
+            scores = np.take_along_axis(running, (size - 1)[:, None, None, None], axis=2)[:, :, 0] / size[:, None, None]
+            scores = scores - scores.max(axis=-1, keepdims=True)
+            conf = np.exp(scores[..., column]) / np.exp(scores).sum(axis=-1)
+            empty = total == 0
+            out[m]["conf"][first:first + block] = np.where(empty, np.nan, conf.mean(axis=1))
+            out[m]["accuracy"][first:first + block] = np.where(empty, np.nan,
+                                                               (scores.argmax(axis=-1) == column).mean(axis=1))
+    return out
+
+
 def bootstrap_group_confidence(logits: np.ndarray, item: np.ndarray, slots: np.ndarray, column: int,
                                group_size: int, draws: int, seed: int) -> np.ndarray:
-    """(B,) group confidence for the target `column`: in each resample (its drawn items, each
-    with all its rows) `draws` groups of min(group_size, rows) distinct rows are averaged and
-    classified, as in the point estimate (common.group_target_confidence)."""
-    rng = np.random.default_rng(seed)
-    order = np.argsort(item, kind="stable")
-    counts = np.bincount(item, minlength=slots.shape[1]) if len(item) else np.zeros(slots.shape[1], int)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    out = np.full(len(slots), np.nan)
-
-    def target_probability(scores: np.ndarray) -> np.ndarray:
-        scores = scores - scores.max(axis=-1, keepdims=True)
-        return np.exp(scores[..., column]) / np.exp(scores).sum(axis=-1)
-
-    if len(item) and group_size >= slots.shape[1] and (counts == 1).all():
-        # One row per item and groups as large as the resample: every group is the whole
-        # resample, so its score is the weighted mean of the rows' scores (all resamples at once).
-        weights = np.zeros(slots.shape)
-        np.add.at(weights, (np.arange(len(slots))[:, None], slots), 1.0)
-        return target_probability(weights @ logits[order] / slots.shape[1])
-    for b, drawn in enumerate(slots):
-        per_slot = counts[drawn]
-        total = int(per_slot.sum())
-        if total == 0:
-            continue
-        within = np.arange(total) - np.repeat(np.cumsum(per_slot) - per_slot, per_slot)
-        rows = order[np.repeat(starts[drawn], per_slot) + within]
-        if group_size >= total:  # every group is the whole resample
-            out[b] = target_probability(logits[rows].mean(axis=0))
-            continue
-        members = np.argpartition(rng.random((draws, total)), group_size - 1, axis=1)[:, :group_size]
-        out[b] = target_probability(logits[rows[members]].mean(axis=1)).mean()
-    return out
+    """(B,) group confidence for the target `column` at one m (bootstrap_group_scores' "conf")."""
+    return bootstrap_group_scores(logits, item, slots, column, [group_size], draws, seed)[int(group_size)]["conf"]
 
 
 # ----------------------------------------------------------------------------
@@ -697,31 +816,17 @@ def target_entry(cfg: dict, ds: dict, annotator: str, rows: list[dict], plan: di
     else:
         entry["feature_kl"] = None
         entry["reasons"]["feature_kl"] = "no human test explanations for this annotator"
-    # Group classifier confidence and normalised imitation.
+    # Group classifier confidence and normalised imitation, at every requested m.
     if imitation is None:
-        for metric in ("group_clf_conf", "norm_imitation"):
+        for metric in group_metric_names(ev):
             entry[metric] = None
             entry["reasons"][metric] = imitation_reason
         return entry, draws
-    conf = group_confidence(cfg, ev, imitation, annotator, X)
-    entry.update(group_clf_conf=conf["conf"], group_m=conf["m"], human_group_clf_conf=conf["human_conf"],
-                 norm_imitation=conf.get("norm"), group_accuracy=conf.get("group_accuracy"))
-    if conf["conf"] is None:
-        entry["reasons"]["group_clf_conf"] = entry["reasons"]["norm_imitation"] = conf["reason"]
-        return entry, draws
-    column = [str(c) for c in imitation["clf"].classes_].index(annotator)
-    n_draws = int(ev["bootstrap_group_draws"])
-    slots = plan[annotator]["slots"]
-    draws["group_clf_conf"] = bootstrap_group_confidence(
-        row_logits(imitation["clf"], X), arrays["item"], slots, column, conf["m"], n_draws,
-        stable_seed(cfg["seed"], "group-bootstrap", ds["name"], annotator, len(rows)))
-    key = ("bootstrap", annotator, conf["m"])
-    if key not in imitation["cache"]:  # the human side at the same m, once per target and m
-        imitation["cache"][key] = bootstrap_group_confidence(
-            reference["logits"], reference["item"], slots, column, conf["m"], n_draws,
-            stable_seed(cfg["seed"], "group-bootstrap-human", ds["name"], annotator, conf["m"]))
-    draws["human_group_clf_conf"] = imitation["cache"][key]
-    draws["norm_imitation"] = ratio(draws["group_clf_conf"], draws["human_group_clf_conf"])
+    group, group_draws = group_entry(cfg, ds, imitation, annotator, X, row_logits(imitation["clf"], X),
+                                     arrays["item"], plan, human, (len(rows),))
+    entry["reasons"].update(group.pop("reasons"))
+    entry.update(group)
+    draws.update(group_draws)
     return entry, draws
 
 
@@ -772,6 +877,13 @@ def method_row(ds: dict, per_target: dict, target_draws: dict, metrics: list[str
     result["group_m"] = min((e["group_m"] for e in ok.values() if e.get("group_m")), default=None)
     if result["group_m"] is None:
         result["reasons"]["group_m"] = result["reasons"].get("group_clf_conf", "not computed")
+    # the m used at each requested m: [smallest, largest] over the targets (None where none has a value)
+    requested = list(dict.fromkeys(m for e in ok.values() for m in (e.get("group_m_used") or {})))
+    if requested:
+        result["group_m_used"] = {}
+        for m in requested:
+            used = [e["group_m_used"][m] for e in ok.values() if (e.get("group_m_used") or {}).get(m)]
+            result["group_m_used"][m] = [min(used), max(used)] if used else None
     by_feature, by_feature_draws = {}, {}
     for name in FEATURES:
         targets = [a for a, e in ok.items() if (e.get("feature_kl_by_feature") or {}).get(name) is not None]
@@ -818,7 +930,7 @@ def model_row(cfg: dict, ds: dict, rows: list[dict], plan: dict, human: dict, im
         attach_intervals(entry, draws)
         per_target[annotator], target_draws[annotator] = entry, draws
     metrics = ["coverage", "parse_rate", *decision_metrics(ds["task"]), "rouge_l", "bertscore_f1", "emb_cos",
-               "feature_kl", "group_clf_conf", "norm_imitation", "human_group_clf_conf"]
+               "feature_kl", *group_metric_names(cfg["eval"])]
     result, draws = method_row(ds, per_target, target_draws, metrics, unmatched)
     return result, {"macro": draws, "per_annotator": target_draws}
 
@@ -847,29 +959,17 @@ def human_reference_row(cfg: dict, ds: dict, plan: dict, human: dict, imitation:
         entry["feature_kl_by_feature"] = {name: None for name in FEATURES}
         draws = {}
         if imitation is None:
-            for metric in ("group_clf_conf", "norm_imitation"):
+            for metric in group_metric_names(ev):
                 entry[metric] = None
                 entry["reasons"][metric] = imitation_reason
-        else:
-            conf = group_confidence(cfg, ev, imitation, annotator, imitation["human_X"][annotator])
-            entry.update(group_clf_conf=conf["conf"], group_m=conf["m"], human_group_clf_conf=conf["human_conf"],
-                         norm_imitation=conf.get("norm"), group_accuracy=conf.get("group_accuracy"))
-            if conf["conf"] is None:
-                entry["reasons"]["group_clf_conf"] = entry["reasons"]["norm_imitation"] = conf["reason"]
-            else:
-                column = [str(c) for c in imitation["clf"].classes_].index(annotator)
-                key = ("bootstrap", annotator, conf["m"])
-                if key not in imitation["cache"]:
-                    imitation["cache"][key] = bootstrap_group_confidence(
-                        reference["logits"], reference["item"], plan[annotator]["slots"], column, conf["m"],
-                        int(ev["bootstrap_group_draws"]),
-                        stable_seed(cfg["seed"], "group-bootstrap-human", ds["name"], annotator, conf["m"]))
-                draws["group_clf_conf"] = draws["human_group_clf_conf"] = imitation["cache"][key]
-                draws["norm_imitation"] = ratio(draws["group_clf_conf"], draws["human_group_clf_conf"])
+        else:  # the outputs are the human responses: the model side is the human side (logits None)
+            group, draws = group_entry(cfg, ds, imitation, annotator, imitation["human_X"][annotator], None,
+                                       reference["item"], plan, human, ())
+            entry["reasons"].update(group.pop("reasons"))
+            entry.update(group)
         attach_intervals(entry, draws)
         per_target[annotator], target_draws[annotator] = entry, draws
-    result, draws = method_row(ds, per_target, target_draws, [*not_applicable, "group_clf_conf", "norm_imitation",
-                                                              "human_group_clf_conf"], {})
+    result, draws = method_row(ds, per_target, target_draws, [*not_applicable, *group_metric_names(ev)], {})
     for metric in not_applicable:
         result["reasons"][metric] = REFERENCE_ROW_NA
     result["feature_kl_by_feature"] = {name: None for name in FEATURES}
@@ -1557,6 +1657,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_report.score_sheet(sheet, Path(args.sheet_key) if args.sheet_key else sheet.parent / "key.csv")
         return
     started = time.time()
+    check_group_config(cfg)
     common.set_seed(cfg["seed"])
     tables_dir = common.tables_dir(cfg)
 

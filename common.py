@@ -185,7 +185,8 @@ capo:
   select_max_dev_items: int|null
   trainer: map
 eval:
-  group_size: int
+  group_sizes: list[int]
+  group_size_max_share: float
   bootstrap_groups: int
   classifier_representation: str
   feature_bins: int

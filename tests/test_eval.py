@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 import shutil
 
 import numpy as np
@@ -212,7 +213,7 @@ def test_group_confidence_planted_above_chance_shuffled_near_chance(shuffled):
     clf = common.fit_annotator_classifier({"classifier": "logistic_regression", "C": 1.0}, train_X, train_y, 0)
     reference = {"clf": clf, "human_X": {a: test_X[[y == a for y in test_y]] for a in annotators}, "cache": {}}
     cfg = {"seed": 1}
-    ev = {"group_size": 10, "bootstrap_groups": 100}
+    ev = {"group_sizes": [10], "group_size_max_share": 0.5, "bootstrap_groups": 100}
     confidences = [ev6.group_confidence(cfg, ev, reference, a, reference["human_X"][a])["conf"] for a in annotators]
     mean_conf = float(np.mean(confidences))
     if shuffled:
@@ -222,6 +223,87 @@ def test_group_confidence_planted_above_chance_shuffled_near_chance(shuffled):
     # the same outputs as the human's: normalised imitation is exactly 1
     result = ev6.group_confidence(cfg, ev, reference, "A0", reference["human_X"]["A0"])
     assert result["norm"] == pytest.approx(1.0) and result["m"] == 10
+
+
+# ----------------------------------------------------------------------------
+# Group metrics at several group sizes: the cap, and small m grading where the whole set saturates
+# ----------------------------------------------------------------------------
+class ScoresAreTheVectors:
+    """A linear annotator classifier whose class scores are the vectors themselves (4 classes)."""
+    classes_ = np.array(["A0", "A1", "A2", "A3"])
+
+    def decision_function(self, X):
+        return np.asarray(X, dtype=float)
+
+    def predict_proba(self, X):
+        scores = self.decision_function(X)
+        scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+        return scores / scores.sum(axis=1, keepdims=True)
+
+
+def group_sizes_entry(X, human_X, share=0.5, sizes=(1, 5, 10, 50)):
+    """06's group metrics of outputs X for target A0 against human responses human_X (one row per item)."""
+    cfg = {"seed": 3, "eval": {"group_sizes": list(sizes), "group_size_max_share": share, "bootstrap_groups": 200,
+                               "bootstrap_group_draws": 30}}
+    clf = ScoresAreTheVectors()
+    imitation = {"clf": clf, "human_X": {"A0": human_X}, "cache": {}}
+    n_items = max(len(X), len(human_X))
+    slots = np.random.default_rng(0).integers(0, n_items, size=(200, n_items))
+    human = {"targets": {"A0": {"logits": ev6.row_logits(clf, human_X), "item": np.arange(len(human_X))}}}
+    entry, draws = ev6.group_entry(cfg, {"name": "x"}, imitation, "A0", X, ev6.row_logits(clf, X), np.arange(len(X)),
+                                   {"A0": {"slots": slots}}, human, (len(X),))
+    ev6.attach_intervals(entry, draws)
+    return entry
+
+
+def target_rows(n: int) -> np.ndarray:
+    """Outputs the classifier gives to the target half the time: alternately clearly A0 and A1."""
+    return np.array([[8.0, 0, 0, 0] if i % 2 == 0 else [0, 2.0, 0, 0] for i in range(n)])
+
+
+@pytest.mark.parametrize("n, used_for_50", [(40, 20), (200, 50), (100, 50), (99, 49)])
+def test_group_size_is_capped_at_half_the_outputs_and_the_m_used_is_recorded(n, used_for_50):
+    entry = group_sizes_entry(target_rows(n), target_rows(n))
+    assert entry["group_m_used"] == {"1": 1, "5": 5, "10": 10, "50": used_for_50}
+    assert entry["group_m"] == used_for_50  # the primary m (the largest requested) is m = 50, capped
+    for metric in ("group_clf_conf", "group_accuracy", "norm_imitation", "human_group_clf_conf"):
+        assert entry[metric] == entry[f"{metric}_m50"] and entry[f"{metric}_ci"] == entry[f"{metric}_m50_ci"]
+    # n = min(outputs, human test responses): fewer human responses cap it too
+    assert group_sizes_entry(target_rows(n), target_rows(30))["group_m_used"]["50"] == 15
+
+
+def test_sizes_that_cap_to_the_same_m_share_the_value_and_too_few_outputs_are_missing_with_a_reason():
+    entry = group_sizes_entry(target_rows(16), target_rows(16))  # cap floor(0.5 x 16) = 8
+    assert entry["group_m_used"] == {"1": 1, "5": 5, "10": 8, "50": 8}
+    assert entry["group_clf_conf_m10"] == entry["group_clf_conf_m50"]
+    assert entry["norm_imitation_m10_ci"] == entry["norm_imitation_m50_ci"]
+    single = group_sizes_entry(target_rows(1), target_rows(16))  # floor(0.5 x 1) = 0: no real subsample
+    assert single["group_m_used"] == {"1": None, "5": None, "10": None, "50": None} and single["group_m"] == 0
+    assert single["group_clf_conf_m1"] is None and single["norm_imitation"] is None
+    assert "floor(0.5 x n=1) = 0" in single["reasons"]["group_clf_conf_m1"]
+    assert "floor(0.5 x n=1) = 0" in single["reasons"]["norm_imitation"]
+
+
+def test_small_m_grades_where_the_whole_output_set_saturates():
+    X = target_rows(40)
+    whole = group_sizes_entry(X, X, share=1.0, sizes=(1, 40))  # share 1: m = 40 is every output
+    assert whole["group_m_used"] == {"1": 1, "40": 40}
+    # every group of 40 is the whole set: classified as the target every time (0 or 1 per target)
+    assert whole["group_accuracy_m40"] == 1.0 and whole["group_clf_conf_m40"] > 0.9
+    # single outputs: the target half the time, a value strictly inside (0, 1), with an interval
+    assert 0.3 < whole["group_accuracy_m1"] < 0.7 and 0.4 < whole["group_clf_conf_m1"] < 0.7
+    low, high = whole["group_clf_conf_m1_ci"]
+    assert 0 < low <= whole["group_clf_conf_m1"] <= high < 1
+    # the default cap: m = 50 becomes 20, real subsamples of the 40 outputs
+    capped = group_sizes_entry(X, X)
+    assert capped["group_m_used"]["50"] == 20 and capped["group_clf_conf_m1"] < capped["group_clf_conf_m10"]
+
+
+def test_bad_group_sizes_stop_with_one_message(tmp_path):
+    with pytest.raises(common.InputError, match="eval.group_sizes"):
+        ev6.main(["--config", str(write_config(tmp_path, "smoke", eval__group_sizes=[0, 5]))])
+    with pytest.raises(common.InputError, match="eval.group_size_max_share"):
+        ev6.main(["--config", str(write_config(tmp_path, "smoke", eval__group_size_max_share=1.5))])
 
 
 # ----------------------------------------------------------------------------
@@ -289,6 +371,25 @@ def test_end_to_end_every_table_every_column(evaluated_run):
     for heading in ("At a glance", "Table 4", "Table 6", "LLM-as-judge", "Per-annotator", "Resolved config"):
         assert heading in report
     assert eval_report.fmt(eval_report.PAPER_TABLE4[1][2]) in report and "paper" in report.lower()
+
+    # group metrics at every m of eval.group_sizes; the plain names are m = 50, capped at floor(0.5 x 8) = 4
+    sizes = common.load_config(config)["eval"]["group_sizes"]
+    assert sizes == [1, 5, 10, 50]
+    base = nli["base"]
+    assert base["group_m"] == 4 and base["group_m_used"] == {"1": [1, 1], "5": [4, 4], "10": [4, 4], "50": [4, 4]}
+    assert base["per_annotator"]["A0"]["group_m_used"] == {"1": 1, "5": 4, "10": 4, "50": 4}
+    assert base["group_clf_conf"] == base["group_clf_conf_m50"] and base["norm_imitation_ci"] == base["norm_imitation_m50_ci"]
+    assert all(claim["metric"] in ("group_clf_conf", "norm_imitation", "feature_kl", "judge_attribution", "label_acc", "mae")
+               for claim in metrics["claims"])  # claims stay on the primary m
+    header, rows = read_csv(tables / "group_sizes.csv")
+    assert header == (["dataset", "model", "method", "status"]
+                      + [f"{label} m={m}" for m in sizes for label in ("group clf conf", "norm. imitation")] + ["m used"])
+    base_row = next(row for row in rows if row[0] == "varierr" and row[2] == "base")
+    assert base_row[header.index("m used")] == "1, 5->4, 10->4, 50->4"
+    assert re.fullmatch(r"0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]", base_row[header.index("group clf conf m=1")])
+    assert all(value.strip() for row in rows for value in row)
+    assert "#### Group classifier confidence and normalised imitation by group size m" in report
+    assert "floor(0.5 x n)" in report and "saturates" in report
     assert "no value for capo" in report  # CAPO is missing, so its claims cannot be resolved
     assert (run_dir / "human_eval" / "sheet.csv").exists() and (run_dir / "human_eval" / "key.csv").exists()
 
