@@ -141,6 +141,9 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
     max_length = int(cfg["sft"]["max_length"])
     train_rows, too_long = within_max_length(sft_examples(splits["train"], task, annotator), tokenizer, max_length)
     dev_rows, dev_too_long = within_max_length(sft_examples(splits["dev"], task, annotator), tokenizer, max_length)
+    # The dev loss is logged, not used for selection: a seeded sample keeps its cost down.
+    dev_rows = common.seeded_sample(dev_rows, cfg["sft"]["max_dev_examples"],
+                                    f"{cfg['data']['split_seed']}/{dataset}/{annotator}/dev")
     available = len(train_rows)
     train_rows = common.seeded_sample(train_rows, cfg["sft"]["max_train_examples"], f"{cfg['seed']}/{dataset}/{annotator}")
     if len(train_rows) < available:

@@ -150,6 +150,7 @@ sft:
   learning_rate: float
   epochs: float
   max_train_examples: int|null
+  max_dev_examples: int|null
   global_batch_size: int
   per_device_batch_size: int
   max_length: int
