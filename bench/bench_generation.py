@@ -15,13 +15,18 @@ Per call, back to back on the same warmed-up model:
   kit       the kit's own continuous-batching decoder, common.generate_token_ids (engine: kit)
   generate  model.generate on static left-padded batches, common.generate_token_ids (engine: generate)
   single    plain `model.generate`, one prompt at a time, on the first --single-prompts prompts
-            of the call (the reference for identical outputs, and a machine-speed figure)
+            of the call, free replies (the machine-speed figure; the reference for identical
+            outputs when the profile's replies are free)
+  kit_fp32  the kit's decoder without bf16 autocast (the speed-up of generation.autocast_bf16)
+  kit_free  the kit's decoder, fp32, free replies (the cpu profile's 03 path before the label
+            opening and the end at the line break: generation.constrain_response)
+kit, generate (and kit_fp32) apply the profile's generation.constrain_response.
 All decode greedily with the profile's max_new_tokens and stop at the end-of-turn token;
 generated tokens are counted up to and including it. Wall seconds and this process's CPU
 seconds are both printed (others share the cores), with the load average.
 
 Last lines: `ratio=<path>/kit <x>` (tokens/s over the kit's decoder, all calls together; per
-CPU-second in brackets), `ratio=<path>/single <x>`, and `single_tokens_per_s=<x>` (compare
+CPU-second in brackets), `time_ratio=<path>/kit <x>` (seconds for the same prompts), `ratio=<path>/single <x>`, and `single_tokens_per_s=<x>` (compare
 machines across sessions with it).
 """
 from __future__ import annotations
@@ -50,7 +55,7 @@ def workload(cfg: dict, dataset: str, annotator: str | None, methods: list[str])
         test, task, annotator, **baselines.prompt_kwargs(method, demonstrations, None))] for method in methods}
 
 
-def library_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
+def library_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> list[list[int]]:
     """transformers' `generate_batch`, its KV cache sized for this call (not 60% of free RAM on
     CPU), the model's own attention, errors raised (the library only logs them)."""
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -70,15 +75,28 @@ def library_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
             for o in outputs]
 
 
-def kit_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
-    return common.generate_token_ids(model, tokenizer, prompts, dict(gen_cfg, engine="kit"))
+def kit_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> list[list[int]]:
+    return common.generate_token_ids(model, tokenizer, prompts, dict(gen_cfg, engine="kit"), constraint=constraint)
 
 
-def generate_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
-    return common.generate_token_ids(model, tokenizer, prompts, dict(gen_cfg, engine="generate"))
+def kit_fp32_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> list[list[int]]:
+    """The kit's decoder in fp32 (the cpu profile's generation before bf16 autocast)."""
+    return kit_token_ids(model, tokenizer, prompts, dict(gen_cfg, autocast_bf16=False), constraint)
 
 
-def single_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
+def kit_free_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> list[list[int]]:
+    """The cpu profile's earlier 03 path: fp32, free replies (no label opening, no end at the
+    line break), up to the end-of-turn token or max_new_tokens."""
+    return kit_token_ids(model, tokenizer, prompts, dict(gen_cfg, autocast_bf16=False), None)
+
+
+def generate_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> list[list[int]]:
+    return common.generate_token_ids(model, tokenizer, prompts, dict(gen_cfg, engine="generate"),
+                                     constraint=constraint)
+
+
+def single_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> list[list[int]]:
+    """One prompt at a time, free replies in the model's dtype: a machine-speed figure."""
     generation_config = common._generation_config(tokenizer, gen_cfg)
     outputs = []
     for messages in prompts:
@@ -91,12 +109,14 @@ def single_token_ids(model, tokenizer, prompts, gen_cfg) -> list[list[int]]:
 
 
 ENGINES = {"library": library_token_ids, "kit": kit_token_ids, "generate": generate_token_ids,
-           "single": single_token_ids}
+           "single": single_token_ids, "kit_fp32": kit_fp32_token_ids, "kit_free": kit_free_token_ids}
+# Paths whose outputs are not expected to equal the kit's: free replies, another precision.
+DIFFERENT_OUTPUTS = {"library", "single", "kit_fp32", "kit_free"}
 
 
-def timed(engine, model, tokenizer, prompts, gen_cfg) -> dict:
+def timed(engine, model, tokenizer, prompts, gen_cfg, constraint=None) -> dict:
     load, wall, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
-    ids = ENGINES[engine](model, tokenizer, prompts, gen_cfg)
+    ids = ENGINES[engine](model, tokenizer, prompts, gen_cfg, constraint)
     return {"ids": ids, "tokens": sum(map(len, ids)), "seconds": time.perf_counter() - wall,
             "cpu_seconds": time.process_time() - cpu, "load": (load, os.getloadavg()[0])}
 
@@ -122,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     single_prompts = args.single_prompts or (2 if args.tiny else 6)
     model, tokenizer = common.load_model_and_tokenizer(cfg["models"][0], device="cpu")
     annotator, calls = workload(cfg, args.dataset, args.annotator, args.methods.split(","))
+    task = common.load_task(cfg, args.dataset)
+    constraint = (common.ReplyConstraint(tokenizer, common.response_openings(task), end_at_line_break=True)
+                  if gen_cfg.get("constrain_response") else None)
     if args.tiny:
         gen_cfg.update(max_new_tokens=8, batch_size=3)
         args.prompts = args.prompts or 4
@@ -135,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     warm = next(iter(calls.values()))[:2]
     engines = ["kit"] + [e for e in args.engines.split(",") if e in ENGINES and e != "kit"]
     for engine in engines:  # one-time work (kernels, allocator) lands on no measured path
-        ENGINES[engine](model, tokenizer, warm, dict(gen_cfg, max_new_tokens=2))
+        ENGINES[engine](model, tokenizer, warm, dict(gen_cfg, max_new_tokens=2), constraint)
 
     totals = {engine: {"tokens": 0, "seconds": 0.0, "cpu_seconds": 0.0} for engine in engines}
     mismatches = 0
@@ -145,14 +168,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{method}: {len(prompts)} prompts, prompt tokens min/mean/max "
               f"{min(lengths)}/{sum(lengths) / len(lengths):.0f}/{max(lengths)}", flush=True)
         runs = {engine: timed(engine, model, tokenizer, prompts if engine != "single" else prompts[:single_prompts],
-                              gen_cfg) for engine in engines}
-        reference = runs["single" if "single" in runs else "kit"]["ids"]
+                              gen_cfg, constraint) for engine in engines}
+        reference = runs["single" if "single" in runs and constraint is None else "kit"]["ids"]
         for engine, run in runs.items():
             for key in ("tokens", "seconds", "cpu_seconds"):
                 totals[engine][key] += run[key]
             same_as_kit = sum(a == b for a, b in zip(run["ids"], runs["kit"]["ids"]))
             same_as_single = sum(a == b for a, b in zip(run["ids"], reference))
-            mismatches += (len(run["ids"]) - same_as_kit) + (len(reference) - same_as_single)
+            if engine not in DIFFERENT_OUTPUTS or (engine == "single" and constraint is None):
+                mismatches += (len(run["ids"]) - same_as_kit) + (len(reference) - same_as_single)
             print(f"  {engine:8s} {len(run['ids']):3d} prompts {run['tokens']:5d} tokens {run['seconds']:7.1f} s "
                   f"{run['tokens'] / run['seconds']:7.2f} tokens/s {run['tokens'] / run['cpu_seconds']:7.2f} "
                   f"tokens/CPU-s; identical to kit {same_as_kit}/{len(run['ids'])}, to single "
@@ -160,10 +184,12 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
     rate = {engine: t["tokens"] / t["seconds"] for engine, t in totals.items()}
     cpu_rate = {engine: t["tokens"] / t["cpu_seconds"] for engine, t in totals.items()}
-    print(f"identical outputs: {'all' if not mismatches else f'NOT ALL ({mismatches} differ)'}")
+    print(f"identical outputs (paths meant to match the kit): {'all' if not mismatches else f'NOT ALL ({mismatches} differ)'}")
     for engine in [e for e in engines[1:] if e != "single"]:
         print(f"ratio={engine}/kit {rate[engine] / rate['kit']:.2f} (per CPU-second "
               f"{cpu_rate[engine] / cpu_rate['kit']:.2f})")
+        # Seconds for the same prompts: the speed-up of a whole call where paths write different replies.
+        print(f"time_ratio={engine}/kit {totals[engine]['seconds'] / totals['kit']['seconds']:.2f}")
     if "single" in rate:
         for engine in [e for e in engines if e != "single"]:
             print(f"ratio={engine}/single {rate[engine] / rate['single']:.2f}")
