@@ -264,23 +264,30 @@ def write_tables(cfg: dict, results: dict, datasets: dict, features: list[str], 
 
     # Judge attribution
     header = ["dataset", "model", "method", "judged outputs", "correct", "accuracy", "chance",
-              "unparseable verdicts", "cells without output", "judge model"]
+              "unparseable verdicts", "cells without output", "judge model", "calibration"]
     rows = []
     for dataset, model_tag, method, result in result_cells(results):
         judge = result.get("judge", {})
+        label = "calibration: " + method_label(method) if method == HUMAN else method_label(method)
         if judge.get("accuracy") is None:
             why = "missing: " + judge.get("reason", "not computed")
-            rows.append([dataset, model_tag, method_label(method), why, why, why, fmt(judge.get("chance")),
-                         why, why, why])
+            rows.append([dataset, model_tag, label, why, why, why, fmt(judge.get("chance")), why, why, why, why])
             continue
-        rows.append([dataset, model_tag, method_label(method), str(judge["n"]), str(judge["correct"]),
+        reading = "n/a (see the calibration row)"
+        if method == HUMAN:
+            ci = judge.get("accuracy_ci")
+            reading = ("informative (interval above chance)" if ci and ci[0] > judge["chance"] else
+                       "UNINFORMATIVE: not above chance on the human references, so this column measures nothing here")
+        rows.append([dataset, model_tag, label, str(judge["n"]), str(judge["correct"]),
                      fmt_ci(judge["accuracy"], judge.get("accuracy_ci")), fmt(judge["chance"]), str(judge["unparseable"]),
-                     str(judge["no_output"]), judge["judge_model"]])
+                     str(judge["no_output"]), judge["judge_model"], reading])
     write_table(tables_dir / "judge_attribution", header, rows, "LLM-as-judge attribution",
                 [f"The same {int(cfg['eval']['judge_items'])} sampled test cells (item, target annotator) for every "
                  f"method; the judge sees {int(cfg['eval']['judge_examples_per_annotator'])} train responses of each "
-                 "annotator. Unparseable verdicts count as wrong. [low, high]: 95% bootstrap interval over "
-                 "the judged cells' items, drawn per target annotator.",
+                 "annotator and answers by forced choice among the annotator IDs (so every output gets a verdict). "
+                 "The calibration row is the judge on the targets' own human test responses: where its interval "
+                 "is not above chance, the judge is uninformative for this profile. [low, high]: 95% bootstrap "
+                 "interval over the judged cells' items, drawn per target annotator.",
                  f"Paper (as summarised): CAPO about {PAPER_JUDGE['accuracy']} on VariErr "
                  f"(chance {PAPER_JUDGE['chance']}), above SFT and prompting."])
     paths["judge"] = tables_dir / "judge_attribution.md"

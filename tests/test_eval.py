@@ -347,7 +347,7 @@ def test_end_to_end_every_table_every_column(evaluated_run):
                        + ["notes"],
         "table6_feature_kl": ["dataset", "model", "method", "status", *ev6.FEATURES, "mean"],
         "judge_attribution": ["dataset", "model", "method", "judged outputs", "correct", "accuracy", "chance",
-                              "unparseable verdicts", "cells without output", "judge model"],
+                              "unparseable verdicts", "cells without output", "judge model", "calibration"],
         "per_annotator": ["dataset", "model", "method", "annotator", "status"]
                          + [label for _, label in eval_report.PER_ANNOTATOR_METRICS],
     }
@@ -447,13 +447,18 @@ def test_judge_and_bertscore_on_the_tiny_model(tmp_path, tiny_model):
     for method in ("sft", "base", "human"):
         judge = metrics[method]["judge"]
         assert judge["n"] == 6 and 0 <= judge["accuracy"] <= 1 and judge["chance"] == 0.25
-        assert 0 <= judge["unparseable"] <= judge["n"]
+        assert judge["unparseable"] == 0  # a forced choice among the IDs: every output gets a verdict
         low, high = judge["accuracy_ci"]  # bootstrap over the judged cells' items
         assert low <= judge["accuracy"] <= high
     assert metrics["capo"]["judge_attribution"] is None
     header, rows = read_csv(run_dir / "tables" / "judge_attribution.csv")
     sft = next(row for row in rows if row[2] == "sft")
     assert sft[header.index("judged outputs")] == "6" and sft[header.index("judge model")] == "tiny"
+    human = next(row for row in rows if row[2].startswith("calibration: human"))
+    assert human[header.index("calibration")].startswith(
+        "informative" if calibration["informative"] else "UNINFORMATIVE")
+    assert {job["reply"] for job in map(json.loads, (run_dir / "tables" / "judge_verdicts.jsonl").open())} <= \
+        {"A0", "A1", "A2", "A3"}
 
 
 # ----------------------------------------------------------------------------
