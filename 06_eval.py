@@ -1463,6 +1463,14 @@ def item_annotators(stats: dict, item: str, present: dict) -> list[str]:
     return [a for a in published if a in present] if published else sorted(present)
 
 
+def most_frequent_yes_no(train_sets: dict[str, dict[str, set]]) -> set:
+    """The label set that puts every yes/no variable (label x annotator x item) at its most
+    frequent train value pooled over all of them: every label (yes) or none (no)."""
+    answers = [labels for per_annotator in train_sets.values() for labels in per_annotator.values()]
+    yes = sum(len(labels) for labels in answers)
+    return set(LEWIDI_NLI_ORDER) if yes > len(answers) * len(LEWIDI_NLI_ORDER) - yes else set()
+
+
 def mean_train_distribution(task: dict, train: list[dict]) -> list:
     """The organisers' soft baseline: the mean over train items of their soft labels."""
     rows = [lewidi_soft_row(task, list(per_annotator.values())) for per_annotator in label_sets(train).values()]
@@ -1588,6 +1596,18 @@ def lewidi_dataset_view(cfg: dict, ds: dict, predictions: dict) -> dict:
                     "note": "soft: the mean train soft label for every item",
                     "submission": [str(p) for p in write_submission(cfg, name, task, stats, "baseline",
                                                                     "organisers", baseline_rows)]})
+    if task["label_type"] == "categorical":
+        # The published VariErrNLI "most frequent" baseline (.345) is every yes/no variable at its
+        # most frequent train value pooled over labels and annotators ("no": an answer says yes to
+        # one label of three), not each annotator's most frequent label (.355).
+        value = most_frequent_yes_no(label_sets(ds["train"]))
+        yes_no = scores({item: {"soft": lewidi_soft_row(task, [value for _ in anns]),
+                                "pe": lewidi_pe_row(task, [value for _ in anns])}
+                         for item, anns in annotators_of.items()})
+        systems.append({"model": "baseline", "method": "most_frequent_yes_no", "status": "ok",
+                        "soft": None, "soft_ci": None, "pe": yes_no["pe"], "pe_ci": yes_no["pe_ci"],
+                        "note": f"every yes/no variable at its most frequent train value "
+                                f"({'yes' if value else 'no'}), pooled over labels and annotators"})
     soft_name, pe_name = LEWIDI_METRICS[name]
     return {"metrics": {"soft": soft_name, "pe": pe_name}, "n_items": len(scored),
             "n_test_items": len(annotators_of), "fallback_labels": fallback, "systems": systems}

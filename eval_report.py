@@ -352,7 +352,8 @@ def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> Path:
                              pe_name, f"missing: {system['reason']}", "", ""])
                 continue
             fallback = system.get("fallback")
-            rows.append([dataset, "this run", label, soft_name, fmt_ci(system["soft"], system["soft_ci"]),
+            rows.append([dataset, "this run", label, soft_name,
+                         fmt_ci(system["soft"], system["soft_ci"]) if system["soft"] is not None else "-",
                          pe_name, fmt_ci(system["pe"], system["pe_ci"]) if system["pe"] is not None else "-",
                          f"{fallback['unparsed']}, {fallback['missing']} / {fallback['cells']}" if fallback else "",
                          system.get("note", "")])
@@ -370,7 +371,10 @@ def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> Path:
              "unparsed output or a missing prediction falls back to the annotator's most frequent train label "
              "(counted in the fallback column). With several training seeds, the first seed's predictions.",
              "Baselines computed by the kit from this run's train split: each annotator's most frequent train label "
-             "(ties: the label that sorts first); for the soft task also the mean train soft label.",
+             "(ties: the label that sorts first); for the soft task also the mean train soft label; on VariErrNLI "
+             "also every yes/no variable at its most frequent train value pooled over labels and annotators "
+             "(most_frequent_yes_no: 'no' everywhere), which is the rule that gives the published .345 on the "
+             "gold test file (each annotator's most frequent label gives .355).",
              "Metrics as in the organisers' evaluation notebook: Par soft = Wasserstein distance over -5..5, Par "
              "perspectivist = ANAD (|gold - predicted| / 11); VariErrNLI soft = Manhattan distance of per-label "
              "yes/no distributions, perspectivist = per-label error rate over the item's annotators."]

@@ -305,6 +305,18 @@ def test_most_frequent_baseline_reproduces_published_par_anad(tmp_path):
             assert np.allclose(row, expected, atol=0.005 + 1e-9)  # published to 2 decimals
     baseline = next(s for s in view["par"]["systems"] if s["method"] == "most_frequent")
     assert round(baseline["pe"], 3) == 0.362  # published: .362
+    # VariErrNLI: each annotator's most frequent label gives .355; the published .345 is every
+    # yes/no variable at its pooled most frequent value ("no").
+    by_method = {s["method"]: s for s in view["varierr"]["systems"] if s["model"] == "baseline"}
+    assert round(by_method["most_frequent"]["pe"], 3) == 0.355
+    assert round(by_method["most_frequent_yes_no"]["pe"], 3) == 0.345  # published: .345
+    assert not any(s["method"] == "most_frequent_yes_no" for s in view["par"]["systems"])
+
+
+def test_most_frequent_yes_no_pools_every_variable():
+    assert ev6.most_frequent_yes_no({"i1": {"a": {"neutral"}, "b": {"entailment"}}}) == set()
+    everything = set(ev6.LEWIDI_NLI_ORDER)
+    assert ev6.most_frequent_yes_no({"i1": {"a": everything, "b": {"neutral", "entailment"}}}) == everything
 
 
 def test_06_main_writes_lewidi_table_report_and_submissions(lewidi_run):
