@@ -78,12 +78,12 @@ def captured(monkeypatch):
         calls["requests"].append((kwargs["method"], requests))
         return real_predictions(model, tokenizer, requests, task, gen_cfg, **kwargs)
 
-    def generate_texts(model, tokenizer, prompts, gen_cfg, desc="generate"):
+    def generate_texts(model, tokenizer, prompts, gen_cfg, desc="generate", constraint=None):
         if desc.endswith("profiles"):
             calls["profile_prompts"] += prompts
             annotators = [re.search(r"annotator (\S+):", p[1]["content"]).group(1) for p in prompts]
             return [f"MARKER profile of {annotator}." for annotator in annotators]
-        return real_texts(model, tokenizer, prompts, gen_cfg, desc=desc)
+        return real_texts(model, tokenizer, prompts, gen_cfg, desc=desc, constraint=constraint)
 
     monkeypatch.setattr(common, "generate_predictions", generate_predictions)
     monkeypatch.setattr(common, "generate_texts", generate_texts)
