@@ -158,6 +158,7 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
     work_dir = common.training_work_dir(cfg, dataset, tag, "sft", annotator)
     resume_from = common.checkpoint_to_resume(work_dir, args.resume, name, made_from)
 
+    common.lm_head_on_labelled_positions_only()  # the loss's LM head skips the prompt on CPUs too
     trainer = SFTTrainer(model=model, args=sft_config(cfg, work_dir, has_dev=bool(dev_rows)),
                          train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(dev_rows) if dev_rows else None,

@@ -392,6 +392,7 @@ def pairs_dataset(pairs: list[dict], folder, args: DPOConfig) -> Dataset:
 def build_trainer(cfg: dict, model_cfg: dict, sft_path, train_pairs: list[dict], dev_pairs: list[dict],
                   output_dir, **config_changes):
     """DPOTrainer whose policy is the SFT adapter (trainable) and whose reference is trl's frozen copy."""
+    common.lm_head_on_labelled_positions_only()  # the losses' LM head skips the prompt on CPUs too
     common.set_seed(int(cfg["seed"]))
     base, tokenizer = common.load_model_and_tokenizer(model_cfg)
     model = PeftModel.from_pretrained(base, str(sft_path), is_trainable=True)

@@ -1923,6 +1923,34 @@ def training_budget(examples: int, section: dict) -> dict:
             "learning_rate": section["learning_rate"]}
 
 
+def lm_head_on_labelled_positions_only(enabled: bool = True) -> bool:
+    """Let trl's fused LM head (the SFT and DPO losses, DPO's reference log-probs) project only
+    the positions that carry a label on a CPU too; returns whether it now does.
+
+    trl 1.16 (`trl.trainer.utils`, `add_fused_lm_head`) scores only labelled positions on
+    CUDA/XPU, but every position elsewhere, so that compiled backends keep fixed tile shapes.
+    On a CPU in eager mode nothing recompiles, and the prompt's positions (about 80% of an
+    example here) would go through the 49k-word LM head in float32 only to be masked out.
+    Same log-probs (tests/test_sft.py); SFT and DPO steps 1.8x faster (bench/RESULTS.md,
+    bench_training.py's kit-fullhead variant). A trl without that switch is left as it is.
+    """
+    import trl.trainer.utils as trl_utils
+    current = getattr(trl_utils, "_use_triton", None)
+    if current is None:
+        return False
+    original = getattr(current, "trl_original", current)
+    if not enabled:
+        trl_utils._use_triton = original
+        return False
+
+    def labelled_positions_only(device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    labelled_positions_only.trl_original = original
+    trl_utils._use_triton = labelled_positions_only
+    return True
+
+
 def trainer_args(cfg: dict, stage: str) -> dict:
     """What SFTConfig (04) and DPOConfig (05) share, from the profile's `sft:` or `capo:` section."""
     import torch

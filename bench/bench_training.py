@@ -9,7 +9,8 @@ Throughput: the same LoRA, data and number of training examples under
            padding-free batches, no gradient checkpointing)
   default  trl's default SFTConfig (fp32 on CPU, gradient checkpointing on, padded batches of 8)
 and, with --variants, one-change variants of the kit's config that settle its CPU choices:
-kit-bf16 (fp32), kit+ckpt (gradient checkpointing on), kit-padfree (padded batches),
+kit-fullhead (trl's CPU default: every position, prompt included, through the loss's LM head
+instead of the labelled ones only; common.lm_head_on_labelled_positions_only), kit-bf16 (fp32), kit+ckpt (gradient checkpointing on), kit-padfree (padded batches),
 kit-batch8 (8 examples per forward instead of the profile's per-device batch).
 Tokens/s counts non-padding tokens of optimizer steps after the first (warm-up). Variants run
 interleaved, --repeats times; the median is reported.
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 from benchkit import ROOT, load_stage  # noqa: E402  (first: the kit on the path, offline settings)
 
@@ -83,7 +85,7 @@ def variant_config(cfg, name, out_dir, examples):
         per_step = SFTConfig.per_device_train_batch_size * SFTConfig.gradient_accumulation_steps
         return SFTConfig(output_dir=str(out_dir), max_steps=max(2, examples // per_step),
                          use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, **common_args)
-    changes = {"kit": {}, "kit-bf16": {"bf16": False}, "kit+ckpt": {"gradient_checkpointing": True},
+    changes = {"kit": {}, "kit-fullhead": {}, "kit-bf16": {"bf16": False}, "kit+ckpt": {"gradient_checkpointing": True},
                "kit-padfree": {"padding_free": False, "max_length": int(section["max_length"])},
                "kit-batch8": {"per_device_train_batch_size": 8,
                               "gradient_accumulation_steps": max(1, int(section["global_batch_size"]) // 8)}}[name]
@@ -94,6 +96,8 @@ def variant_config(cfg, name, out_dir, examples):
 
 def run_variant(cfg, name, rows):
     model_cfg = cfg["models"][0]
+    # kit-fullhead: trl's own CPU behaviour, every position through the loss's LM head
+    common.lm_head_on_labelled_positions_only(enabled=name != "kit-fullhead")
     common.set_seed(int(cfg["seed"]))
     model, tokenizer = common.load_model_and_tokenizer(model_cfg)
     meter = Throughput()
@@ -109,6 +113,66 @@ def run_variant(cfg, name, rows):
             "steps": args.max_steps, "per_device_batch": args.per_device_train_batch_size,
             "accumulation": args.gradient_accumulation_steps, "bf16": args.bf16,
             "gradient_checkpointing": args.gradient_checkpointing}
+
+
+# ---------------------------------------------------------------------------- CAPO steps
+def quick_sft_adapter(cfg, dataset, annotator, adapter_dir) -> None:
+    """A one-step SFT adapter to start CAPO from: its weights do not change CAPO's cost."""
+    model_cfg, task = cfg["models"][0], common.load_task(cfg, dataset)
+    rows = sft.sft_examples(common.load_split(cfg, dataset, "train"), task, annotator)[:int(cfg["sft"]["global_batch_size"])]
+    common.set_seed(int(cfg["seed"]))
+    model, tokenizer = common.load_model_and_tokenizer(model_cfg)
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = SFTTrainer(model=model, args=sft.sft_config(cfg, out_dir, has_dev=False, max_steps=1,
+                                                              save_strategy="no", report_to="none"),
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                             peft_config=sft.lora_config(cfg["sft"]))
+        trainer.train()
+        trainer.model.save_pretrained(adapter_dir)
+
+
+def run_capo_variant(cfg, name, pairs, adapter_dir) -> dict:
+    """Seconds of trl's reference pass (in DPOTrainer's constructor) and of the DPO steps on `pairs`."""
+    capo = load_stage("05_capo")
+    steps = max(1, len(pairs) // int(cfg["capo"]["global_batch_size"]))
+    enabled = name != "kit-fullhead"
+    common.lm_head_on_labelled_positions_only(enabled)
+    # build_trainer switches the labelled-positions head on; kit-fullhead keeps trl's own behaviour
+    switch = mock.patch.object(common, "lm_head_on_labelled_positions_only", lambda *a, **k: enabled)
+    with tempfile.TemporaryDirectory() as out_dir, switch:
+        started = time.perf_counter()
+        trainer, _ = capo.build_trainer(cfg, cfg["models"][0], adapter_dir, pairs, [], out_dir, max_steps=steps,
+                                        save_strategy="no", report_to="none", logging_strategy="no")
+        reference = time.perf_counter() - started
+        started = time.perf_counter()
+        trainer.train()
+        train = time.perf_counter() - started
+    return {"variant": name, "pairs": len(pairs), "steps": steps, "reference_s": reference, "train_s": train}
+
+
+def measure_capo(cfg, args, variants) -> None:
+    capo = load_stage("05_capo")
+    section, task = cfg["capo"], common.load_task(cfg, args.dataset)
+    pairs = capo.build_pairs(common.load_split(cfg, args.dataset, "train"), task, args.annotator,
+                             section["pair_policy"], section["score_delta"], section["rejected_valid_only"])
+    pairs = capo.sample_pairs_across_items(pairs, args.pairs, f"{cfg['seed']}/{args.dataset}/{args.annotator}")
+    runs = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        quick_sft_adapter(cfg, args.dataset, args.annotator, adapter_dir)
+        for repeat in range(args.repeats):
+            for name in variants:  # interleaved
+                result = run_capo_variant(cfg, name, pairs, adapter_dir)
+                runs[name].append(result)
+                print(f"  capo repeat {repeat + 1} {name:12s} reference pass {result['reference_s']:6.1f} s, "
+                      f"{result['steps']} DPO steps {result['train_s']:6.1f} s ({result['pairs']} pairs)", flush=True)
+    median = {name: {key: statistics.median(r[key] for r in results) for key in ("reference_s", "train_s")}
+              for name, results in runs.items()}
+    for name in variants:
+        print(f"capo {name:12s} median: reference pass {median[name]['reference_s']:.1f} s, "
+              f"DPO steps {median[name]['train_s']:.1f} s", flush=True)
+    if "kit" in median and "kit-fullhead" in median:
+        total = {name: median[name]["reference_s"] + median[name]["train_s"] for name in ("kit", "kit-fullhead")}
+        print(f"time_ratio=capo kit-fullhead/kit {total['kit-fullhead'] / total['kit']:.2f}")
 
 
 # ---------------------------------------------------------------------------- memory (child processes)
@@ -177,9 +241,12 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--examples", type=int, default=48, help="training examples per throughput run")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", default="kit,default",
-                        help="comma-separated: kit, default, kit-bf16, kit+ckpt, kit-padfree, kit-batch8")
+                        help="comma-separated: kit, default, kit-fullhead, kit-bf16, kit+ckpt, kit-padfree, kit-batch8")
     parser.add_argument("--memory-steps", type=int, default=2)
-    parser.add_argument("--parts", default="throughput,memory", help="throughput, memory or both")
+    parser.add_argument("--parts", default="throughput,memory",
+                        help="comma-separated: throughput (SFT), memory, capo (reference pass and DPO steps; "
+                             "variants kit and kit-fullhead)")
+    parser.add_argument("--pairs", type=int, default=16, help="CAPO pairs per run of the capo part")
     parser.add_argument("--memory-child", choices=["sft", "capo"], help=argparse.SUPPRESS)
     parser.add_argument("--adapter-dir", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true",
@@ -189,7 +256,7 @@ def main(argv: list[str] | None = None):
     if not args.config.is_absolute():
         args.config = ROOT / args.config
     if args.tiny:
-        args.examples, args.repeats, args.memory_steps = 8, 1, 1
+        args.examples, args.repeats, args.memory_steps, args.pairs = 8, 1, 1, 4
     cfg = common.load_config(args.config)
 
     if args.memory_child:
@@ -204,6 +271,8 @@ def main(argv: list[str] | None = None):
               f"(batch {memory['sft']['per_device_batch']} examples), capo {memory['capo']['peak_mb']:.0f} MB "
               f"(batch {memory['capo']['per_device_batch']} pairs); capo/sft = {capo_over_sft:.2f} "
               "(target <= 1.3)", flush=True)
+    if "capo" in parts:
+        measure_capo(cfg, args, [name for name in args.variants.split(",") if name in ("kit", "kit-fullhead")])
     if "throughput" not in parts:
         return
     rows = sft_rows(cfg, args.dataset, args.annotator, args.examples)

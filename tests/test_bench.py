@@ -68,8 +68,11 @@ def test_bench_generation_tiny(prepared):
 
 def test_bench_training_tiny(prepared):
     config, _ = prepared
-    out = run([ROOT / "bench" / "bench_training.py", "--tiny", "--config", config])
+    out = run([ROOT / "bench" / "bench_training.py", "--tiny", "--config", config,
+               "--variants", "kit,default,kit-fullhead", "--parts", "throughput,memory,capo"])
     assert "capo/sft" in out, out
+    assert "kit-fullhead median" in out, out
+    assert last_value(out, "time_ratio=capo kit-fullhead/kit") > 0
     assert last_value(out, "ratio=") > 0
 
 

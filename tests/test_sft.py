@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import common
-from conftest import load_stage, mark_prepared, write_config
+from conftest import ROOT, load_stage, mark_prepared, write_config
 
 sft = load_stage("04_sft")
 capo = load_stage("05_capo")
@@ -142,6 +142,39 @@ def test_padding_free_batches_give_the_same_loss_as_padded_ones(tmp_path):
         with torch.no_grad():
             losses[padding_free] = trainer.model(**batch).loss
     assert torch.allclose(losses[True], losses[False], atol=1e-5)
+
+
+def test_lm_head_on_labelled_positions_only_gives_the_same_log_probs_and_gradients():
+    """The CPU speed-up of trl's fused LM head (prompt positions skipped) must not change the loss
+    or what is learned; switched off, trl's own behaviour comes back."""
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+    cfg = common.load_config(ROOT / "configs" / "smoke.yaml")
+    model, _ = common.load_model_and_tokenizer(cfg["models"][0], device="cpu")
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, model.config.vocab_size, (3, 12), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :8] = -100  # the prompt
+    labels[2, -1] = -100  # a padded tail
+    trl_default = trl_utils._use_triton
+    results = {}
+    try:
+        for enabled in (False, True):
+            assert common.lm_head_on_labelled_positions_only(enabled) is enabled
+            assert trl_utils._use_triton(torch.device("cpu")) is enabled
+            model.zero_grad()
+            out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+            out.loss.backward()
+            results[enabled] = (out.log_probs.detach(), out.entropy.detach(),
+                                model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    finally:
+        common.lm_head_on_labelled_positions_only(False)
+    assert trl_utils._use_triton is trl_default
+    for full, compact in zip(results[False], results[True]):
+        assert torch.allclose(full, compact, atol=1e-6)
+    assert (results[True][0][labels[:, 1:] == -100] == 0).all()
+    assert (results[True][0][labels[:, 1:] != -100] < 0).all()
 
 
 def test_a_few_steps_change_the_lora_weights_and_leave_the_base_untouched(tmp_path):
