@@ -1587,8 +1587,8 @@ def generate_token_ids(model, tokenizer, prompts: list[list[dict] | str], gen_cf
 def _decoding(gen_cfg: dict, device):
     """No gradients, and bf16 autocast when generation.autocast_bf16. Not torch.inference_mode:
     only outside it does autocast keep its bf16 copy of each weight for the whole call; inside
-    it every forward casts every weight again (same tokens; Base prompts 1.19x, ICL 1.08x
-    faster without it, bench/RESULTS.md)."""
+    it every forward casts every weight again (same tokens, 1.08x faster without it:
+    bench_generation.py's kit_infmode path, bench/RESULTS.md)."""
     import torch
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if gen_cfg.get("autocast_bf16")
                 else contextlib.nullcontext())

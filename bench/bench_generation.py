@@ -17,6 +17,7 @@ Per call, back to back on the same warmed-up model:
   single    plain `model.generate`, one prompt at a time, on the first --single-prompts prompts
             of the call, free replies (the machine-speed figure; the reference for identical
             outputs when the profile's replies are free)
+  kit_infmode the kit's decoder under torch.inference_mode, as before (autocast re-casts weights)
   kit_fp32  the kit's decoder without bf16 autocast (the speed-up of generation.autocast_bf16)
   kit_free  the kit's decoder, fp32, free replies (the cpu profile's 03 path before the label
             opening and the end at the line break: generation.constrain_response)
@@ -32,8 +33,10 @@ machines across sessions with it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
+from unittest import mock
 
 from benchkit import ROOT, load_stage  # noqa: E402  (first: the kit on the path, offline settings)
 
@@ -90,6 +93,19 @@ def kit_free_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> l
     return kit_token_ids(model, tokenizer, prompts, dict(gen_cfg, autocast_bf16=False), None)
 
 
+def kit_infmode_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> list[list[int]]:
+    """The kit's decoder under torch.inference_mode, as before: there CPU autocast casts every
+    weight again at every forward (common._decoding says why the kit no longer does)."""
+    @contextlib.contextmanager
+    def inference_mode_decoding(gen_cfg, device):
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if gen_cfg.get("autocast_bf16")
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            yield
+    with mock.patch.object(common, "_decoding", inference_mode_decoding):
+        return kit_token_ids(model, tokenizer, prompts, gen_cfg, constraint)
+
+
 def generate_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> list[list[int]]:
     return common.generate_token_ids(model, tokenizer, prompts, dict(gen_cfg, engine="generate"),
                                      constraint=constraint)
@@ -109,7 +125,8 @@ def single_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> lis
 
 
 ENGINES = {"library": library_token_ids, "kit": kit_token_ids, "generate": generate_token_ids,
-           "single": single_token_ids, "kit_fp32": kit_fp32_token_ids, "kit_free": kit_free_token_ids}
+           "single": single_token_ids, "kit_fp32": kit_fp32_token_ids, "kit_free": kit_free_token_ids,
+           "kit_infmode": kit_infmode_token_ids}
 # Paths whose outputs are not expected to equal the kit's: free replies, another precision.
 DIFFERENT_OUTPUTS = {"library", "single", "kit_fp32", "kit_free"}
 
