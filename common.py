@@ -135,6 +135,7 @@ generation:
   top_p?: float
   autocast_bf16: bool
   prefix_cache_min_tokens: int
+  share_prefix_attention: bool
   constrain_response: bool
 baselines:
   methods: list[str]
@@ -1701,30 +1702,42 @@ def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str,
     prefix_len = _shared_prefix_length(encoded) if len(encoded) > 1 else 0
     if prefix_len < int(gen_cfg.get("prefix_cache_min_tokens", 32)):
         prefix_len = 0
-    prefix_cache = None
+    prefix_cache = shared_prefix = None
     if prefix_len:
         with _decoding(gen_cfg, device):
             prefix_cache = model(input_ids=torch.tensor([encoded[0][:prefix_len]], device=device),
                                  past_key_values=_new_cache(), use_cache=True, logits_to_keep=1).past_key_values
+        # Shared in place where it is most of every row's keys (ICL prompts); a short system prompt
+        # ahead of long rows is copied (float32 attention over it would cost more than it saves).
+        longest_tail = max(len(ids) for ids in encoded) - prefix_len + max_new_tokens
+        if (gen_cfg.get("share_prefix_attention") and prefix_len > longest_tail
+                and _can_share_prefix(model, prefix_cache)):
+            shared_prefix = tuple((layer.keys, layer.values) for layer in prefix_cache.layers)
 
     def prefill(indices: list[int]) -> _DecodeBatch:
         tails = tokenizer.pad({"input_ids": [encoded[i][prefix_len:] for i in indices]}, padding=True,
                               padding_side="left", return_tensors="pt")
-        mask = torch.cat([torch.ones(len(indices), prefix_len, dtype=torch.long), tails["attention_mask"]],
-                         dim=1).to(device)
-        cache = _new_cache()
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(indices))
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         input_ids = tails["input_ids"].to(device)
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions[:, -input_ids.shape[1]:],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if shared_prefix is not None:  # the rows' own tokens only: the prefix is attended to in place
+            mask, cache = tails["attention_mask"].to(device), _new_cache()
+            positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
+            attention = {"attention_mask": _own_tokens_mask(mask, input_ids.shape[1]), "shared_prefix": shared_prefix}
+        else:
+            mask = torch.cat([torch.ones(len(indices), prefix_len, dtype=torch.long), tails["attention_mask"]],
+                             dim=1).to(device)
+            cache = _new_cache()
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(indices))
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            attention = {"attention_mask": mask}
+        out = model(input_ids=input_ids, position_ids=positions[:, -input_ids.shape[1]:],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1, **attention)
         logits = out.logits[:, -1, :]
         if constraint is not None:
             constraint.mask(logits, [[] for _ in indices])
         return _DecodeBatch(torch.tensor(indices, device=device), _next_tokens(logits, gen_cfg, generator),
-                            mask, positions[:, -1] + 1, out.past_key_values)
+                            mask, positions[:, -1] + 1, out.past_key_values, shared_prefix)
 
     tail_lengths = [len(ids) - prefix_len for ids in encoded]
     # Longest first: similar lengths share a prefill (little padding) and memory peaks early.
@@ -1732,7 +1745,8 @@ def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str,
     results: list[list[int]] = [[] for _ in texts]
     live: _DecodeBatch | None = None
     with tqdm(total=len(texts), desc=desc, unit="prompt", leave=False,
-              disable=os.environ.get("CAPO_NO_PROGRESS") == "1") as bar, _decoding(gen_cfg, device):
+              disable=os.environ.get("CAPO_NO_PROGRESS") == "1") as bar, _decoding(gen_cfg, device), \
+            _attention_implementation(model, SHARED_PREFIX_ATTENTION if shared_prefix is not None else None):
         while pending or live is not None:
             free = batch_size - (0 if live is None else len(live.rows))
             mergeable = live is None or _cache_mergeable(live.cache)
@@ -1770,14 +1784,17 @@ def _similar_length_chunks(indices: list[int], lengths: list[int], slack: float 
 class _DecodeBatch:
     """The rows being decoded: prompt index, next input token, attention mask, next position, KV cache."""
 
-    def __init__(self, rows, tokens, mask, next_position, cache):
+    def __init__(self, rows, tokens, mask, next_position, cache, shared_prefix=None):
         self.rows, self.tokens, self.mask, self.next_position, self.cache = rows, tokens, mask, next_position, cache
+        self.shared_prefix = shared_prefix  # None: the mask and cache hold the prefix, per row
 
     def step(self, model, gen_cfg: dict, generator, constraint=None, results=None) -> None:
         import torch
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        out = model(input_ids=self.tokens[:, None], attention_mask=self.mask, position_ids=self.next_position[:, None],
-                    past_key_values=self.cache, use_cache=True)
+        attention = ({"attention_mask": self.mask} if self.shared_prefix is None else
+                     {"attention_mask": _own_tokens_mask(self.mask, 1), "shared_prefix": self.shared_prefix})
+        out = model(input_ids=self.tokens[:, None], position_ids=self.next_position[:, None],
+                    past_key_values=self.cache, use_cache=True, **attention)
         self.cache, self.next_position = out.past_key_values, self.next_position + 1
         logits = out.logits[:, -1, :]
         if constraint is not None:
@@ -1823,7 +1840,88 @@ class _DecodeBatch:
             mine.keys, mine.values = torch.cat([mine.keys, theirs.keys]), torch.cat([mine.values, theirs.values])
         return _DecodeBatch(*(torch.cat([mine, theirs]) for mine, theirs in
                               ((self.rows, other.rows), (self.tokens, other.tokens), (self.mask, other.mask),
-                               (self.next_position, other.next_position))), self.cache)
+                               (self.next_position, other.next_position))), self.cache, self.shared_prefix)
+
+
+# Shared-prefix attention: prompts that share a prefix (system prompt, ICL demonstrations) keep
+# one copy of its keys and values, and each decoding step reads it once for all rows, instead
+# of once per row from per-row copies (generation.share_prefix_attention; bench/RESULTS.md).
+SHARED_PREFIX_ATTENTION = "kit_shared_prefix"
+
+
+def _can_share_prefix(model, prefix_cache) -> bool:
+    """Plain full-attention layers whose attention goes through transformers' attention interface."""
+    config = model.config
+    return (_cache_mergeable(prefix_cache) and config._attn_implementation in ("sdpa", "eager")
+            and _register_shared_prefix_attention())
+
+
+@functools.cache
+def _register_shared_prefix_attention() -> bool:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    AttentionInterface.register(SHARED_PREFIX_ATTENTION, _shared_prefix_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_PREFIX_ATTENTION, sdpa_mask)  # only 4D masks reach it here
+    return True
+
+
+@contextlib.contextmanager
+def _attention_implementation(model, name: str | None):
+    """The model's attention implementation set to `name` for the block (None: left as it is)."""
+    if name is None:
+        yield
+        return
+    before = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+
+
+def _own_tokens_mask(mask, query_length: int):
+    """[rows, 1, query, own tokens] boolean mask: a row's own (non-pad) tokens, causally."""
+    import torch
+    key_length = mask.shape[1]
+    causal = torch.ones(query_length, key_length, dtype=torch.bool, device=mask.device).tril(key_length - query_length)
+    return mask.bool()[:, None, None, :] & causal
+
+
+def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             shared_prefix=None, **kwargs):
+    """Attention over [the shared prefix, the row's own tokens] with one softmax, where the prefix's
+    keys and values ([1, kv heads, P, dim], one copy) are read in one product for every row and
+    query head. `key`/`value` are the rows' own tokens, `attention_mask` their 4D boolean mask.
+    Without `shared_prefix` it is transformers' SDPA attention."""
+    import torch
+    if shared_prefix is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    with torch.autocast(query.device.type, enabled=False):  # float32 throughout, as SDPA accumulates
+        return _shared_prefix_attention_fp32(module, query.float(), key.float(), value.float(), attention_mask,
+                                             scaling, shared_prefix)
+
+
+def _shared_prefix_attention_fp32(module, query, key, value, attention_mask, scaling, shared_prefix):
+    import torch
+    prefix_keys, prefix_values = (tensor.float() for tensor in shared_prefix[module.layer_idx])
+    rows, heads, query_length, dim = query.shape
+    kv_heads, prefix_length = key.shape[1], prefix_keys.shape[2]
+    grouped = heads // kv_heads * query_length  # the queries that read one key/value head, per row
+    scaling = dim ** -0.5 if scaling is None else scaling
+    query = query.reshape(rows, kv_heads, grouped, dim)
+    by_head = query.transpose(0, 1).reshape(kv_heads, rows * grouped, dim)
+    prefix_scores = torch.matmul(by_head, prefix_keys[0].transpose(1, 2))
+    prefix_scores = prefix_scores.reshape(kv_heads, rows, grouped, prefix_length).transpose(0, 1)
+    own_scores = torch.matmul(query, key.transpose(2, 3))
+    own_mask = attention_mask[:, :, None].expand(rows, 1, heads // kv_heads, query_length, key.shape[2])
+    own_scores = own_scores.masked_fill(~own_mask.reshape(rows, 1, grouped, key.shape[2]), float("-inf"))
+    weights = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1) * scaling, dim=-1)
+    prefix_weights = weights[..., :prefix_length].transpose(0, 1).reshape(kv_heads, rows * grouped, prefix_length)
+    output = torch.matmul(prefix_weights, prefix_values[0]).reshape(kv_heads, rows, grouped, dim).transpose(0, 1)
+    output = output + torch.matmul(weights[..., prefix_length:], value)
+    return output.reshape(rows, heads, query_length, dim).transpose(1, 2).contiguous(), None
 
 
 @functools.cache

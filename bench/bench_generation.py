@@ -18,6 +18,8 @@ Per call, back to back on the same warmed-up model:
             of the call, free replies (the machine-speed figure; the reference for identical
             outputs when the profile's replies are free)
   kit_infmode the kit's decoder under torch.inference_mode, as before (autocast re-casts weights)
+  kit_copyprefix the kit's decoder with the shared prompt prefix copied into every row's cache,
+            as before generation.share_prefix_attention
   kit_fp32  the kit's decoder without bf16 autocast (the speed-up of generation.autocast_bf16)
   kit_free  the kit's decoder, fp32, free replies (the cpu profile's 03 path before the label
             opening and the end at the line break: generation.constrain_response)
@@ -106,6 +108,12 @@ def kit_infmode_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -
         return kit_token_ids(model, tokenizer, prompts, gen_cfg, constraint)
 
 
+def kit_copyprefix_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> list[list[int]]:
+    """The kit's decoder with the shared prompt prefix copied into every row's KV cache (as
+    before generation.share_prefix_attention)."""
+    return kit_token_ids(model, tokenizer, prompts, dict(gen_cfg, share_prefix_attention=False), constraint)
+
+
 def generate_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> list[list[int]]:
     return common.generate_token_ids(model, tokenizer, prompts, dict(gen_cfg, engine="generate"),
                                      constraint=constraint)
@@ -126,9 +134,12 @@ def single_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> lis
 
 ENGINES = {"library": library_token_ids, "kit": kit_token_ids, "generate": generate_token_ids,
            "single": single_token_ids, "kit_fp32": kit_fp32_token_ids, "kit_free": kit_free_token_ids,
-           "kit_infmode": kit_infmode_token_ids}
-# Paths whose outputs are not expected to equal the kit's: free replies, another precision.
-DIFFERENT_OUTPUTS = {"library", "single", "kit_fp32", "kit_free"}
+           "kit_infmode": kit_infmode_token_ids, "kit_copyprefix": kit_copyprefix_token_ids}
+# Paths whose outputs are not expected to equal the kit's: free replies, another precision, or
+# bf16 arithmetic in another order (kit_copyprefix: SDPA over per-row prefix copies, where the
+# kit attends in float32 over the shared prefix; both agree with kit_fp32 about equally often).
+DIFFERENT_OUTPUTS = {"library", "single", "kit_fp32", "kit_free", "kit_copyprefix"}
+BF16_PATHS = {"kit", "kit_copyprefix", "kit_infmode", "generate"}
 
 
 def timed(engine, model, tokenizer, prompts, gen_cfg, constraint=None) -> dict:
@@ -196,11 +207,14 @@ def main(argv: list[str] | None = None) -> None:
             if single_reference:
                 same_as_single = sum(a == b for a, b in zip(run["ids"], runs["single"]["ids"]))
                 compared += f", to single {same_as_single}/{min(len(run['ids']), len(runs['single']['ids']))}"
+            if "kit_fp32" in runs and engine in BF16_PATHS:  # bf16 paths against the float32 reference
+                same_as_fp32 = sum(a == b for a, b in zip(run["ids"], runs["kit_fp32"]["ids"]))
+                compared += f", to kit_fp32 {same_as_fp32}/{len(run['ids'])}"
             if engine not in DIFFERENT_OUTPUTS or (engine == "single" and single_reference):
                 mismatches += len(run["ids"]) - same_as_kit
             print(f"  {engine:8s} {len(run['ids']):3d} prompts {run['tokens']:5d} tokens {run['seconds']:7.1f} s "
                   f"{run['tokens'] / run['seconds']:7.2f} tokens/s {run['tokens'] / run['cpu_seconds']:7.2f} "
-                  f"tokens/CPU-s; {compared if engine not in DIFFERENT_OUTPUTS or single_reference else 'other replies'}"
+                  f"tokens/CPU-s; {compared if engine not in DIFFERENT_OUTPUTS or single_reference or engine in BF16_PATHS else 'other replies'}"
                   f" (load avg {run['load'][0]:.2f} -> {run['load'][1]:.2f})", flush=True)
     rate = {engine: t["tokens"] / t["seconds"] for engine, t in totals.items()}
     cpu_rate = {engine: t["tokens"] / t["cpu_seconds"] for engine, t in totals.items()}

@@ -35,7 +35,8 @@ def record(item_id, annotator, text_a, text_b, label="neutral", split="test"):
 
 def gen_cfg(**changes):
     cfg = {"engine": "kit", "batch_size": 4, "max_new_tokens": 12, "do_sample": False,
-           "temperature": 0.0, "autocast_bf16": False, "prefix_cache_min_tokens": 32}
+           "temperature": 0.0, "autocast_bf16": False, "prefix_cache_min_tokens": 32,
+           "share_prefix_attention": True}
     cfg.update(changes)
     return cfg
 
@@ -66,8 +67,15 @@ def one_at_a_time(model, tokenizer, prompts, cfg):
     return outputs
 
 
-def varied_prompts(count=7):
-    # Different annotators and items give prompts of different lengths (real padding).
+def varied_prompts(count=7, icl=False):
+    """Different annotators and items give prompts of different lengths (real padding). icl: one
+    annotator's prompts with the same three demonstrations, a shared prefix longer than each
+    prompt's own tokens (what generation.share_prefix_attention shares)."""
+    if icl:
+        demos = [record(f"d{i}", "A1", a, b, label="entailment", split="train")
+                 for i, (a, b) in enumerate(SENTENCES[-3:])]
+        return [common.build_messages(TASK_NLI, "A1", a + " " + ("Indeed. " * (i % 4)), b, demonstrations=demos)
+                for i, (a, b) in enumerate(SENTENCES[:count])]
     return [common.build_messages(TASK_NLI, f"A{i % 3}", a + " " * 0 + ("Indeed. " * (i % 4)), b)
             for i, (a, b) in enumerate(SENTENCES[:count])]
 
@@ -106,17 +114,66 @@ def test_generate_predictions_records_in_request_order(varied_model):
                                        model_tag="tiny", seed=5) == []
 
 
-@pytest.mark.parametrize("prefix_cache_min_tokens", [32, 10**9], ids=["prefix-cache", "no-prefix-cache"])
-def test_batched_greedy_equals_one_at_a_time(varied_model, prefix_cache_min_tokens):
+# The three ways the kit's decoder treats a shared prompt prefix: attended to in place, one copy
+# for every row (share_prefix_attention); prefilled once and copied into every row; not shared.
+# (on varied_prompts(icl=True): a shared prefix of demonstrations)
+PREFIX_MODES = {"shared-prefix": {"prefix_cache_min_tokens": 32, "share_prefix_attention": True},
+                "prefix-copied": {"prefix_cache_min_tokens": 32, "share_prefix_attention": False},
+                "no-prefix-cache": {"prefix_cache_min_tokens": 10**9, "share_prefix_attention": True}}
+
+
+@pytest.fixture
+def shared_prefix_calls(monkeypatch):
+    """Counts attention calls that read a shared prefix (so a test knows that path ran)."""
+    calls = []
+    original = common._shared_prefix_attention
+
+    def spy(*args, shared_prefix=None, **kwargs):
+        calls.append(shared_prefix is not None)
+        return original(*args, shared_prefix=shared_prefix, **kwargs)
+    from transformers import AttentionInterface
+    common._register_shared_prefix_attention()
+    monkeypatch.setitem(AttentionInterface._global_mapping, common.SHARED_PREFIX_ATTENTION, spy)
+    return calls
+
+
+@pytest.mark.parametrize("mode", list(PREFIX_MODES))
+def test_batched_greedy_equals_one_at_a_time(varied_model, mode, shared_prefix_calls):
     model, tokenizer = varied_model
-    prompts = varied_prompts()
-    cfg = gen_cfg(batch_size=4, prefix_cache_min_tokens=prefix_cache_min_tokens)
+    prompts = varied_prompts(icl=True)
+    cfg = gen_cfg(batch_size=4, **PREFIX_MODES[mode])
     single = one_at_a_time(model, tokenizer, prompts, cfg)
     assert len({tuple(ids) for ids in single}) > 2, "the test model must give different outputs"
     lengths = {len(tokenizer(common.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"])
                for p in prompts}
     assert len(lengths) > 2, "prompts of different lengths are needed to exercise padding"
     assert common.generate_token_ids(model, tokenizer, prompts, cfg) == single
+    assert any(shared_prefix_calls) == (mode == "shared-prefix")
+
+
+def test_shared_prefix_attention_equals_attention_over_the_whole_sequence():
+    """One softmax over [the prefix, the row's own tokens], the prefix stored once, is SDPA over
+    per-row copies of the prefix followed by the row's tokens (grouped query heads, padding,
+    several query positions)."""
+    from types import SimpleNamespace
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    generator = torch.Generator().manual_seed(0)
+    rows, heads, kv_heads, dim, prefix_length, own_length, query_length = 3, 6, 2, 8, 7, 5, 3
+    prefix_keys, prefix_values = (torch.randn(1, kv_heads, prefix_length, dim, generator=generator) for _ in "kv")
+    keys, values = (torch.randn(rows, kv_heads, own_length, dim, generator=generator) for _ in "kv")
+    query = torch.randn(rows, heads, query_length, dim, generator=generator)
+    own = torch.ones(rows, own_length, dtype=torch.long)
+    own[1, :2] = 0  # left padding
+    module = SimpleNamespace(layer_idx=0, num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
+    mine, _ = common._shared_prefix_attention(module, query, keys, values, common._own_tokens_mask(own, query_length),
+                                              scaling=0.3, shared_prefix=[(prefix_keys, prefix_values)])
+    whole_mask = common._own_tokens_mask(torch.cat([torch.ones(rows, prefix_length, dtype=torch.long), own], 1),
+                                         query_length)
+    reference, _ = sdpa_attention_forward(module, query, torch.cat([prefix_keys.expand(rows, -1, -1, -1), keys], 2),
+                                          torch.cat([prefix_values.expand(rows, -1, -1, -1), values], 2),
+                                          whole_mask, scaling=0.3)
+    assert mine.shape == reference.shape == (rows, query_length, heads, dim)
+    assert torch.allclose(mine, reference, atol=1e-5)
 
 
 def test_shared_prefix_of_icl_prompts_is_cached_and_equivalent(varied_model):
@@ -126,7 +183,9 @@ def test_shared_prefix_of_icl_prompts_is_cached_and_equivalent(varied_model):
     encoded = [tokenizer(common.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     assert common._shared_prefix_length(encoded) > 100  # system prompt + demonstrations
     cfg = gen_cfg(batch_size=3)
-    assert common.generate_token_ids(model, tokenizer, prompts, cfg) == one_at_a_time(model, tokenizer, prompts, cfg)
+    single = one_at_a_time(model, tokenizer, prompts, cfg)
+    for share in (True, False):
+        assert common.generate_token_ids(model, tokenizer, prompts, dict(cfg, share_prefix_attention=share)) == single
 
 
 def test_shared_prefix_length_leaves_one_token():
@@ -216,14 +275,16 @@ def test_peft_model_generates_like_one_at_a_time(varied_model):
     cfg = gen_cfg(batch_size=3, prefix_cache_min_tokens=16)
     single = one_at_a_time(peft_model, tokenizer, prompts, cfg)
     assert single != one_at_a_time(model, tokenizer, prompts, cfg)  # the adapter matters
-    assert common.generate_token_ids(peft_model, tokenizer, prompts, cfg) == single
+    for share in (True, False):
+        assert common.generate_token_ids(peft_model, tokenizer, prompts, dict(cfg, share_prefix_attention=share)) == single
+    assert peft_model.config._attn_implementation == model.config._attn_implementation  # restored
 
 
-def test_rows_leave_and_waiting_prompts_join_without_changing_outputs(varied_model, monkeypatch):
+def test_rows_leave_and_waiting_prompts_join_without_changing_outputs(varied_model, monkeypatch, shared_prefix_calls):
     """Continuous batching: rows that stop early free their slot for a waiting prompt (the
     KV caches are merged, left-padded); outputs still equal one-at-a-time generation."""
     model, tokenizer = varied_model
-    prompts = varied_prompts(7)
+    prompts = varied_prompts(7, icl=True)
     probe = one_at_a_time(model, tokenizer, prompts, gen_cfg(max_new_tokens=10))
     # Make a token the random model emits early in some outputs (late or never in others) the stop token.
     counts = {}
@@ -239,9 +300,10 @@ def test_rows_leave_and_waiting_prompts_join_without_changing_outputs(varied_mod
     merges = []
     original_merge = common._DecodeBatch.merge
     monkeypatch.setattr(common._DecodeBatch, "merge", lambda self, other: merges.append(1) or original_merge(self, other))
-    for prefix_cache_min_tokens in (32, 10**9):
-        assert common.generate_token_ids(model, stopping, prompts, dict(cfg, prefix_cache_min_tokens=prefix_cache_min_tokens)) == single
+    for mode in PREFIX_MODES.values():
+        assert common.generate_token_ids(model, stopping, prompts, dict(cfg, **mode)) == single
     assert merges, "no waiting prompt joined a running batch"
+    assert any(shared_prefix_calls), "the shared-prefix path did not run"
 
 
 def test_sampling_is_seeded(varied_model):
