@@ -193,13 +193,20 @@ def write_pairs(cfg: dict, dataset: str, task: dict, splits: dict, model_tag: st
     return all_pairs
 
 
-def budgets(cfg: dict, train_records: list[dict], annotator: str, n_pairs: int) -> dict:
-    """{"capo": ..., "sft": ...}: common.training_budget of CAPO on the `n_pairs` pairs used and of
-    SFT on min(sft.max_train_examples, the annotator's train examples), from the config."""
-    available = sum(1 for record in train_records if record["annotator"] == annotator)
-    cap = cfg["sft"]["max_train_examples"]
-    examples = min(int(cap), available) if cap else available
-    return {"capo": common.training_budget(n_pairs, cfg["capo"]), "sft": common.training_budget(examples, cfg["sft"])}
+def budgets(cfg: dict, train_records: list[dict], annotator: str, n_pairs: int, sft_adapter=None) -> dict:
+    """{"capo": ..., "sft": ...}: common.training_budget of CAPO on the `n_pairs` pairs used, and
+    SFT's budget as 04 logged it in the SFT adapter's train_log.json (what it trained on, after
+    leaving out examples longer than sft.max_length); without that log, from the config:
+    min(sft.max_train_examples, the annotator's train examples)."""
+    log_path = Path(sft_adapter) / "train_log.json" if sft_adapter else None
+    logged = common.read_json(log_path).get("budget") if log_path and log_path.is_file() else None
+    if logged:
+        sft = logged
+    else:
+        available = sum(1 for record in train_records if record["annotator"] == annotator)
+        cap = cfg["sft"]["max_train_examples"]
+        sft = common.training_budget(min(int(cap), available) if cap else available, cfg["sft"])
+    return {"capo": common.training_budget(n_pairs, cfg["capo"]), "sft": sft}
 
 
 def budget_lines(budget: dict) -> list[str]:
@@ -475,7 +482,7 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
                 "dataset": dataset, "model": tag, "annotator": annotator, "method": method,
                 "sft_adapter": str(sft_path), "reference": "frozen copy of the SFT adapter ('ref')",
                 "train_pairs": len(pairs), "dev_pairs": len(dev_pairs), "world_size": common.world_size(),
-                "budget": budgets(cfg, splits["train"], annotator, len(pairs)),
+                "budget": budgets(cfg, splits["train"], annotator, len(pairs), sft_path),
                 "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
                 "train_loss": result.training_loss, "steps": trainer.state.global_step,
                 "resumed_from": resume_from, "seconds": round(time.time() - started, 1),
@@ -525,14 +532,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                           "written", flush=True)
                     done.append({**status, "path": None, "parse_rate": None, "seconds": 0.0})
                     continue
-                if common.is_main_process():
-                    for line in budget_lines(budgets(cfg, splits["train"], annotator, len(pairs))):
-                        print(f"[{name}] {line}", flush=True)
-
                 # ---- the SFT adapter it starts from must be finished from the same data and config
                 sft_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
                 common.require_current(sft_path, cfg, common.stage_command(
                     cfg, "04_sft.py", "--dataset", dataset, "--annotators", annotator))
+                if common.is_main_process():
+                    for line in budget_lines(budgets(cfg, splits["train"], annotator, len(pairs), sft_path)):
+                        print(f"[{name}] {line}", flush=True)
 
                 # ---- train, unless the adapter is finished from the same pairs, SFT adapter and config
                 pairs_path = common.pairs_dir(cfg, dataset, tag, policy) / f"{annotator}.jsonl"

@@ -201,6 +201,19 @@ def test_budget_line_and_a_warning_when_capo_gets_less_than_sft():
                         train, "A0", 96)["sft"]["steps"] == 146  # ceil(290 / 4) x 2
 
 
+def test_capo_budget_compares_with_what_sft_logged_it_trained_on(tmp_path):
+    """04 leaves out examples longer than sft.max_length; SFT's logged budget, not the config's
+    arithmetic, is what CAPO's is compared with."""
+    cfg = common.load_config(common.KIT_ROOT / "configs" / "cpu.yaml")
+    train = [rec(f"i{i}", "A0", "entailment", "x") for i in range(290)]
+    common.write_json(tmp_path / "train_log.json", {"budget": common.training_budget(40, cfg["sft"])})
+    budget = capo.budgets(cfg, train, "A0", n_pairs=96, sft_adapter=tmp_path)
+    assert budget["sft"]["examples"] == 40 and budget["sft"]["steps"] == 20
+    assert capo.budget_lines(budget) == [
+        "CAPO budget: 24 steps x 4 pairs per step (SFT: 20 steps x 4 examples per step)"]
+    assert capo.budgets(cfg, train, "A0", 96, sft_adapter=tmp_path / "missing")["sft"]["examples"] == 48
+
+
 def test_the_cpu_profile_gives_capo_at_least_sfts_budget():
     """Whenever an annotator has the capped numbers of examples and pairs (VariErr, paraphrase: ~290
     examples and 327-497 pairs per annotator), CAPO's steps and pairs per step are not below SFT's."""
