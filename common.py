@@ -1635,7 +1635,8 @@ def _generate_static_batches(model, tokenizer, texts: list[str], gen_cfg: dict,
             for index, ids in zip(batch, out[:, prompt_width:].tolist()):
                 ids = _trim_at_eos(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
                 if constraint is not None:  # a row that ended at its line break is padded after it
-                    ids = next((ids[:k] for k in range(1, len(ids) + 1) if constraint.ends(ids[:k])), ids)
+                    ids = next((ids[:k] for k, token in enumerate(ids, 1)
+                                if token in constraint.line_breaks and constraint.ends(ids[:k])), ids)
                 results[index] = ids
     return results
 
