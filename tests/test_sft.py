@@ -157,20 +157,21 @@ def test_lm_head_on_labelled_positions_only_gives_the_same_log_probs_and_gradien
     labels = input_ids.clone()
     labels[:, :8] = -100  # the prompt
     labels[2, -1] = -100  # a padded tail
-    trl_default = trl_utils._use_triton
+    before = trl_utils._use_triton  # a stage run earlier in this process may have switched it on
+    trl_own = getattr(before, "trl_original", before)
     results = {}
     try:
         for enabled in (False, True):
             assert common.lm_head_on_labelled_positions_only(enabled) is enabled
             assert trl_utils._use_triton(torch.device("cpu")) is enabled
+            assert (trl_utils._use_triton is trl_own) is not enabled  # off: trl's own function back
             model.zero_grad()
             out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
             out.loss.backward()
             results[enabled] = (out.log_probs.detach(), out.entropy.detach(),
                                 model.model.layers[0].self_attn.q_proj.weight.grad.clone())
     finally:
-        common.lm_head_on_labelled_positions_only(False)
-    assert trl_utils._use_triton is trl_default
+        trl_utils._use_triton = before
     for full, compact in zip(results[False], results[True]):
         assert torch.allclose(full, compact, atol=1e-6)
     assert (results[True][0][labels[:, 1:] == -100] == 0).all()
