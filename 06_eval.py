@@ -263,6 +263,12 @@ KEPT_FRACTION_OF_RANGE = 0.02
 # Imitation claims: (metric, higher is better).
 IMITATION_CLAIM_METRICS = (("group_clf_conf", True), ("norm_imitation", True), ("feature_kl", False),
                            ("judge_attribution", True))
+# A claim on a group metric (the primary m) is not resolved when both methods' per-target group
+# classifier confidences all lie within this of 0 or 1: the metric then only counts annotators
+# (the macro mean moves in steps of 1/annotators) and grades nothing (our choice; the smaller m
+# of tables/group_sizes still grade).
+GROUP_METRICS = ("group_clf_conf", "norm_imitation", "group_accuracy")
+SATURATION_TOLERANCE = 0.01
 # ============================================================================
 # END OF OUR DEFINITIONS
 # ============================================================================
@@ -1281,6 +1287,14 @@ def compare(results: dict, draws: dict, dataset: str, model_tag: str, claim: str
     return row
 
 
+def saturated(result: dict | None) -> bool:
+    """Every evaluated target's group classifier confidence within SATURATION_TOLERANCE of 0 or 1."""
+    values = [row.get("group_clf_conf") for row in ((result or {}).get("per_annotator") or {}).values()
+              if row.get("status", "ok") == "ok"]
+    values = [v for v in values if v is not None]
+    return bool(values) and all(min(v, 1 - v) < SATURATION_TOLERANCE for v in values)
+
+
 def best_prompting(results: dict, metric: str, higher_is_better: bool) -> str | None:
     """The prompting method with the best point estimate on `metric` (None if none has one)."""
     scored = [(results[m][metric], m) for m in PROMPTING_METHODS
@@ -1314,6 +1328,12 @@ def claims_check(results: dict, draws: dict, datasets: dict, calibration: dict) 
                                 f"CAPO keeps SFT's {decision} (non-inferiority, margin {margin:g})", decision,
                                 "capo", "sft", higher, margin))
             for row in rows:
+                if (row["metric"] in GROUP_METRICS and "reason" not in row
+                        and saturated(methods.get(row["a"])) and saturated(methods.get(row["b"]))):
+                    row["verdict"] = "not resolved"
+                    row["reason"] = (f"saturated: every target's group classifier confidence of {row['a']} and "
+                                     f"{row['b']} is within {SATURATION_TOLERANCE:g} of 0 or 1 at the primary m; "
+                                     "see the smaller m in tables/group_sizes")
                 if row["metric"] == "judge_attribution" and not judge_ok and "reason" not in row:
                     row["verdict"] = "not resolved"
                     row["reason"] = ("judge uninformative on this profile: "

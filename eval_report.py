@@ -670,7 +670,9 @@ def claims_markdown(claims: list[dict], judge_calibration: dict, margin_note: st
     lines += ["", "Each claim compares two methods on the same test items: the difference of their macro "
               "averages and its 95% paired-bootstrap interval (the same resampled items for both methods). "
               "`holds`: the interval excludes 0 in the claimed direction; `contradicted`: it excludes 0 the other "
-              f"way; otherwise `not resolved`. {margin_note} 'best prompting' is the prompting method with the "
+              f"way; otherwise `not resolved`. A group-metric claim between two methods whose per-target group "
+              "classifier confidences all lie within 0.01 of 0 or 1 is `not resolved` (saturated: it counts "
+              f"annotators, it does not grade). {margin_note} 'best prompting' is the prompting method with the "
               "best value on that metric, picked on the point estimates (which favours it slightly).", ""]
     for dataset, calibration in judge_calibration.items():
         if calibration.get("accuracy") is None:

@@ -245,3 +245,23 @@ def test_two_seeds_pool_and_report_their_spread(tmp_path):
     # base is the same in both seeds: no spread, and the single-seed value
     assert base["label_acc_sd"] == 0.0
     assert base["label_acc"] == pytest.approx(metrics["varierr"]["tiny"]["base"]["label_acc_by_seed"]["1"])
+
+
+def test_a_group_claim_between_two_saturated_methods_is_not_resolved():
+    """Per-target confidences all at 0 or 1 (few outputs, m near n): the difference only counts
+    annotators, so the claim is not resolved; one method that grades keeps it resolved."""
+    results, draws, datasets = planted_results(0.3, judge_human_ci=[0.5, 0.7])
+    calibration = {"varierr": ev6.judge_calibration(results["varierr"])}
+    methods = results["varierr"]["tiny"]
+    methods["sft"]["per_annotator"] = {t: {"status": "ok", "group_clf_conf": v}
+                                       for t, v in zip("ABCD", (1.0, 1.0, 0.0, 0.999))}
+    methods["capo"]["per_annotator"] = {t: {"status": "ok", "group_clf_conf": v}
+                                        for t, v in zip("ABCD", (1.0, 0.998, 1.0, 1.0))}
+    claims = {(c["a"], c["metric"]): c for c in ev6.claims_check(results, draws, datasets, calibration)}
+    for metric in ("group_clf_conf", "norm_imitation"):
+        assert claims[("capo", metric)]["verdict"] == "not resolved"
+        assert claims[("capo", metric)]["reason"].startswith("saturated")
+    assert claims[("capo", "feature_kl")]["verdict"] == "holds"  # not a group metric
+    methods["capo"]["per_annotator"]["B"]["group_clf_conf"] = 0.9  # grades on one target
+    claims = {(c["a"], c["metric"]): c for c in ev6.claims_check(results, draws, datasets, calibration)}
+    assert claims[("capo", "group_clf_conf")]["verdict"] == "holds"
