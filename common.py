@@ -1713,7 +1713,8 @@ def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str,
         longest_tail = max(len(ids) for ids in encoded) - prefix_len + max_new_tokens
         if (gen_cfg.get("share_prefix_attention") and prefix_len > longest_tail
                 and _can_share_prefix(model, prefix_cache)):
-            shared_prefix = tuple((layer.keys, layer.values) for layer in prefix_cache.layers)
+            # float32 once here, not at every step (the attention over it is float32)
+            shared_prefix = tuple((layer.keys.float(), layer.values.float()) for layer in prefix_cache.layers)
 
     def prefill(indices: list[int]) -> _DecodeBatch:
         tails = tokenizer.pad({"input_ids": [encoded[i][prefix_len:] for i in indices]}, padding=True,
@@ -1906,7 +1907,7 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=
 
 def _shared_prefix_attention_fp32(module, query, key, value, attention_mask, scaling, shared_prefix):
     import torch
-    prefix_keys, prefix_values = (tensor.float() for tensor in shared_prefix[module.layer_idx])
+    prefix_keys, prefix_values = shared_prefix[module.layer_idx]  # float32 (made so once, _generate_hf)
     rows, heads, query_length, dim = query.shape
     kv_heads, prefix_length = key.shape[1], prefix_keys.shape[2]
     grouped = heads // kv_heads * query_length  # the queries that read one key/value head, per row
