@@ -1272,6 +1272,11 @@ def load_embedder(cfg: dict):
     return _EMBEDDERS[path]
 
 
+def progress_bars_on() -> bool:
+    """Progress bars unless CAPO_NO_PROGRESS=1 (logs and CI stay readable)."""
+    return os.environ.get("CAPO_NO_PROGRESS") != "1"
+
+
 def embed_texts(cfg: dict, texts: list[str], cache_dir: str | Path | None = None):
     """Unit-normalised embeddings (numpy, float32), cached on disk keyed by embedder + texts."""
     import numpy as np
@@ -1282,7 +1287,7 @@ def embed_texts(cfg: dict, texts: list[str], cache_dir: str | Path | None = None
     model = load_embedder(cfg)
     vectors = model.encode(texts, batch_size=cfg["embedder"].get("batch_size", 64),
                            normalize_embeddings=True, convert_to_numpy=True,
-                           show_progress_bar=len(texts) > 500).astype(np.float32)
+                           show_progress_bar=len(texts) > 500 and progress_bars_on()).astype(np.float32)
     if cache_file is not None:
         with atomic_path(cache_file) as tmp:
             with open(tmp, "wb") as fh:
@@ -1747,7 +1752,7 @@ def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str,
     results: list[list[int]] = [[] for _ in texts]
     live: _DecodeBatch | None = None
     with tqdm(total=len(texts), desc=desc, unit="prompt", leave=False,
-              disable=os.environ.get("CAPO_NO_PROGRESS") == "1") as bar, _decoding(gen_cfg, device), \
+              disable=not progress_bars_on()) as bar, _decoding(gen_cfg, device), \
             _attention_implementation(model, SHARED_PREFIX_ATTENTION if shared_prefix is not None else None):
         while pending or live is not None:
             free = batch_size - (0 if live is None else len(live.rows))
