@@ -1120,6 +1120,13 @@ def judge_jobs(cfg: dict, ds: dict, predictions: dict) -> list[dict]:
     return jobs
 
 
+def judge_decoding(cfg: dict, tokenizer, annotators: list[str]) -> tuple[common.ReplyConstraint, dict]:
+    """The forced choice: replies constrained to one annotator ID then the end of the turn, greedy."""
+    choices = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in annotators]
+    gen_cfg = dict(cfg["generation"], max_new_tokens=max(map(len, choices)), do_sample=False)
+    return common.ReplyConstraint(tokenizer, choices), gen_cfg
+
+
 def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> str | None:
     """Adds "verdict" (and "reply") to every job with messages. Returns why it could not run."""
     ev = cfg["eval"]
@@ -1137,10 +1144,7 @@ def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> 
         # One call per dataset: its prompts share the instructions and examples, which
         # generate_texts then prefills once. The reply is one annotator ID then the end of
         # the turn (a forced choice, always answered).
-        choices = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                   for a in annotators[dataset]]
-        constraint = common.ReplyConstraint(tokenizer, choices)
-        gen_cfg = dict(cfg["generation"], max_new_tokens=max(map(len, choices)), do_sample=False)
+        constraint, gen_cfg = judge_decoding(cfg, tokenizer, annotators[dataset])
         batch = [job for job in todo if job["dataset"] == dataset]
         started = time.time()
         replies = common.generate_texts(model, tokenizer, [job["messages"] for job in batch], gen_cfg,

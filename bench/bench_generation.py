@@ -7,7 +7,9 @@
 Workload: what 03_prompt_baselines asks of one annotator, one generate call per method: the
 Base prompts and the ICL prompts (the profile's icl_k demonstrations, sampled as 03 samples
 them) of the annotator's eval test items (data.max_eval_items), so each call has more prompts
-than generation.batch_size on the cpu profile. Reads runs/<profile>/data (run 01_prepare first).
+than generation.batch_size on the cpu profile. `--methods base,icl,judge` adds 06's judge prompts
+(the sampled test cells' human responses, its forced choice: a few new tokens, so the call is
+mostly prefill). Reads runs/<profile>/data (run 01_prepare first).
 
 Per call, back to back on the same warmed-up model:
   library   transformers' continuous batching, `model.generate_batch` (paged KV cache, prefix
@@ -49,15 +51,22 @@ import common  # noqa: E402
 
 
 def workload(cfg: dict, dataset: str, annotator: str | None, methods: list[str]) -> tuple[str, dict]:
-    """{method: prompts} as 03_prompt_baselines builds them for one annotator."""
+    """{method: prompts} as 03_prompt_baselines builds them for one annotator; `judge`: 06's judge
+    prompts for the sampled test cells' human responses (the calibration row, all annotators)."""
     baselines = load_stage("03_prompt_baselines")
+    calls = {}
+    if "judge" in methods:
+        evaluation = load_stage("06_eval")
+        calls["judge"] = [job["messages"] for job in evaluation.judge_jobs(cfg, evaluation.load_dataset(cfg, dataset), {})]
+        methods = [m for m in methods if m != "judge"]
     task = common.load_task(cfg, dataset)
     annotator = annotator or common.dataset_annotators(cfg, dataset)[0]
     demonstrations = baselines.sample_train_records(common.load_split(cfg, dataset, "train"), annotator,
                                                     cfg["baselines"]["icl_k"], cfg["seed"], "icl")
     test = common.load_eval_split(cfg, dataset, "test")
-    return annotator, {method: [r["messages"] for r in common.annotator_requests(
-        test, task, annotator, **baselines.prompt_kwargs(method, demonstrations, None))] for method in methods}
+    return annotator, {**{method: [r["messages"] for r in common.annotator_requests(
+        test, task, annotator, **baselines.prompt_kwargs(method, demonstrations, None))] for method in methods},
+        **calls}
 
 
 def library_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> list[list[int]]:
@@ -154,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="default: configs/cpu.yaml (--tiny: configs/smoke.yaml)")
     parser.add_argument("--dataset", default="varierr")
     parser.add_argument("--annotator", default=None, help="default: the dataset's first")
-    parser.add_argument("--methods", default="base,icl", help="03 methods, one generate call each")
+    parser.add_argument("--methods", default="base,icl",
+                        help="03 methods, one generate call each; `judge` adds 06's judge prompts")
     parser.add_argument("--engines", default=",".join(ENGINES), help="paths to run (kit always runs)")
     parser.add_argument("--prompts", type=int, default=None, help="at most this many prompts per call (default: all)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the profile's generation.batch_size")
@@ -195,10 +205,15 @@ def main(argv: list[str] | None = None) -> None:
                    for p in prompts]
         print(f"{method}: {len(prompts)} prompts, prompt tokens min/mean/max "
               f"{min(lengths)}/{sum(lengths) / len(lengths):.0f}/{max(lengths)}", flush=True)
+        call_constraint, call_cfg = constraint, gen_cfg
+        if method == "judge":  # 06's forced choice among the annotator IDs, a few new tokens
+            call_constraint, call_cfg = load_stage("06_eval").judge_decoding(
+                cfg, tokenizer, common.dataset_annotators(cfg, args.dataset))
+            call_cfg["batch_size"] = gen_cfg["batch_size"]
         runs = {engine: timed(engine, model, tokenizer, prompts if engine != "single" else prompts[:single_prompts],
-                              gen_cfg, constraint) for engine in engines}
+                              call_cfg, call_constraint) for engine in engines}
         # One-at-a-time free replies are the reference only when the profile's replies are free.
-        single_reference = "single" in runs and constraint is None
+        single_reference = "single" in runs and call_constraint is None
         for engine, run in runs.items():
             for key in ("tokens", "seconds", "cpu_seconds"):
                 totals[engine][key] += run[key]

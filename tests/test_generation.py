@@ -151,14 +151,15 @@ def test_batched_greedy_equals_one_at_a_time(varied_model, mode, shared_prefix_c
     assert any(shared_prefix_calls) == (mode == "shared-prefix")
 
 
-def test_shared_prefix_attention_equals_attention_over_the_whole_sequence():
+@pytest.mark.parametrize("query_length", [1, 3], ids=["decoding step", "prefill"])
+def test_shared_prefix_attention_equals_attention_over_the_whole_sequence(query_length):
     """One softmax over [the prefix, the row's own tokens], the prefix stored once, is SDPA over
-    per-row copies of the prefix followed by the row's tokens (grouped query heads, padding,
-    several query positions)."""
+    per-row copies of the prefix followed by the row's tokens (grouped query heads, padding;
+    a decoding step takes the float32 product, a prefill SDPA over the prefix repeated)."""
     from types import SimpleNamespace
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     generator = torch.Generator().manual_seed(0)
-    rows, heads, kv_heads, dim, prefix_length, own_length, query_length = 3, 6, 2, 8, 7, 5, 3
+    rows, heads, kv_heads, dim, prefix_length, own_length = 3, 6, 2, 8, 7, 5
     prefix_keys, prefix_values = (torch.randn(1, kv_heads, prefix_length, dim, generator=generator) for _ in "kv")
     keys, values = (torch.randn(rows, kv_heads, own_length, dim, generator=generator) for _ in "kv")
     query = torch.randn(rows, heads, query_length, dim, generator=generator)
