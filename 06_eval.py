@@ -1346,12 +1346,15 @@ def claims_check(results: dict, draws: dict, datasets: dict, calibration: dict) 
     return claims
 
 
-def margin_note(datasets: dict) -> str:
+def claim_rules_note(datasets: dict) -> str:
+    """The report's text for the rules defined here: saturation and the non-inferiority margins."""
     parts = []
     for dataset, ds in datasets.items():
         decision, _, span = main_decision_metric(ds["task"])
         parts.append(f"{dataset} {decision} {KEPT_FRACTION_OF_RANGE * span:g}")
-    return (f"Non-inferiority margin (our choice: {KEPT_FRACTION_OF_RANGE:.0%} of the metric's range; "
+    return (f"A group-metric claim between two methods whose per-target group classifier confidences all lie "
+            f"within {SATURATION_TOLERANCE:g} of 0 or 1 is `not resolved` (saturated: it counts annotators, it "
+            f"does not grade). Non-inferiority margin (our choice: {KEPT_FRACTION_OF_RANGE:.0%} of the metric's range; "
             + ", ".join(parts) + "): `holds` when the interval stays on the good side of the margin, "
             "`contradicted` when it lies wholly beyond it.")
 
@@ -1752,7 +1755,7 @@ def main(argv: list[str] | None = None) -> None:
     sheet_status = eval_report.write_human_sheet(cfg, sheet_entries(cfg, datasets, predictions),
                                                  common.human_eval_dir(cfg))
     common.save_resolved_config(cfg, tables_dir, stage="06_eval")
-    report = eval_report.write_report(cfg, results, claims, calibration, margin_note(datasets), datasets,
+    report = eval_report.write_report(cfg, results, claims, calibration, claim_rules_note(datasets), datasets,
                                       table_paths, figures, curves, sheet_status, started, lewidi=lewidi)
     common.write_manifest(common.metrics_path(cfg), made_from)
     print(f"[eval] wrote {common.metrics_path(cfg)}, {tables_dir}/ and {report} in {time.time() - started:.0f}s",

@@ -658,7 +658,7 @@ def paper_table4_markdown() -> list[str]:
     return lines + [""]
 
 
-def claims_markdown(claims: list[dict], judge_calibration: dict, margin_note: str) -> list[str]:
+def claims_markdown(claims: list[dict], judge_calibration: dict, rules_note: str) -> list[str]:
     """The claims table (from metrics.json's `claims`) and the judge's calibration per dataset."""
     lines = ["| dataset | model | claim | metric | a | b | a - b [95% CI] | verdict |",
              "|---|---|---|---|---|---|---|---|"]
@@ -670,9 +670,7 @@ def claims_markdown(claims: list[dict], judge_calibration: dict, margin_note: st
     lines += ["", "Each claim compares two methods on the same test items: the difference of their macro "
               "averages and its 95% paired-bootstrap interval (the same resampled items for both methods). "
               "`holds`: the interval excludes 0 in the claimed direction; `contradicted`: it excludes 0 the other "
-              f"way; otherwise `not resolved`. A group-metric claim between two methods whose per-target group "
-              "classifier confidences all lie within 0.01 of 0 or 1 is `not resolved` (saturated: it counts "
-              f"annotators, it does not grade). {margin_note} 'best prompting' is the prompting method with the "
+              f"way; otherwise `not resolved`. {rules_note} 'best prompting' is the prompting method with the "
               "best value on that metric, picked on the point estimates (which favours it slightly).", ""]
     for dataset, calibration in judge_calibration.items():
         if calibration.get("accuracy") is None:
@@ -688,7 +686,7 @@ def claims_markdown(claims: list[dict], judge_calibration: dict, margin_note: st
     return lines + [""]
 
 
-def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration: dict, margin_note: str,
+def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration: dict, rules_note: str,
                  datasets: dict, table_paths: dict, figures: list[Path], curves: Path | None,
                  sheet_status: str, started: float, lewidi: dict | None = None) -> Path:
     run = common.run_dir(cfg)
@@ -706,7 +704,7 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
              f"Datasets: {', '.join(datasets)}. Models: {', '.join(m['tag'] for m in common.model_configs(cfg))}. "
              f"Judge: {common.model_configs(cfg)[0]['tag']} (the config's first model).", ""]
     lines += ["## At a glance: do the paper's claims hold in this run?", ""]
-    lines += claims_markdown(claims, judge_calibration, margin_note)
+    lines += claims_markdown(claims, judge_calibration, rules_note)
     lines += hlv_section(cfg, datasets, run)
     lines += ["## 2. Main results (Table 4)", ""]
     if "varierr" in results:

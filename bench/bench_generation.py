@@ -208,8 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         call_constraint, call_cfg = constraint, gen_cfg
         if method == "judge":  # 06's forced choice among the annotator IDs, a few new tokens
             call_constraint, call_cfg = load_stage("06_eval").judge_decoding(
-                cfg, tokenizer, common.dataset_annotators(cfg, args.dataset))
-            call_cfg["batch_size"] = gen_cfg["batch_size"]
+                dict(cfg, generation=gen_cfg), tokenizer, common.dataset_annotators(cfg, args.dataset))
         runs = {engine: timed(engine, model, tokenizer, prompts if engine != "single" else prompts[:single_prompts],
                               call_cfg, call_constraint) for engine in engines}
         # One-at-a-time free replies are the reference only when the profile's replies are free.

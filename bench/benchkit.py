@@ -5,6 +5,7 @@ script run from there).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -17,8 +18,9 @@ for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOK
     os.environ.setdefault(key, value)
 
 
+@functools.cache
 def load_stage(name: str):
-    """Import a numbered stage script (its file name is not a valid module name)."""
+    """Import a numbered stage script (its file name is not a valid module name), once."""
     spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
