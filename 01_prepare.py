@@ -706,6 +706,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--instruction", help="for --custom: the task instruction shown to the model")
     argv = glue_negative_values(sys.argv[1:] if argv is None else argv)
     args, cfg = common.parse_stage_args(parser, argv)
+    if not common.is_main_process():  # under `accelerate launch`: one process's work, done by rank 0
+        return
     if args.split:
         cfg["data"]["split"] = args.split
     check_custom_args(args)

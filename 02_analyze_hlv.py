@@ -517,6 +517,8 @@ CONFIG_KEYS = ("seed", "hlv", "embedder")  # what summary.json depends on beside
 def main(argv: list[str] | None = None) -> None:
     parser = common.stage_parser(__doc__)
     args, cfg = common.parse_stage_args(parser, argv)
+    if not common.is_main_process():  # under `accelerate launch`: one process's work, done by rank 0
+        return
     common.set_seed(cfg["seed"])
     check_hlv_config(cfg["hlv"], cfg["config_path"])
     for dataset in common.selected_datasets(cfg, args.dataset):

@@ -3,7 +3,7 @@
     python 03_prompt_baselines.py --config configs/cpu.yaml --dataset varierr
     python 03_prompt_baselines.py --config configs/smoke.yaml --dataset all
     python 03_prompt_baselines.py --config configs/cpu.yaml --baselines.methods "[base, icl]" --baselines.icl_k 10
-    accelerate launch 03_prompt_baselines.py --config configs/paper.yaml   # annotators are shared out over processes
+    accelerate launch --num_processes 2 03_prompt_baselines.py --config configs/paper.yaml   # (dataset, annotator) units shared out
 
 Methods (the paper's four baselines; docs/CHOICES.md), all asking for `Label: ...` / `Explanation: ...`:
   base    the annotator ID and the task instructions only
@@ -29,7 +29,6 @@ train item that is also a dev or test item stops the stage.
 """
 from __future__ import annotations
 
-import os
 import random
 import time
 
@@ -173,9 +172,10 @@ def main(argv: list[str] | None = None) -> None:
         test = common.load_eval_split(cfg, dataset, "test")
         data[dataset] = {"train": train, "test": test, "task": common.load_task(cfg, dataset),
                          "annotators": common.dataset_annotators(cfg, dataset)}
-    # Under `accelerate launch`, each process takes every world_size-th (dataset, annotator).
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    units = [(d, a) for d in data for a in data[d]["annotators"]][rank::world]
+    # Under `accelerate launch`, each process takes its share of the (dataset, annotator) units: their
+    # value profiles and predictions files. A file is one generation call whichever process makes
+    # it, so N processes write the bytes one process writes.
+    units = common.this_process_share([(d, a) for d in data for a in data[d]["annotators"]])
     demonstrations = {(d, a): sample_train_records(data[d]["train"], a, base_cfg["icl_k"], cfg["seed"], "icl")
                       for d, a in units}
     for (d, a), demos in demonstrations.items():
@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                     reason = "--force" if args.force else common.why_not_current(path, made_from)
                 if reason:
                     todo.append((model_cfg, dataset, annotator, method, reason))
-    print(f"[03] {len(todo)} of {len(models) * len(units) * len(methods)} predictions files to (re)do; "
-          "the rest are current", flush=True)
+    print(f"[03] {len(todo)} of {len(models) * len(units) * len(methods)} predictions files to (re)do"
+          f"{common.process_label()}; the rest are current", flush=True)
     stale_profiles = [profile_requests[(d, a)] for d, a in units if not profile_is_current(profile_requests[(d, a)])
                       and any(m.startswith("vp") for _, d2, a2, m, _ in todo if (d2, a2) == (d, a))]
 
@@ -239,8 +239,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"{time.time() - started:.0f}s", flush=True)
         del model
 
+    summary = common.gather_to_all(summary)
+    if not common.is_main_process():
+        return
     print("[03] parse rate per dataset, model and method:")
-    for dataset, tag, method in dict.fromkeys((s[0], s[1], s[2]) for s in summary):
+    for dataset, tag, method in sorted(dict.fromkeys((s[0], s[1], s[2]) for s in summary)):
         rows = [s for s in summary if s[:3] == (dataset, tag, method)]
         total = sum(s[4] for s in rows)
         parsed = sum(round(s[4] * s[5]) for s in rows if s[5] is not None)

@@ -4,8 +4,8 @@
     python 04_sft.py --config configs/smoke.yaml --dataset all
     python 04_sft.py --config configs/cpu.yaml --dataset varierr --resume      # continue an interrupted run
     python 04_sft.py --config configs/cpu.yaml --sft.epochs 1 --force          # retrain finished annotators
-    accelerate launch --num_processes 2 04_sft.py --config configs/paper.yaml --dataset varierr --annotators A0
-    CUDA_VISIBLE_DEVICES=1 python 04_sft.py --config configs/paper.yaml --annotators A1   # one GPU per annotator
+    accelerate launch --num_processes 2 04_sft.py --config configs/paper.yaml     # adapters shared out over 2 processes
+    accelerate launch --num_processes 4 04_sft.py --config configs/paper.yaml --dataset varierr --annotators A0 --data-parallel
 
 Reads runs/<profile>/data/<dataset>/{train,dev,test}.jsonl (01). For every model of the profile
 and every annotator (or the --annotators subset) writes:
@@ -14,8 +14,10 @@ and every annotator (or the --annotators subset) writes:
   predictions/<dataset>/<model>/sft/<annotator>.jsonl  greedy generations on the annotator's test items
   work/sft/<dataset>/<model>/<annotator>/              checkpoints while training (removed when done)
 A finished annotator (adapter and predictions present) is skipped unless --force; an adapter
-without predictions only generates. With `accelerate launch`, the processes train one adapter
-together (DDP; the global batch stays sft.global_batch_size) and only rank 0 writes files.
+without predictions only generates. With `accelerate launch`, each process trains (and predicts
+with) its share of the adapters by itself, exactly as one process would (docs/DESIGN.md,
+"Processes"); with --data-parallel the processes train each adapter together instead (DDP; the
+global batch stays sft.global_batch_size) and only rank 0 writes files.
 
 Training data: one example per train record of the annotator (an annotator who gave two
 labels to an item contributes both), in trl's conversational prompt/completion form: the
@@ -57,7 +59,7 @@ def sft_examples(records: list[dict], task: dict, annotator: str) -> list[dict]:
     """trl prompt/completion rows for `annotator`'s records, in file order."""
     return [{"prompt": common.build_messages(task, annotator, r["text_a"], r["text_b"]),
              "completion": [{"role": "assistant", "content": common.format_response(r["label"], r["explanation"])}],
-             "chat_template_kwargs": dict(common.TRAINING_TEMPLATE_KWARGS)}
+             "chat_template_kwargs": dict(common.CHAT_TEMPLATE_KWARGS)}
             for r in records if r["annotator"] == annotator]
 
 
@@ -93,7 +95,7 @@ def within_max_length(rows: list[dict], tokenizer, max_length: int) -> tuple[lis
     """
     kept = [row for row in rows
             if len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True,
-                                                 return_dict=False, **common.TRAINING_TEMPLATE_KWARGS))
+                                                 return_dict=False, **common.CHAT_TEMPLATE_KWARGS))
             <= max_length]
     return kept, len(rows) - len(kept)
 
@@ -107,7 +109,7 @@ def check_supervision(trainer, tokenizer, example: dict) -> str:
     """
     prompt_text = common.render_prompt(tokenizer, example["prompt"])
     full_text = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False,
-                                              **common.TRAINING_TEMPLATE_KWARGS)
+                                              **common.CHAT_TEMPLATE_KWARGS)
     if not full_text.startswith(prompt_text):
         raise InputError("the chat template renders the prompt differently alone than before a response; "
                          "training and generation would see different prompts")
@@ -209,41 +211,46 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args, cfg = common.parse_stage_args(parser, argv)
     common.require_models(cfg)  # a missing hub model stops here, in one line
 
-    done = []
+    # ---- data, and the adapters to train: (dataset, model, annotator) units
+    data, units = {}, []
     for dataset in common.selected_datasets(cfg, args.dataset):
         common.require_data(cfg, dataset)
-        task = common.load_task(cfg, dataset)
-        splits = common.load_splits(cfg, dataset)
-        annotators = common.select_annotators(cfg, dataset, args.annotators)
-        for model_cfg in common.model_configs(cfg):
-            for annotator in annotators:
-                tag, started = model_cfg["tag"], time.time()
-                name = f"sft {dataset}/{tag}/{annotator}"
-                adapter_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
-                pred_path = common.predictions_path(cfg, dataset, tag, "sft", annotator)
+        data[dataset] = {"task": common.load_task(cfg, dataset), "splits": common.load_splits(cfg, dataset)}
+        units += [(dataset, model_cfg["tag"], annotator) for model_cfg in common.model_configs(cfg)
+                  for annotator in common.select_annotators(cfg, dataset, args.annotators)]
+    models = {model_cfg["tag"]: model_cfg for model_cfg in common.model_configs(cfg)}
 
-                # ---- train, unless the adapter is finished from the same data, config and code
-                made_from = adapter_recipe(cfg, dataset, model_cfg)
-                reason = "--force" if args.force else common.why_not_current(adapter_path, made_from)
-                if reason:
-                    print(f"[{name}] training ({reason})", flush=True)
-                    train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, adapter_path, made_from)
-                else:
-                    print(f"[{name}] adapter is current (same data, config and code); not retrained", flush=True)
-                if not common.is_main_process():
-                    continue
+    done = []
+    for dataset, tag, annotator in common.training_share(units, args.data_parallel):
+        task, splits, model_cfg, started = data[dataset]["task"], data[dataset]["splits"], models[tag], time.time()
+        name = f"sft {dataset}/{tag}/{annotator}"
+        adapter_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
+        pred_path = common.predictions_path(cfg, dataset, tag, "sft", annotator)
+        with common.training_processes(args.data_parallel):
+            # ---- train, unless the adapter is finished from the same data, config and code
+            made_from = adapter_recipe(cfg, dataset, model_cfg)
+            reason = "--force" if args.force else common.why_not_current(adapter_path, made_from)
+            if reason:
+                print(f"[{name}] training ({reason}){common.process_label()}", flush=True)
+                train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, adapter_path, made_from)
+            else:
+                print(f"[{name}] adapter is current (same data, config and code); not retrained", flush=True)
+            if not common.is_main_process():
+                continue
 
-                # ---- predict the test items, unless those predictions are current for this adapter
-                pred_made_from = common.adapter_predictions_recipe(cfg, "04_sft", dataset, model_cfg, adapter_path)
-                status = {"dataset": dataset, "model": tag, "annotator": annotator, "method": "sft",
-                          "adapter": str(adapter_path), "path": str(pred_path)}
-                if args.force or reason or common.why_not_current(pred_path, pred_made_from):
-                    status.update(common.predict_with_adapter(cfg, model_cfg, task, adapter_path, splits["test"],
-                                                              annotator, "sft", pred_path, pred_made_from))
-                else:
-                    status["parse_rate"] = common.parse_rate(common.read_jsonl(pred_path))
-                done.append({**status, "seconds": round(time.time() - started, 1)})
-    common.print_training_summary(done)
+            # ---- predict the test items, unless those predictions are current for this adapter
+            pred_made_from = common.adapter_predictions_recipe(cfg, "04_sft", dataset, model_cfg, adapter_path)
+            status = {"dataset": dataset, "model": tag, "annotator": annotator, "method": "sft",
+                      "adapter": str(adapter_path), "path": str(pred_path)}
+            if args.force or reason or common.why_not_current(pred_path, pred_made_from):
+                status.update(common.predict_with_adapter(cfg, model_cfg, task, adapter_path, splits["test"],
+                                                          annotator, "sft", pred_path, pred_made_from))
+            else:
+                status["parse_rate"] = common.parse_rate(common.read_jsonl(pred_path))
+            done.append({**status, "seconds": round(time.time() - started, 1)})
+    done = common.gather_to_all(done)
+    if common.is_main_process():
+        common.print_training_summary(done)
     return done
 
 

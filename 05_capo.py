@@ -4,8 +4,8 @@
     python 05_capo.py --config configs/smoke.yaml --dataset all
     python 05_capo.py --config configs/cpu.yaml --dataset varierr --resume        # continue a killed run
     python 05_capo.py --config configs/cpu.yaml --pair-policy all      # ablation, saved as method capo_all
-    accelerate launch --num_processes 2 05_capo.py --config configs/paper.yaml --dataset varierr --annotators A0
-    CUDA_VISIBLE_DEVICES=1 python 05_capo.py --config configs/paper.yaml --annotators A1   # one GPU per annotator
+    accelerate launch --num_processes 2 05_capo.py --config configs/paper.yaml     # adapters shared out over 2 processes
+    accelerate launch --num_processes 4 05_capo.py --config configs/paper.yaml --dataset varierr --annotators A0 --data-parallel
 
 Reads 01's data and 04's adapters. Writes, under runs/<profile>/:
   pairs/<dataset>/<model>/<annotator>.jsonl    the training pairs ({"item_id", "prompt", "chosen",
@@ -15,7 +15,7 @@ Reads 01's data and 04's adapters. Writes, under runs/<profile>/:
                                                 the chosen step), train_log.json, config.resolved.yaml
   predictions/<dataset>/<model>/capo/<annotator>.jsonl   greedy generations on the test items
   work/capo/<dataset>/<model>/<annotator>/     checkpoints and the best adapter so far (removed when done)
-Skip (--force), resume (--resume) and subsets (--annotators) work as in 04_sft.py.
+Skip (--force), resume (--resume), subsets (--annotators) and processes (--data-parallel) work as in 04_sft.py.
 
 Pairs (the paper's rule; docs/CHOICES.md). For every TRAIN item and target annotator: chosen = the target's
 response (each of them, if the target gave two labels); rejected = another annotator's
@@ -228,7 +228,7 @@ def budget_lines(budget: dict) -> list[str]:
 
 def trl_rows(pairs: list[dict]) -> list[dict]:
     return [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
-             "chat_template_kwargs": dict(common.TRAINING_TEMPLATE_KWARGS)} for p in pairs]
+             "chat_template_kwargs": dict(common.CHAT_TEMPLATE_KWARGS)} for p in pairs]
 
 
 # ----------------------------------------------------------------------------
@@ -511,58 +511,68 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise InputError(f"{cfg['config_path']}: capo.pair_policy '{policy}' is not one of {', '.join(POLICIES)}")
     method = METHOD_OF_POLICY[policy]
 
-    done = []
+    # ---- data and pairs (every process builds them; rank 0 writes them), then the adapters to
+    # train: (dataset, model, annotator) units
+    data, units = {}, []
     for dataset in common.selected_datasets(cfg, args.dataset):
         common.require_data(cfg, dataset)
-        task = common.load_task(cfg, dataset)
-        splits = common.load_splits(cfg, dataset)
-        annotators = common.select_annotators(cfg, dataset, args.annotators)
+        task, splits = common.load_task(cfg, dataset), common.load_splits(cfg, dataset)
+        data[dataset] = {"task": task, "splits": splits, "pairs": {}}
         for model_cfg in common.model_configs(cfg):
-            tag = model_cfg["tag"]
-            all_pairs = write_pairs(cfg, dataset, task, splits, tag, policy)
-            for annotator in annotators:
-                name, started = f"{method} {dataset}/{tag}/{annotator}", time.time()
-                pairs = all_pairs[annotator]
-                adapter_path = common.adapter_dir(cfg, dataset, tag, method, annotator)
-                pred_path = common.predictions_path(cfg, dataset, tag, method, annotator)
-                status = {"dataset": dataset, "model": tag, "annotator": annotator, "method": method,
-                          "pairs": len(pairs), "adapter": str(adapter_path), "path": str(pred_path)}
-                if not pairs:
-                    print(f"[{name}] no training pairs under policy {policy}: CAPO not trained, no predictions "
-                          "written", flush=True)
-                    done.append({**status, "path": None, "parse_rate": None, "seconds": 0.0})
-                    continue
-                # ---- the SFT adapter it starts from must be finished from the same data and config
-                sft_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
-                common.require_current(sft_path, cfg, common.stage_command(
-                    cfg, "04_sft.py", "--dataset", dataset, "--annotators", annotator))
-                if common.is_main_process():
-                    for line in budget_lines(budgets(cfg, splits["train"], annotator, len(pairs), sft_path)):
-                        print(f"[{name}] {line}", flush=True)
+            data[dataset]["pairs"][model_cfg["tag"]] = write_pairs(cfg, dataset, task, splits, model_cfg["tag"], policy)
+            units += [(dataset, model_cfg["tag"], annotator)
+                      for annotator in common.select_annotators(cfg, dataset, args.annotators)]
+    common.wait_for_everyone()  # the pairs files are on disk before any process hashes them
+    models = {model_cfg["tag"]: model_cfg for model_cfg in common.model_configs(cfg)}
 
-                # ---- train, unless the adapter is finished from the same pairs, SFT adapter and config
-                pairs_path = common.pairs_dir(cfg, dataset, tag, policy) / f"{annotator}.jsonl"
-                made_from = adapter_recipe(cfg, dataset, model_cfg, sft_path, pairs_path)
-                reason = "--force" if args.force else common.why_not_current(adapter_path, made_from)
-                if reason:
-                    print(f"[{name}] training ({reason})", flush=True)
-                    train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, pairs, sft_path,
-                                  adapter_path, method, made_from)
-                else:
-                    print(f"[{name}] adapter is current (same pairs, SFT adapter and config); not retrained",
-                          flush=True)
-                if not common.is_main_process():
-                    continue
+    done = []
+    for dataset, tag, annotator in common.training_share(units, args.data_parallel):
+        task, splits, model_cfg = data[dataset]["task"], data[dataset]["splits"], models[tag]
+        name, started = f"{method} {dataset}/{tag}/{annotator}", time.time()
+        pairs = data[dataset]["pairs"][tag][annotator]
+        adapter_path = common.adapter_dir(cfg, dataset, tag, method, annotator)
+        pred_path = common.predictions_path(cfg, dataset, tag, method, annotator)
+        status = {"dataset": dataset, "model": tag, "annotator": annotator, "method": method,
+                  "pairs": len(pairs), "adapter": str(adapter_path), "path": str(pred_path)}
+        if not pairs:
+            print(f"[{name}] no training pairs under policy {policy}: CAPO not trained, no predictions "
+                  "written", flush=True)
+            done.append({**status, "path": None, "parse_rate": None, "seconds": 0.0})
+            continue
+        # ---- the SFT adapter it starts from must be finished from the same data and config
+        sft_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
+        common.require_current(sft_path, cfg, common.stage_command(
+            cfg, "04_sft.py", "--dataset", dataset, "--annotators", annotator))
+        with common.training_processes(args.data_parallel):
+            if common.is_main_process():
+                for line in budget_lines(budgets(cfg, splits["train"], annotator, len(pairs), sft_path)):
+                    print(f"[{name}] {line}", flush=True)
 
-                # ---- predict the test items, unless those predictions are current for this adapter
-                pred_made_from = common.adapter_predictions_recipe(cfg, "05_capo", dataset, model_cfg, adapter_path)
-                if args.force or reason or common.why_not_current(pred_path, pred_made_from):
-                    status.update(common.predict_with_adapter(cfg, model_cfg, task, adapter_path, splits["test"],
-                                                              annotator, method, pred_path, pred_made_from))
-                else:
-                    status["parse_rate"] = common.parse_rate(common.read_jsonl(pred_path))
-                done.append({**status, "seconds": round(time.time() - started, 1)})
-    common.print_training_summary(done)
+            # ---- train, unless the adapter is finished from the same pairs, SFT adapter and config
+            pairs_path = common.pairs_dir(cfg, dataset, tag, policy) / f"{annotator}.jsonl"
+            made_from = adapter_recipe(cfg, dataset, model_cfg, sft_path, pairs_path)
+            reason = "--force" if args.force else common.why_not_current(adapter_path, made_from)
+            if reason:
+                print(f"[{name}] training ({reason}){common.process_label()}", flush=True)
+                train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, pairs, sft_path,
+                              adapter_path, method, made_from)
+            else:
+                print(f"[{name}] adapter is current (same pairs, SFT adapter and config); not retrained",
+                      flush=True)
+            if not common.is_main_process():
+                continue
+
+            # ---- predict the test items, unless those predictions are current for this adapter
+            pred_made_from = common.adapter_predictions_recipe(cfg, "05_capo", dataset, model_cfg, adapter_path)
+            if args.force or reason or common.why_not_current(pred_path, pred_made_from):
+                status.update(common.predict_with_adapter(cfg, model_cfg, task, adapter_path, splits["test"],
+                                                          annotator, method, pred_path, pred_made_from))
+            else:
+                status["parse_rate"] = common.parse_rate(common.read_jsonl(pred_path))
+            done.append({**status, "seconds": round(time.time() - started, 1)})
+    done = common.gather_to_all(done)
+    if common.is_main_process():
+        common.print_training_summary(done)
     return done
 
 

@@ -983,23 +983,15 @@ def human_reference_row(cfg: dict, ds: dict, plan: dict, human: dict, imitation:
     return result, {"macro": draws, "per_annotator": target_draws}
 
 
-def evaluate_dataset(cfg: dict, ds: dict) -> tuple[dict, dict, dict, dict]:
-    """({model: {method: metrics}}, {model: {method: bootstrap draws}}, judge inputs, the
-    resample plan) for one dataset, without the judge."""
-    ev = cfg["eval"]
-    cache_dir = common.eval_cache_dir(cfg, ds["name"])
-    features = feature_reference(ds, ev)
-    try:
-        imitation, imitation_reason = imitation_reference(cfg, ds, ev, cache_dir), None
-    except ValueError as err:  # e.g. fewer than two annotators in the train split
-        imitation, imitation_reason = None, f"the annotator classifier could not be trained: {err}"
+def load_method_predictions(cfg: dict, ds: dict) -> dict:
+    """{(model, method): (first seed's predictions by annotator, missing, rows, unmatched, rows
+    per seed)} for one dataset.
 
-    # With several training seeds each (model, method) has one prediction set per seed: the rows
-    # pool (intervals resample items with all their seeds' rows), and each seed is also scored
-    # alone for the spread across seeds (m_sd).
+    With several training seeds each (model, method) has one prediction set per seed: the rows
+    pool (intervals resample items with all their seeds' rows), and each seed is also scored
+    alone for the spread across seeds (m_sd)."""
     seeds = common.training_seeds(cfg)
     loaded = {}
-    all_rows = []
     for model_cfg in common.model_configs(cfg):
         methods = list(dict.fromkeys(m for seed in seeds for m in
                                      discover_methods(common.with_seed(cfg, seed), ds["name"], model_cfg["tag"])))
@@ -1015,7 +1007,21 @@ def evaluate_dataset(cfg: dict, ds: dict) -> tuple[dict, dict, dict, dict]:
             unmatched = {a: sum(u.get(a, 0) for _, u in seed_rows) for a in ds["annotators"]}
             loaded[(model_cfg["tag"], method)] = (seed_sets[0], missing, rows, {a: n for a, n in unmatched.items() if n},
                                                   seed_rows)
-            all_rows += rows
+    return loaded
+
+
+def evaluate_dataset(cfg: dict, ds: dict, loaded: dict) -> tuple[dict, dict, dict]:
+    """({model: {method: metrics}}, {model: {method: bootstrap draws}}, the resample plan) for
+    one dataset and its load_method_predictions, without the judge."""
+    ev = cfg["eval"]
+    cache_dir = common.eval_cache_dir(cfg, ds["name"])
+    features = feature_reference(ds, ev)
+    try:
+        imitation, imitation_reason = imitation_reference(cfg, ds, ev, cache_dir), None
+    except ValueError as err:  # e.g. fewer than two annotators in the train split
+        imitation, imitation_reason = None, f"the annotator classifier could not be trained: {err}"
+    seeds = common.training_seeds(cfg)
+    all_rows = [row for _, _, rows, _, _ in loaded.values() for row in rows]
     started = time.time()
     bert_reason = score_rows(cfg, ev, all_rows, cache_dir) if all_rows else None
     print(f"[eval] {ds['name']}: reference similarity for {len(all_rows)} outputs in {time.time() - started:.0f}s",
@@ -1045,7 +1051,7 @@ def evaluate_dataset(cfg: dict, ds: dict) -> tuple[dict, dict, dict, dict]:
         draws[model_tag][HUMAN] = reference_draws
     print(f"[eval] {ds['name']}: metrics and {int(ev['bootstrap_resamples'])} bootstrap resamples in "
           f"{time.time() - started:.1f}s", flush=True)
-    return results, draws, {key: value[0] for key, value in loaded.items()}, plan
+    return results, draws, plan
 
 
 def add_seed_spread(result: dict, seed_results: list[dict], seeds: list[int]) -> None:
@@ -1140,20 +1146,28 @@ def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> 
         model, tokenizer = common.load_model_and_tokenizer(judge_cfg)
     except Exception as err:  # weights not available offline: report, do not crash
         return f"judge model '{judge_cfg['tag']}' could not be loaded: {type(err).__name__}: {err}"
-    for dataset in dict.fromkeys(job["dataset"] for job in todo):
-        # One call per dataset: its prompts share the instructions and examples, which
-        # generate_texts then prefills once. The reply is one annotator ID then the end of
-        # the turn (a forced choice, always answered).
+    # Chunks of one generation batch per call, shared out over the processes of the launch: a
+    # chunk's prompts share the instructions and examples (prefilled once per call), and a chunk
+    # is the same call whichever process runs it, so the verdicts do not depend on how many
+    # processes there are. The reply is one annotator ID then the end of the turn (a forced
+    # choice, always answered).
+    size = int(cfg["generation"]["batch_size"])
+    chunks = [(dataset, start) for dataset in dict.fromkeys(job["dataset"] for job in todo)
+              for start in range(0, sum(job["dataset"] == dataset for job in todo), size)]
+    replies = []
+    started = time.time()
+    for dataset, start in common.this_process_share(chunks):
         constraint, gen_cfg = judge_decoding(cfg, tokenizer, annotators[dataset])
-        batch = [job for job in todo if job["dataset"] == dataset]
-        started = time.time()
-        replies = common.generate_texts(model, tokenizer, [job["messages"] for job in batch], gen_cfg,
-                                        desc=f"judge {dataset}", constraint=constraint)
-        print(f"[eval] judge ({judge_cfg['tag']}) {dataset}: {len(batch)} verdicts in {time.time() - started:.0f}s",
-              flush=True)
-        for job, reply in zip(batch, replies):
-            job["reply"] = reply
-            job["verdict"] = parse_verdict(reply, annotators[dataset])
+        batch = [job for job in todo if job["dataset"] == dataset][start:start + size]
+        replies += common.generate_texts(model, tokenizer, [job["messages"] for job in batch], gen_cfg,
+                                         desc=f"judge {dataset}", constraint=constraint)
+    print(f"[eval] judge ({judge_cfg['tag']}): {len(replies)} verdicts in {time.time() - started:.0f}s"
+          f"{common.process_label()}", flush=True)
+    ordered = [job for dataset in dict.fromkeys(job["dataset"] for job in todo) for job in todo
+               if job["dataset"] == dataset]  # the chunks' order
+    for job, reply in zip(ordered, common.gather_to_all(replies), strict=True):
+        job["reply"] = reply
+        job["verdict"] = parse_verdict(reply, annotators[job["dataset"]])
     return None
 
 
@@ -1718,17 +1732,25 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[eval] {common.metrics_path(cfg)} and {common.report_path(cfg)} are current (same predictions, "
               "config and code); skipped", flush=True)
         return
-    print(f"[eval] evaluating ({reason})", flush=True)
-    common.forget_output(common.metrics_path(cfg))
+    print(f"[eval] evaluating ({reason}){common.process_label()}", flush=True)
+    common.wait_for_everyone()  # every process has read the old manifest before rank 0 removes it
+    if common.is_main_process():
+        common.forget_output(common.metrics_path(cfg))
     datasets = {name: load_dataset(cfg, name) for name in names}
+    loaded = {name: load_method_predictions(cfg, ds) for name, ds in datasets.items()}
+    predictions = {name: {key: value[0] for key, value in loaded[name].items()} for name in names}
 
-    # ---- metrics and intervals per dataset, model and method; then the judge over everything at once
-    results, draws, predictions, plans, jobs = {}, {}, {}, {}, {}
-    for name, ds in datasets.items():
-        results[name], draws[name], predictions[name], plans[name] = evaluate_dataset(cfg, ds)
-        jobs[name] = judge_jobs(cfg, ds, predictions[name])
+    # ---- the judge first: the one part shared out over the processes of a launch
+    jobs = {name: judge_jobs(cfg, ds, predictions[name]) for name, ds in datasets.items()}
     judge_reason = run_judge(cfg, [job for dataset_jobs in jobs.values() for job in dataset_jobs],
                              {name: ds["annotators"] for name, ds in datasets.items()})
+    if not common.is_main_process():
+        return
+
+    # ---- metrics and intervals per dataset, model and method
+    results, draws, plans = {}, {}, {}
+    for name, ds in datasets.items():
+        results[name], draws[name], plans[name] = evaluate_dataset(cfg, ds, loaded[name])
     for name, ds in datasets.items():
         attach_judge(results[name], draws[name], ds, jobs[name], judge_reason, cfg, plans[name])
     common.write_jsonl(tables_dir / "judge_verdicts.jsonl",  # every reply, for auditing the judge

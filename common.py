@@ -8,13 +8,16 @@
   provenance               manifests: recipe, why_not_current (producers), stale_reason /
                            require_current (consumers), write_manifest
   seeding, atomic IO       set_seed; atomic files and folders, JSONL/JSON readers naming file and line
-  tasks and prompts        the response format and its parser, build_messages, the data loaders
-  models                   tokenizers and models per source (hub, gguf, tiny, random stand-ins),
-                           the hub-model check
+  tasks and prompts        the response format and its parser, build_messages, the chat-template
+                           variables (thinking off, a fixed date), the data loaders
+  models                   tokenizers and models per source (hub, gguf, tiny, random stand-ins
+                           around the real models' tokenizers), the hub-model check
   sentence embedder        MiniLM from its package, embeddings cached by texts
   annotator classifier     E1-E4 representations, the classifier, group confidence (02, 05, 06)
   generation               prediction records; the kit's continuous-batching engine (a private part)
                            or plain model.generate (generation.engine) (03, 04, 05, 06)
+  processes                run_all.sh's `accelerate launch`; each process's share of a stage's
+                           units, gathering, training alone (03, 04, 05, 06)
   training                 trainer settings, adapter folders and model cards, predictions from an
                            adapter, resume (04, 05)
 """
@@ -111,6 +114,7 @@ models:
     tiny?: {hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int}
     architecture?: str
     num_layers?: int|null
+    tokenizer?: str|null
 embedder:
   source: str
   package?: str
@@ -341,6 +345,9 @@ def training_stage_parser(doc: str | None) -> argparse.ArgumentParser:
     parser = stage_parser(doc)
     parser.add_argument("--annotators", default=None, help="comma-separated subset, e.g. A0,A2 (default: all)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of a killed run")
+    parser.add_argument("--data-parallel", action="store_true",
+                        help="under `accelerate launch`: the processes train each adapter together (DDP) "
+                             "instead of each training its own share of the adapters")
     return parser
 
 
@@ -657,6 +664,7 @@ def save_resolved_config(cfg: dict, out_dir: str | Path, stage: str, argv: list[
         "stage": stage,
         "argv": list(sys.argv if argv is None else argv),
         "config": cfg,
+        "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
         "environment": {
             "python": platform.python_version(),
             "platform": platform.platform(),
@@ -702,10 +710,30 @@ def _umask() -> int:
     return mask
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}-"  # the writer's process ID: see _remove_stale_temps
+
+
+def _writer_alive(temp: Path, path: Path) -> bool:
+    """Whether the process that named `temp` still runs (another process of a launch may be
+    writing the same path, e.g. a shared cache file)."""
+    pid = temp.name[len(path.name) + 2:].split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _remove_stale_temps(path: Path) -> None:
-    """Temp files and folders a killed writer of `path` left beside it (only one writer per path)."""
+    """Temp files and folders a killed writer of `path` left beside it."""
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        if not _writer_alive(stale, path):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -714,7 +742,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the user's umask
@@ -732,7 +760,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
@@ -995,10 +1023,19 @@ def item_text(task: dict, text_a: str, text_b: str) -> str:
     return f"{task['text_a_name']}: {text_a}\n{task['text_b_name']}: {text_b}"
 
 
+# Chat-template variables for every prompt the kit renders, in training and at generation alike
+# (our choices): Qwen3-style templates without thinking (the paper's "thinking off"), and
+# Llama-3.2-Instruct-style templates with a fixed date. Those open with a system header whose
+# `Today Date:` defaults to strftime_now(), i.e. the day the stage runs: the same config would
+# give other prompts, and other outputs, on another day. The pinned date is the template's own
+# fallback for when no clock is available. Recorded in every config.resolved.yaml.
+CHAT_TEMPLATE_KWARGS = {"enable_thinking": False, "date_string": "26 Jul 2024"}
+
+
 def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """Chat template with the generation prompt; thinking off for Qwen3-style templates."""
+    """Chat template with the generation prompt (CHAT_TEMPLATE_KWARGS: thinking off, pinned date)."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=False)
+                                         **CHAT_TEMPLATE_KWARGS)
 
 
 # ----------------------------------------------------------------------------
@@ -1026,7 +1063,8 @@ def _pick_pad_token(tokenizer) -> None:
     if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
         return
     vocab = tokenizer.get_vocab()
-    for candidate in ("<|finetune_right_pad_id|>", "<|endoftext|>", "<pad>"):
+    # Llama-3.1+: <|finetune_right_pad_id|>; Llama-3 tokenizers name the same id reserved_special_token_2
+    for candidate in ("<|finetune_right_pad_id|>", "<|endoftext|>", "<pad>", "<|reserved_special_token_2|>"):
         if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
             tokenizer.pad_token = candidate
             return
@@ -1042,6 +1080,15 @@ def smollm2_cache_dir() -> Path:
     target = cache_root() / f"smollm2-135m-instruct-{key}"
     if (target / "config.json").exists():
         return target
+    from filelock import FileLock
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # one converter; the processes of a launch wait for it
+        if not (target / "config.json").exists():
+            _convert_smollm2(gguf_path, target)
+    return target
+
+
+def _convert_smollm2(gguf_path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     print(f"[model] converting {gguf_path.name} to {target} (once)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=SMOLLM2_GGUF)
@@ -1058,7 +1105,6 @@ def smollm2_cache_dir() -> Path:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return target
 
 
 def build_tiny_model(model_cfg: dict, tokenizer):
@@ -1099,20 +1145,40 @@ STAND_IN_ARCHITECTURES = {
 }
 
 
-def stand_in_config(model_cfg: dict, tokenizer=None):
-    """transformers config of a `source: random` entry: its architecture, at `num_layers` depth if set.
+# The tokenizer a stand-in uses unless its entry names one (`tokenizer:`, a folder or hub id):
+# the real model's, so prompts, chat template, special tokens and vocabulary are the paper's.
+STAND_IN_TOKENIZERS = {"qwen3-4b": "Qwen/Qwen3-4B", "llama3.2-3b": "meta-llama/Llama-3.2-3B-Instruct"}
 
-    The vocabulary keeps the real model's size (embedding and LM-head cost as in the paper);
-    the kit's tokenizer (SmolLM2's, 49152 tokens) uses only the first ids of it.
-    """
-    from transformers import AutoConfig
+
+def stand_in_architecture(model_cfg: dict) -> str:
     name = model_cfg.get("architecture")
     if name not in STAND_IN_ARCHITECTURES:
         raise InputError(f"model '{model_cfg.get('tag')}': source random needs architecture: one of "
                          f"{', '.join(STAND_IN_ARCHITECTURES)} (got {name!r})")
-    values = dict(STAND_IN_ARCHITECTURES[name])
+    return name
+
+
+def stand_in_config(model_cfg: dict, tokenizer=None):
+    """transformers config of a `source: random` entry: its architecture, at `num_layers` depth if
+    set, and at the `tiny:` width if set (hidden and MLP size, heads; the key/value heads keep the
+    architecture's grouping; model type, norms, RoPE and tied embeddings stay the paper model's).
+
+    The vocabulary keeps the real model's size (embedding and LM-head cost as in the paper);
+    the real tokenizer's ids all fall inside it.
+    """
+    from transformers import AutoConfig
+    values = dict(STAND_IN_ARCHITECTURES[stand_in_architecture(model_cfg)])
     if model_cfg.get("num_layers"):
         values["num_hidden_layers"] = int(model_cfg["num_layers"])
+    if model_cfg.get("tiny"):
+        size = model_cfg["tiny"]
+        heads = int(size["num_heads"])
+        group = values["num_attention_heads"] // values["num_key_value_heads"]
+        values.update(hidden_size=int(size["hidden_size"]), intermediate_size=int(size["intermediate_size"]),
+                      num_hidden_layers=int(size["num_layers"]), num_attention_heads=heads,
+                      num_key_value_heads=max(1, heads // group), head_dim=int(size["hidden_size"]) // heads)
+    if tokenizer is not None:
+        values["vocab_size"] = max(values["vocab_size"], len(tokenizer))
     if tokenizer is not None:
         values.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
@@ -1200,9 +1266,17 @@ def load_tokenizer(model_cfg: dict):
     source = model_cfg["source"]
     if source == "hub":
         tokenizer = AutoTokenizer.from_pretrained(model_cfg["name_or_path"])
-    elif source in ("gguf", "tiny", "random"):
-        # The tiny model and the stand-ins borrow SmolLM2's tokenizer and chat template: real
-        # BPE, no download.
+    elif source == "random":  # the real model's tokenizer (or the entry's `tokenizer:`)
+        name = model_cfg.get("tokenizer") or STAND_IN_TOKENIZERS[stand_in_architecture(model_cfg)]
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as err:
+            raise InputError(f"model '{model_cfg.get('tag')}': tokenizer '{name}' is neither a folder nor in the "
+                             f"local Hugging Face cache (fetch it with `.venv/bin/hf download {name} "
+                             f"tokenizer.json tokenizer_config.json`, or set tokenizer: to a folder): "
+                             f"{str(err).splitlines()[0]}") from None
+    elif source in ("gguf", "tiny"):
+        # The tiny model borrows SmolLM2's tokenizer and chat template: real BPE, no download.
         tokenizer = AutoTokenizer.from_pretrained(str(smollm2_cache_dir()))
     else:
         raise InputError(f"model '{model_cfg.get('tag')}': unknown source '{source}' (hub, gguf, tiny or random)")
@@ -1242,8 +1316,8 @@ def load_model_and_tokenizer(model_cfg: dict, device: str | None = None):
 
 def default_device() -> str:
     import torch
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if torch.cuda.is_available():  # the launch's device, or the current one while training alone
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
     return "cpu"
 
 
@@ -2010,11 +2084,11 @@ def _next_tokens(logits, gen_cfg: dict, generator):
 
 
 # ----------------------------------------------------------------------------
-# Training (04, 05): one LoRA run per annotator, shared plumbing
+# Processes (03-06): `accelerate launch` shares a stage's work out; plain `python` is one process
 # ----------------------------------------------------------------------------
-# Chat-template arguments for training data, the same as render_prompt uses at generation
-# (Qwen3: thinking off), so the trained prompt is the prompt the model is later asked.
-TRAINING_TEMPLATE_KWARGS = {"enable_thinking": False}
+# What a launcher (accelerate launch, torchrun) tells each process; hidden while it trains alone.
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+              "ROLE_RANK", "ROLE_WORLD_SIZE")
 
 
 def world_size() -> int:
@@ -2022,10 +2096,112 @@ def world_size() -> int:
 
 
 def is_main_process() -> bool:
-    """Rank 0 of an `accelerate launch` run (or the only process): the one that writes files."""
+    """Rank 0 of an `accelerate launch` run (or the only process): the one that writes shared files."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def process_state():
+    """accelerate's PartialState of this launch: gloo between CPU processes, NCCL between GPUs;
+    under plain `python`, one process. Its first call joins the process group."""
+    import torch
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def this_process_share(units: list) -> list:
+    """This process's share of independent units of work (predictions files, adapters, judge
+    chunks): accelerate's split_between_processes, contiguous and in order; all of them for one
+    process. A unit is never split, so its result does not depend on the number of processes."""
+    if world_size() == 1:
+        return list(units)
+    with process_state().split_between_processes(list(units)) as mine:
+        return list(mine)
+
+
+def gather_to_all(items: list) -> list:
+    """Every process's `items`, concatenated in rank order (so in the order of the units they came from)."""
+    if world_size() == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+    process_state()
+    return list(gather_object(list(items)))
+
+
+def accelerate_launch(argv: list[str]) -> int:
+    """`accelerate launch ARGV` (run_all.sh's launcher), returning the stage's exit code. A stage
+    that fails has printed its own one-line error; accelerate's traceback of the launcher itself
+    (torchrun's ChildFailedError) would only bury it, so it is left out."""
+    import subprocess as sp
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    args = launch_command_parser().parse_args(argv)
+    try:
+        launch_command(args)
+    except sp.CalledProcessError as err:  # one process
+        return err.returncode or 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # several: torchrun names each failed process and its exit code
+        failures = getattr(err, "failures", None) or {}
+        failed = {rank: failure.exitcode for rank, failure in failures.items() if failure.exitcode > 0}
+        code = max(failed.values(), default=1)  # the others were stopped by the launcher (a signal)
+        print(f"run_all.sh: {Path(args.training_script).name} failed on process(es) "
+              f"{', '.join(map(str, sorted(failed))) or '?'} (exit code {code})", file=sys.stderr)
+        return code
+    return 0
+
+
+def process_label() -> str:
+    """' (process r of n)' under a multi-process launch, else '': for lines every process prints."""
+    return f" (process {os.environ.get('RANK', '0')} of {world_size()})" if world_size() > 1 else ""
+
+
+def wait_for_everyone() -> None:
+    if world_size() > 1:
+        process_state().wait_for_everyone()
+
+
+def training_share(units: list, data_parallel: bool) -> list:
+    """The adapters (04/05) this process works on: all of them with --data-parallel (the
+    processes train each one together), else its own share (each trains its own alone)."""
+    return list(units) if data_parallel else this_process_share(units)
+
+
+def training_processes(data_parallel: bool):
+    """The context a 04/05 unit runs in: the launch's world (DDP) or training_alone()."""
+    return contextlib.nullcontext() if data_parallel else training_alone()
+
+
+@contextlib.contextmanager
+def training_alone():
+    """Inside, this process trains by itself, as under plain `python`, while the other processes
+    of the launch train their own adapters (04/05's default split): the trainer sees a world of
+    one, so there is no DDP wrapper and no gradient exchange. The process group stays up for
+    wait_for_everyone / gather_to_all outside. On GPUs each process keeps the device its launch
+    gave it (accelerate set it as the current CUDA device)."""
+    if world_size() == 1:
+        yield
+        return
+    process_state()  # join the group and take the device before the launch's variables go
+    import logging
+    from accelerate.state import AcceleratorState, GradientState
+    # transformers warns that a process group exists without DDP: here that is the point
+    logging.getLogger("transformers.training_args").addFilter(
+        lambda record: "parallel_mode != ParallelMode.DISTRIBUTED" not in record.getMessage())
+    hidden = {key: os.environ.pop(key) for key in LAUNCH_ENV if key in os.environ}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        process_state()  # rebuilt from the launch's variables (the process group is still there)
+
+
+# ----------------------------------------------------------------------------
+# Training (04, 05): one LoRA run per annotator, shared plumbing
+# ----------------------------------------------------------------------------
 def gradient_accumulation_steps(section: dict, name: str) -> int:
     """global batch / (per-device batch x processes); it must divide, so the global batch is exact."""
     global_batch, per_device = int(section["global_batch_size"]), int(section["per_device_batch_size"])

@@ -12,6 +12,13 @@
 #   bash run_all.sh --split lewidi       # the LeWiDi-2025 train/dev/test files as published, in
 #                                        #   <run_dir>/lewidi/; 06 adds the official metrics and submission files
 #   bash run_all.sh --profile paper --download-models   # fetch the profile's hub models, then run offline
+#   bash run_all.sh --processes 4        # processes per stage (default: one per GPU; without GPUs 1)
+#   bash run_all.sh --accelerate-config nodes.yaml   # several nodes: accelerate's config file (run on every node)
+#
+# Every stage starts with `accelerate launch`: 01 and 02 as one process, 03-06 as --processes N
+# (on GPUs one per GPU, NCCL; on CPUs gloo, the cores split between them). 03 shares its
+# predictions files out, 04/05 their adapters (each process trains its own), 06 its judge;
+# the outputs are the same bytes as with one process. docs/DESIGN.md, "Processes".
 #
 # Extra arguments after `--` go to every stage as config overrides (e.g. -- --eval.judge false
 # --run_dir runs/try1); a --raw-dir there is taken as run_all.sh's own. Stops at the first
@@ -28,6 +35,8 @@ dataset="all"
 force=0
 raw_dir=""
 download_models=0
+processes=""
+accelerate_config=""
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -36,6 +45,8 @@ while [ $# -gt 0 ]; do
     --force) force=1; shift ;;
     --raw-dir) raw_dir="$2"; shift 2 ;;
     --download-models) download_models=1; shift ;;
+    --processes) processes="$2"; shift 2 ;;
+    --accelerate-config) accelerate_config="$2"; shift 2 ;;
     --seeds) extra+=(--seeds "[$2]"); shift 2 ;;
     --split) extra+=(--data.split "$2"); shift 2 ;;
     --) shift
@@ -47,7 +58,7 @@ while [ $# -gt 0 ]; do
             *) extra+=("$1"); shift ;;
           esac
         done ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,6 +67,10 @@ if [ -z "$profile" ]; then
 fi
 config="configs/$profile.yaml"
 [ -f "$config" ] || { echo "run_all.sh: no profile '$profile' ($config missing)" >&2; exit 2; }
+[ -z "$processes" ] || [[ "$processes" =~ ^[1-9][0-9]*$ ]] \
+  || { echo "run_all.sh: --processes needs a whole number >= 1 (got '$processes')" >&2; exit 2; }
+[ -z "$accelerate_config" ] || [ -f "$accelerate_config" ] \
+  || { echo "run_all.sh: --accelerate-config $accelerate_config: no such file" >&2; exit 2; }
 
 bash setup.sh
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
@@ -89,29 +104,21 @@ fi
 common.run_stage(lambda: common.require_models(common.load_config(sys.argv[1], sys.argv[2:])))' \
   "$config" "${extra[@]}" || exit 2
 
-# 04_sft / 05_capo on a machine with several GPUs: one process per GPU, each training its
-# share of the (dataset, annotator) adapters in turn; with one GPU or none, a single process.
+# The launcher: accelerate's. Processes: --processes, else one per GPU, else 1 (docs/DESIGN.md,
+# "Processes", has the CPU measurements behind that default). With several CPU processes each
+# gets an equal share of the cores as its threads. --accelerate-config hands everything to
+# accelerate's config file (several nodes: num_machines, machine_rank, main_process_ip/port).
 n_gpus=$( { nvidia-smi -L 2>/dev/null || true; } | grep -c '^GPU' || true)
-fan_out_over_gpus() {  # fan_out_over_gpus <stage> [stage arguments...]
-  local stage=$1 g i pids=() failed=0 jobs=()
-  shift
-  mapfile -t jobs < <("$PY" -c 'import sys, common
-cfg = common.load_config(sys.argv[1], sys.argv[3:])
-for name in common.selected_datasets(cfg, sys.argv[2]):
-    for annotator in common.dataset_annotators(cfg, name):
-        print(name, annotator)' "$config" "$dataset" "${extra[@]}")
-  for ((g = 0; g < n_gpus; g++)); do
-    (
-      for ((i = g; i < ${#jobs[@]}; i += n_gpus)); do
-        read -r job_dataset job_annotator <<< "${jobs[i]}"
-        CUDA_VISIBLE_DEVICES=$g "$PY" "$stage.py" --config "$config" --dataset "$job_dataset" \
-          --annotators "$job_annotator" "$@" || exit 1
-      done
-    ) &
-    pids+=($!)
-  done
-  for i in "${pids[@]}"; do wait "$i" || failed=1; done
-  return $failed
+if [ -z "$processes" ]; then processes=$(( n_gpus > 0 ? n_gpus : 1 )); fi
+launcher() {  # launcher <processes>: the `accelerate launch` arguments for a stage of that many processes
+  local n=$1
+  if [ -n "$accelerate_config" ] && [ "$n" -gt 1 ]; then echo --config_file "$accelerate_config"; return; fi
+  local args=(--num_machines 1 --num_processes "$n" --mixed_precision no --dynamo_backend no)
+  # torchrun's launcher (named multi_gpu, it starts N processes on CPUs too), on a free port
+  [ "$n" -gt 1 ] && args+=(--multi_gpu --main_process_port 0)
+  [ "$n" = 1 ] && [ "$n_gpus" = 0 ] && args+=(--cpu)
+  [ "$n_gpus" = 0 ] && args+=(--num_cpu_threads_per_process $(( $(nproc) / n > 0 ? $(nproc) / n : 1 )))
+  echo "${args[@]}"
 }
 
 start_all=$(date +%s)
@@ -131,14 +138,18 @@ for stage_run in "${runs[@]}"; do
   seed_args=()
   [ -n "$seed" ] && seed_args=(--seed "$seed")
   log="$run_dir/logs/$stage${seed:+.seed$seed}.log"
-  echo "== $stage ($profile, $dataset${seed:+, seed $seed})"
+  case "$stage" in 01_*|02_*) n=1 ;; *) n=$processes ;; esac
+  echo "== $stage ($profile, $dataset${seed:+, seed $seed}; $n process(es))"
   t0=$(date +%s)
-  run=("$PY" "$stage.py" --config "$config" --dataset "$dataset")
-  case "$stage" in 04_sft|05_capo) [ "$n_gpus" -gt 1 ] && run=(fan_out_over_gpus "$stage") ;; esac
-  timer=()  # peak resident memory of the stage's process, where GNU time is installed
+  read -r -a launch_args <<< "$(launcher "$n")"
+  stage_cmd=("${launch_args[@]}" "$stage.py" --config "$config" --dataset "$dataset" "${stage_args[@]}" "${extra[@]}" "${seed_args[@]}")
+  echo "   accelerate launch ${stage_cmd[*]}"
+  # accelerate's launcher, through common.accelerate_launch: the stage's own exit code, no launcher traceback
+  run=("$PY" -c 'import sys, common; sys.exit(common.accelerate_launch(sys.argv[1:]))' "${stage_cmd[@]}")
+  timer=()  # peak resident memory of the stage's largest process, where GNU time is installed
   maxrss="$run_dir/logs/.$stage.maxrss_kb"
-  [ -x /usr/bin/time ] && [ "${run[0]}" = "$PY" ] && timer=(/usr/bin/time -f "%M" -o "$maxrss")
-  if ! "${timer[@]}" "${run[@]}" "${stage_args[@]}" "${extra[@]}" "${seed_args[@]}" 2>&1 | tee "$log"; then
+  [ -x /usr/bin/time ] && timer=(/usr/bin/time -f "%M" -o "$maxrss")
+  if ! "${timer[@]}" "${run[@]}" 2>&1 | tee "$log"; then
     echo "run_all.sh: stage $stage${seed:+ (seed $seed)} failed (profile $profile; its output is in $log);" \
          "later stages were not run" >&2
     exit 1

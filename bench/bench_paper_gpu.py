@@ -7,7 +7,8 @@ annotator, then the whole paper run extrapolated to 1 and N GPUs.
     .venv/bin/python bench/bench_paper_gpu.py --tiny --run-dir /tmp/bench-tiny          # CPU check of the bench
 
 The model is `source: random` with the paper model's exact architecture (common.STAND_IN_
-ARCHITECTURES) and SmolLM2's tokenizer, so no weights are needed; every other setting is
+ARCHITECTURES) and its real tokenizer and chat template (--tokenizer: a folder, or the hub id
+from the local cache), so no weights are needed; every other setting is
 configs/paper.yaml's (bf16, batch sizes, max_new_tokens 256, 50 ICL demonstrations, epochs).
 Random weights never emit the end-of-turn token, so every generation runs to max_new_tokens:
 the generation figures are an upper bound (--max-new-tokens caps them, e.g. near the human
@@ -25,11 +26,11 @@ Extrapolation (one dataset, one model; run once per dataset and architecture and
 03: seconds per request of the Base and ICL prompts times the requests of every annotator
 (VP counted as Base, VP-ICL as ICL: their profile adds ~100-200 prompt tokens, so slightly
 low); 04/05: the measured training seconds scaled by each annotator's examples/pairs, plus
-model loading and test generation scaled by test items. N GPUs: run_all.sh's fan-out of 04/05
-(job i on GPU i mod N), makespan = the busiest GPU; 03 split by annotators the same way, as
-`accelerate launch 03_prompt_baselines.py` does (run_all.sh runs 03 as one process: take its
-1-GPU figure). Not included: value-profile writing in 03 (one request per annotator), 01, 02
-and 06 (the judge's generations).
+model loading and test generation scaled by test items. N GPUs: run_all.sh's `accelerate launch`
+split of 04/05's adapters and 03's (dataset, annotator) units over N processes (contiguous
+shares, as accelerate's split_between_processes), makespan = the busiest process. Not included:
+value-profile writing in 03 (one request per annotator), 01, 02 and 06 (the judge's
+generations, shared out the same way).
 Writes <run-dir>/bench_paper_gpu.json and prints a table.
 """
 from __future__ import annotations
@@ -53,9 +54,9 @@ def bench_config(args) -> Path:
     """The profile (paper, or smoke with --tiny) with the stand-in model, written into the run dir."""
     cfg = yaml.safe_load((ROOT / "configs" / ("smoke.yaml" if args.tiny else "paper.yaml")).read_text())
     if not args.tiny:
-        cfg["models"] = [{"tag": f"{args.architecture}-stand-in", "source": "random",
+        cfg["models"] = [{"tag": f"{args.architecture}-stand-in", "source": "random", "name_or_path": None,
                           "architecture": args.architecture, "num_layers": args.num_layers,
-                          "dtype": "bfloat16", "init_seed": 0}]
+                          "tokenizer": args.tokenizer, "dtype": "bfloat16", "init_seed": 0}]
     if args.max_new_tokens:
         cfg["generation"]["max_new_tokens"] = args.max_new_tokens
     cfg["run_dir"] = str(args.run_dir)
@@ -144,7 +145,7 @@ def train_log(cfg: dict, dataset: str, method: str, annotator: str) -> dict:
 
 def chat_lengths(tokenizer, conversations: list[list[dict]]) -> list[int]:
     """Token count of each conversation as the trainers render it (chat template, thinking off)."""
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, **common.TRAINING_TEMPLATE_KWARGS)
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, **common.CHAT_TEMPLATE_KWARGS)
              for c in conversations]
     return [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
 
@@ -187,10 +188,14 @@ def bench_training(cfg: dict, config_path: Path, dataset: str, annotator: str, s
 
 # ---- extrapolation ------------------------------------------------------------------------
 def makespan(job_seconds: list[float], gpus: int) -> float:
-    """run_all.sh's fan-out: job i on GPU i mod N; the run ends with the busiest GPU."""
-    loads = [0.0] * gpus
-    for i, seconds in enumerate(job_seconds):
-        loads[i % gpus] += seconds
+    """run_all.sh's split (accelerate's split_between_processes): contiguous shares, the first
+    len % N processes one job more; the run ends with the busiest process."""
+    per, extra = divmod(len(job_seconds), gpus)
+    loads, start = [], 0
+    for rank in range(gpus):
+        end = start + per + (1 if rank < extra else 0)
+        loads.append(sum(job_seconds[start:end]))
+        start = end
     return max(loads) if loads else 0.0
 
 
@@ -241,6 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="stand-in depth (default: the full model's); fewer for a quick pipeline check")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="cap generation (default: the profile's 256; random weights never stop early)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="the stand-in's tokenizer: a folder or hub id (default: the real model's hub id, "
+                             "from the local cache)")
     parser.add_argument("--tiny", action="store_true", help="smoke profile on CPU: checks the bench only")
     args = parser.parse_args(argv)
 

@@ -1,5 +1,5 @@
 """bench/bench_paper_gpu.py in its --tiny mode (smoke profile, CPU): the bench runs end to end,
-counts the tokens the trainers see, and extrapolates with run_all.sh's fan-out.
+counts the tokens the trainers see, and extrapolates with run_all.sh's split over processes.
 
     .venv/bin/python -m pytest -q tests/test_bench_paper_gpu.py
 """
@@ -18,12 +18,13 @@ spec.loader.exec_module(bench)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_flop_formula_and_fan_out_makespan():
+def test_flop_formula_and_split_makespan():
     shape = {"params": 1000, "layers": 2, "attn_width": 8}
     # 3 tokens: 2N each, and attention over 1 + 2 + 3 positions (QK^T and AV, 2 FLOPs per MAC)
     assert bench.sequence_forward_flops(shape, 3) == 2 * 1000 * 3 + 4 * 2 * 8 * 6
     assert bench.forward_flops(shape, [1, 2, 3]) == bench.sequence_forward_flops(shape, 3)
-    assert bench.makespan([5, 1, 1, 1], 2) == 6  # jobs 0, 2 on GPU 0; 1, 3 on GPU 1
+    assert bench.makespan([5, 1, 1, 1], 2) == 6  # jobs 0, 1 on process 0; 2, 3 on process 1
+    assert bench.makespan([1, 1, 1, 5, 1], 2) == 6  # 0-2 on process 0 (one more), 3-4 on process 1
     assert bench.makespan([5, 1, 1, 1], 1) == 8 and bench.makespan([], 4) == 0
 
 

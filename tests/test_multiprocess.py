@@ -1,10 +1,11 @@
-"""04_sft and 05_capo on two processes (torchrun, gloo on CPU): what a multi-GPU run does.
+"""04_sft and 05_capo with --data-parallel on two processes (accelerate's torchrun launcher,
+gloo on CPU): the processes train one adapter together (DDP), as on several GPUs.
 
     .venv/bin/python -m pytest -q tests/test_multiprocess.py
 
-`accelerate launch --cpu --num_processes 2` starts one non-distributed process on CPU, so
-the test launches torchrun itself. The data is test_sft's invented toy set; one annotator,
-one process per item in a batch, so each rank trains on its own share.
+The data is test_sft's invented toy set; one annotator, one example per process in a batch, so
+each rank trains on its own share. (The default, adapters shared out with each process
+training its own, is tests/test_processes.py's.)
 """
 from __future__ import annotations
 
@@ -20,16 +21,17 @@ from test_sft import write_fixture
 ANNOTATOR = "A0"
 
 
-def torchrun(stage: str, config_path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               f"{stage}.py", "--config", str(config_path), "--dataset", "toy", "--annotators", ANNOTATOR,
-               *extra]
+def launch(stage: str, config_path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+               "--num_cpu_threads_per_process", "1", f"{stage}.py", "--config", str(config_path), "--dataset", "toy",
+               "--annotators", ANNOTATOR, "--data-parallel", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_04_and_05_on_two_processes_write_one_set_of_outputs_from_rank_0(tmp_path):
+def test_04_and_05_data_parallel_on_two_processes_write_one_set_of_outputs_from_rank_0(tmp_path):
     # One pair per process and step; few dev items, so 05 selects by the dev DPO loss, which
     # runs trl's evaluate (and its reference precompute of the dev pairs) on both ranks.
     config_path = write_fixture(tmp_path, sft__per_device_batch_size=1, sft__global_batch_size=2,
@@ -39,7 +41,7 @@ def test_04_and_05_on_two_processes_write_one_set_of_outputs_from_rank_0(tmp_pat
     cfg = common.load_config(config_path)
     tag = cfg["models"][0]["tag"]
     for stage, method in (("04_sft", "sft"), ("05_capo", "capo")):
-        done = torchrun(stage, config_path)
+        done = launch(stage, config_path)
         assert done.returncode == 0, f"{stage} failed on two processes:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
         # Only rank 0 writes and reports: one summary line, one adapter, one predictions file.
         summary = [line for line in done.stdout.splitlines() if line.startswith(f"[{method}] toy/{tag}/{ANNOTATOR}:")]

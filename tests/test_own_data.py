@@ -1,10 +1,13 @@
 """The README's own-data workflow, end to end: its two commands on the smoke profile with an
-invented 3-annotator file, then a rerun after an output was deleted by hand."""
+invented 3-annotator file, then a rerun after an output was deleted by hand; and the same run
+on two processes (`run_all.sh --processes 2`), which must write the same bytes."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -26,7 +29,8 @@ def write_mine(path):
                                      "label": label, "explanation": style.format(fact)}) + "\n")
 
 
-def test_readme_own_data_commands_run_end_to_end(tmp_path):
+def prepare_and_run(tmp_path, *run_all_args):
+    """01 --custom on the invented file, then run_all.sh on it; returns (run dir, budget, stdout)."""
     mine, run = tmp_path / "mine.jsonl", tmp_path / "run"
     write_mine(mine)
     prepare = subprocess.run([sys.executable, "01_prepare.py", "--config", "configs/smoke.yaml", "--custom", str(mine),
@@ -36,16 +40,27 @@ def test_readme_own_data_commands_run_end_to_end(tmp_path):
     # Small-test budget on top of the smoke profile (the commands are the README's).
     budget = ["--run_dir", str(run), "--eval.bertscore", "false", "--eval.judge_items", "4",
               "--sft.epochs", "1", "--capo.max_pairs", "4"]
-    full = subprocess.run(["bash", "run_all.sh", "--profile", "smoke", "--dataset", "mine", "--", *budget],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    full = subprocess.run(["bash", "run_all.sh", "--profile", "smoke", "--dataset", "mine", *run_all_args,
+                           "--", *budget], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
-    assert "[prepare] mine: " in full.stdout and "is current" in full.stdout  # 01 re-read the same file: skipped
+    return run, budget, full.stdout
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    return prepare_and_run(tmp_path_factory.mktemp("one"), "--processes", "1")
+
+
+def test_readme_own_data_commands_run_end_to_end(one_process_run):
+    run, budget, stdout = one_process_run
+    assert "[prepare] mine: " in stdout and "is current" in stdout  # 01 re-read the same file: skipped
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["mine"]["tiny"]) >= {"base", "icl", "vp", "vp_icl", "sft", "capo"}
     for method in ("sft", "capo"):
         for annotator in STYLES:
             assert (run / "predictions" / "mine" / "tiny" / method / f"{annotator}.jsonl").is_file()
     assert (run / "report.md").is_file() and (run / "logs" / "06_eval.log").is_file()
+    assert "accelerate launch --num_machines 1 --num_processes 1" in stdout  # every stage through accelerate
 
     # An output deleted by hand is made again; everything else is found current and skipped.
     summary = run / "hlv" / "mine" / "summary.json"
@@ -56,3 +71,23 @@ def test_readme_own_data_commands_run_end_to_end(tmp_path):
     assert summary.is_file() and "[hlv] mine: analysing (not there yet)" in again.stdout
     assert "training (" not in again.stdout and again.stdout.count("adapter is current") == 6
     assert "0 of 12 predictions files to (re)do" in again.stdout
+
+
+def test_two_processes_write_the_bytes_one_process_writes(one_process_run, tmp_path):
+    """03's files, 04/05's adapters (each trained by one process) and predictions, 06's judge
+    (chunks shared out) and metrics.json: the same bytes with --processes 2 as with 1."""
+    one, _, _ = one_process_run
+    two, _, stdout = prepare_and_run(tmp_path, "--processes", "2")
+    assert "--multi_gpu --main_process_port 0 --num_cpu_threads_per_process 1" in stdout
+    assert "(process 1 of 2)" in stdout  # the second process did work
+    compared = 0
+    for pattern in ("predictions/**/*.jsonl", "adapters/**/*.safetensors", "pairs/**/*.jsonl", "profiles/**/*.txt",
+                    "tables/judge_verdicts.jsonl"):
+        files = sorted(p.relative_to(one) for p in one.glob(pattern))
+        assert files and files == sorted(p.relative_to(two) for p in two.glob(pattern)), pattern
+        for path in files:
+            assert (one / path).read_bytes() == (two / path).read_bytes(), path
+            compared += 1
+    assert compared >= 3 * 6 + 3 * 2  # 18 predictions files, 6 adapters at least
+    metrics = [(run / "metrics.json").read_text().replace(str(run), "<run>") for run in (one, two)]
+    assert metrics[0] == metrics[1]

@@ -112,7 +112,7 @@ def test_response_and_end_of_turn_are_supervised_prompt_is_not(tmp_path):
     # The prompt alone renders as a prefix of prompt + response (generation sees the trained context).
     prompt_text = common.render_prompt(tokenizer, rows[0]["prompt"])
     full_text = tokenizer.apply_chat_template(rows[0]["prompt"] + rows[0]["completion"], tokenize=False,
-                                              **common.TRAINING_TEMPLATE_KWARGS)
+                                              **common.CHAT_TEMPLATE_KWARGS)
     assert full_text.startswith(prompt_text) and len(full_text) > len(prompt_text)
     assert sft.check_supervision(trainer, tokenizer, rows[0]).startswith("Label: ")
 

@@ -1,0 +1,82 @@
+"""run_all.sh's launcher: accelerate launch for every stage, its multi-node config file, and the
+process helpers the stages share work with (common.this_process_share, gather_to_all,
+training_alone). The end-to-end check that 2 processes write the bytes 1 process writes is
+tests/test_own_data.py's.
+
+    .venv/bin/python -m pytest -q tests/test_launch.py
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+import common
+from conftest import ROOT
+
+PROBE = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import common
+    from accelerate import PartialState
+    rank = int(os.environ["RANK"])
+    mine = common.this_process_share(list("abcde"))
+    assert mine == (list("abc") if rank == 0 else list("de")), mine
+    with common.training_alone():  # what a trainer sees while each process trains its own adapter
+        state = PartialState(cpu=True)
+        assert state.num_processes == 1 and state.is_main_process and common.is_main_process()
+        assert "WORLD_SIZE" not in os.environ
+    assert common.world_size() == 2 and common.process_state().num_processes == 2
+    assert common.gather_to_all([f"r{{rank}}"]) == ["r0", "r1"]
+    common.wait_for_everyone()
+    sys.exit(3 if rank == 1 else 0)
+""")
+
+
+def test_processes_share_units_train_alone_gather_and_report_the_exit_code(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE.format(root=str(ROOT)))
+    argv = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", "0", "--num_cpu_threads_per_process", "1", str(script)]
+    done = subprocess.run([sys.executable, "-c", "import sys, common; sys.exit(common.accelerate_launch(sys.argv[1:]))",
+                           *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # Every assertion held on both processes; rank 1's exit code 3 comes back, in one line, no traceback
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "probe.py failed on process(es) 1 (exit code 3)" in done.stderr
+    assert "Traceback" not in done.stderr and "AssertionError" not in done.stderr
+
+
+def test_the_two_node_config_file_parses_with_accelerate():
+    path = ROOT / "configs" / "accelerate" / "two_nodes.yaml"
+    config = load_config_from_file(str(path))
+    assert (config.num_machines, config.machine_rank, config.num_processes) == (2, 0, 16)
+    assert config.main_process_ip and config.main_process_port
+    args = launch_command_parser().parse_args(["--config_file", str(path), "03_prompt_baselines.py",
+                                                "--config", "configs/paper.yaml"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.multi_gpu and args.num_machines == 2 and args.num_processes == 16
+
+
+def test_run_all_launches_with_accelerate_and_has_no_scheduler_of_its_own():
+    script = (ROOT / "run_all.sh").read_text()
+    assert "common.accelerate_launch" in script and "--num_processes" in script
+    assert "CUDA_VISIBLE_DEVICES" not in script and "fan_out" not in script  # the old bash scheduler
+
+
+def test_run_all_rejects_a_bad_process_count_or_config_file_in_one_line():
+    for args, message in ((["--processes", "two"], "--processes needs a whole number"),
+                          (["--accelerate-config", "no/such.yaml"], "no such file")):
+        done = subprocess.run(["bash", "run_all.sh", "--profile", "smoke", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 2 and message in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_one_process_shares_everything_with_itself():
+    assert common.world_size() == 1
+    assert common.this_process_share([1, 2, 3]) == [1, 2, 3] and common.gather_to_all([4]) == [4]
+    with common.training_alone():
+        assert common.is_main_process()
