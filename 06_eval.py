@@ -1172,7 +1172,7 @@ def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> 
 
 
 def judge_summary(jobs: list[dict], annotators: list[str], judge_reason: str | None, judge_tag: str) -> dict:
-    """accuracy over judged outputs (unparseable verdicts count as wrong), per annotator too."""
+    """accuracy over judged outputs (unparseable verdicts count as wrong), per annotator too, and chance."""
     chance = 1.0 / len(annotators)
     if judge_reason:
         return {"accuracy": None, "reason": judge_reason, "chance": chance}
@@ -1181,6 +1181,10 @@ def judge_summary(jobs: list[dict], annotators: list[str], judge_reason: str | N
         return {"accuracy": None, "reason": "no outputs for the sampled test cells", "chance": chance,
                 "n": 0, "no_output": len(jobs)}
     correct = [job["verdict"] == job["annotator"] for job in judged]
+    # Chance is what a judge that always names one annotator gets: 1/annotators when the cells are
+    # balanced, the largest share of cells when they are not (a constant judge must not pass the
+    # calibration gate because the cells do not divide evenly).
+    chance = max(sum(job["annotator"] == a for job in judged) for a in annotators) / len(judged)
     per_annotator = {}
     for annotator in annotators:
         mine = [job["verdict"] == job["annotator"] for job in judged if job["annotator"] == annotator]

@@ -434,6 +434,21 @@ def test_score_sheet_round_trip(evaluated_run, tmp_path):
         eval_report.score_sheet(sheet, key)
 
 
+def test_a_judge_that_always_names_one_annotator_is_at_chance_on_unbalanced_cells():
+    """30 cells round robin over 4 annotators (8, 8, 7, 7): a judge that always says A0 is right
+    on 8 of 30 (0.267 > 1/4). Its interval is a point (every resample keeps the 8 A0 cells), so
+    only a chance of 8/30 keeps it from passing the calibration gate (found in the rehearsal)."""
+    annotators = ["A0", "A1", "A2", "A3"]
+    jobs = [{"annotator": annotators[i % 4], "messages": [], "verdict": "A0"} for i in range(30)]
+    summary = ev6.judge_summary(jobs, annotators, None, "judge")
+    assert summary["accuracy"] == pytest.approx(8 / 30) == summary["chance"]
+    reference = {**summary, "accuracy_ci": [8 / 30, 8 / 30]}
+    calibration = ev6.judge_calibration({"judge": {ev6.HUMAN: {"judge": reference}}})
+    assert calibration["informative"] is False and "not above chance" in calibration["reason"]
+    balanced = ev6.judge_summary(jobs[:28], annotators, None, "judge")
+    assert balanced["chance"] == 0.25
+
+
 def test_judge_and_bertscore_on_the_tiny_model(tmp_path, tiny_model):
     """The judge (the smoke profile's tiny model) and BERTScore (MiniLM), once."""
     config, run_dir = make_fixture_run(tmp_path, eval__judge=True, eval__bertscore=True)
@@ -441,12 +456,14 @@ def test_judge_and_bertscore_on_the_tiny_model(tmp_path, tiny_model):
     everything = json.loads((run_dir / "metrics.json").read_text())
     metrics = everything["varierr"]["tiny"]
     calibration = everything["judge_calibration"]["varierr"]  # the judge on the human references, vs chance
-    assert calibration["chance"] == 0.25 and calibration["informative"] == (calibration["ci"][0] > 0.25)
+    # 6 cells round robin over 4 annotators (2, 2, 1, 1): always naming A0 would get 2 of 6
+    assert calibration["chance"] == pytest.approx(2 / 6)
+    assert calibration["informative"] == (calibration["ci"][0] > calibration["chance"])
     assert metrics["sft"]["bertscore_f1"] == pytest.approx(1.0, abs=1e-4)
     assert 0 < metrics["base"]["bertscore_f1"] < 1
     for method in ("sft", "base", "human"):
         judge = metrics[method]["judge"]
-        assert judge["n"] == 6 and 0 <= judge["accuracy"] <= 1 and judge["chance"] == 0.25
+        assert judge["n"] == 6 and 0 <= judge["accuracy"] <= 1 and judge["chance"] == pytest.approx(2 / 6)
         assert judge["unparseable"] == 0  # a forced choice among the IDs: every output gets a verdict
         low, high = judge["accuracy_ci"]  # bootstrap over the judged cells' items
         assert low <= judge["accuracy"] <= high
