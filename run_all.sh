@@ -116,7 +116,8 @@ launcher() {  # launcher <processes>: the `accelerate launch` arguments for a st
   local args=(--num_machines 1 --num_processes "$n" --mixed_precision no --dynamo_backend no)
   # torchrun's launcher (named multi_gpu, it starts N processes on CPUs too), on a free port
   [ "$n" -gt 1 ] && args+=(--multi_gpu --main_process_port 0)
-  [ "$n" = 1 ] && [ "$n_gpus" = 0 ] && args+=(--cpu)
+  # (no --cpu for one process: it only adds KMP_AFFINITY/KMP_BLOCKTIME pinning, which the kit's
+  # CPU figures were not measured with; without a GPU the stages run on the CPU anyway)
   [ "$n_gpus" = 0 ] && args+=(--num_cpu_threads_per_process $(( $(nproc) / n > 0 ? $(nproc) / n : 1 )))
   echo "${args[@]}"
 }

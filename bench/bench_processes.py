@@ -36,7 +36,7 @@ def launch_args(processes: int, cores: int) -> list[str]:
     """run_all.sh's `accelerate launch` arguments on a machine without GPUs."""
     args = ["--num_machines", "1", "--num_processes", str(processes), "--mixed_precision", "no",
             "--dynamo_backend", "no", "--num_cpu_threads_per_process", str(max(1, cores // processes))]
-    return args + (["--multi_gpu", "--main_process_port", "0"] if processes > 1 else ["--cpu"])
+    return args + (["--multi_gpu", "--main_process_port", "0"] if processes > 1 else [])
 
 
 def run_stage(stage: str, processes: int, cores: int, config: str, overrides: list[str], log: Path) -> float:
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     config = "configs/smoke.yaml" if args.tiny else args.config
 
+    args.run_dir.mkdir(parents=True, exist_ok=True)
     base = args.run_dir / "prepared"
     common_overrides = ["--dataset", args.dataset, "--data.max_eval_items", str(args.max_eval_items)]
     if not (base / "hlv" / args.dataset / "summary.json").exists():  # 01 and 02 once, copied to each variant
