@@ -1152,19 +1152,20 @@ def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> 
     # processes there are. The reply is one annotator ID then the end of the turn (a forced
     # choice, always answered).
     size = int(cfg["generation"]["batch_size"])
-    chunks = [(dataset, start) for dataset in dict.fromkeys(job["dataset"] for job in todo)
-              for start in range(0, sum(job["dataset"] == dataset for job in todo), size)]
+    by_dataset: dict[str, list[dict]] = {}
+    for job in todo:
+        by_dataset.setdefault(job["dataset"], []).append(job)
+    chunks = [(dataset, start) for dataset, mine in by_dataset.items() for start in range(0, len(mine), size)]
     replies = []
     started = time.time()
     for dataset, start in common.this_process_share(chunks):
         constraint, gen_cfg = judge_decoding(cfg, tokenizer, annotators[dataset])
-        batch = [job for job in todo if job["dataset"] == dataset][start:start + size]
+        batch = by_dataset[dataset][start:start + size]
         replies += common.generate_texts(model, tokenizer, [job["messages"] for job in batch], gen_cfg,
                                          desc=f"judge {dataset}", constraint=constraint)
     print(f"[eval] judge ({judge_cfg['tag']}): {len(replies)} verdicts in {time.time() - started:.0f}s"
           f"{common.process_label()}", flush=True)
-    ordered = [job for dataset in dict.fromkeys(job["dataset"] for job in todo) for job in todo
-               if job["dataset"] == dataset]  # the chunks' order
+    ordered = [job for mine in by_dataset.values() for job in mine]  # the chunks' order
     for job, reply in zip(ordered, common.gather_to_all(replies), strict=True):
         job["reply"] = reply
         job["verdict"] = parse_verdict(reply, annotators[job["dataset"]])
