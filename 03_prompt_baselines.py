@@ -147,7 +147,7 @@ def prediction_recipe(cfg: dict, dataset: str, model_cfg: dict, method: str, pro
         keys.append("baselines.icl_k")
     if method.startswith("vp"):
         inputs.append(profile_path)
-    return common.recipe(cfg, "03_prompt_baselines", inputs, keys, method=method)
+    return common.recipe(cfg, "03_prompt_baselines", inputs, keys, method=method, bf16_native=common.native_bf16())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -132,7 +132,8 @@ def epoch_dev_losses(log_history: list[dict]) -> list[dict]:
 def adapter_recipe(cfg: dict, dataset: str, model_cfg: dict) -> dict:
     """What an SFT adapter depends on: 01's files (train, and dev for the dev loss) and the config."""
     return common.recipe(cfg, "04_sft", common.data_files(cfg, dataset),
-                         ["seed", "data.split_seed", "data.max_eval_items", "sft", f"models[{model_cfg['tag']}]"])
+                         ["seed", "data.split_seed", "data.max_eval_items", "sft", f"models[{model_cfg['tag']}]"],
+                         bf16_native=common.native_bf16())
 
 
 def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
@@ -161,6 +162,7 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
     resume_from = common.checkpoint_to_resume(work_dir, args.resume, name, made_from)
 
     common.lm_head_on_labelled_positions_only()  # the loss's LM head skips the prompt on CPUs too
+    common.fingerprint_tokenizer_without_copies(tokenizer)  # trl's map() pickles it for a fingerprint
     trainer = SFTTrainer(model=model, args=sft_config(cfg, work_dir, has_dev=bool(dev_rows)),
                          train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(dev_rows) if dev_rows else None,

@@ -402,6 +402,7 @@ def build_trainer(cfg: dict, model_cfg: dict, sft_path, train_pairs: list[dict],
     common.lm_head_on_labelled_positions_only()  # the losses' LM head skips the prompt on CPUs too
     common.set_seed(int(cfg["seed"]))
     base, tokenizer = common.load_model_and_tokenizer(model_cfg)
+    common.fingerprint_tokenizer_without_copies(tokenizer)  # trl's map() pickles it for a fingerprint
     model = PeftModel.from_pretrained(base, str(sft_path), is_trainable=True)
     args = dpo_config(cfg, output_dir, **config_changes)
     datasets_dir = Path(output_dir) / "datasets"
@@ -421,7 +422,7 @@ def adapter_recipe(cfg: dict, dataset: str, model_cfg: dict, sft_path, pairs_pat
     Not data.max_eval_items: selection draws its own dev sample (capo.select_max_dev_items)."""
     return common.recipe(cfg, "05_capo", [pairs_path, sft_path, *common.data_files(cfg, dataset)],
                          ["seed", "data.split_seed", "capo", "hlv", "embedder", "generation",
-                          f"models[{model_cfg['tag']}]"])
+                          f"models[{model_cfg['tag']}]"], bf16_native=common.native_bf16())
 
 
 def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,

@@ -1664,6 +1664,40 @@ def generate_token_ids(model, tokenizer, prompts: list[list[dict] | str], gen_cf
     return _generate_hf(model, tokenizer, texts, gen_cfg, desc, constraint)
 
 
+@functools.lru_cache(maxsize=None)
+def native_bf16() -> bool:
+    """Whether this machine computes bfloat16 matmuls in hardware: a CUDA GPU that supports it,
+    or a CPU with AVX512-BF16 or AMX (Linux: /proc/cpuinfo's flags; elsewhere: assumed not).
+
+    The kit's bf16 settings (generation.autocast_bf16, sft.bf16, capo.bf16) apply only there. On
+    a CPU without them torch emulates bf16: on an AVX2 AMD EPYC a 512x576 @ 576x1536 matmul took
+    about 100x as long in bf16 as in float32 (bench/RESULTS.md), and the cpu profile's 4-step
+    SFT probe 441 s instead of about 20 s. So there the settings fall back to float32, with one
+    line saying so, and the stages' manifests record which it was."""
+    import torch
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(requested: bool, setting: str) -> bool:
+    """`requested` where the hardware computes bf16 natively (native_bf16), else False, said once."""
+    if requested and not native_bf16():
+        if setting not in _BF16_FALLBACK_SAID:
+            _BF16_FALLBACK_SAID.add(setting)
+            print(f"[kit] {setting}: true, but this machine computes bfloat16 in software (no AVX512-BF16 or AMX): "
+                  "float32 instead", flush=True)
+        return False
+    return bool(requested)
+
+
+_BF16_FALLBACK_SAID: set[str] = set()
+
+
 @contextlib.contextmanager
 def _decoding(gen_cfg: dict, device):
     """No gradients, and bf16 autocast when generation.autocast_bf16. Not torch.inference_mode:
@@ -1671,8 +1705,8 @@ def _decoding(gen_cfg: dict, device):
     it every forward casts every weight again (same tokens, 1.08x faster without it:
     bench_generation.py's kit_infmode path, bench/RESULTS.md)."""
     import torch
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if gen_cfg.get("autocast_bf16")
-                else contextlib.nullcontext())
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                if use_bf16(gen_cfg.get("autocast_bf16", False), "generation.autocast_bf16") else contextlib.nullcontext())
     with torch.no_grad(), autocast:
         yield
 
@@ -2266,6 +2300,38 @@ def lm_head_on_labelled_positions_only(enabled: bool = True) -> bool:
     return True
 
 
+TOKENIZER_PYTHON_COPIES = ("_vocab", "_merges")  # transformers 5 keeps these beside the Rust backend
+
+
+def fingerprint_tokenizer_without_copies(tokenizer) -> bool:
+    """Let `datasets` fingerprint `tokenizer` without the Python copies of its vocabulary and
+    merges; returns whether it now does.
+
+    trl tokenizes with `Dataset.map(fn_kwargs={"processing_class": tokenizer, ...})`, and
+    `datasets` names every map's result by pickling its arguments. A transformers 5 tokenizer
+    holds its vocabulary and merges twice: in the Rust backend (`_tokenizer`, pickled as its
+    JSON) and as Python objects (`_vocab`, `_merges`). Pickling the Python copies of a
+    150k-word vocabulary takes seconds, and a trainer maps twice (train and dev). The backend
+    holds the same content, so the fingerprint still changes whenever the tokenizer does
+    (tests/test_sft.py). Timing: bench/RESULTS.md, "Processes and the paper-profile rehearsal".
+    """
+    try:
+        from datasets.utils import _dill
+        save_tokenizer = _dill._save_transformersPreTrainedTokenizerBase
+    except (ImportError, AttributeError):  # another datasets: its own fingerprint stays
+        return False
+
+    def save_without_copies(pickler, obj):
+        hidden = {key: obj.__dict__.pop(key) for key in TOKENIZER_PYTHON_COPIES if key in obj.__dict__}
+        try:
+            save_tokenizer(pickler, obj)
+        finally:
+            obj.__dict__.update(hidden)
+
+    _dill.pklregister(type(tokenizer))(save_without_copies)
+    return True
+
+
 def trainer_args(cfg: dict, stage: str) -> dict:
     """What SFTConfig (04) and DPOConfig (05) share, from the profile's `sft:` or `capo:` section."""
     import torch
@@ -2286,7 +2352,8 @@ def trainer_args(cfg: dict, stage: str) -> dict:
         data_seed=int(cfg["seed"]),
         dataloader_num_workers=0,
         # trl defaults bf16 on, which a CPU run must turn off explicitly
-        use_cpu=not torch.cuda.is_available(), bf16=bool(section.get("bf16", False)), fp16=False,
+        use_cpu=not torch.cuda.is_available(), bf16=use_bf16(section["bf16"], f"{stage}.bf16"),
+        fp16=False,
     )
 
 
@@ -2574,7 +2641,8 @@ def update_adapter_card_metrics(adapter_dir: str | Path, metrics: dict, source: 
 def adapter_predictions_recipe(cfg: dict, stage: str, dataset: str, model_cfg: dict, adapter_path: Path) -> dict:
     """What an adapter's test predictions depend on: the adapter, 01's files, decoding settings."""
     return recipe(cfg, stage, [adapter_path, *data_files(cfg, dataset)],
-                  ["seed", "data.split_seed", "data.max_eval_items", "generation", f"models[{model_cfg['tag']}]"])
+                  ["seed", "data.split_seed", "data.max_eval_items", "generation", f"models[{model_cfg['tag']}]"],
+                  bf16_native=native_bf16())
 
 
 def predict_with_adapter(cfg: dict, model_cfg: dict, task: dict, adapter_path: str | Path, records: list[dict],

@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/bench_processes.py --raw-dir DIR                          # cpu profile, varierr, A0-A1
     .venv/bin/python bench/bench_processes.py --raw-dir DIR --annotators A0,A1,A2,A3 --repeats 2
+    .venv/bin/python bench/bench_processes.py --raw-dir DIR --stages 04_sft,05_capo
     .venv/bin/python bench/bench_processes.py --tiny --raw-dir DIR                   # smoke profile: checks the bench
 
 Each variant gets its own run directory with the same 01/02 outputs (made once) and runs 03, 04
@@ -61,10 +62,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--max-eval-items", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--stages", default=",".join(STAGES), help="a comma-separated subset of " + ", ".join(STAGES))
     parser.add_argument("--raw-dir", default=os.environ.get("CAPO_RAW_DIR"))
     parser.add_argument("--run-dir", default="/tmp/capo-bench-processes", type=Path)
     args = parser.parse_args(argv)
     config = "configs/smoke.yaml" if args.tiny else args.config
+    stages = [stage for stage in STAGES if stage in args.stages.split(",")]
 
     args.run_dir.mkdir(parents=True, exist_ok=True)
     base = args.run_dir / "prepared"
@@ -75,12 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
             run_stage(stage, 1, args.cores, config, [*common_overrides, "--run_dir", str(base), *extra],
                       args.run_dir / f"{stage}.log")
     variants = {1: args.run_dir / "one", args.processes: args.run_dir / f"n{args.processes}"}
-    seconds: dict[str, dict[str, list[float]]] = {stage: {str(p): [] for p in variants} for stage in STAGES}
+    seconds: dict[str, dict[str, list[float]]] = {stage: {str(p): [] for p in variants} for stage in stages}
     for repeat in range(args.repeats):
         for folder in variants.values():
             shutil.rmtree(folder, ignore_errors=True)
             shutil.copytree(base, folder, symlinks=True)
-        for stage in STAGES:
+        for stage in stages:
             # 03 has no --annotators: it asks every annotator's test items (the same in both variants)
             annotators = [] if stage.startswith("03") else ["--annotators", args.annotators]
             for processes, folder in variants.items():

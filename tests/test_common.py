@@ -357,3 +357,22 @@ def test_stage_arguments_apply_the_profiles_torch_threads(tmp_path):
     parser = common.stage_parser("test")
     _, cfg = common.parse_stage_args(parser, ["--config", str(write_config(tmp_path)), "--torch_threads", "1"])
     assert cfg["torch_threads"] == 1 and torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_settings_apply_only_where_the_hardware_computes_bf16(monkeypatch, capsys, native):
+    """On a CPU without AVX512-BF16/AMX, torch emulates bf16 (100x slower matmuls measured on an
+    AVX2 machine): the profile's bf16 settings fall back to float32 there, with one line, and the
+    stages' recipes record which it was (so a run directory moved between the two redoes them)."""
+    cfg = common.load_config(ROOT / "configs" / "cpu.yaml")
+    monkeypatch.setattr(common, "native_bf16", lambda: native)
+    monkeypatch.setattr(common, "_BF16_FALLBACK_SAID", set())
+    assert common.trainer_args(cfg, "sft")["bf16"] is native
+    assert common.trainer_args(cfg, "capo")["bf16"] is native
+    with common._decoding(cfg["generation"], torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") is native
+    common.trainer_args(cfg, "sft")  # said once per setting, not per call
+    said = capsys.readouterr().out
+    assert said.count("float32 instead") == (0 if native else 3)
+    recipe = common.adapter_predictions_recipe(cfg, "04_sft", "varierr", cfg["models"][0], ROOT / "README.md")
+    assert recipe["bf16_native"] is native

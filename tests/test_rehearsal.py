@@ -1,9 +1,9 @@
 """The rehearsal (README, "Before your first GPU run"), reduced for CI: `run_all.sh --profile paper`
-on two CPU processes with the models and the data overridden: the Qwen3 stand-in around the
-real tokenizer (configs/rehearsal_models.yaml, the tokenizer taken from CAPO_TOKENIZERS), a
-seeded 28-item subset of VariErr, two training seeds instead of three, and CI_BUDGET's smaller
-compute settings; the rest is the paper profile's: free replies, thinking off, ICL, VP, SFT,
-CAPO with its dev selection, the judge, the report.
+on two CPU processes with README's overrides (a seeded subset, toy training and bootstrap
+budgets), the Qwen3 stand-in around the real tokenizer (configs/rehearsal_models.yaml, the
+tokenizer taken from CAPO_TOKENIZERS), VariErr only and two training seeds instead of three;
+the rest is the paper profile's: free replies, thinking off, ICL, VP, SFT, CAPO with its dev
+selection, the judge, the report.
 
     CAPO_RAW_DIR=<raw files> CAPO_TOKENIZERS=<tokenizer folders> .venv/bin/python -m pytest -q tests/test_rehearsal.py
 
@@ -40,23 +40,32 @@ def rehearsal_models(tags=None, **changes) -> str:
     return yaml.safe_dump(models, default_flow_style=True, width=10_000)
 
 
-# CI's reduced form: the README's command on one dataset, two seeds, the Qwen3 stand-in only (the
-# judge's model; the Llama-3 template's training, stopping and dates are tests/test_templates.py's),
-# a smaller subset and smaller compute settings, float32 (bf16 made these tiny stand-ins' training
-# 2.3x slower on the 2-core CPU); every stage, process split and other code path is the rehearsal's.
-CI_BUDGET = ["--data.max_items", "28", "--data.min_train_records_per_annotator", "10",
-             "--sft.epochs", "1", "--capo.epochs", "1", "--sft.bf16", "false", "--capo.bf16", "false",
-             "--generation.autocast_bf16", "false", "--generation.max_new_tokens", "16",
-             "--hlv.bootstrap_groups", "50", "--hlv.control_permutations", "2", "--eval.bootstrap_resamples", "200",
-             "--eval.bootstrap_groups", "50", "--eval.bootstrap_group_draws", "20", "--eval.judge_items", "16"]
+def readme_rehearsal_arguments() -> list[str]:
+    """The config overrides of README's rehearsal command (the line marked `# rehearsal`), without
+    its run_dir and models (the test sets its own): what CI runs is the documented command."""
+    import shlex
+    [line] = [line for line in (ROOT / "README.md").read_text().splitlines()
+              if line.startswith("bash run_all.sh --profile paper") and line.rstrip().endswith("# rehearsal")]
+    words = shlex.split(line, comments=True)
+    overrides = words[words.index("--") + 1:]
+    for flag in ("--run_dir", "--models"):
+        at = overrides.index(flag)
+        del overrides[at:at + 2]
+    return overrides
+
+
+# CI's reduced form of the README's command: one dataset, two seeds, the Qwen3 stand-in only (the
+# judge's model; the Llama-3 template's training, stopping and dates are tests/test_templates.py's);
+# every stage, process split, budget and other code path is the rehearsal's.
+CI_REDUCTION = ["--dataset", "varierr", "--seeds", "42,43"]
 
 
 def test_rehearsal_runs_the_paper_profile_on_two_cpu_processes(tmp_path):
     run = tmp_path / "rehearsal"
     done = subprocess.run(
-        ["bash", "run_all.sh", "--profile", "paper", "--processes", "2", "--dataset", "varierr", "--seeds", "42,43",
-         "--raw-dir", str(RAW), "--", "--run_dir", str(run), *CI_BUDGET,
-         "--models", rehearsal_models(["qwen3-4b"], dtype="float32")],
+        ["bash", "run_all.sh", "--profile", "paper", "--processes", "2", *CI_REDUCTION,
+         "--raw-dir", str(RAW), "--", "--run_dir", str(run), *readme_rehearsal_arguments(),
+         "--models", rehearsal_models(["qwen3-4b"])],
         cwd=ROOT, capture_output=True, text=True, timeout=1500, env={**os.environ, "CAPO_NO_PROGRESS": "1"})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "(process 1 of 2)" in done.stdout

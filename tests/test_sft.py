@@ -178,6 +178,31 @@ def test_lm_head_on_labelled_positions_only_gives_the_same_log_probs_and_gradien
     assert (results[True][0][labels[:, 1:] != -100] < 0).all()
 
 
+def test_tokenizer_fingerprint_without_python_copies_still_follows_the_tokenizer():
+    """trl's map() is named by a hash of its arguments, the tokenizer among them: hashing it
+    without the Python copies of the vocabulary must still give the same name for the same
+    tokenizer and a new one for a changed vocabulary, and leave the tokenizer whole."""
+    from transformers import Qwen2Tokenizer  # a BPE tokenizer that keeps Python copies (_vocab, _merges)
+
+    def bpe(extra: dict | None = None):
+        return Qwen2Tokenizer(vocab={"a": 0, "b": 1, "\u0120": 2, "ab": 3, "<|endoftext|>": 4, **(extra or {})},
+                              merges=[("a", "b")])
+
+    def mapped_fingerprint(tokenizer) -> str:
+        rows = Dataset.from_list([{"text": "ab a"}])
+        return rows.map(lambda row, tok: {"n": len(tok(row["text"])["input_ids"])},
+                        fn_kwargs={"tok": tokenizer})._fingerprint
+
+    tokenizer = bpe()
+    assert set(common.TOKENIZER_PYTHON_COPIES) <= set(tokenizer.__dict__)
+    assert common.fingerprint_tokenizer_without_copies(tokenizer)
+    same = mapped_fingerprint(tokenizer)
+    assert set(common.TOKENIZER_PYTHON_COPIES) <= set(tokenizer.__dict__)  # put back after hashing
+    assert tokenizer("ab a")["input_ids"] == [3, 2, 0]
+    assert mapped_fingerprint(bpe()) == same
+    assert mapped_fingerprint(bpe({"ba": 5})) != same
+
+
 def test_a_few_steps_change_the_lora_weights_and_leave_the_base_untouched(tmp_path):
     cfg = common.load_config(write_fixture(tmp_path))
     trainer, _, _ = make_trainer(cfg, tmp_path, max_steps=3, learning_rate=0.05, warmup_steps=0,
