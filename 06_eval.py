@@ -1,8 +1,8 @@
 """06_eval.py: every metric with its 95% interval, the judge and the claims check.
 
     python 06_eval.py --config configs/cpu.yaml --dataset all            # varierr + par
-    python 06_eval.py --config configs/smoke.yaml --eval.judge false --eval.bertscore false
-    python 06_eval.py --config configs/cpu.yaml --score-sheet runs/cpu/human_eval/sheet.csv
+    python 06_eval.py --config configs/smoke.yaml --eval.judge.backend none --eval.bertscore false
+    python 06_eval.py --config configs/cpu.yaml --score-ratings runs/cpu/human_eval/ratings-*.json
     accelerate launch 06_eval.py --config configs/paper.yaml             # same; one process is enough
 
 Reads runs/<profile>/data/<dataset>/ (01), hlv/<dataset>/ (02, shown in the report),
@@ -28,16 +28,18 @@ This file computes the numbers; eval_report.py (imported here only) writes them 
   tables/fig_<metric>.png            one bar chart per metric, with interval error bars
   tables/fig_training_curves.png     training loss (04, 05) and CAPO's dev-selection score per step
   tables/config.resolved.yaml
-  human_eval/sheet.csv, sheet.html   blinded human-validation sheet (never overwritten once rated)
-  human_eval/key.csv                 blinded id -> model, method (keep it away from the raters)
+  human_eval/form.html               the blinded human-validation form: one file, opened from disk
+  human_eval/key.csv                 cell -> model, method, attention copy, judge's verdict (keep it
+                                     away from the raters; never embedded in the form)
   report.md                          HLV results from 02, the claims, every table, the paper's
                                      numbers beside ours, the resolved config and versions
   tables/lewidi.{md,csv}             data.split lewidi only: the shared task's official metrics beside
   lewidi_submissions/<model>/<method>/   the published results, and submission files (block
                                      "THE LEWIDI-2025 VIEW" below); otherwise skipped with a one-line note
 
-Scoring a filled sheet: `--score-sheet FILE` (key: FILE's folder/key.csv, or --sheet-key)
-writes scores.json/.md beside it: per-method means and agreement between raters.
+Scoring the form's exports: `--score-ratings FILE...` (key: key.csv beside the first file, or
+--key) writes scores.json/.md beside the key: per-method ratings and attribution with intervals,
+the judge's attribution on the same cells, agreement between raters, attention checks.
 
 Metrics are computed per target annotator and averaged over annotators (macro). Intervals
 come from one seeded bootstrap over test items, drawn per target annotator and shared by
@@ -57,8 +59,9 @@ from pathlib import Path
 import numpy as np
 
 import common
+import endpoint_judge
 import eval_report
-from common import input_error
+from common import InputError, input_error
 from eval_report import HUMAN, primary_group_size, requested_group_sizes
 
 PROMPTING_METHODS = ("base", "icl", "vp", "vp_icl")
@@ -1133,19 +1136,46 @@ def judge_decoding(cfg: dict, tokenizer, annotators: list[str]) -> tuple[common.
     return common.ReplyConstraint(tokenizer, choices), gen_cfg
 
 
-def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> str | None:
-    """Adds "verdict" (and "reply") to every job with messages. Returns why it could not run."""
-    ev = cfg["eval"]
-    if not ev.get("judge", True):
-        return "disabled (eval.judge: false)"
+JUDGE_BACKENDS = ("local", "openai", "none")
+
+
+def check_judge_config(cfg: dict) -> None:
+    judge, where = cfg["eval"]["judge"], cfg.get("config_path", "config")
+    if judge["backend"] not in JUDGE_BACKENDS:
+        raise input_error(where, f"{judge['backend']!r} is not one of {', '.join(JUDGE_BACKENDS)}",
+                          field="eval.judge.backend")
+    if judge["backend"] == "local" and judge["model"] is not None and \
+            judge["model"] not in [m["tag"] for m in common.model_configs(cfg)]:
+        raise input_error(where, f"{judge['model']!r} is not a model tag of this config", field="eval.judge.model")
+    if judge["backend"] == "openai":
+        for key in ("base_url", "model"):
+            if not judge[key]:
+                raise input_error(where, "needed by backend openai", field=f"eval.judge.{key}")
+
+
+def local_judge_config(cfg: dict) -> dict:
+    tag = cfg["eval"]["judge"]["model"]
+    return next(m for m in common.model_configs(cfg) if tag is None or m["tag"] == tag)
+
+
+def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> tuple[str | None, dict]:
+    """Adds "verdict" (and "reply") to every job with messages. Returns (why it could not run, the
+    judge's identity)."""
+    judge = cfg["eval"]["judge"]
+    if judge["backend"] == "none":
+        return "disabled (eval.judge.backend: none)", {"backend": "none", "label": "none"}
     todo = [job for job in jobs if "messages" in job]
+    if judge["backend"] == "openai":
+        return None, endpoint_judge.run(cfg, todo, annotators, parse_verdict) if common.is_main_process() else {}
+    judge_cfg = local_judge_config(cfg)
+    identity = {"backend": "local", "model": judge_cfg["tag"], "route": "constrained decoding",
+                "label": f"{judge_cfg['tag']} (local)"}
     if not todo:
-        return None
-    judge_cfg = common.model_configs(cfg)[0]
+        return None, identity
     try:
         model, tokenizer = common.load_model_and_tokenizer(judge_cfg)
     except Exception as err:  # weights not available offline: report, do not crash
-        return f"judge model '{judge_cfg['tag']}' could not be loaded: {type(err).__name__}: {err}"
+        return f"judge model '{judge_cfg['tag']}' could not be loaded: {type(err).__name__}: {err}", identity
     # Chunks of one generation batch per call, shared out over the processes of the launch: a
     # chunk's prompts share the instructions and examples (prefilled once per call), and a chunk
     # is the same call whichever process runs it, so the verdicts do not depend on how many
@@ -1169,10 +1199,10 @@ def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> 
     for job, reply in zip(ordered, common.gather_to_all(replies), strict=True):
         job["reply"] = reply
         job["verdict"] = parse_verdict(reply, annotators[job["dataset"]])
-    return None
+    return None, identity
 
 
-def judge_summary(jobs: list[dict], annotators: list[str], judge_reason: str | None, judge_tag: str) -> dict:
+def judge_summary(jobs: list[dict], annotators: list[str], judge_reason: str | None, judge: dict) -> dict:
     """accuracy over judged outputs (unparseable verdicts count as wrong), per annotator too, and chance."""
     chance = 1.0 / len(annotators)
     if judge_reason:
@@ -1192,7 +1222,8 @@ def judge_summary(jobs: list[dict], annotators: list[str], judge_reason: str | N
         per_annotator[annotator] = float(np.mean(mine)) if mine else None
     return {"accuracy": float(np.mean(correct)), "n": len(judged), "correct": int(sum(correct)),
             "unparseable": sum(job["verdict"] is None for job in judged), "no_output": len(jobs) - len(judged),
-            "chance": chance, "judge_model": judge_tag, "per_annotator": per_annotator}
+            "chance": chance, "judge_model": judge.get("label"), "judge_route": judge.get("route"),
+            "per_annotator": per_annotator}
 
 
 def judge_draws(jobs: list[dict], ds: dict, plan: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -1215,13 +1246,12 @@ def judge_draws(jobs: list[dict], ds: dict, plan: dict) -> tuple[np.ndarray, dic
     return ratio(np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)), per_annotator
 
 
-def attach_judge(results: dict, draws: dict, ds: dict, jobs: list[dict], judge_reason: str | None, cfg: dict,
+def attach_judge(results: dict, draws: dict, ds: dict, jobs: list[dict], judge_reason: str | None, judge: dict,
                  plan: dict) -> None:
     """judge summary, judge_attribution and its interval on every row and target; draws too."""
-    judge_tag = common.model_configs(cfg)[0]["tag"]
 
     def summarise(mine: list[dict]) -> tuple[dict, np.ndarray | None, dict]:
-        summary = judge_summary(mine, ds["annotators"], judge_reason, judge_tag)
+        summary = judge_summary(mine, ds["annotators"], judge_reason, judge)
         if summary["accuracy"] is None:
             return summary, None, {}
         overall, per_annotator = judge_draws(mine, ds, plan)
@@ -1378,35 +1408,226 @@ def claim_rules_note(datasets: dict) -> str:
             "`contradicted` when it lies wholly beyond it.")
 
 
-# ----------------------------------------------------------------------------
-# Human-validation sheet: which responses go on it (eval_report.py writes it)
-# ----------------------------------------------------------------------------
-def sheet_entries(cfg: dict, datasets: dict, predictions: dict) -> list[dict]:
-    """Sampled test cells, each with the human response and every method's, shuffled per cell."""
-    ev = cfg["eval"]
-    entries = []
-    for name, ds in datasets.items():
-        keys = sample_keys(ds, int(ev["human_sheet_items"]), stable_seed(cfg["seed"], "sheet", name))
-        examples = train_examples(ds, 3, stable_seed(cfg["seed"], "sheet-ex", name))
-        rng = random.Random(stable_seed(cfg["seed"], "sheet-shuffle", name))
-        for item_id, annotator in keys:
-            item = ds["items"][item_id]
-            human = ds["references"][(item_id, annotator)][0]
-            human_response = {"parse_ok": True, "label": human["label"], "explanation": human["explanation"]}
-            candidates = [(None, HUMAN, human_response)]
-            for (model_tag, method), by_annotator in predictions[name].items():
-                match = next((p for p in by_annotator.get(annotator, []) if p["item_id"] == item_id), None)
-                if match is not None:
-                    candidates.append((model_tag, method, match))
-            rng.shuffle(candidates)
-            style = " | ".join(f"Label: {r['label']}. {r['explanation']}" for r in examples[annotator])
-            for model_tag, method, prediction in candidates:
-                entries.append({"dataset": name, "item_id": item_id, "target_annotator": annotator,
-                                "text_a": item["text_a"], "text_b": item["text_b"], "target_style_examples": style,
-                                "response": response_text(prediction, ds["task"]), "model": model_tag,
-                                "method": method})
-    return entries
+# ============================================================================
+# HUMAN VALIDATION: the blinded form's contents and the scoring of its exports
+# The form shows the judge's own sampled test cells (sample_keys with the judge's seed keeps
+# the order, so the first eval.human_sheet_items cells are the judge's first cells), the judge's
+# examples of every annotator, and one response per form cell: the target's human reference
+# and each method's output. A rater first names the annotator who wrote it (the judge's forced
+# choice, the intended annotator hidden), then the intended annotator is shown and the rater
+# gives the three 1-5 ratings. Attention cells (our choice): eval.human_attention_cells human
+# references per dataset shown a second time, marked only in the key; a rater passes one when
+# both copies get the same attribution and ratings within 1 of each other.
+# ============================================================================
+RATING_QUESTIONS = {
+    "coherence": "Coherence: is the explanation sound, and does it support its label?",
+    "grounding": "Grounding: does the explanation rest on what the two texts say?",
+    "style": "Style: does it read like annotator {target}'s examples (wording, length, what they attend to)?",
+}
+ATTRIBUTION_QUESTION = "Which annotator wrote this response?"
+KEY_COLUMNS = ("cell", "form_version", "dataset", "item_id", "target", "model", "method", "attention_of",
+               "judge_verdict")
 
+
+def opaque_id(salt: int, *parts) -> str:
+    return "c" + common.config_hash([salt, *parts])[:10]
+
+
+def form_contents(cfg: dict, datasets: dict, predictions: dict, jobs: dict) -> tuple[dict, list[dict]]:
+    """(the form's data, its key rows). The data holds nothing that names a method or a model."""
+    ev = cfg["eval"]
+    salt = stable_seed(cfg["seed"], "form")
+    data = {"seed": stable_seed(cfg["seed"], "form-order"), "datasets": {}, "cells": [],
+            "attribution": {"name": "attribution", "text": ATTRIBUTION_QUESTION},
+            "ratings": [{"name": name, "text": text, "scale": list(range(eval_report.RATING_SCALE[0],
+                                                                         eval_report.RATING_SCALE[1] + 1))}
+                        for name, text in RATING_QUESTIONS.items()]}
+    key = []
+    for name, ds in datasets.items():
+        verdicts = {(job["item_id"], job["annotator"], job["model"], job["method"]): job.get("verdict")
+                    for job in jobs.get(name, []) if "messages" in job}
+        examples = train_examples(ds, int(ev["judge_examples_per_annotator"]),
+                                  stable_seed(cfg["seed"], "judge-ex", name))  # the judge's examples
+        data["datasets"][name] = {
+            "text_a": ds["task"]["text_a_name"], "text_b": ds["task"]["text_b_name"], "annotators": ds["annotators"],
+            "examples": {a: [f"Label: {r['label']} | Explanation: {r['explanation']}" for r in examples[a]]
+                         for a in ds["annotators"]}}
+        keys = sample_keys(ds, int(ev["human_sheet_items"]), stable_seed(cfg["seed"], "judge", name))
+        for position, (item_id, target) in enumerate(keys):
+            item = ds["items"][item_id]
+            human = ds["references"][(item_id, target)][0]
+            sources = [(None, HUMAN, {"parse_ok": True, "label": human["label"], "explanation": human["explanation"]})]
+            for (model_tag, method), by_target in predictions[name].items():
+                match = next((p for p in by_target.get(target, []) if p["item_id"] == item_id), None)
+                if match is not None:
+                    sources.append((model_tag, method, match))
+            copies = 2 if position < int(ev["human_attention_cells"]) else 1
+            for model_tag, method, prediction in sources:
+                first = None
+                for copy in range(copies if method == HUMAN else 1):
+                    cell = opaque_id(salt, name, item_id, target, model_tag, method, copy)
+                    data["cells"].append({"id": cell, "dataset": name, "target": target, "text_a": item["text_a"],
+                                          "text_b": item["text_b"], "response": response_text(prediction, ds["task"])})
+                    verdict = verdicts.get((item_id, target, model_tag, method))
+                    key.append({"cell": cell, "dataset": name, "item_id": item_id, "target": target,
+                                "model": model_tag or "", "method": method, "attention_of": first or "",
+                                "judge_verdict": verdict or ""})
+                    first = first or cell
+    data["cells"].sort(key=lambda cell: cell["id"])  # the page's own order says nothing; raters get a shuffle
+    return data, key
+
+
+def read_key(path: Path) -> tuple[str, dict[str, dict]]:
+    """(form version, {cell: key row}) from the key.csv written beside the form."""
+    import csv
+    if not path.exists():
+        raise InputError(f"{path}: key file not found (it is written beside form.html; or pass --key)")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in KEY_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise input_error(path, "not a key written by 06_eval.py", line=1, field=missing[0])
+        rows = {row["cell"]: row for row in reader}
+    versions = {row["form_version"] for row in rows.values()}
+    if len(versions) != 1:
+        raise input_error(path, f"{len(versions)} form versions in one key", field="form_version")
+    return versions.pop(), rows
+
+
+def read_ratings(paths: list[Path], version: str, key: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """{rater: {cell: answers}} from the form's exports, every answer checked."""
+    import json
+    questions = {"attribution", *RATING_QUESTIONS}
+    low, high = eval_report.RATING_SCALE
+    raters: dict[str, dict[str, dict]] = {}
+    source: dict[str, Path] = {}
+    for path in paths:
+        try:
+            export = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"{path}: file not found") from None
+        except json.JSONDecodeError as err:
+            raise input_error(path, f"not a complete ratings export (truncated?): {err.msg}", line=err.lineno) from None
+        if not isinstance(export, dict) or not isinstance(export.get("cells"), list):
+            raise input_error(path, "not a ratings export of the human-validation form", field="cells")
+        if export.get("form_version") != version:
+            raise input_error(path, f"made with form version {export.get('form_version')!r}, but the key is for "
+                                    f"version {version!r}: score it with the key written beside that form",
+                              field="form_version")
+        rater = export.get("rater")
+        if not isinstance(rater, str) or not rater:
+            raise input_error(path, "no rater ID", field="rater")
+        if rater in raters:
+            raise input_error(path, f"rater {rater!r} exported twice (also {source[rater]}); keep the later export",
+                              field="rater")
+        answers = {}
+        for index, entry in enumerate(export["cells"]):
+            where = f"cells[{index}]"
+            cell = entry.get("cell") if isinstance(entry, dict) else None
+            if cell not in key:
+                raise input_error(path, f"cell {cell!r} is not in the key", field=f"{where}.cell")
+            given = entry.get("answers") or {}
+            if set(given) != questions:
+                raise input_error(path, f"cell {cell}: answers {sorted(given)}, expected {sorted(questions)}",
+                                  field=f"{where}.answers")
+            ds_annotators = {row["target"] for row in key.values() if row["dataset"] == key[cell]["dataset"]}
+            if given["attribution"] not in ds_annotators:
+                raise input_error(path, f"cell {cell}: attribution {given['attribution']!r} is not an annotator",
+                                  field=f"{where}.answers.attribution")
+            for name in RATING_QUESTIONS:
+                if not isinstance(given[name], int) or isinstance(given[name], bool) or not low <= given[name] <= high:
+                    raise input_error(path, f"cell {cell}: {name} {given[name]!r} is not an integer from {low} to "
+                                            f"{high}", field=f"{where}.answers.{name}")
+            answers[cell] = given
+        raters[rater], source[rater] = answers, Path(path)
+    return raters
+
+
+def bootstrap_mean_interval(values_by_unit: list[list[float]], seed: int, resamples: int) -> tuple[float | None, list | None]:
+    """Mean over every value and its 95% interval from resampling the units (cells), each with all
+    its raters' values."""
+    flat = [v for unit in values_by_unit for v in unit]
+    if not flat:
+        return None, None
+    rng = np.random.default_rng(seed)
+    sums = np.array([sum(unit) for unit in values_by_unit], dtype=float)
+    counts = np.array([len(unit) for unit in values_by_unit], dtype=float)
+    picks = rng.integers(0, len(values_by_unit), size=(resamples, len(values_by_unit)))
+    draws = sums[picks].sum(axis=1) / np.maximum(counts[picks].sum(axis=1), 1)
+    return float(np.mean(flat)), interval(draws) if len(values_by_unit) > 1 else None
+
+
+def krippendorff_alpha(raters: dict[str, dict[str, dict]], cells: list[str], question: str) -> float | None:
+    """Ordinal Krippendorff's alpha over every rater and cell (missing ratings allowed)."""
+    import krippendorff
+    matrix = np.array([[answers.get(cell, {}).get(question, np.nan) for cell in cells]
+                       for answers in raters.values()], dtype=float)
+    pairable = (np.sum(~np.isnan(matrix), axis=0) >= 2).sum()
+    values = np.unique(matrix[~np.isnan(matrix)])
+    if len(raters) < 2 or pairable == 0 or len(values) < 2:
+        return None
+    return float(krippendorff.alpha(reliability_data=matrix, level_of_measurement="ordinal",
+                                    value_domain=list(range(eval_report.RATING_SCALE[0],
+                                                            eval_report.RATING_SCALE[1] + 1))))
+
+
+def score_ratings(cfg: dict, paths: list[Path], key_path: Path) -> dict:
+    """Per method: mean ratings and human attribution with intervals, beside the judge's on the
+    same cells; agreement between raters; attention checks. Writes scores.json and scores.md."""
+    from sklearn.metrics import cohen_kappa_score
+    version, key = read_key(key_path)
+    raters = read_ratings(paths, version, key)
+    resamples = int(cfg["eval"]["bootstrap_resamples"])
+    seed = stable_seed(cfg["seed"], "human-ratings")
+    counted = [cell for cell, row in key.items() if not row["attention_of"]]  # copies only check attention
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for cell in counted:
+        row = key[cell]
+        groups[(row["dataset"], row["model"], row["method"])].append(cell)
+    methods = []
+    for (dataset, model_tag, method), cells in sorted(groups.items()):
+        rated = [cell for cell in cells if any(cell in answers for answers in raters.values())]
+        entry = {"dataset": dataset, "model": model_tag or None, "method": method, "cells": len(rated)}
+        for question in RATING_QUESTIONS:
+            entry[question], entry[f"{question}_ci"] = bootstrap_mean_interval(
+                [[answers[cell][question] for answers in raters.values() if cell in answers] for cell in rated],
+                seed, resamples)
+        right = [[float(answers[cell]["attribution"] == key[cell]["target"]) for answers in raters.values()
+                  if cell in answers] for cell in rated]
+        entry["human_attribution"], entry["human_attribution_ci"] = bootstrap_mean_interval(right, seed, resamples)
+        judged = [cell for cell in rated if key[cell]["judge_verdict"]]
+        entry["judge_attribution"], entry["judge_attribution_ci"] = bootstrap_mean_interval(
+            [[float(key[cell]["judge_verdict"] == key[cell]["target"])] for cell in judged], seed, resamples)
+        entry["judge_cells"] = len(judged)
+        targets = [key[cell]["target"] for cell in rated]
+        entry["chance"] = max(targets.count(t) for t in set(targets)) / len(targets) if targets else None
+        methods.append(entry)
+    agreement = {question: krippendorff_alpha(raters, counted, question) for question in RATING_QUESTIONS}
+    kappas = []
+    names = sorted(raters)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            shared = [cell for cell in counted if cell in raters[first] and cell in raters[second]]
+            a = [raters[first][cell]["attribution"] for cell in shared]
+            b = [raters[second][cell]["attribution"] for cell in shared]
+            kappa = float(cohen_kappa_score(a, b)) if shared and len(set(a) | set(b)) > 1 else None
+            kappas.append({"raters": [first, second], "cells": len(shared), "kappa": kappa})
+    attention = {}
+    for rater, answers in sorted(raters.items()):
+        pairs = [(row["attention_of"], cell) for cell, row in key.items()
+                 if row["attention_of"] and cell in answers and row["attention_of"] in answers]
+        passed = sum(answers[a]["attribution"] == answers[b]["attribution"]
+                     and all(abs(answers[a][q] - answers[b][q]) <= 1 for q in RATING_QUESTIONS) for a, b in pairs)
+        attention[rater] = {"pairs": len(pairs), "passed": passed}
+    scores = {"form_version": version, "raters": names, "files": [str(p) for p in paths], "methods": methods,
+              "alpha": agreement, "attribution_kappa": kappas, "attention": attention}
+    out_dir = key_path.parent
+    common.write_json(out_dir / "scores.json", scores)
+    markdown = eval_report.ratings_markdown(scores)
+    common.atomic_write_text(out_dir / "scores.md", markdown)
+    print(markdown, flush=True)
+    print(f"[eval] wrote {out_dir / 'scores.json'} and scores.md", flush=True)
+    return scores
 
 
 # ============================================================================
@@ -1691,7 +1912,8 @@ def eval_recipe(cfg: dict, names: list[str]) -> dict:
                 inputs += sorted(folder.glob("*/*.jsonl")) if folder.is_dir() else []
     return common.recipe(cfg, "06_eval", inputs, ["seed", "seeds", "data.split", "data.split_seed", "data.max_eval_items", "eval",
                                                   "embedder", "hlv", "generation", "models", "baselines.methods"],
-                         code=("eval_report.py",), datasets=names)
+                         code=("eval_report.py", "endpoint_judge.py", "templates/human_form.html"), datasets=names,
+                         bf16_native=common.native_bf16())
 
 
 def fill_adapter_cards(cfg: dict, results: dict) -> None:
@@ -1715,15 +1937,17 @@ def fill_adapter_cards(cfg: dict, results: dict) -> None:
 # ----------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     parser = common.stage_parser(__doc__)
-    parser.add_argument("--score-sheet", default=None, help="score a filled human-validation sheet and stop")
-    parser.add_argument("--sheet-key", default=None, help="its key file (default: key.csv beside the sheet)")
+    parser.add_argument("--score-ratings", nargs="+", default=None, metavar="FILE",
+                        help="score the human-validation form's exports (ratings-<rater>.json) and stop")
+    parser.add_argument("--key", default=None, help="the form's key (default: key.csv beside the first export)")
     args, cfg = common.parse_stage_args(parser, argv)
-    if args.score_sheet:
-        sheet = Path(args.score_sheet)
-        eval_report.score_sheet(sheet, Path(args.sheet_key) if args.sheet_key else sheet.parent / "key.csv")
+    if args.score_ratings:
+        paths = [Path(p) for p in args.score_ratings]
+        score_ratings(cfg, paths, Path(args.key) if args.key else paths[0].parent / "key.csv")
         return
     started = time.time()
     check_group_config(cfg)
+    check_judge_config(cfg)
     common.set_seed(cfg["seed"])
     tables_dir = common.tables_dir(cfg)
 
@@ -1747,8 +1971,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- the judge first: the one part shared out over the processes of a launch
     jobs = {name: judge_jobs(cfg, ds, predictions[name]) for name, ds in datasets.items()}
-    judge_reason = run_judge(cfg, [job for dataset_jobs in jobs.values() for job in dataset_jobs],
-                             {name: ds["annotators"] for name, ds in datasets.items()})
+    judge_reason, judge = run_judge(cfg, [job for dataset_jobs in jobs.values() for job in dataset_jobs],
+                                    {name: ds["annotators"] for name, ds in datasets.items()})
     if not common.is_main_process():
         return
 
@@ -1757,15 +1981,15 @@ def main(argv: list[str] | None = None) -> None:
     for name, ds in datasets.items():
         results[name], draws[name], plans[name] = evaluate_dataset(cfg, ds, loaded[name])
     for name, ds in datasets.items():
-        attach_judge(results[name], draws[name], ds, jobs[name], judge_reason, cfg, plans[name])
+        attach_judge(results[name], draws[name], ds, jobs[name], judge_reason, judge, plans[name])
     common.write_jsonl(tables_dir / "judge_verdicts.jsonl",  # every reply, for auditing the judge
                        ({k: v for k, v in job.items() if k != "messages"} for dataset_jobs in jobs.values()
                         for job in dataset_jobs if "reply" in job))
-    calibration = {name: judge_calibration(results[name]) for name in datasets}
+    calibration = {name: {**judge_calibration(results[name]), "judge": judge} for name in datasets}
     claims = claims_check(results, draws, datasets, calibration)
     lewidi = lewidi_view(cfg, datasets, predictions)
 
-    # ---- save: metrics.json, then eval_report's tables, figures, human sheet and report
+    # ---- save: metrics.json, then eval_report's tables, figures, human-validation form and report
     common.write_json(common.metrics_path(cfg), {**results, "claims": claims, "judge_calibration": calibration,
                                                  **({"lewidi": lewidi} if lewidi is not None else {})})
     fill_adapter_cards(cfg, results)
@@ -1779,12 +2003,12 @@ def main(argv: list[str] | None = None) -> None:
             figures.append(path)
     curves = tables_dir / "fig_training_curves.png"
     curves = curves if eval_report.plot_training_curves(cfg, datasets, curves) else None
-    sheet_status = eval_report.write_human_sheet(cfg, sheet_entries(cfg, datasets, predictions),
-                                                 common.human_eval_dir(cfg))
+    form_data, form_key = form_contents(cfg, datasets, predictions, jobs)
+    form_status = eval_report.write_human_form(form_data, form_key, common.human_eval_dir(cfg))
     common.save_resolved_config(cfg, tables_dir, stage="06_eval")
     report = eval_report.write_report(cfg, results, claims, calibration, claim_rules_note(datasets), datasets,
-                                      table_paths, figures, curves, sheet_status, started, lewidi=lewidi)
-    common.write_manifest(common.metrics_path(cfg), made_from)
+                                      table_paths, figures, curves, form_status, started, lewidi=lewidi)
+    common.write_manifest(common.metrics_path(cfg), made_from, judge=judge)
     print(f"[eval] wrote {common.metrics_path(cfg)}, {tables_dir}/ and {report} in {time.time() - started:.0f}s",
           flush=True)
 

@@ -201,11 +201,18 @@ eval:
   bertscore: bool
   bertscore_model: str
   bertscore_num_layers: int|null
-  judge: bool
+  judge:
+    backend: str
+    model: str|null
+    base_url: str|null
+    api_key_env: str|null
+    max_concurrency: int
+    timeout_s: float
+    max_retries: int
   judge_examples_per_annotator: int
   judge_items: int
   human_sheet_items: int
-  human_sheet_raters: int
+  human_attention_cells: int
   bootstrap_resamples: int
   bootstrap_group_draws: int
 """)

@@ -1,22 +1,19 @@
 """eval_report.py: the presentation half of 06_eval.py (tables, figures, report.md, the
-human-validation sheet and its scoring). Imported by 06_eval.py only:
+human-validation form and its scores' markdown). Imported by 06_eval.py only:
 
     python 06_eval.py --config configs/smoke.yaml     # tables/, report.md, human_eval/ of the run
-    python 06_eval.py --config configs/cpu.yaml --score-sheet runs/cpu/human_eval/sheet.csv
+    python 06_eval.py --config configs/cpu.yaml --score-ratings runs/cpu/human_eval/ratings-*.json
 
-06_eval.py computes every model metric, interval, judge verdict and claim and hands plain
-dicts to this module, which only lays them out (and, for a filled sheet, summarises the
-human ratings). It never imports 06 (the stage's file name is not a module name): the few
+06_eval.py computes every model metric, interval, judge verdict, claim and human-rating score
+and hands plain dicts to this module, which only lays them out. It never imports 06 (the stage's file name is not a module name): the few
 names both must agree on (the human reference row's name, number formatting) live here
 and 06 imports them.
 """
 from __future__ import annotations
 
 import csv
-import html
 import re
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -27,15 +24,12 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 import common  # noqa: E402
-from common import InputError, input_error  # noqa: E402
 
 HUMAN = "human"  # reference row: the target's own held-out test explanations, scored the same way
 
 # Human validation (our protocol: the paper's is not public): 1-5 ratings of coherence,
-# grounding (in the item) and style fidelity (to the target's examples) by
-# eval.human_sheet_raters raters; agreement = exact and within-1 agreement and
-# quadratic-weighted Cohen's kappa, per pair of raters.
-RATING_DIMENSIONS = ("coherence", "grounding", "style")
+# grounding (in the item) and style fidelity (to the target's examples), and the judge's forced
+# choice of the author; 06_eval.py's block "HUMAN VALIDATION" says how cells are drawn and scored.
 RATING_SCALE = (1, 5)
 
 # The paper's numbers, as summarised second-hand (VariErr NLI; the paper's text was not available).
@@ -265,9 +259,10 @@ def write_tables(cfg: dict, results: dict, datasets: dict, features: list[str], 
     # Judge attribution
     header = ["dataset", "model", "method", "judged outputs", "correct", "accuracy", "chance",
               "unparseable verdicts", "cells without output", "judge model", "calibration"]
-    rows = []
+    rows, routes = [], set()
     for dataset, model_tag, method, result in result_cells(results):
         judge = result.get("judge", {})
+        routes.add(judge.get("judge_route"))
         label = "calibration: " + method_label(method) if method == HUMAN else method_label(method)
         if judge.get("accuracy") is None:
             why = "missing: " + judge.get("reason", "not computed")
@@ -284,7 +279,12 @@ def write_tables(cfg: dict, results: dict, datasets: dict, features: list[str], 
     write_table(tables_dir / "judge_attribution", header, rows, "LLM-as-judge attribution",
                 [f"The same {int(cfg['eval']['judge_items'])} sampled test cells (item, target annotator) for every "
                  f"method; the judge sees {int(cfg['eval']['judge_examples_per_annotator'])} train responses of each "
-                 "annotator and answers by forced choice among the annotator IDs (so every output gets a verdict). "
+                 "annotator and "
+                 + ("answers in a short free reply, parsed (the endpoint offered no constraint; an unparseable "
+                    "reply is counted and scored wrong). " if "free" in routes else
+                    "answers by forced choice among the annotator IDs (so every output gets a verdict). ")
+                 + "The judge model column names the judge (an endpoint judge with its URL, its server's model "
+                 "id and how the choice was forced). "
                  "The calibration row is the judge on the targets' own human test responses: where its interval "
                  "is not above chance, the judge is uninformative for this profile. [low, high]: 95% bootstrap "
                  "interval over the judged cells' items, drawn per target annotator.",
@@ -470,47 +470,35 @@ def plot_training_curves(cfg: dict, datasets: dict, path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------
-# Human validation sheet and its scoring
+# Human validation: the form (templates/human_form.html with 06's cells) and the scores
 # ----------------------------------------------------------------------------
-def rating_columns(n_raters: int) -> list[str]:
-    return [f"{dim}_r{k}" for k in range(1, n_raters + 1) for dim in RATING_DIMENSIONS]
+FORM_TEMPLATE = Path(__file__).resolve().parent / "templates" / "human_form.html"
+FORM_DATA_SLOT = "/*FORM_DATA*/"
 
 
-def sheet_has_ratings(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with open(path, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            if any((value or "").strip() for key, value in row.items()
-                   if key and key.split("_r")[0] in RATING_DIMENSIONS):
-                return True
-    return False
-
-
-def write_human_sheet(cfg: dict, entries: list[dict], out_dir: Path) -> str:
-    """Blinded sheet (CSV + HTML) and key from `entries` (06's sheet_entries: dataset, item_id,
-    target_annotator, text_a, text_b, target_style_examples, response, model, method; already
-    shuffled). Returns a one-line status for the report."""
-    sheet_path = out_dir / "sheet.csv"
-    if sheet_has_ratings(sheet_path):
-        return f"{sheet_path} already holds ratings: left as it is (score it with --score-sheet)"
-    n_raters = int(cfg["eval"]["human_sheet_raters"])
-    shown = ("dataset", "item_id", "target_annotator", "text_a", "text_b", "target_style_examples", "response")
-    rows = [{**{k: entry[k] for k in shown}, **{column: "" for column in rating_columns(n_raters)}}
-            for entry in entries]
-    key_rows = [{"dataset": entry["dataset"], "item_id": entry["item_id"], "annotator": entry["target_annotator"],
-                 "model": entry["model"] or "", "method": entry["method"]} for entry in entries]
-    width = max(4, len(str(len(rows))))
-    for i, (row, key_row) in enumerate(zip(rows, key_rows), 1):
-        row["sheet_id"] = key_row["sheet_id"] = f"S{i:0{width}d}"
-    columns = ["sheet_id", "dataset", "item_id", "target_annotator", "text_a", "text_b", "target_style_examples",
-               "response"] + rating_columns(n_raters)
-    write_csv(sheet_path, columns, rows)
-    write_csv(out_dir / "key.csv", ["sheet_id", "dataset", "item_id", "annotator", "model", "method"], key_rows)
-    common.atomic_write_text(out_dir / "sheet.html", sheet_html(rows, n_raters))
-    cells = {(r["dataset"], r["item_id"], r["target_annotator"]) for r in rows}
-    return (f"{len(rows)} blinded responses to {len(cells)} test cells in {sheet_path} "
-            f"(+ sheet.html; the key is {out_dir / 'key.csv'})")
+def write_human_form(data: dict, key_rows: list[dict], out_dir: Path) -> str:
+    """form.html (the template with `data` embedded and its version hash) and key.csv beside it.
+    A key with exports of another version beside it is left as it is, with the form it belongs
+    to. Returns a one-line status for the report."""
+    import json
+    template = FORM_TEMPLATE.read_text(encoding="utf-8")
+    version = common.config_hash([template, data])[:12]
+    key_path, form_path = out_dir / "key.csv", out_dir / "form.html"
+    if key_path.exists() and list(out_dir.glob("ratings-*.json")):
+        with open(key_path, newline="", encoding="utf-8") as fh:
+            old = {row.get("form_version") for row in csv.DictReader(fh)}
+        if old != {version}:
+            return (f"{form_path} (version {', '.join(sorted(map(str, old)))}) left as it is: ratings-*.json "
+                    f"exports of it are beside it (score them with --score-ratings; move them away for a new form)")
+    # Inside <script type="application/json"> only "</" could end the element early.
+    embedded = json.dumps({"version": version, **data}, ensure_ascii=False).replace("</", "<\\/")
+    common.atomic_write_text(form_path, template.replace(FORM_DATA_SLOT, embedded))
+    write_csv(key_path, ["cell", "form_version", *[c for c in key_rows[0] if c != "cell"]] if key_rows else
+              ["cell", "form_version"], [{**row, "form_version": version} for row in key_rows])
+    targets = {(row["dataset"], row["item_id"], row["target"]) for row in key_rows}
+    attention = sum(bool(row["attention_of"]) for row in key_rows)
+    return (f"{form_path} (version {version}): {len(key_rows)} blinded responses to {len(targets)} test cells, "
+            f"{attention} of them attention copies; the key is {key_path}")
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
@@ -521,113 +509,32 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
             writer.writerows(rows)
 
 
-def sheet_html(rows: list[dict], n_raters: int) -> str:
-    low, high = RATING_SCALE
-    parts = ["<!doctype html><meta charset='utf-8'><title>capo-kit human validation</title>",
-             "<style>body{font-family:sans-serif;max-width:70em}td,th{border:1px solid #ccc;padding:4px;"
-             "vertical-align:top}table{border-collapse:collapse}</style>",
-             "<h1>Human validation sheet</h1>",
-             f"<p>Rate each response {low}-{high} for <b>coherence</b> (is it a sound explanation?), "
-             "<b>grounding</b> (does it rest on the two texts?) and <b>style</b> (does it read like the target "
-             "annotator's examples?). Enter ratings in sheet.csv, columns "
-             + ", ".join(rating_columns(n_raters)) + ". Responses are shuffled and blinded.</p>",
-             "<table><tr><th>id</th><th>item</th><th>target's style examples</th><th>response</th></tr>"]
-    for row in rows:
-        parts.append(f"<tr><td>{html.escape(row['sheet_id'])}<br>{html.escape(row['target_annotator'])}</td>"
-                     f"<td>{html.escape(row['text_a'])}<hr>{html.escape(row['text_b'])}</td>"
-                     f"<td>{html.escape(row['target_style_examples'])}</td>"
-                     f"<td>{html.escape(row['response']).replace(chr(10), '<br>')}</td></tr>")
-    parts.append("</table>")
-    return "\n".join(parts) + "\n"
-
-
-def score_sheet(sheet: Path, key_path: Path) -> dict:
-    """Per-method mean ratings and rater agreement for a filled sheet; writes scores.json/.md."""
-    from sklearn.metrics import cohen_kappa_score
-    if not sheet.exists():
-        raise InputError(f"{sheet}: sheet not found")
-    if not key_path.exists():
-        raise InputError(f"{key_path}: key file not found (pass --sheet-key)")
-    with open(key_path, newline="", encoding="utf-8") as fh:
-        key = {row["sheet_id"]: row for row in csv.DictReader(fh)}
-    low, high = RATING_SCALE
-    ratings = defaultdict(lambda: defaultdict(list))  # (dataset, model, method) -> dim -> values
-    by_rater = defaultdict(dict)  # (dim, rater) -> sheet_id -> value
-    raters = set()
-    with open(sheet, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if "sheet_id" not in (reader.fieldnames or []):
-            raise input_error(sheet, "no sheet_id column", line=1, field="sheet_id")
-        for lineno, row in enumerate(reader, 2):
-            sheet_id = row["sheet_id"]
-            if sheet_id not in key:
-                raise input_error(sheet, f"sheet_id {sheet_id} is not in {key_path}", line=lineno, field="sheet_id")
-            entry = key[sheet_id]
-            for column, value in row.items():
-                match = re.fullmatch(r"(\w+)_r(\d+)", column or "")
-                if not match or match.group(1) not in RATING_DIMENSIONS or not (value or "").strip():
-                    continue
-                try:
-                    rating = int(value.strip())
-                except ValueError:
-                    rating = None
-                if rating is None or not low <= rating <= high:
-                    raise input_error(sheet, f"rating {value!r} is not an integer from {low} to {high}",
-                                      line=lineno, field=column)
-                dim, rater = match.group(1), int(match.group(2))
-                raters.add(rater)
-                ratings[(entry["dataset"], entry["model"], entry["method"])][dim].append(rating)
-                by_rater[(dim, rater)][sheet_id] = rating
-    methods = {}
-    for (dataset, model_tag, method), dims in sorted(ratings.items()):
-        methods[f"{dataset}/{model_tag or '-'}/{method}"] = {
-            dim: {"mean": float(np.mean(dims[dim])), "n": len(dims[dim])} if dims.get(dim) else
-            {"mean": None, "n": 0} for dim in RATING_DIMENSIONS}
-    agreement = {}
-    for dim in RATING_DIMENSIONS:
-        pairs = []
-        ordered = sorted(raters)
-        for i, r1 in enumerate(ordered):
-            for r2 in ordered[i + 1:]:
-                both = sorted(set(by_rater[(dim, r1)]) & set(by_rater[(dim, r2)]))
-                a = [by_rater[(dim, r1)][s] for s in both]
-                b = [by_rater[(dim, r2)][s] for s in both]
-                entry = {"raters": [r1, r2], "n": len(both)}
-                if both:
-                    entry["exact"] = float(np.mean([x == y for x, y in zip(a, b)]))
-                    entry["within_1"] = float(np.mean([abs(x - y) <= 1 for x, y in zip(a, b)]))
-                    if len(set(a) | set(b)) > 1:
-                        entry["kappa_quadratic"] = float(cohen_kappa_score(a, b, weights="quadratic",
-                                                                           labels=list(range(low, high + 1))))
-                    else:
-                        entry["kappa_quadratic"] = None
-                        entry["reason"] = "every rating identical: kappa undefined"
-                pairs.append(entry)
-        agreement[dim] = pairs
-    scores = {"sheet": str(sheet), "scale": [low, high], "raters": sorted(raters), "methods": methods,
-              "agreement": agreement}
-    out_dir = sheet.parent
-    common.write_json(out_dir / "scores.json", scores)
-    lines = ["## Human validation scores", "", "| dataset/model/method | " + " | ".join(RATING_DIMENSIONS) + " |",
-             "|---|" + "---|" * len(RATING_DIMENSIONS)]
-    for name, dims in methods.items():
-        lines.append(f"| {name} | "
-                     + " | ".join(f"{fmt(dims[d]['mean'], 2)} (n={dims[d]['n']})" for d in RATING_DIMENSIONS) + " |")
-    lines += ["", "| dimension | raters | n | exact | within 1 | quadratic kappa |", "|---|---|---|---|---|---|"]
-    for dim, pairs in agreement.items():
-        for entry in pairs:
-            kappa = entry.get("kappa_quadratic")
-            kappa_text = fmt(kappa) if kappa is not None else entry.get("reason", "no shared ratings")
-            lines.append(f"| {dim} | {entry['raters'][0]} vs {entry['raters'][1]} | {entry['n']} | "
-                         f"{fmt(entry.get('exact'))} | {fmt(entry.get('within_1'))} | {kappa_text} |")
-    if not agreement or not any(agreement.values()):
-        lines.append("| - | fewer than two raters | - | - | - | - |")
-    common.atomic_write_text(out_dir / "scores.md", "\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
-    print(f"[eval] wrote {out_dir / 'scores.json'} and scores.md", flush=True)
-    return scores
-
-
+def ratings_markdown(scores: dict) -> str:
+    """scores.md from 06's score_ratings."""
+    questions = list(scores["alpha"])
+    lines = ["## Human validation scores", "",
+             f"Form version {scores['form_version']}; raters: {', '.join(scores['raters'])}. Mean 1-5 ratings "
+             "and attribution accuracy with 95% intervals (cells resampled, each with all its raters); the judge's "
+             "attribution on the same cells; chance = naming the most frequent target.", "",
+             "| dataset | model | method | cells | " + " | ".join(questions)
+             + " | human attribution | judge attribution (cells) | chance |",
+             "|---|---|---|---|" + "---|" * len(questions) + "---|---|---|"]
+    for row in scores["methods"]:
+        lines.append(f"| {row['dataset']} | {row['model'] or '-'} | {row['method']} | {row['cells']} | "
+                     + " | ".join(fmt_ci(row[q], row[f'{q}_ci'], 2) for q in questions) + " | "
+                     + f"{fmt_ci(row['human_attribution'], row['human_attribution_ci'])} | "
+                     + f"{fmt_ci(row['judge_attribution'], row['judge_attribution_ci'])} ({row['judge_cells']}) | "
+                     + f"{fmt(row['chance'])} |")
+    lines += ["", "Agreement between raters: ordinal Krippendorff's alpha per rating ("
+              + ", ".join(f"{q} {fmt(a) if a is not None else 'n/a (fewer than two raters or one value)'}"
+                          for q, a in scores["alpha"].items()) + "); Cohen's kappa on the attribution:"]
+    for pair in scores["attribution_kappa"] or [{"raters": ["-", "-"], "cells": 0, "kappa": None}]:
+        kappa = fmt(pair["kappa"]) if pair["kappa"] is not None else "n/a"
+        lines.append(f"- {pair['raters'][0]} vs {pair['raters'][1]}: {kappa} over {pair['cells']} cells")
+    lines += ["", "Attention checks (a human reference shown twice; passed = the same attribution and ratings "
+              "within 1):"]
+    lines += [f"- {rater}: {check['passed']} of {check['pairs']} passed" for rater, check in scores["attention"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def hlv_section(cfg: dict, datasets: dict, report_dir: Path) -> list[str]:
@@ -688,7 +595,7 @@ def claims_markdown(claims: list[dict], judge_calibration: dict, rules_note: str
 
 def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration: dict, rules_note: str,
                  datasets: dict, table_paths: dict, figures: list[Path], curves: Path | None,
-                 sheet_status: str, started: float, lewidi: dict | None = None) -> Path:
+                 form_status: str, started: float, lewidi: dict | None = None) -> Path:
     run = common.run_dir(cfg)
     path = common.report_path(cfg)
 
@@ -737,13 +644,15 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
     else:
         lines += ["Not available: no train_log.json or selection.json under adapters/ (run 04_sft.py, "
                   "05_capo.py).", ""]
-    lines += ["## 7. Human validation", "", f"Sheet: {sheet_status}.", ""]
+    lines += ["## 7. Human validation", "", f"Form: {form_status}.", ""]
     scores = common.human_eval_dir(cfg) / "scores.md"
     if scores.exists():
         lines += include(scores)
     else:
-        lines += ["Not rated yet. After rating: `python 06_eval.py --config "
-                  f"{cfg.get('config_path', 'configs/<profile>.yaml')} --score-sheet {run / 'human_eval' / 'sheet.csv'}`. "
+        lines += ["Not rated yet. Send form.html to the raters (it opens from disk in any browser), put their "
+                  "ratings-<rater>.json exports beside key.csv, then: `python 06_eval.py --config "
+                  f"{cfg.get('config_path', 'configs/<profile>.yaml')} --score-ratings "
+                  f"{run / 'human_eval'}/ratings-*.json`. "
                   "Paper (as summarised, unverified): 82.8% agreement between two validators; CAPO judged more "
                   "coherent, better grounded and closer to the target's style.", ""]
     lines += ["## 8. The LeWiDi-2025 view", ""]

@@ -20,7 +20,7 @@
 # predictions files out, 04/05 their adapters (each process trains its own), 06 its judge;
 # the outputs are the same bytes as with one process. docs/DESIGN.md, "Processes".
 #
-# Extra arguments after `--` go to every stage as config overrides (e.g. -- --eval.judge false
+# Extra arguments after `--` go to every stage as config overrides (e.g. -- --eval.judge.backend none
 # --run_dir runs/try1); a --raw-dir there is taken as run_all.sh's own. Stops at the first
 # failing stage and names it. Every stage runs, and each one skips the work whose outputs are
 # finished and current (their manifests record the inputs, config values and code they were

@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q tests "$@"
+exec .venv/bin/python -m pytest -q -rs tests "$@"  # -rs: say why a test was skipped

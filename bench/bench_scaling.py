@@ -34,7 +34,7 @@ STAGES = ("01_prepare", "03_prompt_baselines", "04_sft", "05_capo", "06_eval")
 def run_pipeline(args, run_dir: Path, train_items: int, stages=STAGES) -> dict[str, float]:
     overrides = ["--run_dir", str(run_dir), "--data.max_items", str(train_items + 2 * args.eval_items),
                  "--data.split_items", f"[{train_items}, {args.eval_items}, {args.eval_items}]",
-                 "--datasets", f"[{args.dataset}]", "--eval.judge", "false", "--eval.bertscore", "false",
+                 "--datasets", f"[{args.dataset}]", "--eval.judge.backend", "none", "--eval.bertscore", "false",
                  "--sft.max_train_examples", "null", "--capo.max_pairs", "null",  # training grows with the items
                  "--capo.eval_every_steps", "1000",  # dev selection at the start and the end only
                  *args.extra_overrides]

@@ -1,4 +1,4 @@
-"""06_eval.py: metric functions on hand-made cases, the score-sheet round trip, and an
+"""06_eval.py: metric functions on hand-made cases, the human-validation form and its scoring, and an
 end-to-end run on a tiny invented run directory (every table, every column).
 
 The fixture datasets are called varierr and par so the report's paper sections are
@@ -17,7 +17,7 @@ import pytest
 
 import common
 import eval_report
-from conftest import load_stage, mark_predictions, mark_prepared, write_config
+from conftest import ROOT, load_stage, mark_predictions, mark_prepared, write_config
 
 ev6 = load_stage("06_eval")
 
@@ -117,7 +117,7 @@ def make_fixture_run(tmp_path, **changes):
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory):
     """The fixture run after one 06 run without the judge and BERTScore (shared by two tests)."""
-    config, run_dir = make_fixture_run(tmp_path_factory.mktemp("eval"), eval__judge=False, eval__bertscore=False)
+    config, run_dir = make_fixture_run(tmp_path_factory.mktemp("eval"), eval__judge__backend="none", eval__bertscore=False)
     ev6.main(["--config", str(config)])
     return config, run_dir
 
@@ -391,47 +391,144 @@ def test_end_to_end_every_table_every_column(evaluated_run):
     assert "#### Group classifier confidence and normalised imitation by group size m" in report
     assert "floor(0.5 x n)" in report and "saturates" in report
     assert "no value for capo" in report  # CAPO is missing, so its claims cannot be resolved
-    assert (run_dir / "human_eval" / "sheet.csv").exists() and (run_dir / "human_eval" / "key.csv").exists()
+    assert (run_dir / "human_eval" / "form.html").exists() and (run_dir / "human_eval" / "key.csv").exists()
 
 
-def test_score_sheet_round_trip(evaluated_run, tmp_path):
+def form_data_and_key(run_dir):
+    """(the data embedded in form.html, the key rows) of an evaluated run."""
+    page = (run_dir / "human_eval" / "form.html").read_text()
+    data = json.loads(re.search(r'<script id="form-data" type="application/json">(.*?)</script>', page, re.S).group(1))
+    header, rows = read_csv(run_dir / "human_eval" / "key.csv")
+    return page, data, [dict(zip(header, row)) for row in rows]
+
+
+def test_the_form_is_blinded_and_its_key_says_what_each_cell_is(evaluated_run):
+    config, run_dir = evaluated_run
+    page, data, key = form_data_and_key(run_dir)
+    cfg = common.load_config(config)
+    assert {row["cell"] for row in key} == {cell["id"] for cell in data["cells"]}
+    assert {row["form_version"] for row in key} == {data["version"]}
+    assert {row["method"] for row in key} == {"human", "sft", "base"} and {row["model"] for row in key} == {"", "tiny"}
+    # Nothing on the page names a method or a model; the cells carry no source
+    for name in ("sft", "capo", "vp_icl", "icl", "tiny", "\"human\"", "\"method\"", "\"model\""):
+        assert name not in page, name
+    assert all(set(cell) == {"id", "dataset", "target", "text_a", "text_b", "response"} for cell in data["cells"])
+    # The judge's first cells, every source once, plus the attention copies of human references
+    attention = [row for row in key if row["attention_of"]]
+    per_dataset = cfg["eval"]["human_attention_cells"]
+    assert len(attention) == 2 * per_dataset
+    by_cell = {row["cell"]: row for row in key}
+    for row in attention:
+        original = by_cell[row["attention_of"]]
+        assert original["method"] == row["method"] == "human" and original["item_id"] == row["item_id"]
+        assert [c["response"] for c in data["cells"] if c["id"] in (row["cell"], original["cell"])][0] == \
+            [c["response"] for c in data["cells"] if c["id"] in (row["cell"], original["cell"])][1]
+    for name in ("varierr", "par"):
+        ds = ev6.load_dataset(cfg, name)
+        judge_keys = ev6.sample_keys(ds, cfg["eval"]["judge_items"], ev6.stable_seed(cfg["seed"], "judge", name))
+        form_keys = {(row["item_id"], row["target"]) for row in key if row["dataset"] == name}
+        shared = min(cfg["eval"]["judge_items"], cfg["eval"]["human_sheet_items"])
+        assert set(judge_keys[:shared]) <= form_keys  # humans and the judge answer the same cells
+
+
+HAND_KEY = [  # (cell, dataset, item, target, model, method, attention_of, judge_verdict)
+    ("c1", "varierr", "i1", "A0", "m", "capo", "", "A0"),
+    ("c2", "varierr", "i2", "A1", "m", "capo", "", "A0"),
+    ("c3", "varierr", "i1", "A0", "", "human", "", "A0"),
+    ("c4", "varierr", "i2", "A1", "", "human", "", ""),
+    ("c5", "varierr", "i1", "A0", "", "human", "c3", ""),
+]
+
+
+def write_hand_key(folder, version="v1"):
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [dict(zip(("cell", "dataset", "item_id", "target", "model", "method", "attention_of", "judge_verdict"), row),
+                 form_version=version) for row in HAND_KEY]
+    eval_report.write_csv(folder / "key.csv", list(ev6.KEY_COLUMNS), rows)
+    return folder / "key.csv"
+
+
+def write_export(folder, rater, answers, version="v1"):
+    """answers: {cell: (attribution, coherence, grounding, style)}"""
+    path = folder / f"ratings-{rater}.json"
+    cells = [{"cell": cell, "position": i + 1, "seconds": 3.0,
+              "answers": dict(zip(("attribution", "coherence", "grounding", "style"), given))}
+             for i, (cell, given) in enumerate(answers.items())]
+    path.write_text(json.dumps({"form_version": version, "rater": rater, "order_shown": list(answers), "cells": cells}))
+    return path
+
+
+def test_scoring_two_raters_matches_a_hand_computed_case(tmp_path):
+    """By hand: capo coherence r1 (1, 1) and r2 (1, 2) -> mean 1.25; human attribution on capo:
+    r1 names A0, A1 (both right), r2 A0, A0 (one right) -> 3/4; the judge on capo: c1 right, c2
+    wrong -> 1/2. Coherence over the 4 counted cells, r1 (1, 1, 2, 2) and r2 (1, 2, 2, 2): binary
+    values, so ordinal alpha = nominal alpha = 1 - (n - 1) * D / (2 n1 n2) with n = 8 pairable
+    values (three 1s, five 2s) and D = 2 disagreeing ordered pairs: 1 - 7 * 2 / 30 = 8/15.
+    Attribution kappa over the 4 cells: r1 (A0, A1, A0, A1), r2 (A0, A0, A0, A1): p_o = 3/4,
+    p_e = 1/2 * 3/4 + 1/2 * 1/4 = 1/2 -> kappa 1/2. Attention: r1's copy c5 agrees with c3
+    (passed); r2's copy names another annotator (failed)."""
+    key = write_hand_key(tmp_path / "human_eval")
+    cfg = common.load_config(ROOT / "configs" / "smoke.yaml")
+    r1 = write_export(key.parent, "ana", {"c1": ("A0", 1, 3, 4), "c2": ("A1", 1, 3, 4), "c3": ("A0", 2, 5, 5),
+                                          "c4": ("A1", 2, 5, 5), "c5": ("A0", 2, 4, 5)})
+    r2 = write_export(key.parent, "ben", {"c1": ("A0", 1, 3, 4), "c2": ("A0", 2, 3, 4), "c3": ("A0", 2, 5, 5),
+                                          "c4": ("A1", 2, 5, 5), "c5": ("A1", 1, 5, 5)})
+    scores = ev6.score_ratings(cfg, [r1, r2], key)
+    capo = next(row for row in scores["methods"] if row["method"] == "capo")
+    human = next(row for row in scores["methods"] if row["method"] == "human")
+    assert capo["cells"] == 2 and human["cells"] == 2  # the attention copy is not counted
+    assert capo["coherence"] == pytest.approx(1.25) and capo["style"] == pytest.approx(4.0)
+    assert capo["human_attribution"] == pytest.approx(0.75) and capo["judge_attribution"] == pytest.approx(0.5)
+    assert capo["judge_cells"] == 2 and human["judge_cells"] == 1 and capo["chance"] == pytest.approx(0.5)
+    assert capo["coherence_ci"][0] <= capo["coherence"] <= capo["coherence_ci"][1]
+    assert scores["alpha"]["coherence"] == pytest.approx(8 / 15)
+    assert scores["alpha"]["grounding"] == pytest.approx(1.0)
+    assert scores["attribution_kappa"] == [{"raters": ["ana", "ben"], "cells": 4, "kappa": pytest.approx(0.5)}]
+    assert scores["attention"] == {"ana": {"pairs": 1, "passed": 1}, "ben": {"pairs": 1, "passed": 0}}
+    markdown = (key.parent / "scores.md").read_text()
+    assert "| varierr | m | capo | 2 |" in markdown and "ana vs ben: 0.500 over 4 cells" in markdown
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda folder: write_export(folder, "ana", {"c1": ("A0", 1, 1, 1)}, version="v0"), r"form_version.*version 'v0'"),
+    (lambda folder: write_export(folder, "ana", {"c9": ("A0", 1, 1, 1)}), r"field 'cells\[0\]\.cell'.*c9"),
+    (lambda folder: write_export(folder, "ana", {"c1": ("A0", 6, 1, 1)}), r"coherence 6 is not an integer"),
+    (lambda folder: write_export(folder, "ana", {"c1": ("A7", 1, 1, 1)}), r"attribution 'A7' is not an annotator"),
+    (lambda folder: (folder / "ratings-ana.json").write_text('{"form_version": "v1", "rater": "ana", "cells": [{"ce'),
+     r"ratings-ana.json, line 1: not a complete ratings export"),
+])
+def test_a_bad_export_stops_with_one_line_naming_file_and_field(tmp_path, spoil, message):
+    key = write_hand_key(tmp_path / "human_eval")
+    cfg = common.load_config(ROOT / "configs" / "smoke.yaml")
+    spoil(key.parent)
+    with pytest.raises(common.InputError, match=message):
+        ev6.score_ratings(cfg, [key.parent / "ratings-ana.json"], key)
+
+
+def test_a_rater_who_exported_twice_is_refused(tmp_path):
+    key = write_hand_key(tmp_path / "human_eval")
+    cfg = common.load_config(ROOT / "configs" / "smoke.yaml")
+    first = write_export(key.parent, "ana", {"c1": ("A0", 1, 1, 1)})
+    second = key.parent / "ratings-ana-again.json"
+    second.write_text(first.read_text())
+    with pytest.raises(common.InputError, match=r"rater 'ana' exported twice"):
+        ev6.score_ratings(cfg, [first, second], key)
+
+
+def test_a_form_with_exports_beside_it_is_not_replaced(evaluated_run, tmp_path):
     config, run_dir = evaluated_run
     folder = shutil.copytree(run_dir / "human_eval", tmp_path / "human_eval")
-    sheet, key = folder / "sheet.csv", folder / "key.csv"
-    header, rows = read_csv(sheet)
-    key_header, key_rows = read_csv(key)
-    method_of = {row[0]: row[key_header.index("method")] for row in key_rows}
-    assert {"coherence_r1", "grounding_r1", "style_r1", "coherence_r2", "grounding_r2", "style_r2"} <= set(header)
-    assert "method" not in header and set(method_of.values()) == {"human", "sft", "base"}
-    assert {row[header.index("dataset")] for row in rows} == {"varierr", "par"}
-    # rater 1: human 5, sft 4, base 2 on every dimension; rater 2 agrees except on base (3)
-    planned = {"human": (5, 5), "sft": (4, 4), "base": (2, 3)}
-    filled = []
-    for row in rows:
-        row = dict(zip(header, row))
-        r1, r2 = planned[method_of[row["sheet_id"]]]
-        for dim in eval_report.RATING_DIMENSIONS:
-            row[f"{dim}_r1"], row[f"{dim}_r2"] = str(r1), str(r2)
-        filled.append(row)
-    eval_report.write_csv(sheet, header, filled)
-    scores = eval_report.score_sheet(sheet, key)
-    assert scores["methods"]["varierr/tiny/sft"]["style"]["mean"] == 4.0
-    assert scores["methods"]["varierr/-/human"]["coherence"]["mean"] == 5.0
-    assert scores["methods"]["varierr/tiny/base"]["grounding"]["mean"] == 2.5
-    n_base = sum(1 for m in method_of.values() if m == "base")
-    agreement = scores["agreement"]["style"][0]
-    assert agreement["n"] == len(rows) and agreement["exact"] == pytest.approx(1 - n_base / len(rows))
-    assert agreement["within_1"] == 1.0 and agreement["kappa_quadratic"] > 0.5
-    assert (folder / "scores.md").exists() and (folder / "scores.json").exists()
-    # a rated sheet is never overwritten by a later run
-    status = eval_report.write_human_sheet(common.load_config(config), [], folder)
-    assert "already holds ratings" in status
-    assert read_csv(sheet)[1][0][header.index("style_r1")] == filled[0]["style_r1"]
-    # a bad rating stops with the line and the column
-    filled[1]["style_r2"] = "9"
-    eval_report.write_csv(sheet, header, filled)
-    with pytest.raises(common.InputError, match=r"line 3, field 'style_r2'"):
-        eval_report.score_sheet(sheet, key)
+    page, data, key = form_data_and_key(tmp_path)
+    before = (folder / "form.html").read_text()
+    write_export(folder, "ana", {key[0]["cell"]: ("A0", 1, 1, 1)}, version=data["version"])
+    changed = {**{k: v for k, v in data.items() if k != "version"}, "seed": data["seed"] + 1}
+    status = eval_report.write_human_form(changed, [{k: v for k, v in row.items() if k != "form_version"}
+                                                    for row in key], folder)
+    assert "left as it is" in status and (folder / "form.html").read_text() == before
+    (folder / "ratings-ana.json").unlink()  # no exports: a new form replaces it
+    status = eval_report.write_human_form(changed, [{k: v for k, v in row.items() if k != "form_version"}
+                                                    for row in key], folder)
+    assert "left as it is" not in status and (folder / "form.html").read_text() != before
 
 
 def test_a_judge_that_always_names_one_annotator_is_at_chance_on_unbalanced_cells():
@@ -440,18 +537,18 @@ def test_a_judge_that_always_names_one_annotator_is_at_chance_on_unbalanced_cell
     only a chance of 8/30 keeps it from passing the calibration gate (found in the rehearsal)."""
     annotators = ["A0", "A1", "A2", "A3"]
     jobs = [{"annotator": annotators[i % 4], "messages": [], "verdict": "A0"} for i in range(30)]
-    summary = ev6.judge_summary(jobs, annotators, None, "judge")
+    summary = ev6.judge_summary(jobs, annotators, None, {"label": "judge"})
     assert summary["accuracy"] == pytest.approx(8 / 30) == summary["chance"]
     reference = {**summary, "accuracy_ci": [8 / 30, 8 / 30]}
     calibration = ev6.judge_calibration({"judge": {ev6.HUMAN: {"judge": reference}}})
     assert calibration["informative"] is False and "not above chance" in calibration["reason"]
-    balanced = ev6.judge_summary(jobs[:28], annotators, None, "judge")
+    balanced = ev6.judge_summary(jobs[:28], annotators, None, {"label": "judge"})
     assert balanced["chance"] == 0.25
 
 
 def test_judge_and_bertscore_on_the_tiny_model(tmp_path, tiny_model):
     """The judge (the smoke profile's tiny model) and BERTScore (MiniLM), once."""
-    config, run_dir = make_fixture_run(tmp_path, eval__judge=True, eval__bertscore=True)
+    config, run_dir = make_fixture_run(tmp_path, eval__judge__backend="local", eval__bertscore=True)
     ev6.main(["--config", str(config), "--dataset", "varierr"])
     everything = json.loads((run_dir / "metrics.json").read_text())
     metrics = everything["varierr"]["tiny"]
@@ -470,7 +567,7 @@ def test_judge_and_bertscore_on_the_tiny_model(tmp_path, tiny_model):
     assert metrics["capo"]["judge_attribution"] is None
     header, rows = read_csv(run_dir / "tables" / "judge_attribution.csv")
     sft = next(row for row in rows if row[2] == "sft")
-    assert sft[header.index("judged outputs")] == "6" and sft[header.index("judge model")] == "tiny"
+    assert sft[header.index("judged outputs")] == "6" and sft[header.index("judge model")] == "tiny (local)"
     human = next(row for row in rows if row[2].startswith("calibration: human"))
     assert human[header.index("calibration")].startswith(
         "informative" if calibration["informative"] else "UNINFORMATIVE")
@@ -482,7 +579,7 @@ def test_judge_and_bertscore_on_the_tiny_model(tmp_path, tiny_model):
 # Provenance: 06 never scores stale predictions, and skips when nothing changed
 # ----------------------------------------------------------------------------
 def test_06_refuses_stale_predictions_and_skips_when_current(tmp_path, capsys):
-    config, run_dir = make_fixture_run(tmp_path, eval__judge=False, eval__bertscore=False)
+    config, run_dir = make_fixture_run(tmp_path, eval__judge__backend="none", eval__bertscore=False)
     ev6.main(["--config", str(config)])
     capsys.readouterr()
     ev6.main(["--config", str(config)])
@@ -496,3 +593,16 @@ def test_06_refuses_stale_predictions_and_skips_when_current(tmp_path, capsys):
         ev6.main(["--config", str(config), "--seed", "7"])
     assert ev6.redo_command(common.load_config(config), "par", "sft", "Ann2").startswith("python 04_sft.py --config ")
     assert ev6.redo_command(common.load_config(config), "par", "sft", "Ann2").endswith("--dataset par --annotators Ann2")
+
+
+@pytest.mark.parametrize("judge, message", [
+    ({"backend": "remote"}, r"field 'eval.judge.backend': 'remote' is not one of local, openai, none"),
+    ({"backend": "local", "model": "nobody"}, r"field 'eval.judge.model': 'nobody' is not a model tag"),
+    ({"backend": "openai", "model": "m"}, r"field 'eval.judge.base_url': needed by backend openai"),
+    ({"backend": "openai", "base_url": "http://127.0.0.1:1/v1"}, r"field 'eval.judge.model': needed by backend openai"),
+])
+def test_a_judge_setting_that_cannot_work_stops_in_one_line(judge, message):
+    cfg = common.load_config(ROOT / "configs" / "smoke.yaml")
+    cfg["eval"]["judge"].update(judge)
+    with pytest.raises(common.InputError, match=message):
+        ev6.check_judge_config(cfg)

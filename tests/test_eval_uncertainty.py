@@ -147,7 +147,7 @@ def test_planted_difference_holds_and_an_uninformative_judge_resolves_nothing():
 
 def test_aa_same_predictions_under_two_names_is_not_resolved(tmp_path):
     """CAPO's predictions are SFT's, copied: every CAPO-vs-SFT interval contains 0."""
-    config, run_dir = make_fixture_run(tmp_path, eval__judge=False, eval__bertscore=False)
+    config, run_dir = make_fixture_run(tmp_path, eval__judge__backend="none", eval__bertscore=False)
     for name in ("varierr", "par"):
         shutil.copytree(run_dir / "predictions" / name / "tiny" / "sft", run_dir / "predictions" / name / "tiny" / "capo")
     mark_predictions(config)
@@ -178,7 +178,7 @@ def test_aa_same_predictions_under_two_names_is_not_resolved(tmp_path):
 
 
 def test_training_curves_figure_from_logs(tmp_path):
-    config, run_dir = make_fixture_run(tmp_path, eval__judge=False, eval__bertscore=False)
+    config, run_dir = make_fixture_run(tmp_path, eval__judge__backend="none", eval__bertscore=False)
     cfg = common.load_config(config)
     for method in ("sft", "capo"):
         folder = run_dir / "adapters" / "varierr" / "tiny" / method / "A0"
@@ -222,7 +222,7 @@ def test_pooled_prediction_sets_share_their_items():
 def test_two_seeds_pool_and_report_their_spread(tmp_path):
     """seeds: [1, 2]: 06 reads seeds/<seed>/predictions, reports the mean over seeds, m_sd and
     m_by_seed, and pools both seeds' rows for the interval."""
-    config, run_dir = make_fixture_run(tmp_path, eval__judge=False, eval__bertscore=False)
+    config, run_dir = make_fixture_run(tmp_path, eval__judge__backend="none", eval__bertscore=False)
     ev6.main(["--config", str(config)])
     single = json.loads((run_dir / "metrics.json").read_text())["varierr"]["tiny"]["sft"]
     for seed in (1, 2):

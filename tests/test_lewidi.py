@@ -323,7 +323,7 @@ def test_06_main_writes_lewidi_table_report_and_submissions(lewidi_run):
     """06 end to end on the invented LeWiDi files (no judge, no BERTScore)."""
     config, cfg = lewidi_run
     write_predictions(cfg)
-    flags = ["--config", str(config), "--data.split", "lewidi", "--eval.judge", "false", "--eval.bertscore", "false"]
+    flags = ["--config", str(config), "--data.split", "lewidi", "--eval.judge.backend", "none", "--eval.bertscore", "false"]
     ev6.main(flags)
     run = common.run_dir(cfg)
     metrics = json.loads((run / "metrics.json").read_text())
