@@ -1499,6 +1499,9 @@ def read_ratings(paths: list[Path], version: str, key: dict[str, dict]) -> dict[
     import json
     questions = {"attribution", *RATING_QUESTIONS}
     low, high = eval_report.RATING_SCALE
+    annotators = defaultdict(set)  # dataset -> its annotators (every target is one)
+    for row in key.values():
+        annotators[row["dataset"]].add(row["target"])
     raters: dict[str, dict[str, dict]] = {}
     source: dict[str, Path] = {}
     for path in paths:
@@ -1530,8 +1533,7 @@ def read_ratings(paths: list[Path], version: str, key: dict[str, dict]) -> dict[
             if set(given) != questions:
                 raise input_error(path, f"cell {cell}: answers {sorted(given)}, expected {sorted(questions)}",
                                   field=f"{where}.answers")
-            ds_annotators = {row["target"] for row in key.values() if row["dataset"] == key[cell]["dataset"]}
-            if given["attribution"] not in ds_annotators:
+            if given["attribution"] not in annotators[key[cell]["dataset"]]:
                 raise input_error(path, f"cell {cell}: attribution {given['attribution']!r} is not an annotator",
                                   field=f"{where}.answers.attribution")
             for name in RATING_QUESTIONS:

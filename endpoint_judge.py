@@ -33,6 +33,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+import openai
+
 import common
 from common import InputError
 
@@ -43,7 +45,6 @@ PROBE_CHOICE = "zebra-7"  # a reply no model gives unprompted: seeing it means t
 
 def client(judge: dict):
     """An OpenAI client for the endpoint; the key from its environment variable."""
-    import openai
     key = "no-key"
     if judge["api_key_env"]:
         key = os.environ.get(judge["api_key_env"])
@@ -56,7 +57,6 @@ def client(judge: dict):
 
 def one_line(err: Exception, judge: dict) -> InputError:
     """The endpoint's failure as the kit's one line (no traceback)."""
-    import openai
     where = f"judge endpoint {judge['base_url']}"
     if isinstance(err, openai.AuthenticationError | openai.PermissionDeniedError):
         return InputError(f"{where} refused the key ({err.status_code}): check the key in "
@@ -111,7 +111,6 @@ def ask(api, judge: dict, route: str, messages: list[dict], choices: list[str]) 
 def find_route(api, judge: dict) -> str:
     """The first route whose constraint the server honours: a probe that asks for a reply no
     model gives unprompted, with that reply the only one allowed."""
-    import openai
     messages = [{"role": "user", "content": "Say hello."}]
     for route in ROUTES[:-1]:
         try:
@@ -126,7 +125,6 @@ def find_route(api, judge: dict) -> str:
 
 def served_model_id(api, judge: dict) -> str | None:
     """The server's id for the model (GET /models), where it gives one."""
-    import openai
     try:
         ids = [model.id for model in api.models.list()]
     except (openai.NotFoundError, openai.InternalServerError, openai.BadRequestError):
@@ -205,7 +203,6 @@ def run(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]], parse_ver
             except Exception as err:
                 for other in futures:
                     other.cancel()
-                import openai
                 if isinstance(err, openai.APIError):
                     raise one_line(err, judge) from None
                 raise
