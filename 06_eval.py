@@ -14,10 +14,11 @@ becomes a row that says it is missing; it never stops the stage. With data.max_e
 items that 03-05 generated on (common.load_eval_split).
 
 This file computes the numbers; eval_report.py (imported here only) writes them out:
-  metrics.json                       dataset -> model -> method -> metrics, each metric `m` with
-                                     `m_ci` [low, high], "per_annotator" and, for every null,
-                                     "reasons"[metric]; top level "claims" (paired comparisons
-                                     with verdicts) and "judge_calibration"
+  metrics.json                       "rows" (every number: dataset, model, method, target, metric, m,
+                                     feature, seed, value, interval, n, reason), "results" (the same
+                                     numbers nested dataset -> model -> method), "claims" (paired
+                                     comparisons with verdicts), "judge_calibration"; docs/DESIGN.md
+  tables/results.csv                 the rows, for pandas
   tables/table4_main.{md,csv}        main results, `value [low, high]`
   tables/table6_feature_kl.{md,csv}  feature KL by feature
   tables/judge_attribution.{md,csv}  LLM-as-judge attribution
@@ -55,6 +56,7 @@ import warnings
 import zlib
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -75,6 +77,57 @@ STAGE_OF_METHOD = {**{m: "03_prompt_baselines" for m in PROMPTING_METHODS}, "sft
 # validation protocol in eval_report.py) so it can be swapped when the paper's code
 # appears; the README lists each one as "our definition".
 # ============================================================================
+
+# -- The metric registry: every metric 06 reports, once. Tables, figures, the long-format
+#    results rows, the claims and the report are generated from it; adding a metric means one
+#    row here and one scoring function. kind: "item" (a mean over test rows), "similarity" (a
+#    mean over test rows of the best match with the target's references), "distribution"
+#    (feature KL), "group" (group classifier scores, one value per requested m), "judge",
+#    "info" (a count shown beside the metrics). tasks: the label types it applies to.
+#    human_row: whether the human reference row (the targets' own test explanations) has it.
+#    decision: "main" for the claims' decision metric of a task, "yes" for other decision metrics.
+#    claim: an imitation metric the paper's claims are checked on. chance: figures draw 1/annotators.
+class Metric(NamedTuple):
+    name: str
+    label: str
+    higher_is_better: bool | None
+    kind: str = "item"
+    tasks: tuple[str, ...] = ("categorical", "numeric")
+    human_row: bool = False
+    decision: str = ""
+    claim: bool = False
+    table: bool = True
+    figure: bool = True
+    chance: bool = False
+
+
+METRICS = (
+    Metric("coverage", "coverage", True, figure=False),
+    Metric("parse_rate", "parse rate", True),
+    Metric("label_acc", "label acc", True, tasks=("categorical",), decision="main"),
+    Metric("mae", "MAE", False, tasks=("numeric",), decision="main"),
+    Metric("sign_acc", "sign acc", True, tasks=("numeric",), decision="yes"),
+    Metric("rouge_l", "ROUGE-L", True, kind="similarity"),
+    Metric("bertscore_f1", "BERTScore F1", True, kind="similarity"),
+    Metric("emb_cos", "emb cos", True, kind="similarity"),
+    Metric("feature_kl", "feature KL (lower better)", False, kind="distribution", claim=True),
+    Metric("group_clf_conf", "group clf conf", True, kind="group", human_row=True, claim=True, chance=True),
+    Metric("group_m", "group m", None, kind="info", human_row=True, figure=False),
+    Metric("norm_imitation", "norm. imitation", True, kind="group", human_row=True, claim=True),
+    Metric("group_accuracy", "group accuracy", True, kind="group", human_row=True, table=False, figure=False),
+    Metric("human_group_clf_conf", "human group clf conf", True, kind="group", human_row=True, table=False,
+           figure=False),
+    Metric("judge_attribution", "judge attribution", True, kind="judge", human_row=True, claim=True, chance=True),
+)
+METRIC = {metric.name: metric for metric in METRICS}
+SIMILARITY_METRICS = tuple(m.name for m in METRICS if m.kind == "similarity")
+
+
+def task_metrics(task: dict, kinds: tuple[str, ...] = ("item", "similarity", "distribution", "group", "judge")
+                 ) -> list[Metric]:
+    """The registry's metrics that apply to `task`, of the given kinds, in registry order."""
+    return [m for m in METRICS if task["label_type"] in m.tasks and m.kind in kinds]
+
 
 # -- Unparsed outputs are never dropped. Their label counts as wrong (accuracy, sign),
 #    as the worst possible error for the target (MAE) and as its own "unparsed" category
@@ -263,14 +316,10 @@ CI_MIN_DEFINED = 0.9  # an interval needs the metric defined on >= 90% of the re
 #    points; the paper calls .638 -> .627 "maintained"); `holds` when the whole interval is
 #    on the good side of -margin, `contradicted` when it is wholly beyond it.
 KEPT_FRACTION_OF_RANGE = 0.02
-# Imitation claims: (metric, higher is better).
-IMITATION_CLAIM_METRICS = (("group_clf_conf", True), ("norm_imitation", True), ("feature_kl", False),
-                           ("judge_attribution", True))
-# A claim on a group metric (the primary m) is not resolved when both methods' per-target group
-# classifier confidences all lie within this of 0 or 1: the metric then only counts annotators
-# (the macro mean moves in steps of 1/annotators) and grades nothing (our choice; the smaller m
-# of tables/group_sizes still grade).
-GROUP_METRICS = ("group_clf_conf", "norm_imitation", "group_accuracy")
+# The imitation claims are on the registry's `claim` metrics. A claim on a group metric (the
+# primary m) is not resolved when both methods' per-target group classifier confidences all lie
+# within this of 0 or 1: the metric then only counts annotators (the macro mean moves in steps of
+# 1/annotators) and grades nothing (our choice; the smaller m of tables/group_sizes still grade).
 SATURATION_TOLERANCE = 0.01
 # ============================================================================
 # END OF OUR DEFINITIONS
@@ -284,23 +333,11 @@ def stable_seed(base: int, *parts) -> int:
     return (int(base) + zlib.crc32("/".join(map(str, parts)).encode())) % (2 ** 32)
 
 
-def mean_or_none(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
-
-
-def decision_metrics(task: dict) -> list[str]:
-    return ["label_acc"] if task["label_type"] == "categorical" else ["mae", "sign_acc"]
-
-
 def main_decision_metric(task: dict) -> tuple[str, bool, float]:
-    """(metric, higher is better, range of the metric)."""
-    if task["label_type"] == "categorical":
-        return "label_acc", True, 1.0
-    low, high = task["score_range"]
-    return "mae", False, float(high - low)
+    """(metric, higher is better, range of the metric): the registry's main decision metric."""
+    metric = next(m for m in task_metrics(task, ("item",)) if m.decision == "main")
+    span = 1.0 if task["label_type"] == "categorical" else float(task["score_range"][1] - task["score_range"][0])
+    return metric.name, metric.higher_is_better, span
 
 
 # ----------------------------------------------------------------------------
@@ -542,7 +579,7 @@ def group_confidence(cfg: dict, ev: dict, reference: dict, annotator: str, X, re
             "group_accuracy": model["accuracy"], "norm": normalised_imitation(model["mean_prob"], human["mean_prob"])}
 
 
-GROUP_METRICS = ("group_clf_conf", "group_accuracy", "norm_imitation", "human_group_clf_conf")
+GROUP_METRICS = tuple(m.name for m in METRICS if m.kind == "group")
 
 
 def group_metric_names(ev: dict) -> list[str]:
@@ -748,12 +785,6 @@ def bootstrap_group_scores(logits: np.ndarray, item: np.ndarray, slots: np.ndarr
     return out
 
 
-def bootstrap_group_confidence(logits: np.ndarray, item: np.ndarray, slots: np.ndarray, column: int,
-                               group_size: int, draws: int, seed: int) -> np.ndarray:
-    """(B,) group confidence for the target `column` at one m (bootstrap_group_scores' "conf")."""
-    return bootstrap_group_scores(logits, item, slots, column, [group_size], draws, seed)[int(group_size)]["conf"]
-
-
 # ----------------------------------------------------------------------------
 # One dataset: score every method's rows, then aggregate per target and overall
 # ----------------------------------------------------------------------------
@@ -767,7 +798,7 @@ def score_arrays(rows: list[dict], items: list[str], task: dict, edges: dict) ->
     else:
         values["mae"] = [o["abs_error"] for o in outcomes]
         values["sign_acc"] = [o["sign_correct"] for o in outcomes]
-    for metric in ("rouge_l", "bertscore_f1", "emb_cos"):
+    for metric in SIMILARITY_METRICS:
         if rows and all(r.get(metric) is not None for r in rows):
             values[metric] = [r[metric] for r in rows]
     return {"item": np.array([position[r["item_id"]] for r in rows], dtype=int), "n_items": len(items),
@@ -805,7 +836,7 @@ def target_entry(cfg: dict, ds: dict, annotator: str, rows: list[dict], plan: di
     for metric, values in arrays["values"].items():
         entry[metric] = float(weighted_means(arrays["item"], values, ones))
         draws[metric] = weighted_means(arrays["item"], values, weights)
-    for metric in ("rouge_l", "bertscore_f1", "emb_cos"):
+    for metric in SIMILARITY_METRICS:
         if metric not in entry:
             entry[metric] = None
             entry["reasons"][metric] = human["reasons"].get(metric, "not computed")
@@ -938,8 +969,7 @@ def model_row(cfg: dict, ds: dict, rows: list[dict], plan: dict, human: dict, im
                                     imitation_reason, X, unmatched.get(annotator, 0))
         attach_intervals(entry, draws)
         per_target[annotator], target_draws[annotator] = entry, draws
-    metrics = ["coverage", "parse_rate", *decision_metrics(ds["task"]), "rouge_l", "bertscore_f1", "emb_cos",
-               "feature_kl", *group_metric_names(cfg["eval"])]
+    metrics = [m.name for m in task_metrics(ds["task"], ("item", "similarity", "distribution"))] + group_metric_names(cfg["eval"])
     result, draws = method_row(ds, per_target, target_draws, metrics, unmatched)
     return result, {"macro": draws, "per_annotator": target_draws}
 
@@ -953,8 +983,7 @@ def human_reference_row(cfg: dict, ds: dict, plan: dict, human: dict, imitation:
     classifier (normalised imitation is 1 by construction); the judge is attached later.
     Decision and similarity metrics compare a response with itself and are n/a."""
     ev = cfg["eval"]
-    not_applicable = ["coverage", "parse_rate", *decision_metrics(ds["task"]), "rouge_l", "bertscore_f1",
-                      "emb_cos", "feature_kl"]
+    not_applicable = [m.name for m in task_metrics(ds["task"], ("item", "similarity", "distribution")) if not m.human_row]
     per_target, target_draws = {}, {}
     for annotator in ds["annotators"]:
         reference = human["targets"][annotator]
@@ -1369,10 +1398,11 @@ def claims_check(results: dict, draws: dict, datasets: dict, calibration: dict) 
         for model_tag, methods in models.items():
             rows = []
             model_draws = draws[dataset][model_tag]
-            for metric, better_high in IMITATION_CLAIM_METRICS:
+            imitation = [(m.name, m.higher_is_better) for m in task_metrics(datasets[dataset]["task"]) if m.claim]
+            for metric, better_high in imitation:
                 rows.append(compare(methods, model_draws, dataset, model_tag, f"CAPO better than SFT on {metric}",
                                     metric, "capo", "sft", better_high))
-            for metric, better_high in (*IMITATION_CLAIM_METRICS, (decision, higher)):
+            for metric, better_high in (*imitation, (decision, higher)):
                 best = best_prompting(methods, metric, better_high) or "best prompting (none)"
                 rows.append(compare(methods, model_draws, dataset, model_tag,
                                     f"SFT better than the best prompting method on {metric}", metric, "sft", best,
@@ -1381,7 +1411,7 @@ def claims_check(results: dict, draws: dict, datasets: dict, calibration: dict) 
                                 f"CAPO keeps SFT's {decision} (non-inferiority, margin {margin:g})", decision,
                                 "capo", "sft", higher, margin))
             for row in rows:
-                if (row["metric"] in GROUP_METRICS and "reason" not in row
+                if (METRIC[row["metric"]].kind == "group" and "reason" not in row
                         and saturated(methods.get(row["a"])) and saturated(methods.get(row["b"]))):
                     row["verdict"] = "not resolved"
                     row["reason"] = (f"saturated: every target's group classifier confidence of {row['a']} and "
@@ -1898,6 +1928,60 @@ def lewidi_view(cfg: dict, datasets: dict, predictions: dict) -> dict | None:
 # ============================================================================
 
 # ----------------------------------------------------------------------------
+# The long-format results: one row per number (tables/results.csv, metrics.json "rows")
+# ----------------------------------------------------------------------------
+METRICS_FORMAT_VERSION = 2  # 2: {"format_version", "rows", "results", "claims", ...}; 1 had datasets at the top
+RESULT_COLUMNS = ("dataset", "model", "method", "target", "metric", "m", "feature", "seed", "value", "ci_low",
+                  "ci_high", "sd", "n", "reason")
+
+
+def metric_variants(metric: Metric, sizes: list[int], features: list[str]) -> list[tuple[str, int | None, str | None]]:
+    """(key in a result entry, m, feature) for each number a registry metric has: a group metric
+    once per requested m, feature KL once in all and once per feature."""
+    if metric.kind == "group":
+        return [(f"{metric.name}_m{m}", m, None) for m in sizes]
+    if metric.kind == "distribution":
+        return [(metric.name, None, None), *((f"{metric.name}_by_feature", None, name) for name in features)]
+    return [(metric.name, None, None)]
+
+
+def entry_rows(entry: dict, fixed: dict, metrics: list[Metric], sizes: list[int], features: list[str]) -> list[dict]:
+    """The rows of one result entry (a method's macro row or one target's), pooled over seeds,
+    and with several training seeds one row per seed too (no interval: the pooled row has it)."""
+    rows = []
+    for metric in metrics:
+        for key, m, feature in metric_variants(metric, sizes, features):
+            value, ci = entry.get(key), entry.get(f"{key}_ci")
+            if feature is not None:
+                value, ci = (value or {}).get(feature), (ci or {}).get(feature)
+            n = entry.get("judge", {}).get("n") if metric.kind == "judge" and "judge" in entry else entry.get("n")
+            reason = None if value is not None else (entry.get("reasons", {}).get(key.removesuffix("_by_feature"))
+                                                     or entry.get("reason") or "not computed")
+            rows.append({**fixed, "metric": metric.name, "m": m, "feature": feature, "seed": None, "value": value,
+                         "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None,
+                         "sd": entry.get(f"{key}_sd"), "n": n, "reason": reason})
+            for seed, seed_value in (entry.get(f"{key}_by_seed") or {}).items():
+                rows.append({**rows[-1], "seed": int(seed), "value": seed_value, "ci_low": None, "ci_high": None,
+                             "sd": None, "reason": None})
+    return rows
+
+
+def result_rows(results: dict, datasets: dict, ev: dict) -> list[dict]:
+    """Every reported number as a row of RESULT_COLUMNS. `target` is "macro" (the mean over
+    target annotators) or an annotator; `m` the requested group size of a group metric;
+    `feature` one feature of feature KL; `seed` null for the value pooled over training seeds."""
+    sizes, rows = requested_group_sizes(ev), []
+    for dataset, model_tag, method, result in eval_report.result_cells(results):
+        metrics = [m for m in task_metrics(datasets[dataset]["task"]) if m.table or m.kind == "group"]
+        targets = [("macro", result), *result.get("per_annotator", {}).items()]
+        for target, entry in targets:
+            fixed = {"dataset": dataset, "model": model_tag, "method": method, "target": target}
+            rows += entry_rows(entry if entry.get("status") != "missing" else {"reason": entry.get("reason")},
+                               fixed, metrics, sizes, list(FEATURES))
+    return [{column: row[column] for column in RESULT_COLUMNS} for row in rows]
+
+
+# ----------------------------------------------------------------------------
 # Provenance of 06's outputs, and the adapters' model cards
 # ----------------------------------------------------------------------------
 def eval_recipe(cfg: dict, names: list[str]) -> dict:
@@ -1992,16 +2076,20 @@ def main(argv: list[str] | None = None) -> None:
     lewidi = lewidi_view(cfg, datasets, predictions)
 
     # ---- save: metrics.json, then eval_report's tables, figures, human-validation form and report
-    common.write_json(common.metrics_path(cfg), {**results, "claims": claims, "judge_calibration": calibration,
+    rows = result_rows(results, datasets, cfg["eval"])
+    common.write_json(common.metrics_path(cfg), {"format_version": METRICS_FORMAT_VERSION, "rows": rows,
+                                                 "results": results, "claims": claims,
+                                                 "judge_calibration": calibration,
                                                  **({"lewidi": lewidi} if lewidi is not None else {})})
+    eval_report.write_csv(tables_dir / "results.csv", list(RESULT_COLUMNS), rows)
     fill_adapter_cards(cfg, results)
-    table_paths = eval_report.write_tables(cfg, results, datasets, list(FEATURES), tables_dir)
+    table_paths = eval_report.write_tables(cfg, results, datasets, METRICS, list(FEATURES), tables_dir)
     if lewidi is not None:
         table_paths["lewidi"] = eval_report.write_lewidi_table(cfg, lewidi, tables_dir)
     figures = []
-    for metric, label in eval_report.TABLE4_METRICS:
-        path = tables_dir / f"fig_{metric}.png"
-        if metric in eval_report.FIGURE_METRICS and eval_report.plot_metric(results, datasets, metric, label, path):
+    for metric in (m for m in METRICS if m.figure):
+        path = tables_dir / f"fig_{metric.name}.png"
+        if eval_report.plot_metric(results, datasets, metric, path):
             figures.append(path)
     curves = tables_dir / "fig_training_curves.png"
     curves = curves if eval_report.plot_training_curves(cfg, datasets, curves) else None

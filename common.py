@@ -417,7 +417,8 @@ def hlv_dir(cfg: dict, dataset: str) -> Path:
 
 
 def embedding_cache_dir(cfg: dict, dataset: str) -> Path:
-    """Sentence embeddings keyed by embedder and texts (02 fills it; 05 and 06 reuse it)."""
+    """Sentence embeddings keyed by embedder and texts: 02 fills it, 05 reuses it (06 keeps its own,
+    eval_cache_dir, beside the scores it caches)."""
     return hlv_dir(cfg, dataset) / "cache"
 
 

@@ -85,26 +85,25 @@ def fmt_ci(value, interval, digits: int = 3) -> str:
 # ----------------------------------------------------------------------------
 # Tables: markdown + CSV; every cell is a value or says why not
 # ----------------------------------------------------------------------------
-TABLE4_METRICS = [("coverage", "coverage"), ("parse_rate", "parse rate"), ("label_acc", "label acc"),
-                  ("mae", "MAE"), ("sign_acc", "sign acc"), ("rouge_l", "ROUGE-L"),
-                  ("bertscore_f1", "BERTScore F1"), ("emb_cos", "emb cos"), ("feature_kl", "feature KL (lower better)"),
-                  ("group_clf_conf", "group clf conf"), ("group_m", "group m"),
-                  ("norm_imitation", "norm. imitation"), ("judge_attribution", "judge attribution")]
-PER_ANNOTATOR_METRICS = [("n", "n")] + TABLE4_METRICS
+def table_metrics(metrics) -> list:
+    """The registry's metrics that Table 4 and the per-annotator table show, in registry order.
+    `metrics` is 06's registry (06_eval.py, METRICS): name, label, direction, kind, tasks, ..."""
+    return [m for m in metrics if m.table]
 
 
-def cell(result: dict, metric: str, task: dict) -> str:
+def cell(result: dict, metric, task: dict, name: str | None = None) -> str:
+    """`value [low, high]` of registry `metric` (under `name`, e.g. a group metric at one m), or
+    why not: "missing: <why>" / "n/a: <why>"."""
     if result.get("status") == "missing":
         return f"missing: {result.get('reason', 'no predictions')}"
-    if metric in ("label_acc",) and task["label_type"] != "categorical":
-        return "n/a: label accuracy is for categorical tasks (numeric: MAE, sign acc)"
-    if metric in ("mae", "sign_acc") and task["label_type"] == "categorical":
-        return "n/a: MAE and sign accuracy are for numeric tasks (categorical: label acc)"
-    value = result.get(metric)
+    if task["label_type"] not in metric.tasks:
+        return f"n/a: {metric.label} is for {' and '.join(metric.tasks)} tasks"
+    name = name or metric.name
+    value = result.get(name)
     if value is None:
-        reason = result.get("reasons", {}).get(metric, "not computed")
+        reason = result.get("reasons", {}).get(name, "not computed")
         return reason if reason.startswith("n/a: ") else f"missing: {reason}"
-    return fmt_ci(value, result.get(f"{metric}_ci"))
+    return fmt_ci(value, result.get(f"{name}_ci"))
 
 
 def write_table(path_stem: Path, header: list[str], rows: list[list[str]], title: str, notes: list[str]) -> None:
@@ -220,17 +219,21 @@ def table_notes(cfg: dict, features: list[str]) -> list[str]:
     ]
 
 
-def write_tables(cfg: dict, results: dict, datasets: dict, features: list[str], tables_dir: Path) -> dict[str, Path]:
-    """Table 4, Table 6, judge attribution and the per-annotator breakdown, each as .md and .csv."""
+def write_tables(cfg: dict, results: dict, datasets: dict, metrics, features: list[str],
+                 tables_dir: Path) -> dict[str, Path]:
+    """Table 4, Table 6, judge attribution and the per-annotator breakdown, each as .md and .csv;
+    the metric columns come from 06's registry (`metrics`)."""
     notes = table_notes(cfg, features)
+    shown = table_metrics(metrics)
+    by_name = {m.name: m for m in metrics}
     paths = {}
     # Table 4
-    header = ["dataset", "model", "method", "status"] + [label for _, label in TABLE4_METRICS] + ["notes"]
+    header = ["dataset", "model", "method", "status"] + [m.label for m in shown] + ["notes"]
     rows = []
     for dataset, model_tag, method, result in result_cells(results):
         task = datasets[dataset]["task"]
         rows.append([dataset, model_tag, method_label(method), result["status"]]
-                    + [cell(result, metric, task) for metric, _ in TABLE4_METRICS]
+                    + [cell(result, metric, task) for metric in shown]
                     + [result.get("note", "")])
     write_table(tables_dir / "table4_main", header, rows, "Table 4: main results (this run)", notes)
     paths["table4"] = tables_dir / "table4_main.md"
@@ -250,7 +253,7 @@ def write_tables(cfg: dict, results: dict, datasets: dict, features: list[str], 
         rows.append([dataset, model_tag, method, result["status"]]
                     + [fmt_ci(by_feature.get(name), intervals.get(name)) if by_feature.get(name) is not None
                        else f"missing: {result['reasons'].get('feature_kl', 'not computed')}"
-                       for name in features] + [cell(result, "feature_kl", datasets[dataset]["task"])])
+                       for name in features] + [cell(result, by_name["feature_kl"], datasets[dataset]["task"])])
     write_table(tables_dir / "table6_feature_kl", header, rows, "Table 6: feature KL by feature, KL(human || model)",
                 [notes[1], notes[3], "Features: " + ", ".join(features) + " (label: the label/score distribution, "
                  "with an 'unparsed' category)."])
@@ -293,12 +296,12 @@ def write_tables(cfg: dict, results: dict, datasets: dict, features: list[str], 
     paths["judge"] = tables_dir / "judge_attribution.md"
 
     # Per annotator
-    header = ["dataset", "model", "method", "annotator", "status"] + [label for _, label in PER_ANNOTATOR_METRICS]
+    header = ["dataset", "model", "method", "annotator", "status", "n"] + [m.label for m in shown]
     rows = []
     for dataset, model_tag, method, result in result_cells(results):
         if result["status"] == "missing":  # one row, not one per annotator
             rows.append([dataset, model_tag, method_label(method), "all", "missing"]
-                        + [f"missing: {result.get('reason', 'missing')}"] * len(PER_ANNOTATOR_METRICS))
+                        + [f"missing: {result.get('reason', 'missing')}"] * (len(shown) + 1))
             continue
         task = datasets[dataset]["task"]
         for annotator in datasets[dataset]["annotators"]:
@@ -306,27 +309,27 @@ def write_tables(cfg: dict, results: dict, datasets: dict, features: list[str], 
             if entry is None or entry.get("status") != "ok":
                 why = (entry or result).get("reason", "missing")
                 rows.append([dataset, model_tag, method_label(method), annotator, "missing"]
-                            + [f"missing: {why}"] * len(PER_ANNOTATOR_METRICS))
+                            + [f"missing: {why}"] * (len(shown) + 1))
                 continue
-            rows.append([dataset, model_tag, method_label(method), annotator, "ok"]
-                        + [cell(entry, metric, task) for metric, _ in PER_ANNOTATOR_METRICS])
+            rows.append([dataset, model_tag, method_label(method), annotator, "ok", str(entry["n"])]
+                        + [cell(entry, metric, task) for metric in shown])
     write_table(tables_dir / "per_annotator", header, rows, "Per-annotator breakdown", notes)
     paths["per_annotator"] = tables_dir / "per_annotator.md"
 
     # Group metrics at every requested group size
     sizes = requested_group_sizes(cfg["eval"])
+    group = [m for m in shown if m.kind == "group"]
     header = (["dataset", "model", "method", "status"]
-              + [f"{label} m={m}" for m in sizes for label in ("group clf conf", "norm. imitation")] + ["m used"])
+              + [f"{metric.label} m={m}" for m in sizes for metric in group] + ["m used"])
     rows = []
     for dataset, model_tag, method, result in result_cells(results):
         task = datasets[dataset]["task"]
         if result["status"] == "missing":
             rows.append([dataset, model_tag, method_label(method), "missing"]
-                        + [cell(result, "", task)] * (2 * len(sizes) + 1))
+                        + [cell(result, group[0], task)] * (len(group) * len(sizes) + 1))
             continue
         rows.append([dataset, model_tag, method_label(method), result["status"]]
-                    + [cell(result, f"{metric}_m{m}", task) for m in sizes
-                       for metric in ("group_clf_conf", "norm_imitation")]
+                    + [cell(result, metric, task, f"{metric.name}_m{m}") for m in sizes for metric in group]
                     + [group_sizes_used(result, sizes)])
     write_table(tables_dir / "group_sizes", header, rows, "Group classifier confidence and normalised imitation "
                 "by group size m", [*group_size_notes(cfg["eval"]), notes[0]])
@@ -382,12 +385,9 @@ def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> Path:
     return tables_dir / "lewidi.md"
 
 
-FIGURE_METRICS = [m for m, _ in TABLE4_METRICS if m not in ("coverage", "group_m")]
-
-
-def plot_metric(results: dict, datasets: dict, metric: str, label: str, path: Path) -> bool:
-    panels = [d for d in results if metric not in ("label_acc",) or datasets[d]["task"]["label_type"] == "categorical"]
-    panels = [d for d in panels if metric not in ("mae", "sign_acc") or datasets[d]["task"]["label_type"] == "numeric"]
+def plot_metric(results: dict, datasets: dict, metric, path: Path) -> bool:
+    """One bar chart of registry `metric`, a panel per dataset it applies to; False if none."""
+    panels = [d for d in results if datasets[d]["task"]["label_type"] in metric.tasks]
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
@@ -397,8 +397,8 @@ def plot_metric(results: dict, datasets: dict, metric: str, label: str, path: Pa
         width = 0.8 / max(1, len(models))
         for j, (model_tag, per) in enumerate(models.items()):
             xs = np.arange(len(methods)) + j * width
-            values = [per.get(m, {}).get(metric) for m in methods]
-            intervals = [per.get(m, {}).get(f"{metric}_ci") for m in methods]
+            values = [per.get(m, {}).get(metric.name) for m in methods]
+            intervals = [per.get(m, {}).get(f"{metric.name}_ci") for m in methods]
             # Error bars: the 95% bootstrap interval (asymmetric), none where it is missing.
             errors = np.array([[v - ci[0], ci[1] - v] if v is not None and ci else [0.0, 0.0]
                                for v, ci in zip(values, intervals)]).T.clip(min=0)
@@ -409,8 +409,8 @@ def plot_metric(results: dict, datasets: dict, metric: str, label: str, path: Pa
                     ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
         ax.set_xticks(np.arange(len(methods)) + width * (len(models) - 1) / 2)
         ax.set_xticklabels(methods, rotation=30, ha="right")
-        ax.set_title(f"{dataset}: {label}")
-        if metric in ("group_clf_conf", "judge_attribution"):
+        ax.set_title(f"{dataset}: {metric.label}")
+        if metric.chance:
             chance = 1.0 / len(datasets[dataset]["annotators"])
             ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.legend(fontsize=7)

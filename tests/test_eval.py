@@ -315,10 +315,41 @@ def read_csv(path):
     return rows[0], rows[1:]
 
 
+def test_results_rows_are_the_long_form_of_every_number(evaluated_run):
+    """tables/results.csv and metrics.json's rows: one row per number, keyed uniquely, equal to the
+    nested view, a reason wherever the value is missing, only registry metrics."""
+    config, run_dir = evaluated_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["format_version"] == ev6.METRICS_FORMAT_VERSION
+    rows = metrics["rows"]
+    header, csv_rows = read_csv(run_dir / "tables" / "results.csv")
+    assert header == list(ev6.RESULT_COLUMNS) and len(csv_rows) == len(rows)
+    keys = [tuple(row[c] for c in ("dataset", "model", "method", "target", "metric", "m", "feature", "seed"))
+            for row in rows]
+    assert len(set(keys)) == len(keys)
+    assert {row["metric"] for row in rows} <= set(ev6.METRIC)
+    assert all((row["value"] is None) == (row["reason"] is not None) for row in rows)
+    nested = metrics["results"]
+    row_of = {key: row for key, row in zip(keys, rows)}
+    sft = row_of[("varierr", "tiny", "sft", "macro", "label_acc", None, None, None)]
+    assert sft["value"] == nested["varierr"]["tiny"]["sft"]["label_acc"]
+    assert [sft["ci_low"], sft["ci_high"]] == nested["varierr"]["tiny"]["sft"]["label_acc_ci"]
+    primary = max(ev6.requested_group_sizes(common.load_config(config)["eval"]))
+    first = next(iter(nested["par"]["tiny"]["base"]["per_annotator"]))
+    base = row_of[("par", "tiny", "base", first, "norm_imitation", primary, None, None)]
+    assert base["value"] == nested["par"]["tiny"]["base"]["per_annotator"][first]["norm_imitation"]
+    kl = row_of[("varierr", "tiny", "base", "macro", "feature_kl", None, "length_words", None)]
+    assert kl["value"] == nested["varierr"]["tiny"]["base"]["feature_kl_by_feature"]["length_words"]
+    # a metric that does not apply to the task has no row; a missing method has rows saying why
+    assert not any(row["dataset"] == "par" and row["metric"] == "label_acc" for row in rows)
+    capo = [row for row in rows if row["dataset"] == "varierr" and row["method"] == "capo"]
+    assert capo and all(row["value"] is None and "05_capo" in row["reason"] for row in capo)
+
+
 def test_end_to_end_every_table_every_column(evaluated_run):
     config, run_dir = evaluated_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    nli, par = metrics["varierr"]["tiny"], metrics["par"]["tiny"]
+    nli, par = metrics["results"]["varierr"]["tiny"], metrics["results"]["par"]["tiny"]
     # perfect imitation (sft copies the human test responses)
     assert nli["sft"]["label_acc"] == 1.0 and nli["sft"]["parse_rate"] == 1.0
     assert nli["sft"]["rouge_l"] == pytest.approx(1.0) and nli["sft"]["emb_cos"] == pytest.approx(1.0, abs=1e-5)
@@ -343,13 +374,13 @@ def test_end_to_end_every_table_every_column(evaluated_run):
 
     tables = run_dir / "tables"
     expected_columns = {
-        "table4_main": ["dataset", "model", "method", "status"] + [label for _, label in eval_report.TABLE4_METRICS]
+        "table4_main": ["dataset", "model", "method", "status"] + [m.label for m in ev6.METRICS if m.table]
                        + ["notes"],
         "table6_feature_kl": ["dataset", "model", "method", "status", *ev6.FEATURES, "mean"],
         "judge_attribution": ["dataset", "model", "method", "judged outputs", "correct", "accuracy", "chance",
                               "unparseable verdicts", "cells without output", "judge model", "calibration"],
-        "per_annotator": ["dataset", "model", "method", "annotator", "status"]
-                         + [label for _, label in eval_report.PER_ANNOTATOR_METRICS],
+        "per_annotator": ["dataset", "model", "method", "annotator", "status", "n"]
+                         + [m.label for m in ev6.METRICS if m.table],
     }
     for stem, columns in expected_columns.items():
         header, rows = read_csv(tables / f"{stem}.csv")
@@ -551,7 +582,7 @@ def test_judge_and_bertscore_on_the_tiny_model(tmp_path, tiny_model):
     config, run_dir = make_fixture_run(tmp_path, eval__judge__backend="local", eval__bertscore=True)
     ev6.main(["--config", str(config), "--dataset", "varierr"])
     everything = json.loads((run_dir / "metrics.json").read_text())
-    metrics = everything["varierr"]["tiny"]
+    metrics = everything["results"]["varierr"]["tiny"]
     calibration = everything["judge_calibration"]["varierr"]  # the judge on the human references, vs chance
     # 6 cells round robin over 4 annotators (2, 2, 1, 1): always naming A0 would get 2 of 6
     assert calibration["chance"] == pytest.approx(2 / 6)

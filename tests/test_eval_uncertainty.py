@@ -92,7 +92,7 @@ def test_group_scores_of_averaged_rows_are_averaged_row_scores():
     assert proba == pytest.approx(clf.predict_proba(group.mean(axis=0, keepdims=True))[0], abs=1e-9)
     # every row in every group (m = all rows): each resample's confidence is that of its mean row
     slots = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
-    draws = ev6.bootstrap_group_confidence(ev6.row_logits(clf, group), np.arange(10), slots, 0, 10, 5, 0)
+    draws = ev6.bootstrap_group_scores(ev6.row_logits(clf, group), np.arange(10), slots, 0, [10], 5, 0)[10]["conf"]
     assert draws[0] == pytest.approx(proba[0], abs=1e-9)
 
 
@@ -165,7 +165,7 @@ def test_aa_same_predictions_under_two_names_is_not_resolved(tmp_path):
         # superiority claims are not resolved; non-inferiority of identical predictions holds
         assert claim["verdict"] == ("holds" if "non-inferiority" in claim["claim"] else "not resolved")
     # every metric of the model rows has an interval, and the interval brackets the value
-    sft = metrics["varierr"]["tiny"]["sft"]
+    sft = metrics["results"]["varierr"]["tiny"]["sft"]
     for metric in ("coverage", "parse_rate", "label_acc", "rouge_l", "emb_cos", "feature_kl", "group_clf_conf",
                    "norm_imitation"):
         low, high = sft[f"{metric}_ci"]
@@ -224,7 +224,7 @@ def test_two_seeds_pool_and_report_their_spread(tmp_path):
     m_by_seed, and pools both seeds' rows for the interval."""
     config, run_dir = make_fixture_run(tmp_path, eval__judge__backend="none", eval__bertscore=False)
     ev6.main(["--config", str(config)])
-    single = json.loads((run_dir / "metrics.json").read_text())["varierr"]["tiny"]["sft"]
+    single = json.loads((run_dir / "metrics.json").read_text())["results"]["varierr"]["tiny"]["sft"]
     for seed in (1, 2):
         shutil.copytree(run_dir / "predictions", run_dir / "seeds" / str(seed) / "predictions")
     for path in (run_dir / "seeds" / "2" / "predictions" / "varierr" / "tiny" / "sft").glob("*.jsonl"):
@@ -235,7 +235,7 @@ def test_two_seeds_pool_and_report_their_spread(tmp_path):
         mark_predictions(common.with_seed(cfg, seed))
     ev6.main(["--config", str(config), "--seeds", "[1, 2]"])
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    sft, base = metrics["varierr"]["tiny"]["sft"], metrics["varierr"]["tiny"]["base"]
+    sft, base = metrics["results"]["varierr"]["tiny"]["sft"], metrics["results"]["varierr"]["tiny"]["base"]
     assert sft["seeds"] == [1, 2]
     assert sft["parse_rate_by_seed"] == {"1": pytest.approx(single["parse_rate"]), "2": 0.0}
     assert sft["parse_rate"] == pytest.approx(single["parse_rate"] / 2)
@@ -244,7 +244,7 @@ def test_two_seeds_pool_and_report_their_spread(tmp_path):
     assert low <= sft["parse_rate"] <= high  # pooled rows: half of them parse
     # base is the same in both seeds: no spread, and the single-seed value
     assert base["label_acc_sd"] == 0.0
-    assert base["label_acc"] == pytest.approx(metrics["varierr"]["tiny"]["base"]["label_acc_by_seed"]["1"])
+    assert base["label_acc"] == pytest.approx(metrics["results"]["varierr"]["tiny"]["base"]["label_acc_by_seed"]["1"])
 
 
 def test_a_group_claim_between_two_saturated_methods_is_not_resolved():

@@ -55,7 +55,7 @@ def test_readme_own_data_commands_run_end_to_end(one_process_run):
     run, budget, stdout = one_process_run
     assert "[prepare] mine: " in stdout and "is current" in stdout  # 01 re-read the same file: skipped
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics["mine"]["tiny"]) >= {"base", "icl", "vp", "vp_icl", "sft", "capo"}
+    assert set(metrics["results"]["mine"]["tiny"]) >= {"base", "icl", "vp", "vp_icl", "sft", "capo"}
     for method in ("sft", "capo"):
         for annotator in STYLES:
             assert (run / "predictions" / "mine" / "tiny" / method / f"{annotator}.jsonl").is_file()

@@ -71,7 +71,7 @@ def test_rehearsal_runs_the_paper_profile_on_two_cpu_processes(tmp_path):
     assert "(process 1 of 2)" in done.stdout
 
     metrics = json.loads((run / "metrics.json").read_text())
-    rows = metrics["varierr"]
+    rows = metrics["results"]["varierr"]
     assert set(rows) == {"qwen3-4b"}
     for model, methods in rows.items():
         assert {"base", "icl", "vp", "vp_icl", "sft", "capo", "human"} <= set(methods)
