@@ -2019,6 +2019,59 @@ def fill_adapter_cards(cfg: dict, results: dict) -> None:
 
 
 # ----------------------------------------------------------------------------
+# What the report shows from other files (eval_report reads none itself)
+# ----------------------------------------------------------------------------
+def hlv_outputs(cfg: dict, names: list[str]) -> dict[str, dict | None]:
+    """{dataset: {"markdown": 02's .md texts, "figures": its .png paths}, or None without 02's summary}."""
+    outputs = {}
+    for name in names:
+        folder = common.hlv_dir(cfg, name)
+        outputs[name] = None if not (folder / "summary.json").exists() else {
+            "markdown": [md.read_text(encoding="utf-8") for md in sorted(folder.glob("*.md"))],
+            "figures": sorted(folder.glob("*.png"))}
+    return outputs
+
+
+def training_curves(cfg: dict, names: list[str]) -> list[tuple[str, dict, str]]:
+    """Panels (title, {annotator: (steps, values)}, y label): 04's and 05's training loss per
+    step (train_log.json) and CAPO's dev-selection score (selection.json), per (dataset, model)."""
+    panels = []
+    for dataset in names:
+        for model_cfg in common.model_configs(cfg):
+            tag = model_cfg["tag"]
+            adapters = common.adapter_dir(cfg, dataset, tag, "sft", "x").parent.parent
+            for method in TRAINED_METHODS:
+                curves = {}
+                for log in sorted(adapters.glob(f"{method}/*/train_log.json")):
+                    history = common.read_json(log).get("log_history", [])
+                    points = [(row["step"], row["loss"]) for row in history if "loss" in row and "step" in row]
+                    if points:
+                        curves[log.parent.name] = tuple(zip(*points))
+                if curves:
+                    panels.append((f"{dataset}/{tag}: {method} training loss", curves, "loss"))
+            curves, measure = {}, None
+            for selection in sorted(adapters.glob("capo/*/selection.json")):
+                choice = common.read_json(selection)
+                points = [(row["step"], row["score"]) for row in choice.get("history") or []
+                          if row and row.get("score") is not None]
+                if points:
+                    curves[selection.parent.name] = tuple(zip(*points))
+                    measure = choice.get("measure") or measure
+            if curves:
+                panels.append((f"{dataset}/{tag}: CAPO dev selection", curves, measure or "score"))
+    return panels
+
+
+def rated_form_version(folder: Path) -> str | None:
+    """The version of the form in `folder` when raters' exports sit beside it (it must then
+    stay as it is), else None."""
+    key = folder / "key.csv"
+    if not key.exists() or not list(folder.glob("ratings-*.json")):
+        return None
+    return read_key(key)[0]
+
+
+# ----------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
@@ -2083,21 +2136,24 @@ def main(argv: list[str] | None = None) -> None:
                                                  **({"lewidi": lewidi} if lewidi is not None else {})})
     eval_report.write_csv(tables_dir / "results.csv", list(RESULT_COLUMNS), rows)
     fill_adapter_cards(cfg, results)
-    table_paths = eval_report.write_tables(cfg, results, datasets, METRICS, list(FEATURES), tables_dir)
+    tables = eval_report.write_tables(cfg, results, datasets, METRICS, list(FEATURES), tables_dir)
     if lewidi is not None:
-        table_paths["lewidi"] = eval_report.write_lewidi_table(cfg, lewidi, tables_dir)
+        tables["lewidi"] = eval_report.write_lewidi_table(cfg, lewidi, tables_dir)
     figures = []
     for metric in (m for m in METRICS if m.figure):
         path = tables_dir / f"fig_{metric.name}.png"
         if eval_report.plot_metric(results, datasets, metric, path):
             figures.append(path)
     curves = tables_dir / "fig_training_curves.png"
-    curves = curves if eval_report.plot_training_curves(cfg, datasets, curves) else None
+    curves = curves if eval_report.plot_training_curves(training_curves(cfg, names), curves) else None
     form_data, form_key = form_contents(cfg, datasets, predictions, jobs)
-    form_status = eval_report.write_human_form(form_data, form_key, common.human_eval_dir(cfg))
+    human_eval = common.human_eval_dir(cfg)
+    form_status = eval_report.write_human_form(form_data, form_key, human_eval, rated_form_version(human_eval))
+    scores = (human_eval / "scores.md").read_text(encoding="utf-8") if (human_eval / "scores.md").exists() else None
     common.save_resolved_config(cfg, tables_dir, stage="06_eval")
     report = eval_report.write_report(cfg, results, claims, calibration, claim_rules_note(datasets), datasets,
-                                      table_paths, figures, curves, form_status, started, lewidi=lewidi)
+                                      hlv_outputs(cfg, names), tables, figures, curves, form_status, scores,
+                                      started, lewidi=lewidi)
     common.write_manifest(common.metrics_path(cfg), made_from, judge=judge)
     print(f"[eval] wrote {common.metrics_path(cfg)}, {tables_dir}/ and {report} in {time.time() - started:.0f}s",
           flush=True)

@@ -5,9 +5,11 @@ human-validation form and its scores' markdown). Imported by 06_eval.py only:
     python 06_eval.py --config configs/cpu.yaml --score-ratings runs/cpu/human_eval/ratings-*.json
 
 06_eval.py computes every model metric, interval, judge verdict, claim and human-rating score
-and hands plain dicts to this module, which only lays them out. It never imports 06 (the stage's file name is not a module name): the few
-names both must agree on (the human reference row's name, number formatting) live here
-and 06 imports them.
+and hands plain dicts to this module, which only lays them out: it opens no run file (06 reads
+02's outputs, the training logs and the rating scores and passes them in). It never imports
+06 (the stage's file name is not a module name): the few names both must agree on (the human
+reference row's name, number formatting) live here and 06 imports them; 06 passes its metric
+registry in.
 """
 from __future__ import annotations
 
@@ -106,9 +108,10 @@ def cell(result: dict, metric, task: dict, name: str | None = None) -> str:
     return fmt_ci(value, result.get(f"{name}_ci"))
 
 
-def write_table(path_stem: Path, header: list[str], rows: list[list[str]], title: str, notes: list[str]) -> None:
+def write_table(path_stem: Path, header: list[str], rows: list[list[str]], title: str, notes: list[str]) -> str:
     """CSV with every cell in full; markdown with "missing: why" / "n/a: why" cells shortened to
-    "missing [k]" / "n/a [k]" and each distinct reason listed once under the table."""
+    "missing [k]" / "n/a [k]" and each distinct reason listed once under the table. Returns the
+    markdown (the report includes it)."""
     footnotes: dict[str, int] = {}
 
     def md_cell(text: str) -> str:
@@ -123,12 +126,14 @@ def write_table(path_stem: Path, header: list[str], rows: list[list[str]], title
     lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *body, ""]
     lines += [f"- {note}" for note in notes]
     lines += [f"- [{number}] {reason}" for reason, number in footnotes.items()]
-    common.atomic_write_text(path_stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    markdown = "\n".join(lines) + "\n"
+    common.atomic_write_text(path_stem.with_suffix(".md"), markdown)
     with common.atomic_path(path_stem.with_suffix(".csv")) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(header)
             writer.writerows(rows)
+    return markdown
 
 
 def ordered_methods(methods: dict) -> list[str]:
@@ -220,13 +225,14 @@ def table_notes(cfg: dict, features: list[str]) -> list[str]:
 
 
 def write_tables(cfg: dict, results: dict, datasets: dict, metrics, features: list[str],
-                 tables_dir: Path) -> dict[str, Path]:
-    """Table 4, Table 6, judge attribution and the per-annotator breakdown, each as .md and .csv;
-    the metric columns come from 06's registry (`metrics`)."""
+                 tables_dir: Path) -> dict[str, str]:
+    """Table 4, Table 6, judge attribution, the per-annotator breakdown and the group sizes, each
+    as .md and .csv; the metric columns come from 06's registry (`metrics`). Returns {table:
+    markdown}."""
     notes = table_notes(cfg, features)
     shown = table_metrics(metrics)
     by_name = {m.name: m for m in metrics}
-    paths = {}
+    tables = {}
     # Table 4
     header = ["dataset", "model", "method", "status"] + [m.label for m in shown] + ["notes"]
     rows = []
@@ -235,8 +241,7 @@ def write_tables(cfg: dict, results: dict, datasets: dict, metrics, features: li
         rows.append([dataset, model_tag, method_label(method), result["status"]]
                     + [cell(result, metric, task) for metric in shown]
                     + [result.get("note", "")])
-    write_table(tables_dir / "table4_main", header, rows, "Table 4: main results (this run)", notes)
-    paths["table4"] = tables_dir / "table4_main.md"
+    tables["table4"] = write_table(tables_dir / "table4_main", header, rows, "Table 4: main results (this run)", notes)
 
     # Table 6
     header = ["dataset", "model", "method", "status"] + list(features) + ["mean"]
@@ -254,10 +259,11 @@ def write_tables(cfg: dict, results: dict, datasets: dict, metrics, features: li
                     + [fmt_ci(by_feature.get(name), intervals.get(name)) if by_feature.get(name) is not None
                        else f"missing: {result['reasons'].get('feature_kl', 'not computed')}"
                        for name in features] + [cell(result, by_name["feature_kl"], datasets[dataset]["task"])])
-    write_table(tables_dir / "table6_feature_kl", header, rows, "Table 6: feature KL by feature, KL(human || model)",
-                [notes[1], notes[3], "Features: " + ", ".join(features) + " (label: the label/score distribution, "
-                 "with an 'unparsed' category)."])
-    paths["table6"] = tables_dir / "table6_feature_kl.md"
+    tables["table6"] = write_table(
+        tables_dir / "table6_feature_kl", header, rows,
+        "Table 6: feature KL by feature, KL(human || model)",
+        [notes[1], notes[3], "Features: " + ", ".join(features) + " (label: the label/score distribution, "
+         "with an 'unparsed' category)."])
 
     # Judge attribution
     header = ["dataset", "model", "method", "judged outputs", "correct", "accuracy", "chance",
@@ -279,21 +285,21 @@ def write_tables(cfg: dict, results: dict, datasets: dict, metrics, features: li
         rows.append([dataset, model_tag, label, str(judge["n"]), str(judge["correct"]),
                      fmt_ci(judge["accuracy"], judge.get("accuracy_ci")), fmt(judge["chance"]), str(judge["unparseable"]),
                      str(judge["no_output"]), judge["judge_model"], reading])
-    write_table(tables_dir / "judge_attribution", header, rows, "LLM-as-judge attribution",
-                [f"The same {int(cfg['eval']['judge_items'])} sampled test cells (item, target annotator) for every "
-                 f"method; the judge sees {int(cfg['eval']['judge_examples_per_annotator'])} train responses of each "
-                 "annotator and "
-                 + ("answers in a short free reply, parsed (the endpoint offered no constraint; an unparseable "
-                    "reply is counted and scored wrong). " if "free" in routes else
-                    "answers by forced choice among the annotator IDs (so every output gets a verdict). ")
-                 + "The judge model column names the judge (an endpoint judge with its URL, its server's model "
-                 "id and how the choice was forced). "
-                 "The calibration row is the judge on the targets' own human test responses: where its interval "
-                 "is not above chance, the judge is uninformative for this profile. [low, high]: 95% bootstrap "
-                 "interval over the judged cells' items, drawn per target annotator.",
-                 f"Paper (as summarised): CAPO about {PAPER_JUDGE['accuracy']} on VariErr "
-                 f"(chance {PAPER_JUDGE['chance']}), above SFT and prompting."])
-    paths["judge"] = tables_dir / "judge_attribution.md"
+    tables["judge"] = write_table(
+        tables_dir / "judge_attribution", header, rows, "LLM-as-judge attribution",
+        [f"The same {int(cfg['eval']['judge_items'])} sampled test cells (item, target annotator) for every "
+         f"method; the judge sees {int(cfg['eval']['judge_examples_per_annotator'])} train responses of each "
+         "annotator and "
+         + ("answers in a short free reply, parsed (the endpoint offered no constraint; an unparseable "
+            "reply is counted and scored wrong). " if "free" in routes else
+            "answers by forced choice among the annotator IDs (so every output gets a verdict). ")
+         + "The judge model column names the judge (an endpoint judge with its URL, its server's model "
+         "id and how the choice was forced). "
+         "The calibration row is the judge on the targets' own human test responses: where its interval "
+         "is not above chance, the judge is uninformative for this profile. [low, high]: 95% bootstrap "
+         "interval over the judged cells' items, drawn per target annotator.",
+         f"Paper (as summarised): CAPO about {PAPER_JUDGE['accuracy']} on VariErr "
+         f"(chance {PAPER_JUDGE['chance']}), above SFT and prompting."])
 
     # Per annotator
     header = ["dataset", "model", "method", "annotator", "status", "n"] + [m.label for m in shown]
@@ -313,8 +319,7 @@ def write_tables(cfg: dict, results: dict, datasets: dict, metrics, features: li
                 continue
             rows.append([dataset, model_tag, method_label(method), annotator, "ok", str(entry["n"])]
                         + [cell(entry, metric, task) for metric in shown])
-    write_table(tables_dir / "per_annotator", header, rows, "Per-annotator breakdown", notes)
-    paths["per_annotator"] = tables_dir / "per_annotator.md"
+    tables["per_annotator"] = write_table(tables_dir / "per_annotator", header, rows, "Per-annotator breakdown", notes)
 
     # Group metrics at every requested group size
     sizes = requested_group_sizes(cfg["eval"])
@@ -331,16 +336,16 @@ def write_tables(cfg: dict, results: dict, datasets: dict, metrics, features: li
         rows.append([dataset, model_tag, method_label(method), result["status"]]
                     + [cell(result, metric, task, f"{metric.name}_m{m}") for m in sizes for metric in group]
                     + [group_sizes_used(result, sizes)])
-    write_table(tables_dir / "group_sizes", header, rows, "Group classifier confidence and normalised imitation "
-                "by group size m", [*group_size_notes(cfg["eval"]), notes[0]])
-    paths["group_sizes"] = tables_dir / "group_sizes.md"
-    return paths
+    tables["group_sizes"] = write_table(
+        tables_dir / "group_sizes", header, rows, "Group classifier confidence and "
+        "normalised imitation by group size m", [*group_size_notes(cfg["eval"]), notes[0]])
+    return tables
 
 
 # ----------------------------------------------------------------------------
 # Figures: one bar chart per metric
 # ----------------------------------------------------------------------------
-def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> Path:
+def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> str:
     """tables/lewidi.{md,csv}: the shared task's official metrics for this run's methods and the
     kit's baselines (value [95% interval]) beside the published results (labelled published)."""
     header = ["dataset", "source", "system", "soft metric", "soft", "perspectivist metric", "perspectivist",
@@ -381,8 +386,8 @@ def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> Path:
              "Metrics as in the organisers' evaluation notebook: Par soft = Wasserstein distance over -5..5, Par "
              "perspectivist = ANAD (|gold - predicted| / 11); VariErrNLI soft = Manhattan distance of per-label "
              "yes/no distributions, perspectivist = per-label error rate over the item's annotators."]
-    write_table(tables_dir / "lewidi", header, rows, "The LeWiDi-2025 view: official metrics (lower is better)", notes)
-    return tables_dir / "lewidi.md"
+    return write_table(tables_dir / "lewidi", header, rows, "The LeWiDi-2025 view: official metrics (lower is better)",
+                       notes)
 
 
 def plot_metric(results: dict, datasets: dict, metric, path: Path) -> bool:
@@ -421,33 +426,9 @@ def plot_metric(results: dict, datasets: dict, metric, path: Path) -> bool:
     return True
 
 
-def plot_training_curves(cfg: dict, datasets: dict, path: Path) -> bool:
-    """Training loss per step (04's and 05's train_log.json) and CAPO's dev-selection score per
-    step (05's selection.json), one line per annotator; a row of panels per (dataset, model)."""
-    panels = []  # (title, {annotator: (steps, values)}, y label)
-    for dataset in datasets:
-        for model_cfg in common.model_configs(cfg):
-            tag = model_cfg["tag"]
-            adapters = common.adapter_dir(cfg, dataset, tag, "sft", "x").parent.parent
-            for method in ("sft", "capo"):
-                curves = {}
-                for log in sorted(adapters.glob(f"{method}/*/train_log.json")):
-                    history = common.read_json(log).get("log_history", [])
-                    points = [(row["step"], row["loss"]) for row in history if "loss" in row and "step" in row]
-                    if points:
-                        curves[log.parent.name] = tuple(zip(*points))
-                if curves:
-                    panels.append((f"{dataset}/{tag}: {method} training loss", curves, "loss"))
-            curves, measure = {}, None
-            for selection in sorted(adapters.glob("capo/*/selection.json")):
-                choice = common.read_json(selection)
-                points = [(row["step"], row["score"]) for row in choice.get("history") or []
-                          if row and row.get("score") is not None]
-                if points:
-                    curves[selection.parent.name] = tuple(zip(*points))
-                    measure = choice.get("measure") or measure
-            if curves:
-                panels.append((f"{dataset}/{tag}: CAPO dev selection", curves, measure or "score"))
+def plot_training_curves(panels: list[tuple], path: Path) -> bool:
+    """One panel per (title, {annotator: (steps, values)}, y label) from 06's training_curves:
+    training loss per step and CAPO's dev-selection score; False (no file) if there are none."""
     if not panels:
         return False
     cols = min(3, len(panels))
@@ -476,20 +457,18 @@ FORM_TEMPLATE = Path(__file__).resolve().parent / "templates" / "human_form.html
 FORM_DATA_SLOT = "/*FORM_DATA*/"
 
 
-def write_human_form(data: dict, key_rows: list[dict], out_dir: Path) -> str:
+def write_human_form(data: dict, key_rows: list[dict], out_dir: Path, rated_version: str | None = None) -> str:
     """form.html (the template with `data` embedded and its version hash) and key.csv beside it.
-    A key with exports of another version beside it is left as it is, with the form it belongs
-    to. Returns a one-line status for the report."""
+    `rated_version`: the version of the form already there when raters' exports sit beside it
+    (06 reads it); a form of another version is then left as it is, with its key. Returns a
+    one-line status for the report."""
     import json
     template = FORM_TEMPLATE.read_text(encoding="utf-8")
     version = common.config_hash([template, data])[:12]
     key_path, form_path = out_dir / "key.csv", out_dir / "form.html"
-    if key_path.exists() and list(out_dir.glob("ratings-*.json")):
-        with open(key_path, newline="", encoding="utf-8") as fh:
-            old = {row.get("form_version") for row in csv.DictReader(fh)}
-        if old != {version}:
-            return (f"{form_path} (version {', '.join(sorted(map(str, old)))}) left as it is: ratings-*.json "
-                    f"exports of it are beside it (score them with --score-ratings; move them away for a new form)")
+    if rated_version is not None and rated_version != version:
+        return (f"{form_path} (version {rated_version}) left as it is: ratings-*.json "
+                f"exports of it are beside it (score them with --score-ratings; move them away for a new form)")
     # Inside <script type="application/json"> only "</" could end the element early.
     embedded = json.dumps({"version": version, **data}, ensure_ascii=False).replace("</", "<\\/")
     common.atomic_write_text(form_path, template.replace(FORM_DATA_SLOT, embedded))
@@ -537,18 +516,17 @@ def ratings_markdown(scores: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def hlv_section(cfg: dict, datasets: dict, report_dir: Path) -> list[str]:
+def hlv_section(hlv: dict, report_dir: Path) -> list[str]:
+    """Section 1 from 06's hlv_outputs: per dataset 02's markdown texts and figure paths, or None."""
     lines = ["## 1. Human label variation (02_analyze_hlv)", ""]
-    for dataset in datasets:
-        folder = common.hlv_dir(cfg, dataset)
+    for dataset, outputs in hlv.items():
         lines.append(f"### {dataset}")
-        if not (folder / "summary.json").exists():
-            lines += ["", f"Not available: {folder}/summary.json is missing (run 02_analyze_hlv.py).", ""]
+        if outputs is None:
+            lines += ["", "Not available: 02's summary.json is missing (run 02_analyze_hlv.py).", ""]
             continue
-        for md in sorted(folder.glob("*.md")):
-            text = md.read_text(encoding="utf-8").strip()
-            lines += ["", re.sub(r"^(#+)", r"###\1", text, flags=re.MULTILINE), ""]
-        for png in sorted(folder.glob("*.png")):
+        for text in outputs["markdown"]:
+            lines += ["", re.sub(r"^(#+)", r"###\1", text.strip(), flags=re.MULTILINE), ""]
+        for png in outputs["figures"]:
             lines += [f"![{dataset} {png.stem}]({png.relative_to(report_dir)})", ""]
     return lines
 
@@ -594,14 +572,16 @@ def claims_markdown(claims: list[dict], judge_calibration: dict, rules_note: str
 
 
 def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration: dict, rules_note: str,
-                 datasets: dict, table_paths: dict, figures: list[Path], curves: Path | None,
-                 form_status: str, started: float, lewidi: dict | None = None) -> Path:
+                 datasets: dict, hlv: dict, tables: dict[str, str], figures: list[Path], curves: Path | None,
+                 form_status: str, scores: str | None, started: float, lewidi: dict | None = None) -> Path:
+    """report.md from what 06 hands over (it reads no run file): the claims, 02's outputs
+    (`hlv`), the tables' markdown (`tables`), figure paths, the form's status and the human
+    scores' markdown (`scores`, None before a rating round)."""
     run = common.run_dir(cfg)
     path = common.report_path(cfg)
 
-    def include(md_path: Path) -> list[str]:
-        text = md_path.read_text(encoding="utf-8").strip()
-        return [re.sub(r"^## ", "### ", text, flags=re.MULTILINE), ""]
+    def include(markdown: str) -> list[str]:
+        return [re.sub(r"^## ", "### ", markdown.strip(), flags=re.MULTILINE), ""]
 
     lines = [f"# capo-kit report: profile `{cfg['profile']}`", "",
              "A reproduction attempt of CAPO (arXiv 2605.28802). The paper's full text and code were not available: "
@@ -612,11 +592,11 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
              f"Judge: {common.model_configs(cfg)[0]['tag']} (the config's first model).", ""]
     lines += ["## At a glance: do the paper's claims hold in this run?", ""]
     lines += claims_markdown(claims, judge_calibration, rules_note)
-    lines += hlv_section(cfg, datasets, run)
+    lines += hlv_section(hlv, run)
     lines += ["## 2. Main results (Table 4)", ""]
     if "varierr" in results:
         lines += paper_table4_markdown()
-    lines += include(table_paths["table4"])
+    lines += include(tables["table4"])
     lines += ["### Group metrics at several group sizes", "",
               "Group classifier confidence and normalised imitation at every m of `eval.group_sizes`. Each m is "
               f"capped at floor({float(cfg['eval']['group_size_max_share']):g} x n) (n = min(the target's outputs, "
@@ -624,15 +604,15 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
               "dozen outputs per target, m near n makes every group nearly the whole output set: each target's "
               "value is then close to 0 or 1 and the mean moves in steps of 1/annotators (it saturates), while "
               "small m grades how recognisable the outputs are. Table 4 and the claims use the largest m.", ""]
-    lines += [re.sub(r"^### ", "#### ", block, flags=re.MULTILINE) for block in include(table_paths["group_sizes"])]
+    lines += [re.sub(r"^### ", "#### ", block, flags=re.MULTILINE) for block in include(tables["group_sizes"])]
     lines += ["## 3. Feature KL by feature (Table 6)", "", "The paper's Table 6 was not recovered.", ""]
-    lines += include(table_paths["table6"])
+    lines += include(tables["table6"])
     lines += ["## 4. LLM-as-judge attribution", "",
               f"**Paper** (as summarised): CAPO about {PAPER_JUDGE['accuracy']} on VariErr, "
               f"chance {PAPER_JUDGE['chance']}.", ""]
-    lines += include(table_paths["judge"])
+    lines += include(tables["judge"])
     lines += ["## 5. Per-annotator breakdown", ""]
-    lines += include(table_paths["per_annotator"])
+    lines += include(tables["per_annotator"])
     lines += ["## 6. Figures", ""]
     lines += ["Bars: the macro average; error bars: its 95% bootstrap interval.", ""]
     lines += [f"![{p.stem}]({p.relative_to(run)})" for p in figures] + [""]
@@ -645,8 +625,7 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
         lines += ["Not available: no train_log.json or selection.json under adapters/ (run 04_sft.py, "
                   "05_capo.py).", ""]
     lines += ["## 7. Human validation", "", f"Form: {form_status}.", ""]
-    scores = common.human_eval_dir(cfg) / "scores.md"
-    if scores.exists():
+    if scores is not None:
         lines += include(scores)
     else:
         lines += ["Not rated yet. Send form.html to the raters (it opens from disk in any browser), put their "
@@ -661,7 +640,7 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
                   "for the shared task's split, official metrics and submission files.", ""]
     else:
         lines += [LEWIDI_CAVEAT, ""]
-        lines += include(table_paths["lewidi"])
+        lines += include(tables["lewidi"])
         submissions = sorted({str(Path(p).parent.relative_to(run)) for view in lewidi.values()
                               for system in view["systems"] for p in system.get("submission", [])})
         lines += ["Submission files (the shared task's format, `id<TAB>python list`): "

@@ -553,12 +553,14 @@ def test_a_form_with_exports_beside_it_is_not_replaced(evaluated_run, tmp_path):
     before = (folder / "form.html").read_text()
     write_export(folder, "ana", {key[0]["cell"]: ("A0", 1, 1, 1)}, version=data["version"])
     changed = {**{k: v for k, v in data.items() if k != "version"}, "seed": data["seed"] + 1}
+    assert ev6.rated_form_version(folder) == data["version"]
     status = eval_report.write_human_form(changed, [{k: v for k, v in row.items() if k != "form_version"}
-                                                    for row in key], folder)
+                                                    for row in key], folder, ev6.rated_form_version(folder))
     assert "left as it is" in status and (folder / "form.html").read_text() == before
     (folder / "ratings-ana.json").unlink()  # no exports: a new form replaces it
+    assert ev6.rated_form_version(folder) is None
     status = eval_report.write_human_form(changed, [{k: v for k, v in row.items() if k != "form_version"}
-                                                    for row in key], folder)
+                                                    for row in key], folder, ev6.rated_form_version(folder))
     assert "left as it is" not in status and (folder / "form.html").read_text() != before
 
 

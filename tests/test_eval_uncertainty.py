@@ -188,10 +188,16 @@ def test_training_curves_figure_from_logs(tmp_path):
                       {"measure": "dev_group_confidence", "history": [{"step": 0, "score": 0.3}, {"step": 2, "score": 0.4}]})
     import eval_report
     datasets = {"varierr": {"task": NLI_TASK}, "par": {"task": PAR_TASK}}
-    assert eval_report.plot_training_curves(cfg, datasets, tmp_path / "curves.png")
+    panels = ev6.training_curves(cfg, list(datasets))
+    assert [title for title, _, _ in panels] == ["varierr/tiny: sft training loss", "varierr/tiny: capo training loss",
+                                                 "varierr/tiny: CAPO dev selection"]
+    assert panels[0][1] == {"A0": ((1, 2), (2.0, 1.5))}  # train_loss (the run's mean) is not a step
+    assert panels[2][2] == "dev_group_confidence"
+    assert eval_report.plot_training_curves(panels, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
     shutil.rmtree(run_dir / "adapters")
-    assert not eval_report.plot_training_curves(cfg, datasets, tmp_path / "none.png")
+    assert ev6.training_curves(cfg, list(datasets)) == []
+    assert not eval_report.plot_training_curves([], tmp_path / "none.png")
 
 
 def test_pooled_prediction_sets_share_their_items():
