@@ -207,7 +207,8 @@ def identification_accuracy(X: np.ndarray, labels: list[str], item_ids: list[str
     """Group-level identification accuracy per m: {m: {accuracy, ci95, per_fold, ...}}.
 
     Per fold: fit on the training rows; for every annotator and m, draw bootstrap groups of
-    that annotator's responses to distinct test-fold items, average each group and classify.
+    that annotator's responses to distinct test-fold items, average each group and classify
+    (common.group_scores, the sampler 05 and 06 use too).
     """
     labels_arr = np.asarray(labels)
     items_arr = np.asarray(item_ids)
@@ -219,18 +220,20 @@ def identification_accuracy(X: np.ndarray, labels: list[str], item_ids: list[str
         if len(set(labels_arr[train_rows])) < 2:
             continue
         clf = common.fit_annotator_classifier(hlv_cfg, X[train_rows], labels_arr[train_rows].tolist(), seed)
+        classes = [str(c) for c in clf.classes_]
         for a_index, annotator in enumerate(annotator_order):
             rows = test_rows[labels_arr[test_rows] == annotator]
             if len(rows) == 0:
                 continue
+            _, item = np.unique(items_arr[rows], return_inverse=True)
+            n_items = int(item.max()) + 1
+            # One generator per (fold, annotator): the same groups whatever the representation.
+            scores = (common.group_scores(common.row_logits(clf, X[rows]), item, np.arange(n_items)[None, :],
+                                          classes.index(annotator), group_sizes, n_groups, [seed, fold, a_index])
+                      if annotator in classes else None)  # not in this fold's training rows: never predicted
             for m in group_sizes:
-                # One generator per (fold, annotator, m): the same groups whatever the representation.
-                rng = np.random.default_rng([seed, fold, a_index, m])
-                groups = common.sample_group_indices(items_arr[rows].tolist(), m, n_groups, rng)
-                with common.single_thread_blas():
-                    predicted = clf.predict(X[rows[groups]].mean(axis=1))
-                correct[m][fold][annotator] = float(np.mean(predicted == annotator))
-                effective[m].append(groups.shape[1])
+                correct[m][fold][annotator] = float(scores[m]["accuracy"][0]) if scores else 0.0
+                effective[m].append(min(m, n_items))
     result = {}
     for m in group_sizes:
         per_fold = [float(np.mean(list(cells.values()))) for _, cells in sorted(correct[m].items())]

@@ -1473,33 +1473,79 @@ def single_thread_blas():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def sample_group_indices(item_ids: list[str], group_size: int, n_groups: int, rng):
-    """(n_groups, m) row indices, m = min(group_size, distinct items): each group on distinct items.
-
-    Items are drawn without replacement within a group, then one of that item's rows (an
-    annotator may have two responses to one item); groups are drawn independently.
-    """
+def row_logits(clf, X):
+    """Per-row class scores of the (affine) scaler + logistic-regression classifier. The
+    classifier is affine up to its softmax, so the scores of a group's averaged vector are the
+    average of its rows' scores: groups can be redrawn without refitting or re-embedding."""
     import numpy as np
-    rows_by_item: dict[str, list[int]] = {}
-    for index, item in enumerate(item_ids):
-        rows_by_item.setdefault(item, []).append(index)
-    counts = np.array([len(rows) for rows in rows_by_item.values()])
+    with single_thread_blas():
+        scores = clf.decision_function(np.asarray(X))
+    if scores.ndim == 1:  # two classes: sklearn gives one score, P(class 1) = sigmoid(score)
+        scores = np.column_stack([np.zeros_like(scores), scores])
+    return scores
+
+
+GROUP_DRAW_CHUNK = 1_000_000  # random keys per block of resamples (bounds the memory of one block)
+
+
+def group_scores(logits, item, slots, column: int, group_sizes: list[int], draws: int, seed) -> dict:
+    """The one sampler of "average m responses, then classify" (02, 05 and 06 all use it).
+
+    `logits`: the rows' class scores (row_logits); `item`: each row's item position; `slots`:
+    (B, S) item positions, one row per resample: a bootstrap resample of the items, or
+    `np.arange(n_items)[None]` for the observed data (every item once). In each resample,
+    `draws` groups are drawn: min(m, the resample's items that have a row) distinct slots, and
+    for each slot one of its item's rows at random (an annotator may have two responses to one
+    item; pooled training seeds give one output per seed). A group's mean scores are classified.
+    Returns {m: {"conf": (B,), "accuracy": (B,)}}: the mean probability of class `column` and the
+    share of groups classified as it; nan where a resample has no rows.
+
+    Each group is the first m slots of one random order of the resample's slots, so one order
+    serves every m, and the groups of one m do not depend on which other m are asked for.
+    Resamples are drawn in blocks to bound memory."""
+    import numpy as np
+    item, slots = np.asarray(item, dtype=int), np.asarray(slots, dtype=int)
+    sizes = sorted({int(m) for m in group_sizes})
+    n_resamples, n_slots = slots.shape
+    out = {m: {"conf": np.full(n_resamples, np.nan), "accuracy": np.full(n_resamples, np.nan)} for m in sizes}
+    if not len(item) or not sizes or not n_slots:
+        return out
+    n_items = max(int(item.max()), int(slots.max())) + 1
+    counts = np.bincount(item, minlength=n_items)
+    order = np.argsort(item, kind="stable")  # rows grouped by item: item i's rows are order[starts[i]:][:counts[i]]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    flat_rows = np.array([row for rows in rows_by_item.values() for row in rows])
-    m = min(group_size, len(counts))
-    chosen_items = np.argsort(rng.random((n_groups, len(counts))), axis=1)[:, :m]
-    offsets = np.floor(rng.random((n_groups, m)) * counts[chosen_items]).astype(int)
-    return flat_rows[starts[chosen_items] + offsets]
+    longest = min(sizes[-1], n_slots)
+    rng = np.random.default_rng(seed)
+    block = max(1, GROUP_DRAW_CHUNK // max(1, draws * n_slots))
+    for first in range(0, n_resamples, block):
+        chosen = slots[first:first + block]  # (b, S)
+        has_rows = counts[chosen] > 0
+        total = has_rows.sum(axis=1)  # (b,) slots with a row
+        keys = rng.random((len(chosen), draws, n_slots))
+        row_keys = rng.random((len(chosen), draws, n_slots))  # which of a slot's rows (drawn for every slot)
+        keys[np.broadcast_to(~has_rows[:, None, :], keys.shape)] = np.inf  # slots without rows sort last
+        picked = np.argsort(keys, axis=2)[..., :longest]  # (b, d, L) slot positions
+        items = np.take_along_axis(np.broadcast_to(chosen[:, None, :], keys.shape), picked, axis=2)
+        offsets = np.floor(np.take_along_axis(row_keys, picked, axis=2) * counts[items]).astype(int)
+        rows = order[np.minimum(starts[items] + offsets, len(order) - 1)]  # past `total`: unused
+        running = np.cumsum(logits[rows], axis=2)  # (b, d, L, C)
+        for m in sizes:
+            size = np.clip(np.minimum(m, total), 1, longest)  # a resample with fewer items: all of them
+            scores = np.take_along_axis(running, (size - 1)[:, None, None, None], axis=2)[:, :, 0] / size[:, None, None]
+            scores = scores - scores.max(axis=-1, keepdims=True)
+            conf = np.exp(scores[..., column]) / np.exp(scores).sum(axis=-1)
+            empty = total == 0
+            out[m]["conf"][first:first + block] = np.where(empty, np.nan, conf.mean(axis=1))
+            out[m]["accuracy"][first:first + block] = np.where(empty, np.nan,
+                                                               (scores.argmax(axis=-1) == column).mean(axis=1))
+    return out
 
 
-def group_target_confidence(clf, X, target: str, group_size: int, n_groups: int, seed: int) -> dict:
-    """Average groups of rows, classify, and read off the `target` annotator.
-
-    Rows are responses to distinct items (one per item); each group is min(group_size,
-    len(X)) rows drawn without replacement, groups drawn independently (bootstrap).
-    Returns mean probability of `target`, share of groups predicted as `target`, the
-    effective group size and the number of groups.
-    """
+def group_target_confidence(clf, X, target: str, group_size: int, n_groups: int, seed: int, items=None) -> dict:
+    """Average groups of rows, classify, and read off the `target` annotator (group_scores on
+    the observed rows; `items`: each row's item id, default one item per row).
+    Returns the mean probability of `target`, the share of groups predicted as `target`, the
+    group size used (at most the number of items) and the number of groups."""
     import numpy as np
     X = np.asarray(X)
     classes = [str(c) for c in clf.classes_]
@@ -1508,15 +1554,12 @@ def group_target_confidence(clf, X, target: str, group_size: int, n_groups: int,
     if len(X) == 0:
         return {"mean_prob": None, "accuracy": None, "group_size": 0, "n_groups": 0,
                 "reason": "no rows to group"}
-    rng = np.random.default_rng(seed)
-    rows = sample_group_indices([str(i) for i in range(len(X))], group_size, n_groups, rng)
-    m = rows.shape[1]
-    with single_thread_blas():
-        proba = clf.predict_proba(X[rows].mean(axis=1))
-    column = classes.index(target)
-    return {"mean_prob": float(proba[:, column].mean()),
-            "accuracy": float((proba.argmax(axis=1) == column).mean()),
-            "group_size": int(m), "n_groups": int(n_groups)}
+    ids = np.arange(len(X)) if items is None else np.unique(np.asarray(items), return_inverse=True)[1]
+    n_items = int(ids.max()) + 1
+    scores = group_scores(row_logits(clf, X), ids, np.arange(n_items)[None, :], classes.index(target),
+                          [group_size], n_groups, seed)[int(group_size)]
+    return {"mean_prob": float(scores["conf"][0]), "accuracy": float(scores["accuracy"][0]),
+            "group_size": min(int(group_size), n_items), "n_groups": int(n_groups)}
 
 
 # ----------------------------------------------------------------------------

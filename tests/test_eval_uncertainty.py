@@ -87,12 +87,12 @@ def test_group_scores_of_averaged_rows_are_averaged_row_scores():
     X[np.arange(60) % 3 == 0] += 1.5
     clf = common.fit_annotator_classifier({"classifier": "logistic_regression", "C": 1.0}, X, y, 0)
     group = X[:10]
-    logits = ev6.row_logits(clf, group).mean(axis=0)
+    logits = common.row_logits(clf, group).mean(axis=0)
     proba = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     assert proba == pytest.approx(clf.predict_proba(group.mean(axis=0, keepdims=True))[0], abs=1e-9)
     # every row in every group (m = all rows): each resample's confidence is that of its mean row
     slots = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
-    draws = ev6.bootstrap_group_scores(ev6.row_logits(clf, group), np.arange(10), slots, 0, [10], 5, 0)[10]["conf"]
+    draws = common.group_scores(common.row_logits(clf, group), np.arange(10), slots, 0, [10], 5, 0)[10]["conf"]
     assert draws[0] == pytest.approx(proba[0], abs=1e-9)
 
 
@@ -226,8 +226,8 @@ def test_pooled_prediction_sets_share_their_items():
 
 
 def test_two_seeds_pool_and_report_their_spread(tmp_path):
-    """seeds: [1, 2]: 06 reads seeds/<seed>/predictions, reports the mean over seeds, m_sd and
-    m_by_seed, and pools both seeds' rows for the interval."""
+    """seeds: [1, 2]: 06 reads seeds/<seed>/predictions, reports the value on both seeds' rows
+    pooled (for a mean: the mean over seeds) with its interval, m_sd and m_by_seed."""
     config, run_dir = make_fixture_run(tmp_path, eval__judge__backend="none", eval__bertscore=False)
     ev6.main(["--config", str(config)])
     single = json.loads((run_dir / "metrics.json").read_text())["results"]["varierr"]["tiny"]["sft"]
@@ -251,6 +251,11 @@ def test_two_seeds_pool_and_report_their_spread(tmp_path):
     # base is the same in both seeds: no spread, and the single-seed value
     assert base["label_acc_sd"] == 0.0
     assert base["label_acc"] == pytest.approx(metrics["results"]["varierr"]["tiny"]["base"]["label_acc_by_seed"]["1"])
+    # pooled value and pooled interval are one computation: the value lies inside (feature KL excepted)
+    pooled = [row for row in metrics["rows"] if row["seed"] is None and row["ci_low"] is not None
+              and not ev6.METRIC[row["metric"]].interval_may_miss]
+    assert pooled and all(row["ci_low"] - 1e-12 <= row["value"] <= row["ci_high"] + 1e-12 for row in pooled)
+    assert any(row["seed"] == 2 and row["metric"] == "parse_rate" and row["value"] == 0.0 for row in metrics["rows"])
 
 
 def test_a_group_claim_between_two_saturated_methods_is_not_resolved():

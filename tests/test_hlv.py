@@ -101,14 +101,24 @@ def test_grouped_split_never_shares_an_item():
     assert [t.tolist() for _, t in folds] == [t.tolist() for _, t in hlv.item_grouped_folds(items, 5, seed=7)]
 
 
-def test_groups_use_distinct_items_and_cap_m():
-    items = ["a", "a", "b", "c", "c", "d"]   # an annotator may answer an item twice
-    groups = common.sample_group_indices(items, 3, 200, np.random.default_rng(0))
-    assert groups.shape == (200, 3)
-    for group in groups:
-        assert len({items[r] for r in group}) == 3
-    assert {r for g in groups for r in g} == set(range(6))   # both rows of a twice-answered item get used
-    assert common.sample_group_indices(items, 50, 4, np.random.default_rng(0)).shape == (4, 4)
+def test_groups_use_distinct_items_every_row_and_cap_m():
+    """common.group_scores, the one sampler of 02, 05 and 06 (class scores as logits, two classes)."""
+    observed = np.array([[0, 1, 2]])
+    # item 0 answered twice, both rows strongly class 1; items 1 and 2 class 0. A group of all three
+    # items holds ONE of item 0's rows, so its mean is class 0; rows drawn without regard to items
+    # would sometimes take both of item 0's rows and land on class 1.
+    logits = np.array([[0.0, 100.0], [0.0, 100.0], [100.0, 0.0], [100.0, 0.0]])
+    item = np.array([0, 0, 1, 2])
+    assert common.group_scores(logits, item, observed, 1, [3], 500, 0)[3]["accuracy"][0] == 0.0
+    # both rows of a twice-answered item get used: one says class 0, the other class 1
+    both = common.group_scores(np.array([[10.0, 0.0], [0.0, 10.0]]), np.array([0, 0]), np.array([[0]]), 0, [1], 2000, 0)
+    assert 0.4 < both[1]["accuracy"][0] < 0.6
+    # m is capped at the resample's items that have rows (item 3 has none); no rows at all: nan
+    capped = common.group_scores(logits, item, np.array([[0, 1, 2, 3], [3, 3, 3, 3]]), 0, [3, 10], 50, 1)
+    assert capped[10]["conf"][0] == capped[3]["conf"][0] and np.isnan(capped[10]["conf"][1])
+    # the groups of one m do not depend on which other m are asked for
+    alone = common.group_scores(logits, item, observed, 0, [1], 50, 2)[1]["conf"]
+    assert np.array_equal(alone, common.group_scores(logits, item, observed, 0, [1, 2, 3], 50, 2)[1]["conf"])
 
 
 # ---- common.py API used by 05 and 06 ------------------------------------------------
