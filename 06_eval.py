@@ -2074,13 +2074,14 @@ def main(argv: list[str] | None = None) -> None:
                                                  **({"lewidi": lewidi} if lewidi is not None else {})})
     eval_report.write_csv(tables_dir / "results.csv", list(RESULT_COLUMNS), rows)
     fill_adapter_cards(cfg, results)
-    tables = eval_report.write_tables(cfg, results, datasets, METRICS, list(FEATURES), tables_dir)
+    tables = eval_report.write_tables(cfg, results, rows, datasets, METRICS, list(FEATURES), tables_dir)
     if lewidi is not None:
         tables["lewidi"] = eval_report.write_lewidi_table(cfg, lewidi, tables_dir)
     figures = []
     for metric in (m for m in METRICS if m.figure):
         path = tables_dir / f"fig_{metric.name}.png"
-        if eval_report.plot_metric(results, datasets, metric, path):
+        if eval_report.plot_metric(results, rows, datasets, metric,
+                                   primary_group_size(cfg["eval"]) if metric.kind == "group" else None, path):
             figures.append(path)
     curves = tables_dir / "fig_training_curves.png"
     curves = curves if eval_report.plot_training_curves(training_curves(cfg, names), curves) else None

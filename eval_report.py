@@ -93,19 +93,22 @@ def table_metrics(metrics) -> list:
     return [m for m in metrics if m.table]
 
 
-def cell(result: dict, metric, task: dict, name: str | None = None) -> str:
-    """`value [low, high]` of registry `metric` (under `name`, e.g. a group metric at one m), or
-    why not: "missing: <why>" / "n/a: <why>"."""
-    if result.get("status") == "missing":
-        return f"missing: {result.get('reason', 'no predictions')}"
+def rows_index(rows: list[dict]) -> dict[tuple, dict]:
+    """06's results rows pooled over seeds, by (dataset, model, method, target, metric, m, feature)."""
+    return {(r["dataset"], r["model"], r["method"], r["target"], r["metric"], r["m"], r["feature"]): r
+            for r in rows if r["seed"] is None}
+
+
+def cell(index: dict, where: tuple, metric, task: dict, m: int | None = None, feature: str | None = None) -> str:
+    """`value [low, high]` of registry `metric` at `where` = (dataset, model, method, target), from
+    the results rows; or why not: "missing: <why>" / "n/a: <why>"."""
     if task["label_type"] not in metric.tasks:
         return f"n/a: {metric.label} is for {' and '.join(metric.tasks)} tasks"
-    name = name or metric.name
-    value = result.get(name)
-    if value is None:
-        reason = result.get("reasons", {}).get(name, "not computed")
+    row = index.get((*where, metric.name, m, feature))
+    if row is None or row["value"] is None:
+        reason = row["reason"] if row else "not computed"
         return reason if reason.startswith("n/a: ") else f"missing: {reason}"
-    return fmt_ci(value, result.get(f"{name}_ci"))
+    return fmt_ci(row["value"], None if row["ci_low"] is None else [row["ci_low"], row["ci_high"]])
 
 
 def write_table(path_stem: Path, header: list[str], rows: list[list[str]], title: str, notes: list[str]) -> str:
@@ -224,23 +227,26 @@ def table_notes(cfg: dict, features: list[str]) -> list[str]:
     ]
 
 
-def write_tables(cfg: dict, results: dict, datasets: dict, metrics, features: list[str],
+def write_tables(cfg: dict, results: dict, result_rows: list[dict], datasets: dict, metrics, features: list[str],
                  tables_dir: Path) -> dict[str, str]:
     """Table 4, Table 6, judge attribution, the per-annotator breakdown and the group sizes, each
-    as .md and .csv; the metric columns come from 06's registry (`metrics`). Returns {table:
-    markdown}."""
+    as .md and .csv. The numbers come from 06's results rows, the columns from its metric
+    registry (`metrics`); `results` gives each row's status, notes and the judge's counts.
+    Returns {table: markdown}."""
     notes = table_notes(cfg, features)
     shown = table_metrics(metrics)
     by_name = {m.name: m for m in metrics}
+    index, primary = rows_index(result_rows), primary_group_size(cfg["eval"])
     tables = {}
     # Table 4
     header = ["dataset", "model", "method", "status"] + [m.label for m in shown] + ["notes"]
     rows = []
     for dataset, model_tag, method, result in result_cells(results):
         task = datasets[dataset]["task"]
-        rows.append([dataset, model_tag, method_label(method), result["status"]]
-                    + [cell(result, metric, task) for metric in shown]
-                    + [result.get("note", "")])
+        cells = ([f"missing: {result.get('reason', 'no predictions')}"] * len(shown) if result["status"] == "missing"
+                 else [cell(index, (dataset, model_tag, method, "macro"), metric, task,
+                            primary if metric.kind == "group" else None) for metric in shown])
+        rows.append([dataset, model_tag, method_label(method), result["status"], *cells, result.get("note", "")])
     tables["table4"] = write_table(tables_dir / "table4_main", header, rows, "Table 4: main results (this run)", notes)
 
     # Table 6
@@ -253,12 +259,10 @@ def write_tables(cfg: dict, results: dict, datasets: dict, metrics, features: li
             rows.append([dataset, model_tag, method, "missing"]
                         + [f"missing: {result.get('reason')}"] * (len(features) + 1))
             continue
-        by_feature = result.get("feature_kl_by_feature", {})
-        intervals = result.get("feature_kl_by_feature_ci") or {}
+        where, task = (dataset, model_tag, method, "macro"), datasets[dataset]["task"]
         rows.append([dataset, model_tag, method, result["status"]]
-                    + [fmt_ci(by_feature.get(name), intervals.get(name)) if by_feature.get(name) is not None
-                       else f"missing: {result['reasons'].get('feature_kl', 'not computed')}"
-                       for name in features] + [cell(result, by_name["feature_kl"], datasets[dataset]["task"])])
+                    + [cell(index, where, by_name["feature_kl"], task, feature=name) for name in features]
+                    + [cell(index, where, by_name["feature_kl"], task)])
     tables["table6"] = write_table(
         tables_dir / "table6_feature_kl", header, rows,
         "Table 6: feature KL by feature, KL(human || model)",
@@ -318,7 +322,8 @@ def write_tables(cfg: dict, results: dict, datasets: dict, metrics, features: li
                             + [f"missing: {why}"] * (len(shown) + 1))
                 continue
             rows.append([dataset, model_tag, method_label(method), annotator, "ok", str(entry["n"])]
-                        + [cell(entry, metric, task) for metric in shown])
+                        + [cell(index, (dataset, model_tag, method, annotator), metric, task,
+                                primary if metric.kind == "group" else None) for metric in shown])
     tables["per_annotator"] = write_table(tables_dir / "per_annotator", header, rows, "Per-annotator breakdown", notes)
 
     # Group metrics at every requested group size
@@ -331,10 +336,11 @@ def write_tables(cfg: dict, results: dict, datasets: dict, metrics, features: li
         task = datasets[dataset]["task"]
         if result["status"] == "missing":
             rows.append([dataset, model_tag, method_label(method), "missing"]
-                        + [cell(result, group[0], task)] * (len(group) * len(sizes) + 1))
+                        + [f"missing: {result.get('reason', 'no predictions')}"] * (len(group) * len(sizes) + 1))
             continue
         rows.append([dataset, model_tag, method_label(method), result["status"]]
-                    + [cell(result, metric, task, f"{metric.name}_m{m}") for m in sizes for metric in group]
+                    + [cell(index, (dataset, model_tag, method, "macro"), metric, task, m)
+                       for m in sizes for metric in group]
                     + [group_sizes_used(result, sizes)])
     tables["group_sizes"] = write_table(
         tables_dir / "group_sizes", header, rows, "Group classifier confidence and "
@@ -390,20 +396,23 @@ def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> str:
                        notes)
 
 
-def plot_metric(results: dict, datasets: dict, metric, path: Path) -> bool:
-    """One bar chart of registry `metric`, a panel per dataset it applies to; False if none."""
+def plot_metric(results: dict, result_rows: list[dict], datasets: dict, metric, m: int | None, path: Path) -> bool:
+    """One bar chart of registry `metric` (at group size `m` for a group metric) from the results
+    rows' macro values and intervals, a panel per dataset it applies to; False if none."""
+    index = rows_index(result_rows)
     panels = [d for d in results if datasets[d]["task"]["label_type"] in metric.tasks]
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
     for ax, dataset in zip(axes[0], panels):
         models = results[dataset]
-        methods = list(dict.fromkeys(m for per in models.values() for m in ordered_methods(per)))
+        methods = list(dict.fromkeys(name for per in models.values() for name in ordered_methods(per)))
         width = 0.8 / max(1, len(models))
-        for j, (model_tag, per) in enumerate(models.items()):
+        for j, model_tag in enumerate(models):
             xs = np.arange(len(methods)) + j * width
-            values = [per.get(m, {}).get(metric.name) for m in methods]
-            intervals = [per.get(m, {}).get(f"{metric.name}_ci") for m in methods]
+            found = [index.get((dataset, model_tag, method, "macro", metric.name, m, None), {}) for method in methods]
+            values = [row.get("value") for row in found]
+            intervals = [[row["ci_low"], row["ci_high"]] if row.get("ci_low") is not None else None for row in found]
             # Error bars: the 95% bootstrap interval (asymmetric), none where it is missing.
             errors = np.array([[v - ci[0], ci[1] - v] if v is not None and ci else [0.0, 0.0]
                                for v, ci in zip(values, intervals)]).T.clip(min=0)
