@@ -138,16 +138,16 @@ def ordered_models(cfg: dict) -> list[dict]:
     return sorted(models, key=lambda m: m["tag"] != writer)
 
 
+# The config sections a predictions file is made from, besides 01's files and (vp methods) the
+# value profile; `models[]` is the entry of the file's model.
+CONFIG_SECTIONS = ("seed", "torch_threads", "data", "generation", "baselines", "models[]")
+
+
 def prediction_recipe(cfg: dict, dataset: str, model_cfg: dict, method: str, profile_path) -> dict:
-    """What one predictions file depends on: 01's files, the profile (vp methods) and the
-    config values the method reads."""
-    keys = ["seed", "data.split_seed", "data.max_eval_items", "generation", f"models[{model_cfg['tag']}]"]
-    inputs = common.data_files(cfg, dataset)
-    if "icl" in method:
-        keys.append("baselines.icl_k")
-    if method.startswith("vp"):
-        inputs.append(profile_path)
-    return common.recipe(cfg, "03_prompt_baselines", inputs, keys, method=method, bf16_native=common.native_bf16())
+    """What one predictions file depends on: 01's files, the profile (vp methods), the config."""
+    inputs = common.data_files(cfg, dataset) + ([profile_path] if method.startswith("vp") else [])
+    return common.recipe(cfg, "03_prompt_baselines", inputs, CONFIG_SECTIONS, model_tag=model_cfg["tag"],
+                         method=method, bf16_native=common.native_bf16())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,12 +192,19 @@ def main(argv: list[str] | None = None) -> None:
                 path = common.predictions_path(cfg, dataset, model_cfg["tag"], method, annotator)
                 made_from = prediction_recipe(cfg, dataset, model_cfg, method,
                                               profile_requests[(dataset, annotator)]["text_path"])
-                if method.startswith("vp") and not profile_is_current(profile_requests[(dataset, annotator)]):
+                reason = "--force" if args.force else common.why_not_current(path, made_from)
+                if not reason and method.startswith("vp") and not profile_is_current(profile_requests[(dataset, annotator)]):
                     reason = "its value profile is missing or stale"
-                else:
-                    reason = "--force" if args.force else common.why_not_current(path, made_from)
-                if reason:
+                if args.dry_run:
+                    common.say_plan("03", path, reason)
+                elif reason:
                     todo.append((model_cfg, dataset, annotator, method, reason))
+    if args.dry_run:
+        for request in profile_requests.values():
+            if any(m.startswith("vp") for m in methods):
+                common.say_plan("03", request["text_path"], None if profile_is_current(request) else
+                                "missing, or written from other sources, writer model, decoding or seed")
+        return
     print(f"[03] {len(todo)} of {len(models) * len(units) * len(methods)} predictions files to (re)do"
           f"{common.process_label()}; the rest are current", flush=True)
     stale_profiles = [profile_requests[(d, a)] for d, a in units if not profile_is_current(profile_requests[(d, a)])

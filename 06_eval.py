@@ -326,7 +326,7 @@ def load_dataset(cfg: dict, dataset: str) -> dict:
 
 
 def expected_methods(cfg: dict) -> list[str]:
-    return list(cfg.get("baselines", {}).get("methods", PROMPTING_METHODS)) + list(TRAINED_METHODS)
+    return list(cfg["baselines"]["methods"]) + list(TRAINED_METHODS)
 
 
 def discover_methods(cfg: dict, dataset: str, model_tag: str) -> list[str]:
@@ -1900,9 +1900,15 @@ def lewidi_view(cfg: dict, datasets: dict, predictions: dict) -> dict | None:
 # ----------------------------------------------------------------------------
 # Provenance of 06's outputs, and the adapters' model cards
 # ----------------------------------------------------------------------------
+# The config sections metrics.json and the report are made from, besides 01's files, 02's
+# summaries and the predictions files (which also record their own).
+CONFIG_SECTIONS = ("seed", "torch_threads", "data", "eval", "embedder", "hlv", "generation", "models")
+
+
 def eval_recipe(cfg: dict, names: list[str]) -> dict:
     """What metrics.json and the report are made from: 01's files, 02's summaries and every
-    predictions file present (each one checked against its own manifest when read)."""
+    predictions file present (each one checked against its own manifest when read), the config,
+    and which datasets, training seeds and methods it pools."""
     inputs = []
     for name in names:
         inputs += common.data_files(cfg, name)
@@ -1912,10 +1918,9 @@ def eval_recipe(cfg: dict, names: list[str]) -> dict:
             for seed in common.training_seeds(cfg):
                 folder = common.method_dir(common.with_seed(cfg, seed), name, model_cfg["tag"], "x").parent
                 inputs += sorted(folder.glob("*/*.jsonl")) if folder.is_dir() else []
-    return common.recipe(cfg, "06_eval", inputs, ["seed", "seeds", "data.split", "data.split_seed", "data.max_eval_items", "eval",
-                                                  "embedder", "hlv", "generation", "models", "baselines.methods"],
+    return common.recipe(cfg, "06_eval", inputs, CONFIG_SECTIONS,
                          code=("eval_report.py", "endpoint_judge.py", "templates/human_form.html"), datasets=names,
-                         bf16_native=common.native_bf16())
+                         seeds=common.training_seeds(cfg), methods=expected_methods(cfg), bf16_native=common.native_bf16())
 
 
 def fill_adapter_cards(cfg: dict, results: dict) -> None:
@@ -1959,6 +1964,9 @@ def main(argv: list[str] | None = None) -> None:
         common.require_data(cfg, name)
     made_from = eval_recipe(cfg, names)
     reason = "--force" if args.force else common.why_not_current(common.metrics_path(cfg), made_from)
+    if args.dry_run:
+        common.say_plan("eval", common.metrics_path(cfg), reason)
+        return
     if reason is None:
         print(f"[eval] {common.metrics_path(cfg)} and {common.report_path(cfg)} are current (same predictions, "
               "config and code); skipped", flush=True)

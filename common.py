@@ -345,6 +345,9 @@ def stage_parser(doc: str | None) -> argparse.ArgumentParser:
                         help="varierr, par, a --custom name, or all (the config's datasets)")
     parser.add_argument("--force", action="store_true",
                         help="redo finished work too (by default only what is missing or stale is done)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="say for each output whether it is current or what would be redone and why; "
+                             "do no work")
     return parser
 
 
@@ -544,13 +547,53 @@ def _input_path(cfg: dict, key: str) -> Path:
     return Path(key) if Path(key).is_absolute() else run_dir(cfg) / key
 
 
-def recipe(cfg: dict, stage: str, inputs: Iterable[str | Path], config_keys: Iterable[str],
-           code: Iterable[str] = (), **extra: Any) -> dict:
-    """What an output of `stage` is made from now: input hashes, config values, code hashes
-    (the stage's script, common.py and any other module in `code`)."""
+# Config keys that no recipe records, each with why: one place. A stage's recipe records whole
+# config sections (below); these keys are left out of them, and tests/test_recipes.py checks that a
+# stage reads nothing outside its sections but these. Two kinds:
+# - where outputs go and which are made, never what one holds (a changed one makes other outputs,
+#   found "not there yet"; 06, which pools over datasets, seeds and methods, records what it pooled);
+# - settings that cannot change any output byte. Not among them: batch sizes (generation,
+#   embedder, training) and torch_threads: a batch's padding and composition and a CPU's thread
+#   count change float sums in the last bits, and so greedy tokens near a tie (docs/DESIGN.md,
+#   "Processes"); sampling also draws per batch.
+OUTPUT_NEUTRAL_KEYS = {
+    "profile": "the profile's name, for messages, the report's title and model cards",
+    "run_dir": "where outputs go (inputs inside it are named relative to it)",
+    "datasets": "which datasets a stage works on; each output is one dataset's",
+    "seeds": "which training seeds run; each seed's 03-05 outputs have a folder of their own",
+    "baselines.methods": "which prompting methods 03 runs; each method has a predictions file of its own",
+    "data.raw_dir": "where 01 finds the raw files; their paths and contents are its recipe's inputs",
+    "eval.judge.max_concurrency": "endpoint requests in flight; each verdict is one request's reply",
+    "eval.judge.timeout_s": "a request that times out is retried; one that never answers stops 06",
+    "eval.judge.max_retries": "retries of a failed request; one that never succeeds stops 06",
+    "eval.judge.api_key_env": "the name of the variable that holds the endpoint's key",
+}
+
+
+def _without_neutral(value: Any, key: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_neutral(v, f"{key}.{k}") for k, v in value.items()
+                if f"{key}.{k}" not in OUTPUT_NEUTRAL_KEYS}
+    return value
+
+
+def recorded_config(cfg: dict, section: str) -> Any:
+    """What a recipe records of a config section: its value less OUTPUT_NEUTRAL_KEYS, as saved."""
+    return json.loads(json.dumps(_without_neutral(config_value(cfg, section), section), default=str))
+
+
+def recipe(cfg: dict, stage: str, inputs: Iterable[str | Path], sections: Iterable[str], *,
+           model_tag: str | None = None, code: Iterable[str] = (), **extra: Any) -> dict:
+    """What an output of `stage` is made from now: input hashes, the config `sections` it reads
+    (top-level keys such as `generation`; `models[]` is the entry of `model_tag`), less
+    OUTPUT_NEUTRAL_KEYS, and code hashes (the stage's script, common.py and any module in `code`)."""
+    sections = [f"models[{model_tag}]" if s == "models[]" else s for s in sections]
+    for section in sections:
+        if "." in section or section in OUTPUT_NEUTRAL_KEYS or section == "models[None]":
+            raise ValueError(f"recipe of {stage}: '{section}' is not a config section a recipe can record")
     made = {"stage": stage,
             "inputs": {_input_key(cfg, p): content_hash(p) for p in inputs},
-            "config": {key: config_value(cfg, key) for key in config_keys},
+            "config": {section: recorded_config(cfg, section) for section in sections},
             "code": {name: content_hash(KIT_ROOT / name) for name in (f"{stage}.py", "common.py", *code)},
             **extra}
     return json.loads(json.dumps(made, sort_keys=True, default=str))  # the form it has once saved
@@ -568,6 +611,8 @@ def _changed_value(key: str, old: Any, new: Any) -> str:
 def _first_difference(recorded: dict, current: dict) -> str | None:
     for key in sorted(set(recorded.get("config", {})) | set(current.get("config", {}))):
         old, new = recorded.get("config", {}).get(key), current.get("config", {}).get(key)
+        if key not in recorded.get("config", {}):
+            return f"config {key} was not recorded (an older kit's recipe)"
         if old != new:
             return "config " + _changed_value(key, old, new)
     for name in sorted(set(recorded.get("inputs", {})) | set(current.get("inputs", {}))):
@@ -617,8 +662,7 @@ def stale_reason(output: str | Path, cfg: dict) -> str | None:
                    inputs={key: (content_hash(_input_path(cfg, key)) if _input_path(cfg, key).exists()
                                  or not Path(key).is_absolute() else digest)  # raw files moved away: unchecked
                            for key, digest in recorded.get("inputs", {}).items()},
-                   config={key: json.loads(json.dumps(config_value(cfg, key), default=str))
-                           for key in recorded.get("config", {})},
+                   config={key: recorded_config(cfg, key) for key in recorded.get("config", {})},
                    code={name: content_hash(KIT_ROOT / name) for name in recorded.get("code", {})})
     return why_not_current(output, current)
 
@@ -637,6 +681,11 @@ def write_manifest(output: str | Path, made_from: dict, **details: Any) -> None:
     write_json(manifest_path(output), {
         "output": output.name, "output_sha256": content_hash(output), "made_from": made_from,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details})
+
+
+def say_plan(tag: str, output: str | Path, reason: str | None) -> None:
+    """--dry-run's line for one output: current, or what would be redone and why."""
+    print(f"[{tag}] dry run: {output}: " + ("current" if reason is None else f"would redo ({reason})"), flush=True)
 
 
 def forget_output(output: str | Path) -> None:
@@ -2645,11 +2694,14 @@ def update_adapter_card_metrics(adapter_dir: str | Path, metrics: dict, source: 
     return path
 
 
+# The config sections an adapter's test predictions (04, 05) are made from, besides the adapter.
+ADAPTER_PREDICTION_SECTIONS = ("seed", "torch_threads", "data", "generation", "models[]")
+
+
 def adapter_predictions_recipe(cfg: dict, stage: str, dataset: str, model_cfg: dict, adapter_path: Path) -> dict:
     """What an adapter's test predictions depend on: the adapter, 01's files, decoding settings."""
-    return recipe(cfg, stage, [adapter_path, *data_files(cfg, dataset)],
-                  ["seed", "data.split_seed", "data.max_eval_items", "generation", f"models[{model_cfg['tag']}]"],
-                  bf16_native=native_bf16())
+    return recipe(cfg, stage, [adapter_path, *data_files(cfg, dataset)], ADAPTER_PREDICTION_SECTIONS,
+                  model_tag=model_cfg["tag"], bf16_native=native_bf16())
 
 
 def predict_with_adapter(cfg: dict, model_cfg: dict, task: dict, adapter_path: str | Path, records: list[dict],

@@ -177,7 +177,7 @@ def test_manifest_marks_outputs_current_until_an_input_config_or_output_changes(
     data = common.run_dir(cfg) / "in.jsonl"
     common.write_jsonl(data, [{"a": 1}])
     out = common.run_dir(cfg) / "out.jsonl"
-    made_from = common.recipe(cfg, "02_analyze_hlv", [data], ["seed", "hlv.folds"])
+    made_from = common.recipe(cfg, "02_analyze_hlv", [data], ["seed", "hlv"])
     assert common.why_not_current(out, made_from) == "not there yet"
     common.write_jsonl(out, [{"b": 1}])
     assert common.why_not_current(out, made_from).startswith("no manifest")
@@ -187,7 +187,7 @@ def test_manifest_marks_outputs_current_until_an_input_config_or_output_changes(
     assert common.stale_reason(out, other_seed) == "config seed was 42, now 7"
     common.write_jsonl(data, [{"a": 2}])
     assert common.stale_reason(out, cfg) == "input in.jsonl has changed"
-    assert common.why_not_current(out, common.recipe(cfg, "02_analyze_hlv", [data], ["seed", "hlv.folds"])) \
+    assert common.why_not_current(out, common.recipe(cfg, "02_analyze_hlv", [data], ["seed", "hlv"])) \
         == "input in.jsonl has changed"
     common.write_jsonl(data, [{"a": 1}])
     common.write_jsonl(out, [{"b": "edited by hand"}])
