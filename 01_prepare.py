@@ -641,8 +641,8 @@ def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dic
 
 # The config sections a prepared dataset is made from, besides its source files (and the options
 # of --custom). Not `seed`: the split is drawn from data.split_seed, so a new training seed never
-# re-splits.
-CONFIG_SECTIONS = ("data",)
+# re-splits. torch_threads: every stage's parser applies it (01 computes nothing with torch).
+CONFIG_SECTIONS = ("data", "torch_threads")
 CUSTOM_OPTIONS = ("custom", "label_type", "labels", "score_range", "instruction")
 
 

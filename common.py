@@ -600,11 +600,16 @@ def recipe(cfg: dict, stage: str, inputs: Iterable[str | Path], sections: Iterab
 
 
 def _changed_value(key: str, old: Any, new: Any) -> str:
-    """'<key> was X, now Y' for the first differing leaf (a config section names its sub-key)."""
+    """'<key> was X, now Y' for the first differing leaf (a config section names its sub-key, the
+    `models` list its entry as models[<tag>])."""
     if isinstance(old, dict) and isinstance(new, dict):
         for sub in sorted(set(old) | set(new)):
             if old.get(sub) != new.get(sub):
                 return _changed_value(f"{key}.{sub}", old.get(sub), new.get(sub))
+    if key == "models" and isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for before, after in zip(old, new):
+            if before != after and isinstance(before, dict):
+                return _changed_value(f"models[{before.get('tag')}]", before, after)
     return f"{key} was {json.dumps(old)}, now {json.dumps(new)}"
 
 
@@ -1274,11 +1279,9 @@ def hub_model_ids(cfg: dict, with_metrics: bool = False) -> list[str]:
     """Hub ids of the profile's `models:` (local folders and stand-ins are not fetched); with
     `with_metrics`, also eval.bertscore_model (06 reports BERTScore as missing without it)."""
     ids = [m["name_or_path"] for m in model_configs(cfg)
-           if m.get("source") == "hub" and not Path(str(m["name_or_path"])).is_dir()]
-    ev = cfg.get("eval") or {}
-    scorer = str(ev.get("bertscore_model") or "")
-    if with_metrics and ev.get("bertscore") and scorer and not scorer.startswith("package:") \
-            and not Path(scorer).is_dir():
+           if m["source"] == "hub" and not Path(str(m["name_or_path"])).is_dir()]
+    scorer = cfg["eval"]["bertscore_model"] if with_metrics and cfg["eval"]["bertscore"] else ""
+    if scorer and not scorer.startswith("package:") and not Path(scorer).is_dir():
         ids.append(scorer)
     return ids
 
