@@ -5,8 +5,9 @@
                            stage parsers, stage_command
   run layout               every path under runs/<profile>/ (data_dir, predictions_path, adapter_dir,
                            seed_dir for several training seeds, ...)
-  provenance               manifests: recipe, why_not_current (producers), stale_reason /
-                           require_current (consumers), write_manifest
+  provenance               manifests: recipe (a stage's declared config sections less
+                           OUTPUT_NEUTRAL_KEYS), why_not_current (producers), stale_reason /
+                           require_current (consumers), write_manifest, say_plan (--dry-run)
   seeding, atomic IO       set_seed; atomic files and folders, JSONL/JSON readers naming file and line
   tasks and prompts        the response format and its parser, build_messages, the chat-template
                            variables (thinking off, a fixed date), the data loaders
