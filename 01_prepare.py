@@ -120,7 +120,7 @@ class Collector:
 # Raw files
 # ----------------------------------------------------------------------------
 def resolve_raw_dir(cli_value: str | None, cfg: dict) -> Path:
-    return Path(cli_value or cfg["data"].get("raw_dir") or os.environ.get("CAPO_RAW_DIR") or "data/raw")
+    return Path(cli_value or cfg["data"]["raw_dir"] or os.environ.get("CAPO_RAW_DIR") or "data/raw")
 
 
 def find_raw_file(raw_dir: Path, name: str, download: bool = True) -> Path:
@@ -583,9 +583,9 @@ def annotator_sort_key(annotator: str):
 def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dict[str, Path]) -> dict:
     seed = cfg["data"]["split_seed"]  # never the training seed: a new training seed keeps the split
     if out.split_of:  # data.split lewidi: the shared task's train/dev/test as published
-        splits = fixed_splits(out.split_of, cfg["data"].get("max_items"), seed)
+        splits = fixed_splits(out.split_of, cfg["data"]["max_items"], seed)
     else:
-        splits = split_items(list(out.items), cfg["data"]["split_items"], seed, cfg["data"].get("max_items"))
+        splits = split_items(list(out.items), cfg["data"]["split_items"], seed, cfg["data"]["max_items"])
     kept_items = {i for ids in splits.values() for i in ids}
     records = [r for r in out.records if r["item_id"] in kept_items]
     records = enforce_min_records(records, splits, cfg["data"]["min_train_records_per_annotator"], out,
@@ -613,7 +613,7 @@ def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dic
 
     stats = {
         "dataset": name,
-        "split": cfg["data"].get("split", "paper"),
+        "split": cfg["data"]["split"],
         "split_seed": seed,
         "task": task,
         "annotators": annotators,
@@ -716,7 +716,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.split:
         cfg["data"]["split"] = args.split
     check_custom_args(args)
-    lewidi = cfg["data"].get("split", "paper") == "lewidi"
+    lewidi = cfg["data"]["split"] == "lewidi"
     if lewidi and args.custom:
         raise InputError("--custom is not for data.split lewidi (which reads the LeWiDi-2025 files)")
 

@@ -89,7 +89,7 @@ def profile_request(cfg: dict, dataset: str, annotator: str, task: dict, train: 
     sources = sample_train_records(train, annotator, base_cfg["profile_source_examples"], cfg["seed"], "profile")
     messages = profile_messages(task, annotator, sources, base_cfg["profile_max_new_tokens"] // 2)
     key = common.config_hash({k: v for k, v in writer_cfg.items() if k != "tag"}, messages,
-                             {k: gen_cfg.get(k) for k in ("max_new_tokens", "do_sample", "temperature")},
+                             {k: gen_cfg[k] for k in ("max_new_tokens", "do_sample", "temperature")},
                              cfg["seed"])
     folder = common.profiles_dir(cfg, dataset)
     return {"dataset": dataset, "annotator": annotator, "sources": sources, "messages": messages, "key": key, "gen_cfg": gen_cfg,
@@ -105,7 +105,7 @@ def write_value_profiles(cfg: dict, dataset: str, requests: list[dict], model, t
     """Write the profiles of `requests` with the writer model (one batch)."""
     if not requests:
         return
-    if requests[0]["gen_cfg"].get("do_sample"):
+    if requests[0]["gen_cfg"]["do_sample"]:
         common.set_seed(cfg["seed"])
     texts = common.generate_texts(model, tokenizer, [r["messages"] for r in requests], requests[0]["gen_cfg"],
                                   desc=f"{dataset} profiles")
@@ -130,7 +130,7 @@ def prompt_kwargs(method: str, demonstrations: list[dict], profile: str | None) 
 def ordered_models(cfg: dict) -> list[dict]:
     """The config's models, the profile writer first (it writes profiles before it predicts)."""
     models = common.model_configs(cfg)
-    writer = cfg["baselines"].get("profile_writer") or models[0]["tag"]
+    writer = cfg["baselines"]["profile_writer"] or models[0]["tag"]
     tags = [m["tag"] for m in models]
     if writer not in tags:
         raise common.InputError(f"{cfg['config_path']}: baselines.profile_writer '{writer}' is not one of "

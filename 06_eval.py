@@ -425,7 +425,7 @@ def bertscore_model_path(spec: str) -> str:
 def bertscore_f1(outputs: list[str], references: list[list[str]], ev: dict) -> tuple[list[float] | None, str | None]:
     """BERTScore F1 (bert-score, no idf, no baseline rescaling), max over references.
     An empty output scores 0 (bert-score cannot encode it). (None, reason) if it cannot run."""
-    if not ev.get("bertscore", True):
+    if not ev["bertscore"]:
         return None, "disabled (eval.bertscore: false)"
     # Each distinct (output, references) pair is scored once: methods often repeat outputs.
     pairs = list(dict.fromkeys((out, tuple(refs)) for out, refs in zip(outputs, references) if out.strip()))
@@ -435,7 +435,7 @@ def bertscore_f1(outputs: list[str], references: list[list[str]], ev: dict) -> t
         import bert_score
         model = bertscore_model_path(ev["bertscore_model"])
         _, _, f1 = bert_score.score([out for out, _ in pairs], [list(refs) for _, refs in pairs],
-                                    model_type=model, num_layers=ev.get("bertscore_num_layers"),
+                                    model_type=model, num_layers=ev["bertscore_num_layers"],
                                     batch_size=64, device=common.default_device(), verbose=False)
     except Exception as err:  # a missing model or an offline hub must not stop the report
         return None, f"bert-score could not run with {ev['bertscore_model']}: {type(err).__name__}: {err}"
@@ -1884,7 +1884,7 @@ def lewidi_dataset_view(cfg: dict, ds: dict, predictions: dict) -> dict:
 
 def lewidi_view(cfg: dict, datasets: dict, predictions: dict) -> dict | None:
     """{dataset: view} when data.split is lewidi; None (and one line saying so) otherwise."""
-    if cfg["data"].get("split", "paper") != "lewidi":
+    if cfg["data"]["split"] != "lewidi":
         print("[eval] LeWiDi-2025 view skipped: data.split is not lewidi (run with --data.split lewidi)", flush=True)
         return None
     views = {name: lewidi_dataset_view(cfg, ds, predictions[name])

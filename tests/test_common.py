@@ -104,6 +104,21 @@ def test_yaml_values_are_type_checked(tmp_path):
                                                          "dtype": None}]))
 
 
+def test_an_optional_key_left_out_takes_its_default_from_the_schema_only(tmp_path):
+    smoke = ROOT / "configs" / "smoke.yaml"
+    assert "top_p" not in yaml.safe_load(smoke.read_text())["generation"]
+    default = yaml.safe_load(common.CONFIG_SCHEMA["generation"]["top_p?"].partition(" = ")[2])
+    assert common.load_config(smoke)["generation"]["top_p"] == default
+    assert common.load_config(smoke, ["--generation.top_p", "0.5"])["generation"]["top_p"] == 0.5
+    with pytest.raises(common.InputError, match=r"generation.top_p = 'x' is not float"):
+        common.load_config(smoke, ["--generation.top_p", "x"])
+
+
+def test_a_tiny_model_without_its_size_stops_in_one_line(tiny_model):
+    with pytest.raises(common.InputError, match="source tiny needs its size"):
+        common.build_tiny_model({"tag": "t", "source": "tiny", "init_seed": 0}, tiny_model[1])
+
+
 def test_stage_cli_bad_value_is_one_line(tmp_path):
     import subprocess
     result = subprocess.run([sys.executable, str(ROOT / "02_analyze_hlv.py"), "--config",
