@@ -558,10 +558,11 @@ def _input_path(cfg: dict, key: str) -> Path:
 # stage reads nothing outside its sections but these. Two kinds:
 # - where outputs go and which are made, never what one holds (a changed one makes other outputs,
 #   found "not there yet"; 06, which pools over datasets, seeds and methods, records what it pooled);
-# - settings that cannot change any output byte. Not among them: batch sizes (generation,
-#   embedder, training) and torch_threads: a batch's padding and composition and a CPU's thread
-#   count change float sums in the last bits, and so greedy tokens near a tie (docs/DESIGN.md,
-#   "Processes"); sampling also draws per batch.
+# - settings that cannot change any output byte (but the copies of the config itself that
+#   outputs carry: config.resolved.yaml, the report's listing). Not among them: batch sizes
+#   (generation, embedder, training) and torch_threads: a batch's padding and composition and a
+#   CPU's thread count change float sums in the last bits, and so greedy tokens near a tie
+#   (docs/DESIGN.md, "Processes"); sampling also draws per batch.
 OUTPUT_NEUTRAL_KEYS = {
     "profile": "the profile's name, for messages, the report's title and model cards",
     "run_dir": "where outputs go (inputs inside it are named relative to it)",
