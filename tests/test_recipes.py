@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import re
 import shutil
+import subprocess
 
 import pytest
 import yaml
@@ -405,3 +407,17 @@ def test_changing_an_output_neutral_key_redoes_nothing(smoke_run, tmp_path):
                 (key, value, stage, plan)
         tried += 1
     assert tried
+
+
+def test_run_all_dry_run_has_every_stage_say_its_outputs_are_current_and_writes_nothing(smoke_run):
+    run = smoke_run["run"]
+    before = files_of(run)
+    overrides = ["--run_dir", str(run)] + [arg for key, value in BUDGET.items()
+                                           for arg in (f"--{key.replace('__', '.')}", json.dumps(value))]
+    done = subprocess.run(["bash", "run_all.sh", "--profile", "smoke", "--dataset", "mine", "--dry-run", "--",
+                           *overrides], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    plans = [line for line in done.stdout.splitlines() if PLAN_LINE.match(line)]
+    assert {line.split("]")[0] for line in plans} >= {"[prepare", "[hlv", "[03", "[sft", "[capo", "[eval"}
+    assert all(line.endswith(": current") for line in plans), [p for p in plans if not p.endswith(": current")]
+    assert files_of(run) == before
