@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
                 made_from = prediction_recipe(cfg, dataset, model_cfg, method,
                                               profile_requests[(dataset, annotator)]["text_path"])
                 reason = "--force" if args.force else common.why_not_current(path, made_from)
-                if not reason and method.startswith("vp") and not profile_is_current(profile_requests[(dataset, annotator)]):
+                profile_stale = method.startswith("vp") and not profile_is_current(profile_requests[(dataset, annotator)])
+                if not reason and profile_stale:
                     reason = "its value profile is missing or stale"
                 if args.dry_run:
                     common.say_plan("03", path, reason)

@@ -234,10 +234,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         adapter_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
         pred_path = common.predictions_path(cfg, dataset, tag, "sft", annotator)
         if args.dry_run:
-            reason = "--force" if args.force else common.why_not_current(adapter_path, adapter_recipe(cfg, dataset, model_cfg))
-            common.say_plan("sft", adapter_path, reason)
-            common.say_plan("sft", pred_path, "its adapter is redone" if reason else common.why_not_current(
-                pred_path, common.adapter_predictions_recipe(cfg, "04_sft", dataset, model_cfg, adapter_path)))
+            reason = "--force" if args.force else common.why_not_current(adapter_path,
+                                                                         adapter_recipe(cfg, dataset, model_cfg))
+            common.say_adapter_plan("sft", adapter_path, reason, pred_path, common.adapter_predictions_recipe(
+                cfg, "04_sft", dataset, model_cfg, adapter_path))
             continue
         with common.training_processes(args.data_parallel):
             # ---- train, unless the adapter is finished from the same data, config and code

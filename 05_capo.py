@@ -554,10 +554,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.dry_run:  # (the pairs file as it is now: a dry run writes none)
             sft_stale = common.stale_reason(sft_path, cfg)
             reason = ("--force" if args.force else f"its SFT adapter is not current: {sft_stale}" if sft_stale
-                      else common.why_not_current(adapter_path, adapter_recipe(cfg, dataset, model_cfg, sft_path, pairs_path)))
-            common.say_plan(method, adapter_path, reason)
-            common.say_plan(method, pred_path, "its adapter is redone" if reason else common.why_not_current(
-                pred_path, common.adapter_predictions_recipe(cfg, "05_capo", dataset, model_cfg, adapter_path)))
+                      else common.why_not_current(adapter_path,
+                                                  adapter_recipe(cfg, dataset, model_cfg, sft_path, pairs_path)))
+            common.say_adapter_plan(method, adapter_path, reason, pred_path, common.adapter_predictions_recipe(
+                cfg, "05_capo", dataset, model_cfg, adapter_path))
             continue
         common.require_current(sft_path, cfg, common.stage_command(
             cfg, "04_sft.py", "--dataset", dataset, "--annotators", annotator))

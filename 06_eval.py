@@ -1920,7 +1920,8 @@ def eval_recipe(cfg: dict, names: list[str]) -> dict:
                 inputs += sorted(folder.glob("*/*.jsonl")) if folder.is_dir() else []
     return common.recipe(cfg, "06_eval", inputs, CONFIG_SECTIONS,
                          code=("eval_report.py", "endpoint_judge.py", "templates/human_form.html"), datasets=names,
-                         seeds=common.training_seeds(cfg), methods=expected_methods(cfg), bf16_native=common.native_bf16())
+                         seeds=common.training_seeds(cfg), methods=expected_methods(cfg),
+                         bf16_native=common.native_bf16())
 
 
 def fill_adapter_cards(cfg: dict, results: dict) -> None:

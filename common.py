@@ -700,6 +700,12 @@ def say_plan(tag: str, output: str | Path, reason: str | None) -> None:
     print(f"[{tag}] dry run: {output}: " + ("current" if reason is None else f"would redo ({reason})"), flush=True)
 
 
+def say_adapter_plan(tag: str, adapter: Path, reason: str | None, predictions: Path, made_from: dict) -> None:
+    """--dry-run's lines for an adapter (04, 05) and its test predictions (`made_from`: theirs)."""
+    say_plan(tag, adapter, reason)
+    say_plan(tag, predictions, "its adapter is redone" if reason else why_not_current(predictions, made_from))
+
+
 def forget_output(output: str | Path) -> None:
     """Drop `output`'s manifest before rewriting it, so a half-done rewrite is never current."""
     manifest_path(output).unlink(missing_ok=True)

@@ -210,7 +210,8 @@ def test_group_confidence_planted_above_chance_shuffled_near_chance(shuffled):
     train_X = common.remove_item_content(train_X, train_ids, common.item_means(train_X, train_ids))
     means = common.item_means(test_X, test_ids)
     test_X = common.remove_item_content(test_X, test_ids, means)
-    clf = common.fit_annotator_classifier({"classifier": "logistic_regression", "C": 1.0, "standardize": True}, train_X, train_y, 0)
+    clf = common.fit_annotator_classifier({"classifier": "logistic_regression", "C": 1.0, "standardize": True},
+                                          train_X, train_y, 0)
     reference = {"clf": clf, "human_X": {a: test_X[[y == a for y in test_y]] for a in annotators}, "cache": {}}
     cfg = {"seed": 1}
     ev = {"group_sizes": [10], "group_size_max_share": 0.5, "bootstrap_groups": 100}
