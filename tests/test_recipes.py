@@ -9,7 +9,9 @@ stages (the README's own-data example: 20 items, 3 annotators) these tests check
   (or its outputs move elsewhere, or the stage refuses every other value, naming the key);
 - every config key a stage reads (the config records its reads) lies inside a section its
   recipes record, or is declared output-neutral: a forgotten section fails here;
-- changing an output-neutral key inside a section leaves every output current.
+- a stage that forgets a section it reads fails that check (02 without `hlv`);
+- changing an output-neutral key inside a section leaves every output current;
+- `run_all.sh --dry-run` has every stage find its outputs current, and writes nothing.
 
     .venv/bin/python -m pytest -q tests/test_recipes.py
 """
@@ -122,6 +124,20 @@ def stage_argv(stage: str, config, mine) -> list[str]:
     return ["--config", str(config), "--dataset", "mine"]
 
 
+def record_reads(patch: pytest.MonkeyPatch, log: Reads) -> None:
+    """Stages load recording configs; each recipe's sections are noted in `log.sections`."""
+    load_config, recipe = common.load_config, common.recipe
+
+    def recorded_recipe(*args, **kwargs):
+        made = recipe(*args, **kwargs)
+        log.sections.update(made["config"])
+        return made
+
+    patch.setattr(common, "load_config", lambda *a, **k: recording(load_config(*a, **k), "", log))
+    patch.setattr(common, "recipe", recorded_recipe)
+    patch.setenv("CAPO_NO_PROGRESS", "1")
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """The six stages on the smoke profile, each reading a recording config: {config, run, modules,
@@ -131,24 +147,16 @@ def smoke_run(tmp_path_factory):
     write_mine(mine)
     config = write_config(tmp, **BUDGET)
     modules = {stage: load_stage(stage) for stage in STAGES}
-    load_config, recipe, stale_reason = common.load_config, common.recipe, common.stale_reason
-    reads, sections = {}, {}
+    stale_reason, reads, sections = common.stale_reason, {}, {}
     with pytest.MonkeyPatch.context() as patch:
         log = Reads()
-
-        def recorded_recipe(*args, **kwargs):
-            made = recipe(*args, **kwargs)
-            log.sections.update(made["config"])
-            return made
 
         def unrecorded_stale_reason(*args, **kwargs):  # checking an upstream manifest is not a read
             with log.pause():
                 return stale_reason(*args, **kwargs)
 
-        patch.setattr(common, "load_config", lambda *a, **k: recording(load_config(*a, **k), "", log))
-        patch.setattr(common, "recipe", recorded_recipe)
+        record_reads(patch, log)
         patch.setattr(common, "stale_reason", unrecorded_stale_reason)
-        patch.setenv("CAPO_NO_PROGRESS", "1")
         for stage in STAGES:
             log.paths, log.sections = set(), set()
             modules[stage].main(stage_argv(stage, config, mine))
@@ -196,7 +204,7 @@ def steps(path: str) -> list:
     return out
 
 
-def node_at(cfg: dict, path: str, create: bool = False):
+def node_at(cfg: dict, path: str):
     """(parent mapping, key) of `path` in a plain config; None where it is not there."""
     node, parts = cfg, steps(path)
     for part in parts[:-1]:
@@ -231,7 +239,7 @@ def profile_values(path: str) -> list:
             continue
         parts = steps(path)
         entries = cfg.get("models", []) if isinstance(parts[0], tuple) else [cfg]
-        rest = ".".join(p for p in path.split(".")[1:]) if isinstance(parts[0], tuple) else path
+        rest = ".".join(path.split(".")[1:]) if isinstance(parts[0], tuple) else path
         for entry in entries:
             found = node_at(entry, rest)
             if found and isinstance(found[0], dict) and found[1] in found[0]:
@@ -368,18 +376,9 @@ def test_a_forgotten_section_is_caught_by_the_read_check(smoke_run):
     """The check above can fail: 02 rerun with `hlv` left out of its declaration reads hlv.* outside."""
     module = smoke_run["modules"]["02_analyze_hlv"]
     log = Reads()
-    load_config, recipe = common.load_config, common.recipe
-
-    def recorded_recipe(*args, **kwargs):
-        made = recipe(*args, **kwargs)
-        log.sections.update(made["config"])
-        return made
-
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module, "CONFIG_SECTIONS", tuple(s for s in module.CONFIG_SECTIONS if s != "hlv"))
-        patch.setattr(common, "load_config", lambda *a, **k: recording(load_config(*a, **k), "", log))
-        patch.setattr(common, "recipe", recorded_recipe)
-        patch.setenv("CAPO_NO_PROGRESS", "1")
+        record_reads(patch, log)
         config = write_config(smoke_run["tmp"] / "forgot", **BUDGET)  # a run of its own, from the same data
         shutil.copytree(smoke_run["run"] / "data", smoke_run["tmp"] / "forgot" / "run" / "data")
         with contextlib.redirect_stdout(io.StringIO()):
