@@ -120,17 +120,20 @@ class Collector:
 # Raw files
 # ----------------------------------------------------------------------------
 def resolve_raw_dir(cli_value: str | None, cfg: dict) -> Path:
-    return Path(cli_value or cfg["data"].get("raw_dir") or os.environ.get("CAPO_RAW_DIR") or "data/raw")
+    return Path(cli_value or cfg["data"]["raw_dir"] or os.environ.get("CAPO_RAW_DIR") or "data/raw")
 
 
-def find_raw_file(raw_dir: Path, name: str) -> Path:
-    """raw_dir/name or raw_dir/*/name; else download it into raw_dir; offline, stop clearly."""
+def find_raw_file(raw_dir: Path, name: str, download: bool = True) -> Path:
+    """raw_dir/name or raw_dir/*/name; else download it into raw_dir (unless not `download`: then
+    the path it would have); offline, stop clearly."""
     candidates = [raw_dir / name, *sorted(raw_dir.glob(f"*/{name}"))] if raw_dir.exists() else []
     for path in candidates:
         if path.is_file():
             return path
     url = RAW_SOURCES[name]
     target = raw_dir / name
+    if not download:
+        return target
     print(f"[prepare] {name} not in {raw_dir}; downloading {url}", flush=True)
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
@@ -580,9 +583,9 @@ def annotator_sort_key(annotator: str):
 def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dict[str, Path]) -> dict:
     seed = cfg["data"]["split_seed"]  # never the training seed: a new training seed keeps the split
     if out.split_of:  # data.split lewidi: the shared task's train/dev/test as published
-        splits = fixed_splits(out.split_of, cfg["data"].get("max_items"), seed)
+        splits = fixed_splits(out.split_of, cfg["data"]["max_items"], seed)
     else:
-        splits = split_items(list(out.items), cfg["data"]["split_items"], seed, cfg["data"].get("max_items"))
+        splits = split_items(list(out.items), cfg["data"]["split_items"], seed, cfg["data"]["max_items"])
     kept_items = {i for ids in splits.values() for i in ids}
     records = [r for r in out.records if r["item_id"] in kept_items]
     records = enforce_min_records(records, splits, cfg["data"]["min_train_records_per_annotator"], out,
@@ -610,7 +613,7 @@ def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dic
 
     stats = {
         "dataset": name,
-        "split": cfg["data"].get("split", "paper"),
+        "split": cfg["data"]["split"],
         "split_seed": seed,
         "task": task,
         "annotators": annotators,
@@ -636,8 +639,10 @@ def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dic
     return stats
 
 
-# What a prepared dataset depends on besides its source files (and the options of --custom).
-DATA_CONFIG_KEYS = ("data.split", "data.split_items", "data.split_seed", "data.max_items", "data.min_train_records_per_annotator")
+# The config sections a prepared dataset is made from, besides its source files (and the options
+# of --custom). Not `seed`: the split is drawn from data.split_seed, so a new training seed never
+# re-splits. torch_threads: every stage's parser applies it (01 computes nothing with torch).
+CONFIG_SECTIONS = ("data", "torch_threads")
 CUSTOM_OPTIONS = ("custom", "label_type", "labels", "score_range", "instruction")
 
 
@@ -711,10 +716,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.split:
         cfg["data"]["split"] = args.split
     check_custom_args(args)
-    lewidi = cfg["data"].get("split", "paper") == "lewidi"
+    lewidi = cfg["data"]["split"] == "lewidi"
     if lewidi and args.custom:
         raise InputError("--custom is not for data.split lewidi (which reads the LeWiDi-2025 files)")
-    common.set_seed(cfg["seed"])
 
     # ---- which datasets, from which files: (name, sources, options)
     wanted = []
@@ -729,7 +733,7 @@ def main(argv: list[str] | None = None) -> None:
         options["custom"] = str(path.resolve())
         wanted.append((args.name, {"custom": Path(options["custom"])}, options))
     else:
-        raw_dir = resolve_raw_dir(args.raw_dir, cfg)
+        raw_dir, fetch = resolve_raw_dir(args.raw_dir, cfg), not args.dry_run  # a dry run downloads nothing
         if raw_dir.exists() and not raw_dir.is_dir():
             raise InputError(f"{raw_dir}: the raw folder (--raw-dir, data.raw_dir or $CAPO_RAW_DIR) "
                              "is a file, expected a folder")
@@ -737,23 +741,26 @@ def main(argv: list[str] | None = None) -> None:
             if lewidi:
                 if name not in LEWIDI_FILE_PREFIX:
                     raise InputError(f"data.split lewidi has the datasets {', '.join(LEWIDI_FILE_PREFIX)}, not '{name}'")
-                wanted.append((name, {s: find_raw_file(raw_dir, f"{LEWIDI_FILE_PREFIX[name]}_{s}.json")
+                wanted.append((name, {s: find_raw_file(raw_dir, f"{LEWIDI_FILE_PREFIX[name]}_{s}.json", fetch)
                                       for s in SPLITS}, {}))
             elif name == "varierr":
-                wanted.append((name, {"varierr": find_raw_file(raw_dir, "varierr.json")}, {}))
+                wanted.append((name, {"varierr": find_raw_file(raw_dir, "varierr.json", fetch)}, {}))
             elif name == "par":
-                wanted.append((name, {s: find_raw_file(raw_dir, f"Paraphrase_{s}.json") for s in SPLITS}, {}))
+                wanted.append((name, {s: find_raw_file(raw_dir, f"Paraphrase_{s}.json", fetch) for s in SPLITS}, {}))
             else:  # a custom dataset prepared before: re-read the file it was prepared from
                 options = custom_options_of(cfg, name)
                 wanted.append((name, {"custom": Path(options["custom"])}, options))
 
     # ---- each dataset: skip if finished from the same files and config, else read, check, split, write
     for name, sources, options in wanted:
-        made_from = common.recipe(cfg, "01_prepare", sources.values(), DATA_CONFIG_KEYS, dataset=name,
+        made_from = common.recipe(cfg, "01_prepare", sources.values(), CONFIG_SECTIONS, dataset=name,
                                   options={**options, "skip_invalid": args.skip_invalid,
                                            "accept_modified_raw": args.accept_modified_raw})
         target = common.data_dir(cfg, name)
         reason = "--force" if args.force else common.why_not_current(target, made_from)
+        if args.dry_run:
+            common.say_plan("prepare", target, reason)
+            continue
         if reason is None:
             print(f"[prepare] {name}: {target} is current (same source files, split and code); skipped")
             continue

@@ -514,7 +514,8 @@ def analyse_dataset(cfg: dict, dataset: str) -> dict:
     return summary
 
 
-CONFIG_KEYS = ("seed", "hlv", "embedder")  # what summary.json depends on besides 01's files
+# The config sections summary.json is made from, besides 01's files.
+CONFIG_SECTIONS = ("seed", "torch_threads", "data", "hlv", "embedder")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -527,8 +528,11 @@ def main(argv: list[str] | None = None) -> None:
     for dataset in common.selected_datasets(cfg, args.dataset):
         common.require_data(cfg, dataset)
         summary_path = common.hlv_dir(cfg, dataset) / "summary.json"
-        made_from = common.recipe(cfg, "02_analyze_hlv", common.data_files(cfg, dataset), CONFIG_KEYS)
+        made_from = common.recipe(cfg, "02_analyze_hlv", common.data_files(cfg, dataset), CONFIG_SECTIONS)
         reason = "--force" if args.force else common.why_not_current(summary_path, made_from)
+        if args.dry_run:
+            common.say_plan("hlv", summary_path, reason)
+            continue
         if reason is None:
             print(f"[hlv] {dataset}: {summary_path} is current; skipped", flush=True)
             continue

@@ -89,7 +89,7 @@ def profile_request(cfg: dict, dataset: str, annotator: str, task: dict, train: 
     sources = sample_train_records(train, annotator, base_cfg["profile_source_examples"], cfg["seed"], "profile")
     messages = profile_messages(task, annotator, sources, base_cfg["profile_max_new_tokens"] // 2)
     key = common.config_hash({k: v for k, v in writer_cfg.items() if k != "tag"}, messages,
-                             {k: gen_cfg.get(k) for k in ("max_new_tokens", "do_sample", "temperature")},
+                             {k: gen_cfg[k] for k in ("max_new_tokens", "do_sample", "temperature")},
                              cfg["seed"])
     folder = common.profiles_dir(cfg, dataset)
     return {"dataset": dataset, "annotator": annotator, "sources": sources, "messages": messages, "key": key, "gen_cfg": gen_cfg,
@@ -105,7 +105,7 @@ def write_value_profiles(cfg: dict, dataset: str, requests: list[dict], model, t
     """Write the profiles of `requests` with the writer model (one batch)."""
     if not requests:
         return
-    if requests[0]["gen_cfg"].get("do_sample"):
+    if requests[0]["gen_cfg"]["do_sample"]:
         common.set_seed(cfg["seed"])
     texts = common.generate_texts(model, tokenizer, [r["messages"] for r in requests], requests[0]["gen_cfg"],
                                   desc=f"{dataset} profiles")
@@ -130,7 +130,7 @@ def prompt_kwargs(method: str, demonstrations: list[dict], profile: str | None) 
 def ordered_models(cfg: dict) -> list[dict]:
     """The config's models, the profile writer first (it writes profiles before it predicts)."""
     models = common.model_configs(cfg)
-    writer = cfg["baselines"].get("profile_writer") or models[0]["tag"]
+    writer = cfg["baselines"]["profile_writer"] or models[0]["tag"]
     tags = [m["tag"] for m in models]
     if writer not in tags:
         raise common.InputError(f"{cfg['config_path']}: baselines.profile_writer '{writer}' is not one of "
@@ -138,16 +138,16 @@ def ordered_models(cfg: dict) -> list[dict]:
     return sorted(models, key=lambda m: m["tag"] != writer)
 
 
+# The config sections a predictions file is made from, besides 01's files and (vp methods) the
+# value profile; `models[]` is the entry of the file's model.
+CONFIG_SECTIONS = ("seed", "torch_threads", "data", "generation", "baselines", "models[]")
+
+
 def prediction_recipe(cfg: dict, dataset: str, model_cfg: dict, method: str, profile_path) -> dict:
-    """What one predictions file depends on: 01's files, the profile (vp methods) and the
-    config values the method reads."""
-    keys = ["seed", "data.split_seed", "data.max_eval_items", "generation", f"models[{model_cfg['tag']}]"]
-    inputs = common.data_files(cfg, dataset)
-    if "icl" in method:
-        keys.append("baselines.icl_k")
-    if method.startswith("vp"):
-        inputs.append(profile_path)
-    return common.recipe(cfg, "03_prompt_baselines", inputs, keys, method=method, bf16_native=common.native_bf16())
+    """What one predictions file depends on: 01's files, the profile (vp methods), the config."""
+    inputs = common.data_files(cfg, dataset) + ([profile_path] if method.startswith("vp") else [])
+    return common.recipe(cfg, "03_prompt_baselines", inputs, CONFIG_SECTIONS, model_tag=model_cfg["tag"],
+                         method=method, bf16_native=common.native_bf16())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,12 +192,20 @@ def main(argv: list[str] | None = None) -> None:
                 path = common.predictions_path(cfg, dataset, model_cfg["tag"], method, annotator)
                 made_from = prediction_recipe(cfg, dataset, model_cfg, method,
                                               profile_requests[(dataset, annotator)]["text_path"])
-                if method.startswith("vp") and not profile_is_current(profile_requests[(dataset, annotator)]):
+                reason = "--force" if args.force else common.why_not_current(path, made_from)
+                profile_stale = method.startswith("vp") and not profile_is_current(profile_requests[(dataset, annotator)])
+                if not reason and profile_stale:
                     reason = "its value profile is missing or stale"
-                else:
-                    reason = "--force" if args.force else common.why_not_current(path, made_from)
-                if reason:
+                if args.dry_run:
+                    common.say_plan("03", path, reason)
+                elif reason:
                     todo.append((model_cfg, dataset, annotator, method, reason))
+    if args.dry_run:
+        for request in profile_requests.values():
+            if any(m.startswith("vp") for m in methods):
+                common.say_plan("03", request["text_path"], None if profile_is_current(request) else
+                                "missing, or written from other sources, writer model, decoding or seed")
+        return
     print(f"[03] {len(todo)} of {len(models) * len(units) * len(methods)} predictions files to (re)do"
           f"{common.process_label()}; the rest are current", flush=True)
     stale_profiles = [profile_requests[(d, a)] for d, a in units if not profile_is_current(profile_requests[(d, a)])

@@ -129,11 +129,16 @@ def epoch_dev_losses(log_history: list[dict]) -> list[dict]:
             for row in log_history if "eval_loss" in row]
 
 
+# The config sections an SFT adapter is made from, besides 01's files (train, and dev for the
+# dev loss); `models[]` is the entry of its base model. Its test predictions: common's
+# ADAPTER_PREDICTION_SECTIONS.
+CONFIG_SECTIONS = ("seed", "torch_threads", "data", "sft", "models[]")
+
+
 def adapter_recipe(cfg: dict, dataset: str, model_cfg: dict) -> dict:
-    """What an SFT adapter depends on: 01's files (train, and dev for the dev loss) and the config."""
-    return common.recipe(cfg, "04_sft", common.data_files(cfg, dataset),
-                         ["seed", "data.split_seed", "data.max_eval_items", "sft", f"models[{model_cfg['tag']}]"],
-                         bf16_native=common.native_bf16())
+    """What an SFT adapter depends on: 01's files and the config."""
+    return common.recipe(cfg, "04_sft", common.data_files(cfg, dataset), CONFIG_SECTIONS,
+                         model_tag=model_cfg["tag"], bf16_native=common.native_bf16())
 
 
 def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
@@ -228,6 +233,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         name = f"sft {dataset}/{tag}/{annotator}"
         adapter_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
         pred_path = common.predictions_path(cfg, dataset, tag, "sft", annotator)
+        if args.dry_run:
+            reason = "--force" if args.force else common.why_not_current(adapter_path,
+                                                                         adapter_recipe(cfg, dataset, model_cfg))
+            common.say_adapter_plan("sft", adapter_path, reason, pred_path, common.adapter_predictions_recipe(
+                cfg, "04_sft", dataset, model_cfg, adapter_path))
+            continue
         with common.training_processes(args.data_parallel):
             # ---- train, unless the adapter is finished from the same data, config and code
             made_from = adapter_recipe(cfg, dataset, model_cfg)

@@ -162,8 +162,10 @@ def sample_pairs_across_items(pairs: list[dict], cap: int | None, seed_key: str)
     return [pairs[i] for i in sorted(keep)]
 
 
-def write_pairs(cfg: dict, dataset: str, task: dict, splits: dict, model_tag: str, policy: str) -> dict:
-    """Every annotator's train pairs (JSONL) and pairs_stats.json; returns {annotator: pairs}."""
+def write_pairs(cfg: dict, dataset: str, task: dict, splits: dict, model_tag: str, policy: str,
+                write: bool = True) -> dict:
+    """Every annotator's train pairs (JSONL) and pairs_stats.json (unless not `write`); returns
+    {annotator: pairs}."""
     section = cfg["capo"]
     out_dir, pairs_dir = common.pairs_dir(cfg, dataset, model_tag), common.pairs_dir(cfg, dataset, model_tag, policy)
     stats = {"dataset": dataset, "model": model_tag, "policy": policy, "score_delta": section["score_delta"],
@@ -185,9 +187,9 @@ def write_pairs(cfg: dict, dataset: str, task: dict, splits: dict, model_tag: st
                 row[name]["pairs_used"] = len(all_pairs[annotator])
                 row[name]["items_used"] = len({p["item_id"] for p in all_pairs[annotator]})
         stats["per_annotator"][annotator] = row
-        if common.is_main_process():
+        if write and common.is_main_process():
             common.write_jsonl(pairs_dir / f"{annotator}.jsonl", all_pairs[annotator])
-    if common.is_main_process():
+    if write and common.is_main_process():
         common.write_json(out_dir / "pairs_stats.json", stats)
         common.save_resolved_config(cfg, out_dir, stage="05_capo")
     return all_pairs
@@ -416,13 +418,18 @@ def build_trainer(cfg: dict, model_cfg: dict, sft_path, train_pairs: list[dict],
     return trainer, tokenizer
 
 
+# The config sections a CAPO adapter is made from, besides its pairs, the SFT adapter it starts
+# from and 01's files: DPO, the selection classifier (02's settings) and its dev sample, decoding
+# for selection; `models[]` is the entry of its base model. Its test predictions: common's
+# ADAPTER_PREDICTION_SECTIONS.
+CONFIG_SECTIONS = ("seed", "torch_threads", "data", "capo", "hlv", "embedder", "generation", "models[]")
+
+
 def adapter_recipe(cfg: dict, dataset: str, model_cfg: dict, sft_path, pairs_path) -> dict:
     """What a CAPO adapter depends on: its pairs, the SFT adapter it starts from, 01's files
-    (dev selection) and the config (DPO, the selection classifier and its dev sample, decoding).
-    Not data.max_eval_items: selection draws its own dev sample (capo.select_max_dev_items)."""
+    (dev selection) and the config."""
     return common.recipe(cfg, "05_capo", [pairs_path, sft_path, *common.data_files(cfg, dataset)],
-                         ["seed", "data.split_seed", "capo", "hlv", "embedder", "generation",
-                          f"models[{model_cfg['tag']}]"], bf16_native=common.native_bf16())
+                         CONFIG_SECTIONS, model_tag=model_cfg["tag"], bf16_native=common.native_bf16())
 
 
 def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
@@ -520,7 +527,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         task, splits = common.load_task(cfg, dataset), common.load_splits(cfg, dataset)
         data[dataset] = {"task": task, "splits": splits, "pairs": {}}
         for model_cfg in common.model_configs(cfg):
-            data[dataset]["pairs"][model_cfg["tag"]] = write_pairs(cfg, dataset, task, splits, model_cfg["tag"], policy)
+            data[dataset]["pairs"][model_cfg["tag"]] = write_pairs(cfg, dataset, task, splits, model_cfg["tag"], policy,
+                                                                   write=not args.dry_run)
             units += [(dataset, model_cfg["tag"], annotator)
                       for annotator in common.select_annotators(cfg, dataset, args.annotators)]
     common.wait_for_everyone()  # the pairs files are on disk before any process hashes them
@@ -542,6 +550,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             continue
         # ---- the SFT adapter it starts from must be finished from the same data and config
         sft_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
+        pairs_path = common.pairs_dir(cfg, dataset, tag, policy) / f"{annotator}.jsonl"
+        if args.dry_run:  # (the pairs file as it is now: a dry run writes none)
+            sft_stale = common.stale_reason(sft_path, cfg)
+            reason = ("--force" if args.force else f"its SFT adapter is not current: {sft_stale}" if sft_stale
+                      else common.why_not_current(adapter_path,
+                                                  adapter_recipe(cfg, dataset, model_cfg, sft_path, pairs_path)))
+            common.say_adapter_plan(method, adapter_path, reason, pred_path, common.adapter_predictions_recipe(
+                cfg, "05_capo", dataset, model_cfg, adapter_path))
+            continue
         common.require_current(sft_path, cfg, common.stage_command(
             cfg, "04_sft.py", "--dataset", dataset, "--annotators", annotator))
         with common.training_processes(args.data_parallel):
@@ -550,7 +567,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     print(f"[{name}] {line}", flush=True)
 
             # ---- train, unless the adapter is finished from the same pairs, SFT adapter and config
-            pairs_path = common.pairs_dir(cfg, dataset, tag, policy) / f"{annotator}.jsonl"
             made_from = adapter_recipe(cfg, dataset, model_cfg, sft_path, pairs_path)
             reason = "--force" if args.force else common.why_not_current(adapter_path, made_from)
             if reason:

@@ -367,7 +367,7 @@ def load_dataset(cfg: dict, dataset: str) -> dict:
 
 
 def expected_methods(cfg: dict) -> list[str]:
-    return list(cfg.get("baselines", {}).get("methods", PROMPTING_METHODS)) + list(TRAINED_METHODS)
+    return list(cfg["baselines"]["methods"]) + list(TRAINED_METHODS)
 
 
 def discover_methods(cfg: dict, dataset: str, model_tag: str) -> list[str]:
@@ -466,7 +466,7 @@ def bertscore_model_path(spec: str) -> str:
 def bertscore_f1(outputs: list[str], references: list[list[str]], ev: dict) -> tuple[list[float] | None, str | None]:
     """BERTScore F1 (bert-score, no idf, no baseline rescaling), max over references.
     An empty output scores 0 (bert-score cannot encode it). (None, reason) if it cannot run."""
-    if not ev.get("bertscore", True):
+    if not ev["bertscore"]:
         return None, "disabled (eval.bertscore: false)"
     # Each distinct (output, references) pair is scored once: methods often repeat outputs.
     pairs = list(dict.fromkeys((out, tuple(refs)) for out, refs in zip(outputs, references) if out.strip()))
@@ -476,7 +476,7 @@ def bertscore_f1(outputs: list[str], references: list[list[str]], ev: dict) -> t
         import bert_score
         model = bertscore_model_path(ev["bertscore_model"])
         _, _, f1 = bert_score.score([out for out, _ in pairs], [list(refs) for _, refs in pairs],
-                                    model_type=model, num_layers=ev.get("bertscore_num_layers"),
+                                    model_type=model, num_layers=ev["bertscore_num_layers"],
                                     batch_size=64, device=common.default_device(), verbose=False)
     except Exception as err:  # a missing model or an offline hub must not stop the report
         return None, f"bert-score could not run with {ev['bertscore_model']}: {type(err).__name__}: {err}"
@@ -1852,7 +1852,7 @@ def lewidi_dataset_view(cfg: dict, ds: dict, predictions: dict) -> dict:
 
 def lewidi_view(cfg: dict, datasets: dict, predictions: dict) -> dict | None:
     """{dataset: view} when data.split is lewidi; None (and one line saying so) otherwise."""
-    if cfg["data"].get("split", "paper") != "lewidi":
+    if cfg["data"]["split"] != "lewidi":
         print("[eval] LeWiDi-2025 view skipped: data.split is not lewidi (run with --data.split lewidi)", flush=True)
         return None
     views = {name: lewidi_dataset_view(cfg, ds, predictions[name])
@@ -1922,9 +1922,15 @@ def result_rows(results: dict, datasets: dict, ev: dict) -> list[dict]:
 # ----------------------------------------------------------------------------
 # Provenance of 06's outputs, and the adapters' model cards
 # ----------------------------------------------------------------------------
+# The config sections metrics.json and the report are made from, besides 01's files, 02's
+# summaries and the predictions files (which also record their own).
+CONFIG_SECTIONS = ("seed", "torch_threads", "data", "eval", "embedder", "hlv", "generation", "models")
+
+
 def eval_recipe(cfg: dict, names: list[str]) -> dict:
     """What metrics.json and the report are made from: 01's files, 02's summaries and every
-    predictions file present (each one checked against its own manifest when read)."""
+    predictions file present (each one checked against its own manifest when read), the config,
+    and which datasets, training seeds and methods it pools."""
     inputs = []
     for name in names:
         inputs += common.data_files(cfg, name)
@@ -1934,9 +1940,9 @@ def eval_recipe(cfg: dict, names: list[str]) -> dict:
             for seed in common.training_seeds(cfg):
                 folder = common.method_dir(common.with_seed(cfg, seed), name, model_cfg["tag"], "x").parent
                 inputs += sorted(folder.glob("*/*.jsonl")) if folder.is_dir() else []
-    return common.recipe(cfg, "06_eval", inputs, ["seed", "seeds", "data.split", "data.split_seed", "data.max_eval_items", "eval",
-                                                  "embedder", "hlv", "generation", "models", "baselines.methods"],
+    return common.recipe(cfg, "06_eval", inputs, CONFIG_SECTIONS,
                          code=("eval_report.py", "endpoint_judge.py", "templates/human_form.html"), datasets=names,
+                         seeds=common.training_seeds(cfg), methods=expected_methods(cfg),
                          bf16_native=common.native_bf16())
 
 
@@ -2034,6 +2040,9 @@ def main(argv: list[str] | None = None) -> None:
         common.require_data(cfg, name)
     made_from = eval_recipe(cfg, names)
     reason = "--force" if args.force else common.why_not_current(common.metrics_path(cfg), made_from)
+    if args.dry_run:
+        common.say_plan("eval", common.metrics_path(cfg), reason)
+        return
     if reason is None:
         print(f"[eval] {common.metrics_path(cfg)} and {common.report_path(cfg)} are current (same predictions, "
               "config and code); skipped", flush=True)

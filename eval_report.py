@@ -211,7 +211,7 @@ def table_notes(cfg: dict, features: list[str]) -> list[str]:
         "feature KL is recomputed on each resample (a resample repeats items, so its histograms are coarser "
         "and its KL is biased upwards: the interval can sit above the value).",
         "ROUGE-L (stemmed), BERTScore F1 "
-        f"({ev['bertscore_model']}, layer {ev.get('bertscore_num_layers') or 'default'}) and embedding cosine: "
+        f"({ev['bertscore_model']}, layer {ev['bertscore_num_layers'] or 'default'}) and embedding cosine: "
         "max over the target's reference explanations for the item.",
         f"Feature KL: KL(human || model) over {int(ev['feature_bins'])} fixed train-quantile bins "
         f"(smoothing {ev['kl_smoothing']}), averaged over {len(features)} features (our definition).",

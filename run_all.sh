@@ -8,6 +8,8 @@
 #                                        #   01_prepare.py --custom FILE --name NAME (01 re-reads FILE)
 #   bash run_all.sh --raw-dir data/raw   # where 01 finds the raw files (sets CAPO_RAW_DIR)
 #   bash run_all.sh --force              # redo every stage's work, even what is finished
+#   bash run_all.sh --dry-run            # each stage says what is current and what it would redo, and why
+#                                        #   (one process each, no logs); nothing is done
 #   bash run_all.sh --seeds 42,43,44     # 03-05 once per training seed (same split), 06 pools them
 #   bash run_all.sh --split lewidi       # the LeWiDi-2025 train/dev/test files as published, in
 #                                        #   <run_dir>/lewidi/; 06 adds the official metrics and submission files
@@ -33,6 +35,7 @@ cd "$(dirname "$0")"
 profile=""
 dataset="all"
 force=0
+dry_run=0
 raw_dir=""
 download_models=0
 processes=""
@@ -43,6 +46,7 @@ while [ $# -gt 0 ]; do
     --profile) profile="$2"; shift 2 ;;
     --dataset) dataset="$2"; shift 2 ;;
     --force) force=1; shift ;;
+    --dry-run) dry_run=1; shift ;;
     --raw-dir) raw_dir="$2"; shift 2 ;;
     --download-models) download_models=1; shift ;;
     --processes) processes="$2"; shift 2 ;;
@@ -58,7 +62,7 @@ while [ $# -gt 0 ]; do
             *) extra+=("$1"); shift ;;
           esac
         done ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -85,7 +89,7 @@ def show():
 common.run_stage(show)' "$config" "${extra[@]}") || true
 [ -n "${run_dir:-}" ] || exit 2
 IFS=, read -r -a seed_list <<< "$seeds"
-mkdir -p "$run_dir/logs"
+[ "$dry_run" = 1 ] || mkdir -p "$run_dir/logs"
 
 # Models: --download-models fetches the profile's hub models (the run's one online step);
 # then every LLM of the profile must be in the local cache before stage 01 spends any time.
@@ -138,6 +142,15 @@ for stage_run in "${runs[@]}"; do
   stage=${stage_run%%:*} seed=${stage_run#*:}
   seed_args=()
   [ -n "$seed" ] && seed_args=(--seed "$seed")
+  if [ "$dry_run" = 1 ]; then
+    echo "== $stage ($profile, $dataset${seed:+, seed $seed}; dry run)"
+    rc=0
+    "$PY" "$stage.py" --config "$config" --dataset "$dataset" --dry-run "${stage_args[@]}" "${extra[@]}" \
+      "${seed_args[@]}" || rc=$?
+    # exit 2: an input from an earlier stage is not current (the line above names it and how to redo it)
+    [ "$rc" = 0 ] || [ "$rc" = 2 ] || exit 1
+    continue
+  fi
   log="$run_dir/logs/$stage${seed:+.seed$seed}.log"
   case "$stage" in 01_*|02_*) n=1 ;; *) n=$processes ;; esac
   echo "== $stage ($profile, $dataset${seed:+, seed $seed}; $n process(es))"
@@ -162,6 +175,7 @@ for stage_run in "${runs[@]}"; do
     >> "$run_dir/stage_times.tsv"
   echo "== $stage done in ${seconds}s (peak RSS ${peak_mb} MB; appended to $run_dir/stage_times.tsv)"
 done
+[ "$dry_run" = 1 ] && { echo "run_all.sh: dry run of profile $profile; nothing was done"; exit 0; }
 echo "run_all.sh: profile $profile finished in $(( $(date +%s) - start_all ))s; outputs in $run_dir/"
 [ -f "$run_dir/report.md" ] && echo "report: $run_dir/report.md"
 exit 0

@@ -109,7 +109,7 @@ def kit_infmode_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -
     weight again at every forward (common._decoding says why the kit no longer does)."""
     @contextlib.contextmanager
     def inference_mode_decoding(gen_cfg, device):
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if gen_cfg.get("autocast_bf16")
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if gen_cfg["autocast_bf16"]
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
             yield
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     cfg = common.load_config(args.config or ROOT / "configs" / ("smoke.yaml" if args.tiny else "cpu.yaml"))
-    if cfg.get("torch_threads"):
+    if cfg["torch_threads"]:
         torch.set_num_threads(int(cfg["torch_threads"]))
     gen_cfg = dict(cfg["generation"])
     single_prompts = args.single_prompts or (2 if args.tiny else 6)
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     annotator, calls = workload(cfg, args.dataset, args.annotator, args.methods.split(","))
     task = common.load_task(cfg, args.dataset)
     constraint = (common.ReplyConstraint(tokenizer, common.response_openings(task), end_at_line_break=True)
-                  if gen_cfg.get("constrain_response") else None)
+                  if gen_cfg["constrain_response"] else None)
     if args.tiny:
         gen_cfg.update(max_new_tokens=8, batch_size=3)
         args.prompts = args.prompts or 4

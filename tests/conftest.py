@@ -49,7 +49,7 @@ def mark_prepared(config, dataset: str) -> None:
     01 would write beside it (later stages refuse data without one)."""
     cfg = config if isinstance(config, dict) else common.load_config(config)
     prepare = load_stage("01_prepare")
-    made_from = common.recipe(cfg, "01_prepare", [], prepare.DATA_CONFIG_KEYS, dataset=dataset, options={})
+    made_from = common.recipe(cfg, "01_prepare", [], prepare.CONFIG_SECTIONS, dataset=dataset, options={})
     common.write_manifest(common.data_dir(cfg, dataset), made_from)
 
 
@@ -62,9 +62,9 @@ def mark_predictions(config) -> None:
     present: write the manifests 03-05 would write (06 refuses predictions without one)."""
     cfg = config if isinstance(config, dict) else common.load_config(config)
     for path in sorted((common.seed_dir(cfg) / "predictions").glob("*/*/*/*.jsonl")):
-        dataset, method = path.parts[-4], path.parts[-2]
+        dataset, model_tag, method = path.parts[-4], path.parts[-3], path.parts[-2]
         made_from = common.recipe(cfg, STAGE_OF_METHOD.get(method, "05_capo"), common.data_files(cfg, dataset),
-                                  ["seed", "data.split_seed", "data.max_eval_items", "generation"])
+                                  common.ADAPTER_PREDICTION_SECTIONS, model_tag=model_tag)
         common.write_manifest(path, made_from)
 
 

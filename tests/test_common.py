@@ -104,6 +104,21 @@ def test_yaml_values_are_type_checked(tmp_path):
                                                          "dtype": None}]))
 
 
+def test_an_optional_key_left_out_takes_its_default_from_the_schema_only(tmp_path):
+    smoke = ROOT / "configs" / "smoke.yaml"
+    assert "top_p" not in yaml.safe_load(smoke.read_text())["generation"]
+    default = yaml.safe_load(common.CONFIG_SCHEMA["generation"]["top_p?"].partition(" = ")[2])
+    assert common.load_config(smoke)["generation"]["top_p"] == default
+    assert common.load_config(smoke, ["--generation.top_p", "0.5"])["generation"]["top_p"] == 0.5
+    with pytest.raises(common.InputError, match=r"generation.top_p = 'x' is not float"):
+        common.load_config(smoke, ["--generation.top_p", "x"])
+
+
+def test_a_tiny_model_without_its_size_stops_in_one_line(tiny_model):
+    with pytest.raises(common.InputError, match="source tiny needs its size"):
+        common.build_tiny_model({"tag": "t", "source": "tiny", "init_seed": 0}, tiny_model[1])
+
+
 def test_stage_cli_bad_value_is_one_line(tmp_path):
     import subprocess
     result = subprocess.run([sys.executable, str(ROOT / "02_analyze_hlv.py"), "--config",
@@ -177,7 +192,7 @@ def test_manifest_marks_outputs_current_until_an_input_config_or_output_changes(
     data = common.run_dir(cfg) / "in.jsonl"
     common.write_jsonl(data, [{"a": 1}])
     out = common.run_dir(cfg) / "out.jsonl"
-    made_from = common.recipe(cfg, "02_analyze_hlv", [data], ["seed", "hlv.folds"])
+    made_from = common.recipe(cfg, "02_analyze_hlv", [data], ["seed", "hlv"])
     assert common.why_not_current(out, made_from) == "not there yet"
     common.write_jsonl(out, [{"b": 1}])
     assert common.why_not_current(out, made_from).startswith("no manifest")
@@ -187,7 +202,7 @@ def test_manifest_marks_outputs_current_until_an_input_config_or_output_changes(
     assert common.stale_reason(out, other_seed) == "config seed was 42, now 7"
     common.write_jsonl(data, [{"a": 2}])
     assert common.stale_reason(out, cfg) == "input in.jsonl has changed"
-    assert common.why_not_current(out, common.recipe(cfg, "02_analyze_hlv", [data], ["seed", "hlv.folds"])) \
+    assert common.why_not_current(out, common.recipe(cfg, "02_analyze_hlv", [data], ["seed", "hlv"])) \
         == "input in.jsonl has changed"
     common.write_jsonl(data, [{"a": 1}])
     common.write_jsonl(out, [{"b": "edited by hand"}])

@@ -210,7 +210,8 @@ def test_group_confidence_planted_above_chance_shuffled_near_chance(shuffled):
     train_X = common.remove_item_content(train_X, train_ids, common.item_means(train_X, train_ids))
     means = common.item_means(test_X, test_ids)
     test_X = common.remove_item_content(test_X, test_ids, means)
-    clf = common.fit_annotator_classifier({"classifier": "logistic_regression", "C": 1.0}, train_X, train_y, 0)
+    clf = common.fit_annotator_classifier({"classifier": "logistic_regression", "C": 1.0, "standardize": True},
+                                          train_X, train_y, 0)
     confidences = [common.group_target_confidence(clf, test_X[[y == a for y in test_y]], a, 10, 100, 1)["mean_prob"]
                    for a in annotators]
     mean_conf = float(np.mean(confidences))

@@ -85,7 +85,7 @@ def test_group_scores_of_averaged_rows_are_averaged_row_scores():
     X = rng.normal(size=(60, 8))
     y = [f"A{i % 3}" for i in range(60)]
     X[np.arange(60) % 3 == 0] += 1.5
-    clf = common.fit_annotator_classifier({"classifier": "logistic_regression", "C": 1.0}, X, y, 0)
+    clf = common.fit_annotator_classifier({"classifier": "logistic_regression", "C": 1.0, "standardize": True}, X, y, 0)
     group = X[:10]
     logits = common.row_logits(clf, group).mean(axis=0)
     proba = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()

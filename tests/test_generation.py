@@ -36,7 +36,7 @@ def record(item_id, annotator, text_a, text_b, label="neutral", split="test"):
 def gen_cfg(**changes):
     cfg = {"engine": "kit", "batch_size": 4, "max_new_tokens": 12, "do_sample": False,
            "temperature": 0.0, "autocast_bf16": False, "prefix_cache_min_tokens": 32,
-           "share_prefix_attention": True}
+           "share_prefix_attention": True, "constrain_response": False, "top_p": 1.0}
     cfg.update(changes)
     return cfg
 

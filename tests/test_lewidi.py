@@ -104,7 +104,7 @@ def test_prepare_lewidi_records(lewidi_run):
     par = common.read_jsonl(run / "data" / "par" / "test.jsonl")
     assert [r["label"] for r in par if r["item_id"] == "test-test1"] == [5, -4, -4, 4]
     manifest = common.read_json(common.manifest_path(run / "data" / "varierr"))
-    assert manifest["made_from"]["config"]["data.split"] == "lewidi"
+    assert manifest["made_from"]["config"]["data"]["split"] == "lewidi"
     assert sorted(Path(p).name for p in manifest["made_from"]["inputs"]) == [
         "VariErrNLI_dev.json", "VariErrNLI_test.json", "VariErrNLI_train.json"]
 

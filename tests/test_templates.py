@@ -165,7 +165,8 @@ def test_generation_stops_at_the_end_of_turn(family, engine, tokenizer_dirs):
     reply = tokenizer("Label: yes", add_special_tokens=False)["input_ids"]
     constraint = common.ReplyConstraint(tokenizer, [reply + [tokenizer.eos_token_id]])
     gen_cfg = {"engine": engine, "max_new_tokens": 40, "batch_size": 4, "do_sample": False, "temperature": 0.0,
-               "prefix_cache_min_tokens": 32, "share_prefix_attention": False, "autocast_bf16": False}
+               "prefix_cache_min_tokens": 32, "share_prefix_attention": False, "autocast_bf16": False,
+               "constrain_response": False, "top_p": 1.0}
     prompts = [[{"role": "user", "content": "Short."}], [{"role": "user", "content": "A longer question " * 12}]]
     ids = common.generate_token_ids(model, tokenizer, prompts, gen_cfg, constraint=constraint)
     assert ids == [reply + [tokenizer.eos_token_id]] * 2  # stopped at the end of turn, not at max_new_tokens
@@ -189,8 +190,9 @@ def test_prompts_and_predictions_do_not_depend_on_the_date(tokenizer_dirs, monke
     monkeypatch.undo()
 
     requests = [{"dataset": "toy", "item_id": "i0", "annotator": "A0", "messages": messages}]
-    gen_cfg = {"max_new_tokens": 6, "batch_size": 2, "do_sample": False, "temperature": 0.0,
-               "prefix_cache_min_tokens": 32, "share_prefix_attention": False, "autocast_bf16": False}
+    gen_cfg = {"engine": "kit", "max_new_tokens": 6, "batch_size": 2, "do_sample": False, "temperature": 0.0,
+               "prefix_cache_min_tokens": 32, "share_prefix_attention": False, "autocast_bf16": False,
+               "constrain_response": False, "top_p": 1.0}
     seen = []
     for clock in (datetime, OtherDay):
         monkeypatch.setattr("transformers.utils.chat_template_utils.datetime", clock)
