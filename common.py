@@ -73,10 +73,11 @@ def input_error(path: str | Path, message: str, *, line: int | None = None,
 
 
 def run_stage(main: Callable[[], Any]) -> None:
-    """Call main(); bad input becomes one line on stderr (exit 2), Ctrl-C one line (exit 130)."""
+    """Call main(); bad input becomes one line on stderr (exit 2), Ctrl-C one line (exit 130).
+    Under `accelerate launch` the process leaves its process group on every way out, an error
+    too: a group left up at exit can turn the exit code into gloo's abort (signal 6)."""
     try:
         main()
-        leave_process_group()
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -84,6 +85,8 @@ def run_stage(main: Callable[[], Any]) -> None:
         print(f"interrupted: {Path(sys.argv[0]).name} stopped; finished outputs are kept, "
               "unfinished ones are redone on the next run", file=sys.stderr)
         sys.exit(130)
+    finally:
+        leave_process_group()
 
 
 # ----------------------------------------------------------------------------

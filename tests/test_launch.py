@@ -22,17 +22,21 @@ PROBE = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import common
     from accelerate import PartialState
-    rank = int(os.environ["RANK"])
-    mine = common.this_process_share(list("abcde"))
-    assert mine == (list("abc") if rank == 0 else list("de")), mine
-    with common.training_alone():  # what a trainer sees while each process trains its own adapter
-        state = PartialState(cpu=True)
-        assert state.num_processes == 1 and state.is_main_process and common.is_main_process()
-        assert "WORLD_SIZE" not in os.environ
-    assert common.world_size() == 2 and common.process_state().num_processes == 2
-    assert common.gather_to_all([f"r{{rank}}"]) == ["r0", "r1"]
-    common.wait_for_everyone()
-    sys.exit(3 if rank == 1 else 0)
+
+    def main():  # a stage's main, run as the stages run theirs (common.run_stage)
+        rank = int(os.environ["RANK"])
+        mine = common.this_process_share(list("abcde"))
+        assert mine == (list("abc") if rank == 0 else list("de")), mine
+        with common.training_alone():  # what a trainer sees while each process trains its own adapter
+            state = PartialState(cpu=True)
+            assert state.num_processes == 1 and state.is_main_process and common.is_main_process()
+            assert "WORLD_SIZE" not in os.environ
+        assert common.world_size() == 2 and common.process_state().num_processes == 2
+        assert common.gather_to_all([f"r{{rank}}"]) == ["r0", "r1"]
+        common.wait_for_everyone()
+        sys.exit(3 if rank == 1 else 0)
+
+    common.run_stage(main)
 """)
 
 
