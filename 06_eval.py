@@ -621,7 +621,7 @@ def group_entry(cfg: dict, ds: dict, imitation: dict, annotator: str, logits: np
             for _, name in names:
                 entry[name], reasons[name] = None, why
         else:
-            model, human_side = model_draws[m], human_draws[m]
+            model, human_resamples = model_draws[m], human_draws[m]
             conf, human_conf = float(model_point[m]["conf"][0]), float(human_point[m]["conf"][0])
             entry.update({f"group_clf_conf_m{requested}": conf,
                           f"group_accuracy_m{requested}": float(model_point[m]["accuracy"][0]),
@@ -629,8 +629,8 @@ def group_entry(cfg: dict, ds: dict, imitation: dict, annotator: str, logits: np
                           f"norm_imitation_m{requested}": normalised_imitation(conf, human_conf)})
             draws[f"group_clf_conf_m{requested}"] = model["conf"]
             draws[f"group_accuracy_m{requested}"] = model["accuracy"]
-            draws[f"human_group_clf_conf_m{requested}"] = human_side["conf"]
-            draws[f"norm_imitation_m{requested}"] = ratio(model["conf"], human_side["conf"])
+            draws[f"human_group_clf_conf_m{requested}"] = human_resamples["conf"]
+            draws[f"norm_imitation_m{requested}"] = ratio(model["conf"], human_resamples["conf"])
         if requested == primary:
             entry["group_m"] = m or 0
             for metric, name in names:
@@ -2086,10 +2086,10 @@ def main(argv: list[str] | None = None) -> None:
     tables = eval_report.write_tables(cfg, results, rows, datasets, METRICS, list(FEATURES), tables_dir)
     if lewidi is not None:
         tables["lewidi"] = eval_report.write_lewidi_table(cfg, lewidi, tables_dir)
-    figures = []
+    figures, index = [], eval_report.rows_index(rows)
     for metric in (m for m in METRICS if m.figure):
         path = tables_dir / f"fig_{metric.name}.png"
-        if eval_report.plot_metric(results, rows, datasets, metric,
+        if eval_report.plot_metric(results, index, datasets, metric,
                                    primary_group_size(cfg["eval"]) if metric.kind == "group" else None, path):
             figures.append(path)
     curves = tables_dir / "fig_training_curves.png"

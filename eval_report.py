@@ -396,10 +396,10 @@ def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> str:
                        notes)
 
 
-def plot_metric(results: dict, result_rows: list[dict], datasets: dict, metric, m: int | None, path: Path) -> bool:
+def plot_metric(results: dict, index: dict, datasets: dict, metric, m: int | None, path: Path) -> bool:
     """One bar chart of registry `metric` (at group size `m` for a group metric) from the results
-    rows' macro values and intervals, a panel per dataset it applies to; False if none."""
-    index = rows_index(result_rows)
+    rows' macro values and intervals (`index`: rows_index of them), a panel per dataset it
+    applies to; False if none."""
     panels = [d for d in results if datasets[d]["task"]["label_type"] in metric.tasks]
     if not panels:
         return False
