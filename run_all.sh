@@ -14,7 +14,7 @@
 #   bash run_all.sh --split lewidi       # the LeWiDi-2025 train/dev/test files as published, in
 #                                        #   <run_dir>/lewidi/; 06 adds the official metrics and submission files
 #   bash run_all.sh --profile paper --download-models   # fetch the profile's hub models, then run offline
-#   bash run_all.sh --processes 4        # processes per stage (default: one per GPU; without GPUs 1)
+#   bash run_all.sh --processes 4        # processes per stage (default: one per GPU; without GPUs 2)
 #   bash run_all.sh --accelerate-config nodes.yaml   # several nodes: accelerate's config file (run on every node)
 #
 # Every stage starts with `accelerate launch`: 01 and 02 as one process, 03-06 as --processes N
@@ -108,12 +108,12 @@ fi
 common.run_stage(lambda: common.require_models(common.load_config(sys.argv[1], sys.argv[2:])))' \
   "$config" "${extra[@]}" || exit 2
 
-# The launcher: accelerate's. Processes: --processes, else one per GPU, else 1 (docs/DESIGN.md,
-# "Processes", has the CPU measurements behind that default). With several CPU processes each
-# gets an equal share of the cores as its threads. --accelerate-config hands everything to
+# The launcher: accelerate's. Processes: --processes, else one per GPU, else 2 CPU processes where
+# there are 2 cores or more (on 2 cores, 2 x 1 thread beat 1 x 2 threads on 03, 04 and 05:
+# bench/RESULTS.md), else 1. With several CPU processes each gets an equal share of the cores as its threads. --accelerate-config hands everything to
 # accelerate's config file (several nodes: num_machines, machine_rank, main_process_ip/port).
 n_gpus=$( { nvidia-smi -L 2>/dev/null || true; } | grep -c '^GPU' || true)
-if [ -z "$processes" ]; then processes=$(( n_gpus > 0 ? n_gpus : 1 )); fi
+if [ -z "$processes" ]; then processes=$(( n_gpus > 0 ? n_gpus : ($(nproc) >= 2 ? 2 : 1) )); fi
 launcher() {  # launcher <processes>: the `accelerate launch` arguments for a stage of that many processes
   local n=$1
   if [ -n "$accelerate_config" ] && [ "$n" -gt 1 ]; then echo --config_file "$accelerate_config"; return; fi

@@ -4,6 +4,8 @@ on two processes (`run_all.sh --processes 2`), which must write the same bytes."
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -69,8 +71,12 @@ def test_readme_own_data_commands_run_end_to_end(one_process_run):
                            cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert summary.is_file() and "[hlv] mine: analysing (not there yet)" in again.stdout
+    # no --processes: one per GPU, else 2 CPU processes where there are 2 cores (else 1)
+    cores = len(os.sched_getaffinity(0))
+    assert f"--num_processes {2 if cores >= 2 else 1}" in again.stdout.split("== 03_prompt_baselines")[1]
     assert "training (" not in again.stdout and again.stdout.count("adapter is current") == 6
-    assert "0 of 12 predictions files to (re)do" in again.stdout
+    plans = re.findall(r"\[03\] (\d+) of (\d+) predictions files to \(re\)do", again.stdout)  # one per process
+    assert plans and all(todo == "0" for todo, _ in plans) and sum(int(n) for _, n in plans) == 12
 
 
 def test_two_processes_write_the_bytes_one_process_writes(one_process_run, tmp_path):
