@@ -110,8 +110,9 @@ common.run_stage(lambda: common.require_models(common.load_config(sys.argv[1], s
 
 # The launcher: accelerate's. Processes: --processes, else one per GPU, else 2 CPU processes where
 # there are 2 cores or more (on 2 cores, 2 x 1 thread beat 1 x 2 threads on 03, 04 and 05:
-# bench/RESULTS.md), else 1. With several CPU processes each gets an equal share of the cores as its threads. --accelerate-config hands everything to
-# accelerate's config file (several nodes: num_machines, machine_rank, main_process_ip/port).
+# bench/RESULTS.md), else 1. With several CPU processes each gets an equal share of the cores as
+# its threads. --accelerate-config hands everything to accelerate's config file (several nodes:
+# num_machines, machine_rank, main_process_ip/port).
 n_gpus=$( { nvidia-smi -L 2>/dev/null || true; } | grep -c '^GPU' || true)
 if [ -z "$processes" ]; then processes=$(( n_gpus > 0 ? n_gpus : ($(nproc) >= 2 ? 2 : 1) )); fi
 launcher() {  # launcher <processes>: the `accelerate launch` arguments for a stage of that many processes
