@@ -114,7 +114,8 @@ common.run_stage(lambda: common.require_models(common.load_config(sys.argv[1], s
 # its threads. --accelerate-config hands everything to accelerate's config file (several nodes:
 # num_machines, machine_rank, main_process_ip/port).
 n_gpus=$( { nvidia-smi -L 2>/dev/null || true; } | grep -c '^GPU' || true)
-if [ -z "$processes" ]; then processes=$(( n_gpus > 0 ? n_gpus : ($(nproc) >= 2 ? 2 : 1) )); fi
+cores=$(nproc)
+if [ -z "$processes" ]; then processes=$(( n_gpus > 0 ? n_gpus : (cores >= 2 ? 2 : 1) )); fi
 launcher() {  # launcher <processes>: the `accelerate launch` arguments for a stage of that many processes
   local n=$1
   if [ -n "$accelerate_config" ] && [ "$n" -gt 1 ]; then echo --config_file "$accelerate_config"; return; fi
@@ -123,7 +124,7 @@ launcher() {  # launcher <processes>: the `accelerate launch` arguments for a st
   [ "$n" -gt 1 ] && args+=(--multi_gpu --main_process_port 0)
   # (no --cpu for one process: it only adds KMP_AFFINITY/KMP_BLOCKTIME pinning, which the kit's
   # CPU figures were not measured with; without a GPU the stages run on the CPU anyway)
-  [ "$n_gpus" = 0 ] && args+=(--num_cpu_threads_per_process $(( $(nproc) / n > 0 ? $(nproc) / n : 1 )))
+  [ "$n_gpus" = 0 ] && args+=(--num_cpu_threads_per_process $(( cores / n > 0 ? cores / n : 1 )))
   echo "${args[@]}"
 }
 
