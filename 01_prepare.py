@@ -91,8 +91,7 @@ KNOWN_RELEASES = {
 LEWIDI_FILE_PREFIX = {"varierr": "VariErrNLI", "par": "Paraphrase"}
 LEWIDI_TEXT_FIELDS = {"varierr": ("context", "statement"), "par": ("Question1", "Question2")}
 # Dataset names and annotator IDs become folder and file names in later stages.
-SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-SAFE_NAME_RULE = "letters, digits, '-', '_' and '.', not starting with a dot"
+SAFE_NAME, SAFE_NAME_RULE = common.SAFE_NAME, common.SAFE_NAME_RULE
 
 
 class Collector:

@@ -553,9 +553,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         pairs_path = common.pairs_dir(cfg, dataset, tag, policy) / f"{annotator}.jsonl"
         if args.dry_run:  # (the pairs file as it is now: a dry run writes none)
             sft_stale = common.stale_reason(sft_path, cfg)
+            made_from = adapter_recipe(cfg, dataset, model_cfg, sft_path, pairs_path)
             reason = ("--force" if args.force else f"its SFT adapter is not current: {sft_stale}" if sft_stale
-                      else common.why_not_current(adapter_path,
-                                                  adapter_recipe(cfg, dataset, model_cfg, sft_path, pairs_path)))
+                      else common.why_not_current(adapter_path, made_from))
             common.say_adapter_plan(method, adapter_path, reason, pred_path, common.adapter_predictions_recipe(
                 cfg, "05_capo", dataset, model_cfg, adapter_path))
             continue

@@ -321,21 +321,62 @@ def apply_overrides(cfg: dict, overrides: list[str], source: str = "command line
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """The profile at `path` with `overrides` applied, checked against CONFIG_SCHEMA."""
-    path = Path(path)
+# Names that become folder names and table keys: dataset names, annotator IDs, model tags.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+SAFE_NAME_RULE = "letters, digits, '-', '_' and '.', not starting with a dot"
+
+
+def check_model_tags(cfg: dict, source: str) -> None:
+    """Model tags name folders, recipe sections and table rows: each a safe name, none twice."""
+    tags = [model["tag"] for model in cfg["models"]]
+    for index, tag in enumerate(tags):
+        if not SAFE_NAME.fullmatch(tag):
+            raise InputError(f"{source}: models[{index}].tag {tag!r} is not a usable tag ({SAFE_NAME_RULE})")
+        if tag in tags[:index]:
+            raise InputError(f"{source}: models[{index}].tag {tag!r} is used twice; tags must differ")
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """`changes` over `base`: mappings merge key by key, anything else (lists too) is replaced."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def read_profile(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, list[str]]:
+    """(the profile at `path`, merged over the profile its `base:` names, if any; the chain of
+    files, base first). `base: paper` names configs/paper.yaml beside it."""
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise InputError(f"{path}: its base: chain comes back to itself")
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(cfg, dict):
         raise InputError(f"{path}: empty or not a mapping of config keys")
-    check_config(cfg, CONFIG_SCHEMA, str(path))
+    base = cfg.pop("base", None)
+    if base is None:
+        return cfg, [str(path)]
+    if not isinstance(base, str) or not SAFE_NAME.fullmatch(base):
+        raise InputError(f"{path}: base: {base!r} is not a profile name (e.g. base: paper)")
+    base_cfg, chain = read_profile(path.parent / f"{base}.yaml", (*seen, path.resolve()))
+    return merged(base_cfg, cfg), [*chain, str(path)]
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The profile at `path` (over its `base:` chain) with `overrides` applied, checked against
+    CONFIG_SCHEMA."""
+    path = Path(path)
+    cfg, chain = read_profile(path)
+    check_config(cfg, CONFIG_SCHEMA, str(path) if len(chain) == 1 else f"{path} (over {', '.join(chain[:-1])})")
     cfg = apply_overrides(cfg, overrides or [])
     check_config(cfg, CONFIG_SCHEMA, f"{path} with the command-line overrides")
+    check_model_tags(cfg, f"{path} with the command-line overrides" if overrides else str(path))
     cfg["config_path"] = str(path)
+    cfg["config_chain"] = chain
     cfg["config_overrides"] = list(overrides or [])
     return cfg
 
@@ -535,13 +576,15 @@ def content_hash(path: str | Path) -> str | None:
 
 
 def config_value(cfg: dict, key: str) -> Any:
-    """A dotted config key's value; `models[<tag>]` is the model entry with that tag."""
+    """A dotted config key's value; a leading `models[<tag>]` is the model entry with that tag
+    (a tag may hold dots: `models[llama3.2-3b].dtype`)."""
     node: Any = cfg
-    for part in key.split("."):
-        if part.startswith("models[") and part.endswith("]"):
-            node = next((m for m in node["models"] if m["tag"] == part[7:-1]), None)
-        else:
-            node = node.get(part) if isinstance(node, dict) else None
+    if key.startswith("models["):
+        tag, _, key = key[len("models["):].partition("]")
+        node = next((m for m in cfg["models"] if m["tag"] == tag), None)
+        key = key.removeprefix(".")
+    for part in key.split(".") if key else []:
+        node = node.get(part) if isinstance(node, dict) else None
     return node
 
 
@@ -600,7 +643,8 @@ def recipe(cfg: dict, stage: str, inputs: Iterable[str | Path], sections: Iterab
     OUTPUT_NEUTRAL_KEYS, and code hashes (the stage's script, common.py and any module in `code`)."""
     sections = [f"models[{model_tag}]" if s == "models[]" else s for s in sections]
     for section in sections:
-        if "." in section or section in OUTPUT_NEUTRAL_KEYS or section == "models[None]":
+        known = section in CONFIG_SCHEMA or (section.startswith("models[") and config_value(cfg, section))
+        if not known or section in OUTPUT_NEUTRAL_KEYS:
             raise ValueError(f"recipe of {stage}: '{section}' is not a config section a recipe can record")
     made = {"stage": stage,
             "inputs": {_input_key(cfg, p): content_hash(p) for p in inputs},
@@ -1347,13 +1391,7 @@ def load_tokenizer(model_cfg: dict):
         tokenizer = AutoTokenizer.from_pretrained(model_cfg["name_or_path"])
     elif source == "random":  # the real model's tokenizer (or the entry's `tokenizer:`)
         name = model_cfg.get("tokenizer") or STAND_IN_TOKENIZERS[stand_in_architecture(model_cfg)]
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-        except OSError as err:
-            raise InputError(f"model '{model_cfg['tag']}': tokenizer '{name}' is neither a folder nor in the "
-                             f"local Hugging Face cache (fetch it with `.venv/bin/hf download {name} "
-                             f"tokenizer.json tokenizer_config.json`, or set tokenizer: to a folder): "
-                             f"{str(err).splitlines()[0]}") from None
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(model_cfg["tag"], name))
     elif source in ("gguf", "tiny"):
         # The tiny model borrows SmolLM2's tokenizer and chat template: real BPE, no download.
         tokenizer = AutoTokenizer.from_pretrained(str(smollm2_cache_dir()))
@@ -1362,6 +1400,29 @@ def load_tokenizer(model_cfg: dict):
     _pick_pad_token(tokenizer)
     tokenizer.padding_side = "left"  # generation; trainers set their own side
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def tokenizer_folder(tag: str, name: str) -> str:
+    """The folder holding TOKENIZER_FILES of `name`: `name` itself, or a hub id's snapshot in the
+    local Hugging Face cache. Loading from the folder needs just those two files (by hub id,
+    transformers also asks the cache for the model's config.json, which a tokenizer fetch lacks)."""
+    from huggingface_hub import try_to_load_from_cache
+    if Path(name).is_dir():
+        found = {file: Path(name) / file for file in TOKENIZER_FILES}
+        found = {file: str(path) if path.is_file() else None for file, path in found.items()}
+        where = f"folder {name}"
+    else:
+        found = {file: try_to_load_from_cache(name, file) for file in TOKENIZER_FILES}
+        where = "the local Hugging Face cache"
+    missing = [file for file, path in found.items() if not isinstance(path, str)]
+    if missing:
+        raise InputError(f"model '{tag}': tokenizer '{name}': {' and '.join(missing)} not in {where}; fetch "
+                         f"with `.venv/bin/hf download {name} {' '.join(TOKENIZER_FILES)}` (or set tokenizer: "
+                         "to a folder holding them)")
+    return str(Path(found[TOKENIZER_FILES[0]]).parent)
 
 
 def torch_dtype(name: str):

@@ -68,6 +68,35 @@ def mark_predictions(config) -> None:
         common.write_manifest(path, made_from)
 
 
+TOKENIZERS = Path(os.environ.get("CAPO_TOKENIZERS", "/nonexistent"))  # qwen3/, llama3/: the real tokenizer files
+TOKENIZER_FOLDER_OF = {"Qwen/Qwen3-4B": "qwen3", "meta-llama/Llama-3.2-3B-Instruct": "llama3"}
+
+
+def hf_download(cache: Path, repo_id: str, files: dict[str, bytes]) -> Path:
+    """Files put into a Hugging Face hub cache (HF_HUB_CACHE) the way `hf download <repo_id>
+    <files>` leaves them: refs/main names a snapshot whose files link to content-addressed blobs.
+    Returns the snapshot folder."""
+    import hashlib
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(data)
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).symlink_to(os.path.relpath(blob, (snapshot / name).parent))
+    return snapshot
+
+
+def hf_download_tokenizers(cache: Path) -> None:
+    """What README's fetch leaves: the paper models' tokenizer.json and tokenizer_config.json."""
+    for repo_id, folder in TOKENIZER_FOLDER_OF.items():
+        hf_download(cache, repo_id, {name: (TOKENIZERS / folder / name).read_bytes() for name in common.TOKENIZER_FILES})
+
+
 @pytest.fixture
 def smoke_config(tmp_path):
     return write_config(tmp_path)

@@ -37,6 +37,48 @@ def test_every_profile_parses_and_has_the_same_keys():
             assert model["source"] in ("hub", "gguf", "tiny") and model["tag"]
 
 
+def test_a_profile_names_its_base_and_changes_keys(tmp_path):
+    (tmp_path / "first.yaml").write_text((ROOT / "configs" / "smoke.yaml").read_text())
+    (tmp_path / "second.yaml").write_text("base: first\nprofile: second\ngeneration: {max_new_tokens: 5}\n")
+    cfg = common.load_config(tmp_path / "second.yaml", ["--seed", "3"])
+    smoke = common.load_config(ROOT / "configs" / "smoke.yaml")
+    assert cfg["config_chain"] == [str(tmp_path / "first.yaml"), str(tmp_path / "second.yaml")]
+    assert cfg["profile"] == "second" and cfg["generation"]["max_new_tokens"] == 5 and cfg["seed"] == 3
+    assert cfg["generation"]["batch_size"] == smoke["generation"]["batch_size"]  # merged key by key
+    assert cfg["models"] == smoke["models"]
+    (tmp_path / "first.yaml").write_text("base: second\n")
+    with pytest.raises(common.InputError, match="comes back to itself"):
+        common.load_config(tmp_path / "second.yaml")
+    (tmp_path / "third.yaml").write_text("base: nowhere\n")
+    with pytest.raises(common.InputError, match="nowhere.yaml: config file not found"):
+        common.load_config(tmp_path / "third.yaml")
+
+
+@pytest.mark.parametrize("tag, message", [("a/b", "not a usable tag"), (".hidden", "not a usable tag"),
+                                          ("", "not a usable tag")])
+def test_a_model_tag_that_cannot_name_a_folder_is_refused_in_one_line(tag, message):
+    with pytest.raises(common.InputError, match=message):
+        common.load_config(ROOT / "configs" / "smoke.yaml", ["--models", f"[{{tag: '{tag}', source: tiny, "
+                                                              "name_or_path: null, dtype: float32}]"])
+    twice = "{tag: x, source: tiny, name_or_path: null, dtype: float32}"
+    with pytest.raises(common.InputError, match="used twice"):
+        common.load_config(ROOT / "configs" / "smoke.yaml", ["--models", f"[{twice}, {twice}]"])
+
+
+def test_a_tag_with_dots_is_a_recipe_section_and_a_changed_value_names_it():
+    cfg = common.load_config(ROOT / "configs" / "paper.yaml")
+    assert common.config_value(cfg, "models[llama3.2-3b]")["name_or_path"] == "meta-llama/Llama-3.2-3B-Instruct"
+    assert common.config_value(cfg, "models[llama3.2-3b].dtype") == "bfloat16"
+    made = common.recipe(cfg, "04_sft", [], ("sft", "models[]"), model_tag="llama3.2-3b")
+    assert made["config"]["models[llama3.2-3b]"]["tag"] == "llama3.2-3b"
+    changed = common.load_config(ROOT / "configs" / "paper.yaml", ["--models", yaml.safe_dump(
+        [dict(m, dtype="float32") for m in cfg["models"]], default_flow_style=True)])
+    again = common.recipe(changed, "04_sft", [], ("sft", "models[]"), model_tag="llama3.2-3b")
+    assert common._first_difference(made, again) == 'config models[llama3.2-3b].dtype was "bfloat16", now "float32"'
+    with pytest.raises(ValueError):  # a section that is not one
+        common.recipe(cfg, "04_sft", [], ("sft.lora_r",))
+
+
 def test_overrides_are_typed_and_strict():
     cfg = common.load_config(ROOT / "configs" / "smoke.yaml", ["--seed", "7", "--data.max_items=12",
                                                                 "--datasets", "[varierr]"])

@@ -16,7 +16,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import common
-from conftest import ROOT, load_stage, write_config
+from conftest import ROOT, TOKENIZERS, hf_download, load_stage, write_config
 
 FAKE_HUB_ID = "capo-kit-test/no-such-model"
 
@@ -121,6 +121,21 @@ def fake_snapshot(cache, repo_id, files: dict[str, str]):
     for name, text in files.items():
         (snapshot / name).write_text(text)
     return snapshot
+
+
+@pytest.mark.skipif(not (TOKENIZERS / "qwen3").is_dir(), reason="needs CAPO_TOKENIZERS (qwen3/)")
+def test_a_tokenizer_loads_by_hub_id_from_the_two_fetched_files_and_a_missing_one_is_named(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at import
+    files = {name: (TOKENIZERS / "qwen3" / name).read_bytes() for name in common.TOKENIZER_FILES}
+    hf_download(tmp_path / "hub", "Qwen/Qwen3-4B", files)  # what `hf download <id> <the two files>` leaves
+    entry = {"tag": "qwen3-4b", "source": "random", "architecture": "qwen3-4b"}
+    tokenizer = common.load_tokenizer(entry)
+    assert tokenizer.eos_token == "<|im_end|>" and len(tokenizer) > 150_000
+    hf_download(tmp_path / "hub", "Qwen/Half", {"tokenizer.json": files["tokenizer.json"]})
+    with pytest.raises(common.InputError, match=r"'Qwen/Half': tokenizer_config.json not in the local Hugging "
+                                                r"Face cache; fetch with `.venv/bin/hf download Qwen/Half "):
+        common.load_tokenizer({**entry, "tokenizer": "Qwen/Half"})
 
 
 def test_a_model_counts_as_present_only_with_its_config_and_every_weight_shard(tmp_path, monkeypatch):
