@@ -51,6 +51,7 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 import common
+import patches
 from common import InputError
 
 
@@ -166,8 +167,8 @@ def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model
     work_dir = common.training_work_dir(cfg, dataset, tag, "sft", annotator)
     resume_from = common.checkpoint_to_resume(work_dir, args.resume, name, made_from)
 
-    common.lm_head_on_labelled_positions_only()  # the loss's LM head skips the prompt on CPUs too
-    common.fingerprint_tokenizer_without_copies(tokenizer)  # trl's map() pickles it for a fingerprint
+    patches.lm_head_on_labelled_positions_only()  # the loss's LM head skips the prompt on CPUs too
+    patches.fingerprint_tokenizer_without_copies(tokenizer)  # trl's map() pickles it for a fingerprint
     trainer = SFTTrainer(model=model, args=sft_config(cfg, work_dir, has_dev=bool(dev_rows)),
                          train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(dev_rows) if dev_rows else None,

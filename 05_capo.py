@@ -78,6 +78,7 @@ from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 import common
+import patches
 from common import InputError
 
 POLICIES = ("same_label", "all")
@@ -401,10 +402,10 @@ def pairs_dataset(pairs: list[dict], folder, args: DPOConfig) -> Dataset:
 def build_trainer(cfg: dict, model_cfg: dict, sft_path, train_pairs: list[dict], dev_pairs: list[dict],
                   output_dir, **config_changes):
     """DPOTrainer whose policy is the SFT adapter (trainable) and whose reference is trl's frozen copy."""
-    common.lm_head_on_labelled_positions_only()  # the losses' LM head skips the prompt on CPUs too
+    patches.lm_head_on_labelled_positions_only()  # the losses' LM head skips the prompt on CPUs too
     common.set_seed(int(cfg["seed"]))
     base, tokenizer = common.load_model_and_tokenizer(model_cfg)
-    common.fingerprint_tokenizer_without_copies(tokenizer)  # trl's map() pickles it for a fingerprint
+    patches.fingerprint_tokenizer_without_copies(tokenizer)  # trl's map() pickles it for a fingerprint
     model = PeftModel.from_pretrained(base, str(sft_path), is_trainable=True)
     args = dpo_config(cfg, output_dir, **config_changes)
     datasets_dir = Path(output_dir) / "datasets"

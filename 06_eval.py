@@ -62,6 +62,7 @@ import numpy as np
 
 import common
 import endpoint_judge
+import engine
 import eval_report
 from common import InputError, input_error
 from eval_report import HUMAN, primary_group_size, requested_group_sizes
@@ -275,7 +276,7 @@ def normalised_imitation(model_confidence: float | None, human_confidence: float
 # -- LLM-as-judge attribution: the judge sees k TRAIN responses (label and explanation, no
 #    item text, to keep prompts short) of every annotator, then one response with its item,
 #    and names the annotator. A forced choice: the reply is constrained to one of the IDs
-#    (common.ReplyConstraint), chosen greedily by the judge model's own next-token
+#    (engine.ReplyConstraint), chosen greedily by the judge model's own next-token
 #    probabilities; for IDs that differ in one token (A0..A3) that is the most likely ID. So
 #    every judged response gets a verdict. Chance = 1/annotators. The calibration row: the same
 #    judge on the target's own human test responses.
@@ -1096,11 +1097,11 @@ def judge_jobs(cfg: dict, ds: dict, predictions: dict) -> list[dict]:
     return jobs
 
 
-def judge_decoding(cfg: dict, tokenizer, annotators: list[str]) -> tuple[common.ReplyConstraint, dict]:
+def judge_decoding(cfg: dict, tokenizer, annotators: list[str]) -> tuple[engine.ReplyConstraint, dict]:
     """The forced choice: replies constrained to one annotator ID then the end of the turn, greedy."""
     choices = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in annotators]
     gen_cfg = dict(cfg["generation"], max_new_tokens=max(map(len, choices)), do_sample=False)
-    return common.ReplyConstraint(tokenizer, choices), gen_cfg
+    return engine.ReplyConstraint(tokenizer, choices), gen_cfg
 
 
 JUDGE_BACKENDS = ("local", "openai", "none")

@@ -1410,18 +1410,21 @@ def tokenizer_folder(tag: str, name: str) -> str:
     local Hugging Face cache. Loading from the folder needs just those two files (by hub id,
     transformers also asks the cache for the model's config.json, which a tokenizer fetch lacks)."""
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
     if Path(name).is_dir():
-        found = {file: Path(name) / file for file in TOKENIZER_FILES}
-        found = {file: str(path) if path.is_file() else None for file, path in found.items()}
-        where = f"folder {name}"
-    else:
+        missing = [file for file in TOKENIZER_FILES if not (Path(name) / file).is_file()]
+        if missing:
+            raise InputError(f"model '{tag}': tokenizer folder {name} lacks {' and '.join(missing)}")
+        return name
+    try:
         found = {file: try_to_load_from_cache(name, file) for file in TOKENIZER_FILES}
-        where = "the local Hugging Face cache"
+    except HFValidationError:
+        found = dict.fromkeys(TOKENIZER_FILES)
     missing = [file for file, path in found.items() if not isinstance(path, str)]
     if missing:
-        raise InputError(f"model '{tag}': tokenizer '{name}': {' and '.join(missing)} not in {where}; fetch "
-                         f"with `.venv/bin/hf download {name} {' '.join(TOKENIZER_FILES)}` (or set tokenizer: "
-                         "to a folder holding them)")
+        raise InputError(f"model '{tag}': tokenizer '{name}' is neither a folder nor in the local Hugging Face cache "
+                         f"({' and '.join(missing)} missing); fetch with `.venv/bin/hf download {name} "
+                         f"{' '.join(TOKENIZER_FILES)}` (or set tokenizer: to a folder holding them)")
     return str(Path(found[TOKENIZER_FILES[0]]).parent)
 
 
@@ -1728,74 +1731,12 @@ def response_openings(task: dict) -> list[str]:
     return [f"Label: {label}\nExplanation:" for label in labels]
 
 
-_LINE_BREAK_IDS: dict[tuple, frozenset] = {}
-
-
-def _line_break_ids(tokenizer) -> frozenset:
-    """Ids of the vocabulary's tokens whose text holds a line break (computed once per tokenizer)."""
-    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer))
-    if key not in _LINE_BREAK_IDS:
-        _LINE_BREAK_IDS[key] = frozenset(i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i]))
-    return _LINE_BREAK_IDS[key]
-
-
-class ReplyConstraint:
-    """Decoding rule shared by both engines: a reply begins with one of `openings` (token
-    sequences), chosen token by token by the model itself among the tokens that continue some
-    opening (greedy: the most likely path through the openings' tokens; for openings that differ
-    in one token, such as the NLI labels or the IDs A0..A3, that is the most likely opening).
-    After the opening the reply is free; with `end_at_line_break` it ends at its first line
-    break (the response format's explanation is one line: 01 collapses whitespace, and SFT/CAPO
-    train on one-line explanations). The end-of-turn token is never allowed inside an opening,
-    so every reply that starts yields one of the openings."""
-
-    def __init__(self, tokenizer, openings: list[str | list[int]], end_at_line_break: bool = False):
-        sequences = [tuple(o) if not isinstance(o, str) else tuple(tokenizer(o, add_special_tokens=False)["input_ids"])
-                     for o in openings]
-        if not sequences or not all(sequences):
-            raise ValueError("ReplyConstraint needs at least one non-empty opening")
-        self.next_tokens: dict[tuple, list[int]] = {}
-        for seq in sequences:
-            for k in range(len(seq)):
-                options = self.next_tokens.setdefault(seq[:k], [])
-                if seq[k] not in options:
-                    options.append(seq[k])
-        self.complete = set(sequences)
-        self.lengths = sorted({len(seq) for seq in sequences})
-        self.line_breaks = _line_break_ids(tokenizer) if end_at_line_break else frozenset()
-
-    def allowed(self, generated: list[int]) -> list[int] | None:
-        """The tokens that may come next, or None once the opening is complete (free)."""
-        if len(generated) > self.lengths[-1]:
-            return None
-        return self.next_tokens.get(tuple(generated))
-
-    def ends(self, generated: list[int]) -> bool:
-        """True when the last token is a line break after a complete opening."""
-        if not self.line_breaks or not generated or generated[-1] not in self.line_breaks:
-            return False
-        return any(len(generated) > k and tuple(generated[:k]) in self.complete for k in self.lengths)
-
-    def mask(self, logits, generated: list[list[int]]):
-        """`logits` [rows, vocab] with every token outside a row's allowed set at -inf (in place)."""
-        import torch
-        for row, tokens in enumerate(generated):
-            allowed = self.allowed(tokens)
-            if allowed is not None:
-                keep = torch.full_like(logits[row], float("-inf"))
-                index = torch.tensor(allowed, device=logits.device)
-                keep[index] = logits[row, index]
-                logits[row] = keep
-        return logits
-
-
 def generate_predictions(model, tokenizer, requests: list[dict], task: dict, gen_cfg: dict, *,
                          method: str, model_tag: str, seed: int, desc: str = "generate") -> list[dict]:
-    """Prediction records (PREDICTION_FIELDS) for `requests` (dataset, item_id, annotator, messages), in order.
-
-    With generation.constrain_response every reply opens with `Label: <one of the task's
-    labels>` and `Explanation:` (ReplyConstraint), so a reply that starts always has a label;
-    the parse rate then counts replies with a non-empty explanation."""
+    """Prediction records (PREDICTION_FIELDS) for `requests` (dataset, item_id, annotator, messages),
+    in order. With generation.constrain_response every reply opens with `Label: <a label of the
+    task>` and `Explanation:`, so the parse rate counts replies with a non-empty explanation."""
+    from engine import ReplyConstraint
     constraint = (ReplyConstraint(tokenizer, response_openings(task), end_at_line_break=True)
                   if gen_cfg["constrain_response"] else None)
     outputs = generate_texts(model, tokenizer, [req["messages"] for req in requests], dict(gen_cfg, seed=seed),
@@ -1815,47 +1756,30 @@ def parse_rate(predictions: list[dict]) -> float | None:
     return sum(p["parse_ok"] for p in predictions) / len(predictions) if predictions else None
 
 
-def generate_texts(model, tokenizer, prompts: list[list[dict] | str], gen_cfg: dict,
-                   desc: str = "generate", constraint: ReplyConstraint | None = None) -> list[str]:
-    """Generated text for each prompt (chat messages, or an already rendered string), in order.
-
-    The end-of-turn token and anything after it are cut off; special tokens are dropped.
-    """
+def generate_texts(model, tokenizer, prompts: list[list[dict] | str], gen_cfg: dict, desc: str = "generate",
+                   constraint=None) -> list[str]:
+    """Generated text for each prompt (chat messages or a rendered string), up to the end of turn."""
     token_ids = generate_token_ids(model, tokenizer, prompts, gen_cfg, desc=desc, constraint=constraint)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
 
 
-def generate_token_ids(model, tokenizer, prompts: list[list[dict] | str], gen_cfg: dict,
-                       desc: str = "generate", constraint: ReplyConstraint | None = None) -> list[list[int]]:
-    """New token ids per prompt, up to and including the end-of-turn token (if one came).
-
-    generation.engine picks how: `kit` (default), the kit's continuous-batching decoder below;
-    `generate`, plain `model.generate` on static, left-padded batches of generation.batch_size
-    prompts. Both give one-prompt-at-a-time greedy outputs (tests/test_generation.py) and apply
-    `constraint` (ReplyConstraint: how replies open and end) the same way. Why the
-    kit's decoder and not transformers' `generate_batch`: bench/RESULTS.md, "Generation engine".
-    """
-    if not prompts:
-        return []
+def generate_token_ids(model, tokenizer, prompts: list[list[dict] | str], gen_cfg: dict, desc: str = "generate",
+                       constraint=None) -> list[list[int]]:
+    """New token ids per prompt, up to and including the end-of-turn token: the kit's one door to
+    engine.py, with the prompts rendered and bf16 autocast resolved for this machine."""
+    import engine
+    if gen_cfg["engine"] not in engine.ENGINES:
+        raise InputError(f"generation.engine: unknown engine '{gen_cfg['engine']}' ({' or '.join(engine.ENGINES)})")
     texts = [p if isinstance(p, str) else render_prompt(tokenizer, p) for p in prompts]
-    engine = gen_cfg["engine"]
-    if engine == "generate":
-        return _generate_static_batches(model, tokenizer, texts, gen_cfg, constraint)
-    if engine != "kit":
-        raise InputError(f"generation.engine: unknown engine '{engine}' (kit or generate)")
-    return _generate_hf(model, tokenizer, texts, gen_cfg, desc, constraint)
+    settings = dict(gen_cfg, autocast_bf16=use_bf16(gen_cfg["autocast_bf16"], "generation.autocast_bf16"))
+    return engine.generate(model, tokenizer, texts, settings, constraint, desc=desc, progress=progress_bars_on())
 
 
 @functools.lru_cache(maxsize=None)
 def native_bf16() -> bool:
-    """Whether this machine computes bfloat16 matmuls in hardware: a CUDA GPU that supports it,
-    or a CPU with AVX512-BF16 or AMX (Linux: /proc/cpuinfo's flags; elsewhere: assumed not).
-
-    The kit's bf16 settings (generation.autocast_bf16, sft.bf16, capo.bf16) apply only there. On
-    a CPU without them torch emulates bf16: on an AVX2 AMD EPYC a 512x576 @ 576x1536 matmul took
-    about 100x as long in bf16 as in float32 (bench/RESULTS.md), and the cpu profile's 4-step
-    SFT probe 441 s instead of about 20 s. So there the settings fall back to float32, with one
-    line saying so, and the stages' manifests record which it was."""
+    """Whether this machine computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU
+    with AVX512-BF16 or AMX (Linux: /proc/cpuinfo; elsewhere assumed not). Elsewhere torch emulates
+    bf16, far slower than float32 (bench/RESULTS.md), so the bf16 settings fall back to float32."""
     import torch
     if torch.cuda.is_available():
         return bool(torch.cuda.is_bf16_supported())
@@ -1878,426 +1802,6 @@ def use_bf16(requested: bool, setting: str) -> bool:
 
 
 _BF16_FALLBACK_SAID: set[str] = set()
-
-
-@contextlib.contextmanager
-def _decoding(gen_cfg: dict, device):
-    """No gradients, and bf16 autocast when generation.autocast_bf16. Not torch.inference_mode:
-    only outside it does autocast keep its bf16 copy of each weight for the whole call; inside
-    it every forward casts every weight again (same tokens, 1.08x faster without it:
-    bench_generation.py's kit_infmode path, bench/RESULTS.md)."""
-    import torch
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                if use_bf16(gen_cfg["autocast_bf16"], "generation.autocast_bf16") else contextlib.nullcontext())
-    with torch.no_grad(), autocast:
-        yield
-
-
-def _generate_static_batches(model, tokenizer, texts: list[str], gen_cfg: dict,
-                             constraint: ReplyConstraint | None = None) -> list[list[int]]:
-    """`model.generate` on batches of generation.batch_size prompts (longest first, left-padded);
-    a batch runs until its last row stops. A constraint enters as a logits processor and a
-    stopping criterion over the new tokens."""
-    import torch
-    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    generation_config = _generation_config(tokenizer, gen_cfg)
-    device = next(model.parameters()).device
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-    batch_size = max(1, int(gen_cfg["batch_size"]))
-    results: list[list[int]] = [[] for _ in texts]
-    # Sampling draws from torch's global generator: seed it for this call, then give the caller its own back.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(int(gen_cfg.get("seed", 0)))
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, padding_side="left",
-                                   return_tensors="pt").to(device)
-            prompt_width = padded["input_ids"].shape[1]
-            extra = {}
-            if constraint is not None:
-                class Constrain(LogitsProcessor):
-                    def __call__(self, input_ids, scores):
-                        return constraint.mask(scores, input_ids[:, prompt_width:].tolist())
-
-                class EndOfLine(StoppingCriteria):
-                    def __call__(self, input_ids, scores, **kwargs):
-                        return torch.tensor([constraint.ends(ids) for ids in input_ids[:, prompt_width:].tolist()],
-                                            device=input_ids.device)
-                extra = {"logits_processor": LogitsProcessorList([Constrain()]),
-                         "stopping_criteria": StoppingCriteriaList([EndOfLine()])}
-            with _decoding(gen_cfg, device):
-                out = model.generate(**padded, generation_config=generation_config, **extra)
-            for index, ids in zip(batch, out[:, prompt_width:].tolist()):
-                ids = _trim_at_eos(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
-                if constraint is not None:  # a row that ended at its line break is padded after it
-                    ids = next((ids[:k] for k, token in enumerate(ids, 1)
-                                if token in constraint.line_breaks and constraint.ends(ids[:k])), ids)
-                results[index] = ids
-    return results
-
-
-def _generation_config(tokenizer, gen_cfg: dict):
-    """Decoding settings from the profile alone, not the checkpoint's sampling defaults."""
-    from transformers import GenerationConfig
-    settings = {"max_new_tokens": int(gen_cfg["max_new_tokens"]),
-                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                "do_sample": bool(gen_cfg["do_sample"])}
-    if settings["do_sample"]:
-        settings.update(temperature=float(gen_cfg["temperature"] or 1.0),
-                        top_p=float(gen_cfg["top_p"]), top_k=0)
-    return GenerationConfig(**settings)
-
-
-def _trim_at_eos(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
-    """Keep tokens up to and including the first EOS; drop trailing padding."""
-    if eos_id in ids:
-        return ids[:ids.index(eos_id) + 1]
-    while ids and ids[-1] == pad_id:
-        ids = ids[:-1]
-    return ids
-
-
-# ----------------------------------------------------------------------------
-# The kit's decoder (private to generate_token_ids): continuous batching on transformers'
-# DynamicCache. Everything from here to the next section is its; tests/test_generation.py.
-# ----------------------------------------------------------------------------
-def _shared_prefix_length(sequences: list[list[int]]) -> int:
-    """Tokens every sequence starts with, leaving at least one token of each to feed generate."""
-    shortest = min(len(seq) for seq in sequences)
-    first = sequences[0]
-    length = 0
-    while length < shortest - 1 and all(seq[length] == first[length] for seq in sequences):
-        length += 1
-    return length
-
-
-def _generate_hf(model, tokenizer, texts: list[str], gen_cfg: dict, desc: str,
-                 constraint: ReplyConstraint | None = None) -> list[list[int]]:
-    """Continuously batched decoding with a plain forward loop (model.generate is not used).
-
-    Why: on a 2-core CPU, model.generate's batches run until their slowest row stops, and a
-    decoding step costs nearly as much for one row as for sixteen, so most of the work went
-    to padding and stragglers (bench/RESULTS.md). Here a row leaves the batch and its KV cache
-    as soon as it emits the end-of-turn token, and waiting prompts take the free slots (once
-    a quarter of the batch is free, prefilled in groups of similar length and merged into the
-    cache, left-padded).
-    The prompt pass keeps only the last position's logits. Prompts that share a long token
-    prefix (the system prompt, ICL demonstrations) get its KV cache computed once and copied
-    into every prefill, so only each prompt's own tail is prefilled. Position ids follow the
-    attention mask, so greedy outputs match unpadded one-at-a-time model.generate
-    (tests/test_generation.py). Sampling (generation.do_sample) draws from a torch.Generator
-    seeded with gen_cfg's `seed` (generate_predictions passes the run's seed; default 0)."""
-    import torch
-    from tqdm.auto import tqdm
-    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    batch_size = max(1, int(gen_cfg["batch_size"]))
-    max_new_tokens, eos_id = int(gen_cfg["max_new_tokens"]), tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(int(gen_cfg.get("seed", 0)))
-
-    prefix_len = _shared_prefix_length(encoded) if len(encoded) > 1 else 0
-    if prefix_len < int(gen_cfg["prefix_cache_min_tokens"]):
-        prefix_len = 0
-    prefix_cache = shared_prefix = None
-    if prefix_len:
-        with _decoding(gen_cfg, device):
-            prefix_cache = model(input_ids=torch.tensor([encoded[0][:prefix_len]], device=device),
-                                 past_key_values=_new_cache(), use_cache=True, logits_to_keep=1).past_key_values
-        # Shared in place where it is most of every row's keys (ICL prompts); a short system prompt
-        # ahead of long rows is copied (float32 attention over it would cost more than it saves).
-        longest_tail = max(len(ids) for ids in encoded) - prefix_len + max_new_tokens
-        if (gen_cfg["share_prefix_attention"] and prefix_len > longest_tail
-                and _can_share_prefix(model, prefix_cache)):
-            # float32 once here, not at every step (the attention over it is float32)
-            shared_prefix = tuple((layer.keys.float(), layer.values.float()) for layer in prefix_cache.layers)
-
-    def prefill(indices: list[int]) -> _DecodeBatch:
-        tails = tokenizer.pad({"input_ids": [encoded[i][prefix_len:] for i in indices]}, padding=True,
-                              padding_side="left", return_tensors="pt")
-        input_ids = tails["input_ids"].to(device)
-        if shared_prefix is not None:  # the rows' own tokens only: the prefix is attended to in place
-            mask, cache = tails["attention_mask"].to(device), _new_cache()
-            positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
-            attention = {"attention_mask": _own_tokens_mask(mask, input_ids.shape[1]), "shared_prefix": shared_prefix}
-        else:
-            mask = torch.cat([torch.ones(len(indices), prefix_len, dtype=torch.long), tails["attention_mask"]],
-                             dim=1).to(device)
-            cache = _new_cache()
-            if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(indices))
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            attention = {"attention_mask": mask}
-        out = model(input_ids=input_ids, position_ids=positions[:, -input_ids.shape[1]:],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1, **attention)
-        logits = out.logits[:, -1, :]
-        if constraint is not None:
-            constraint.mask(logits, [[] for _ in indices])
-        return _DecodeBatch(torch.tensor(indices, device=device), _next_tokens(logits, gen_cfg, generator),
-                            mask, positions[:, -1] + 1, out.past_key_values, shared_prefix)
-
-    tail_lengths = [len(ids) - prefix_len for ids in encoded]
-    # Longest first: similar lengths share a prefill (little padding) and memory peaks early.
-    pending = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))[::-1]  # pop() takes the longest
-    results: list[list[int]] = [[] for _ in texts]
-    live: _DecodeBatch | None = None
-    with tqdm(total=len(texts), desc=desc, unit="prompt", leave=False,
-              disable=not progress_bars_on()) as bar, _decoding(gen_cfg, device), \
-            _attention_implementation(model, SHARED_PREFIX_ATTENTION if shared_prefix is not None else None):
-        while pending or live is not None:
-            free = batch_size - (0 if live is None else len(live.rows))
-            mergeable = live is None or _cache_mergeable(live.cache)
-            if pending and (live is None or (mergeable and free >= max(1, batch_size // 4))):
-                joining = [pending.pop() for _ in range(min(free, len(pending)))]  # longest first
-                for chunk in _similar_length_chunks(joining, tail_lengths):
-                    fresh = prefill(chunk)
-                    fresh = fresh.record_and_drop(results, eos_id, max_new_tokens, constraint)  # first tokens
-                    bar.update(len(chunk) - (0 if fresh is None else len(fresh.rows)))
-                    if fresh is not None:
-                        live = fresh if live is None else live.merge(fresh)
-                    if live is not None and not _cache_mergeable(live.cache):
-                        pending.extend(reversed(joining[joining.index(chunk[-1]) + 1:]))  # wait for the next round
-                        break
-                continue
-            live.step(model, gen_cfg, generator, constraint, results)
-            decoding = len(live.rows)
-            live = live.record_and_drop(results, eos_id, max_new_tokens, constraint)
-            bar.update(decoding - (0 if live is None else len(live.rows)))
-    return results
-
-
-def _similar_length_chunks(indices: list[int], lengths: list[int], slack: float = 1.25) -> list[list[int]]:
-    """Split prompts (longest first) into prefill groups padded to at most `slack` x their real tokens."""
-    chunks, current, real = [], [], 0
-    for index in indices:
-        if current and lengths[current[0]] * (len(current) + 1) > slack * (real + lengths[index]):
-            chunks.append(current)
-            current, real = [], 0
-        current.append(index)
-        real += lengths[index]
-    return chunks + [current] if current else chunks
-
-
-class _DecodeBatch:
-    """The rows being decoded: prompt index, next input token, attention mask, next position, KV cache."""
-
-    def __init__(self, rows, tokens, mask, next_position, cache, shared_prefix=None):
-        self.rows, self.tokens, self.mask, self.next_position, self.cache = rows, tokens, mask, next_position, cache
-        self.shared_prefix = shared_prefix  # None: the mask and cache hold the prefix, per row
-
-    def step(self, model, gen_cfg: dict, generator, constraint=None, results=None) -> None:
-        import torch
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        attention = ({"attention_mask": self.mask} if self.shared_prefix is None else
-                     {"attention_mask": _own_tokens_mask(self.mask, 1), "shared_prefix": self.shared_prefix})
-        out = model(input_ids=self.tokens[:, None], position_ids=self.next_position[:, None],
-                    past_key_values=self.cache, use_cache=True, **attention)
-        self.cache, self.next_position = out.past_key_values, self.next_position + 1
-        logits = out.logits[:, -1, :]
-        if constraint is not None:
-            constraint.mask(logits, [results[row] for row in self.rows.tolist()])
-        self.tokens = _next_tokens(logits, gen_cfg, generator)
-
-    def record_and_drop(self, results: list[list[int]], eos_id: int, max_new_tokens: int,
-                        constraint=None) -> "_DecodeBatch | None":
-        """Append each row's new token; rows that stopped leave (None when none is left)."""
-        import torch
-        live = []
-        for position, (row, token) in enumerate(zip(self.rows.tolist(), self.tokens.tolist())):
-            results[row].append(token)
-            if (token != eos_id and len(results[row]) < max_new_tokens
-                    and not (constraint is not None and constraint.ends(results[row]))):
-                live.append(position)
-        if not live:
-            return None
-        if len(live) < len(self.rows):
-            keep = torch.tensor(live, device=self.rows.device)
-            self.rows, self.tokens, self.mask, self.next_position = (
-                self.rows[keep], self.tokens[keep], self.mask[keep], self.next_position[keep])
-            self.cache.batch_select_indices(keep)
-            first_used = int(self.mask.any(dim=0).long().argmax())  # columns no row attends to go
-            if first_used and _cache_mergeable(self.cache):
-                self.mask = self.mask[:, first_used:]
-                for layer in self.cache.layers:
-                    layer.keys, layer.values = layer.keys[:, :, first_used:], layer.values[:, :, first_used:]
-        return self
-
-    def merge(self, other: "_DecodeBatch") -> "_DecodeBatch":
-        """Both batches as one: the shorter cache and mask are left-padded (masked out)."""
-        import torch
-        import torch.nn.functional as F
-        length = max(self.mask.shape[1], other.mask.shape[1])
-        for batch in (self, other):
-            pad = length - batch.mask.shape[1]
-            if pad:
-                batch.mask = F.pad(batch.mask, (pad, 0))
-                for layer in batch.cache.layers:
-                    layer.keys, layer.values = F.pad(layer.keys, (0, 0, pad, 0)), F.pad(layer.values, (0, 0, pad, 0))
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys, mine.values = torch.cat([mine.keys, theirs.keys]), torch.cat([mine.values, theirs.values])
-        return _DecodeBatch(*(torch.cat([mine, theirs]) for mine, theirs in
-                              ((self.rows, other.rows), (self.tokens, other.tokens), (self.mask, other.mask),
-                               (self.next_position, other.next_position))), self.cache, self.shared_prefix)
-
-
-# Shared-prefix attention: prompts that share a prefix (system prompt, ICL demonstrations) keep
-# one copy of its keys and values, and each decoding step reads it once for all rows, instead
-# of once per row from per-row copies (generation.share_prefix_attention; bench/RESULTS.md).
-SHARED_PREFIX_ATTENTION = "kit_shared_prefix"
-
-
-def _can_share_prefix(model, prefix_cache) -> bool:
-    """Plain full-attention layers whose attention goes through transformers' attention interface."""
-    config = model.config
-    return (_cache_mergeable(prefix_cache) and config._attn_implementation in ("sdpa", "eager")
-            and _register_shared_prefix_attention())
-
-
-@functools.cache
-def _register_shared_prefix_attention() -> bool:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    AttentionInterface.register(SHARED_PREFIX_ATTENTION, _shared_prefix_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_PREFIX_ATTENTION, sdpa_mask)  # only 4D masks reach it here
-    return True
-
-
-@contextlib.contextmanager
-def _attention_implementation(model, name: str | None):
-    """The model's attention implementation set to `name` for the block (None: left as it is)."""
-    if name is None:
-        yield
-        return
-    before = model.config._attn_implementation
-    model.config._attn_implementation = name
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = before
-
-
-def _own_tokens_mask(mask, query_length: int):
-    """[rows, 1, query, own tokens] boolean mask: a row's own (non-pad) tokens, causally."""
-    import torch
-    key_length = mask.shape[1]
-    causal = torch.ones(query_length, key_length, dtype=torch.bool, device=mask.device).tril(key_length - query_length)
-    return mask.bool()[:, None, None, :] & causal
-
-
-def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                             shared_prefix=None, **kwargs):
-    """Attention over [the shared prefix, the row's own tokens] with one softmax, where the prefix's
-    keys and values ([1, kv heads, P, dim], one copy) are read in one product for every row and
-    query head. `key`/`value` are the rows' own tokens, `attention_mask` their 4D boolean mask.
-    Without `shared_prefix` it is transformers' SDPA attention. A prefill (several query positions)
-    also goes through SDPA, over the prefix repeated per row for this call only: there the fused
-    kernel is faster than the float32 product (the judge's prompts, measured: bench/RESULTS.md),
-    and the cache still keeps only the rows' own tokens."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    if shared_prefix is not None and query.shape[2] > 1:
-        prefix_keys, prefix_values = shared_prefix[module.layer_idx]
-        rows, query_length = query.shape[0], query.shape[2]
-        key = torch.cat([prefix_keys.expand(rows, -1, -1, -1).to(key.dtype), key], dim=2)
-        value = torch.cat([prefix_values.expand(rows, -1, -1, -1).to(value.dtype), value], dim=2)
-        attention_mask = torch.cat([attention_mask.new_ones(rows, 1, query_length, prefix_keys.shape[2]),
-                                    attention_mask], dim=-1)
-        shared_prefix = None
-    if shared_prefix is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-    with torch.autocast(query.device.type, enabled=False):  # float32 throughout, as SDPA accumulates
-        return _shared_prefix_attention_fp32(module, query.float(), key.float(), value.float(), attention_mask,
-                                             scaling, shared_prefix)
-
-
-def _shared_prefix_attention_fp32(module, query, key, value, attention_mask, scaling, shared_prefix):
-    import torch
-    prefix_keys, prefix_values = shared_prefix[module.layer_idx]  # float32 (made so once, _generate_hf)
-    rows, heads, query_length, dim = query.shape
-    kv_heads, prefix_length = key.shape[1], prefix_keys.shape[2]
-    grouped = heads // kv_heads * query_length  # the queries that read one key/value head, per row
-    scaling = dim ** -0.5 if scaling is None else scaling
-    query = query.reshape(rows, kv_heads, grouped, dim)
-    by_head = query.transpose(0, 1).reshape(kv_heads, rows * grouped, dim)
-    prefix_scores = torch.matmul(by_head, prefix_keys[0].transpose(1, 2))
-    prefix_scores = prefix_scores.reshape(kv_heads, rows, grouped, prefix_length).transpose(0, 1)
-    own_scores = torch.matmul(query, key.transpose(2, 3))
-    own_mask = attention_mask[:, :, None].expand(rows, 1, heads // kv_heads, query_length, key.shape[2])
-    own_scores = own_scores.masked_fill(~own_mask.reshape(rows, 1, grouped, key.shape[2]), float("-inf"))
-    weights = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1) * scaling, dim=-1)
-    prefix_weights = weights[..., :prefix_length].transpose(0, 1).reshape(kv_heads, rows * grouped, prefix_length)
-    output = torch.matmul(prefix_weights, prefix_values[0]).reshape(kv_heads, rows, grouped, dim).transpose(0, 1)
-    output = output + torch.matmul(weights[..., prefix_length:], value)
-    return output.reshape(rows, heads, query_length, dim).transpose(1, 2).contiguous(), None
-
-
-@functools.cache
-def _append_layer_class():
-    """A transformers DynamicLayer that appends new keys/values into spare room (grown by half
-    when full) instead of concatenating the whole cache on every decoding step; `keys` and
-    `values` are views of the filled part. Why: with ICL prompts of thousands of tokens the
-    per-step copy of every layer's cache cost more than the model itself."""
-    from transformers.cache_utils import DynamicLayer
-
-    def filled(name):
-        def get(self):
-            buffer = getattr(self, f"_{name}_buffer", None)
-            return buffer if buffer is None or buffer.dim() != 4 else buffer[:, :, :getattr(self, f"_{name}_length")]
-
-        def set_(self, tensor):  # assignments (batch selection, merging, trimming) replace the buffer
-            setattr(self, f"_{name}_buffer", tensor)
-            setattr(self, f"_{name}_length", tensor.shape[-2] if tensor is not None and tensor.dim() == 4 else 0)
-        return property(get, set_)
-
-    class AppendLayer(DynamicLayer):
-        keys, values = filled("keys"), filled("values")
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            for name, new in (("keys", key_states), ("values", value_states)):
-                buffer, length = getattr(self, f"_{name}_buffer"), getattr(self, f"_{name}_length")
-                needed = length + new.shape[-2]
-                if buffer.dim() != 4 or buffer.shape[-2] < needed:
-                    grown = new.new_empty(*new.shape[:2], max(needed * 3 // 2, 32), new.shape[-1])
-                    grown[:, :, :length] = buffer[:, :, :length] if length else grown[:, :, :0]
-                    buffer = grown
-                buffer[:, :, length:needed] = new
-                setattr(self, f"_{name}_buffer", buffer)
-                setattr(self, f"_{name}_length", needed)
-            return self.keys, self.values
-
-    return AppendLayer
-
-
-def _new_cache():
-    from transformers import DynamicCache
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = _append_layer_class()
-    return cache
-
-
-def _cache_mergeable(cache) -> bool:
-    """Plain full-attention layers (keys/values [batch, heads, length, dim]) can be padded and merged."""
-    from transformers.cache_utils import DynamicLayer
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(isinstance(layer, DynamicLayer) and not layer.is_sliding for layer in layers)
-
-
-def _next_tokens(logits, gen_cfg: dict, generator):
-    """Greedy, or a draw at generation.temperature within the generation.top_p nucleus."""
-    import torch
-    if not gen_cfg["do_sample"]:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / float(gen_cfg["temperature"] or 1.0), dim=-1)
-    top_p = float(gen_cfg["top_p"])
-    if top_p < 1.0:
-        sorted_probs, sorted_ids = probs.sort(-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the most likely token always stays
-        probs = torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------
@@ -2413,19 +1917,18 @@ def training_alone():
         return
     process_state()  # join the group and take the device before the launch's variables go
     import logging
-    from accelerate.state import AcceleratorState, GradientState
+
+    import patches
     # transformers warns that a process group exists without DDP: here that is the point
     logging.getLogger("transformers.training_args").addFilter(
         lambda record: "parallel_mode != ParallelMode.DISTRIBUTED" not in record.getMessage())
     hidden = {key: os.environ.pop(key) for key in LAUNCH_ENV if key in os.environ}
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    patches.reset_accelerate_state()
     try:
         yield
     finally:
         os.environ.update(hidden)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        patches.reset_accelerate_state()
         process_state()  # rebuilt from the launch's variables (the process group is still there)
 
 
@@ -2452,66 +1955,6 @@ def training_budget(examples: int, section: dict) -> dict:
     return {"examples": int(examples), "epochs": section["epochs"], "global_batch_size": batch,
             "steps": math.ceil(float(section["epochs"]) * per_epoch), "per_step": min(batch, max(int(examples), 0)),
             "learning_rate": section["learning_rate"]}
-
-
-def lm_head_on_labelled_positions_only(enabled: bool = True) -> bool:
-    """Let trl's fused LM head (the SFT and DPO losses, DPO's reference log-probs) project only
-    the positions that carry a label on a CPU too; returns whether it now does.
-
-    trl 1.16 (`trl.trainer.utils`, `add_fused_lm_head`) scores only labelled positions on
-    CUDA/XPU, but every position elsewhere, so that compiled backends keep fixed tile shapes.
-    On a CPU in eager mode nothing recompiles, and the prompt's positions (about 80% of an
-    example here) would go through the 49k-word LM head in float32 only to be masked out.
-    Same log-probs (tests/test_sft.py); SFT and DPO steps 1.8x faster (bench/RESULTS.md,
-    bench_training.py's kit-fullhead variant). A trl without that switch is left as it is.
-    """
-    import trl.trainer.utils as trl_utils
-    current = getattr(trl_utils, "_use_triton", None)
-    if current is None:
-        return False
-    original = getattr(current, "trl_original", current)
-    if not enabled:
-        trl_utils._use_triton = original
-        return False
-
-    def labelled_positions_only(device) -> bool:
-        return device.type == "cpu" or original(device)
-
-    labelled_positions_only.trl_original = original
-    trl_utils._use_triton = labelled_positions_only
-    return True
-
-
-TOKENIZER_PYTHON_COPIES = ("_vocab", "_merges")  # transformers 5 keeps these beside the Rust backend
-
-
-def fingerprint_tokenizer_without_copies(tokenizer) -> bool:
-    """Let `datasets` fingerprint `tokenizer` without the Python copies of its vocabulary and
-    merges; returns whether it now does.
-
-    trl tokenizes with `Dataset.map(fn_kwargs={"processing_class": tokenizer, ...})`, and
-    `datasets` names every map's result by pickling its arguments. A transformers 5 tokenizer
-    holds its vocabulary and merges twice: in the Rust backend (`_tokenizer`, pickled as its
-    JSON) and as Python objects (`_vocab`, `_merges`). Pickling the Python copies of a
-    150k-word vocabulary takes seconds, and a trainer maps twice (train and dev). The backend
-    holds the same content, so the fingerprint still changes whenever the tokenizer does
-    (tests/test_sft.py). Timing: bench/RESULTS.md, "Processes and the paper-profile rehearsal".
-    """
-    try:
-        from datasets.utils import _dill
-        save_tokenizer = _dill._save_transformersPreTrainedTokenizerBase
-    except (ImportError, AttributeError):  # another datasets: its own fingerprint stays
-        return False
-
-    def save_without_copies(pickler, obj):
-        hidden = {key: obj.__dict__.pop(key) for key in TOKENIZER_PYTHON_COPIES if key in obj.__dict__}
-        try:
-            save_tokenizer(pickler, obj)
-        finally:
-            obj.__dict__.update(hidden)
-
-    _dill.pklregister(type(tokenizer))(save_without_copies)
-    return True
 
 
 def trainer_args(cfg: dict, stage: str) -> dict:

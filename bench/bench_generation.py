@@ -47,6 +47,14 @@ from benchkit import ROOT, load_stage  # noqa: E402  (first: the kit on the path
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import engine  # noqa: E402
+
+
+def generation_config(tokenizer, gen_cfg: dict):
+    """Greedy decoding with the profile's max_new_tokens (the library's and the single path's)."""
+    from transformers import GenerationConfig
+    return GenerationConfig(max_new_tokens=int(gen_cfg["max_new_tokens"]), do_sample=False,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 
@@ -80,12 +88,12 @@ def library_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> li
     cb_config = ContinuousBatchingConfig(max_requests_per_batch=batch_size, page_size=page_size,
                                          num_blocks=batch_size * pages_per_request, max_batch_tokens=2048,
                                          seed=0, auto_switch_to_flash=False)
-    outputs = list(model.generate_batch(encoded, generation_config=common._generation_config(tokenizer, gen_cfg),
+    outputs = list(model.generate_batch(encoded, generation_config=generation_config(tokenizer, gen_cfg),
                                         continuous_batching_config=cb_config).values())
     failed = [o.error for o in outputs if o.error is not None]
     if failed or len(outputs) != len(encoded):
         raise RuntimeError(f"generate_batch: {len(encoded) - len(outputs)} missing, errors {failed[:1]}")
-    return [common._trim_at_eos(list(o.generated_tokens), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return [engine._trim_at_eos(list(o.generated_tokens), tokenizer.eos_token_id, tokenizer.pad_token_id)
             for o in outputs]
 
 
@@ -106,14 +114,14 @@ def kit_free_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> l
 
 def kit_infmode_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> list[list[int]]:
     """The kit's decoder under torch.inference_mode, as before: there CPU autocast casts every
-    weight again at every forward (common._decoding says why the kit no longer does)."""
+    weight again at every forward (engine._decoding says why the kit no longer does)."""
     @contextlib.contextmanager
     def inference_mode_decoding(gen_cfg, device):
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if gen_cfg["autocast_bf16"]
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
             yield
-    with mock.patch.object(common, "_decoding", inference_mode_decoding):
+    with mock.patch.object(engine, "_decoding", inference_mode_decoding):
         return kit_token_ids(model, tokenizer, prompts, gen_cfg, constraint)
 
 
@@ -130,13 +138,13 @@ def generate_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> l
 
 def single_token_ids(model, tokenizer, prompts, gen_cfg, constraint=None) -> list[list[int]]:
     """One prompt at a time, free replies in the model's dtype: a machine-speed figure."""
-    generation_config = common._generation_config(tokenizer, gen_cfg)
+    config = generation_config(tokenizer, gen_cfg)
     outputs = []
     for messages in prompts:
         inputs = tokenizer(common.render_prompt(tokenizer, messages), add_special_tokens=False, return_tensors="pt")
         with torch.inference_mode():
-            out = model.generate(**inputs, generation_config=generation_config)
-        outputs.append(common._trim_at_eos(out[0, inputs["input_ids"].shape[1]:].tolist(),
+            out = model.generate(**inputs, generation_config=config)
+        outputs.append(engine._trim_at_eos(out[0, inputs["input_ids"].shape[1]:].tolist(),
                                            tokenizer.eos_token_id, tokenizer.pad_token_id))
     return outputs
 
@@ -151,9 +159,9 @@ DIFFERENT_OUTPUTS = {"library", "single", "kit_fp32", "kit_free", "kit_copyprefi
 BF16_PATHS = {"kit", "kit_copyprefix", "kit_infmode", "generate"}
 
 
-def timed(engine, model, tokenizer, prompts, gen_cfg, constraint=None) -> dict:
+def timed(path, model, tokenizer, prompts, gen_cfg, constraint=None) -> dict:
     load, wall, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
-    ids = ENGINES[engine](model, tokenizer, prompts, gen_cfg, constraint)
+    ids = ENGINES[path](model, tokenizer, prompts, gen_cfg, constraint)
     return {"ids": ids, "tokens": sum(map(len, ids)), "seconds": time.perf_counter() - wall,
             "cpu_seconds": time.process_time() - cpu, "load": (load, os.getloadavg()[0])}
 
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = common.load_model_and_tokenizer(cfg["models"][0], device="cpu")
     annotator, calls = workload(cfg, args.dataset, args.annotator, args.methods.split(","))
     task = common.load_task(cfg, args.dataset)
-    constraint = (common.ReplyConstraint(tokenizer, common.response_openings(task), end_at_line_break=True)
+    constraint = (engine.ReplyConstraint(tokenizer, common.response_openings(task), end_at_line_break=True)
                   if gen_cfg["constrain_response"] else None)
     if args.tiny:
         gen_cfg.update(max_new_tokens=8, batch_size=3)
@@ -195,10 +203,10 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
     warm = next(iter(calls.values()))[:2]
     engines = ["kit"] + [e for e in args.engines.split(",") if e in ENGINES and e != "kit"]
-    for engine in engines:  # one-time work (kernels, allocator) lands on no measured path
-        ENGINES[engine](model, tokenizer, warm, dict(gen_cfg, max_new_tokens=2), constraint)
+    for path in engines:  # one-time work (kernels, allocator) lands on no measured path
+        ENGINES[path](model, tokenizer, warm, dict(gen_cfg, max_new_tokens=2), constraint)
 
-    totals = {engine: {"tokens": 0, "seconds": 0.0, "cpu_seconds": 0.0} for engine in engines}
+    totals = {path: {"tokens": 0, "seconds": 0.0, "cpu_seconds": 0.0} for path in engines}
     mismatches = 0
     for method, prompts in calls.items():
         lengths = [len(tokenizer(common.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"])
@@ -209,38 +217,38 @@ def main(argv: list[str] | None = None) -> None:
         if method == "judge":  # 06's forced choice among the annotator IDs, a few new tokens
             call_constraint, call_cfg = load_stage("06_eval").judge_decoding(
                 dict(cfg, generation=gen_cfg), tokenizer, common.dataset_annotators(cfg, args.dataset))
-        runs = {engine: timed(engine, model, tokenizer, prompts if engine != "single" else prompts[:single_prompts],
-                              call_cfg, call_constraint) for engine in engines}
+        runs = {path: timed(path, model, tokenizer, prompts if path != "single" else prompts[:single_prompts],
+                              call_cfg, call_constraint) for path in engines}
         # One-at-a-time free replies are the reference only when the profile's replies are free.
         single_reference = "single" in runs and call_constraint is None
-        for engine, run in runs.items():
+        for path, run in runs.items():
             for key in ("tokens", "seconds", "cpu_seconds"):
-                totals[engine][key] += run[key]
+                totals[path][key] += run[key]
             same_as_kit = sum(a == b for a, b in zip(run["ids"], runs["kit"]["ids"]))
             compared = f"identical to kit {same_as_kit}/{len(run['ids'])}"
             if single_reference:
                 same_as_single = sum(a == b for a, b in zip(run["ids"], runs["single"]["ids"]))
                 compared += f", to single {same_as_single}/{min(len(run['ids']), len(runs['single']['ids']))}"
-            if "kit_fp32" in runs and engine in BF16_PATHS:  # bf16 paths against the float32 reference
+            if "kit_fp32" in runs and path in BF16_PATHS:  # bf16 paths against the float32 reference
                 same_as_fp32 = sum(a == b for a, b in zip(run["ids"], runs["kit_fp32"]["ids"]))
                 compared += f", to kit_fp32 {same_as_fp32}/{len(run['ids'])}"
-            if engine not in DIFFERENT_OUTPUTS or (engine == "single" and single_reference):
+            if path not in DIFFERENT_OUTPUTS or (path == "single" and single_reference):
                 mismatches += len(run["ids"]) - same_as_kit
-            print(f"  {engine:8s} {len(run['ids']):3d} prompts {run['tokens']:5d} tokens {run['seconds']:7.1f} s "
+            print(f"  {path:8s} {len(run['ids']):3d} prompts {run['tokens']:5d} tokens {run['seconds']:7.1f} s "
                   f"{run['tokens'] / run['seconds']:7.2f} tokens/s {run['tokens'] / run['cpu_seconds']:7.2f} "
-                  f"tokens/CPU-s; {compared if engine not in DIFFERENT_OUTPUTS or single_reference or engine in BF16_PATHS else 'other replies'}"
+                  f"tokens/CPU-s; {compared if path not in DIFFERENT_OUTPUTS or single_reference or path in BF16_PATHS else 'other replies'}"
                   f" (load avg {run['load'][0]:.2f} -> {run['load'][1]:.2f})", flush=True)
-    rate = {engine: t["tokens"] / t["seconds"] for engine, t in totals.items()}
-    cpu_rate = {engine: t["tokens"] / t["cpu_seconds"] for engine, t in totals.items()}
+    rate = {path: t["tokens"] / t["seconds"] for path, t in totals.items()}
+    cpu_rate = {path: t["tokens"] / t["cpu_seconds"] for path, t in totals.items()}
     print(f"identical outputs (paths meant to match the kit): {'all' if not mismatches else f'NOT ALL ({mismatches} differ)'}")
-    for engine in [e for e in engines[1:] if e != "single"]:
-        print(f"ratio={engine}/kit {rate[engine] / rate['kit']:.2f} (per CPU-second "
-              f"{cpu_rate[engine] / cpu_rate['kit']:.2f})")
+    for path in [e for e in engines[1:] if e != "single"]:
+        print(f"ratio={path}/kit {rate[path] / rate['kit']:.2f} (per CPU-second "
+              f"{cpu_rate[path] / cpu_rate['kit']:.2f})")
         # Seconds for the same prompts: the speed-up of a whole call where paths write different replies.
-        print(f"time_ratio={engine}/kit {totals[engine]['seconds'] / totals['kit']['seconds']:.2f}")
+        print(f"time_ratio={path}/kit {totals[path]['seconds'] / totals['kit']['seconds']:.2f}")
     if "single" in rate:
-        for engine in [e for e in engines if e != "single"]:
-            print(f"ratio={engine}/single {rate[engine] / rate['single']:.2f}")
+        for path in [e for e in engines if e != "single"]:
+            print(f"ratio={path}/single {rate[path] / rate['single']:.2f}")
         print(f"single_tokens_per_s={rate['single']:.2f}")
 
 

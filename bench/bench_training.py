@@ -10,7 +10,7 @@ Throughput: the same LoRA, data and number of training examples under
   default  trl's default SFTConfig (fp32 on CPU, gradient checkpointing on, padded batches of 8)
 and, with --variants, one-change variants of the kit's config that settle its CPU choices:
 kit-fullhead (trl's CPU default: every position, prompt included, through the loss's LM head
-instead of the labelled ones only; common.lm_head_on_labelled_positions_only), kit-bf16 (fp32), kit+ckpt (gradient checkpointing on), kit-padfree (padded batches),
+instead of the labelled ones only; patches.lm_head_on_labelled_positions_only), kit-bf16 (fp32), kit+ckpt (gradient checkpointing on), kit-padfree (padded batches),
 kit-batch8 (8 examples per forward instead of the profile's per-device batch).
 Tokens/s counts non-padding tokens of optimizer steps after the first (warm-up). Variants run
 interleaved, --repeats times; the median is reported.
@@ -45,6 +45,7 @@ from transformers import TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 import common  # noqa: E402
+import patches  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -97,7 +98,7 @@ def variant_config(cfg, name, out_dir, examples):
 def run_variant(cfg, name, rows):
     model_cfg = cfg["models"][0]
     # kit-fullhead: trl's own CPU behaviour, every position through the loss's LM head
-    common.lm_head_on_labelled_positions_only(enabled=name != "kit-fullhead")
+    patches.lm_head_on_labelled_positions_only(enabled=name != "kit-fullhead")
     common.set_seed(int(cfg["seed"]))
     model, tokenizer = common.load_model_and_tokenizer(model_cfg)
     meter = Throughput()
@@ -136,9 +137,9 @@ def run_capo_variant(cfg, name, pairs, adapter_dir) -> dict:
     capo = load_stage("05_capo")
     steps = max(1, len(pairs) // int(cfg["capo"]["global_batch_size"]))
     enabled = name != "kit-fullhead"
-    common.lm_head_on_labelled_positions_only(enabled)
+    patches.lm_head_on_labelled_positions_only(enabled)
     # build_trainer switches the labelled-positions head on; kit-fullhead keeps trl's own behaviour
-    switch = mock.patch.object(common, "lm_head_on_labelled_positions_only", lambda *a, **k: enabled)
+    switch = mock.patch.object(patches, "lm_head_on_labelled_positions_only", lambda *a, **k: enabled)
     with tempfile.TemporaryDirectory() as out_dir, switch:
         started = time.perf_counter()
         trainer, _ = capo.build_trainer(cfg, cfg["models"][0], adapter_dir, pairs, [], out_dir, max_steps=steps,

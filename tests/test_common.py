@@ -426,8 +426,12 @@ def test_bf16_settings_apply_only_where_the_hardware_computes_bf16(monkeypatch, 
     monkeypatch.setattr(common, "_BF16_FALLBACK_SAID", set())
     assert common.trainer_args(cfg, "sft")["bf16"] is native
     assert common.trainer_args(cfg, "capo")["bf16"] is native
-    with common._decoding(cfg["generation"], torch.device("cpu")):
-        assert torch.is_autocast_enabled("cpu") is native
+    import engine
+    seen = {}
+    monkeypatch.setattr(engine, "generate", lambda model, tokenizer, texts, settings, *args, **kwargs:
+                        seen.update(settings) or [])
+    common.generate_token_ids(None, None, ["a rendered prompt"], cfg["generation"])
+    assert seen["autocast_bf16"] is native  # what the decoder is told (engine._decoding autocasts on it)
     common.trainer_args(cfg, "sft")  # said once per setting, not per call
     said = capsys.readouterr().out
     assert said.count("float32 instead") == (0 if native else 3)

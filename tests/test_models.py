@@ -133,8 +133,9 @@ def test_a_tokenizer_loads_by_hub_id_from_the_two_fetched_files_and_a_missing_on
     tokenizer = common.load_tokenizer(entry)
     assert tokenizer.eos_token == "<|im_end|>" and len(tokenizer) > 150_000
     hf_download(tmp_path / "hub", "Qwen/Half", {"tokenizer.json": files["tokenizer.json"]})
-    with pytest.raises(common.InputError, match=r"'Qwen/Half': tokenizer_config.json not in the local Hugging "
-                                                r"Face cache; fetch with `.venv/bin/hf download Qwen/Half "):
+    with pytest.raises(common.InputError, match=r"'Qwen/Half' is neither a folder nor in the local Hugging "
+                                                r"Face cache \(tokenizer_config.json missing\); fetch with "
+                                                r"`.venv/bin/hf download Qwen/Half "):
         common.load_tokenizer({**entry, "tokenizer": "Qwen/Half"})
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import common
+import patches
 from conftest import ROOT, load_stage, mark_prepared, write_config
 
 sft = load_stage("04_sft")
@@ -162,7 +163,7 @@ def test_lm_head_on_labelled_positions_only_gives_the_same_log_probs_and_gradien
     results = {}
     try:
         for enabled in (False, True):
-            assert common.lm_head_on_labelled_positions_only(enabled) is enabled
+            assert patches.lm_head_on_labelled_positions_only(enabled) is enabled
             assert trl_utils._use_triton(torch.device("cpu")) is enabled
             assert (trl_utils._use_triton is trl_own) is not enabled  # off: trl's own function back
             model.zero_grad()
@@ -194,10 +195,10 @@ def test_tokenizer_fingerprint_without_python_copies_still_follows_the_tokenizer
                         fn_kwargs={"tok": tokenizer})._fingerprint
 
     tokenizer = bpe()
-    assert set(common.TOKENIZER_PYTHON_COPIES) <= set(tokenizer.__dict__)
-    assert common.fingerprint_tokenizer_without_copies(tokenizer)
+    assert set(patches.TOKENIZER_PYTHON_COPIES) <= set(tokenizer.__dict__)
+    assert patches.fingerprint_tokenizer_without_copies(tokenizer)
     same = mapped_fingerprint(tokenizer)
-    assert set(common.TOKENIZER_PYTHON_COPIES) <= set(tokenizer.__dict__)  # put back after hashing
+    assert set(patches.TOKENIZER_PYTHON_COPIES) <= set(tokenizer.__dict__)  # put back after hashing
     assert tokenizer("ab a")["input_ids"] == [3, 2, 0]
     assert mapped_fingerprint(bpe()) == same
     assert mapped_fingerprint(bpe({"ba": 5})) != same

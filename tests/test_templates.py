@@ -26,6 +26,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
 import common
+import engine
 from conftest import load_stage
 from test_sft import NLI, write_fixture
 
@@ -156,15 +157,15 @@ def test_dpo_pairs_share_the_served_prompt(family, tokenizer_dirs, tmp_path):
             assert tokenizer.decode(row[f"{side}_ids"]) == completion
 
 
-@pytest.mark.parametrize("engine", ["kit", "generate"])
+@pytest.mark.parametrize("engine_name", ["kit", "generate"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_generation_stops_at_the_end_of_turn(family, engine, tokenizer_dirs):
+def test_generation_stops_at_the_end_of_turn(family, engine_name, tokenizer_dirs):
     """A forced reply (`Label: yes`, then the end-of-turn token) ends there for every row of a
     left-padded batch of prompts of different lengths; the text has no special token."""
     model, tokenizer = common.load_model_and_tokenizer(stand_in(family, tokenizer_dirs), device="cpu")
     reply = tokenizer("Label: yes", add_special_tokens=False)["input_ids"]
-    constraint = common.ReplyConstraint(tokenizer, [reply + [tokenizer.eos_token_id]])
-    gen_cfg = {"engine": engine, "max_new_tokens": 40, "batch_size": 4, "do_sample": False, "temperature": 0.0,
+    constraint = engine.ReplyConstraint(tokenizer, [reply + [tokenizer.eos_token_id]])
+    gen_cfg = {"engine": engine_name, "max_new_tokens": 40, "batch_size": 4, "do_sample": False, "temperature": 0.0,
                "prefix_cache_min_tokens": 32, "share_prefix_attention": False, "autocast_bf16": False,
                "constrain_response": False, "top_p": 1.0}
     prompts = [[{"role": "user", "content": "Short."}], [{"role": "user", "content": "A longer question " * 12}]]

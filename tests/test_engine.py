@@ -1,7 +1,8 @@
-"""Batched generation in common.py: request building, record shape and order, padding
-correctness (batched greedy == one-at-a-time greedy) of both engines (the kit's decoder and
-model.generate on static batches), the shared-prefix KV cache, and the parser over real
-outputs of the smoke model."""
+"""engine.py, the decoder, through its one door (common.generate_token_ids): padding correctness
+(batched greedy == one-at-a-time greedy) of both engines (the kit's continuous batching and
+model.generate on static batches), the shared-prefix KV cache and attention, reply constraints,
+seeded sampling; and the prediction records built from its outputs (request building, record
+shape and order, the parser over real outputs of the smoke model)."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import common
+import engine
 
 TASK_NLI = {"label_type": "categorical", "labels": ["entailment", "neutral", "contradiction"],
             "text_a_name": "Premise", "text_b_name": "Hypothesis",
@@ -56,13 +58,15 @@ def varied_model(tiny_model):
 
 
 def one_at_a_time(model, tokenizer, prompts, cfg):
-    generation_config = common._generation_config(tokenizer, cfg)
+    from transformers import GenerationConfig
+    generation_config = GenerationConfig(max_new_tokens=int(cfg["max_new_tokens"]), do_sample=False,
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     outputs = []
     for messages in prompts:
         inputs = tokenizer(common.render_prompt(tokenizer, messages), add_special_tokens=False, return_tensors="pt")
         with torch.inference_mode():
             out = model.generate(**inputs, generation_config=generation_config)
-        outputs.append(common._trim_at_eos(out[0, inputs["input_ids"].shape[1]:].tolist(),
+        outputs.append(engine._trim_at_eos(out[0, inputs["input_ids"].shape[1]:].tolist(),
                                            tokenizer.eos_token_id, tokenizer.pad_token_id))
     return outputs
 
@@ -126,14 +130,14 @@ PREFIX_MODES = {"shared-prefix": {"prefix_cache_min_tokens": 32, "share_prefix_a
 def shared_prefix_calls(monkeypatch):
     """Counts attention calls that read a shared prefix (so a test knows that path ran)."""
     calls = []
-    original = common._shared_prefix_attention
+    original = engine._shared_prefix_attention
 
     def spy(*args, shared_prefix=None, **kwargs):
         calls.append(shared_prefix is not None)
         return original(*args, shared_prefix=shared_prefix, **kwargs)
     from transformers import AttentionInterface
-    common._register_shared_prefix_attention()
-    monkeypatch.setitem(AttentionInterface._global_mapping, common.SHARED_PREFIX_ATTENTION, spy)
+    engine._register_shared_prefix_attention()
+    monkeypatch.setitem(AttentionInterface._global_mapping, engine.SHARED_PREFIX_ATTENTION, spy)
     return calls
 
 
@@ -166,9 +170,9 @@ def test_shared_prefix_attention_equals_attention_over_the_whole_sequence(query_
     own = torch.ones(rows, own_length, dtype=torch.long)
     own[1, :2] = 0  # left padding
     module = SimpleNamespace(layer_idx=0, num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
-    mine, _ = common._shared_prefix_attention(module, query, keys, values, common._own_tokens_mask(own, query_length),
+    mine, _ = engine._shared_prefix_attention(module, query, keys, values, engine._own_tokens_mask(own, query_length),
                                               scaling=0.3, shared_prefix=[(prefix_keys, prefix_values)])
-    whole_mask = common._own_tokens_mask(torch.cat([torch.ones(rows, prefix_length, dtype=torch.long), own], 1),
+    whole_mask = engine._own_tokens_mask(torch.cat([torch.ones(rows, prefix_length, dtype=torch.long), own], 1),
                                          query_length)
     reference, _ = sdpa_attention_forward(module, query, torch.cat([prefix_keys.expand(rows, -1, -1, -1), keys], 2),
                                           torch.cat([prefix_values.expand(rows, -1, -1, -1), values], 2),
@@ -182,7 +186,7 @@ def test_shared_prefix_of_icl_prompts_is_cached_and_equivalent(varied_model):
     demos = [record(f"d{i}", "A1", a, b, label="entailment", split="train") for i, (a, b) in enumerate(SENTENCES[:3])]
     prompts = [common.build_messages(TASK_NLI, "A1", a, b, demonstrations=demos) for a, b in SENTENCES[3:]]
     encoded = [tokenizer(common.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    assert common._shared_prefix_length(encoded) > 100  # system prompt + demonstrations
+    assert engine._shared_prefix_length(encoded) > 100  # system prompt + demonstrations
     cfg = gen_cfg(batch_size=3)
     single = one_at_a_time(model, tokenizer, prompts, cfg)
     for share in (True, False):
@@ -190,17 +194,17 @@ def test_shared_prefix_of_icl_prompts_is_cached_and_equivalent(varied_model):
 
 
 def test_shared_prefix_length_leaves_one_token():
-    assert common._shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
-    assert common._shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
-    assert common._shared_prefix_length([[9], [9, 1]]) == 0
-    assert common._shared_prefix_length([[1, 2], [3, 2]]) == 0
+    assert engine._shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert engine._shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert engine._shared_prefix_length([[9], [9, 1]]) == 0
+    assert engine._shared_prefix_length([[1, 2], [3, 2]]) == 0
 
 
 def test_generation_stops_at_end_of_turn_and_counts_no_padding():
     eos, pad = 2, 0
-    assert common._trim_at_eos([5, 6, eos, pad, pad], eos, pad) == [5, 6, eos]
-    assert common._trim_at_eos([5, 6, pad, pad], eos, pad) == [5, 6]
-    assert common._trim_at_eos([eos, 7], eos, pad) == [eos]
+    assert engine._trim_at_eos([5, 6, eos, pad, pad], eos, pad) == [5, 6, eos]
+    assert engine._trim_at_eos([5, 6, pad, pad], eos, pad) == [5, 6]
+    assert engine._trim_at_eos([eos, 7], eos, pad) == [eos]
 
 
 def test_rendered_string_prompts_give_the_same_texts(varied_model):
@@ -299,8 +303,8 @@ def test_rows_leave_and_waiting_prompts_join_without_changing_outputs(varied_mod
     single = one_at_a_time(model, stopping, prompts, cfg)
     assert len({len(ids) for ids in single}) > 1, "rows must stop at different steps"
     merges = []
-    original_merge = common._DecodeBatch.merge
-    monkeypatch.setattr(common._DecodeBatch, "merge", lambda self, other: merges.append(1) or original_merge(self, other))
+    original_merge = engine._DecodeBatch.merge
+    monkeypatch.setattr(engine._DecodeBatch, "merge", lambda self, other: merges.append(1) or original_merge(self, other))
     for mode in PREFIX_MODES.values():
         assert common.generate_token_ids(model, stopping, prompts, dict(cfg, **mode)) == single
     assert merges, "no waiting prompt joined a running batch"
@@ -346,7 +350,7 @@ def test_constrained_label_is_the_models_most_likely_allowed_token(varied_model)
     """The first label token is the argmax of the model's logits over the tokens that continue
     some opening, right after the forced `Label:` (no other rule picks it)."""
     model, tokenizer = varied_model
-    constraint = common.ReplyConstraint(tokenizer, common.response_openings(TASK_NLI), end_at_line_break=True)
+    constraint = engine.ReplyConstraint(tokenizer, common.response_openings(TASK_NLI), end_at_line_break=True)
     prompts = varied_prompts(5)
     replies = common.generate_token_ids(model, tokenizer, prompts, gen_cfg(max_new_tokens=8), constraint=constraint)
     forced = constraint.allowed([])
@@ -374,11 +378,11 @@ def test_reply_constraint_trie():
             return 128
 
     eos = 3
-    ids = common.ReplyConstraint(Tok(), [[ord("A"), ord("1"), eos], [ord("A"), ord("1"), ord("0"), eos]])
+    ids = engine.ReplyConstraint(Tok(), [[ord("A"), ord("1"), eos], [ord("A"), ord("1"), ord("0"), eos]])
     assert ids.allowed([]) == [ord("A")]
     assert sorted(ids.allowed([ord("A"), ord("1")])) == sorted([eos, ord("0")])  # A1 or A10, no other
     assert ids.allowed([ord("A"), ord("1"), eos]) is None
-    lines = common.ReplyConstraint(Tok(), ["L: x\nE:", "L: y\nE:"], end_at_line_break=True)
+    lines = engine.ReplyConstraint(Tok(), ["L: x\nE:", "L: y\nE:"], end_at_line_break=True)
     assert sorted(lines.allowed([ord(c) for c in "L: "])) == [ord("x"), ord("y")]
     assert lines.allowed([ord(c) for c in "L: x\nE: so"]) is None
     assert not lines.ends([ord(c) for c in "L: x\n"])  # the opening's own line break

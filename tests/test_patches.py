@@ -1,0 +1,90 @@
+"""patches.py: each private-API patch still finds what it patches, in the version it was written for.
+
+A failure names the patch: re-check that patch against the new library version (or delete it,
+if the library now does the job), then update the version pinned here and in requirements.txt.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+
+import patches
+
+WRITTEN_FOR = {  # patch -> (package, the version it was written and tested against)
+    "lm_head_on_labelled_positions_only": ("trl", "1.16.0"),
+    "fingerprint_tokenizer_without_copies": ("datasets", "5.2.0"),
+    "reset_accelerate_state": ("accelerate", "1.15.0"),
+    "append_layer_class": ("transformers", "5.23.0"),
+    "attention_implementation": ("transformers", "5.23.0"),
+}
+
+
+@pytest.mark.parametrize("patch", list(WRITTEN_FOR))
+def test_each_patch_meets_the_version_it_was_written_for(patch):
+    package, version = WRITTEN_FOR[patch]
+    installed = importlib.metadata.version(package)
+    assert installed == version, (f"patches.{patch} was written for {package} {version}, but {installed} is "
+                                  f"installed: re-check the patch against it")
+    assert callable(getattr(patches, patch))
+
+
+def test_lm_head_on_labelled_positions_only_finds_trls_switch():
+    import trl.trainer.utils as trl_utils
+    assert callable(getattr(trl_utils, "_use_triton", None)), \
+        "patches.lm_head_on_labelled_positions_only: trl.trainer.utils._use_triton is gone"
+    try:
+        assert trl_utils._use_triton(torch.device("cpu")) is False  # what the patch is for
+        assert patches.lm_head_on_labelled_positions_only() is True
+        assert trl_utils._use_triton(torch.device("cpu")) is True
+    finally:
+        patches.lm_head_on_labelled_positions_only(enabled=False)
+    assert trl_utils._use_triton(torch.device("cpu")) is False
+
+
+def test_fingerprint_tokenizer_without_copies_finds_the_pickler_and_the_copies():
+    from datasets.utils import _dill
+    from transformers import Qwen2Tokenizer  # a BPE tokenizer built from Python objects, as the hub's are
+    assert callable(getattr(_dill, "_save_transformersPreTrainedTokenizerBase", None)), \
+        "patches.fingerprint_tokenizer_without_copies: datasets' tokenizer pickler is gone"
+    tokenizer = Qwen2Tokenizer(vocab={"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}, merges=[("a", "b")])
+    kept = set(patches.TOKENIZER_PYTHON_COPIES) & set(vars(tokenizer))
+    assert kept, "patches.fingerprint_tokenizer_without_copies: tokenizers no longer keep Python vocabulary copies"
+
+
+def test_reset_accelerate_state_finds_the_state_classes():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    for cls in (AcceleratorState, GradientState):
+        assert callable(getattr(cls, "_reset_state", None)), f"patches.reset_accelerate_state: {cls.__name__}._reset_state is gone"
+    PartialState(cpu=True)
+    assert PartialState._shared_state
+    patches.reset_accelerate_state()
+    assert not PartialState._shared_state, "patches.reset_accelerate_state: the launch's state survives the reset"
+
+
+def test_append_layer_class_keeps_the_cache_layer_interface(tiny_model):
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    for name in ("update", "lazy_initialization", "batch_select_indices", "batch_repeat_interleave"):
+        assert hasattr(DynamicLayer, name), f"patches.append_layer_class: DynamicLayer.{name} is gone"
+    assert hasattr(DynamicCache(), "layer_class_to_replicate"), \
+        "patches.append_layer_class: DynamicCache.layer_class_to_replicate is gone"
+    model, tokenizer = tiny_model
+    ids = torch.tensor([tokenizer("A short prompt for the cache.", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        plain = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+        mine = model(input_ids=ids, past_key_values=patches.new_append_cache(), use_cache=True)
+        step = torch.tensor([[5]])
+        plain_next = model(input_ids=step, past_key_values=plain.past_key_values, use_cache=True).logits
+        mine_next = model(input_ids=step, past_key_values=mine.past_key_values, use_cache=True).logits
+    assert isinstance(mine.past_key_values.layers[0], patches.append_layer_class()), \
+        "patches.append_layer_class: the cache no longer builds its layers from layer_class_to_replicate"
+    assert torch.allclose(plain_next, mine_next, atol=1e-6)
+    assert patches.cache_mergeable(mine.past_key_values)
+
+
+def test_attention_implementation_reads_the_models_setting(tiny_model):
+    model, _ = tiny_model
+    assert patches.attention_implementation(model) in ("sdpa", "eager"), \
+        "patches.attention_implementation: config._attn_implementation no longer names the model's attention"
