@@ -1,51 +1,20 @@
-"""04_sft.py: one LoRA adapter per (dataset, model, annotator), trained with trl's SFTTrainer.
+"""04_sft.py: supervised LoRA adapters (trl SFTTrainer), one per annotator and one shared by all.
 
     python 04_sft.py --config configs/cpu.yaml --dataset varierr --annotators A0
-    python 04_sft.py --config configs/smoke.yaml --dataset all
-    python 04_sft.py --config configs/cpu.yaml --dataset varierr --resume      # continue an interrupted run
-    python 04_sft.py --config configs/cpu.yaml --sft.epochs 1 --force          # retrain finished annotators
-    accelerate launch --num_processes 2 04_sft.py --config configs/paper.yaml     # adapters shared out over 2 processes
-    accelerate launch --num_processes 4 04_sft.py --config configs/paper.yaml --dataset varierr --annotators A0 --data-parallel
+    python 04_sft.py --config configs/cpu.yaml --resume             # continue an interrupted run
+    accelerate launch --num_processes 2 04_sft.py --config configs/paper.yaml   # adapters shared out
 
-Reads runs/<profile>/data/<dataset>/{train,dev,test}.jsonl (01). For every model of the profile
-and every annotator (or the --annotators subset) writes:
-  adapters/<dataset>/<model>/sft/<annotator>/          PEFT adapter (PeftModel.from_pretrained on the
-                                                        base model), train_log.json, config.resolved.yaml
-  predictions/<dataset>/<model>/sft/<annotator>.jsonl  greedy generations on the annotator's test items
-  work/sft/<dataset>/<model>/<annotator>/              checkpoints while training (removed when done)
-A finished annotator (adapter and predictions present) is skipped unless --force; an adapter
-without predictions only generates. With `accelerate launch`, each process trains (and predicts
-with) its share of the adapters by itself, exactly as one process would (docs/DESIGN.md,
-"Processes"); with --data-parallel the processes train each adapter together instead (DDP; the
-global batch stays sft.global_batch_size) and only rank 0 writes files.
-
-Training data: one example per train record of the annotator (an annotator who gave two
-labels to an item contributes both), in trl's conversational prompt/completion form: the
-prompt is common.build_messages (the Base prompt: annotator ID, instructions, item) and the
-completion is the response `Label: ...\\nExplanation: ...`. The loss covers the completion
-only, end-of-turn token included (checked on a collated batch before training). The dev
-records of the annotator give a dev loss after every epoch.
-
-Speed: padding-free batches (sft.padding_free: a batch is its examples back to back in one
-row, attention kept within each example; no compute on padding), examples longer than
-sft.max_length are left out (not truncated). Hyperparameters from the `sft:` section. Paper profile defaults are the kit's
-choices, not the paper's recipe (unknown; docs/CHOICES.md): LoRA r 16, alpha 32, dropout 0.05 on all
-linear projections; lr 2e-4, cosine, 3% warm-up; max length 512; bf16 on GPUs. The last
-epoch's adapter is kept (our choice; dev loss is logged, not used for selection). CPU: the
-cpu profile trains with bf16 autocast (1.4-1.7x the fp32 tokens/s on AVX512-BF16 cores) and without
-gradient checkpointing (it recomputes the forward; memory is no issue at 135M); measured in
-bench/RESULTS.md "## Training". With sft.max_train_examples (the cpu profile's budget) an
-annotator trains on a seeded sample of that many of its examples. Each annotator's budget is
-printed ("SFT budget: N steps x E examples per step", common.training_budget) and kept in
-train_log.json; 05_capo.py prints CAPO's beside it.
+Per annotator (`adapters: [per_annotator]`, method sft) an adapter learns that annotator's train
+responses; with `shared` in `adapters` one adapter (method sft_shared) learns every annotator's,
+each with its own annotator named in the prompt. The prompt is the Base prompt
+(common.build_messages); the loss covers the response and its end-of-turn token only. Writes
+adapters/<dataset>/<model>/<method>/[<annotator>/] and each target's test predictions under
+predictions/; current adapters are kept, --force redoes them.
 """
 from __future__ import annotations
 
-import gc
-import shutil
 import time
 
-import torch
 from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
@@ -54,6 +23,8 @@ import common
 import patches
 from common import InputError
 
+# What an SFT adapter is made from, besides 01's files; `models[]` is its base model's entry.
+CONFIG_SECTIONS = ("seed", "torch_threads", "data", "sft", "models[]")
 
 
 def sft_examples(records: list[dict], task: dict, annotator: str) -> list[dict]:
@@ -71,29 +42,26 @@ def lora_config(section: dict) -> LoraConfig:
 
 
 def sft_config(cfg: dict, output_dir, has_dev: bool, **changes) -> SFTConfig:
-    """trl's SFTConfig from the profile's `sft:` section (changes: benchmark variants)."""
+    """trl's SFTConfig from the `sft:` section (changes: benchmark variants), `sft.trainer` on top."""
     section = cfg["sft"]
     settings = dict(
         common.trainer_args(cfg, "sft"),
         output_dir=str(output_dir),
-        # Padding-free: a batch is one row of its examples back to back (attention stays within each
-        # example), so no compute goes to padding. trl then leaves lengths to us: see within_max_length.
+        # Padding-free: a batch is its examples back to back in one row, attention kept within each
+        # example, so no compute goes to padding; trl then leaves lengths to us (within_max_length).
         padding_free=bool(section["padding_free"]),
         max_length=None if section["padding_free"] else int(section["max_length"]),
-        completion_only_loss=True,  # loss on the response only (label, explanation, end of turn)
+        completion_only_loss=True,
         eval_strategy="epoch" if has_dev else "no",
-        save_strategy="epoch",  # one checkpoint per epoch is what --resume continues from
+        save_strategy="epoch",  # what --resume continues from
     )
     settings.update(changes)
-    return common.trainer_config(SFTConfig, cfg, "sft", settings)  # + sft.trainer
+    return common.trainer_config(SFTConfig, cfg, "sft", settings)
 
 
 def within_max_length(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
-    """Rows whose prompt + response fit in max_length tokens, and how many did not.
-
-    Dropped rather than truncated: a cut response would teach the model to stop mid-sentence
-    (or never to stop). Our choice; none of VariErr's or Par's responses is near 512 tokens.
-    """
+    """Rows whose prompt + response fit in max_length tokens, and how many did not. Dropped, not
+    truncated: a cut response would teach the model to stop mid-sentence, or never."""
     kept = [row for row in rows
             if len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True,
                                                  return_dict=False, **common.CHAT_TEMPLATE_KWARGS))
@@ -102,12 +70,9 @@ def within_max_length(rows: list[dict], tokenizer, max_length: int) -> tuple[lis
 
 
 def check_supervision(trainer, tokenizer, example: dict) -> str:
-    """Fail before training if the response (with its end-of-turn token) is not what is supervised.
-
-    Two known traps: a pad token equal to EOS masks the EOS label (the model never learns to
-    stop), and a chat template that renders the prompt differently on its own than inside
-    prompt+completion trains on one context and generates from another.
-    """
+    """Stop before training unless the response and its end-of-turn token are what is supervised,
+    and the prompt renders the same alone as before a response (else training and generation
+    would see different prompts, or the model would never learn to stop)."""
     prompt_text = common.render_prompt(tokenizer, example["prompt"])
     full_text = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False,
                                               **common.CHAT_TEMPLATE_KWARGS)
@@ -125,93 +90,94 @@ def check_supervision(trainer, tokenizer, example: dict) -> str:
     return tokenizer.decode(supervised)
 
 
-def epoch_dev_losses(log_history: list[dict]) -> list[dict]:
-    return [{"epoch": row["epoch"], "step": row["step"], "dev_loss": row["eval_loss"]}
-            for row in log_history if "eval_loss" in row]
+def training_rows(cfg: dict, unit: dict, tokenizer) -> tuple[list[dict], list[dict], dict]:
+    """(train rows, dev rows, counts) of a unit's targets: each target's rows within sft.max_length,
+    its train rows a seeded sample of sft.max_train_examples and its dev rows of sft.max_dev_examples
+    (the dev loss is logged, not used for selection); a shared adapter gets every target's."""
+    section, dataset = cfg["sft"], unit["dataset"]
+    train_rows, dev_rows = [], []
+    counts = {"available": 0, "too_long": 0, "dev_too_long": 0, "per_target": []}
+    for target in unit["targets"]:
+        train, too_long = within_max_length(sft_examples(unit["splits"]["train"], unit["task"], target), tokenizer,
+                                            int(section["max_length"]))
+        dev, dev_too_long = within_max_length(sft_examples(unit["splits"]["dev"], unit["task"], target), tokenizer,
+                                              int(section["max_length"]))
+        counts["available"] += len(train)
+        counts["too_long"] += too_long
+        counts["dev_too_long"] += dev_too_long
+        sample = common.seeded_sample(train, section["max_train_examples"], f"{cfg['seed']}/{dataset}/{target}")
+        counts["per_target"].append(len(sample))
+        train_rows += sample
+        dev_rows += common.seeded_sample(dev, section["max_dev_examples"], f"{cfg['data']['split_seed']}/{dataset}/{target}/dev")
+    return train_rows, dev_rows, counts
 
 
-# The config sections an SFT adapter is made from, besides 01's files (train, and dev for the
-# dev loss); `models[]` is the entry of its base model. Its test predictions: common's
-# ADAPTER_PREDICTION_SECTIONS.
-CONFIG_SECTIONS = ("seed", "torch_threads", "data", "sft", "models[]")
-
-
-def adapter_recipe(cfg: dict, dataset: str, model_cfg: dict) -> dict:
+def adapter_recipe(cfg: dict, unit: dict) -> dict:
     """What an SFT adapter depends on: 01's files and the config."""
-    return common.recipe(cfg, "04_sft", common.data_files(cfg, dataset), CONFIG_SECTIONS,
-                         model_tag=model_cfg["tag"], bf16_native=common.native_bf16())
+    return common.recipe(cfg, "04_sft", common.data_files(cfg, unit["dataset"]), CONFIG_SECTIONS,
+                         model_tag=unit["model"]["tag"], bf16_native=common.native_bf16())
 
 
-def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
-                  annotator: str, adapter_path, made_from: dict) -> None:
-    tag, name = model_cfg["tag"], f"sft {dataset}/{model_cfg['tag']}/{annotator}"
+def sft_budget_lines(cfg: dict, unit: dict, examples: int, per_target: list[int]) -> list[str]:
+    """The budget line; a shared adapter's beside the per-annotator adapters' together."""
+    budget = common.training_budget(examples, cfg["sft"])
+    line = (f"SFT budget: {budget['steps']} steps x {budget['per_step']} examples per step ({examples} examples x "
+            f"{budget['epochs']:g} epoch(s) / global batch {budget['global_batch_size']})")
+    if unit["name"] is None:
+        together = sum(common.training_budget(n, cfg["sft"])["steps"] for n in per_target)
+        line += f"; the per-annotator adapters together: {together} steps of up to {budget['global_batch_size']}"
+    return [line]
+
+
+def train_adapter(cfg: dict, args, unit: dict, adapter, made_from: dict) -> None:
+    label = common.unit_label(unit)
     common.set_seed(int(cfg["seed"]))  # before the model and the LoRA initialisation
-    model, tokenizer = common.load_model_and_tokenizer(model_cfg)
-    max_length = int(cfg["sft"]["max_length"])
-    train_rows, too_long = within_max_length(sft_examples(splits["train"], task, annotator), tokenizer, max_length)
-    dev_rows, dev_too_long = within_max_length(sft_examples(splits["dev"], task, annotator), tokenizer, max_length)
-    # The dev loss is logged, not used for selection: a seeded sample keeps its cost down.
-    dev_rows = common.seeded_sample(dev_rows, cfg["sft"]["max_dev_examples"],
-                                    f"{cfg['data']['split_seed']}/{dataset}/{annotator}/dev")
-    available = len(train_rows)
-    train_rows = common.seeded_sample(train_rows, cfg["sft"]["max_train_examples"], f"{cfg['seed']}/{dataset}/{annotator}")
-    if len(train_rows) < available:
-        print(f"[{name}] training on a seeded {len(train_rows)} of {available} train examples "
-              f"(sft.max_train_examples)", flush=True)
-    if too_long or dev_too_long:
-        print(f"[{name}] left out {too_long} train / {dev_too_long} dev examples longer than "
-              f"sft.max_length {max_length} tokens", flush=True)
+    model, tokenizer = common.load_model_and_tokenizer(unit["model"])
+    train_rows, dev_rows, counts = training_rows(cfg, unit, tokenizer)
+    if counts["too_long"] or counts["dev_too_long"]:
+        print(f"[{label}] left out {counts['too_long']} train / {counts['dev_too_long']} dev examples longer than "
+              f"sft.max_length {cfg['sft']['max_length']} tokens", flush=True)
     if not train_rows:
-        raise InputError(f"{common.data_dir(cfg, dataset) / 'train.jsonl'}: annotator {annotator} "
-                         f"has no train records (of at most {max_length} tokens)")
-    work_dir = common.training_work_dir(cfg, dataset, tag, "sft", annotator)
-    resume_from = common.checkpoint_to_resume(work_dir, args.resume, name, made_from)
+        raise InputError(f"{common.data_dir(cfg, unit['dataset']) / 'train.jsonl'}: {', '.join(unit['targets'])} "
+                         f"has no train records (of at most {cfg['sft']['max_length']} tokens)")
+    work_dir = common.training_work_dir(cfg, unit["dataset"], unit["model"]["tag"], unit["method"], unit["name"])
+    resume_from = common.checkpoint_to_resume(work_dir, args.resume, label, made_from)
 
-    patches.lm_head_on_labelled_positions_only()  # the loss's LM head skips the prompt on CPUs too
-    patches.fingerprint_tokenizer_without_copies(tokenizer)  # trl's map() pickles it for a fingerprint
+    patches.lm_head_on_labelled_positions_only()
+    patches.fingerprint_tokenizer_without_copies(tokenizer)
     trainer = SFTTrainer(model=model, args=sft_config(cfg, work_dir, has_dev=bool(dev_rows)),
                          train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(dev_rows) if dev_rows else None,
                          processing_class=tokenizer, peft_config=lora_config(cfg["sft"]))
     supervised = check_supervision(trainer, tokenizer, train_rows[0])
-    budget = common.training_budget(len(train_rows), cfg["sft"])
-    print(f"[{name}] SFT budget: {budget['steps']} steps x {budget['per_step']} examples per step "
-          f"({len(train_rows)} examples x {budget['epochs']:g} epoch(s) / global batch {budget['global_batch_size']})",
-          flush=True)
-    print(f"[{name}] {len(train_rows)} train / {len(dev_rows)} dev examples; "
-          f"global batch {cfg['sft']['global_batch_size']} = {trainer.args.per_device_train_batch_size} "
-          f"x {trainer.args.gradient_accumulation_steps} accumulation x {common.world_size()} process(es); "
+    for line in sft_budget_lines(cfg, unit, len(train_rows), counts["per_target"]):
+        print(f"[{label}] {line}", flush=True)
+    print(f"[{label}] {len(train_rows)} train (of {counts['available']}) / {len(dev_rows)} dev examples; global batch "
+          f"{cfg['sft']['global_batch_size']} = {trainer.args.per_device_train_batch_size} x "
+          f"{trainer.args.gradient_accumulation_steps} accumulation x {common.world_size()} process(es); "
           f"supervised text of example 0: {supervised!r}", flush=True)
 
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
+    dev_losses = [{"epoch": row["epoch"], "step": row["step"], "dev_loss": row["eval_loss"]}
+                  for row in trainer.state.log_history if "eval_loss" in row]
+
+    def write(folder):
+        trainer.model.save_pretrained(folder)
+        common.write_json(folder / "train_log.json", {
+            "dataset": unit["dataset"], "model": unit["model"]["tag"], "annotator": unit["name"],
+            "annotators": unit["targets"], "method": unit["method"], "train_examples": len(train_rows),
+            "train_examples_available": counts["available"], "budget": common.training_budget(len(train_rows), cfg["sft"]),
+            "dev_examples": len(dev_rows), "left_out_too_long": {"train": counts["too_long"], "dev": counts["dev_too_long"]},
+            "world_size": common.world_size(), "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+            "train_loss": result.training_loss, "steps": trainer.state.global_step, "dev_loss_per_epoch": dev_losses,
+            "resumed_from": resume_from, "seconds": round(time.time() - started, 1), "supervised_example": supervised,
+            "log_history": trainer.state.log_history})
+
     if trainer.accelerator.is_main_process:
-        dev_losses = epoch_dev_losses(trainer.state.log_history)
         for row in dev_losses:
-            print(f"[{name}] epoch {row['epoch']:.0f}: dev loss {row['dev_loss']:.4f}", flush=True)
-        common.forget_output(adapter_path)
-        with common.atomic_dir(adapter_path) as tmp:
-            trainer.model.save_pretrained(tmp)
-            common.write_json(tmp / "train_log.json", {
-                "dataset": dataset, "model": tag, "annotator": annotator, "method": "sft",
-                "train_examples": len(train_rows), "train_examples_available": available, "budget": budget,
-                "dev_examples": len(dev_rows),
-                "left_out_too_long": {"train": too_long, "dev": dev_too_long},
-                "world_size": common.world_size(),
-                "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
-                "train_loss": result.training_loss, "steps": trainer.state.global_step,
-                "dev_loss_per_epoch": dev_losses, "resumed_from": resume_from,
-                "seconds": round(time.time() - started, 1), "supervised_example": supervised,
-                "log_history": trainer.state.log_history})
-            common.save_resolved_config(cfg, tmp, stage="04_sft")
-            common.finish_adapter_dir(tmp, cfg, model_cfg)  # hub ID of the base, model card
-        common.write_manifest(adapter_path, made_from)
-        shutil.rmtree(work_dir, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    del trainer, model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+            print(f"[{label}] epoch {row['epoch']:.0f}: dev loss {row['dev_loss']:.4f}", flush=True)
+    common.save_adapter(cfg, unit, adapter, made_from, work_dir, write)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -219,53 +185,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args, cfg = common.parse_stage_args(parser, argv)
     common.require_models(cfg)  # a missing hub model stops here, in one line
 
-    # ---- data, and the adapters to train: (dataset, model, annotator) units
-    data, units = {}, []
+    units = []
     for dataset in common.selected_datasets(cfg, args.dataset):
         common.require_data(cfg, dataset)
-        data[dataset] = {"task": common.load_task(cfg, dataset), "splits": common.load_splits(cfg, dataset)}
-        units += [(dataset, model_cfg["tag"], annotator) for model_cfg in common.model_configs(cfg)
-                  for annotator in common.select_annotators(cfg, dataset, args.annotators)]
-    models = {model_cfg["tag"]: model_cfg for model_cfg in common.model_configs(cfg)}
-
-    done = []
-    for dataset, tag, annotator in common.training_share(units, args.data_parallel):
-        task, splits, model_cfg, started = data[dataset]["task"], data[dataset]["splits"], models[tag], time.time()
-        name = f"sft {dataset}/{tag}/{annotator}"
-        adapter_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
-        pred_path = common.predictions_path(cfg, dataset, tag, "sft", annotator)
-        if args.dry_run:
-            reason = "--force" if args.force else common.why_not_current(adapter_path,
-                                                                         adapter_recipe(cfg, dataset, model_cfg))
-            common.say_adapter_plan("sft", adapter_path, reason, pred_path, common.adapter_predictions_recipe(
-                cfg, "04_sft", dataset, model_cfg, adapter_path))
-            continue
-        with common.training_processes(args.data_parallel):
-            # ---- train, unless the adapter is finished from the same data, config and code
-            made_from = adapter_recipe(cfg, dataset, model_cfg)
-            reason = "--force" if args.force else common.why_not_current(adapter_path, made_from)
-            if reason:
-                print(f"[{name}] training ({reason}){common.process_label()}", flush=True)
-                train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, adapter_path, made_from)
-            else:
-                print(f"[{name}] adapter is current (same data, config and code); not retrained", flush=True)
-            if not common.is_main_process():
-                continue
-
-            # ---- predict the test items, unless those predictions are current for this adapter
-            pred_made_from = common.adapter_predictions_recipe(cfg, "04_sft", dataset, model_cfg, adapter_path)
-            status = {"dataset": dataset, "model": tag, "annotator": annotator, "method": "sft",
-                      "adapter": str(adapter_path), "path": str(pred_path)}
-            if args.force or reason or common.why_not_current(pred_path, pred_made_from):
-                status.update(common.predict_with_adapter(cfg, model_cfg, task, adapter_path, splits["test"],
-                                                          annotator, "sft", pred_path, pred_made_from))
-            else:
-                status["parse_rate"] = common.parse_rate(common.read_jsonl(pred_path))
-            done.append({**status, "seconds": round(time.time() - started, 1)})
-    done = common.gather_to_all(done)
-    if common.is_main_process():
-        common.print_training_summary(done)
-    return done
+        data = {"task": common.load_task(cfg, dataset), "splits": common.load_splits(cfg, dataset)}
+        units += common.adapter_units(cfg, dataset, data, "sft", args.annotators)
+    return common.train_adapters(cfg, args, "04_sft", units, lambda unit: adapter_recipe(cfg, unit),
+                                 lambda unit, adapter, made_from: train_adapter(cfg, args, unit, adapter, made_from))
 
 
 if __name__ == "__main__":

@@ -1,77 +1,26 @@
-"""05_capo.py: cross-annotator preference optimisation (CAPO) from each annotator's SFT adapter.
+"""05_capo.py: cross-annotator preference optimisation (CAPO): DPO from each SFT adapter.
 
     python 05_capo.py --config configs/cpu.yaml --dataset varierr --annotators A0
-    python 05_capo.py --config configs/smoke.yaml --dataset all
-    python 05_capo.py --config configs/cpu.yaml --dataset varierr --resume        # continue a killed run
-    python 05_capo.py --config configs/cpu.yaml --pair-policy all      # ablation, saved as method capo_all
-    accelerate launch --num_processes 2 05_capo.py --config configs/paper.yaml     # adapters shared out over 2 processes
-    accelerate launch --num_processes 4 05_capo.py --config configs/paper.yaml --dataset varierr --annotators A0 --data-parallel
+    python 05_capo.py --config configs/cpu.yaml --capo.pair_policy all    # ablation, method capo_all
+    accelerate launch --num_processes 2 05_capo.py --config configs/paper.yaml   # adapters shared out
 
-Reads 01's data and 04's adapters. Writes, under runs/<profile>/:
-  pairs/<dataset>/<model>/<annotator>.jsonl    the training pairs ({"item_id", "prompt", "chosen",
-                                                "rejected", "rejected_annotator"}, trl's conversational form)
-  pairs/<dataset>/<model>/pairs_stats.json     pair counts per annotator under both policies
-  adapters/<dataset>/<model>/capo/<annotator>/ PEFT adapter, selection.json (every dev evaluation and
-                                                the chosen step), train_log.json, config.resolved.yaml
-  predictions/<dataset>/<model>/capo/<annotator>.jsonl   greedy generations on the test items
-  work/capo/<dataset>/<model>/<annotator>/     checkpoints and the best adapter so far (removed when done)
-Skip (--force), resume (--resume), subsets (--annotators) and processes (--data-parallel) work as in 04_sft.py.
-
-Pairs (the paper's rule; docs/CHOICES.md). For every TRAIN item and target annotator: chosen = the target's
-response (each of them, if the target gave two labels); rejected = another annotator's
-response to the same item with the same label (NLI) or a score within capo.score_delta
-(paraphrase), so the contrast is the explanation, not the decision. Pairs whose two
-responses are the same text (whitespace and case aside) are skipped. capo.pair_policy: all
-(or --pair-policy all) also admits other labels, as an ablation: its pairs go to
-pairs/<dataset>/<model>/all/, its adapters and predictions to method `capo_all`. Our choice: with
-capo.rejected_valid_only, a response that peers judged invalid (VariErr valid: false) is
-never a rejected one; unjudged responses (valid: null, all of paraphrase) count as valid.
-With capo.max_pairs (the cpu profile's budget) an annotator trains on a seeded sample of
-that many pairs, spread over the train items (sample_pairs_across_items): the items in a seeded
-order, one pair per item in turn (every item's first pair, then every item's second, ...) until
-max_pairs, the pair taken within an item seeded too; the same seed gives the same sample. The
-JSONL holds the pairs used, pairs_stats.json both counts.
-
-Budget. Per annotator 05 prints "CAPO budget: N steps x P pairs per step (SFT: M steps x E
-examples per step)": CAPO's from the pairs used, capo.epochs and capo.global_batch_size; SFT's
-from the sft section (min(sft.max_train_examples, the annotator's train examples) x sft.epochs /
-sft.global_batch_size), both as the trainer counts steps (common.training_budget). When CAPO
-gets fewer steps or fewer pairs per step than SFT had examples, a warning line names both
-budgets (not an error: "CAPO vs SFT" then compares unequal training, which may be intended).
-
-Training. The policy is the SFT adapter loaded as a trainable PeftModel; no peft_config and
-no ref_model go to trl's DPOTrainer, which then adds a frozen copy of the adapter named "ref"
-on the same base model and uses it as the reference (the base model is held once). The
-reference log-probabilities are computed once before training (capo.precompute_ref_log_probs).
-Loss: DPO (sigmoid) with capo.beta.
-
-Checkpoint selection (aggregation-aware, on dev). Every capo.eval_every_steps steps and at
-the end, the current adapter generates on the target's dev items; dev-time checkpoint selection
-keeps a sample, stated: with capo.select_max_dev_items, a seeded sample of at most that many of
-the target's dev items (seeded by data.split_seed and the dataset, independent of
-data.max_eval_items, which only decides what 03-06 predict and score; null: every dev item).
-The sample and its size go to selection.json. The outputs are embedded as in 02
-(capo.select_representation, E3 by default: explanation embedding minus the mean of the human
-responses to the same item) and an annotator classifier trained on the human train responses
-scores groups of capo.select_group_size outputs; the measure is the mean probability of the
-target. The best step is kept. When the target has fewer than capo.select_min_dev_items dev
-items in the sample (or the classifier cannot be trained), the measure is the DPO loss on dev
-pairs of the sampled items instead; without dev pairs the last step is kept. The SFT adapter
-(step 0) is scored too, for reference, but is not a candidate. Our choices: an unparsable
-output stands in with its raw text (so breaking the format is not rewarded); hyperparameters
-are the kit's (the paper's are unknown; docs/CHOICES.md). The cpu profile selects every 8 of
-its 24 steps (steps 0, 8, 16, 24) on 40 dev items.
+For every train item and target annotator: chosen = the target's response, rejected = another
+annotator's response to the same item with the same NLI label (paraphrase: a score within
+capo.score_delta), so the contrast is the explanation, not the decision. The policy starts from
+the target's SFT adapter; trl keeps a frozen copy of it as the reference. Every
+capo.eval_every_steps the adapter generates on dev and the step whose outputs a classifier of
+human annotators attributes most confidently to the target is kept. With `shared` in `adapters`,
+capo_shared continues sft_shared on every annotator's pairs. Writes pairs/, adapters/ and the
+test predictions; current adapters are kept, --force redoes them.
 """
 from __future__ import annotations
 
-import gc
 import random
 import shutil
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 from peft import PeftModel
 from transformers import TrainerCallback
@@ -83,6 +32,9 @@ from common import InputError
 
 POLICIES = ("same_label", "all")
 METHOD_OF_POLICY = {"same_label": "capo", "all": "capo_all"}
+# What a CAPO adapter is made from, besides its pairs, its SFT adapter and 01's files: DPO, the
+# selection classifier (02's settings) and decoding for selection; `models[]`: its base model.
+CONFIG_SECTIONS = ("seed", "torch_threads", "data", "capo", "hlv", "embedder", "generation", "models[]")
 
 
 # ----------------------------------------------------------------------------
@@ -100,7 +52,9 @@ def response_text(record: dict) -> str:
 
 def build_pairs(records: list[dict], task: dict, target: str, policy: str, score_delta: float,
                 rejected_valid_only: bool = True, split: str = "train", counts: Counter | None = None) -> list[dict]:
-    """CAPO pairs for `target` from the `split` records only (other splits are ignored), by item."""
+    """CAPO pairs for `target` from the `split` records only, by item. Identical texts (whitespace
+    and case aside) are skipped; with `rejected_valid_only` a response peers judged invalid is
+    never rejected (our choice)."""
     if policy not in POLICIES:
         raise InputError(f"capo.pair_policy: unknown policy '{policy}' ({' or '.join(POLICIES)})")
     counts = Counter() if counts is None else counts
@@ -136,13 +90,9 @@ def build_pairs(records: list[dict], task: dict, target: str, policy: str, score
 
 
 def sample_pairs_across_items(pairs: list[dict], cap: int | None, seed_key: str) -> list[dict]:
-    """`pairs`, or `cap` of them spread over their items, in their original order.
-
-    random.Random(seed_key) orders the items and, within each item, its pairs; the draw then takes
-    one pair per item in turn (each item's first pair in item order, then each item's second, ...)
-    until `cap`. So cap <= number of items gives `cap` distinct items, and no item gets a second
-    pair before every item has one.
-    """
+    """`pairs`, or `cap` of them spread over their items, in their original order: the items in a
+    seeded order and, within each, its pairs; one pair per item in turn (every item's first pair,
+    then every item's second, ...) until `cap`."""
     if not cap or len(pairs) <= int(cap):
         return pairs
     rng = random.Random(seed_key)
@@ -165,8 +115,8 @@ def sample_pairs_across_items(pairs: list[dict], cap: int | None, seed_key: str)
 
 def write_pairs(cfg: dict, dataset: str, task: dict, splits: dict, model_tag: str, policy: str,
                 write: bool = True) -> dict:
-    """Every annotator's train pairs (JSONL) and pairs_stats.json (unless not `write`); returns
-    {annotator: pairs}."""
+    """Every annotator's train pairs under `policy` (capo.max_pairs: a seeded sample) as JSONL, and
+    pairs_stats.json with the counts under both policies (unless not `write`); {annotator: pairs}."""
     section = cfg["capo"]
     out_dir, pairs_dir = common.pairs_dir(cfg, dataset, model_tag), common.pairs_dir(cfg, dataset, model_tag, policy)
     stats = {"dataset": dataset, "model": model_tag, "policy": policy, "score_delta": section["score_delta"],
@@ -196,19 +146,19 @@ def write_pairs(cfg: dict, dataset: str, task: dict, splits: dict, model_tag: st
     return all_pairs
 
 
-def budgets(cfg: dict, train_records: list[dict], annotator: str, n_pairs: int, sft_adapter=None) -> dict:
+def budgets(cfg: dict, train_records: list[dict], annotator: str | list[str], n_pairs: int, sft_adapter=None) -> dict:
     """{"capo": ..., "sft": ...}: common.training_budget of CAPO on the `n_pairs` pairs used, and
-    SFT's budget as 04 logged it in the SFT adapter's train_log.json (what it trained on, after
-    leaving out examples longer than sft.max_length); without that log, from the config:
-    min(sft.max_train_examples, the annotator's train examples)."""
+    SFT's budget as 04 logged it in the SFT adapter's train_log.json; without that log, from the
+    config: min(sft.max_train_examples, the annotator's train examples), summed over annotators."""
     log_path = Path(sft_adapter) / "train_log.json" if sft_adapter else None
     logged = common.read_json(log_path).get("budget") if log_path and log_path.is_file() else None
     if logged:
         sft = logged
     else:
-        available = sum(1 for record in train_records if record["annotator"] == annotator)
         cap = cfg["sft"]["max_train_examples"]
-        sft = common.training_budget(min(int(cap), available) if cap else available, cfg["sft"])
+        targets = [annotator] if isinstance(annotator, str) else annotator
+        examples = [sum(1 for record in train_records if record["annotator"] == target) for target in targets]
+        sft = common.training_budget(sum(min(int(cap), n) if cap else n for n in examples), cfg["sft"])
     return {"capo": common.training_budget(n_pairs, cfg["capo"]), "sft": sft}
 
 
@@ -238,35 +188,46 @@ def trl_rows(pairs: list[dict]) -> list[dict]:
 # Checkpoint selection on dev
 # ----------------------------------------------------------------------------
 class AttributionMeasure:
-    """How confidently a classifier of human annotators attributes dev generations to the target."""
+    """How confidently a classifier of human annotators attributes the adapter's dev generations to
+    their targets (our choice of aggregation-aware selection): per target, groups of
+    capo.select_group_size outputs, the mean probability of the target; then the mean over targets."""
 
     name = "group_target_confidence"
     greater_is_better = True
 
-    def __init__(self, cfg: dict, dataset: str, task: dict, splits: dict, annotator: str, tokenizer):
-        section = cfg["capo"]
-        self.cfg, self.task, self.annotator, self.tokenizer = cfg, task, annotator, tokenizer
-        self.representation = section["select_representation"]
+    def __init__(self, cfg: dict, dataset: str, task: dict, splits: dict, targets: list[str], tokenizer):
+        self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
+        self.representation = cfg["capo"]["select_representation"]
         cache_dir = common.embedding_cache_dir(cfg, dataset)  # 02's embedding cache (keyed by texts)
         X_train, _ = common.representation_vectors(cfg, splits["train"], self.representation, cache_dir)
         self.classifier = common.fit_annotator_classifier(cfg["hlv"], X_train,
                                                           [r["annotator"] for r in splits["train"]], cfg["seed"])
-        # Item content is removed with the mean of the human dev responses to the same item.
-        _, self.dev_means = common.representation_vectors(cfg, splits["dev"], self.representation, cache_dir)
-        self.requests = common.annotator_requests(splits["dev"], task, annotator)
+        # Per target: its sampled dev items, item content removed with the human dev responses' mean.
+        self.targets = {}
+        for target in targets:
+            dev = selection_dev_records(cfg, dataset, splits["dev"], target)[0]
+            _, means = common.representation_vectors(cfg, dev, self.representation, cache_dir)
+            self.targets[target] = (common.annotator_requests(dev, task, target), means)
 
     def __call__(self, model, trainer=None) -> dict:
-        predictions = common.generate_predictions(model, self.tokenizer, self.requests, self.task,
-                                                  self.cfg["generation"], method="capo", model_tag="",
-                                                  seed=self.cfg["seed"], desc="dev selection")
-        stand_ins = [{"item_id": p["item_id"], "label": p["label"],
-                      "explanation": p["explanation"] if p["parse_ok"] else p["output"]} for p in predictions]
-        X, _ = common.representation_vectors(self.cfg, stand_ins, self.representation, means=self.dev_means)
-        section = self.cfg["capo"]
-        result = common.group_target_confidence(self.classifier, X, self.annotator, section["select_group_size"],
-                                                section["select_groups"], self.cfg["seed"])
-        return {"score": result["mean_prob"], "group_accuracy": result["accuracy"],
-                "group_size": result["group_size"], "dev_parse_rate": common.parse_rate(predictions)}
+        section, scores = self.cfg["capo"], []
+        for target, (requests, means) in self.targets.items():
+            predictions = common.generate_predictions(model, self.tokenizer, requests, self.task,
+                                                      self.cfg["generation"], method="capo", model_tag="",
+                                                      seed=self.cfg["seed"], desc="dev selection")
+            stand_ins = [{"item_id": p["item_id"], "label": p["label"],  # unparsed: the raw text stands in
+                          "explanation": p["explanation"] if p["parse_ok"] else p["output"]} for p in predictions]
+            X, _ = common.representation_vectors(self.cfg, stand_ins, self.representation, means=means)
+            result = common.group_target_confidence(self.classifier, X, target, section["select_group_size"],
+                                                    section["select_groups"], self.cfg["seed"])
+            scores.append((result, common.parse_rate(predictions)))
+        return {"score": mean_or_none([r["mean_prob"] for r, _ in scores]),
+                "group_accuracy": mean_or_none([r["accuracy"] for r, _ in scores]),
+                "group_size": min(r["group_size"] for r, _ in scores), "dev_parse_rate": mean_or_none([p for _, p in scores])}
+
+
+def mean_or_none(values: list) -> float | None:
+    return None if not values or None in values else sum(values) / len(values)
 
 
 class DevLossMeasure:
@@ -277,34 +238,31 @@ class DevLossMeasure:
 
     def __call__(self, model, trainer=None) -> dict:
         metrics = trainer.evaluate()
-        return {"score": metrics["eval_loss"],
-                "dev_reward_accuracy": metrics.get("eval_rewards/accuracies")}
+        return {"score": metrics["eval_loss"], "dev_reward_accuracy": metrics.get("eval_rewards/accuracies")}
 
 
 def selection_dev_records(cfg: dict, dataset: str, dev_records: list[dict], annotator: str) -> tuple[list[dict], int]:
-    """(the dev records checkpoint selection uses, how many dev items the target has).
-
-    Of the target's dev items, a seeded sample of at most capo.select_max_dev_items (null: all),
-    seeded by data.split_seed and the dataset only (the same items for every training seed and
-    for every annotator with the same dev items; data.max_eval_items plays no part), with every
-    annotator's records on those items (their mean takes the item content out of the embeddings).
-    """
+    """(the dev records selection uses for `annotator`, how many dev items it has): a seeded sample
+    of at most capo.select_max_dev_items of its dev items (seeded by data.split_seed and the dataset
+    only), with every annotator's records on them (their mean takes item content out)."""
     items = sorted({record["item_id"] for record in dev_records if record["annotator"] == annotator})
     keep = set(common.seeded_sample(items, cfg["capo"]["select_max_dev_items"],
                                     f"{cfg['data']['split_seed']}/{dataset}/dev/capo_selection"))
     return [record for record in dev_records if record["item_id"] in keep], len(items)
 
 
-def selection_plan(cfg: dict, splits: dict, annotator: str, dev_pairs: list[dict]) -> tuple[str | None, str]:
-    """(AttributionMeasure.name, DevLossMeasure.name or None, why) for this annotator's dev split."""
+def selection_plan(cfg: dict, splits: dict, annotator: str | list[str], dev_pairs: list[dict]) -> tuple[str | None, str]:
+    """(AttributionMeasure.name, DevLossMeasure.name or None, why) for the targets' dev records: the
+    attribution needs capo.select_min_dev_items dev items of every target and two annotators."""
     section = cfg["capo"]
-    dev_items = len({r["item_id"] for r in splits["dev"] if r["annotator"] == annotator})
-    train_annotators = {r["annotator"] for r in splits["train"]}
-    if dev_items >= int(section["select_min_dev_items"]) and len(train_annotators) >= 2:
-        return AttributionMeasure.name, (f"{dev_items} dev items (>= capo.select_min_dev_items "
-                                         f"{section['select_min_dev_items']})")
-    why = (f"{dev_items} dev items (< capo.select_min_dev_items {section['select_min_dev_items']})"
-           if len(train_annotators) >= 2 else "fewer than two annotators to train a classifier on")
+    targets = [annotator] if isinstance(annotator, str) else annotator
+    dev_items = min(len({r["item_id"] for r in splits["dev"] if r["annotator"] == t}) for t in targets)
+    if len({r["annotator"] for r in splits["train"]}) < 2:
+        why = "fewer than two annotators to train a classifier on"
+    elif dev_items < int(section["select_min_dev_items"]):
+        why = f"{dev_items} dev items (< capo.select_min_dev_items {section['select_min_dev_items']})"
+    else:
+        return AttributionMeasure.name, f"{dev_items} dev items (>= capo.select_min_dev_items {section['select_min_dev_items']})"
     if dev_pairs:
         return DevLossMeasure.name, why + f"; falling back to DPO loss on {len(dev_pairs)} dev pairs"
     return None, why + "; no dev pairs either: the last step is kept"
@@ -328,9 +286,8 @@ class DevSelection(TrainerCallback):
         return pick(candidates, key=lambda row: row["score"])
 
     def evaluate(self, model, step: int, epoch: float | None) -> None:
-        is_dev_loss = isinstance(self.measure, DevLossMeasure)
         row = None
-        if is_dev_loss or common.is_main_process():  # trainer.evaluate needs every rank
+        if isinstance(self.measure, DevLossMeasure) or common.is_main_process():  # evaluate() needs every rank
             was_training = model.training
             model.eval()
             row = {"step": step, "epoch": epoch, **self.measure(model, self.trainer)}
@@ -354,17 +311,16 @@ class DevSelection(TrainerCallback):
             self.evaluate(model, 0, 0.0)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        step = state.global_step
-        if step % self.every == 0 or step >= state.max_steps:
-            self.evaluate(model, step, state.epoch)
+        if state.global_step % self.every == 0 or state.global_step >= state.max_steps:
+            self.evaluate(model, state.global_step, state.epoch)
 
 
 # ----------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------
 def dpo_config(cfg: dict, output_dir, **changes) -> DPOConfig:
+    """trl's DPOConfig from the `capo:` section (changes: benchmark variants), `capo.trainer` on top."""
     section = cfg["capo"]
-    every = int(section["eval_every_steps"])
     settings = dict(
         common.trainer_args(cfg, "capo"),
         output_dir=str(output_dir),
@@ -374,22 +330,17 @@ def dpo_config(cfg: dict, output_dir, **changes) -> DPOConfig:
         precompute_ref_log_probs=bool(section["precompute_ref_log_probs"]),
         eval_strategy="no",  # dev evaluation happens in DevSelection, on the same steps as checkpoints
         save_strategy="steps",
-        save_steps=every,  # a checkpoint on every selection step, so --resume continues from one
+        save_steps=int(section["eval_every_steps"]),  # --resume continues from a selection step
     )
     settings.update(changes)
-    return common.trainer_config(DPOConfig, cfg, "capo", settings)  # + capo.trainer
+    return common.trainer_config(DPOConfig, cfg, "capo", settings)
 
 
 def pairs_dataset(pairs: list[dict], folder, args: DPOConfig) -> Dataset:
-    """The pairs as a Dataset saved under `folder` (once, by rank 0) and memory-mapped by every rank.
-
-    Why on disk: trl's precompute_ref_log_probs writes the reference log-probs into the
-    dataset's cache folder on rank 0 and every rank then opens that file. An in-memory
-    Dataset's cache folder is a per-process temp dir, so under torchrun the other ranks find
-    nothing (FileNotFoundError, compare trl issue #6291). Saved in the run's work dir the
-    folder is shared, and trl's cache file (keyed by the dataset fingerprint and a hash of the
-    reference weights) is found again by --resume instead of recomputed.
-    """
+    """The pairs as a Dataset saved under `folder` (once, by rank 0) and memory-mapped by every rank:
+    trl's precompute_ref_log_probs writes the reference log-probs into the dataset's cache folder
+    on rank 0 and every rank opens that file, so it must be a folder all share (an in-memory
+    Dataset's is a per-process temp dir; compare trl issue #6291), and --resume finds it again."""
     rows = trl_rows(pairs)
     path = Path(folder) / f"pairs-{common.config_hash(rows)}"
     with args.main_process_first(local=False, desc="saving the pairs dataset"):
@@ -402,10 +353,10 @@ def pairs_dataset(pairs: list[dict], folder, args: DPOConfig) -> Dataset:
 def build_trainer(cfg: dict, model_cfg: dict, sft_path, train_pairs: list[dict], dev_pairs: list[dict],
                   output_dir, **config_changes):
     """DPOTrainer whose policy is the SFT adapter (trainable) and whose reference is trl's frozen copy."""
-    patches.lm_head_on_labelled_positions_only()  # the losses' LM head skips the prompt on CPUs too
+    patches.lm_head_on_labelled_positions_only()
     common.set_seed(int(cfg["seed"]))
     base, tokenizer = common.load_model_and_tokenizer(model_cfg)
-    patches.fingerprint_tokenizer_without_copies(tokenizer)  # trl's map() pickles it for a fingerprint
+    patches.fingerprint_tokenizer_without_copies(tokenizer)
     model = PeftModel.from_pretrained(base, str(sft_path), is_trainable=True)
     args = dpo_config(cfg, output_dir, **config_changes)
     datasets_dir = Path(output_dir) / "datasets"
@@ -419,179 +370,115 @@ def build_trainer(cfg: dict, model_cfg: dict, sft_path, train_pairs: list[dict],
     return trainer, tokenizer
 
 
-# The config sections a CAPO adapter is made from, besides its pairs, the SFT adapter it starts
-# from and 01's files: DPO, the selection classifier (02's settings) and its dev sample, decoding
-# for selection; `models[]` is the entry of its base model. Its test predictions: common's
-# ADAPTER_PREDICTION_SECTIONS.
-CONFIG_SECTIONS = ("seed", "torch_threads", "data", "capo", "hlv", "embedder", "generation", "models[]")
+def adapter_recipe(cfg: dict, unit: dict) -> dict:
+    """What a CAPO adapter depends on: its pairs, the SFT adapter it starts from, 01's files (dev
+    selection) and the config."""
+    return common.recipe(cfg, "05_capo", [*unit["pairs_paths"], unit["upstream"][0], *common.data_files(cfg, unit["dataset"])],
+                         CONFIG_SECTIONS, model_tag=unit["model"]["tag"], bf16_native=common.native_bf16())
 
 
-def adapter_recipe(cfg: dict, dataset: str, model_cfg: dict, sft_path, pairs_path) -> dict:
-    """What a CAPO adapter depends on: its pairs, the SFT adapter it starts from, 01's files
-    (dev selection) and the config."""
-    return common.recipe(cfg, "05_capo", [pairs_path, sft_path, *common.data_files(cfg, dataset)],
-                         CONFIG_SECTIONS, model_tag=model_cfg["tag"], bf16_native=common.native_bf16())
-
-
-def train_adapter(cfg: dict, args, dataset: str, task: dict, splits: dict, model_cfg: dict,
-                  annotator: str, pairs: list[dict], sft_path, adapter_path, method: str, made_from: dict) -> None:
-    tag, name = model_cfg["tag"], f"{method} {dataset}/{model_cfg['tag']}/{annotator}"
-    section = cfg["capo"]
+def train_adapter(cfg: dict, args, unit: dict, adapter, made_from: dict) -> None:
+    section, label, sft_path, pairs = cfg["capo"], common.unit_label(unit), unit["upstream"][0], unit["pairs"]
     # Selection works on its own seeded sample of dev items (capo.select_max_dev_items), not on 03-06's.
-    dev_records, dev_items_available = selection_dev_records(cfg, dataset, common.load_split(cfg, dataset, "dev"),
-                                                             annotator)
-    dev_items = sorted({r["item_id"] for r in dev_records if r["annotator"] == annotator})
-    splits = {**splits, "dev": dev_records}
-    dev_pairs = build_pairs(splits["dev"], task, annotator, section["pair_policy"], section["score_delta"],
-                            section["rejected_valid_only"], split="dev")
-    work_dir = common.training_work_dir(cfg, dataset, tag, method, annotator)
-    resume_from = common.checkpoint_to_resume(work_dir, args.resume, name, made_from)
+    dev_all = common.load_split(cfg, unit["dataset"], "dev")
+    dev_records = {t: selection_dev_records(cfg, unit["dataset"], dev_all, t) for t in unit["targets"]}
+    dev_items = {t: sorted({r["item_id"] for r in records if r["annotator"] == t})
+                 for t, (records, _) in dev_records.items()}
+    splits = {**unit["splits"], "dev": [r for records, _ in dev_records.values() for r in records]}
+    dev_pairs = [pair for t, (records, _) in dev_records.items() for pair in build_pairs(
+        records, unit["task"], t, section["pair_policy"], section["score_delta"], section["rejected_valid_only"],
+        split="dev")]
+    work_dir = common.training_work_dir(cfg, unit["dataset"], unit["model"]["tag"], unit["method"], unit["name"])
+    resume_from = common.checkpoint_to_resume(work_dir, args.resume, label, made_from)
     work_dir.mkdir(parents=True, exist_ok=True)
 
-    plan, why = selection_plan(cfg, splits, annotator, dev_pairs)
-    trainer, tokenizer = build_trainer(cfg, model_cfg, sft_path, pairs,
+    plan, why = selection_plan(cfg, {**unit["splits"], "dev": splits["dev"]}, unit["targets"], dev_pairs)
+    trainer, tokenizer = build_trainer(cfg, unit["model"], sft_path, pairs,
                                        dev_pairs if plan == DevLossMeasure.name else [], work_dir)
     measure = selection = None
     if plan == AttributionMeasure.name:
-        measure = AttributionMeasure(cfg, dataset, task, splits, annotator, tokenizer)
+        measure = AttributionMeasure(cfg, unit["dataset"], unit["task"], {**unit["splits"], "dev": dev_all},
+                                     unit["targets"], tokenizer)
     elif plan == DevLossMeasure.name:
         measure = DevLossMeasure()
     if measure:
-        selection = DevSelection(measure, section["eval_every_steps"], work_dir, name)
+        selection = DevSelection(measure, section["eval_every_steps"], work_dir, label)
         selection.trainer = trainer
         trainer.add_callback(selection)
-    print(f"[{name}] {len(pairs)} train pairs ({section['pair_policy']}), {len(dev_pairs)} dev pairs; policy = "
+    available = sum(n for _, n in dev_records.values())
+    print(f"[{label}] {len(pairs)} train pairs ({section['pair_policy']}), {len(dev_pairs)} dev pairs; policy = "
           f"SFT adapter {sft_path} (trainable), reference = trl's frozen copy 'ref' of it on the same base model; "
-          f"selection: {measure.name if measure else 'none'} ({why}) on {len(dev_items)} of the target's "
-          f"{dev_items_available} dev items (capo.select_max_dev_items {section['select_max_dev_items']}), "
+          f"selection: {measure.name if measure else 'none'} ({why}) on {sum(map(len, dev_items.values()))} of the "
+          f"targets' {available} dev items (capo.select_max_dev_items {section['select_max_dev_items']}), "
           f"every {section['eval_every_steps']} steps", flush=True)
 
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
+    best = selection.best() if selection else None
+    one = unit["name"] is not None  # a per-annotator adapter keeps its selection.json's one-target form
+    choice = {"measure": measure.name if measure else None, "why": why,
+              "dev_items": dev_items[unit["name"]] if one else dev_items,
+              "dev_items_available": dev_records[unit["name"]][1] if one else available,
+              "select_max_dev_items": section["select_max_dev_items"],
+              "greater_is_better": measure.greater_is_better if measure else None,
+              "chosen_step": best["step"] if best else trainer.state.global_step,
+              "chosen": best, "final_step": trainer.state.global_step,
+              "history": [selection.history[s] for s in sorted(selection.history)] if selection else []}
+
+    def write(folder):
+        if best:
+            for path in (work_dir / "best").iterdir():
+                shutil.copy2(path, folder / path.name)
+        else:
+            trainer.model.save_pretrained(folder, selected_adapters=["default"])
+        common.write_json(folder / "selection.json", choice)
+        common.write_json(folder / "train_log.json", {
+            "dataset": unit["dataset"], "model": unit["model"]["tag"], "annotator": unit["name"],
+            "annotators": unit["targets"], "method": unit["method"], "sft_adapter": str(sft_path),
+            "reference": "frozen copy of the SFT adapter ('ref')", "train_pairs": len(pairs),
+            "dev_pairs": len(dev_pairs), "world_size": common.world_size(),
+            "budget": budgets(cfg, unit["splits"]["train"], unit["targets"], len(pairs), sft_path),
+            "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+            "train_loss": result.training_loss, "steps": trainer.state.global_step, "resumed_from": resume_from,
+            "seconds": round(time.time() - started, 1), "log_history": trainer.state.log_history})
+
     if trainer.accelerator.is_main_process:
-        best = selection.best() if selection else None
-        choice = {"measure": measure.name if measure else None, "why": why,
-                  "dev_items": dev_items, "dev_items_available": dev_items_available,
-                  "select_max_dev_items": section["select_max_dev_items"],
-                  "greater_is_better": measure.greater_is_better if measure else None,
-                  "chosen_step": best["step"] if best else trainer.state.global_step,
-                  "chosen": best, "final_step": trainer.state.global_step,
-                  "history": [selection.history[s] for s in sorted(selection.history)] if selection else []}
-        print(f"[{name}] chosen step {choice['chosen_step']} of {choice['final_step']} "
+        print(f"[{label}] chosen step {choice['chosen_step']} of {choice['final_step']} "
               f"({choice['measure'] or 'last step'})", flush=True)
-        common.forget_output(adapter_path)
-        with common.atomic_dir(adapter_path) as tmp:
-            if best:
-                for path in (work_dir / "best").iterdir():
-                    shutil.copy2(path, tmp / path.name)
-            else:
-                trainer.model.save_pretrained(tmp, selected_adapters=["default"])
-            common.write_json(tmp / "selection.json", choice)
-            common.write_json(tmp / "train_log.json", {
-                "dataset": dataset, "model": tag, "annotator": annotator, "method": method,
-                "sft_adapter": str(sft_path), "reference": "frozen copy of the SFT adapter ('ref')",
-                "train_pairs": len(pairs), "dev_pairs": len(dev_pairs), "world_size": common.world_size(),
-                "budget": budgets(cfg, splits["train"], annotator, len(pairs), sft_path),
-                "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
-                "train_loss": result.training_loss, "steps": trainer.state.global_step,
-                "resumed_from": resume_from, "seconds": round(time.time() - started, 1),
-                "log_history": trainer.state.log_history})
-            common.save_resolved_config(cfg, tmp, stage="05_capo")
-            common.finish_adapter_dir(tmp, cfg, model_cfg)  # hub ID of the base, model card
-        common.write_manifest(adapter_path, made_from)
-        shutil.rmtree(work_dir, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    del trainer
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    common.save_adapter(cfg, unit, adapter, made_from, work_dir, write)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = common.training_stage_parser(__doc__)
-    parser.add_argument("--pair-policy", choices=POLICIES, default=None,
-                        help="same_label (default) or all (ablation); same as --capo.pair_policy")
     args, cfg = common.parse_stage_args(parser, argv)
     common.require_models(cfg)  # a missing hub model stops here, in one line
-    if args.pair_policy:
-        cfg["capo"]["pair_policy"] = args.pair_policy
     policy = cfg["capo"]["pair_policy"]
     if policy not in POLICIES:
         raise InputError(f"{cfg['config_path']}: capo.pair_policy '{policy}' is not one of {', '.join(POLICIES)}")
-    method = METHOD_OF_POLICY[policy]
 
-    # ---- data and pairs (every process builds them; rank 0 writes them), then the adapters to
-    # train: (dataset, model, annotator) units
-    data, units = {}, []
+    # ---- data and pairs (every process builds them; rank 0 writes them), then the adapters
+    units = []
     for dataset in common.selected_datasets(cfg, args.dataset):
         common.require_data(cfg, dataset)
-        task, splits = common.load_task(cfg, dataset), common.load_splits(cfg, dataset)
-        data[dataset] = {"task": task, "splits": splits, "pairs": {}}
-        for model_cfg in common.model_configs(cfg):
-            data[dataset]["pairs"][model_cfg["tag"]] = write_pairs(cfg, dataset, task, splits, model_cfg["tag"], policy,
-                                                                   write=not args.dry_run)
-            units += [(dataset, model_cfg["tag"], annotator)
-                      for annotator in common.select_annotators(cfg, dataset, args.annotators)]
+        data = {"task": common.load_task(cfg, dataset), "splits": common.load_splits(cfg, dataset)}
+        pairs = {model_cfg["tag"]: write_pairs(cfg, dataset, data["task"], data["splits"], model_cfg["tag"], policy,
+                                               write=not args.dry_run) for model_cfg in common.model_configs(cfg)}
+        for unit in common.adapter_units(cfg, dataset, data, METHOD_OF_POLICY[policy], args.annotators):
+            tag = unit["model"]["tag"]
+            unit["pairs"] = [pair for target in unit["targets"] for pair in pairs[tag][target]]
+            unit["pairs_paths"] = [common.pairs_dir(cfg, dataset, tag, policy) / f"{t}.jsonl" for t in unit["targets"]]
+            sft_method = "sft_shared" if unit["name"] is None else "sft"
+            sft_path = common.adapter_dir(cfg, dataset, tag, sft_method, unit["name"])
+            redo = common.stage_command(cfg, "04_sft.py", "--dataset", dataset,
+                                        *(["--annotators", unit["name"]] if unit["name"] else []))
+            unit.update(upstream=(sft_path, redo), summary={"pairs": len(unit["pairs"])}, announce=budget_lines(
+                budgets(cfg, data["splits"]["train"], unit["targets"], len(unit["pairs"]), sft_path)))
+            if not unit["pairs"]:
+                unit["skip"] = f"no training pairs under policy {policy}: CAPO not trained, no predictions written"
+            units.append(unit)
     common.wait_for_everyone()  # the pairs files are on disk before any process hashes them
-    models = {model_cfg["tag"]: model_cfg for model_cfg in common.model_configs(cfg)}
-
-    done = []
-    for dataset, tag, annotator in common.training_share(units, args.data_parallel):
-        task, splits, model_cfg = data[dataset]["task"], data[dataset]["splits"], models[tag]
-        name, started = f"{method} {dataset}/{tag}/{annotator}", time.time()
-        pairs = data[dataset]["pairs"][tag][annotator]
-        adapter_path = common.adapter_dir(cfg, dataset, tag, method, annotator)
-        pred_path = common.predictions_path(cfg, dataset, tag, method, annotator)
-        status = {"dataset": dataset, "model": tag, "annotator": annotator, "method": method,
-                  "pairs": len(pairs), "adapter": str(adapter_path), "path": str(pred_path)}
-        if not pairs:
-            print(f"[{name}] no training pairs under policy {policy}: CAPO not trained, no predictions "
-                  "written", flush=True)
-            done.append({**status, "path": None, "parse_rate": None, "seconds": 0.0})
-            continue
-        # ---- the SFT adapter it starts from must be finished from the same data and config
-        sft_path = common.adapter_dir(cfg, dataset, tag, "sft", annotator)
-        pairs_path = common.pairs_dir(cfg, dataset, tag, policy) / f"{annotator}.jsonl"
-        if args.dry_run:  # (the pairs file as it is now: a dry run writes none)
-            sft_stale = common.stale_reason(sft_path, cfg)
-            made_from = adapter_recipe(cfg, dataset, model_cfg, sft_path, pairs_path)
-            reason = ("--force" if args.force else f"its SFT adapter is not current: {sft_stale}" if sft_stale
-                      else common.why_not_current(adapter_path, made_from))
-            common.say_adapter_plan(method, adapter_path, reason, pred_path, common.adapter_predictions_recipe(
-                cfg, "05_capo", dataset, model_cfg, adapter_path))
-            continue
-        common.require_current(sft_path, cfg, common.stage_command(
-            cfg, "04_sft.py", "--dataset", dataset, "--annotators", annotator))
-        with common.training_processes(args.data_parallel):
-            if common.is_main_process():
-                for line in budget_lines(budgets(cfg, splits["train"], annotator, len(pairs), sft_path)):
-                    print(f"[{name}] {line}", flush=True)
-
-            # ---- train, unless the adapter is finished from the same pairs, SFT adapter and config
-            made_from = adapter_recipe(cfg, dataset, model_cfg, sft_path, pairs_path)
-            reason = "--force" if args.force else common.why_not_current(adapter_path, made_from)
-            if reason:
-                print(f"[{name}] training ({reason}){common.process_label()}", flush=True)
-                train_adapter(cfg, args, dataset, task, splits, model_cfg, annotator, pairs, sft_path,
-                              adapter_path, method, made_from)
-            else:
-                print(f"[{name}] adapter is current (same pairs, SFT adapter and config); not retrained",
-                      flush=True)
-            if not common.is_main_process():
-                continue
-
-            # ---- predict the test items, unless those predictions are current for this adapter
-            pred_made_from = common.adapter_predictions_recipe(cfg, "05_capo", dataset, model_cfg, adapter_path)
-            if args.force or reason or common.why_not_current(pred_path, pred_made_from):
-                status.update(common.predict_with_adapter(cfg, model_cfg, task, adapter_path, splits["test"],
-                                                          annotator, method, pred_path, pred_made_from))
-            else:
-                status["parse_rate"] = common.parse_rate(common.read_jsonl(pred_path))
-            done.append({**status, "seconds": round(time.time() - started, 1)})
-    done = common.gather_to_all(done)
-    if common.is_main_process():
-        common.print_training_summary(done)
-    return done
+    return common.train_adapters(cfg, args, "05_capo", units, lambda unit: adapter_recipe(cfg, unit),
+                                 lambda unit, adapter, made_from: train_adapter(cfg, args, unit, adapter, made_from))
 
 
 if __name__ == "__main__":

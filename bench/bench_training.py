@@ -86,7 +86,7 @@ def variant_config(cfg, name, out_dir, examples):
         per_step = SFTConfig.per_device_train_batch_size * SFTConfig.gradient_accumulation_steps
         return SFTConfig(output_dir=str(out_dir), max_steps=max(2, examples // per_step),
                          use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, **common_args)
-    changes = {"kit": {}, "kit-fullhead": {}, "kit-bf16": {"bf16": False}, "kit+ckpt": {"gradient_checkpointing": True},
+    changes = {"kit": {}, "kit-fullhead": {}, "kit-bf16": {"bf16": False}, "kit+ckpt": {"activation_checkpointing": True},
                "kit-padfree": {"padding_free": False, "max_length": int(section["max_length"])},
                "kit-batch8": {"per_device_train_batch_size": 8,
                               "gradient_accumulation_steps": max(1, int(section["global_batch_size"]) // 8)}}[name]
@@ -113,7 +113,7 @@ def run_variant(cfg, name, rows):
             "tokens": int(tokens), "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
             "steps": args.max_steps, "per_device_batch": args.per_device_train_batch_size,
             "accumulation": args.gradient_accumulation_steps, "bf16": args.bf16,
-            "gradient_checkpointing": args.gradient_checkpointing}
+            "activation_checkpointing": args.activation_checkpointing}
 
 
 # ---------------------------------------------------------------------------- CAPO steps
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None):
                   f"{result['tokens_per_cpu_s']:8.1f} tokens/CPU-s ({result['tokens']} tokens in "
                   f"{result['seconds']}s, {result['cpu_seconds']} CPU-s; batch {result['per_device_batch']} x "
                   f"{result['accumulation']}, bf16 {result['bf16']}, "
-                  f"checkpointing {result['gradient_checkpointing']})", flush=True)
+                  f"checkpointing {result['activation_checkpointing']})", flush=True)
     median = {name: statistics.median(r["tokens_per_s"] for r in results) for name, results in runs.items()}
     median_cpu = {name: statistics.median(r["tokens_per_cpu_s"] for r in results) for name, results in runs.items()}
     for name in variants:

@@ -58,7 +58,7 @@ def test_readme_own_data_commands_run_end_to_end(one_process_run):
     assert "[prepare] mine: " in stdout and "is current" in stdout  # 01 re-read the same file: skipped
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["results"]["mine"]["tiny"]) >= {"base", "icl", "vp", "vp_icl", "sft", "capo"}
-    for method in ("sft", "capo"):
+    for method in ("sft", "capo", "sft_shared", "capo_shared"):  # the smoke profile trains both kinds
         for annotator in STYLES:
             assert (run / "predictions" / "mine" / "tiny" / method / f"{annotator}.jsonl").is_file()
     assert (run / "report.md").is_file() and (run / "logs" / "06_eval.log").is_file()
@@ -74,7 +74,8 @@ def test_readme_own_data_commands_run_end_to_end(one_process_run):
     # no --processes: one per GPU, else 2 CPU processes where there are 2 cores (else 1)
     cores = len(os.sched_getaffinity(0))
     assert f"--num_processes {2 if cores >= 2 else 1}" in again.stdout.split("== 03_prompt_baselines")[1]
-    assert "training (" not in again.stdout and again.stdout.count("adapter is current") == 6
+    # 3 annotators x (sft, capo), and sft_shared and capo_shared
+    assert "training (" not in again.stdout and again.stdout.count("adapter is current") == 8
     plans = re.findall(r"\[03\] (\d+) of (\d+) predictions files to \(re\)do", again.stdout)  # one per process
     assert plans and all(todo == "0" for todo, _ in plans) and sum(int(n) for _, n in plans) == 12
 

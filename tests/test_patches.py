@@ -18,6 +18,7 @@ WRITTEN_FOR = {  # patch -> (package, the version it was written and tested agai
     "reset_accelerate_state": ("accelerate", "1.15.0"),
     "append_layer_class": ("transformers", "5.23.0"),
     "attention_implementation": ("transformers", "5.23.0"),
+    "silence_library_deprecations": ("peft", "0.21.2"),
 }
 
 
