@@ -5,16 +5,12 @@
     python 06_eval.py --config configs/cpu.yaml --score-ratings runs/cpu/human_eval/ratings-*.json
     accelerate launch 06_eval.py --config configs/paper.yaml             # the judge shared out over processes
 
-Reads data/ (01), hlv/ (02, for the report), predictions/<dataset>/<model>/<method>/ (03-05, and
-any other method folder: ablations; a missing method becomes a row that says why) and the adapters'
-training logs. Writes metrics.json (format: docs/DESIGN.md), tables/ (results.csv, every table as
-.md and .csv, judge_verdicts.jsonl, figures), human_eval/form.html with its key.csv, report.md, and
-with data.split lewidi tables/lewidi.* and lewidi_submissions/; eval_report.py lays them out.
---score-ratings scores the form's exports into human_eval/scores.{json,md}.
-
-Metrics are per target annotator, then averaged over annotators (macro); intervals come from one
-seeded bootstrap over test items shared by every method (paired). Every definition the paper does
-not give is in the block "OUR DEFINITIONS" below.
+Reads data/ (01), hlv/ (02, for the report), predictions/<dataset>/<model>/<method>/ (03-05 and any other
+method folder, ablations; a missing method is a row that says why) and the adapters' training logs. Writes
+metrics.json (format: docs/DESIGN.md), tables/ (results.csv, every table as .md and .csv, judge_verdicts.jsonl,
+figures), human_eval/form.html and key.csv, report.md, and with data.split lewidi tables/lewidi.* and
+lewidi_submissions/; eval_report.py lays them out. --score-ratings scores the form's exports into
+human_eval/scores.{json,md}. Every definition the paper does not give is in the block OUR DEFINITIONS.
 """
 from __future__ import annotations
 
@@ -40,19 +36,17 @@ TRAINED_METHODS = ("sft", "capo")
 STAGE_OF_METHOD = {**{m: "03_prompt_baselines" for m in PROMPTING_METHODS}, "sft": "04_sft", "capo": "05_capo"}
 
 
-# ============================================================================
-# OUR DEFINITIONS. The paper's formulas, word lists, bins, judge prompt and human protocol are not
-# public. Every reconstruction is in this block (the human-validation protocol in the block HUMAN
-# VALIDATION), so it can be swapped when the paper's code appears; the README lists each one.
-# ============================================================================
+# ==== OUR DEFINITIONS ===================================================================================
+# The paper's formulas, word lists, bins, judge prompt and human protocol are not public: every
+# reconstruction is in this block (the human-validation protocol in HUMAN VALIDATION below), to be
+# swapped when the paper's code appears; the README lists each one.
 
-# -- The metric registry: tables, figures, results rows, claims and report are generated from it.
-#    kind: item (mean over test rows), similarity (mean of the best match with the target's
-#    references), distribution (feature KL), group (one value per requested m), judge, info.
-#    tasks: the label types it applies to. human_row: the human reference row has it. decision:
-#    "main" is a task's decision metric in the claims. claim: an imitation claim is checked on it.
-#    chance: figures draw 1/annotators. interval_may_miss: the value need not lie in its interval
-#    (feature KL: a resample repeats items, so its histograms are coarser and its KL biased upwards).
+# -- The metric registry, from which the tables, figures, results rows, claims and report are made.
+#    kind: item (a mean over test rows), similarity (of the best match with the target's references),
+#    distribution (feature KL), group (one value per requested m), judge, info. human_row: the human
+#    reference row has it. decision "main": a task's decision metric in the claims. claim: an imitation
+#    claim is checked on it. chance: figures draw 1/annotators. interval_may_miss: the value need not
+#    lie in its interval (feature KL: a resample repeats items, which biases its KL upwards).
 class Metric(NamedTuple):
     name: str
     label: str
@@ -97,9 +91,8 @@ def task_metrics(task: dict, kinds: tuple[str, ...] = (*ROW_KINDS, "group", "jud
     return [m for m in METRICS if task["label_type"] in m.tasks and m.kind in kinds]
 
 
-# -- Unparsed outputs are never dropped: their label counts as wrong (accuracy, sign), as the
-#    worst possible error (MAE) and as its own "unparsed" category (label KL); their explanation
-#    is the raw output, whitespace-normalised, for every explanation metric.
+# -- Unparsed outputs are never dropped: a wrong label (accuracy, sign), the worst possible error (MAE),
+#    an "unparsed" label category (feature KL); their raw text is scored as the explanation.
 UNPARSED = "unparsed"
 
 
@@ -111,8 +104,7 @@ def explanation_text(prediction: dict) -> str:
 
 
 def decision_outcome(label, target_labels: list, task: dict) -> dict:
-    """Categorical: correct if the label is in the target's label set for the item. Numeric:
-    absolute error against the target's (mean) score, and sign agreement ({<0, 0, >0})."""
+    """Categorical: right if in the target's label set; numeric: the error against its (mean) score, and the sign."""
     if task["label_type"] == "categorical":
         return {"correct": label is not None and label in target_labels}
     low, high = task["score_range"]
@@ -122,9 +114,9 @@ def decision_outcome(label, target_labels: list, task: dict) -> dict:
     return {"abs_error": abs(label - target), "sign_correct": bool(np.sign(label) == np.sign(target))}
 
 
-# -- Explanation-style features (the paper names length, modality/hedging, lexical diversity and
-#    reuse; the word lists and tokenisation are ours), binned at quantiles of the human TRAIN
-#    explanations; feature KL is KL(human || model) per feature, averaged over features.
+# -- Explanation-style features (the paper names length, modality/hedging, lexical diversity and reuse;
+#    word lists and tokenisation are ours), binned at quantiles of the human TRAIN explanations.
+#    Feature KL: KL(human || model) in nats per feature, averaged over the features.
 HEDGE_WORDS = frozenset("may might can could would possibly perhaps maybe likely unlikely probably "
                         "seem seems seemed appear appears suggest suggests".split())
 NEGATION_WORDS = frozenset("not no never none nothing neither nor cannot without nobody".split())
@@ -133,17 +125,13 @@ STYLE_FEATURES = ("length_words", "hedge_rate", "type_token_ratio", "input_overl
 FEATURES = STYLE_FEATURES + ("label",)
 
 
-def words(text: str) -> list[str]:
-    return WORD_RE.findall(text.lower())
-
-
 def style_features(explanation: str, text_a: str, text_b: str) -> dict[str, float]:
     """Length in words; hedge/modal, negation and input-reuse rates per word; type-token ratio."""
-    tokens = words(explanation)
+    tokens = WORD_RE.findall(explanation.lower())
     n = len(tokens)
     if n == 0:
         return dict.fromkeys(STYLE_FEATURES, 0.0)
-    input_vocab = set(words(text_a)) | set(words(text_b))
+    input_vocab = set(WORD_RE.findall(text_a.lower())) | set(WORD_RE.findall(text_b.lower()))
     return {"length_words": float(n),
             "hedge_rate": sum(t in HEDGE_WORDS for t in tokens) / n,
             "type_token_ratio": len(set(tokens)) / n,
@@ -151,9 +139,17 @@ def style_features(explanation: str, text_a: str, text_b: str) -> dict[str, floa
             "negation_rate": sum(t in NEGATION_WORDS or t.endswith("n't") for t in tokens) / n}
 
 
+def style_values(rows: list[dict]) -> dict[str, list[float]]:
+    """{feature: its value for each row} of rows (or records) with explanation, text_a and text_b."""
+    values = defaultdict(list)
+    for row in rows:
+        for name, value in style_features(row["explanation"], row["text_a"], row["text_b"]).items():
+            values[name].append(value)
+    return values
+
+
 def feature_bin_edges(train_values: dict[str, list[float]], n_bins: int) -> dict[str, np.ndarray]:
-    """Interior bin edges at quantiles of the pooled human train explanations (fixed before any
-    test output is seen); the outer bins are open, so values outside train's range land."""
+    """Interior bin edges at quantiles of the human train explanations; the outer bins are open."""
     quantiles = np.linspace(0, 1, n_bins + 1)[1:-1]
     return {name: np.unique(np.quantile(np.asarray(values, dtype=float), quantiles))
             for name, values in train_values.items()}
@@ -167,8 +163,7 @@ def label_categories(task: dict) -> list:
 
 
 def kl_divergence(human_counts: np.ndarray, model_counts: np.ndarray, smoothing: float):
-    """KL(human || model) in nats over the last axis (nan where a histogram is empty); `smoothing`
-    is added to both probability vectors, then renormalised (an empty model bin costs a finite amount)."""
+    """KL(human || model) over the last axis, `smoothing` added to both distributions before renormalising."""
     with np.errstate(invalid="ignore", divide="ignore"):
         p = human_counts / human_counts.sum(axis=-1, keepdims=True) + smoothing
         q = model_counts / model_counts.sum(axis=-1, keepdims=True) + smoothing
@@ -176,23 +171,31 @@ def kl_divergence(human_counts: np.ndarray, model_counts: np.ndarray, smoothing:
         return np.sum(p * np.log(p / q), axis=-1)
 
 
-# -- Group classifier confidence: 02's annotator classifier (common.fit_annotator_classifier)
-#    trained on the human TRAIN responses in eval.classifier_representation (E3); outputs and human
-#    test responses have the mean of the HUMAN test responses to their item subtracted. Groups of m
-#    outputs of one target are averaged and classified; the metric is the mean probability of the
-#    target. Every m of eval.group_sizes is scored (`<metric>_m<m>`); the plain names are the
-#    largest m. Each m is capped at floor(eval.group_size_max_share x n), n = min(the target's
-#    outputs, its human test responses), so a group is a real subsample, never the whole set (which
-#    saturates at 0 or 1); a cap below 1 leaves the value missing. The human side uses the same m.
-def check_group_config(cfg: dict) -> None:
+# -- Group classifier confidence: 02's annotator classifier trained on the human TRAIN responses in
+#    eval.classifier_representation (E3); outputs and human test responses have the mean of the HUMAN
+#    test responses to their item subtracted. Groups of m outputs of one target are averaged and
+#    classified; the metric is the mean probability of the target, at every m of eval.group_sizes
+#    (`<metric>_m<m>`; the plain names: the largest). Each m is capped at floor(eval.group_size_max_share
+#    x n), n = min(the target's outputs, its human test responses): a group is a real subsample, never the
+#    whole set (which saturates at 0 or 1). Normalised imitation (our ImiScore): that confidence over the
+#    same for the target's held-out human test explanations at the same m, not clipped.
+def check_eval_config(cfg: dict) -> None:
+    """eval.group_sizes, eval.group_size_max_share and eval.judge hold values that can work."""
     ev, where = cfg["eval"], cfg.get("config_path", "config")
-    sizes = ev["group_sizes"]
+    sizes, judge = ev["group_sizes"], ev["judge"]
     if not isinstance(sizes, list) or not sizes or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1
                                                            for m in sizes):
         raise input_error(where, "must be a non-empty list of positive integers", field="eval.group_sizes")
     share = ev["group_size_max_share"]
     if not 0 < float(share) <= 1:
         raise input_error(where, f"must be in (0, 1], got {share}", field="eval.group_size_max_share")
+    if judge["backend"] not in ("local", "openai", "none"):
+        raise input_error(where, f"{judge['backend']!r} is not one of local, openai, none", field="eval.judge.backend")
+    if judge["backend"] == "local" and judge["model"] not in [None, *(m["tag"] for m in common.model_configs(cfg))]:
+        raise input_error(where, f"{judge['model']!r} is not a model tag of this config", field="eval.judge.model")
+    for key in ("base_url", "model") if judge["backend"] == "openai" else ():
+        if not judge[key]:
+            raise input_error(where, "needed by backend openai", field=f"eval.judge.{key}")
 
 
 def capped_group_size(requested: int, n_outputs: int, n_human: int, share: float) -> tuple[int | None, str | None]:
@@ -210,17 +213,14 @@ def capped_group_size(requested: int, n_outputs: int, n_human: int, share: float
 
 
 def normalised_imitation(model_confidence: float | None, human_confidence: float | None) -> float | None:
-    """Our ImiScore: the model's group confidence for the target over the same for the target's
-    held-out human test explanations; not clipped (a model can be more recognisable than its human)."""
     if model_confidence is None or not human_confidence:
         return None
     return model_confidence / human_confidence
 
 
-# -- LLM-as-judge attribution: the judge sees k TRAIN responses of every annotator (label and
-#    explanation, no item text), then one response with its item, and names the annotator: a forced
-#    choice, its reply constrained to one of the IDs (common.ReplyConstraint) and chosen greedily.
-#    Chance = 1/annotators. The calibration row: the same judge on the targets' own test responses.
+# -- LLM-as-judge attribution: the judge sees k TRAIN responses of every annotator (label and explanation,
+#    no item text), then one response with its item, and names the annotator: a forced choice, the reply
+#    constrained to one of the IDs and chosen greedily. The calibration row: the targets' own responses.
 def judge_messages(task: dict, annotators: list[str], examples: dict[str, list[dict]],
                    text_a: str, text_b: str, response: str) -> list[dict]:
     ids = ", ".join(annotators)
@@ -244,23 +244,20 @@ def parse_verdict(reply: str, annotators: list[str]) -> str | None:
     return {a.lower(): a for a in annotators}[match.group(1).lower()] if match else None
 
 
-# -- Uncertainty: a percentile bootstrap over test items, stratified by target annotator (all of
-#    an item's rows come along), seeded per (dataset, annotator) only, so every method is scored on
-#    the same resamples (paired). Group metrics keep the classifier fixed and redraw their groups
-#    inside each resample; feature KL rebuilds both histograms on each resample.
+# -- Uncertainty: a percentile bootstrap over test items, stratified by target, seeded per (dataset, target)
+#    so that every method is scored on the same resamples (paired). Group metrics keep the classifier and
+#    redraw their groups in each resample; feature KL rebuilds both histograms in each resample.
 CI_LEVEL = 0.95
 CI_MIN_DEFINED = 0.9  # an interval needs the metric defined on >= 90% of the resamples
 
-# -- Claims: paired differences a - b with their interval. Superiority holds when the interval
-#    excludes 0 in the claimed direction, is contradicted when it excludes 0 the other way.
-#    Non-inferiority ("CAPO keeps SFT's decision quality"): a margin of 2% of the metric's range.
+# -- Claims: paired differences a - b with their interval. Superiority holds when the interval excludes 0
+#    in the claimed direction, is contradicted when it excludes 0 the other way. Non-inferiority ("CAPO
+#    keeps SFT's decision quality") allows a margin of this share of the metric's range.
 KEPT_FRACTION_OF_RANGE = 0.02
-# A group-metric claim is not resolved when both methods' per-target confidences all lie within
-# this of 0 or 1 (saturated: it counts annotators; the smaller m of tables/group_sizes still grade).
+# A group-metric claim is not resolved when both methods' per-target confidences all lie within this of
+# 0 or 1: saturated, it counts annotators (the smaller m of tables/group_sizes still grade).
 SATURATION_TOLERANCE = 0.01
-# ============================================================================
-# END OF OUR DEFINITIONS
-# ============================================================================
+# ==== END OF OUR DEFINITIONS ============================================================================
 
 
 def stable_seed(base: int, *parts) -> int:
@@ -275,15 +272,13 @@ def main_decision_metric(task: dict) -> tuple[str, bool, float]:
     return metric.name, metric.higher_is_better, span
 
 
-# ---- Data: human splits and predictions -------------------------------------------------------
+# ---- Data: human splits and predictions -------------------------------------------------------------
 def load_dataset(cfg: dict, dataset: str) -> dict:
     task = common.load_task(cfg, dataset)
-    train = common.load_split(cfg, dataset, "train")
-    test = common.load_eval_split(cfg, dataset, "test")
-    references: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    items: dict[str, dict] = {}
+    train, test = common.load_split(cfg, dataset, "train"), common.load_eval_split(cfg, dataset, "test")
     for record in test + train:
         record["label"] = common.normalize_label(record["label"], task)
+    references, items = defaultdict(list), {}
     for record in test:
         references[(record["item_id"], record["annotator"])].append(record)
         items.setdefault(record["item_id"], record)
@@ -298,27 +293,17 @@ def expected_methods(cfg: dict) -> list[str]:
     return list(cfg["baselines"]["methods"]) + list(TRAINED_METHODS)
 
 
-def discover_methods(cfg: dict, dataset: str, model_tag: str) -> list[str]:
-    """The expected methods in order, then any other method folder found (ablations)."""
-    methods = expected_methods(cfg)
-    folder = common.method_dir(cfg, dataset, model_tag, "x").parent
-    if folder.is_dir():
-        methods += sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in methods)
-    return methods
-
-
 def load_predictions(cfg: dict, ds: dict, model_tag: str, method: str) -> tuple[dict, dict]:
-    """({annotator: [prediction]}, {annotator: why missing}). Labels are re-normalised; predictions
-    made from another split, config or adapter are refused."""
+    """({annotator: [prediction]}, {annotator: why missing}); stale predictions are refused."""
     found, missing = {}, {}
     folder = common.method_dir(cfg, ds["name"], model_tag, method)
-    stage = STAGE_OF_METHOD.get(method, "the stage that writes it")
     for annotator in ds["annotators"]:
         path = common.predictions_path(cfg, ds["name"], model_tag, method, annotator)
         if not path.exists():
             where = folder.relative_to(common.run_dir(cfg))
-            missing[annotator] = (f"no predictions ({where}/ does not exist; run {stage})" if not folder.is_dir()
-                                  else f"{path.name} missing in {where}/")
+            stage = STAGE_OF_METHOD.get(method, "the stage that writes it")
+            missing[annotator] = (f"{path.name} missing in {where}/" if folder.is_dir()
+                                  else f"no predictions ({where}/ does not exist; run {stage})")
             continue
         common.require_current(path, cfg, redo_command(cfg, ds["name"], method, annotator))
         predictions = common.read_jsonl(path, required=("item_id", "annotator", "output", "label", "parse_ok"))
@@ -345,9 +330,7 @@ def redo_command(cfg: dict, dataset: str, method: str, annotator: str) -> str:
 
 
 def output_rows(ds: dict, prediction_sets: list[dict]) -> tuple[list[dict], dict]:
-    """One scored row per prediction that has a human reference (the target's test responses to the
-    item), and per annotator the count of those without one. Several prediction sets (seeds) of
-    one method pool into one row set: an item then has several rows, which the bootstrap keeps together."""
+    """(a scored row per prediction with a human reference, per annotator the count of those without one)."""
     rows, unmatched = [], defaultdict(int)
     for annotator, preds in ((a, p) for predictions in prediction_sets for a, p in predictions.items()):
         for prediction in preds:
@@ -356,9 +339,8 @@ def output_rows(ds: dict, prediction_sets: list[dict]) -> tuple[list[dict], dict
                 unmatched[annotator] += 1
                 continue
             item = ds["items"][prediction["item_id"]]
-            rows.append({"annotator": annotator, "item_id": prediction["item_id"],
-                         "label": prediction["label"], "parse_ok": bool(prediction["parse_ok"]),
-                         "explanation": explanation_text(prediction), "raw_output": prediction["output"],
+            rows.append({"annotator": annotator, "item_id": prediction["item_id"], "label": prediction["label"],
+                         "parse_ok": bool(prediction["parse_ok"]), "explanation": explanation_text(prediction),
                          "references": [r["explanation"] for r in references],
                          "target_labels": [r["label"] for r in references],
                          "text_a": item["text_a"], "text_b": item["text_b"]})
@@ -366,30 +348,29 @@ def output_rows(ds: dict, prediction_sets: list[dict]) -> tuple[list[dict], dict
 
 
 def load_method_predictions(cfg: dict, ds: dict) -> dict:
-    """{(model, method): (the first seed's predictions by annotator, missing, rows, unmatched, (rows,
-    unmatched) per seed)} for one dataset. Several training seeds' rows pool; each seed is also
-    scored alone for the spread across seeds (m_sd, m_by_seed)."""
-    seeds = common.training_seeds(cfg)
-    loaded = {}
-    for model_cfg in common.model_configs(cfg):
-        methods = list(dict.fromkeys(m for seed in seeds for m in
-                                     discover_methods(common.with_seed(cfg, seed), ds["name"], model_cfg["tag"])))
+    """{(model, method): (first seed's predictions, missing, rows, unmatched, (rows, unmatched) per seed)}."""
+    seeds, loaded = common.training_seeds(cfg), {}
+    for tag in (model_cfg["tag"] for model_cfg in common.model_configs(cfg)):
+        methods = expected_methods(cfg)
+        for seed in seeds:
+            folder = common.method_dir(common.with_seed(cfg, seed), ds["name"], tag, "x").parent
+            if folder.is_dir():
+                methods += sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in methods)
         for method in methods:
-            per_seed = [load_predictions(common.with_seed(cfg, seed), ds, model_cfg["tag"], method) for seed in seeds]
+            per_seed = [load_predictions(common.with_seed(cfg, seed), ds, tag, method) for seed in seeds]
             missing = {}
             for seed, (_, seed_missing) in zip(seeds, per_seed):
                 for annotator, why in seed_missing.items():
                     missing.setdefault(annotator, why + (f" (seed {seed})" if len(seeds) > 1 else ""))
             seed_sets = [{a: p for a, p in predictions.items() if a not in missing} for predictions, _ in per_seed]
             seed_rows = [output_rows(ds, [predictions]) for predictions in seed_sets]
-            rows = [row for rows_of_seed, _ in seed_rows for row in rows_of_seed]
             unmatched = {a: sum(u.get(a, 0) for _, u in seed_rows) for a in ds["annotators"]}
-            loaded[(model_cfg["tag"], method)] = (seed_sets[0], missing, rows, {a: n for a, n in unmatched.items() if n},
-                                                  seed_rows)
+            loaded[(tag, method)] = (seed_sets[0], missing, [row for rows, _ in seed_rows for row in rows],
+                                     {a: n for a, n in unmatched.items() if n}, seed_rows)
     return loaded
 
 
-# ---- Reference similarity: the max over the target's references -------------------------------
+# ---- Reference similarity: the max over the target's references ---------------------------------------
 def rouge_l(outputs: list[str], references: list[list[str]]) -> list[float]:
     """ROUGE-L F1 (rouge-score, Porter stemming); an empty output scores 0."""
     from rouge_score import rouge_scorer
@@ -399,9 +380,7 @@ def rouge_l(outputs: list[str], references: list[list[str]]) -> list[float]:
 
 
 def bertscore_f1(outputs: list[str], references: list[list[str]], ev: dict) -> tuple[list[float] | None, str | None]:
-    """BERTScore F1 (bert-score, no idf, no baseline rescaling); an empty output scores 0 (bert-score
-    cannot encode it). (None, reason) if it cannot run. `package:<module>` names a
-    sentence-transformers folder shipped in a pip package."""
+    """BERTScore F1 (no idf, no rescaling), an empty output 0; (None, reason) if it cannot run."""
     if not ev["bertscore"]:
         return None, "disabled (eval.bertscore: false)"
     # Each distinct (output, references) pair is scored once: methods often repeat outputs.
@@ -434,23 +413,20 @@ def embedding_cosine(cfg: dict, outputs: list[str], references: list[list[str]],
 
 
 def score_rows(cfg: dict, rows: list[dict], cache_dir: Path) -> str | None:
-    """Adds rouge_l, bertscore_f1 and emb_cos to every row (all methods at once, so each scorer is
-    loaded once). Returns why BERTScore is missing, if it is."""
+    """Adds the similarity metrics to every row; returns why BERTScore is missing, if it is."""
     outputs, references = [row["explanation"] for row in rows], [row["references"] for row in rows]
     rouge = rouge_l(outputs, references)
     bert, bert_reason = bertscore_f1(outputs, references, cfg["eval"])
-    scores = zip(rouge, bert or [None] * len(rows), embedding_cosine(cfg, outputs, references, cache_dir))
-    for row, values in zip(rows, scores):
+    cosine = embedding_cosine(cfg, outputs, references, cache_dir)
+    for row, values in zip(rows, zip(rouge, bert or [None] * len(rows), cosine)):
         row.update(zip(SIMILARITY_METRICS, values))
     return bert_reason
 
 
-# ---- The bootstrap: shared resamples, statistics on per-row score arrays ----------------------
+# ---- The bootstrap: shared resamples, statistics on per-row score arrays ---------------------------
 def resample_plan(cfg: dict, ds: dict) -> dict[str, dict]:
-    """{annotator: {"slots": (B, n_items) item positions drawn with replacement, "weights": (B,
-    n_items) how often each item was drawn}}, seeded per dataset and annotator only (paired)."""
-    n_resamples = int(cfg["eval"]["bootstrap_resamples"])
-    plan = {}
+    """{annotator: {"slots": (B, n) item positions drawn, "weights": (B, n) how often each item was drawn}}."""
+    n_resamples, plan = int(cfg["eval"]["bootstrap_resamples"]), {}
     for annotator, items in ds["target_items"].items():
         n = len(items)
         rng = np.random.default_rng(stable_seed(cfg["seed"], "bootstrap", ds["name"], annotator))
@@ -462,8 +438,7 @@ def resample_plan(cfg: dict, ds: dict) -> dict[str, dict]:
 
 
 def interval(draws: np.ndarray | None) -> list[float] | None:
-    """The percentile interval of bootstrap draws; None if the metric is undefined (nan) on more
-    than 1 - CI_MIN_DEFINED of them."""
+    """The percentile interval of bootstrap draws; None if undefined on over 1 - CI_MIN_DEFINED of them."""
     if draws is None or len(draws) == 0:
         return None
     finite = draws[np.isfinite(draws)]
@@ -482,43 +457,30 @@ def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 def weighted_sums(item: np.ndarray, values: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sum of per-row `values`, number of rows) when item i's rows count weights[..., i] times."""
     n = weights.shape[-1]
-    return weights @ np.bincount(item, weights=values, minlength=n), weights @ np.bincount(item, minlength=n).astype(float)
+    sums, counts = np.bincount(item, weights=values, minlength=n), np.bincount(item, minlength=n).astype(float)
+    return weights @ sums, weights @ counts
 
 
 def weighted_means(item: np.ndarray, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Mean of per-row `values` under item weights: (k,) for (k, n) weights."""
+    """The mean of per-row `values` under item weights: (k,) for (k, n) weights."""
     return ratio(*weighted_sums(item, values, weights))
 
 
 def weighted_kl(human_bins: tuple, human_item: np.ndarray, model_bins: tuple, model_item: np.ndarray,
                 weights: np.ndarray, smoothing: float) -> np.ndarray:
     """KL(human || model) of one feature's histograms, both rebuilt from the resampled items."""
-    n, n_bins = weights.shape[-1], human_bins[1]
-
     def histogram(item, bins):
-        table = np.zeros((n, n_bins))
+        table = np.zeros((weights.shape[-1], human_bins[1]))
         np.add.at(table, (item, bins), 1.0)
         return weights @ table
 
     return kl_divergence(histogram(human_item, human_bins[0]), histogram(model_item, model_bins[0]), smoothing)
 
 
-# ---- Aggregation-aware imitation: feature KL and group classifier confidence ------------------
-def feature_edges(ds: dict, ev: dict) -> dict:
-    """Fixed bins from the human train explanations: {feature: edges, "label": categories}."""
-    train_values = defaultdict(list)
-    for record in ds["train"]:
-        for name, value in style_features(record["explanation"], record["text_a"], record["text_b"]).items():
-            train_values[name].append(value)
-    return {**feature_bin_edges(train_values, int(ev["feature_bins"])), "label": label_categories(ds["task"])}
-
-
+# ---- Aggregation-aware imitation: feature KL and group classifier confidence ---------------------------
 def feature_bins(rows: list[dict], edges: dict) -> dict[str, tuple[np.ndarray, int]]:
-    """{feature: (bin of each row, number of bins)}: a resample's histogram is a weighted bincount."""
-    values = defaultdict(list)
-    for row in rows:
-        for name, value in style_features(row["explanation"], row["text_a"], row["text_b"]).items():
-            values[name].append(value)
+    """{feature: (each row's bin, number of bins)}: a resample's histogram is a weighted bincount."""
+    values = style_values(rows)
     bins = {name: (np.digitize(np.asarray(values[name], dtype=float), edges[name]).astype(int), len(edges[name]) + 1)
             for name in STYLE_FEATURES}
     index = {category: i for i, category in enumerate(edges["label"])}
@@ -537,12 +499,11 @@ def feature_kl(rows: list[dict], human_hist: dict, edges: dict, smoothing: float
             for name, model in feature_histograms(rows, edges).items()}
 
 
-def imitation_reference(cfg: dict, ds: dict, ev: dict, cache_dir: Path) -> dict:
+def imitation_reference(cfg: dict, ds: dict, cache_dir: Path) -> dict:
     """The annotator classifier trained on human train responses, and the human test space."""
-    representation = ev["classifier_representation"]
+    representation = cfg["eval"]["classifier_representation"]
     train_X, _ = common.representation_vectors(cfg, ds["train"], representation, cache_dir)
-    clf = common.fit_annotator_classifier(cfg["hlv"], train_X, [r["annotator"] for r in ds["train"]],
-                                          int(cfg["seed"]))
+    clf = common.fit_annotator_classifier(cfg["hlv"], train_X, [r["annotator"] for r in ds["train"]], int(cfg["seed"]))
     test_X, test_means = common.representation_vectors(cfg, ds["test"], representation, cache_dir)
     human_X = {a: test_X[[i for i, r in enumerate(ds["test"]) if r["annotator"] == a]] for a in ds["annotators"]}
     return {"clf": clf, "means": test_means, "human_X": human_X, "representation": representation, "cache": {}}
@@ -555,13 +516,12 @@ def group_metric_names(ev: dict) -> list[str]:
 
 def group_entry(cfg: dict, ds: dict, imitation: dict, annotator: str, logits: np.ndarray | None, item: np.ndarray,
                 plan: dict, human: dict, salt: tuple) -> tuple[dict, dict]:
-    """(the group metrics of one target's outputs at every requested m, their (B,) draws): per m
-    `<metric>_m<m>`, the plain names for the largest m, `group_m_used` {m: m used}. Value and draws
-    come from one sampler, common.group_scores, on the observed items and on their resamples.
-    `logits` None: the outputs are the target's human test responses (the human reference row)."""
-    ev = cfg["eval"]
+    """(one target's group metrics, their (B,) draws): `<metric>_m<m>` per requested m, the plain names
+    for the largest, `group_m_used` {m: m used}. Values and draws come from one sampler, common.group_scores,
+    on the observed items and on their resamples. `logits` None: the outputs are the target's own human
+    test responses (the human reference row)."""
+    ev, reference = cfg["eval"], human["targets"][annotator]
     classes = [str(c) for c in imitation["clf"].classes_]
-    reference = human["targets"][annotator]
     own = logits is None
     if own:
         logits, item = reference["logits"], reference["item"]
@@ -575,13 +535,13 @@ def group_entry(cfg: dict, ds: dict, imitation: dict, annotator: str, logits: np
     column = classes.index(annotator) if sizes else None
 
     def human_side(resamples: np.ndarray, groups: int, seed: int, tag: str) -> dict:
-        """The target's human test responses, once per target and m (every method shares them)."""
-        todo = [m for m in sizes if (tag, annotator, m) not in imitation["cache"]]
+        """The target's human test responses, scored once per m for every method (cached)."""
+        cache = imitation["cache"]
+        todo = [m for m in sizes if (tag, annotator, m) not in cache]
         if todo:
-            for m, value in common.group_scores(reference["logits"], reference["item"], resamples, column, todo,
-                                                groups, seed).items():
-                imitation["cache"][(tag, annotator, m)] = value
-        return {m: imitation["cache"][(tag, annotator, m)] for m in sizes}
+            cache.update({(tag, annotator, m): value for m, value in common.group_scores(
+                reference["logits"], reference["item"], resamples, column, todo, groups, seed).items()})
+        return {m: cache[(tag, annotator, m)] for m in sizes}
 
     n_groups, n_draws = int(ev["bootstrap_groups"]), int(ev["bootstrap_group_draws"])
     point_seed = stable_seed(cfg["seed"], "group", ds["name"], annotator)
@@ -598,9 +558,8 @@ def group_entry(cfg: dict, ds: dict, imitation: dict, annotator: str, logits: np
     entry, draws, reasons, used = {}, {}, {}, {}
     for requested, (m, why) in capped.items():
         used[str(requested)] = m
-        if m is None:
-            values = dict.fromkeys(GROUP_METRICS, (None, None))
-        else:
+        values = dict.fromkeys(GROUP_METRICS, (None, None))
+        if m is not None:
             conf, human_conf = float(model_point[m]["conf"][0]), float(human_point[m]["conf"][0])
             values = {"group_clf_conf": (conf, model_draws[m]["conf"]),
                       "group_accuracy": (float(model_point[m]["accuracy"][0]), model_draws[m]["accuracy"]),
@@ -616,16 +575,14 @@ def group_entry(cfg: dict, ds: dict, imitation: dict, annotator: str, logits: np
         if requested == primary_group_size(ev):
             entry["group_m"] = m or 0
             for metric in GROUP_METRICS:
-                name = f"{metric}_m{requested}"
-                entry[metric] = entry[name]
+                entry[metric] = entry[f"{metric}_m{requested}"]
                 for found in (reasons, draws):
-                    if name in found:
-                        found[metric] = found[name]
-    entry["group_m_used"] = used
-    return {**entry, "reasons": reasons}, draws
+                    if f"{metric}_m{requested}" in found:
+                        found[metric] = found[f"{metric}_m{requested}"]
+    return {**entry, "group_m_used": used, "reasons": reasons}, draws
 
 
-# ---- One dataset: every method's metrics per target, their macro averages ---------------------
+# ---- One dataset: every method's metrics per target, their macro averages -------------------------------
 REFERENCE_ROW_NA = "n/a: reference row (the target's own test explanations); only imitation and the judge apply"
 
 
@@ -637,32 +594,17 @@ def score_arrays(rows: list[dict], items: list[str], task: dict, edges: dict) ->
     if task["label_type"] == "categorical":
         values["label_acc"] = [o["correct"] for o in outcomes]
     else:
-        values["mae"] = [o["abs_error"] for o in outcomes]
-        values["sign_acc"] = [o["sign_correct"] for o in outcomes]
+        values.update(mae=[o["abs_error"] for o in outcomes], sign_acc=[o["sign_correct"] for o in outcomes])
     for metric in SIMILARITY_METRICS:
         if rows and all(r.get(metric) is not None for r in rows):
             values[metric] = [r[metric] for r in rows]
-    return {"item": np.array([position[r["item_id"]] for r in rows], dtype=int), "n_items": len(items),
-            "values": {k: np.asarray(v, dtype=float) for k, v in values.items()},
-            "bins": feature_bins(rows, edges)}
-
-
-def human_reference(ds: dict, edges: dict, imitation: dict | None) -> dict:
-    """Per target: its human test rows' items, feature bins and classifier scores (shared by every
-    method's feature KL and normalised imitation, and the human reference row)."""
-    targets = {}
-    for annotator in ds["annotators"]:
-        mine = [dict(r, parse_ok=True, target_labels=[r["label"]]) for r in ds["test"] if r["annotator"] == annotator]
-        targets[annotator] = score_arrays(mine, ds["target_items"][annotator], ds["task"], edges)
-        if imitation is not None and mine:  # the rows in the order of imitation["human_X"]
-            targets[annotator]["logits"] = common.row_logits(imitation["clf"], imitation["human_X"][annotator])
-    return targets
+    return {"item": np.array([position[r["item_id"]] for r in rows], dtype=int), "bins": feature_bins(rows, edges),
+            "values": {k: np.asarray(v, dtype=float) for k, v in values.items()}}
 
 
 def target_entry(cfg: dict, ds: dict, annotator: str, rows: list[dict] | None, plan: dict, human: dict,
                  imitation: dict | None, imitation_reason: str | None, X, unmatched: int) -> tuple[dict, dict]:
-    """(one method's metrics for one target, {metric: (B,) bootstrap draws}). `rows` None: the
-    human reference row (the target's own test explanations), where only the group metrics apply."""
+    """(one method's metrics for one target, their (B,) draws); `rows` None: the human reference row."""
     ev, reference = cfg["eval"], human["targets"][annotator]
     if rows is None:
         arrays, draws = reference, {}
@@ -672,8 +614,7 @@ def target_entry(cfg: dict, ds: dict, annotator: str, rows: list[dict] | None, p
         entry["feature_kl_by_feature"] = dict.fromkeys(FEATURES)
     else:
         items, weights = ds["target_items"][annotator], plan[annotator]["weights"]
-        ones = np.ones(len(items))
-        arrays = score_arrays(rows, items, ds["task"], human["edges"])
+        ones, arrays = np.ones(len(items)), score_arrays(rows, items, ds["task"], human["edges"])
         entry = {"status": "ok", "n": len(rows), "unmatched_predictions": unmatched, "reasons": {}}
         has_rows = (np.bincount(arrays["item"], minlength=len(items)) > 0).astype(float)
         entry["coverage"] = float(has_rows.mean()) if items else None
@@ -702,24 +643,21 @@ def target_entry(cfg: dict, ds: dict, annotator: str, rows: list[dict] | None, p
                                          arrays["item"], plan, human, () if rows is None else (len(rows),))
     entry["reasons"].update(group.pop("reasons"))
     entry.update(group)
-    draws.update(group_draws)
-    return entry, draws
+    return entry, {**draws, **group_draws}
 
 
 def attach_intervals(entry: dict, draws: dict) -> None:
     """`<metric>_ci` beside every metric that has draws (None where the metric is None)."""
     for metric, values in draws.items():
         if metric == "feature_kl_by_feature":
-            value = entry.get(metric, {})
-            entry[f"{metric}_ci"] = {name: interval(v) if value.get(name) is not None else None
+            entry[f"{metric}_ci"] = {name: interval(v) if entry.get(metric, {}).get(name) is not None else None
                                      for name, v in values.items()}
         elif entry.get(metric) is not None:
             entry[f"{metric}_ci"] = interval(values)
 
 
 def macro(per_target: dict, draws: dict, metric: str, feature: str | None = None):
-    """(the mean of `metric` (one `feature` of it) over the targets that have it, the mean of their
-    draws per resample, or None unless all have draws). A target undefined on a resample is left out there."""
+    """(the mean of `metric` (or one `feature` of it) over the targets that have it, the mean of their draws)."""
     def get(entry: dict):
         return entry.get(metric) if feature is None else (entry.get(metric) or {}).get(feature)
 
@@ -741,10 +679,9 @@ def method_row(ds: dict, per_target: dict, target_draws: dict, metrics: list[str
     result = {"status": "ok" if len(ok) == len(ds["annotators"]) else ("partial" if ok else "missing"),
               "annotators_evaluated": list(ok), "n": sum(e["n"] for e in ok.values()), "reasons": {},
               "per_annotator": per_target}
-    draws = {}
     if not ok:
-        result["reason"] = "; ".join(sorted({e.get("reason", "missing") for e in per_target.values()}))
-        return result, draws
+        return {**result, "reason": "; ".join(sorted({e.get("reason", "missing") for e in per_target.values()}))}, {}
+    draws = {}
     for metric in metrics:
         result[metric], draws[metric] = macro(ok, target_draws, metric)
         if result[metric] is None:
@@ -757,12 +694,11 @@ def method_row(ds: dict, per_target: dict, target_draws: dict, metrics: list[str
     if used:  # per requested m, the m used: [smallest, largest] over the targets (None where none has one)
         spans = {m: [u[m] for u in used if u.get(m)] for m in dict.fromkeys(m for u in used for m in u)}
         result["group_m_used"] = {m: [min(s), max(s)] if s else None for m, s in spans.items()}
-    result["feature_kl_by_feature"], draws["feature_kl_by_feature"] = {}, {}
-    for name in FEATURES:
-        result["feature_kl_by_feature"][name], draws["feature_kl_by_feature"][name] = macro(
-            ok, target_draws, "feature_kl_by_feature", name)
+    by_feature = {name: macro(ok, target_draws, "feature_kl_by_feature", name) for name in FEATURES}
+    result["feature_kl_by_feature"] = {name: value for name, (value, _) in by_feature.items()}
+    draws["feature_kl_by_feature"] = {name: resamples for name, (_, resamples) in by_feature.items()}
     attach_intervals(result, draws)
-    notes = ["averaged over " + ", ".join(result["annotators_evaluated"]) + " only"] if result["status"] == "partial" else []
+    notes = ["averaged over " + ", ".join(ok) + " only"] if result["status"] == "partial" else []
     if sum(unmatched.values()):
         notes.append(f"{sum(unmatched.values())} predictions for cells without a human test response not scored")
     if notes:
@@ -772,8 +708,7 @@ def method_row(ds: dict, per_target: dict, target_draws: dict, metrics: list[str
 
 def method_result(cfg: dict, ds: dict, rows: list[dict] | None, plan: dict, human: dict, imitation: dict | None,
                   imitation_reason: str | None, missing: dict, unmatched: dict, cache_dir: Path) -> tuple[dict, dict]:
-    """One method's metrics per target annotator and their macro average, with intervals: (row,
-    {"macro": {metric: (B,) draws}}). `rows` None: the human reference row."""
+    """(one method's row: its metrics per target and their macro averages, {"macro": their (B,) draws})."""
     X_all = None
     if imitation is not None and rows:
         records = [{"item_id": r["item_id"], "label": r["label"] if r["label"] is not None else UNPARSED,
@@ -806,32 +741,31 @@ def method_result(cfg: dict, ds: dict, rows: list[dict] | None, plan: dict, huma
 
 
 def evaluate_dataset(cfg: dict, ds: dict, loaded: dict) -> tuple[dict, dict, dict]:
-    """({model: {method: metrics}}, {model: {method: bootstrap draws}}, the resample plan) of one
-    dataset and its load_method_predictions, without the judge."""
-    ev = cfg["eval"]
-    cache_dir = common.eval_cache_dir(cfg, ds["name"])
-    edges = feature_edges(ds, ev)
+    """({model: {method: metrics}}, {model: {method: draws}}, the resample plan) of one dataset, judge aside."""
+    ev, cache_dir = cfg["eval"], common.eval_cache_dir(cfg, ds["name"])
+    edges = feature_bin_edges(style_values(ds["train"]), int(ev["feature_bins"]))
+    edges["label"] = label_categories(ds["task"])
     try:
-        imitation, imitation_reason = imitation_reference(cfg, ds, ev, cache_dir), None
+        imitation, imitation_reason = imitation_reference(cfg, ds, cache_dir), None
     except ValueError as err:  # e.g. fewer than two annotators in the train split
         imitation, imitation_reason = None, f"the annotator classifier could not be trained: {err}"
-    seeds = common.training_seeds(cfg)
     all_rows = [row for _, _, rows, _, _ in loaded.values() for row in rows]
     started = time.time()
     bert_reason = score_rows(cfg, all_rows, cache_dir) if all_rows else None
     print(f"[eval] {ds['name']}: reference similarity for {len(all_rows)} outputs in {time.time() - started:.0f}s",
           flush=True)
-
-    started = time.time()
-    plan = resample_plan(cfg, ds)
-    human = {"edges": edges, "targets": human_reference(ds, edges, imitation),
-             "reasons": {"bertscore_f1": bert_reason} if bert_reason else {}}
+    started, plan = time.time(), resample_plan(cfg, ds)
+    human = {"edges": edges, "targets": {}, "reasons": {"bertscore_f1": bert_reason} if bert_reason else {}}
+    for annotator in ds["annotators"]:  # each target's human test responses, shared by every method
+        mine = [dict(r, parse_ok=True, target_labels=[r["label"]]) for r in ds["test"] if r["annotator"] == annotator]
+        human["targets"][annotator] = score_arrays(mine, ds["target_items"][annotator], ds["task"], edges)
+        if imitation is not None and mine:  # the rows in the order of imitation["human_X"]
+            human["targets"][annotator]["logits"] = common.row_logits(imitation["clf"], imitation["human_X"][annotator])
 
     def score(rows, missing, unmatched):
         return method_result(cfg, ds, rows, plan, human, imitation, imitation_reason, missing, unmatched, cache_dir)
 
-    results: dict[str, dict] = {}
-    draws: dict[str, dict] = {}
+    results, draws, seeds = {}, {}, common.training_seeds(cfg)
     for (model_tag, method), (_, missing, rows, unmatched, seed_rows) in loaded.items():
         result, method_draws = score(rows, missing, unmatched)
         if len(seeds) > 1 and result["status"] != "missing":
@@ -843,28 +777,25 @@ def evaluate_dataset(cfg: dict, ds: dict, loaded: dict) -> tuple[dict, dict, dic
         print(f"[eval] {ds['name']} {model_tag} {method}: {result['status']} ({detail})", flush=True)
     reference, reference_draws = score(None, {}, {})
     for model_tag in results:
-        results[model_tag][HUMAN] = reference
-        draws[model_tag][HUMAN] = reference_draws
+        results[model_tag][HUMAN], draws[model_tag][HUMAN] = reference, reference_draws
     print(f"[eval] {ds['name']}: metrics and {int(ev['bootstrap_resamples'])} bootstrap resamples in "
           f"{time.time() - started:.1f}s", flush=True)
     return results, draws, plan
 
 
 def add_seed_spread(result: dict, seed_results: list[dict], seeds: list[int]) -> None:
-    """With several training seeds: beside each macro metric `m` (on every seed's rows pooled, as
-    its interval), the seeds' own values `m_by_seed` and their standard deviation `m_sd` (ddof 1)."""
+    """Beside each pooled metric `m`: the seeds' own values `m_by_seed` and their `m_sd` (ddof 1)."""
     result["seeds"] = list(seeds)
     for metric, value in list(result.items()):
         if metric.endswith(("_ci", "_sd")) or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         values = [r.get(metric) for r in seed_results]
-        if metric == "n" or any(v is None for v in values):
-            continue
-        result[f"{metric}_sd"] = float(np.std(values, ddof=1))
-        result[f"{metric}_by_seed"] = {str(seed): v for seed, v in zip(seeds, values)}
+        if metric != "n" and not any(v is None for v in values):
+            result[f"{metric}_sd"] = float(np.std(values, ddof=1))
+            result[f"{metric}_by_seed"] = {str(seed): v for seed, v in zip(seeds, values)}
 
 
-# ---- LLM-as-judge attribution ------------------------------------------------------------------
+# ---- LLM-as-judge attribution -------------------------------------------------------------------------
 def sample_keys(ds: dict, n: int, seed: int) -> list[tuple[str, str]]:
     """n (item, annotator) test cells, balanced over annotators (round robin), seeded."""
     rng = random.Random(seed)
@@ -881,11 +812,8 @@ def sample_keys(ds: dict, n: int, seed: int) -> list[tuple[str, str]]:
 
 def train_examples(ds: dict, k: int, seed: int) -> dict[str, list[dict]]:
     rng = random.Random(seed)
-    examples = {}
-    for annotator in ds["annotators"]:
-        records = [r for r in ds["train"] if r["annotator"] == annotator]
-        examples[annotator] = rng.sample(records, min(k, len(records)))
-    return examples
+    by_annotator = {a: [r for r in ds["train"] if r["annotator"] == a] for a in ds["annotators"]}
+    return {a: rng.sample(records, min(k, len(records))) for a, records in by_annotator.items()}
 
 
 def response_text(prediction: dict) -> str:
@@ -895,8 +823,7 @@ def response_text(prediction: dict) -> str:
 
 
 def cell_sources(ds: dict, predictions: dict, item_id: str, target: str) -> dict:
-    """{(model, method): the response to one test cell, or None}: the target's own human
-    response first, then every method's prediction."""
+    """{(model, method): the response to one test cell or None}, the target's own human response first."""
     human = ds["references"][(item_id, target)][0]
     sources = {(None, HUMAN): {"parse_ok": True, "label": human["label"], "explanation": human["explanation"]}}
     for key, by_target in predictions.items():
@@ -914,12 +841,11 @@ def judge_jobs(cfg: dict, ds: dict, predictions: dict) -> list[dict]:
     for item_id, annotator in keys:
         item = ds["items"][item_id]
         for (model_tag, method), prediction in cell_sources(ds, predictions, item_id, annotator).items():
-            job = {"dataset": ds["name"], "model": model_tag, "method": method, "annotator": annotator,
-                   "item_id": item_id}
+            jobs.append({"dataset": ds["name"], "model": model_tag, "method": method, "annotator": annotator,
+                         "item_id": item_id})
             if prediction is not None:
-                job["messages"] = judge_messages(ds["task"], ds["annotators"], examples, item["text_a"],
-                                                 item["text_b"], response_text(prediction))
-            jobs.append(job)
+                jobs[-1]["messages"] = judge_messages(ds["task"], ds["annotators"], examples, item["text_a"],
+                                                      item["text_b"], response_text(prediction))
     return jobs
 
 
@@ -930,26 +856,8 @@ def judge_decoding(cfg: dict, tokenizer, annotators: list[str]) -> tuple[common.
     return common.ReplyConstraint(tokenizer, choices), gen_cfg
 
 
-JUDGE_BACKENDS = ("local", "openai", "none")
-
-
-def check_judge_config(cfg: dict) -> None:
-    judge, where = cfg["eval"]["judge"], cfg.get("config_path", "config")
-    if judge["backend"] not in JUDGE_BACKENDS:
-        raise input_error(where, f"{judge['backend']!r} is not one of {', '.join(JUDGE_BACKENDS)}",
-                          field="eval.judge.backend")
-    if judge["backend"] == "local" and judge["model"] is not None and \
-            judge["model"] not in [m["tag"] for m in common.model_configs(cfg)]:
-        raise input_error(where, f"{judge['model']!r} is not a model tag of this config", field="eval.judge.model")
-    if judge["backend"] == "openai":
-        for key in ("base_url", "model"):
-            if not judge[key]:
-                raise input_error(where, "needed by backend openai", field=f"eval.judge.{key}")
-
-
 def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> tuple[str | None, dict]:
-    """Adds "verdict" (and "reply") to every job with messages. Returns (why it could not run, the
-    judge's identity)."""
+    """Adds "verdict" and "reply" to every job with messages; returns (why it could not run, the judge)."""
     judge = cfg["eval"]["judge"]
     if judge["backend"] == "none":
         return "disabled (eval.judge.backend: none)", {"backend": "none", "label": "none"}
@@ -968,13 +876,10 @@ def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> 
     # Chunks of one generation batch per call (their prompts share the instructions and examples,
     # prefilled once), shared out over the processes: a chunk is the same call whichever process
     # runs it, so the verdicts do not depend on the number of processes.
-    size = int(cfg["generation"]["batch_size"])
-    by_dataset: dict[str, list[dict]] = {}
+    size, by_dataset, replies, started = int(cfg["generation"]["batch_size"]), {}, [], time.time()
     for job in todo:
         by_dataset.setdefault(job["dataset"], []).append(job)
     chunks = [(dataset, start) for dataset, mine in by_dataset.items() for start in range(0, len(mine), size)]
-    replies = []
-    started = time.time()
     for dataset, start in common.this_process_share(chunks):
         constraint, gen_cfg = judge_decoding(cfg, tokenizer, annotators[dataset])
         batch = by_dataset[dataset][start:start + size]
@@ -984,14 +889,12 @@ def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> 
           f"{common.process_label()}", flush=True)
     ordered = [job for mine in by_dataset.values() for job in mine]  # the chunks' order
     for job, reply in zip(ordered, common.gather_to_all(replies), strict=True):
-        job["reply"] = reply
-        job["verdict"] = parse_verdict(reply, annotators[job["dataset"]])
+        job.update(reply=reply, verdict=parse_verdict(reply, annotators[job["dataset"]]))
     return None, identity
 
 
 def judge_summary(jobs: list[dict], annotators: list[str], judge_reason: str | None, judge: dict) -> dict:
-    """Accuracy over the judged outputs (an unparseable verdict counts as wrong), per annotator too,
-    and chance: what a judge that always names one annotator gets (the largest share of the cells)."""
+    """Accuracy over the judged outputs, per annotator too, and chance: naming the most frequent target."""
     chance = 1.0 / len(annotators)
     if judge_reason:
         return {"accuracy": None, "reason": judge_reason, "chance": chance}
@@ -1008,31 +911,25 @@ def judge_summary(jobs: list[dict], annotators: list[str], judge_reason: str | N
             "per_annotator": {a: float(np.mean(mine)) if mine else None for a, mine in per_annotator.items()}}
 
 
-def judge_draws(jobs: list[dict], ds: dict, plan: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Bootstrap draws of judge accuracy over the resamples of every other metric: ((B,) over all
-    judged cells, {annotator: (B,)})."""
-    numerator, denominator, per_annotator = 0.0, 0.0, {}
-    for annotator in ds["annotators"]:
-        mine = [job for job in jobs if "messages" in job and job["annotator"] == annotator]
-        if mine:
-            position = {item: i for i, item in enumerate(ds["target_items"][annotator])}
-            sums, counts = weighted_sums(np.array([position[job["item_id"]] for job in mine], dtype=int),
-                                         np.array([job["verdict"] == annotator for job in mine], dtype=float),
-                                         plan[annotator]["weights"])
-            per_annotator[annotator] = ratio(sums, counts)
-            numerator, denominator = numerator + sums, denominator + counts
-    return ratio(np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)), per_annotator
-
-
 def attach_judge(results: dict, draws: dict, ds: dict, jobs: list[dict], judge_reason: str | None, judge: dict,
                  plan: dict) -> None:
     """The judge's summary, judge_attribution and its interval on every row and target; its draws."""
 
-    def summarise(mine: list[dict]) -> tuple[dict, np.ndarray | None]:
-        summary = judge_summary(mine, ds["annotators"], judge_reason, judge)
+    def summarise(jobs: list[dict]) -> tuple[dict, np.ndarray | None]:
+        summary = judge_summary(jobs, ds["annotators"], judge_reason, judge)
         if summary["accuracy"] is None:
             return summary, None
-        overall, per_annotator = judge_draws(mine, ds, plan)
+        numerator, denominator, per_annotator = 0.0, 0.0, {}
+        for annotator in ds["annotators"]:
+            mine = [job for job in jobs if "messages" in job and job["annotator"] == annotator]
+            if mine:
+                position = {item: i for i, item in enumerate(ds["target_items"][annotator])}
+                sums, counts = weighted_sums(np.array([position[job["item_id"]] for job in mine], dtype=int),
+                                             np.array([job["verdict"] == annotator for job in mine], dtype=float),
+                                             plan[annotator]["weights"])
+                per_annotator[annotator] = ratio(sums, counts)
+                numerator, denominator = numerator + sums, denominator + counts
+        overall = ratio(np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float))
         summary["accuracy_ci"] = interval(overall)
         summary["per_annotator_ci"] = {a: interval(per_annotator.get(a)) for a in ds["annotators"]}
         return summary, overall
@@ -1060,28 +957,23 @@ def attach_judge(results: dict, draws: dict, ds: dict, jobs: list[dict], judge_r
 
 
 def judge_calibration(results: dict) -> dict:
-    """The judge's accuracy on the human references, with its interval, against chance. A judge
-    whose interval does not lie above chance cannot tell the annotators apart here: its verdicts
-    say nothing, and claims that rest on them are not resolved."""
+    """The judge on the human references against chance: informative only when its interval lies above."""
     reference = next((methods[HUMAN] for methods in results.values() if HUMAN in methods), None)
     judge = (reference or {}).get("judge", {})
     calibration = {"accuracy": judge.get("accuracy"), "ci": judge.get("accuracy_ci"), "chance": judge.get("chance"),
-                   "n": judge.get("n")}
+                   "n": judge.get("n"), "informative": False}
     if judge.get("accuracy") is None:
-        calibration.update(informative=False, reason=judge.get("reason", "no verdicts on the human references"))
-    elif judge.get("accuracy_ci") is None:
-        calibration.update(informative=False, reason="no interval (too few judged cells)")
-    else:
-        calibration["informative"] = bool(judge["accuracy_ci"][0] > judge["chance"])
-        if not calibration["informative"]:
-            calibration["reason"] = "the judge's accuracy on the human references is not above chance"
-    return calibration
+        return {**calibration, "reason": judge.get("reason", "no verdicts on the human references")}
+    if judge.get("accuracy_ci") is None:
+        return {**calibration, "reason": "no interval (too few judged cells)"}
+    if judge["accuracy_ci"][0] > judge["chance"]:
+        return {**calibration, "informative": True}
+    return {**calibration, "reason": "the judge's accuracy on the human references is not above chance"}
 
 
 # ---- Claims: paired differences between two methods on the same resampled items ---------------
 def verdict(ci: list[float] | None, higher_is_better: bool, margin: float = 0.0) -> str:
-    """`holds` / `contradicted` / `not resolved` for the difference a - b with interval `ci`;
-    margin > 0: non-inferiority of a (a may be worse than b by less than the margin)."""
+    """holds / contradicted / not resolved for a - b with interval `ci`; margin > 0: non-inferiority of a."""
     if ci is None:
         return "not resolved"
     low, high = ci
@@ -1118,17 +1010,15 @@ def saturated(result: dict | None) -> bool:
     return bool(values) and all(min(v, 1 - v) < SATURATION_TOLERANCE for v in values)
 
 
-def best_prompting(results: dict, metric: str, higher_is_better: bool) -> str | None:
-    """The prompting method with the best point estimate on `metric` (None if none has one)."""
+def best_prompting(results: dict, metric: str, higher_is_better: bool) -> str:
+    """The prompting method with the best point estimate on `metric`."""
     scored = [(results[m][metric], m) for m in PROMPTING_METHODS
               if m in results and results[m].get("status") != "missing" and results[m].get(metric) is not None]
-    return (max if higher_is_better else min)(scored)[1] if scored else None
+    return (max if higher_is_better else min)(scored)[1] if scored else "best prompting (none)"
 
 
 def claims_check(results: dict, draws: dict, datasets: dict, calibration: dict) -> list[dict]:
-    """The paper's claims per dataset and model: CAPO vs SFT and SFT vs the best prompting method on
-    imitation (and the decision), CAPO vs SFT on the decision as non-inferiority. Judge claims are
-    not resolved where the judge is uninformative, group claims where both methods saturate."""
+    """The paper's claims per dataset and model, as paired comparisons (OUR DEFINITIONS, Claims)."""
     claims = []
     for dataset, models in results.items():
         task = datasets[dataset]["task"]
@@ -1144,7 +1034,7 @@ def claims_check(results: dict, draws: dict, datasets: dict, calibration: dict) 
             rows = [claim(f"CAPO better than SFT on {metric}", metric, "capo", "sft", better)
                     for metric, better in imitation]
             rows += [claim(f"SFT better than the best prompting method on {metric}", metric, "sft",
-                           best_prompting(methods, metric, better) or "best prompting (none)", better)
+                           best_prompting(methods, metric, better), better)
                      for metric, better in (*imitation, (decision, higher))]
             rows.append(claim(f"CAPO keeps SFT's {decision} (non-inferiority, margin {margin:g})", decision, "capo",
                               "sft", higher, margin))
@@ -1177,15 +1067,12 @@ def claim_rules_note(datasets: dict) -> str:
             "`contradicted` when it lies wholly beyond it.")
 
 
-# ============================================================================
-# HUMAN VALIDATION (our protocol): the blinded form shows the judge's own first test cells (same
-# seed, so the first eval.human_sheet_items cells are the judge's), the judge's examples of every
-# annotator and one response per cell: the target's human reference and each method's output. A
-# rater names the author first (the judge's forced choice), then sees the intended annotator and
-# gives three 1-5 ratings. Attention cells: eval.human_attention_cells human references per dataset
-# shown twice, marked only in the key; passed when both copies get the same attribution and ratings
-# within 1 of each other.
-# ============================================================================
+# ==== HUMAN VALIDATION (our protocol) ====================================================================
+# The blinded form shows the judge's first eval.human_sheet_items test cells with the judge's examples:
+# per cell the target's human reference and each method's output. A rater names the author (the judge's
+# forced choice), then sees the intended annotator and gives three 1-5 ratings. Attention cells: the
+# first eval.human_attention_cells human references shown twice, marked only in the key; passed when both
+# copies get the same attribution and ratings within 1.
 RATING_QUESTIONS = {
     "coherence": "Coherence: is the explanation sound, and does it support its label?",
     "grounding": "Grounding: does the explanation rest on what the two texts say?",
@@ -1203,7 +1090,8 @@ def form_contents(cfg: dict, datasets: dict, predictions: dict, jobs: dict) -> t
     salt = stable_seed(cfg["seed"], "form")
     data = {"seed": stable_seed(cfg["seed"], "form-order"), "datasets": {}, "cells": [],
             "attribution": {"name": "attribution", "text": ATTRIBUTION_QUESTION},
-            "ratings": [{"name": name, "text": text, "scale": RATING_VALUES} for name, text in RATING_QUESTIONS.items()]}
+            "ratings": [{"name": name, "text": text, "scale": RATING_VALUES}
+                        for name, text in RATING_QUESTIONS.items()]}
     key = []
     for name, ds in datasets.items():
         verdicts = {(job["item_id"], job["annotator"], job["model"], job["method"]): job.get("verdict")
@@ -1222,7 +1110,7 @@ def form_contents(cfg: dict, datasets: dict, predictions: dict, jobs: dict) -> t
             for (model_tag, method), prediction in sources.items():
                 first = None
                 for copy in range(copies if method == HUMAN else 1):
-                    cell = opaque_id(salt, name, item_id, target, model_tag, method, copy)
+                    cell = "c" + common.config_hash([salt, name, item_id, target, model_tag, method, copy])[:10]
                     data["cells"].append({"id": cell, "dataset": name, "target": target, "text_a": item["text_a"],
                                           "text_b": item["text_b"], "response": response_text(prediction)})
                     key.append({"cell": cell, "dataset": name, "item_id": item_id, "target": target,
@@ -1231,10 +1119,6 @@ def form_contents(cfg: dict, datasets: dict, predictions: dict, jobs: dict) -> t
                     first = first or cell
     data["cells"].sort(key=lambda cell: cell["id"])  # the page's own order says nothing; raters get a shuffle
     return data, key
-
-
-def opaque_id(salt: int, *parts) -> str:
-    return "c" + common.config_hash([salt, *parts])[:10]
 
 
 def read_key(path: Path) -> tuple[str, dict[str, dict]]:
@@ -1306,8 +1190,7 @@ def read_ratings(paths: list[Path], version: str, key: dict[str, dict]) -> dict[
 
 
 def bootstrap_mean_interval(values_by_unit: list[list[float]], seed: int, resamples: int) -> tuple[float | None, list | None]:
-    """The mean over every value and its 95% interval from resampling the units (cells), each with
-    all its raters' values."""
+    """The mean of every value and its 95% interval from resampling the units (cells)."""
     flat = [v for unit in values_by_unit for v in unit]
     if not flat:
         return None, None
@@ -1327,12 +1210,12 @@ def krippendorff_alpha(raters: dict[str, dict[str, dict]], cells: list[str], que
     pairable = (np.sum(~np.isnan(matrix), axis=0) >= 2).sum()
     if len(raters) < 2 or pairable == 0 or len(np.unique(matrix[~np.isnan(matrix)])) < 2:
         return None
-    return float(krippendorff.alpha(reliability_data=matrix, level_of_measurement="ordinal", value_domain=RATING_VALUES))
+    return float(krippendorff.alpha(reliability_data=matrix, level_of_measurement="ordinal",
+                                    value_domain=RATING_VALUES))
 
 
 def score_ratings(cfg: dict, paths: list[Path], key_path: Path) -> dict:
-    """Per method: mean ratings and human attribution with intervals, beside the judge's on the same
-    cells; agreement between raters; attention checks. Writes scores.json and scores.md beside the key."""
+    """Per method: ratings and attribution with intervals, the judge's on the same cells, agreement, attention."""
     from sklearn.metrics import cohen_kappa_score
     version, key = read_key(key_path)
     raters = read_ratings(paths, version, key)
@@ -1387,20 +1270,14 @@ def score_ratings(cfg: dict, paths: list[Path], key_path: Path) -> dict:
     return scores
 
 
-# ============================================================================
-# THE LEWIDI-2025 VIEW (data.split: lewidi only): the shared task's official metrics (lower is
-# better) as in the organisers' evaluation notebook (LeWiDi_3-2025/Evaluation_LeWiDi_2025_Metrics.ipynb
-# in github.com/Le-Wi-Di/le-wi-di.github.io), their baselines, and the submission files. Per item:
-#   Par soft: Wasserstein-1 distance of the predicted and gold distributions over -5..5; Par pe:
-#   ANAD, the mean over the item's annotators of |gold - predicted| / 11.
-#   VariErrNLI: each label is a yes/no variable per annotator (in that annotator's label set or
-#   not). Soft: the mean over labels of the Manhattan distance of the [share no, share yes] pairs;
-#   pe: the mean over labels of the share of wrong yes/no decisions (annotators in the published order).
-# Our rule for predictions: perspectivist, each simulated annotator's parsed label; soft, the
-# distribution of those labels (one generated label each, no label likelihoods); an unparsed or
-# missing prediction falls back to the annotator's most frequent train label (the organisers'
-# baseline), counted. With several training seeds, the first seed's predictions.
-# ============================================================================
+# ==== THE LEWIDI-2025 VIEW (data.split: lewidi only) =====================================================
+# The shared task's official metrics (lower is better), as in the organisers' notebook
+# (LeWiDi_3-2025/Evaluation_LeWiDi_2025_Metrics.ipynb in github.com/Le-Wi-Di/le-wi-di.github.io), per item:
+# Par soft, the Wasserstein-1 distance over -5..5; Par pe, ANAD (mean |gold - predicted| / 11). VariErrNLI:
+# each label a yes/no variable per annotator; soft, the mean over labels of the Manhattan distance of the
+# [no, yes] shares; pe, the mean over labels of the share of wrong decisions. Our rule: each simulated
+# annotator's parsed label (soft: their distribution), else its most frequent train label (the organisers'
+# baseline), counted; with several training seeds, the first seed's predictions.
 LEWIDI_NLI_ORDER = ("contradiction", "entailment", "neutral")  # the published soft_label key order
 LEWIDI_PAR_SCALE = 11  # number of points of -5..5, ANAD's denominator
 LEWIDI_FILE_PREFIX = {"varierr": "VariErrNLI", "par": "Paraphrase"}
@@ -1429,16 +1306,14 @@ LEWIDI_SCORES = {"numeric": (par_soft_distance, par_anad), "categorical": (ven_s
 
 
 def lewidi_pe_row(task: dict, labels: list) -> list:
-    """The perspectivist row of one item from each annotator's label set, in annotator order: Par
-    [score, ...]; VariErrNLI [[yes/no per annotator] for contradiction, entailment, neutral]."""
+    """One item's perspectivist row from each annotator's label set, in annotator order."""
     if task["label_type"] == "numeric":
         return [int(next(iter(label_set))) for label_set in labels]
     return [[int(label in label_set) for label_set in labels] for label in LEWIDI_NLI_ORDER]
 
 
 def lewidi_soft_row(task: dict, labels: list) -> list:
-    """The soft label of one item from the annotators' label sets: Par, the share of annotators
-    giving each score -5..5; VariErrNLI, per label [share without it, share with it]."""
+    """One item's soft label from the annotators' label sets."""
     n = len(labels)
     if task["label_type"] == "numeric":
         low, high = task["score_range"]
@@ -1447,8 +1322,7 @@ def lewidi_soft_row(task: dict, labels: list) -> list:
 
 
 def most_frequent_labels(train: list[dict]) -> dict:
-    """Each annotator's most frequent train label (each label of a multi-label answer counts);
-    ties go to the label that sorts first."""
+    """Each annotator's most frequent train label; ties go to the label that sorts first."""
     counts: dict[str, dict] = defaultdict(lambda: defaultdict(int))
     for record in train:
         if record["label"] is not None:
@@ -1465,16 +1339,14 @@ def label_sets(records: list[dict]) -> dict[str, dict[str, set]]:
 
 
 def most_frequent_yes_no(train_sets: dict[str, dict[str, set]]) -> set:
-    """The label set that puts every yes/no variable (label x annotator x item) at its most frequent
-    train value pooled over all of them: every label (yes) or none (no)."""
+    """Every label (yes) or none (no): each yes/no variable's most frequent train value, pooled."""
     answers = [labels for per_annotator in train_sets.values() for labels in per_annotator.values()]
     yes = sum(len(labels) for labels in answers)
     return set(LEWIDI_NLI_ORDER) if yes > len(answers) * len(LEWIDI_NLI_ORDER) - yes else set()
 
 
 def system_labels(predictions: dict, items: dict[str, list[str]], fallback: dict) -> tuple[dict, dict]:
-    """({item: {annotator: label}}, counts) from {annotator: [prediction]}: the parsed label, else the
-    annotator's most frequent train label (counted as unparsed or missing)."""
+    """({item: {annotator: label}}, counts): the parsed label, else the annotator's fallback (counted)."""
     parsed = {}
     for annotator, preds in predictions.items():
         for prediction in preds:
@@ -1495,8 +1367,7 @@ def system_labels(predictions: dict, items: dict[str, list[str]], fallback: dict
 
 
 def bootstrap_mean(cfg: dict, dataset: str, values: np.ndarray) -> tuple[float | None, list[float] | None]:
-    """The mean over items and its seeded percentile interval, on the same resampled items for every
-    system of a dataset."""
+    """The mean over items and its interval, every system of a dataset on the same resampled items."""
     if len(values) == 0:
         return None, None
     rng = np.random.default_rng(stable_seed(cfg["seed"], "lewidi-bootstrap", dataset))
@@ -1513,8 +1384,7 @@ def rounded_distribution(values: list[float]) -> list[float]:
 
 def write_submission(cfg: dict, dataset: str, task: dict, stats: dict, model_tag: str, method: str,
                      rows: dict[str, dict]) -> list[str]:
-    """<Prefix>_test_soft.tsv and <Prefix>_test_pe.tsv of one system: `id<TAB>python list` per
-    test item, by its published ID."""
+    """The submission files of one system: `id<TAB>python list` per test item, by its published ID."""
     paths = []
     for kind in ("soft", "pe"):
         lines = []
@@ -1531,9 +1401,7 @@ def write_submission(cfg: dict, dataset: str, task: dict, stats: dict, model_tag
 
 
 def lewidi_dataset_view(cfg: dict, ds: dict, predictions: dict) -> dict:
-    """The official metrics with intervals of every system of one dataset, and its submission files.
-    Scored on the test items this run evaluates (ds["items"]); the submission files cover every
-    test item (those outside data.max_eval_items' sample use the fallback)."""
+    """Every system's official metrics on the scored test items, and submission files for all of them."""
     name, task = ds["name"], ds["task"]
     stats = common.read_json(common.data_dir(cfg, name) / "stats.json")
     full_test = common.load_split(cfg, name, "test")
@@ -1611,9 +1479,7 @@ def lewidi_view(cfg: dict, datasets: dict, predictions: dict) -> dict | None:
         print(f"[eval] LeWiDi-2025 {name}: {len(view['systems'])} systems on {view['n_items']} test items; "
               f"submission files under {common.lewidi_submission_dir(cfg, 'x', 'x').parent.parent}", flush=True)
     return views
-# ============================================================================
-# END OF THE LEWIDI-2025 VIEW
-# ============================================================================
+# ==== END OF THE LEWIDI-2025 VIEW ========================================================================
 
 
 # ---- The long-format results: one row per number (tables/results.csv, metrics.json "rows") -----
@@ -1623,8 +1489,8 @@ RESULT_COLUMNS = ("dataset", "model", "method", "target", "metric", "m", "featur
 
 
 def metric_variants(metric: Metric, sizes: list[int]) -> list[tuple[str, int | None, str | None]]:
-    """(key in a result entry, m, feature) for each number of a registry metric: a group metric once
-    per requested m, feature KL once in all and once per feature."""
+    """(key in a result entry, m, feature) of each number of a metric: a group metric's per requested m,
+    feature KL's overall and per feature."""
     if metric.kind == "group":
         return [(f"{metric.name}_m{m}", m, None) for m in sizes]
     if metric.kind == "distribution":
@@ -1633,9 +1499,7 @@ def metric_variants(metric: Metric, sizes: list[int]) -> list[tuple[str, int | N
 
 
 def result_rows(results: dict, datasets: dict, ev: dict) -> list[dict]:
-    """Every reported number as a row of RESULT_COLUMNS: `target` "macro" (the mean over targets) or
-    an annotator; `m` a group metric's requested size; `feature` one feature of feature KL; `seed`
-    None for the value pooled over training seeds (with several seeds, also one row per seed)."""
+    """Every reported number as a row of RESULT_COLUMNS (docs/DESIGN.md, metrics.json and tables/results.csv)."""
     rows = []
     for dataset, model_tag, method, result in eval_report.result_cells(results):
         metrics = [m for m in task_metrics(datasets[dataset]["task"]) if m.table or m.kind == "group"]
@@ -1648,8 +1512,9 @@ def result_rows(results: dict, datasets: dict, ev: dict) -> list[dict]:
                     if feature is not None:
                         value, ci = (value or {}).get(feature), (ci or {}).get(feature)
                     n = entry["judge"].get("n") if metric.kind == "judge" and "judge" in entry else entry.get("n")
-                    reason = None if value is not None else (entry.get("reasons", {}).get(key.removesuffix("_by_feature"))
-                                                             or entry.get("reason") or "not computed")
+                    reason = None if value is not None else (
+                        entry.get("reasons", {}).get(key.removesuffix("_by_feature")) or entry.get("reason")
+                        or "not computed")
                     rows.append({"dataset": dataset, "model": model_tag, "method": method, "target": target,
                                  "metric": metric.name, "m": m, "feature": feature, "seed": None, "value": value,
                                  "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None,
@@ -1660,16 +1525,12 @@ def result_rows(results: dict, datasets: dict, ev: dict) -> list[dict]:
     return rows
 
 
-# ---- Provenance of 06's outputs, the adapters' model cards, what the report shows from other files
-# The config sections metrics.json and the report are made from, besides 01's files, 02's
-# summaries and the predictions files (which also record their own).
+# ---- Provenance of 06's outputs, the adapters' model cards, what the report shows from other files ---
 CONFIG_SECTIONS = ("seed", "torch_threads", "data", "eval", "embedder", "hlv", "generation", "models")
 
 
 def eval_recipe(cfg: dict, names: list[str]) -> dict:
-    """What metrics.json and the report are made from: 01's files, 02's summaries, every predictions
-    file present (each checked against its own manifest when read), the config, and which datasets,
-    training seeds and methods it pools."""
+    """What metrics.json and the report are made from: 01's and 02's files, the predictions, the config."""
     inputs = []
     for name in names:
         inputs += common.data_files(cfg, name)
@@ -1686,8 +1547,7 @@ def eval_recipe(cfg: dict, names: list[str]) -> dict:
 
 
 def fill_adapter_cards(cfg: dict, results: dict) -> None:
-    """Each SFT/CAPO adapter's model card gets its annotator's test metrics (numbers only; with
-    several training seeds the pooled values, in each seed's adapter)."""
+    """Each SFT/CAPO adapter's model card gets its annotator's test metrics (pooled over seeds)."""
     for dataset, models in results.items():
         for model_tag, methods in models.items():
             for method in TRAINED_METHODS:
@@ -1713,8 +1573,7 @@ def hlv_outputs(cfg: dict, names: list[str]) -> dict[str, dict | None]:
 
 
 def training_curves(cfg: dict, names: list[str]) -> list[tuple[str, dict, str]]:
-    """Panels (title, {annotator: (steps, values)}, y label) per (dataset, model): 04's and 05's
-    training loss per step (train_log.json) and CAPO's dev-selection score (selection.json)."""
+    """Panels (title, {annotator: (steps, values)}, y label): 04's and 05's loss, CAPO's dev selection."""
     panels = []
     for dataset in names:
         for model_cfg in common.model_configs(cfg):
@@ -1743,8 +1602,7 @@ def training_curves(cfg: dict, names: list[str]) -> list[tuple[str, dict, str]]:
 
 
 def rated_form_version(folder: Path) -> str | None:
-    """The version of the form in `folder` when raters' exports sit beside it (it must then stay),
-    else None."""
+    """The version of the form in `folder` when raters' exports sit beside it, else None."""
     key = folder / "key.csv"
     if not key.exists() or not list(folder.glob("ratings-*.json")):
         return None
@@ -1763,8 +1621,7 @@ def main(argv: list[str] | None = None) -> None:
         score_ratings(cfg, paths, Path(args.key) if args.key else paths[0].parent / "key.csv")
         return
     started = time.time()
-    check_group_config(cfg)
-    check_judge_config(cfg)
+    check_eval_config(cfg)
     common.set_seed(cfg["seed"])
     tables_dir = common.tables_dir(cfg)
 

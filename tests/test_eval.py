@@ -657,4 +657,4 @@ def test_a_judge_setting_that_cannot_work_stops_in_one_line(judge, message):
     cfg = common.load_config(ROOT / "configs" / "smoke.yaml")
     cfg["eval"]["judge"].update(judge)
     with pytest.raises(common.InputError, match=message):
-        ev6.check_judge_config(cfg)
+        ev6.check_eval_config(cfg)
