@@ -489,16 +489,6 @@ def feature_bins(rows: list[dict], edges: dict) -> dict[str, tuple[np.ndarray, i
     return bins
 
 
-def feature_histograms(rows: list[dict], edges: dict) -> dict[str, np.ndarray]:
-    return {name: np.bincount(bins, minlength=n).astype(float) for name, (bins, n) in feature_bins(rows, edges).items()}
-
-
-def feature_kl(rows: list[dict], human_hist: dict, edges: dict, smoothing: float) -> dict[str, float]:
-    """Feature KL of one row set against human histograms (06 itself goes through weighted_kl)."""
-    return {name: float(kl_divergence(human_hist[name], model, smoothing))
-            for name, model in feature_histograms(rows, edges).items()}
-
-
 def imitation_reference(cfg: dict, ds: dict, cache_dir: Path) -> dict:
     """The annotator classifier trained on human train responses, and the human test space."""
     representation = cfg["eval"]["classifier_representation"]
@@ -1041,15 +1031,13 @@ def claims_check(results: dict, draws: dict, datasets: dict, calibration: dict) 
             for row in rows:
                 if "reason" in row:
                     continue
-                if METRIC[row["metric"]].kind == "group" and saturated(methods.get(row["a"])) and \
-                        saturated(methods.get(row["b"])):
-                    row["verdict"] = "not resolved"
-                    row["reason"] = (f"saturated: every target's group classifier confidence of {row['a']} and "
-                                     f"{row['b']} is within {SATURATION_TOLERANCE:g} of 0 or 1 at the primary m; "
-                                     "see the smaller m in tables/group_sizes")
+                if METRIC[row["metric"]].kind == "group" and all(saturated(methods.get(row[m])) for m in "ab"):
+                    row.update(verdict="not resolved", reason=f"saturated: every target's group classifier confidence "
+                               f"of {row['a']} and {row['b']} is within {SATURATION_TOLERANCE:g} of 0 or 1 at the "
+                               "primary m; see the smaller m in tables/group_sizes")
                 if row["metric"] == "judge_attribution" and not judge.get("informative", False):
-                    row["verdict"] = "not resolved"
-                    row["reason"] = "judge uninformative on this profile: " + judge.get("reason", "not calibrated")
+                    row.update(verdict="not resolved",
+                               reason="judge uninformative on this profile: " + judge.get("reason", "not calibrated"))
             claims += rows
     return claims
 
