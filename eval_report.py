@@ -1,8 +1,6 @@
-"""eval_report.py: the presentation half of 06_eval.py: tables, figures, report.md, the human-validation
-form and its scores' markdown. 06 computes every number and hands plain dicts over, with its metric
-registry; this module opens no run file and never imports 06 (the stage's file name is not a module
-name), so the few names both need (the human reference row's name, number formatting, group sizes)
-live here.
+"""eval_report.py: 06_eval.py's presentation: tables, figures, report.md, the human-validation form and its
+scores' markdown, from the plain dicts and the metric registry 06 hands over. It opens no run file and never
+imports 06 (not a module name), so the few names both need (the human row's name, formats, group sizes) live here.
 """
 from __future__ import annotations
 
@@ -22,7 +20,6 @@ import yaml  # noqa: E402
 import common  # noqa: E402
 
 HUMAN = "human"  # reference row: the target's own held-out test explanations, scored the same way
-
 RATING_SCALE = (1, 5)  # human validation's ratings (our protocol; 06_eval.py, block HUMAN VALIDATION)
 
 # The paper's numbers as summarised second-hand (VariErr NLI), shown beside ours as the paper's.
@@ -118,7 +115,7 @@ def write_csv(path: Path, columns: list[str], rows: list) -> None:
 
 
 def ordered_methods(methods: dict) -> list[str]:
-    return [m for m in methods if m != HUMAN] + ([HUMAN] if HUMAN in methods else [])
+    return sorted(methods, key=lambda method: method == HUMAN)  # the human reference row last
 
 
 def result_cells(results: dict):
@@ -155,9 +152,11 @@ def group_sizes_used(result: dict, sizes: list[int]) -> str:
     return ", ".join(parts)
 
 
-def group_size_notes(ev: dict) -> list[str]:
+def table_notes(cfg: dict, features: list[str]) -> tuple[list[str], list[str]]:
+    """(the notes under Table 4 and the per-annotator table, the notes on group sizes)."""
+    ev = cfg["eval"]
     share = float(ev["group_size_max_share"])
-    return [
+    group_notes = [
         f"Group clf conf and norm. imitation at each m of eval.group_sizes ({', '.join(map(str, requested_group_sizes(ev)))}); "
         f"the plain columns of Table 4 are m = {primary_group_size(ev)} (the paper's group size). [low, high]: 95% "
         f"bootstrap interval over test items, {int(ev['bootstrap_group_draws'])} groups redrawn per resample.",
@@ -171,10 +170,6 @@ def group_size_notes(ev: dict) -> list[str]:
         "0 or 1 (the macro mean then moves in steps of 1/annotators: it saturates). Small m grades how "
         "recognisable single outputs are.",
     ]
-
-
-def table_notes(cfg: dict, features: list[str]) -> list[str]:
-    ev = cfg["eval"]
     return [
         "Per target annotator, then the mean over annotators. Unparsed outputs count as wrong "
         "(label), as the worst possible error (MAE) and are scored on their raw text (explanations).",
@@ -197,7 +192,7 @@ def table_notes(cfg: dict, features: list[str]) -> list[str]:
         "(our definition). Every m of eval.group_sizes: tables/group_sizes.",
         "Judge attribution: share of single outputs the judge attributes to the target annotator; "
         "chance = 1/annotators.",
-    ]
+    ], group_notes
 
 
 def write_tables(cfg: dict, results: dict, result_rows: list[dict], datasets: dict, metrics, features: list[str],
@@ -223,24 +218,26 @@ def write_tables(cfg: dict, results: dict, result_rows: list[dict], datasets: di
                 [cell(index, where, kl, task, feature=name) for name in features] + [cell(index, where, kl, task)]))
         rows["group_sizes"].append([dataset, model_tag, label, status] + (
             [why] * (len(group) * len(sizes) + 1) if missing else
-            [cell(index, where, metric, task, m) for m in sizes for metric in group] + [group_sizes_used(result, sizes)]))
+            [cell(index, where, metric, task, m) for m in sizes for metric in group]
+            + [group_sizes_used(result, sizes)]))
         if missing:  # one row, not one per annotator
             rows["per_annotator"].append([dataset, model_tag, label, "all", "missing"]
                                          + [f"missing: {result.get('reason', 'missing')}"] * (len(shown) + 1))
         for annotator in [] if missing else datasets[dataset]["annotators"]:
             entry = result.get("per_annotator", {}).get(annotator)
             if entry is None or entry.get("status") != "ok":
-                rows["per_annotator"].append([dataset, model_tag, label, annotator, "missing"]
-                                             + [f"missing: {(entry or result).get('reason', 'missing')}"] * (len(shown) + 1))
+                reason = f"missing: {(entry or result).get('reason', 'missing')}"
+                rows["per_annotator"].append([dataset, model_tag, label, annotator, "missing",
+                                              *[reason] * (len(shown) + 1)])
             else:
-                rows["per_annotator"].append([dataset, model_tag, label, annotator, "ok", str(entry["n"])]
-                                             + [cell(index, (*where[:3], annotator), metric, task, m) for metric, m in main])
+                cells = [cell(index, (*where[:3], annotator), metric, task, m) for metric, m in main]
+                rows["per_annotator"].append([dataset, model_tag, label, annotator, "ok", str(entry["n"]), *cells])
         judge = result.get("judge", {})
         routes.add(judge.get("judge_route"))
         label = "calibration: " + label if method == HUMAN else label
         if judge.get("accuracy") is None:
             why = "missing: " + judge.get("reason", "not computed")
-            rows["judge"].append([dataset, model_tag, label, why, why, why, fmt(judge.get("chance")), why, why, why, why])
+            rows["judge"].append([dataset, model_tag, label, why, why, why, fmt(judge.get("chance")), *[why] * 4])
             continue
         ci = judge.get("accuracy_ci")
         reading = ("n/a (see the calibration row)" if method != HUMAN else "informative (interval above chance)"
@@ -249,7 +246,7 @@ def write_tables(cfg: dict, results: dict, result_rows: list[dict], datasets: di
         rows["judge"].append([dataset, model_tag, label, str(judge["n"]), str(judge["correct"]),
                               fmt_ci(judge["accuracy"], ci), fmt(judge["chance"]), str(judge["unparseable"]),
                               str(judge["no_output"]), judge["judge_model"], reading])
-    notes = table_notes(cfg, features)
+    notes, group_notes = table_notes(cfg, features)
     first = ["dataset", "model", "method"]
     return {
         "table4": write_table(tables_dir / "table4_main", [*first, "status", *(m.label for m in shown), "notes"],
@@ -280,9 +277,10 @@ def write_tables(cfg: dict, results: dict, result_rows: list[dict], datasets: di
                                                                     *(m.label for m in shown)],
                                      rows["per_annotator"], "Per-annotator breakdown", notes),
         "group_sizes": write_table(
-            tables_dir / "group_sizes", [*first, "status", *(f"{metric.label} m={m}" for m in sizes for metric in group),
-                                         "m used"], rows["group_sizes"],
-            "Group classifier confidence and normalised imitation by group size m", [*group_size_notes(ev), notes[0]]),
+            tables_dir / "group_sizes",
+            [*first, "status", *(f"{metric.label} m={m}" for m in sizes for metric in group), "m used"],
+            rows["group_sizes"], "Group classifier confidence and normalised imitation by group size m",
+            [*group_notes, notes[0]]),
     }
 
 
@@ -297,7 +295,8 @@ def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> str:
         for system in view["systems"]:
             label, fallback = f"{system['model']}/{method_label(system['method'])}", system.get("fallback")
             soft, pe = ((f"missing: {system['reason']}",) * 2 if system["status"] != "ok" else
-                        (fmt_ci(system[k], system[f"{k}_ci"]) if system[k] is not None else "-" for k in ("soft", "pe")))
+                        (fmt_ci(system[k], system[f"{k}_ci"]) if system[k] is not None else "-"
+                         for k in ("soft", "pe")))
             rows.append([dataset, "this run", label, soft_name, soft, pe_name, pe,
                          f"{fallback['unparsed']}, {fallback['missing']} / {fallback['cells']}" if fallback else "",
                          system.get("note", "")])
@@ -305,10 +304,10 @@ def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> str:
             if published_dataset == dataset:
                 rows.append([dataset, "published", system, soft_name, fmt(soft, 2) if soft is not None else "-",
                              pe_name, fmt(pe), "", "LeWiDi-2025 test set, all items"])
-    n_items = {d: f"{v['n_items']} of {v['n_test_items']}" for d, v in lewidi.items()}
+    n_items = ", ".join(f"{d}: {v['n_items']} of {v['n_test_items']}" for d, v in lewidi.items())
     notes = [LEWIDI_CAVEAT,
              "Lower is better. Ours: the mean over the test items this run scored "
-             f"({', '.join(f'{d}: {n}' for d, n in n_items.items())}), with a seeded 95% bootstrap interval over "
+             f"({n_items}), with a seeded 95% bootstrap interval over "
              "items (every system resampled on the same items); published: the full test set.",
              "Perspectivist prediction: each simulated annotator's parsed label. Soft label: the distribution of the "
              "item's simulated annotators' predicted labels (one generated label each; no label likelihoods). An "
@@ -352,8 +351,8 @@ def plot_metric(results: dict, index: dict, datasets: dict, metric, m: int | Non
             found = [index.get((dataset, model_tag, method, "macro", metric.name, m, None), {}) for method in methods]
             values = [row.get("value") for row in found]
             # Error bars: the 95% bootstrap interval (asymmetric), none where it is missing.
-            errors = np.array([[v - row["ci_low"], row["ci_high"] - v] if v is not None and row.get("ci_low") is not None
-                               else [0.0, 0.0] for v, row in zip(values, found)]).T.clip(min=0)
+            errors = np.array([[v - row["ci_low"], row["ci_high"] - v] if v is not None and row.get("ci_low")
+                               is not None else [0.0, 0.0] for v, row in zip(values, found)]).T.clip(min=0)
             ax.bar(xs, [v if v is not None else 0 for v in values], width, label=model_tag,
                    yerr=errors, capsize=2, error_kw={"linewidth": 0.8})
             for x, v in zip(xs, values):
@@ -363,8 +362,8 @@ def plot_metric(results: dict, index: dict, datasets: dict, metric, m: int | Non
         ax.set_xticklabels(methods, rotation=30, ha="right")
         ax.set_title(f"{dataset}: {metric.label}")
         if metric.chance:
-            chance = 1.0 / len(datasets[dataset]["annotators"])
-            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
+            ax.axhline(1.0 / len(datasets[dataset]["annotators"]), color="grey", linestyle="--", linewidth=1,
+                       label="chance")
         ax.legend(fontsize=7)
     return save_figure(fig, path)
 
@@ -478,12 +477,11 @@ def claims_markdown(claims: list[dict], judge_calibration: dict, rules_note: str
             lines.append(f"- Judge on {dataset}: not calibrated ({calibration.get('reason', 'no verdicts')}); "
                          "its claims are not resolved.")
             continue
-        status = ("informative" if calibration["informative"] else
-                  "**uninformative for this profile** (its interval does not lie above chance): its claims are not "
-                  "resolved")
         lines.append(f"- Judge on {dataset}: accuracy on the human references "
                      f"{fmt_ci(calibration['accuracy'], calibration['ci'])} over {calibration['n']} cells, "
-                     f"chance {fmt(calibration['chance'])}: {status}.")
+                     f"chance {fmt(calibration['chance'])}: " + ("informative" if calibration["informative"] else
+                     "**uninformative for this profile** (its interval does not lie above chance): its claims are "
+                     "not resolved") + ".")
     return lines + [""]
 
 
@@ -538,15 +536,12 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
         lines += ["Not available: no train_log.json or selection.json under adapters/ (run 04_sft.py, "
                   "05_capo.py).", ""]
     lines += ["## 7. Human validation", "", f"Form: {form_status}.", ""]
-    if scores is not None:
-        lines += include(scores)
-    else:
-        lines += ["Not rated yet. Send form.html to the raters (it opens from disk in any browser), put their "
-                  "ratings-<rater>.json exports beside key.csv, then: `python 06_eval.py --config "
-                  f"{cfg.get('config_path', 'configs/<profile>.yaml')} --score-ratings "
-                  f"{run / 'human_eval'}/ratings-*.json`. "
-                  "Paper (as summarised, unverified): 82.8% agreement between two validators; CAPO judged more "
-                  "coherent, better grounded and closer to the target's style.", ""]
+    lines += include(scores) if scores is not None else [
+        "Not rated yet. Send form.html to the raters (it opens from disk in any browser), put their "
+        "ratings-<rater>.json exports beside key.csv, then: `python 06_eval.py --config "
+        f"{cfg.get('config_path', 'configs/<profile>.yaml')} --score-ratings {run / 'human_eval'}/ratings-*.json`. "
+        "Paper (as summarised, unverified): 82.8% agreement between two validators; CAPO judged more "
+        "coherent, better grounded and closer to the target's style.", ""]
     lines += ["## 8. The LeWiDi-2025 view", ""]
     if lewidi is None:
         lines += ["Skipped: this run uses the kit's own split (data.split: paper); run with `--split lewidi` "
