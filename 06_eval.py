@@ -1343,14 +1343,11 @@ def system_labels(predictions: dict, items: dict[str, list[str]], fallback: dict
     for item, annotators in items.items():
         labels[item] = {}
         for annotator in annotators:
-            counts["cells"] += 1
             prediction = parsed.get((item, annotator))
-            if prediction is None:
-                counts["missing"] += 1
-            elif not prediction["parse_ok"] or prediction["label"] is None:
-                counts["unparsed"] += 1
-            labels[item][annotator] = (prediction["label"] if prediction is not None and prediction["parse_ok"]
-                                       and prediction["label"] is not None else fallback[annotator])
+            usable = prediction is not None and prediction["parse_ok"] and prediction["label"] is not None
+            counts["cells"] += 1
+            counts["missing" if prediction is None else "unparsed"] += 0 if usable else 1
+            labels[item][annotator] = prediction["label"] if usable else fallback[annotator]
     return labels, counts
 
 
