@@ -1,51 +1,16 @@
-"""06_eval.py: every metric with its 95% interval, the judge and the claims check.
+"""06_eval.py: every metric with its 95% interval, the LLM judge, the claims check and the report.
 
     python 06_eval.py --config configs/cpu.yaml --dataset all            # varierr + par
     python 06_eval.py --config configs/smoke.yaml --eval.judge.backend none --eval.bertscore false
     python 06_eval.py --config configs/cpu.yaml --score-ratings runs/cpu/human_eval/ratings-*.json
-    accelerate launch 06_eval.py --config configs/paper.yaml             # same; one process is enough
+    accelerate launch 06_eval.py --config configs/paper.yaml             # the judge shared out over processes
 
-Reads runs/<profile>/data/<dataset>/ (01), hlv/<dataset>/ (02, shown in the report),
-predictions/<dataset>/<model>/<method>/<annotator>.jsonl: 03 (base, icl, vp, vp_icl), 04 (sft),
-05 (capo), any other method folder found there (ablations), and adapters/ (04's and 05's
-train_log.json and selection.json, for the training curves). A method without predictions
-becomes a row that says it is missing; it never stops the stage. With data.max_eval_items
-(the cpu profile's budget) the human test references are the same seeded sample of test
-items that 03-05 generated on (common.load_eval_split).
-
-This file computes the numbers; eval_report.py (imported here only) writes them out:
-  metrics.json                       "rows" (every number: dataset, model, method, target, metric, m,
-                                     feature, seed, value, interval, n, reason), "results" (the same
-                                     numbers nested dataset -> model -> method), "claims" (paired
-                                     comparisons with verdicts), "judge_calibration"; docs/DESIGN.md
-  tables/results.csv                 the rows, for pandas
-  tables/table4_main.{md,csv}        main results, `value [low, high]`
-  tables/table6_feature_kl.{md,csv}  feature KL by feature
-  tables/judge_attribution.{md,csv}  LLM-as-judge attribution
-  tables/judge_verdicts.jsonl        every judge reply and the verdict read from it
-  tables/per_annotator.{md,csv}      every metric per target annotator
-  tables/group_sizes.{md,csv}        group clf conf and norm. imitation at every m of eval.group_sizes,
-                                     with the m used where the cap changed it
-  tables/fig_<metric>.png            one bar chart per metric, with interval error bars
-  tables/fig_training_curves.png     training loss (04, 05) and CAPO's dev-selection score per step
-  tables/config.resolved.yaml
-  human_eval/form.html               the blinded human-validation form: one file, opened from disk
-  human_eval/key.csv                 cell -> model, method, attention copy, judge's verdict (keep it
-                                     away from the raters; never embedded in the form)
-  report.md                          HLV results from 02, the claims, every table, the paper's
-                                     numbers beside ours, the resolved config and versions
-  tables/lewidi.{md,csv}             data.split lewidi only: the shared task's official metrics beside
-  lewidi_submissions/<model>/<method>/   the published results, and submission files (block
-                                     "THE LEWIDI-2025 VIEW" below); otherwise skipped with a one-line note
-
-Scoring the form's exports: `--score-ratings FILE...` (key: key.csv beside the first file, or
---key) writes scores.json/.md beside the key: per-method ratings and attribution with intervals,
-the judge's attribution on the same cells, agreement between raters, attention checks.
-
-Metrics are computed per target annotator and averaged over annotators (macro). Intervals
-come from one seeded bootstrap over test items, drawn per target annotator and shared by
-every method, so two methods' resamples are paired. Every definition the paper does not
-give is in the block "OUR DEFINITIONS" below.
+Reads data/ (01), hlv/ (02, for the report), predictions/<dataset>/<model>/<method>/ (03-05 and any other
+method folder, ablations; a missing method is a row that says why) and the adapters' training logs. Writes
+metrics.json (format: docs/DESIGN.md), tables/ (results.csv, every table as .md and .csv, judge_verdicts.jsonl,
+figures), human_eval/form.html and key.csv, report.md, and with data.split lewidi tables/lewidi.* and
+lewidi_submissions/; eval_report.py lays them out. --score-ratings scores the form's exports into
+human_eval/scores.{json,md}. Every definition the paper does not give is in the block OUR DEFINITIONS.
 """
 from __future__ import annotations
 
@@ -72,25 +37,17 @@ TRAINED_METHODS = ("sft", "capo")
 STAGE_OF_METHOD = {**{m: "03_prompt_baselines" for m in PROMPTING_METHODS}, "sft": "04_sft", "capo": "05_capo"}
 
 
-# ============================================================================
-# OUR DEFINITIONS. The paper's formulas, word lists, bins, judge prompt and human
-# protocol are not public. Every reconstruction lives in this block (the human-
-# validation protocol in eval_report.py) so it can be swapped when the paper's code
-# appears; the README lists each one as "our definition".
-# ============================================================================
+# ==== OUR DEFINITIONS ===================================================================================
+# The paper's formulas, word lists, bins, judge prompt and human protocol are not public: every
+# reconstruction is in this block (the human-validation protocol in HUMAN VALIDATION below), to be
+# swapped when the paper's code appears; the README lists each one.
 
-# -- The metric registry: every metric 06 reports, once. Tables, figures, the long-format
-#    results rows, the claims and the report are generated from it; adding a metric means one
-#    row here and one scoring function. kind: "item" (a mean over test rows), "similarity" (a
-#    mean over test rows of the best match with the target's references), "distribution"
-#    (feature KL), "group" (group classifier scores, one value per requested m), "judge",
-#    "info" (a count shown beside the metrics). tasks: the label types it applies to.
-#    human_row: whether the human reference row (the targets' own test explanations) has it.
-#    decision: "main" for the claims' decision metric of a task, "yes" for other decision metrics.
-#    claim: an imitation metric the paper's claims are checked on. chance: figures draw 1/annotators.
-#    interval_may_miss: the percentile interval need not contain the value (feature KL: a resample
-#    repeats items, so its histograms are coarser and its KL biased upwards); every other value
-#    lies inside its interval (tests/test_eval.py checks it).
+# -- The metric registry, from which the tables, figures, results rows, claims and report are made.
+#    kind: item (a mean over test rows), similarity (of the best match with the target's references),
+#    distribution (feature KL), group (one value per requested m), judge, info. human_row: the human
+#    reference row has it. decision "main": a task's decision metric in the claims. claim: an imitation
+#    claim is checked on it. chance: figures draw 1/annotators. interval_may_miss: the value need not
+#    lie in its interval (feature KL: a resample repeats items, which biases its KL upwards).
 class Metric(NamedTuple):
     name: str
     label: str
@@ -126,18 +83,17 @@ METRICS = (
 )
 METRIC = {metric.name: metric for metric in METRICS}
 SIMILARITY_METRICS = tuple(m.name for m in METRICS if m.kind == "similarity")
+GROUP_METRICS = tuple(m.name for m in METRICS if m.kind == "group")
+ROW_KINDS = ("item", "similarity", "distribution")  # scored from a method's rows, per target
 
 
-def task_metrics(task: dict, kinds: tuple[str, ...] = ("item", "similarity", "distribution", "group", "judge")
-                 ) -> list[Metric]:
+def task_metrics(task: dict, kinds: tuple[str, ...] = (*ROW_KINDS, "group", "judge")) -> list[Metric]:
     """The registry's metrics that apply to `task`, of the given kinds, in registry order."""
     return [m for m in METRICS if task["label_type"] in m.tasks and m.kind in kinds]
 
 
-# -- Unparsed outputs are never dropped. Their label counts as wrong (accuracy, sign),
-#    as the worst possible error for the target (MAE) and as its own "unparsed" category
-#    (label-distribution KL); their explanation is the raw output, whitespace-normalised,
-#    for every explanation metric.
+# -- Unparsed outputs are never dropped: a wrong label (accuracy, sign), the worst possible error (MAE),
+#    an "unparsed" label category (feature KL); their raw text is scored as the explanation.
 UNPARSED = "unparsed"
 
 
@@ -149,8 +105,7 @@ def explanation_text(prediction: dict) -> str:
 
 
 def decision_outcome(label, target_labels: list, task: dict) -> dict:
-    """Categorical: correct if the label is in the target's label set for the item.
-    Numeric: absolute error against the target's (mean) score, sign agreement ({<0, 0, >0})."""
+    """Categorical: right if in the target's label set; numeric: the error against its (mean) score, and the sign."""
     if task["label_type"] == "categorical":
         return {"correct": label is not None and label in target_labels}
     low, high = task["score_range"]
@@ -160,8 +115,9 @@ def decision_outcome(label, target_labels: list, task: dict) -> dict:
     return {"abs_error": abs(label - target), "sign_correct": bool(np.sign(label) == np.sign(target))}
 
 
-# -- Explanation-style features (the paper names length, modality/hedging, lexical
-#    diversity, lexical reuse). Word lists and tokenisation are ours.
+# -- Explanation-style features (the paper names length, modality/hedging, lexical diversity and reuse;
+#    word lists and tokenisation are ours), binned at quantiles of the human TRAIN explanations.
+#    Feature KL: KL(human || model) in nats per feature, averaged over the features.
 HEDGE_WORDS = frozenset("may might can could would possibly perhaps maybe likely unlikely probably "
                         "seem seems seemed appear appears suggest suggests".split())
 NEGATION_WORDS = frozenset("not no never none nothing neither nor cannot without nobody".split())
@@ -170,18 +126,13 @@ STYLE_FEATURES = ("length_words", "hedge_rate", "type_token_ratio", "input_overl
 FEATURES = STYLE_FEATURES + ("label",)
 
 
-def words(text: str) -> list[str]:
-    return WORD_RE.findall(text.lower())
-
-
 def style_features(explanation: str, text_a: str, text_b: str) -> dict[str, float]:
     """Length in words; hedge/modal, negation and input-reuse rates per word; type-token ratio."""
-    tokens = words(explanation)
+    tokens = WORD_RE.findall(explanation.lower())
     n = len(tokens)
     if n == 0:
-        return {"length_words": 0.0, "hedge_rate": 0.0, "type_token_ratio": 0.0,
-                "input_overlap": 0.0, "negation_rate": 0.0}
-    input_vocab = set(words(text_a)) | set(words(text_b))
+        return dict.fromkeys(STYLE_FEATURES, 0.0)
+    input_vocab = set(WORD_RE.findall(text_a.lower())) | set(WORD_RE.findall(text_b.lower()))
     return {"length_words": float(n),
             "hedge_rate": sum(t in HEDGE_WORDS for t in tokens) / n,
             "type_token_ratio": len(set(tokens)) / n,
@@ -189,9 +140,17 @@ def style_features(explanation: str, text_a: str, text_b: str) -> dict[str, floa
             "negation_rate": sum(t in NEGATION_WORDS or t.endswith("n't") for t in tokens) / n}
 
 
+def style_values(rows: list[dict]) -> dict[str, list[float]]:
+    """{feature: its value for each row} of rows (or records) with explanation, text_a and text_b."""
+    values = defaultdict(list)
+    for row in rows:
+        for name, value in style_features(row["explanation"], row["text_a"], row["text_b"]).items():
+            values[name].append(value)
+    return values
+
+
 def feature_bin_edges(train_values: dict[str, list[float]], n_bins: int) -> dict[str, np.ndarray]:
-    """Interior bin edges at quantiles of the pooled human TRAIN explanations (fixed before
-    any test output is seen); the outer bins are open, so values outside train's range land."""
+    """Interior bin edges at quantiles of the human train explanations; the outer bins are open."""
     quantiles = np.linspace(0, 1, n_bins + 1)[1:-1]
     return {name: np.unique(np.quantile(np.asarray(values, dtype=float), quantiles))
             for name, values in train_values.items()}
@@ -204,54 +163,44 @@ def label_categories(task: dict) -> list:
     return list(range(low, high + 1)) + [UNPARSED]
 
 
-def feature_histogram(values: list, edges_or_categories, categorical: bool) -> np.ndarray:
-    if categorical:
-        index = {category: i for i, category in enumerate(edges_or_categories)}
-        counts = np.zeros(len(edges_or_categories))
-        for value in values:
-            counts[index[UNPARSED if value is None else value]] += 1
-        return counts
-    edges = edges_or_categories
-    return np.bincount(np.digitize(np.asarray(values, dtype=float), edges), minlength=len(edges) + 1).astype(float)
+def kl_divergence(human_counts: np.ndarray, model_counts: np.ndarray, smoothing: float):
+    """KL(human || model) over the last axis, `smoothing` added to both distributions before renormalising."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = human_counts / human_counts.sum(axis=-1, keepdims=True) + smoothing
+        q = model_counts / model_counts.sum(axis=-1, keepdims=True) + smoothing
+        p, q = p / p.sum(axis=-1, keepdims=True), q / q.sum(axis=-1, keepdims=True)
+        return np.sum(p * np.log(p / q), axis=-1)
 
 
-def kl_divergence(human_counts: np.ndarray, model_counts: np.ndarray, smoothing: float) -> float:
-    """KL(human || model) in nats; `smoothing` is added to both probability vectors, which are
-    then renormalised (so an empty model bin costs a finite amount)."""
-    p = human_counts / human_counts.sum() + smoothing
-    q = model_counts / model_counts.sum() + smoothing
-    p, q = p / p.sum(), q / q.sum()
-    return float(np.sum(p * np.log(p / q)))
-
-
-# -- Group classifier confidence: the annotator classifier of 02 (common.fit_annotator_
-#    classifier) trained on the human TRAIN responses in representation eval.classifier_
-#    representation (E3: explanation embedding minus its item's mean). Model outputs and the
-#    human test responses are placed in that space by subtracting the mean of the HUMAN test
-#    responses to the same item (common.representation_vectors). Bootstrapped groups of m
-#    outputs of one target are averaged and classified; the metric is the mean probability
-#    of the target. Every m in eval.group_sizes is scored (per-m metrics `<metric>_m<m>`);
-#    the plain names (group_clf_conf, norm_imitation, ...) are the PRIMARY m, the largest
-#    in the list (50, the paper's). Each m is capped at floor(eval.group_size_max_share x n),
-#    n = min(the target's outputs, its human test responses), so a group is a real subsample
-#    of the outputs and never the whole set (a whole-set group makes each target's value 0
-#    or 1: the metric saturates); the m used is recorded per target (`group_m_used`). A cap
-#    below 1 leaves the value missing, with the reason. The human reference uses the same m
-#    as the model outputs it normalises.
-def check_group_config(cfg: dict) -> None:
+# -- Group classifier confidence: 02's annotator classifier trained on the human TRAIN responses in
+#    eval.classifier_representation (E3); outputs and human test responses have the mean of the HUMAN
+#    test responses to their item subtracted. Groups of m outputs of one target are averaged and
+#    classified; the metric is the mean probability of the target, at every m of eval.group_sizes
+#    (`<metric>_m<m>`; the plain names: the largest). Each m is capped at floor(eval.group_size_max_share
+#    x n), n = min(the target's outputs, its human test responses): a group is a real subsample, never the
+#    whole set (which saturates at 0 or 1). Normalised imitation (our ImiScore): that confidence over the
+#    same for the target's held-out human test explanations at the same m, not clipped.
+def check_eval_config(cfg: dict) -> None:
+    """eval.group_sizes, eval.group_size_max_share and eval.judge hold values that can work."""
     ev, where = cfg["eval"], cfg.get("config_path", "config")
-    sizes = ev["group_sizes"]
+    sizes, judge = ev["group_sizes"], ev["judge"]
     if not isinstance(sizes, list) or not sizes or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1
                                                            for m in sizes):
         raise input_error(where, "must be a non-empty list of positive integers", field="eval.group_sizes")
     share = ev["group_size_max_share"]
     if not 0 < float(share) <= 1:
         raise input_error(where, f"must be in (0, 1], got {share}", field="eval.group_size_max_share")
+    if judge["backend"] not in ("local", "openai", "none"):
+        raise input_error(where, f"{judge['backend']!r} is not one of local, openai, none", field="eval.judge.backend")
+    if judge["backend"] == "local" and judge["model"] not in [None, *(m["tag"] for m in common.model_configs(cfg))]:
+        raise input_error(where, f"{judge['model']!r} is not a model tag of this config", field="eval.judge.model")
+    for key in ("base_url", "model") if judge["backend"] == "openai" else ():
+        if not judge[key]:
+            raise input_error(where, "needed by backend openai", field=f"eval.judge.{key}")
 
 
 def capped_group_size(requested: int, n_outputs: int, n_human: int, share: float) -> tuple[int | None, str | None]:
-    """(m used, None) or (None, why not): requested m capped at floor(share x n), n = min(outputs,
-    human test responses)."""
+    """(m used, None) or (None, why not)."""
     if n_outputs == 0:
         return None, "no outputs"
     if n_human == 0:
@@ -265,21 +214,14 @@ def capped_group_size(requested: int, n_outputs: int, n_human: int, share: float
 
 
 def normalised_imitation(model_confidence: float | None, human_confidence: float | None) -> float | None:
-    """Our ImiScore: the model's group confidence for the target divided by the same confidence
-    for the target's held-out human test explanations (1.0 = as recognisable as the human).
-    Not clipped: a model can be more recognisable than the human it imitates (> 1)."""
     if model_confidence is None or not human_confidence:
         return None
     return model_confidence / human_confidence
 
 
-# -- LLM-as-judge attribution: the judge sees k TRAIN responses (label and explanation, no
-#    item text, to keep prompts short) of every annotator, then one response with its item,
-#    and names the annotator. A forced choice: the reply is constrained to one of the IDs
-#    (engine.ReplyConstraint), chosen greedily by the judge model's own next-token
-#    probabilities; for IDs that differ in one token (A0..A3) that is the most likely ID. So
-#    every judged response gets a verdict. Chance = 1/annotators. The calibration row: the same
-#    judge on the target's own human test responses.
+# -- LLM-as-judge attribution: the judge sees k TRAIN responses of every annotator (label and explanation,
+#    no item text), then one response with its item, and names the annotator: a forced choice, the reply
+#    constrained to one of the IDs (engine.ReplyConstraint) and chosen greedily. The calibration row: the targets' own responses.
 def judge_messages(task: dict, annotators: list[str], examples: dict[str, list[dict]],
                    text_a: str, text_b: str, response: str) -> list[dict]:
     ids = ", ".join(annotators)
@@ -300,39 +242,25 @@ def parse_verdict(reply: str, annotators: list[str]) -> str | None:
     pattern = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(re.escape(a) for a in
                          sorted(annotators, key=len, reverse=True)) + r")(?![A-Za-z0-9])", re.IGNORECASE)
     match = pattern.search(reply or "")
-    if not match:
-        return None
-    return {a.lower(): a for a in annotators}[match.group(1).lower()]
+    return {a.lower(): a for a in annotators}[match.group(1).lower()] if match else None
 
 
-# -- Uncertainty: a percentile bootstrap over test items, stratified by target annotator
-#    (each target's items are redrawn with replacement, all of an item's rows come along).
-#    The resamples are seeded per (dataset, annotator) only, so every method and model is
-#    scored on the same resampled items: differences between two methods are paired.
-#    Group metrics keep the classifier fixed and redraw their groups inside each resample;
-#    feature KL recomputes both histograms (human and model) on each resample.
+# -- Uncertainty: a percentile bootstrap over test items, stratified by target, seeded per (dataset, target)
+#    so that every method is scored on the same resamples (paired). Group metrics keep the classifier and
+#    redraw their groups in each resample; feature KL rebuilds both histograms in each resample.
 CI_LEVEL = 0.95
 CI_MIN_DEFINED = 0.9  # an interval needs the metric defined on >= 90% of the resamples
 
-# -- Claims check: paired differences a - b with their interval. Superiority: `holds` when
-#    the interval excludes 0 in the claimed direction, `contradicted` when it excludes 0 the
-#    other way, else `not resolved`. Non-inferiority ("CAPO keeps SFT's decision quality"):
-#    the margin is our choice, 2% of the metric's range (accuracy 0.02, paraphrase MAE 0.2
-#    points; the paper calls .638 -> .627 "maintained"); `holds` when the whole interval is
-#    on the good side of -margin, `contradicted` when it is wholly beyond it.
+# -- Claims: paired differences a - b with their interval. Superiority holds when the interval excludes 0
+#    in the claimed direction, is contradicted when it excludes 0 the other way. Non-inferiority ("CAPO
+#    keeps SFT's decision quality") allows a margin of this share of the metric's range.
 KEPT_FRACTION_OF_RANGE = 0.02
-# The imitation claims are on the registry's `claim` metrics. A claim on a group metric (the
-# primary m) is not resolved when both methods' per-target group classifier confidences all lie
-# within this of 0 or 1: the metric then only counts annotators (the macro mean moves in steps of
-# 1/annotators) and grades nothing (our choice; the smaller m of tables/group_sizes still grade).
+# A group-metric claim is not resolved when both methods' per-target confidences all lie within this of
+# 0 or 1: saturated, it counts annotators (the smaller m of tables/group_sizes still grade).
 SATURATION_TOLERANCE = 0.01
-# ============================================================================
-# END OF OUR DEFINITIONS
-# ============================================================================
+# ==== END OF OUR DEFINITIONS ============================================================================
 
-# ----------------------------------------------------------------------------
-# Small helpers
-# ----------------------------------------------------------------------------
+
 def stable_seed(base: int, *parts) -> int:
     """A seed per purpose, independent of Python's hash randomisation."""
     return (int(base) + zlib.crc32("/".join(map(str, parts)).encode())) % (2 ** 32)
@@ -345,21 +273,16 @@ def main_decision_metric(task: dict) -> tuple[str, bool, float]:
     return metric.name, metric.higher_is_better, span
 
 
-# ----------------------------------------------------------------------------
-# Data: human splits and predictions
-# ----------------------------------------------------------------------------
+# ---- Data: human splits and predictions -------------------------------------------------------------
 def load_dataset(cfg: dict, dataset: str) -> dict:
     task = common.load_task(cfg, dataset)
-    train = common.load_split(cfg, dataset, "train")
-    test = common.load_eval_split(cfg, dataset, "test")
-    references: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    items: dict[str, dict] = {}
-    for record in test:
+    train, test = common.load_split(cfg, dataset, "train"), common.load_eval_split(cfg, dataset, "test")
+    for record in test + train:
         record["label"] = common.normalize_label(record["label"], task)
+    references, items = defaultdict(list), {}
+    for record in test:
         references[(record["item_id"], record["annotator"])].append(record)
         items.setdefault(record["item_id"], record)
-    for record in train:
-        record["label"] = common.normalize_label(record["label"], task)
     annotators = common.dataset_annotators(cfg, dataset)
     # The bootstrap's units: each target's test items (those with a human reference), sorted.
     target_items = {a: sorted({item for item, ann in references if ann == a}) for a in annotators}
@@ -371,28 +294,18 @@ def expected_methods(cfg: dict) -> list[str]:
     return list(cfg["baselines"]["methods"]) + list(TRAINED_METHODS)
 
 
-def discover_methods(cfg: dict, dataset: str, model_tag: str) -> list[str]:
-    """The expected methods in order, then any other method folder found (ablations)."""
-    methods = expected_methods(cfg)
-    folder = common.method_dir(cfg, dataset, model_tag, "x").parent
-    if folder.is_dir():
-        methods += sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in methods)
-    return methods
-
-
 def load_predictions(cfg: dict, ds: dict, model_tag: str, method: str) -> tuple[dict, dict]:
-    """({annotator: [prediction]}, {annotator: why missing}). Labels are re-normalised."""
+    """({annotator: [prediction]}, {annotator: why missing}); stale predictions are refused."""
     found, missing = {}, {}
     folder = common.method_dir(cfg, ds["name"], model_tag, method)
-    stage = STAGE_OF_METHOD.get(method, "the stage that writes it")
     for annotator in ds["annotators"]:
         path = common.predictions_path(cfg, ds["name"], model_tag, method, annotator)
         if not path.exists():
             where = folder.relative_to(common.run_dir(cfg))
-            missing[annotator] = (f"no predictions ({where}/ does not exist; run {stage})" if not folder.is_dir()
-                                  else f"{path.name} missing in {where}/")
+            stage = STAGE_OF_METHOD.get(method, "the stage that writes it")
+            missing[annotator] = (f"{path.name} missing in {where}/" if folder.is_dir()
+                                  else f"no predictions ({where}/ does not exist; run {stage})")
             continue
-        # Predictions made from another split, config or adapter are never scored.
         common.require_current(path, cfg, redo_command(cfg, ds["name"], method, annotator))
         predictions = common.read_jsonl(path, required=("item_id", "annotator", "output", "label", "parse_ok"))
         for lineno, prediction in enumerate(predictions, 1):
@@ -418,10 +331,7 @@ def redo_command(cfg: dict, dataset: str, method: str, annotator: str) -> str:
 
 
 def output_rows(ds: dict, prediction_sets: list[dict]) -> tuple[list[dict], dict]:
-    """One scored row per prediction that has a human reference (the target's test responses
-    to that item); counts of predictions without one per annotator. `prediction_sets` is a
-    list of {annotator: [prediction]}: several runs (seeds) of one method pool into one row
-    set, an item then has several rows, and the bootstrap keeps them together."""
+    """(a scored row per prediction with a human reference, per annotator the count of those without one)."""
     rows, unmatched = [], defaultdict(int)
     for annotator, preds in ((a, p) for predictions in prediction_sets for a, p in predictions.items()):
         for prediction in preds:
@@ -430,247 +340,94 @@ def output_rows(ds: dict, prediction_sets: list[dict]) -> tuple[list[dict], dict
                 unmatched[annotator] += 1
                 continue
             item = ds["items"][prediction["item_id"]]
-            rows.append({"annotator": annotator, "item_id": prediction["item_id"],
-                         "label": prediction["label"], "parse_ok": bool(prediction["parse_ok"]),
-                         "explanation": explanation_text(prediction), "raw_output": prediction["output"],
+            rows.append({"annotator": annotator, "item_id": prediction["item_id"], "label": prediction["label"],
+                         "parse_ok": bool(prediction["parse_ok"]), "explanation": explanation_text(prediction),
                          "references": [r["explanation"] for r in references],
                          "target_labels": [r["label"] for r in references],
                          "text_a": item["text_a"], "text_b": item["text_b"]})
     return rows, dict(unmatched)
 
 
-def human_rows(ds: dict) -> list[dict]:
-    """The target's own test responses as rows (the human reference)."""
-    return [{"annotator": r["annotator"], "item_id": r["item_id"], "label": r["label"], "parse_ok": True,
-             "explanation": r["explanation"], "raw_output": r["explanation"], "references": [r["explanation"]],
-             "target_labels": [r["label"]], "text_a": r["text_a"], "text_b": r["text_b"]} for r in ds["test"]]
+def load_method_predictions(cfg: dict, ds: dict) -> dict:
+    """{(model, method): (first seed's predictions, missing, rows, unmatched, (rows, unmatched) per seed)}."""
+    seeds, loaded = common.training_seeds(cfg), {}
+    for tag in (model_cfg["tag"] for model_cfg in common.model_configs(cfg)):
+        methods = expected_methods(cfg)
+        for seed in seeds:
+            folder = common.method_dir(common.with_seed(cfg, seed), ds["name"], tag, "x").parent
+            if folder.is_dir():
+                methods += sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in methods)
+        for method in methods:
+            per_seed = [load_predictions(common.with_seed(cfg, seed), ds, tag, method) for seed in seeds]
+            missing = {}
+            for seed, (_, seed_missing) in zip(seeds, per_seed):
+                for annotator, why in seed_missing.items():
+                    missing.setdefault(annotator, why + (f" (seed {seed})" if len(seeds) > 1 else ""))
+            seed_sets = [{a: p for a, p in predictions.items() if a not in missing} for predictions, _ in per_seed]
+            seed_rows = [output_rows(ds, [predictions]) for predictions in seed_sets]
+            unmatched = {a: sum(u.get(a, 0) for _, u in seed_rows) for a in ds["annotators"]}
+            loaded[(tag, method)] = (seed_sets[0], missing, [row for rows, _ in seed_rows for row in rows],
+                                     {a: n for a, n in unmatched.items() if n}, seed_rows)
+    return loaded
 
 
-# ----------------------------------------------------------------------------
-# Reference similarity: ROUGE-L, BERTScore, embedding cosine (max over the target's references)
-# ----------------------------------------------------------------------------
+# ---- Reference similarity: the max over the target's references ---------------------------------------
 def rouge_l(outputs: list[str], references: list[list[str]]) -> list[float]:
-    """ROUGE-L F1 (rouge-score, Porter stemming), max over references; empty output -> 0."""
+    """ROUGE-L F1 (rouge-score, Porter stemming); an empty output scores 0."""
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return [scorer.score_multi(refs, out)["rougeL"].fmeasure if out.strip() else 0.0
             for out, refs in zip(outputs, references)]
 
 
-def bertscore_model_path(spec: str) -> str:
-    """`package:<module>` is a sentence-transformers folder shipped in a pip package."""
-    if spec.startswith("package:"):
-        return str(common.package_dir(spec.split(":", 1)[1]) / "model")
-    return spec
-
-
 def bertscore_f1(outputs: list[str], references: list[list[str]], ev: dict) -> tuple[list[float] | None, str | None]:
-    """BERTScore F1 (bert-score, no idf, no baseline rescaling), max over references.
-    An empty output scores 0 (bert-score cannot encode it). (None, reason) if it cannot run."""
+    """BERTScore F1 (no idf, no rescaling), an empty output 0; (None, reason) if it cannot run."""
     if not ev["bertscore"]:
         return None, "disabled (eval.bertscore: false)"
     # Each distinct (output, references) pair is scored once: methods often repeat outputs.
     pairs = list(dict.fromkeys((out, tuple(refs)) for out, refs in zip(outputs, references) if out.strip()))
     if not pairs:
         return [0.0] * len(outputs), None
+    spec = ev["bertscore_model"]
     try:
         import bert_score
-        model = bertscore_model_path(ev["bertscore_model"])
+        model = str(common.package_dir(spec.split(":", 1)[1]) / "model") if spec.startswith("package:") else spec
         _, _, f1 = bert_score.score([out for out, _ in pairs], [list(refs) for _, refs in pairs],
                                     model_type=model, num_layers=ev["bertscore_num_layers"],
                                     batch_size=64, device=common.default_device(), verbose=False)
     except Exception as err:  # a missing model or an offline hub must not stop the report
-        return None, f"bert-score could not run with {ev['bertscore_model']}: {type(err).__name__}: {err}"
+        return None, f"bert-score could not run with {spec}: {type(err).__name__}: {err}"
     score_of = dict(zip(pairs, f1.tolist()))
     return [float(score_of[(out, tuple(refs))]) if out.strip() else 0.0
             for out, refs in zip(outputs, references)], None
 
 
 def embedding_cosine(cfg: dict, outputs: list[str], references: list[list[str]], cache_dir: Path) -> list[float]:
-    """Cosine between the output's and each reference's sentence embedding (max); empty -> 0."""
+    """Cosine of the output's and each reference's sentence embedding (max); an empty output scores 0."""
     unique = list(dict.fromkeys([t for t in outputs if t.strip()] + [t for refs in references for t in refs]))
     if not unique:
         return [0.0] * len(outputs)
     vectors = common.embed_texts(cfg, unique, cache_dir)
     index = {text: i for i, text in enumerate(unique)}
-    scores = []
-    for out, refs in zip(outputs, references):
-        if not out.strip():
-            scores.append(0.0)
-            continue
-        scores.append(float(max(vectors[index[out]] @ vectors[index[ref]] for ref in refs)))
-    return scores
+    return [float(max(vectors[index[out]] @ vectors[index[ref]] for ref in refs)) if out.strip() else 0.0
+            for out, refs in zip(outputs, references)]
 
 
-# ----------------------------------------------------------------------------
-# Aggregation-aware imitation: feature KL and group classifier confidence
-# ----------------------------------------------------------------------------
-def feature_reference(ds: dict, ev: dict) -> dict:
-    """Fixed bins from the human train explanations: {"edges": {feature: edges or categories}}."""
-    train_values = defaultdict(list)
-    for record in ds["train"]:
-        for name, value in style_features(record["explanation"], record["text_a"], record["text_b"]).items():
-            train_values[name].append(value)
-    edges = feature_bin_edges(train_values, int(ev["feature_bins"]))
-    edges["label"] = label_categories(ds["task"])
-    return {"edges": edges}
-
-
-def feature_histograms(rows: list[dict], edges: dict) -> dict[str, np.ndarray]:
-    values = defaultdict(list)
-    for row in rows:
-        for name, value in style_features(row["explanation"], row["text_a"], row["text_b"]).items():
-            values[name].append(value)
-        values["label"].append(row["label"])
-    return {name: feature_histogram(values[name], edges[name], categorical=(name == "label")) for name in FEATURES}
-
-
-def feature_bins(rows: list[dict], edges: dict) -> dict[str, tuple[np.ndarray, int]]:
-    """{feature: (bin of each row, number of bins)}: the same bins as feature_histograms, per row,
-    so histograms of any resample are a weighted bincount."""
-    values = defaultdict(list)
-    for row in rows:
-        for name, value in style_features(row["explanation"], row["text_a"], row["text_b"]).items():
-            values[name].append(value)
-    bins = {name: (np.digitize(np.asarray(values[name], dtype=float), edges[name]).astype(int), len(edges[name]) + 1)
-            for name in STYLE_FEATURES}
-    index = {category: i for i, category in enumerate(edges["label"])}
-    bins["label"] = (np.array([index[UNPARSED if row["label"] is None else row["label"]] for row in rows], dtype=int),
-                     len(edges["label"]))
-    return bins
-
-
-def feature_kl(rows: list[dict], human_hist: dict, edges: dict, smoothing: float) -> dict[str, float]:
-    """The definition on one row set. 06 computes the same numbers through feature_bins and
-    weighted_kl, which rebuild the histograms of any bootstrap resample cheaply."""
-    model_hist = feature_histograms(rows, edges)
-    return {name: kl_divergence(human_hist[name], model_hist[name], smoothing) for name in FEATURES}
-
-
-def imitation_reference(cfg: dict, ds: dict, ev: dict, cache_dir: Path) -> dict:
-    """The annotator classifier trained on human train responses, and the human test space."""
-    representation = ev["classifier_representation"]
-    train_X, _ = common.representation_vectors(cfg, ds["train"], representation, cache_dir)
-    clf = common.fit_annotator_classifier(cfg["hlv"], train_X, [r["annotator"] for r in ds["train"]],
-                                          int(cfg["seed"]))
-    test_X, test_means = common.representation_vectors(cfg, ds["test"], representation, cache_dir)
-    human_X = {a: test_X[[i for i, r in enumerate(ds["test"]) if r["annotator"] == a]] for a in ds["annotators"]}
-    return {"clf": clf, "means": test_means, "human_X": human_X, "representation": representation,
-            "cache": {}}
-
-
-GROUP_METRICS = tuple(m.name for m in METRICS if m.kind == "group")
-
-
-def group_metric_names(ev: dict) -> list[str]:
-    """The macro-averaged group metrics: the primary ones, then `<metric>_m<m>` for every requested m."""
-    return [*GROUP_METRICS, *(f"{metric}_m{m}" for m in requested_group_sizes(ev) for metric in GROUP_METRICS)]
-
-
-def group_entry(cfg: dict, ds: dict, imitation: dict, annotator: str, logits: np.ndarray | None, item: np.ndarray,
-                plan: dict, human: dict, salt: tuple) -> tuple[dict, dict]:
-    """(the group metrics of one target's outputs at every requested m, their (B,) draws).
-    Per m: `<metric>_m<m>`; the primary m also under the plain names; `group_m_used` {m: m used}.
-    The value and the draws come from one sampler, common.group_scores: the value on the
-    observed items, the draws on the bootstrap resamples of the same items. `logits` None: the
-    outputs are the target's human test responses (the human reference row)."""
-    ev = cfg["eval"]
-    primary = primary_group_size(ev)
-    classes = [str(c) for c in imitation["clf"].classes_]
-    reference = human["targets"][annotator]
-    if logits is None:
-        logits, item = reference["logits"], reference["item"]
-    slots = plan[annotator]["slots"]
-    observed = np.arange(slots.shape[1])[None, :]  # every item once: the observed data
-    capped = {requested: capped_group_size(requested, len(item), len(reference["item"]),
-                                           float(ev["group_size_max_share"]))
-              for requested in requested_group_sizes(ev)}
-    if annotator not in classes:
-        capped = {requested: (None, f"{annotator} has no train responses, so the classifier has no such class")
-                  for requested in capped}
-    sizes = sorted({m for m, _ in capped.values() if m is not None})
-    column = classes.index(annotator) if sizes else None
-
-    def human_side(resamples: np.ndarray, groups: int, seed: int, tag: str) -> dict:
-        """common.group_scores of the target's human test responses, once per target and m (cached:
-        every method shares them)."""
-        todo = [m for m in sizes if (tag, annotator, m) not in imitation["cache"]]
-        if todo:
-            for m, value in common.group_scores(reference["logits"], reference["item"], resamples, column, todo,
-                                                groups, seed).items():
-                imitation["cache"][(tag, annotator, m)] = value
-        return {m: imitation["cache"][(tag, annotator, m)] for m in sizes}
-
-    n_groups, n_draws = int(ev["bootstrap_groups"]), int(ev["bootstrap_group_draws"])
-    point_seed = stable_seed(cfg["seed"], "group", ds["name"], annotator)
-    model_point = model_draws = human_point = human_draws = {}
-    if sizes:
-        human_point = human_side(observed, n_groups, point_seed, "point")
-        human_draws = human_side(slots, n_draws, stable_seed(cfg["seed"], "group-bootstrap-human", ds["name"],
-                                                             annotator), "bootstrap")
-        own = logits is reference["logits"]
-        model_point = human_point if own else common.group_scores(logits, item, observed, column, sizes, n_groups,
-                                                                  point_seed)
-        model_draws = human_draws if own else common.group_scores(
-            logits, item, slots, column, sizes, n_draws,
-            stable_seed(cfg["seed"], "group-bootstrap", ds["name"], annotator, *salt))
-    entry, draws, reasons, used = {}, {}, {}, {}
-    for requested, (m, why) in capped.items():
-        used[str(requested)] = m
-        names = [(metric, f"{metric}_m{requested}") for metric in GROUP_METRICS]
-        if m is None:
-            for _, name in names:
-                entry[name], reasons[name] = None, why
-        else:
-            model, human_resamples = model_draws[m], human_draws[m]
-            conf, human_conf = float(model_point[m]["conf"][0]), float(human_point[m]["conf"][0])
-            entry.update({f"group_clf_conf_m{requested}": conf,
-                          f"group_accuracy_m{requested}": float(model_point[m]["accuracy"][0]),
-                          f"human_group_clf_conf_m{requested}": human_conf,
-                          f"norm_imitation_m{requested}": normalised_imitation(conf, human_conf)})
-            draws[f"group_clf_conf_m{requested}"] = model["conf"]
-            draws[f"group_accuracy_m{requested}"] = model["accuracy"]
-            draws[f"human_group_clf_conf_m{requested}"] = human_resamples["conf"]
-            draws[f"norm_imitation_m{requested}"] = ratio(model["conf"], human_resamples["conf"])
-        if requested == primary:
-            entry["group_m"] = m or 0
-            for metric, name in names:
-                entry[metric] = entry[name]
-                if name in reasons:
-                    reasons[metric] = reasons[name]
-                if name in draws:
-                    draws[metric] = draws[name]
-    entry["group_m_used"] = used
-    return {**entry, "reasons": reasons}, draws
-
-
-# ----------------------------------------------------------------------------
-# One dataset: score every method's rows, then aggregate per annotator and overall
-# ----------------------------------------------------------------------------
-def score_rows(cfg: dict, ev: dict, rows: list[dict], cache_dir: Path) -> str | None:
-    """Adds rouge_l, bertscore_f1 and emb_cos to every row (one pass over all methods, so
-    each scorer is loaded once). Returns why BERTScore is missing, if it is."""
-    outputs = [row["explanation"] for row in rows]
-    references = [row["references"] for row in rows]
-    for row, value in zip(rows, rouge_l(outputs, references)):
-        row["rouge_l"] = value
-    bert, bert_reason = bertscore_f1(outputs, references, ev)
-    for i, row in enumerate(rows):
-        row["bertscore_f1"] = bert[i] if bert is not None else None
-    for row, value in zip(rows, embedding_cosine(cfg, outputs, references, cache_dir)):
-        row["emb_cos"] = value
+def score_rows(cfg: dict, rows: list[dict], cache_dir: Path) -> str | None:
+    """Adds the similarity metrics to every row; returns why BERTScore is missing, if it is."""
+    outputs, references = [row["explanation"] for row in rows], [row["references"] for row in rows]
+    rouge = rouge_l(outputs, references)
+    bert, bert_reason = bertscore_f1(outputs, references, cfg["eval"])
+    cosine = embedding_cosine(cfg, outputs, references, cache_dir)
+    for row, values in zip(rows, zip(rouge, bert or [None] * len(rows), cosine)):
+        row.update(zip(SIMILARITY_METRICS, values))
     return bert_reason
 
 
-# ----------------------------------------------------------------------------
-# The bootstrap: shared resamples, vectorised statistics on per-row score arrays
-# ----------------------------------------------------------------------------
+# ---- The bootstrap: shared resamples, statistics on per-row score arrays ---------------------------
 def resample_plan(cfg: dict, ds: dict) -> dict[str, dict]:
-    """{annotator: {"slots": (B, n_items) item positions drawn with replacement, "weights":
-    (B, n_items) how often each item was drawn}}. Seeded per dataset and annotator only, so
-    every method and model is scored on the same resampled items (paired comparisons)."""
-    n_resamples = int(cfg["eval"]["bootstrap_resamples"])
-    plan = {}
+    """{annotator: {"slots": (B, n) item positions drawn, "weights": (B, n) how often each item was drawn}}."""
+    n_resamples, plan = int(cfg["eval"]["bootstrap_resamples"]), {}
     for annotator, items in ds["target_items"].items():
         n = len(items)
         rng = np.random.default_rng(stable_seed(cfg["seed"], "bootstrap", ds["name"], annotator))
@@ -682,8 +439,7 @@ def resample_plan(cfg: dict, ds: dict) -> dict[str, dict]:
 
 
 def interval(draws: np.ndarray | None) -> list[float] | None:
-    """The percentile interval of bootstrap draws; None if the metric is undefined (nan) on
-    more than 1 - CI_MIN_DEFINED of them."""
+    """The percentile interval of bootstrap draws; None if undefined on over 1 - CI_MIN_DEFINED of them."""
     if draws is None or len(draws) == 0:
         return None
     finite = draws[np.isfinite(draws)]
@@ -699,35 +455,128 @@ def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
         return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
 
 
-def weighted_means(item: np.ndarray, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Mean of per-row `values` when item i's rows count weights[..., i] times: (k,) for (k, n) weights."""
+def weighted_sums(item: np.ndarray, values: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of per-row `values`, number of rows) when item i's rows count weights[..., i] times."""
     n = weights.shape[-1]
-    sums = np.bincount(item, weights=values, minlength=n)
-    counts = np.bincount(item, minlength=n).astype(float)
-    return ratio(weights @ sums, weights @ counts)
+    sums, counts = np.bincount(item, weights=values, minlength=n), np.bincount(item, minlength=n).astype(float)
+    return weights @ sums, weights @ counts
+
+
+def weighted_means(item: np.ndarray, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The mean of per-row `values` under item weights: (k,) for (k, n) weights."""
+    return ratio(*weighted_sums(item, values, weights))
 
 
 def weighted_kl(human_bins: tuple, human_item: np.ndarray, model_bins: tuple, model_item: np.ndarray,
                 weights: np.ndarray, smoothing: float) -> np.ndarray:
     """KL(human || model) of one feature's histograms, both rebuilt from the resampled items."""
-    n, n_bins = weights.shape[-1], human_bins[1]
-
     def histogram(item, bins):
-        table = np.zeros((n, n_bins))
+        table = np.zeros((weights.shape[-1], human_bins[1]))
         np.add.at(table, (item, bins), 1.0)
         return weights @ table
 
-    p, q = histogram(human_item, human_bins[0]), histogram(model_item, model_bins[0])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = p / p.sum(axis=-1, keepdims=True) + smoothing
-        q = q / q.sum(axis=-1, keepdims=True) + smoothing
-        p, q = p / p.sum(axis=-1, keepdims=True), q / q.sum(axis=-1, keepdims=True)
-        return np.sum(p * np.log(p / q), axis=-1)  # nan where a resample has no rows
+    return kl_divergence(histogram(human_item, human_bins[0]), histogram(model_item, model_bins[0]), smoothing)
 
 
-# ----------------------------------------------------------------------------
-# One dataset: score every method's rows, then aggregate per target and overall
-# ----------------------------------------------------------------------------
+# ---- Aggregation-aware imitation: feature KL and group classifier confidence ---------------------------
+def feature_bins(rows: list[dict], edges: dict) -> dict[str, tuple[np.ndarray, int]]:
+    """{feature: (each row's bin, number of bins)}: a resample's histogram is a weighted bincount."""
+    values = style_values(rows)
+    bins = {name: (np.digitize(np.asarray(values[name], dtype=float), edges[name]).astype(int), len(edges[name]) + 1)
+            for name in STYLE_FEATURES}
+    index = {category: i for i, category in enumerate(edges["label"])}
+    bins["label"] = (np.array([index[UNPARSED if row["label"] is None else row["label"]] for row in rows], dtype=int),
+                     len(edges["label"]))
+    return bins
+
+
+def imitation_reference(cfg: dict, ds: dict, cache_dir: Path) -> dict:
+    """The annotator classifier trained on human train responses, and the human test space."""
+    representation = cfg["eval"]["classifier_representation"]
+    train_X, _ = common.representation_vectors(cfg, ds["train"], representation, cache_dir)
+    clf = common.fit_annotator_classifier(cfg["hlv"], train_X, [r["annotator"] for r in ds["train"]], int(cfg["seed"]))
+    test_X, test_means = common.representation_vectors(cfg, ds["test"], representation, cache_dir)
+    human_X = {a: test_X[[i for i, r in enumerate(ds["test"]) if r["annotator"] == a]] for a in ds["annotators"]}
+    return {"clf": clf, "means": test_means, "human_X": human_X, "representation": representation, "cache": {}}
+
+
+def group_metric_names(ev: dict) -> list[str]:
+    """The group metrics: the plain names, then `<metric>_m<m>` for every requested m."""
+    return [*GROUP_METRICS, *(f"{metric}_m{m}" for m in requested_group_sizes(ev) for metric in GROUP_METRICS)]
+
+
+def group_entry(cfg: dict, ds: dict, imitation: dict, annotator: str, logits: np.ndarray | None, item: np.ndarray,
+                plan: dict, human: dict, salt: tuple) -> tuple[dict, dict]:
+    """(one target's group metrics, their (B,) draws): `<metric>_m<m>` per requested m, the plain names
+    for the largest, `group_m_used` {m: m used}. Values and draws come from one sampler, common.group_scores,
+    on the observed items and on their resamples. `logits` None: the outputs are the target's own human
+    test responses (the human reference row)."""
+    ev, reference = cfg["eval"], human["targets"][annotator]
+    classes = [str(c) for c in imitation["clf"].classes_]
+    own = logits is None
+    if own:
+        logits, item = reference["logits"], reference["item"]
+    slots = plan[annotator]["slots"]
+    observed = np.arange(slots.shape[1])[None, :]  # every item once: the observed data
+    capped = {requested: capped_group_size(requested, len(item), len(reference["item"]),
+                                           float(ev["group_size_max_share"])) if annotator in classes else
+              (None, f"{annotator} has no train responses, so the classifier has no such class")
+              for requested in requested_group_sizes(ev)}
+    sizes = sorted({m for m, _ in capped.values() if m is not None})
+    column = classes.index(annotator) if sizes else None
+
+    def human_side(resamples: np.ndarray, groups: int, seed: int, tag: str) -> dict:
+        """The target's human test responses, scored once per m for every method (cached)."""
+        cache = imitation["cache"]
+        todo = [m for m in sizes if (tag, annotator, m) not in cache]
+        if todo:
+            cache.update({(tag, annotator, m): value for m, value in common.group_scores(
+                reference["logits"], reference["item"], resamples, column, todo, groups, seed).items()})
+        return {m: cache[(tag, annotator, m)] for m in sizes}
+
+    n_groups, n_draws = int(ev["bootstrap_groups"]), int(ev["bootstrap_group_draws"])
+    point_seed = stable_seed(cfg["seed"], "group", ds["name"], annotator)
+    model_point = model_draws = human_point = human_draws = {}
+    if sizes:
+        human_point = human_side(observed, n_groups, point_seed, "point")
+        human_draws = human_side(slots, n_draws, stable_seed(cfg["seed"], "group-bootstrap-human", ds["name"],
+                                                             annotator), "bootstrap")
+        model_point = human_point if own else common.group_scores(logits, item, observed, column, sizes, n_groups,
+                                                                  point_seed)
+        model_draws = human_draws if own else common.group_scores(
+            logits, item, slots, column, sizes, n_draws,
+            stable_seed(cfg["seed"], "group-bootstrap", ds["name"], annotator, *salt))
+    entry, draws, reasons, used = {}, {}, {}, {}
+    for requested, (m, why) in capped.items():
+        used[str(requested)] = m
+        values = dict.fromkeys(GROUP_METRICS, (None, None))
+        if m is not None:
+            conf, human_conf = float(model_point[m]["conf"][0]), float(human_point[m]["conf"][0])
+            values = {"group_clf_conf": (conf, model_draws[m]["conf"]),
+                      "group_accuracy": (float(model_point[m]["accuracy"][0]), model_draws[m]["accuracy"]),
+                      "human_group_clf_conf": (human_conf, human_draws[m]["conf"]),
+                      "norm_imitation": (normalised_imitation(conf, human_conf),
+                                         ratio(model_draws[m]["conf"], human_draws[m]["conf"]))}
+        for metric, (value, resamples) in values.items():
+            entry[f"{metric}_m{requested}"] = value
+            if m is None:
+                reasons[f"{metric}_m{requested}"] = why
+            else:
+                draws[f"{metric}_m{requested}"] = resamples
+        if requested == primary_group_size(ev):
+            entry["group_m"] = m or 0
+            for metric in GROUP_METRICS:
+                entry[metric] = entry[f"{metric}_m{requested}"]
+                for found in (reasons, draws):
+                    if f"{metric}_m{requested}" in found:
+                        found[metric] = found[f"{metric}_m{requested}"]
+    return {**entry, "group_m_used": used, "reasons": reasons}, draws
+
+
+# ---- One dataset: every method's metrics per target, their macro averages -------------------------------
+REFERENCE_ROW_NA = "n/a: reference row (the target's own test explanations); only imitation and the judge apply"
+
+
 def score_arrays(rows: list[dict], items: list[str], task: dict, edges: dict) -> dict:
     """Per-row scores of one target's rows as numpy arrays, with each row's item position."""
     position = {item: i for i, item in enumerate(items)}
@@ -736,147 +585,111 @@ def score_arrays(rows: list[dict], items: list[str], task: dict, edges: dict) ->
     if task["label_type"] == "categorical":
         values["label_acc"] = [o["correct"] for o in outcomes]
     else:
-        values["mae"] = [o["abs_error"] for o in outcomes]
-        values["sign_acc"] = [o["sign_correct"] for o in outcomes]
+        values.update(mae=[o["abs_error"] for o in outcomes], sign_acc=[o["sign_correct"] for o in outcomes])
     for metric in SIMILARITY_METRICS:
         if rows and all(r.get(metric) is not None for r in rows):
             values[metric] = [r[metric] for r in rows]
-    return {"item": np.array([position[r["item_id"]] for r in rows], dtype=int), "n_items": len(items),
-            "values": {k: np.asarray(v, dtype=float) for k, v in values.items()},
-            "bins": feature_bins(rows, edges)}
+    return {"item": np.array([position[r["item_id"]] for r in rows], dtype=int), "bins": feature_bins(rows, edges),
+            "values": {k: np.asarray(v, dtype=float) for k, v in values.items()}}
 
 
-def human_reference_arrays(cfg: dict, ds: dict, features: dict, imitation: dict | None) -> dict:
-    """Per target: the human test rows' items, feature bins and classifier scores (shared by
-    every method's KL and normalised imitation)."""
-    rows = human_rows(ds)
-    reference = {}
-    for annotator in ds["annotators"]:
-        mine = [r for r in rows if r["annotator"] == annotator]  # the order of imitation["human_X"]
-        arrays = score_arrays(mine, ds["target_items"][annotator], ds["task"], features["edges"])
-        if imitation is not None and len(mine):
-            arrays["logits"] = common.row_logits(imitation["clf"], imitation["human_X"][annotator])
-        reference[annotator] = arrays
-    return reference
-
-
-def target_entry(cfg: dict, ds: dict, annotator: str, rows: list[dict], plan: dict, human: dict,
+def target_entry(cfg: dict, ds: dict, annotator: str, rows: list[dict] | None, plan: dict, human: dict,
                  imitation: dict | None, imitation_reason: str | None, X, unmatched: int) -> tuple[dict, dict]:
-    """(metrics of one method for one target, {metric: (B,) bootstrap draws})."""
-    ev = cfg["eval"]
-    items = ds["target_items"][annotator]
-    weights = plan[annotator]["weights"]
-    ones = np.ones(len(items))
-    arrays = score_arrays(rows, items, ds["task"], human["edges"])
-    entry = {"status": "ok", "n": len(rows), "unmatched_predictions": unmatched, "reasons": {}}
-    draws = {}
-    has_rows = (np.bincount(arrays["item"], minlength=len(items)) > 0).astype(float)
-    entry["coverage"] = float(has_rows.mean()) if items else None
-    draws["coverage"] = ratio(weights @ has_rows, weights.sum(axis=1))
-    for metric, values in arrays["values"].items():
-        entry[metric] = float(weighted_means(arrays["item"], values, ones))
-        draws[metric] = weighted_means(arrays["item"], values, weights)
-    for metric in SIMILARITY_METRICS:
-        if metric not in entry:
-            entry[metric] = None
-            entry["reasons"][metric] = human["reasons"].get(metric, "not computed")
-    # Feature KL against the target's human test explanations, both rebuilt per resample.
-    reference = human["targets"][annotator]
-    if len(reference["item"]):
-        smoothing = float(ev["kl_smoothing"])
-        by_feature, by_feature_draws = {}, {}
-        for name in FEATURES:
-            args = (reference["bins"][name], reference["item"], arrays["bins"][name], arrays["item"])
-            by_feature[name] = float(weighted_kl(*args, ones, smoothing))
-            by_feature_draws[name] = weighted_kl(*args, weights, smoothing)
-        entry["feature_kl_by_feature"] = by_feature
-        entry["feature_kl"] = float(np.mean(list(by_feature.values())))
-        draws["feature_kl_by_feature"] = by_feature_draws
-        draws["feature_kl"] = np.mean(list(by_feature_draws.values()), axis=0)
+    """(one method's metrics for one target, their (B,) draws); `rows` None: the human reference row."""
+    ev, reference = cfg["eval"], human["targets"][annotator]
+    if rows is None:
+        arrays, draws = reference, {}
+        entry = {"status": "ok", "n": int(len(reference["item"])), "reasons": {}}
+        for metric in task_metrics(ds["task"], ROW_KINDS):
+            entry[metric.name], entry["reasons"][metric.name] = None, REFERENCE_ROW_NA
+        entry["feature_kl_by_feature"] = dict.fromkeys(FEATURES)
     else:
-        entry["feature_kl"] = None
-        entry["reasons"]["feature_kl"] = "no human test explanations for this annotator"
-    # Group classifier confidence and normalised imitation, at every requested m.
+        items, weights = ds["target_items"][annotator], plan[annotator]["weights"]
+        ones, arrays = np.ones(len(items)), score_arrays(rows, items, ds["task"], human["edges"])
+        entry = {"status": "ok", "n": len(rows), "unmatched_predictions": unmatched, "reasons": {}}
+        has_rows = (np.bincount(arrays["item"], minlength=len(items)) > 0).astype(float)
+        entry["coverage"] = float(has_rows.mean()) if items else None
+        draws = {"coverage": ratio(weights @ has_rows, weights.sum(axis=1))}
+        for metric, values in arrays["values"].items():
+            entry[metric] = float(weighted_means(arrays["item"], values, ones))
+            draws[metric] = weighted_means(arrays["item"], values, weights)
+        for metric in SIMILARITY_METRICS:
+            if metric not in entry:
+                entry[metric], entry["reasons"][metric] = None, human["reasons"].get(metric, "not computed")
+        if len(reference["item"]):  # against the target's human test explanations, both rebuilt per resample
+            kl = {name: [weighted_kl(reference["bins"][name], reference["item"], arrays["bins"][name], arrays["item"],
+                                     w, float(ev["kl_smoothing"])) for w in (ones, weights)] for name in FEATURES}
+            entry["feature_kl_by_feature"] = {name: float(value) for name, (value, _) in kl.items()}
+            entry["feature_kl"] = float(np.mean(list(entry["feature_kl_by_feature"].values())))
+            draws["feature_kl_by_feature"] = {name: resamples for name, (_, resamples) in kl.items()}
+            draws["feature_kl"] = np.mean(list(draws["feature_kl_by_feature"].values()), axis=0)
+        else:
+            entry["feature_kl"], entry["reasons"]["feature_kl"] = None, "no human test explanations for this annotator"
     if imitation is None:
-        for metric in group_metric_names(ev):
-            entry[metric] = None
-            entry["reasons"][metric] = imitation_reason
-        return entry, draws
-    group, group_draws = group_entry(cfg, ds, imitation, annotator, common.row_logits(imitation["clf"], X),
-                                     arrays["item"], plan, human, (len(rows),))
+        names = group_metric_names(ev)
+        group, group_draws = {**dict.fromkeys(names), "reasons": dict.fromkeys(names, imitation_reason)}, {}
+    else:
+        group, group_draws = group_entry(cfg, ds, imitation, annotator,
+                                         None if rows is None else common.row_logits(imitation["clf"], X),
+                                         arrays["item"], plan, human, () if rows is None else (len(rows),))
     entry["reasons"].update(group.pop("reasons"))
     entry.update(group)
-    draws.update(group_draws)
-    return entry, draws
+    return entry, {**draws, **group_draws}
 
 
 def attach_intervals(entry: dict, draws: dict) -> None:
-    """`m_ci` beside every metric `m` that has draws (None where the metric is None)."""
+    """`<metric>_ci` beside every metric that has draws (None where the metric is None)."""
     for metric, values in draws.items():
         if metric == "feature_kl_by_feature":
-            entry["feature_kl_by_feature_ci"] = {name: interval(v) if entry.get("feature_kl_by_feature", {}).get(name)
-                                                 is not None else None for name, v in values.items()}
+            entry[f"{metric}_ci"] = {name: interval(v) if entry.get(metric, {}).get(name) is not None else None
+                                     for name, v in values.items()}
         elif entry.get(metric) is not None:
             entry[f"{metric}_ci"] = interval(values)
 
 
-def macro_average(values: list[float], draws: list[np.ndarray]) -> tuple[float | None, np.ndarray | None]:
-    """(mean of the targets' values, the mean of their draws per resample); draws None unless
-    every target has them. A target undefined on a resample (no rows drawn) is left out there."""
-    if not values:
+def macro(per_target: dict, draws: dict, metric: str, feature: str | None = None):
+    """(the mean of `metric` (or one `feature` of it) over the targets that have it, the mean of their draws)."""
+    def get(entry: dict):
+        return entry.get(metric) if feature is None else (entry.get(metric) or {}).get(feature)
+
+    targets = [a for a, e in per_target.items() if get(e) is not None]
+    if not targets:
         return None, None
-    if len(draws) != len(values):
+    values = [get(per_target[a]) for a in targets]
+    resamples = [r for r in (get(draws.get(a, {})) for a in targets) if r is not None]
+    if len(resamples) != len(values):
         return float(np.mean(values)), None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-nan column: undefined on that resample
-        return float(np.mean(values)), np.nanmean(np.vstack(draws), axis=0)
-
-
-def macro(per_target: dict, draws: dict, metric: str):
-    """(macro average of `metric` over the targets with a value, its (B,) draws or None)."""
-    targets = [a for a, e in per_target.items() if e.get(metric) is not None]
-    return macro_average([per_target[a][metric] for a in targets],
-                         [draws[a][metric] for a in targets if metric in draws.get(a, {})])
+        return float(np.mean(values)), np.nanmean(np.vstack(resamples), axis=0)
 
 
 def method_row(ds: dict, per_target: dict, target_draws: dict, metrics: list[str], unmatched: dict) -> tuple[dict, dict]:
-    """The macro row of one method from its per-target entries; (row, {metric: (B,) draws})."""
+    """The macro row of one method from its per-target entries: (row, {metric: (B,) draws})."""
     ok = {a: e for a, e in per_target.items() if e.get("status") == "ok"}
     result = {"status": "ok" if len(ok) == len(ds["annotators"]) else ("partial" if ok else "missing"),
               "annotators_evaluated": list(ok), "n": sum(e["n"] for e in ok.values()), "reasons": {},
               "per_annotator": per_target}
-    draws = {}
     if not ok:
-        result["reason"] = "; ".join(sorted({e.get("reason", "missing") for e in per_target.values()}))
-        return result, draws
+        return {**result, "reason": "; ".join(sorted({e.get("reason", "missing") for e in per_target.values()}))}, {}
+    draws = {}
     for metric in metrics:
         result[metric], draws[metric] = macro(ok, target_draws, metric)
         if result[metric] is None:
             why = sorted({e["reasons"].get(metric, "") for e in ok.values()} - {""})
-            result["reasons"][metric] = "; ".join(why) if why else "not computed"
+            result["reasons"][metric] = "; ".join(why) or "not computed"
     result["group_m"] = min((e["group_m"] for e in ok.values() if e.get("group_m")), default=None)
     if result["group_m"] is None:
         result["reasons"]["group_m"] = result["reasons"].get("group_clf_conf", "not computed")
-    # the m used at each requested m: [smallest, largest] over the targets (None where none has a value)
-    requested = list(dict.fromkeys(m for e in ok.values() for m in (e.get("group_m_used") or {})))
-    if requested:
-        result["group_m_used"] = {}
-        for m in requested:
-            used = [e["group_m_used"][m] for e in ok.values() if (e.get("group_m_used") or {}).get(m)]
-            result["group_m_used"][m] = [min(used), max(used)] if used else None
-    by_feature, by_feature_draws = {}, {}
-    for name in FEATURES:
-        targets = [a for a, e in ok.items() if (e.get("feature_kl_by_feature") or {}).get(name) is not None]
-        by_feature[name], by_feature_draws[name] = macro_average(
-            [ok[a]["feature_kl_by_feature"][name] for a in targets],
-            [target_draws[a]["feature_kl_by_feature"][name] for a in targets
-             if "feature_kl_by_feature" in target_draws.get(a, {})])
-    result["feature_kl_by_feature"] = by_feature
-    draws["feature_kl_by_feature"] = by_feature_draws
+    used = [e["group_m_used"] for e in ok.values() if e.get("group_m_used")]
+    if used:  # per requested m, the m used: [smallest, largest] over the targets (None where none has one)
+        spans = {m: [u[m] for u in used if u.get(m)] for m in dict.fromkeys(m for u in used for m in u)}
+        result["group_m_used"] = {m: [min(s), max(s)] if s else None for m, s in spans.items()}
+    by_feature = {name: macro(ok, target_draws, "feature_kl_by_feature", name) for name in FEATURES}
+    result["feature_kl_by_feature"] = {name: value for name, (value, _) in by_feature.items()}
+    draws["feature_kl_by_feature"] = {name: resamples for name, (_, resamples) in by_feature.items()}
     attach_intervals(result, draws)
-    notes = []
-    if result["status"] == "partial":
-        notes.append("averaged over " + ", ".join(result["annotators_evaluated"]) + " only")
+    notes = ["averaged over " + ", ".join(ok) + " only"] if result["status"] == "partial" else []
     if sum(unmatched.values()):
         notes.append(f"{sum(unmatched.values())} predictions for cells without a human test response not scored")
     if notes:
@@ -884,10 +697,9 @@ def method_row(ds: dict, per_target: dict, target_draws: dict, metrics: list[str
     return result, draws
 
 
-def model_row(cfg: dict, ds: dict, rows: list[dict], plan: dict, human: dict, imitation: dict | None,
-              imitation_reason: str | None, missing: dict, unmatched: dict, cache_dir: Path) -> tuple[dict, dict]:
-    """One method's metrics per target annotator and their macro average, with intervals;
-    (row, draws) where draws = {"macro": {metric: (B,)}, "per_annotator": {a: {metric: (B,)}}}."""
+def method_result(cfg: dict, ds: dict, rows: list[dict] | None, plan: dict, human: dict, imitation: dict | None,
+                  imitation_reason: str | None, missing: dict, unmatched: dict, cache_dir: Path) -> tuple[dict, dict]:
+    """(one method's row: its metrics per target and their macro averages, {"macro": their (B,) draws})."""
     X_all = None
     if imitation is not None and rows:
         records = [{"item_id": r["item_id"], "label": r["label"] if r["label"] is not None else UNPARSED,
@@ -896,153 +708,85 @@ def model_row(cfg: dict, ds: dict, rows: list[dict], plan: dict, human: dict, im
                                                  means=imitation["means"])
     per_target, target_draws = {}, {}
     for annotator in ds["annotators"]:
-        if annotator in missing:
+        index = [i for i, row in enumerate(rows or []) if row["annotator"] == annotator]
+        if rows is None and not len(human["targets"][annotator]["item"]):
+            per_target[annotator] = {"status": "missing", "reason": "no human test explanations"}
+        elif annotator in missing:
             per_target[annotator] = {"status": "missing", "reason": missing[annotator]}
-            continue
-        index = [i for i, row in enumerate(rows) if row["annotator"] == annotator]
-        if not index:
+        elif rows is not None and not index:
             per_target[annotator] = {"status": "missing", "n": 0, "reasons": {},
                                      "reason": "no predictions for this annotator's test items"}
-            continue
-        X = X_all[index] if X_all is not None else None
-        entry, draws = target_entry(cfg, ds, annotator, [rows[i] for i in index], plan, human, imitation,
-                                    imitation_reason, X, unmatched.get(annotator, 0))
-        attach_intervals(entry, draws)
-        per_target[annotator], target_draws[annotator] = entry, draws
-    metrics = [m.name for m in task_metrics(ds["task"], ("item", "similarity", "distribution"))] + group_metric_names(cfg["eval"])
-    result, draws = method_row(ds, per_target, target_draws, metrics, unmatched)
-    return result, {"macro": draws, "per_annotator": target_draws}
-
-
-REFERENCE_ROW_NA = ("n/a: reference row (the target's own test explanations); only imitation and the judge apply")
-
-
-def human_reference_row(cfg: dict, ds: dict, plan: dict, human: dict, imitation: dict | None,
-                        imitation_reason: str | None) -> tuple[dict, dict]:
-    """The human reference row: the target's own test explanations through the group
-    classifier (normalised imitation is 1 by construction); the judge is attached later.
-    Decision and similarity metrics compare a response with itself and are n/a."""
-    ev = cfg["eval"]
-    not_applicable = [m.name for m in task_metrics(ds["task"], ("item", "similarity", "distribution")) if not m.human_row]
-    per_target, target_draws = {}, {}
-    for annotator in ds["annotators"]:
-        reference = human["targets"][annotator]
-        if not len(reference["item"]):
-            per_target[annotator] = {"status": "missing", "reason": "no human test explanations"}
-            continue
-        entry = {"status": "ok", "n": int(len(reference["item"])), "reasons": {}}
-        for metric in not_applicable:
-            entry[metric] = None
-            entry["reasons"][metric] = REFERENCE_ROW_NA
-        entry["feature_kl_by_feature"] = {name: None for name in FEATURES}
-        draws = {}
-        if imitation is None:
-            for metric in group_metric_names(ev):
-                entry[metric] = None
-                entry["reasons"][metric] = imitation_reason
-        else:  # the outputs are the human responses: the model side is the human side (logits None)
-            group, draws = group_entry(cfg, ds, imitation, annotator, None, reference["item"], plan, human, ())
-            entry["reasons"].update(group.pop("reasons"))
-            entry.update(group)
-        attach_intervals(entry, draws)
-        per_target[annotator], target_draws[annotator] = entry, draws
-    result, draws = method_row(ds, per_target, target_draws, [*not_applicable, *group_metric_names(ev)], {})
-    for metric in not_applicable:
-        result["reasons"][metric] = REFERENCE_ROW_NA
-    result["feature_kl_by_feature"] = {name: None for name in FEATURES}
-    result.pop("feature_kl_by_feature_ci", None)
-    return result, {"macro": draws, "per_annotator": target_draws}
-
-
-def load_method_predictions(cfg: dict, ds: dict) -> dict:
-    """{(model, method): (first seed's predictions by annotator, missing, rows, unmatched, rows
-    per seed)} for one dataset.
-
-    With several training seeds each (model, method) has one prediction set per seed: the rows
-    pool (intervals resample items with all their seeds' rows), and each seed is also scored
-    alone for the spread across seeds (m_sd, m_by_seed)."""
-    seeds = common.training_seeds(cfg)
-    loaded = {}
-    for model_cfg in common.model_configs(cfg):
-        methods = list(dict.fromkeys(m for seed in seeds for m in
-                                     discover_methods(common.with_seed(cfg, seed), ds["name"], model_cfg["tag"])))
-        for method in methods:
-            per_seed = [load_predictions(common.with_seed(cfg, seed), ds, model_cfg["tag"], method) for seed in seeds]
-            missing = {}
-            for seed, (_, seed_missing) in zip(seeds, per_seed):
-                for annotator, why in seed_missing.items():
-                    missing.setdefault(annotator, why + (f" (seed {seed})" if len(seeds) > 1 else ""))
-            seed_sets = [{a: p for a, p in predictions.items() if a not in missing} for predictions, _ in per_seed]
-            seed_rows = [output_rows(ds, [predictions]) for predictions in seed_sets]
-            rows = [row for rows_of_seed, _ in seed_rows for row in rows_of_seed]
-            unmatched = {a: sum(u.get(a, 0) for _, u in seed_rows) for a in ds["annotators"]}
-            loaded[(model_cfg["tag"], method)] = (seed_sets[0], missing, rows, {a: n for a, n in unmatched.items() if n},
-                                                  seed_rows)
-    return loaded
+        else:
+            entry, draws = target_entry(cfg, ds, annotator, None if rows is None else [rows[i] for i in index], plan,
+                                        human, imitation, imitation_reason, None if X_all is None else X_all[index],
+                                        unmatched.get(annotator, 0))
+            attach_intervals(entry, draws)
+            per_target[annotator], target_draws[annotator] = entry, draws
+    row_metrics = [m.name for m in task_metrics(ds["task"], ROW_KINDS)]
+    result, draws = method_row(ds, per_target, target_draws, row_metrics + group_metric_names(cfg["eval"]), unmatched)
+    if rows is None:
+        result["reasons"].update(dict.fromkeys(row_metrics, REFERENCE_ROW_NA))
+        result["feature_kl_by_feature"] = dict.fromkeys(FEATURES)
+        result.pop("feature_kl_by_feature_ci", None)
+    return result, {"macro": draws}
 
 
 def evaluate_dataset(cfg: dict, ds: dict, loaded: dict) -> tuple[dict, dict, dict]:
-    """({model: {method: metrics}}, {model: {method: bootstrap draws}}, the resample plan) for
-    one dataset and its load_method_predictions, without the judge."""
-    ev = cfg["eval"]
-    cache_dir = common.eval_cache_dir(cfg, ds["name"])
-    features = feature_reference(ds, ev)
+    """({model: {method: metrics}}, {model: {method: draws}}, the resample plan) of one dataset, judge aside."""
+    ev, cache_dir = cfg["eval"], common.eval_cache_dir(cfg, ds["name"])
+    edges = feature_bin_edges(style_values(ds["train"]), int(ev["feature_bins"]))
+    edges["label"] = label_categories(ds["task"])
     try:
-        imitation, imitation_reason = imitation_reference(cfg, ds, ev, cache_dir), None
+        imitation, imitation_reason = imitation_reference(cfg, ds, cache_dir), None
     except ValueError as err:  # e.g. fewer than two annotators in the train split
         imitation, imitation_reason = None, f"the annotator classifier could not be trained: {err}"
-    seeds = common.training_seeds(cfg)
     all_rows = [row for _, _, rows, _, _ in loaded.values() for row in rows]
     started = time.time()
-    bert_reason = score_rows(cfg, ev, all_rows, cache_dir) if all_rows else None
+    bert_reason = score_rows(cfg, all_rows, cache_dir) if all_rows else None
     print(f"[eval] {ds['name']}: reference similarity for {len(all_rows)} outputs in {time.time() - started:.0f}s",
           flush=True)
+    started, plan = time.time(), resample_plan(cfg, ds)
+    human = {"edges": edges, "targets": {}, "reasons": {"bertscore_f1": bert_reason} if bert_reason else {}}
+    for annotator in ds["annotators"]:  # each target's human test responses, shared by every method
+        mine = [dict(r, parse_ok=True, target_labels=[r["label"]]) for r in ds["test"] if r["annotator"] == annotator]
+        human["targets"][annotator] = score_arrays(mine, ds["target_items"][annotator], ds["task"], edges)
+        if imitation is not None and mine:  # the rows in the order of imitation["human_X"]
+            human["targets"][annotator]["logits"] = common.row_logits(imitation["clf"], imitation["human_X"][annotator])
 
-    started = time.time()
-    plan = resample_plan(cfg, ds)
-    human = {"edges": features["edges"], "targets": human_reference_arrays(cfg, ds, features, imitation),
-             "reasons": {"bertscore_f1": bert_reason} if bert_reason else {}}
-    results: dict[str, dict] = {}
-    draws: dict[str, dict] = {}
-    for (model_tag, method), (predictions, missing, rows, unmatched, seed_rows) in loaded.items():
-        result, method_draws = model_row(cfg, ds, rows, plan, human, imitation, imitation_reason, missing,
-                                         unmatched, cache_dir)
+    def score(rows, missing, unmatched):
+        return method_result(cfg, ds, rows, plan, human, imitation, imitation_reason, missing, unmatched, cache_dir)
+
+    results, draws, seeds = {}, {}, common.training_seeds(cfg)
+    for (model_tag, method), (_, missing, rows, unmatched, seed_rows) in loaded.items():
+        result, method_draws = score(rows, missing, unmatched)
         if len(seeds) > 1 and result["status"] != "missing":
-            seed_results = [model_row(cfg, ds, rows_of_seed, plan, human, imitation, imitation_reason, missing,
-                                      unmatched_of_seed, cache_dir)[0] for rows_of_seed, unmatched_of_seed in seed_rows]
-            add_seed_spread(result, seed_results, seeds)
+            add_seed_spread(result, [score(rows_of_seed, missing, u)[0] for rows_of_seed, u in seed_rows], seeds)
         results.setdefault(model_tag, {})[method] = result
         draws.setdefault(model_tag, {})[method] = method_draws
         detail = (f"n={result['n']}, norm_imitation {eval_report.fmt_ci(result.get('norm_imitation'), result.get('norm_imitation_ci'))}"
                   if result["status"] != "missing" else result.get("reason"))
         print(f"[eval] {ds['name']} {model_tag} {method}: {result['status']} ({detail})", flush=True)
-    reference, reference_draws = human_reference_row(cfg, ds, plan, human, imitation, imitation_reason)
+    reference, reference_draws = score(None, {}, {})
     for model_tag in results:
-        results[model_tag][HUMAN] = reference
-        draws[model_tag][HUMAN] = reference_draws
+        results[model_tag][HUMAN], draws[model_tag][HUMAN] = reference, reference_draws
     print(f"[eval] {ds['name']}: metrics and {int(ev['bootstrap_resamples'])} bootstrap resamples in "
           f"{time.time() - started:.1f}s", flush=True)
     return results, draws, plan
 
 
 def add_seed_spread(result: dict, seed_results: list[dict], seeds: list[int]) -> None:
-    """With several training seeds: beside each macro metric `m` (the statistic on every seed's
-    rows pooled, the same computation its interval `m_ci` resamples), `m_by_seed` the seeds' own
-    values and `m_sd` their standard deviation (ddof 1). For a mean over rows the pooled value is
-    the mean of the seeds' values; for feature KL and the group metrics it is not."""
+    """Beside each pooled metric `m`: the seeds' own values `m_by_seed` and their `m_sd` (ddof 1)."""
     result["seeds"] = list(seeds)
     for metric, value in list(result.items()):
         if metric.endswith(("_ci", "_sd")) or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         values = [r.get(metric) for r in seed_results]
-        if metric == "n" or any(v is None for v in values):
-            continue
-        result[f"{metric}_sd"] = float(np.std(values, ddof=1))
-        result[f"{metric}_by_seed"] = {str(seed): v for seed, v in zip(seeds, values)}
+        if metric != "n" and not any(v is None for v in values):
+            result[f"{metric}_sd"] = float(np.std(values, ddof=1))
+            result[f"{metric}_by_seed"] = {str(seed): v for seed, v in zip(seeds, values)}
 
-# ----------------------------------------------------------------------------
-# LLM-as-judge attribution
-# ----------------------------------------------------------------------------
+
+# ---- LLM-as-judge attribution -------------------------------------------------------------------------
 def sample_keys(ds: dict, n: int, seed: int) -> list[tuple[str, str]]:
     """n (item, annotator) test cells, balanced over annotators (round robin), seeded."""
     rng = random.Random(seed)
@@ -1059,17 +803,23 @@ def sample_keys(ds: dict, n: int, seed: int) -> list[tuple[str, str]]:
 
 def train_examples(ds: dict, k: int, seed: int) -> dict[str, list[dict]]:
     rng = random.Random(seed)
-    examples = {}
-    for annotator in ds["annotators"]:
-        records = [r for r in ds["train"] if r["annotator"] == annotator]
-        examples[annotator] = rng.sample(records, min(k, len(records)))
-    return examples
+    by_annotator = {a: [r for r in ds["train"] if r["annotator"] == a] for a in ds["annotators"]}
+    return {a: rng.sample(records, min(k, len(records))) for a, records in by_annotator.items()}
 
 
-def response_text(prediction: dict, task: dict) -> str:
+def response_text(prediction: dict) -> str:
     if prediction.get("parse_ok") and prediction.get("label") is not None:
         return common.format_response(prediction["label"], explanation_text(prediction))
     return explanation_text(prediction)
+
+
+def cell_sources(ds: dict, predictions: dict, item_id: str, target: str) -> dict:
+    """{(model, method): the response to one test cell or None}, the target's own human response first."""
+    human = ds["references"][(item_id, target)][0]
+    sources = {(None, HUMAN): {"parse_ok": True, "label": human["label"], "explanation": human["explanation"]}}
+    for key, by_target in predictions.items():
+        sources[key] = next((p for p in by_target.get(target, []) if p["item_id"] == item_id), None)
+    return sources
 
 
 def judge_jobs(cfg: dict, ds: dict, predictions: dict) -> list[dict]:
@@ -1078,22 +828,15 @@ def judge_jobs(cfg: dict, ds: dict, predictions: dict) -> list[dict]:
     keys = sample_keys(ds, int(ev["judge_items"]), stable_seed(cfg["seed"], "judge", ds["name"]))
     examples = train_examples(ds, int(ev["judge_examples_per_annotator"]),
                               stable_seed(cfg["seed"], "judge-ex", ds["name"]))
-    sources = {(model_tag, method): by_annotator for (model_tag, method), by_annotator in predictions.items()}
     jobs = []
     for item_id, annotator in keys:
         item = ds["items"][item_id]
-        human = ds["references"][(item_id, annotator)][0]
-        candidates = {(None, HUMAN): {"parse_ok": True, "label": human["label"], "explanation": human["explanation"]}}
-        for (model_tag, method), by_annotator in sources.items():
-            match = next((p for p in by_annotator.get(annotator, []) if p["item_id"] == item_id), None)
-            candidates[(model_tag, method)] = match
-        for (model_tag, method), prediction in candidates.items():
-            job = {"dataset": ds["name"], "model": model_tag, "method": method, "annotator": annotator,
-                   "item_id": item_id}
+        for (model_tag, method), prediction in cell_sources(ds, predictions, item_id, annotator).items():
+            jobs.append({"dataset": ds["name"], "model": model_tag, "method": method, "annotator": annotator,
+                         "item_id": item_id})
             if prediction is not None:
-                job["messages"] = judge_messages(ds["task"], ds["annotators"], examples, item["text_a"],
-                                                 item["text_b"], response_text(prediction, ds["task"]))
-            jobs.append(job)
+                jobs[-1]["messages"] = judge_messages(ds["task"], ds["annotators"], examples, item["text_a"],
+                                                      item["text_b"], response_text(prediction))
     return jobs
 
 
@@ -1104,38 +847,15 @@ def judge_decoding(cfg: dict, tokenizer, annotators: list[str]) -> tuple[engine.
     return engine.ReplyConstraint(tokenizer, choices), gen_cfg
 
 
-JUDGE_BACKENDS = ("local", "openai", "none")
-
-
-def check_judge_config(cfg: dict) -> None:
-    judge, where = cfg["eval"]["judge"], cfg.get("config_path", "config")
-    if judge["backend"] not in JUDGE_BACKENDS:
-        raise input_error(where, f"{judge['backend']!r} is not one of {', '.join(JUDGE_BACKENDS)}",
-                          field="eval.judge.backend")
-    if judge["backend"] == "local" and judge["model"] is not None and \
-            judge["model"] not in [m["tag"] for m in common.model_configs(cfg)]:
-        raise input_error(where, f"{judge['model']!r} is not a model tag of this config", field="eval.judge.model")
-    if judge["backend"] == "openai":
-        for key in ("base_url", "model"):
-            if not judge[key]:
-                raise input_error(where, "needed by backend openai", field=f"eval.judge.{key}")
-
-
-def local_judge_config(cfg: dict) -> dict:
-    tag = cfg["eval"]["judge"]["model"]
-    return next(m for m in common.model_configs(cfg) if tag is None or m["tag"] == tag)
-
-
 def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> tuple[str | None, dict]:
-    """Adds "verdict" (and "reply") to every job with messages. Returns (why it could not run, the
-    judge's identity)."""
+    """Adds "verdict" and "reply" to every job with messages; returns (why it could not run, the judge)."""
     judge = cfg["eval"]["judge"]
     if judge["backend"] == "none":
         return "disabled (eval.judge.backend: none)", {"backend": "none", "label": "none"}
     todo = [job for job in jobs if "messages" in job]
     if judge["backend"] == "openai":
         return None, endpoint_judge.run(cfg, todo, annotators, parse_verdict) if common.is_main_process() else {}
-    judge_cfg = local_judge_config(cfg)
+    judge_cfg = next(m for m in common.model_configs(cfg) if judge["model"] is None or m["tag"] == judge["model"])
     identity = {"backend": "local", "model": judge_cfg["tag"], "route": "constrained decoding",
                 "label": f"{judge_cfg['tag']} (local)"}
     if not todo:
@@ -1144,18 +864,13 @@ def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> 
         model, tokenizer = common.load_model_and_tokenizer(judge_cfg)
     except Exception as err:  # weights not available offline: report, do not crash
         return f"judge model '{judge_cfg['tag']}' could not be loaded: {type(err).__name__}: {err}", identity
-    # Chunks of one generation batch per call, shared out over the processes of the launch: a
-    # chunk's prompts share the instructions and examples (prefilled once per call), and a chunk
-    # is the same call whichever process runs it, so the verdicts do not depend on how many
-    # processes there are. The reply is one annotator ID then the end of the turn (a forced
-    # choice, always answered).
-    size = int(cfg["generation"]["batch_size"])
-    by_dataset: dict[str, list[dict]] = {}
+    # Chunks of one generation batch per call (their prompts share the instructions and examples,
+    # prefilled once), shared out over the processes: a chunk is the same call whichever process
+    # runs it, so the verdicts do not depend on the number of processes.
+    size, by_dataset, replies, started = int(cfg["generation"]["batch_size"]), {}, [], time.time()
     for job in todo:
         by_dataset.setdefault(job["dataset"], []).append(job)
     chunks = [(dataset, start) for dataset, mine in by_dataset.items() for start in range(0, len(mine), size)]
-    replies = []
-    started = time.time()
     for dataset, start in common.this_process_share(chunks):
         constraint, gen_cfg = judge_decoding(cfg, tokenizer, annotators[dataset])
         batch = by_dataset[dataset][start:start + size]
@@ -1165,13 +880,12 @@ def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> 
           f"{common.process_label()}", flush=True)
     ordered = [job for mine in by_dataset.values() for job in mine]  # the chunks' order
     for job, reply in zip(ordered, common.gather_to_all(replies), strict=True):
-        job["reply"] = reply
-        job["verdict"] = parse_verdict(reply, annotators[job["dataset"]])
+        job.update(reply=reply, verdict=parse_verdict(reply, annotators[job["dataset"]]))
     return None, identity
 
 
 def judge_summary(jobs: list[dict], annotators: list[str], judge_reason: str | None, judge: dict) -> dict:
-    """accuracy over judged outputs (unparseable verdicts count as wrong), per annotator too, and chance."""
+    """Accuracy over the judged outputs, per annotator too, and chance: naming the most frequent target."""
     chance = 1.0 / len(annotators)
     if judge_reason:
         return {"accuracy": None, "reason": judge_reason, "chance": chance}
@@ -1180,106 +894,77 @@ def judge_summary(jobs: list[dict], annotators: list[str], judge_reason: str | N
         return {"accuracy": None, "reason": "no outputs for the sampled test cells", "chance": chance,
                 "n": 0, "no_output": len(jobs)}
     correct = [job["verdict"] == job["annotator"] for job in judged]
-    # Chance is what a judge that always names one annotator gets: 1/annotators when the cells are
-    # balanced, the largest share of cells when they are not (a constant judge must not pass the
-    # calibration gate because the cells do not divide evenly).
-    chance = max(sum(job["annotator"] == a for job in judged) for a in annotators) / len(judged)
-    per_annotator = {}
-    for annotator in annotators:
-        mine = [job["verdict"] == job["annotator"] for job in judged if job["annotator"] == annotator]
-        per_annotator[annotator] = float(np.mean(mine)) if mine else None
+    per_annotator = {a: [job["verdict"] == a for job in judged if job["annotator"] == a] for a in annotators}
     return {"accuracy": float(np.mean(correct)), "n": len(judged), "correct": int(sum(correct)),
             "unparseable": sum(job["verdict"] is None for job in judged), "no_output": len(jobs) - len(judged),
-            "chance": chance, "judge_model": judge.get("label"), "judge_route": judge.get("route"),
-            "per_annotator": per_annotator}
-
-
-def judge_draws(jobs: list[dict], ds: dict, plan: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Bootstrap draws of judge accuracy over the same item resamples as every other metric:
-    ((B,) over all judged cells, {annotator: (B,)})."""
-    numerator, denominator, per_annotator = 0.0, 0.0, {}
-    for annotator in ds["annotators"]:
-        mine = [job for job in jobs if "messages" in job and job["annotator"] == annotator]
-        if not mine:
-            continue
-        position = {item: i for i, item in enumerate(ds["target_items"][annotator])}
-        item = np.array([position[job["item_id"]] for job in mine], dtype=int)
-        correct = np.array([job["verdict"] == job["annotator"] for job in mine], dtype=float)
-        weights = plan[annotator]["weights"]
-        n = weights.shape[1]
-        sums = weights @ np.bincount(item, weights=correct, minlength=n)
-        counts = weights @ np.bincount(item, minlength=n).astype(float)
-        per_annotator[annotator] = ratio(sums, counts)
-        numerator, denominator = numerator + sums, denominator + counts
-    return ratio(np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)), per_annotator
+            "chance": max(len(mine) for mine in per_annotator.values()) / len(judged),
+            "judge_model": judge.get("label"), "judge_route": judge.get("route"),
+            "per_annotator": {a: float(np.mean(mine)) if mine else None for a, mine in per_annotator.items()}}
 
 
 def attach_judge(results: dict, draws: dict, ds: dict, jobs: list[dict], judge_reason: str | None, judge: dict,
                  plan: dict) -> None:
-    """judge summary, judge_attribution and its interval on every row and target; draws too."""
+    """The judge's summary, judge_attribution and its interval on every row and target; its draws."""
 
-    def summarise(mine: list[dict]) -> tuple[dict, np.ndarray | None, dict]:
-        summary = judge_summary(mine, ds["annotators"], judge_reason, judge)
+    def summarise(jobs: list[dict]) -> tuple[dict, np.ndarray | None]:
+        summary = judge_summary(jobs, ds["annotators"], judge_reason, judge)
         if summary["accuracy"] is None:
-            return summary, None, {}
-        overall, per_annotator = judge_draws(mine, ds, plan)
+            return summary, None
+        numerator, denominator, per_annotator = 0.0, 0.0, {}
+        for annotator in ds["annotators"]:
+            mine = [job for job in jobs if "messages" in job and job["annotator"] == annotator]
+            if mine:
+                position = {item: i for i, item in enumerate(ds["target_items"][annotator])}
+                sums, counts = weighted_sums(np.array([position[job["item_id"]] for job in mine], dtype=int),
+                                             np.array([job["verdict"] == annotator for job in mine], dtype=float),
+                                             plan[annotator]["weights"])
+                per_annotator[annotator] = ratio(sums, counts)
+                numerator, denominator = numerator + sums, denominator + counts
+        overall = ratio(np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float))
         summary["accuracy_ci"] = interval(overall)
-        summary["per_annotator_ci"] = {a: interval(per_annotator[a]) if a in per_annotator else None
-                                       for a in ds["annotators"]}
-        return summary, overall, per_annotator
+        summary["per_annotator_ci"] = {a: interval(per_annotator.get(a)) for a in ds["annotators"]}
+        return summary, overall
 
     human = summarise([job for job in jobs if job["method"] == HUMAN])
     for model_tag, methods in results.items():
         for method, result in methods.items():
-            summary, overall, per_annotator = (human if method == HUMAN else summarise(
+            summary, overall = (human if method == HUMAN else summarise(
                 [j for j in jobs if j["model"] == model_tag and j["method"] == method]))
             if result["status"] == "missing":
-                summary, overall, per_annotator = ({"accuracy": None, "reason": result.get("reason", "missing"),
-                                                    "chance": summary["chance"]}, None, {})
-            result["judge"] = summary
-            result["judge_attribution"] = summary["accuracy"]
-            result["judge_attribution_ci"] = summary.get("accuracy_ci")
-            method_draws = draws[model_tag][method]
-            method_draws["macro"]["judge_attribution"] = overall
+                summary, overall = {"accuracy": None, "reason": result.get("reason", "missing"),
+                                    "chance": summary["chance"]}, None
+            result.update(judge=summary, judge_attribution=summary["accuracy"],
+                          judge_attribution_ci=summary.get("accuracy_ci"))
+            draws[model_tag][method]["macro"]["judge_attribution"] = overall
             if summary["accuracy"] is None:
                 result.setdefault("reasons", {})["judge_attribution"] = summary["reason"]
             for annotator, entry in result.get("per_annotator", {}).items():
                 if entry.get("status") == "ok":
-                    value = summary.get("per_annotator", {}).get(annotator)
-                    entry["judge_attribution"] = value
+                    entry["judge_attribution"] = summary.get("per_annotator", {}).get(annotator)
                     entry["judge_attribution_ci"] = summary.get("per_annotator_ci", {}).get(annotator)
-                    method_draws["per_annotator"].setdefault(annotator, {})["judge_attribution"] = \
-                        per_annotator.get(annotator)
-                    if value is None:
+                    if entry["judge_attribution"] is None:
                         entry["reasons"]["judge_attribution"] = (summary.get("reason")
                                                                  or "no sampled cell of this annotator")
 
 
 def judge_calibration(results: dict) -> dict:
-    """The judge's accuracy on the human references, with its interval, against chance. A judge
-    whose interval does not lie above chance cannot tell annotators apart on this profile: its
-    verdicts say nothing, and claims that rest on them are not resolved."""
+    """The judge on the human references against chance: informative only when its interval lies above."""
     reference = next((methods[HUMAN] for methods in results.values() if HUMAN in methods), None)
     judge = (reference or {}).get("judge", {})
     calibration = {"accuracy": judge.get("accuracy"), "ci": judge.get("accuracy_ci"), "chance": judge.get("chance"),
-                   "n": judge.get("n")}
+                   "n": judge.get("n"), "informative": False}
     if judge.get("accuracy") is None:
-        calibration.update(informative=False, reason=judge.get("reason", "no verdicts on the human references"))
-    elif judge.get("accuracy_ci") is None:
-        calibration.update(informative=False, reason="no interval (too few judged cells)")
-    else:
-        calibration["informative"] = bool(judge["accuracy_ci"][0] > judge["chance"])
-        if not calibration["informative"]:
-            calibration["reason"] = "the judge's accuracy on the human references is not above chance"
-    return calibration
+        return {**calibration, "reason": judge.get("reason", "no verdicts on the human references")}
+    if judge.get("accuracy_ci") is None:
+        return {**calibration, "reason": "no interval (too few judged cells)"}
+    if judge["accuracy_ci"][0] > judge["chance"]:
+        return {**calibration, "informative": True}
+    return {**calibration, "reason": "the judge's accuracy on the human references is not above chance"}
 
 
-# ----------------------------------------------------------------------------
-# Claims: paired differences between two methods on the same resampled items
-# ----------------------------------------------------------------------------
+# ---- Claims: paired differences between two methods on the same resampled items ---------------
 def verdict(ci: list[float] | None, higher_is_better: bool, margin: float = 0.0) -> str:
-    """`holds` / `contradicted` / `not resolved` for the difference a - b with interval `ci`;
-    margin > 0: non-inferiority of a (a may be worse than b by less than the margin)."""
+    """holds / contradicted / not resolved for a - b with interval `ci`; margin > 0: non-inferiority of a."""
     if ci is None:
         return "not resolved"
     low, high = ci
@@ -1316,78 +1001,67 @@ def saturated(result: dict | None) -> bool:
     return bool(values) and all(min(v, 1 - v) < SATURATION_TOLERANCE for v in values)
 
 
-def best_prompting(results: dict, metric: str, higher_is_better: bool) -> str | None:
-    """The prompting method with the best point estimate on `metric` (None if none has one)."""
+def best_prompting(results: dict, metric: str, higher_is_better: bool) -> str:
+    """The prompting method with the best point estimate on `metric`."""
     scored = [(results[m][metric], m) for m in PROMPTING_METHODS
               if m in results and results[m].get("status") != "missing" and results[m].get(metric) is not None]
-    if not scored:
-        return None
-    return (max if higher_is_better else min)(scored)[1]
+    return (max if higher_is_better else min)(scored)[1] if scored else "best prompting (none)"
 
 
 def claims_check(results: dict, draws: dict, datasets: dict, calibration: dict) -> list[dict]:
-    """The paper's claims as paired comparisons, per dataset and model: CAPO vs SFT and SFT vs the
-    best prompting method on imitation (and the decision), CAPO vs SFT on the decision as
-    non-inferiority. Judge claims are not resolved where the judge is uninformative."""
+    """The paper's claims per dataset and model, as paired comparisons (OUR DEFINITIONS, Claims)."""
     claims = []
     for dataset, models in results.items():
-        decision, higher, span = main_decision_metric(datasets[dataset]["task"])
+        task = datasets[dataset]["task"]
+        decision, higher, span = main_decision_metric(task)
         margin = KEPT_FRACTION_OF_RANGE * span
-        judge_ok = calibration.get(dataset, {}).get("informative", False)
+        judge = calibration.get(dataset, {})
+        imitation = [(m.name, m.higher_is_better) for m in task_metrics(task) if m.claim]
         for model_tag, methods in models.items():
-            rows = []
-            model_draws = draws[dataset][model_tag]
-            imitation = [(m.name, m.higher_is_better) for m in task_metrics(datasets[dataset]["task"]) if m.claim]
-            for metric, better_high in imitation:
-                rows.append(compare(methods, model_draws, dataset, model_tag, f"CAPO better than SFT on {metric}",
-                                    metric, "capo", "sft", better_high))
-            for metric, better_high in (*imitation, (decision, higher)):
-                best = best_prompting(methods, metric, better_high) or "best prompting (none)"
-                rows.append(compare(methods, model_draws, dataset, model_tag,
-                                    f"SFT better than the best prompting method on {metric}", metric, "sft", best,
-                                    better_high))
-            rows.append(compare(methods, model_draws, dataset, model_tag,
-                                f"CAPO keeps SFT's {decision} (non-inferiority, margin {margin:g})", decision,
-                                "capo", "sft", higher, margin))
+            def claim(text, metric, a, b, higher_is_better, margin=0.0):
+                return compare(methods, draws[dataset][model_tag], dataset, model_tag, text, metric, a, b,
+                               higher_is_better, margin)
+
+            rows = [claim(f"CAPO better than SFT on {metric}", metric, "capo", "sft", better)
+                    for metric, better in imitation]
+            rows += [claim(f"SFT better than the best prompting method on {metric}", metric, "sft",
+                           best_prompting(methods, metric, better), better)
+                     for metric, better in (*imitation, (decision, higher))]
+            rows.append(claim(f"CAPO keeps SFT's {decision} (non-inferiority, margin {margin:g})", decision, "capo",
+                              "sft", higher, margin))
             for row in rows:
-                if (METRIC[row["metric"]].kind == "group" and "reason" not in row
-                        and saturated(methods.get(row["a"])) and saturated(methods.get(row["b"]))):
-                    row["verdict"] = "not resolved"
-                    row["reason"] = (f"saturated: every target's group classifier confidence of {row['a']} and "
-                                     f"{row['b']} is within {SATURATION_TOLERANCE:g} of 0 or 1 at the primary m; "
-                                     "see the smaller m in tables/group_sizes")
-                if row["metric"] == "judge_attribution" and not judge_ok and "reason" not in row:
-                    row["verdict"] = "not resolved"
-                    row["reason"] = ("judge uninformative on this profile: "
-                                     + calibration.get(dataset, {}).get("reason", "not calibrated"))
+                if "reason" in row:
+                    continue
+                if METRIC[row["metric"]].kind == "group" and all(saturated(methods.get(row[m])) for m in "ab"):
+                    row.update(verdict="not resolved", reason=f"saturated: every target's group classifier confidence "
+                               f"of {row['a']} and {row['b']} is within {SATURATION_TOLERANCE:g} of 0 or 1 at the "
+                               "primary m; see the smaller m in tables/group_sizes")
+                if row["metric"] == "judge_attribution" and not judge.get("informative", False):
+                    row.update(verdict="not resolved",
+                               reason="judge uninformative on this profile: " + judge.get("reason", "not calibrated"))
             claims += rows
     return claims
 
 
 def claim_rules_note(datasets: dict) -> str:
     """The report's text for the rules defined here: saturation and the non-inferiority margins."""
-    parts = []
-    for dataset, ds in datasets.items():
+    margins = []
+    for name, ds in datasets.items():
         decision, _, span = main_decision_metric(ds["task"])
-        parts.append(f"{dataset} {decision} {KEPT_FRACTION_OF_RANGE * span:g}")
+        margins.append(f"{name} {decision} {KEPT_FRACTION_OF_RANGE * span:g}")
     return (f"A group-metric claim between two methods whose per-target group classifier confidences all lie "
             f"within {SATURATION_TOLERANCE:g} of 0 or 1 is `not resolved` (saturated: it counts annotators, it "
             f"does not grade). Non-inferiority margin (our choice: {KEPT_FRACTION_OF_RANGE:.0%} of the metric's range; "
-            + ", ".join(parts) + "): `holds` when the interval stays on the good side of the margin, "
+            f"{', '.join(margins)}): `holds` when the interval stays on the good side of the margin, "
             "`contradicted` when it lies wholly beyond it.")
 
 
-# ============================================================================
-# HUMAN VALIDATION: the blinded form's contents and the scoring of its exports
-# The form shows the judge's own sampled test cells (sample_keys with the judge's seed keeps
-# the order, so the first eval.human_sheet_items cells are the judge's first cells), the judge's
-# examples of every annotator, and one response per form cell: the target's human reference
-# and each method's output. A rater first names the annotator who wrote it (the judge's forced
-# choice, the intended annotator hidden), then the intended annotator is shown and the rater
-# gives the three 1-5 ratings. Attention cells (our choice): eval.human_attention_cells human
-# references per dataset shown a second time, marked only in the key; a rater passes one when
-# both copies get the same attribution and ratings within 1 of each other.
-# ============================================================================
+# ==== HUMAN VALIDATION (our protocol) ====================================================================
+# The blinded form shows the judge's first eval.human_sheet_items test cells with the judge's examples:
+# per cell the target's human reference and each method's output. A rater names the author (the judge's
+# forced choice), then sees the intended annotator and gives three 1-5 ratings. Attention cells: the
+# first eval.human_attention_cells human references shown twice, marked only in the key; passed when both
+# copies get the same attribution and ratings within 1.
 RATING_QUESTIONS = {
     "coherence": "Coherence: is the explanation sound, and does it support its label?",
     "grounding": "Grounding: does the explanation rest on what the two texts say?",
@@ -1396,10 +1070,7 @@ RATING_QUESTIONS = {
 ATTRIBUTION_QUESTION = "Which annotator wrote this response?"
 KEY_COLUMNS = ("cell", "form_version", "dataset", "item_id", "target", "model", "method", "attention_of",
                "judge_verdict")
-
-
-def opaque_id(salt: int, *parts) -> str:
-    return "c" + common.config_hash([salt, *parts])[:10]
+RATING_VALUES = list(range(eval_report.RATING_SCALE[0], eval_report.RATING_SCALE[1] + 1))
 
 
 def form_contents(cfg: dict, datasets: dict, predictions: dict, jobs: dict) -> tuple[dict, list[dict]]:
@@ -1408,8 +1079,7 @@ def form_contents(cfg: dict, datasets: dict, predictions: dict, jobs: dict) -> t
     salt = stable_seed(cfg["seed"], "form")
     data = {"seed": stable_seed(cfg["seed"], "form-order"), "datasets": {}, "cells": [],
             "attribution": {"name": "attribution", "text": ATTRIBUTION_QUESTION},
-            "ratings": [{"name": name, "text": text, "scale": list(range(eval_report.RATING_SCALE[0],
-                                                                         eval_report.RATING_SCALE[1] + 1))}
+            "ratings": [{"name": name, "text": text, "scale": RATING_VALUES}
                         for name, text in RATING_QUESTIONS.items()]}
     key = []
     for name, ds in datasets.items():
@@ -1424,23 +1094,17 @@ def form_contents(cfg: dict, datasets: dict, predictions: dict, jobs: dict) -> t
         keys = sample_keys(ds, int(ev["human_sheet_items"]), stable_seed(cfg["seed"], "judge", name))
         for position, (item_id, target) in enumerate(keys):
             item = ds["items"][item_id]
-            human = ds["references"][(item_id, target)][0]
-            sources = [(None, HUMAN, {"parse_ok": True, "label": human["label"], "explanation": human["explanation"]})]
-            for (model_tag, method), by_target in predictions[name].items():
-                match = next((p for p in by_target.get(target, []) if p["item_id"] == item_id), None)
-                if match is not None:
-                    sources.append((model_tag, method, match))
             copies = 2 if position < int(ev["human_attention_cells"]) else 1
-            for model_tag, method, prediction in sources:
+            sources = {k: p for k, p in cell_sources(ds, predictions[name], item_id, target).items() if p is not None}
+            for (model_tag, method), prediction in sources.items():
                 first = None
                 for copy in range(copies if method == HUMAN else 1):
-                    cell = opaque_id(salt, name, item_id, target, model_tag, method, copy)
+                    cell = "c" + common.config_hash([salt, name, item_id, target, model_tag, method, copy])[:10]
                     data["cells"].append({"id": cell, "dataset": name, "target": target, "text_a": item["text_a"],
-                                          "text_b": item["text_b"], "response": response_text(prediction, ds["task"])})
-                    verdict = verdicts.get((item_id, target, model_tag, method))
+                                          "text_b": item["text_b"], "response": response_text(prediction)})
                     key.append({"cell": cell, "dataset": name, "item_id": item_id, "target": target,
                                 "model": model_tag or "", "method": method, "attention_of": first or "",
-                                "judge_verdict": verdict or ""})
+                                "judge_verdict": verdicts.get((item_id, target, model_tag, method)) or ""})
                     first = first or cell
     data["cells"].sort(key=lambda cell: cell["id"])  # the page's own order says nothing; raters get a shuffle
     return data, key
@@ -1515,8 +1179,7 @@ def read_ratings(paths: list[Path], version: str, key: dict[str, dict]) -> dict[
 
 
 def bootstrap_mean_interval(values_by_unit: list[list[float]], seed: int, resamples: int) -> tuple[float | None, list | None]:
-    """Mean over every value and its 95% interval from resampling the units (cells), each with all
-    its raters' values."""
+    """The mean of every value and its 95% interval from resampling the units (cells)."""
     flat = [v for unit in values_by_unit for v in unit]
     if not flat:
         return None, None
@@ -1534,17 +1197,14 @@ def krippendorff_alpha(raters: dict[str, dict[str, dict]], cells: list[str], que
     matrix = np.array([[answers.get(cell, {}).get(question, np.nan) for cell in cells]
                        for answers in raters.values()], dtype=float)
     pairable = (np.sum(~np.isnan(matrix), axis=0) >= 2).sum()
-    values = np.unique(matrix[~np.isnan(matrix)])
-    if len(raters) < 2 or pairable == 0 or len(values) < 2:
+    if len(raters) < 2 or pairable == 0 or len(np.unique(matrix[~np.isnan(matrix)])) < 2:
         return None
     return float(krippendorff.alpha(reliability_data=matrix, level_of_measurement="ordinal",
-                                    value_domain=list(range(eval_report.RATING_SCALE[0],
-                                                            eval_report.RATING_SCALE[1] + 1))))
+                                    value_domain=RATING_VALUES))
 
 
 def score_ratings(cfg: dict, paths: list[Path], key_path: Path) -> dict:
-    """Per method: mean ratings and human attribution with intervals, beside the judge's on the
-    same cells; agreement between raters; attention checks. Writes scores.json and scores.md."""
+    """Per method: ratings and attribution with intervals, the judge's on the same cells, agreement, attention."""
     from sklearn.metrics import cohen_kappa_score
     version, key = read_key(key_path)
     raters = read_ratings(paths, version, key)
@@ -1553,8 +1213,7 @@ def score_ratings(cfg: dict, paths: list[Path], key_path: Path) -> dict:
     counted = [cell for cell, row in key.items() if not row["attention_of"]]  # copies only check attention
     groups: dict[tuple, list[str]] = defaultdict(list)
     for cell in counted:
-        row = key[cell]
-        groups[(row["dataset"], row["model"], row["method"])].append(cell)
+        groups[(key[cell]["dataset"], key[cell]["model"], key[cell]["method"])].append(cell)
     methods = []
     for (dataset, model_tag, method), cells in sorted(groups.items()):
         rated = [cell for cell in cells if any(cell in answers for answers in raters.values())]
@@ -1573,7 +1232,6 @@ def score_ratings(cfg: dict, paths: list[Path], key_path: Path) -> dict:
         targets = [key[cell]["target"] for cell in rated]
         entry["chance"] = max(targets.count(t) for t in set(targets)) / len(targets) if targets else None
         methods.append(entry)
-    agreement = {question: krippendorff_alpha(raters, counted, question) for question in RATING_QUESTIONS}
     kappas = []
     names = sorted(raters)
     for i, first in enumerate(names):
@@ -1591,39 +1249,24 @@ def score_ratings(cfg: dict, paths: list[Path], key_path: Path) -> dict:
                      and all(abs(answers[a][q] - answers[b][q]) <= 1 for q in RATING_QUESTIONS) for a, b in pairs)
         attention[rater] = {"pairs": len(pairs), "passed": passed}
     scores = {"form_version": version, "raters": names, "files": [str(p) for p in paths], "methods": methods,
-              "alpha": agreement, "attribution_kappa": kappas, "attention": attention}
-    out_dir = key_path.parent
-    common.write_json(out_dir / "scores.json", scores)
+              "alpha": {question: krippendorff_alpha(raters, counted, question) for question in RATING_QUESTIONS},
+              "attribution_kappa": kappas, "attention": attention}
+    common.write_json(key_path.parent / "scores.json", scores)
     markdown = eval_report.ratings_markdown(scores)
-    common.atomic_write_text(out_dir / "scores.md", markdown)
+    common.atomic_write_text(key_path.parent / "scores.md", markdown)
     print(markdown, flush=True)
-    print(f"[eval] wrote {out_dir / 'scores.json'} and scores.md", flush=True)
+    print(f"[eval] wrote {key_path.parent / 'scores.json'} and scores.md", flush=True)
     return scores
 
 
-# ============================================================================
-# THE LEWIDI-2025 VIEW (data.split: lewidi only)
-# The shared task's official metrics (lower is better), implemented from the organisers'
-# evaluation notebook (LeWiDi_3-2025/Evaluation_LeWiDi_2025_Metrics.ipynb in
-# github.com/Le-Wi-Di/le-wi-di.github.io), their baselines computed by the kit, and the
-# submission files. Each function below scores ONE item; a metric is the mean over items.
-#   Par soft:   Wasserstein-1 distance between the predicted and the gold 11-bin distributions
-#               over -5..5 (cost 1 per step).
-#   Par pe:     ANAD, the mean over the item's annotators of |gold - predicted| / 11 (no x100).
-#   VariErrNLI: contradiction, entailment and neutral are each a yes/no variable per annotator
-#               (yes if in that annotator's label set). Soft: the mean over the three labels of
-#               the Manhattan distance between the predicted and gold 2-bin distributions
-#               [share no, share yes]. Pe: the mean over labels of the share of wrong yes/no
-#               decisions over the item's annotators (one column per unique annotator, in the
-#               order of the published `annotations` keys).
-# How the kit's outputs become predictions (our rule):
-#   - perspectivist: each simulated annotator's parsed label on the item;
-#   - soft label: the distribution of the item's simulated annotators' predicted labels (the
-#     kit generates one label per annotator; it does not score label likelihoods);
-#   - an unparsed output, or no prediction for an (item, annotator) cell, falls back to that
-#     annotator's most frequent train label (the organisers' baseline); both are counted.
-# With several training seeds, the first seed's predictions are used.
-# ============================================================================
+# ==== THE LEWIDI-2025 VIEW (data.split: lewidi only) =====================================================
+# The shared task's official metrics (lower is better), as in the organisers' notebook
+# (LeWiDi_3-2025/Evaluation_LeWiDi_2025_Metrics.ipynb in github.com/Le-Wi-Di/le-wi-di.github.io), per item:
+# Par soft, the Wasserstein-1 distance over -5..5; Par pe, ANAD (mean |gold - predicted| / 11). VariErrNLI:
+# each label a yes/no variable per annotator; soft, the mean over labels of the Manhattan distance of the
+# [no, yes] shares; pe, the mean over labels of the share of wrong decisions. Our rule: each simulated
+# annotator's parsed label (soft: their distribution), else its most frequent train label (the organisers'
+# baseline), counted; with several training seeds, the first seed's predictions.
 LEWIDI_NLI_ORDER = ("contradiction", "entailment", "neutral")  # the published soft_label key order
 LEWIDI_PAR_SCALE = 11  # number of points of -5..5, ANAD's denominator
 LEWIDI_FILE_PREFIX = {"varierr": "VariErrNLI", "par": "Paraphrase"}
@@ -1631,38 +1274,35 @@ LEWIDI_METRICS = {"par": ("Wasserstein distance", "ANAD"), "varierr": ("Manhatta
 
 
 def par_soft_distance(predicted: list[float], gold: list[float]) -> float:
-    """Wasserstein-1 distance between two distributions over the 11 scores -5..5."""
     from scipy.stats import wasserstein_distance
     bins = np.arange(len(gold))
     return float(wasserstein_distance(bins, bins, u_weights=predicted, v_weights=gold))
 
 
 def par_anad(predicted: list[int], gold: list[int], scale: int = LEWIDI_PAR_SCALE) -> float:
-    """Mean over the item's annotators of |gold - predicted| / scale."""
     return float(np.mean(np.abs(np.asarray(gold, float) - np.asarray(predicted, float))) / scale)
 
 
 def ven_soft_distance(predicted: list[list[float]], gold: list[list[float]]) -> float:
-    """Mean over the three labels of the Manhattan distance of the [no, yes] distributions."""
     return float(np.mean(np.abs(np.asarray(predicted, float) - np.asarray(gold, float)).sum(axis=1)))
 
 
 def ven_pe_error(predicted: list[list[int]], gold: list[list[int]]) -> float:
-    """Mean over the three labels of the share of wrong yes/no decisions over the annotators."""
     return float(np.mean(np.abs(np.asarray(predicted, float) - np.asarray(gold, float)).mean(axis=1)))
 
 
+LEWIDI_SCORES = {"numeric": (par_soft_distance, par_anad), "categorical": (ven_soft_distance, ven_pe_error)}
+
+
 def lewidi_pe_row(task: dict, labels: list) -> list:
-    """The perspectivist row of one item from each annotator's label set, in annotator order:
-    Par [score, ...]; VariErrNLI [[yes/no per annotator] for contradiction, entailment, neutral]."""
+    """One item's perspectivist row from each annotator's label set, in annotator order."""
     if task["label_type"] == "numeric":
         return [int(next(iter(label_set))) for label_set in labels]
     return [[int(label in label_set) for label_set in labels] for label in LEWIDI_NLI_ORDER]
 
 
 def lewidi_soft_row(task: dict, labels: list) -> list:
-    """The soft label of one item from the annotators' label sets: Par, the share of annotators
-    giving each score -5..5; VariErrNLI, per label [share without it, share with it]."""
+    """One item's soft label from the annotators' label sets."""
     n = len(labels)
     if task["label_type"] == "numeric":
         low, high = task["score_range"]
@@ -1670,16 +1310,8 @@ def lewidi_soft_row(task: dict, labels: list) -> list:
     return [[1 - share, share] for share in (sum(label in s for s in labels) / n for label in LEWIDI_NLI_ORDER)]
 
 
-def lewidi_item_scores(task: dict, predicted: dict, gold: dict) -> tuple[float, float]:
-    """(soft, pe) of one item; `predicted` and `gold` hold "soft" and "pe" rows."""
-    if task["label_type"] == "numeric":
-        return par_soft_distance(predicted["soft"], gold["soft"]), par_anad(predicted["pe"], gold["pe"])
-    return ven_soft_distance(predicted["soft"], gold["soft"]), ven_pe_error(predicted["pe"], gold["pe"])
-
-
 def most_frequent_labels(train: list[dict]) -> dict:
-    """Each annotator's most frequent train label (a multi-label answer counts each label);
-    ties go to the label that sorts first."""
+    """Each annotator's most frequent train label; ties go to the label that sorts first."""
     counts: dict[str, dict] = defaultdict(lambda: defaultdict(int))
     for record in train:
         if record["label"] is not None:
@@ -1695,29 +1327,15 @@ def label_sets(records: list[dict]) -> dict[str, dict[str, set]]:
     return sets
 
 
-def item_annotators(stats: dict, item: str, present: dict) -> list[str]:
-    """The item's annotators in the published order (01 keeps it in stats.json)."""
-    published = stats.get("lewidi_items", {}).get(item, {}).get("annotators")
-    return [a for a in published if a in present] if published else sorted(present)
-
-
 def most_frequent_yes_no(train_sets: dict[str, dict[str, set]]) -> set:
-    """The label set that puts every yes/no variable (label x annotator x item) at its most
-    frequent train value pooled over all of them: every label (yes) or none (no)."""
+    """Every label (yes) or none (no): each yes/no variable's most frequent train value, pooled."""
     answers = [labels for per_annotator in train_sets.values() for labels in per_annotator.values()]
     yes = sum(len(labels) for labels in answers)
     return set(LEWIDI_NLI_ORDER) if yes > len(answers) * len(LEWIDI_NLI_ORDER) - yes else set()
 
 
-def mean_train_distribution(task: dict, train: list[dict]) -> list:
-    """The organisers' soft baseline: the mean over train items of their soft labels."""
-    rows = [lewidi_soft_row(task, list(per_annotator.values())) for per_annotator in label_sets(train).values()]
-    return np.mean(np.asarray(rows, float), axis=0).tolist()
-
-
 def system_labels(predictions: dict, items: dict[str, list[str]], fallback: dict) -> tuple[dict, dict]:
-    """({item: {annotator: label}}, counts) from {annotator: [prediction]}: the parsed label,
-    else the annotator's most frequent train label (counted as unparsed or missing)."""
+    """({item: {annotator: label}}, counts): the parsed label, else the annotator's fallback (counted)."""
     parsed = {}
     for annotator, preds in predictions.items():
         for prediction in preds:
@@ -1726,22 +1344,16 @@ def system_labels(predictions: dict, items: dict[str, list[str]], fallback: dict
     for item, annotators in items.items():
         labels[item] = {}
         for annotator in annotators:
-            counts["cells"] += 1
             prediction = parsed.get((item, annotator))
-            if prediction is None:
-                counts["missing"] += 1
-            elif not prediction["parse_ok"] or prediction["label"] is None:
-                counts["unparsed"] += 1
-            else:
-                labels[item][annotator] = prediction["label"]
-                continue
-            labels[item][annotator] = fallback[annotator]
+            usable = prediction is not None and prediction["parse_ok"] and prediction["label"] is not None
+            counts["cells"] += 1
+            counts["missing" if prediction is None else "unparsed"] += 0 if usable else 1
+            labels[item][annotator] = prediction["label"] if usable else fallback[annotator]
     return labels, counts
 
 
 def bootstrap_mean(cfg: dict, dataset: str, values: np.ndarray) -> tuple[float | None, list[float] | None]:
-    """The mean over items and its seeded percentile interval; every system of a dataset is
-    resampled on the same items (the seed depends on the dataset only)."""
+    """The mean over items and its interval, every system of a dataset on the same resampled items."""
     if len(values) == 0:
         return None, None
     rng = np.random.default_rng(stable_seed(cfg["seed"], "lewidi-bootstrap", dataset))
@@ -1756,56 +1368,51 @@ def rounded_distribution(values: list[float]) -> list[float]:
     return out
 
 
-def submission_lines(task: dict, stats: dict, rows: dict[str, dict], kind: str) -> list[str]:
-    """`id<TAB>python list` lines in the shared task's format, one per item (published ID)."""
-    lines = []
-    for item, row in rows.items():
-        source_id = stats.get("lewidi_items", {}).get(item, {}).get("id", item)
-        value = row[kind]
-        if kind == "soft":
-            value = (rounded_distribution(value) if task["label_type"] == "numeric"
-                     else [rounded_distribution(pair) for pair in value])
-        lines.append(f"{source_id}\t{value!r}")
-    return lines
-
-
 def write_submission(cfg: dict, dataset: str, task: dict, stats: dict, model_tag: str, method: str,
-                     rows: dict[str, dict]) -> list[Path]:
-    """<Prefix>_test_soft.tsv and <Prefix>_test_pe.tsv of one system, every test item."""
-    folder = common.lewidi_submission_dir(cfg, model_tag, method)
+                     rows: dict[str, dict]) -> list[str]:
+    """The submission files of one system: `id<TAB>python list` per test item, by its published ID."""
     paths = []
     for kind in ("soft", "pe"):
-        path = folder / f"{LEWIDI_FILE_PREFIX[dataset]}_test_{kind}.tsv"
-        common.atomic_write_text(path, "\n".join(submission_lines(task, stats, rows, kind)) + "\n")
-        paths.append(path)
+        lines = []
+        for item, row in rows.items():
+            value = row[kind]
+            if kind == "soft":
+                value = (rounded_distribution(value) if task["label_type"] == "numeric"
+                         else [rounded_distribution(pair) for pair in value])
+            lines.append(f"{stats.get('lewidi_items', {}).get(item, {}).get('id', item)}\t{value!r}")
+        path = common.lewidi_submission_dir(cfg, model_tag, method) / f"{LEWIDI_FILE_PREFIX[dataset]}_test_{kind}.tsv"
+        common.atomic_write_text(path, "\n".join(lines) + "\n")
+        paths.append(str(path))
     return paths
 
 
 def lewidi_dataset_view(cfg: dict, ds: dict, predictions: dict) -> dict:
-    """The official metrics with intervals for every system of one dataset, and its submission
-    files. Scored on the test items this run evaluates (ds["items"]); the submission files
-    cover every test item (items outside data.max_eval_items' sample use the fallback)."""
+    """Every system's official metrics on the scored test items, and submission files for all of them."""
     name, task = ds["name"], ds["task"]
     stats = common.read_json(common.data_dir(cfg, name) / "stats.json")
     full_test = common.load_split(cfg, name, "test")
     for record in full_test:
         record["label"] = common.normalize_label(record["label"], task)
     gold_sets = label_sets(full_test)
-    annotators_of = {item: item_annotators(stats, item, present) for item, present in sorted(gold_sets.items())}
-    gold = {item: {"soft": lewidi_soft_row(task, [gold_sets[item][a] for a in anns]),
-                   "pe": lewidi_pe_row(task, [gold_sets[item][a] for a in anns])} for item, anns in annotators_of.items()}
+    published = stats.get("lewidi_items", {})  # 01 keeps each item's annotators in the published order
+    annotators_of = {item: [a for a in published[item]["annotators"] if a in present]
+                     if published.get(item, {}).get("annotators") else sorted(present)
+                     for item, present in sorted(gold_sets.items())}
     scored = [item for item in annotators_of if item in ds["items"]]
     fallback = most_frequent_labels(ds["train"])
-    train_mean = mean_train_distribution(task, ds["train"])
+    soft_distance, pe_error = LEWIDI_SCORES[task["label_type"]]
 
-    def rows_of(labels: dict, soft_override=None) -> dict[str, dict]:
-        return {item: {"soft": soft_override if soft_override is not None
-                       else lewidi_soft_row(task, [{labels[item][a]} for a in anns]),
-                       "pe": lewidi_pe_row(task, [{labels[item][a]} for a in anns])}
+    def rows_of(label_set, soft=None) -> dict[str, dict]:
+        """{item: its soft and perspectivist rows}, label_set(item, annotator) giving the labels."""
+        return {item: {"soft": soft if soft is not None else lewidi_soft_row(task, [label_set(item, a) for a in anns]),
+                       "pe": lewidi_pe_row(task, [label_set(item, a) for a in anns])}
                 for item, anns in annotators_of.items()}
 
+    gold = rows_of(lambda item, a: gold_sets[item][a])
+
     def scores(rows: dict[str, dict]) -> dict:
-        per_item = np.array([lewidi_item_scores(task, rows[item], gold[item]) for item in scored]).reshape(-1, 2)
+        per_item = np.array([(soft_distance(rows[item]["soft"], gold[item]["soft"]),
+                              pe_error(rows[item]["pe"], gold[item]["pe"])) for item in scored]).reshape(-1, 2)
         soft, soft_ci = bootstrap_mean(cfg, name, per_item[:, 0])
         pe, pe_ci = bootstrap_mean(cfg, name, per_item[:, 1])
         return {"soft": soft, "soft_ci": soft_ci, "pe": pe, "pe_ci": pe_ci}
@@ -1817,31 +1424,27 @@ def lewidi_dataset_view(cfg: dict, ds: dict, predictions: dict) -> dict:
                             "reason": "no predictions for any annotator"})
             continue
         labels, counts = system_labels(preds, annotators_of, fallback)
-        rows = rows_of(labels)
+        rows = rows_of(lambda item, a: {labels[item][a]})
         _, scored_counts = system_labels(preds, {i: annotators_of[i] for i in scored}, fallback)
         systems.append({"model": model_tag, "method": method, "status": "ok", **scores(rows),
                         "fallback": scored_counts, "submission_fallback": counts,
-                        "submission": [str(p) for p in write_submission(cfg, name, task, stats, model_tag, method, rows)]})
-    # The organisers' baselines, computed by the kit from this run's train split.
-    baseline_labels = {item: {a: fallback[a] for a in anns} for item, anns in annotators_of.items()}
-    most_frequent = scores(rows_of(baseline_labels))
-    mean_train = scores(rows_of(baseline_labels, soft_override=train_mean))
-    baseline_rows = rows_of(baseline_labels, soft_override=train_mean)
-    systems.append({"model": "baseline", "method": "most_frequent", "status": "ok", **most_frequent,
+                        "submission": write_submission(cfg, name, task, stats, model_tag, method, rows)})
+    # The organisers' baselines, computed from this run's train split.
+    train_soft = [lewidi_soft_row(task, list(sets.values())) for sets in label_sets(ds["train"]).values()]
+    mean_train = rows_of(lambda item, a: {fallback[a]}, soft=np.mean(np.asarray(train_soft, float), axis=0).tolist())
+    systems.append({"model": "baseline", "method": "most_frequent", "status": "ok",
+                    **scores(rows_of(lambda item, a: {fallback[a]})),
                     "note": "each annotator's most frequent train label; soft: the distribution of those labels"})
+    mean = scores(mean_train)
     systems.append({"model": "baseline", "method": "mean_train_distribution", "status": "ok",
-                    "soft": mean_train["soft"], "soft_ci": mean_train["soft_ci"], "pe": None, "pe_ci": None,
+                    "soft": mean["soft"], "soft_ci": mean["soft_ci"], "pe": None, "pe_ci": None,
                     "note": "soft: the mean train soft label for every item",
-                    "submission": [str(p) for p in write_submission(cfg, name, task, stats, "baseline",
-                                                                    "organisers", baseline_rows)]})
+                    "submission": write_submission(cfg, name, task, stats, "baseline", "organisers", mean_train)})
     if task["label_type"] == "categorical":
-        # The published VariErrNLI "most frequent" baseline (.345) is every yes/no variable at its
-        # most frequent train value pooled over labels and annotators ("no": an answer says yes to
-        # one label of three), not each annotator's most frequent label (.355).
+        # The published VariErrNLI baseline sets every yes/no variable to its most frequent train
+        # value pooled over labels and annotators, not each annotator's most frequent label.
         value = most_frequent_yes_no(label_sets(ds["train"]))
-        yes_no = scores({item: {"soft": lewidi_soft_row(task, [value for _ in anns]),
-                                "pe": lewidi_pe_row(task, [value for _ in anns])}
-                         for item, anns in annotators_of.items()})
+        yes_no = scores(rows_of(lambda item, a: value))
         systems.append({"model": "baseline", "method": "most_frequent_yes_no", "status": "ok",
                         "soft": None, "soft_ci": None, "pe": yes_no["pe"], "pe_ci": yes_no["pe_ci"],
                         "note": f"every yes/no variable at its most frequent train value "
@@ -1862,76 +1465,58 @@ def lewidi_view(cfg: dict, datasets: dict, predictions: dict) -> dict | None:
         print(f"[eval] LeWiDi-2025 {name}: {len(view['systems'])} systems on {view['n_items']} test items; "
               f"submission files under {common.lewidi_submission_dir(cfg, 'x', 'x').parent.parent}", flush=True)
     return views
-# ============================================================================
-# END OF THE LEWIDI-2025 VIEW
-# ============================================================================
+# ==== END OF THE LEWIDI-2025 VIEW ========================================================================
 
-# ----------------------------------------------------------------------------
-# The long-format results: one row per number (tables/results.csv, metrics.json "rows")
-# ----------------------------------------------------------------------------
+
+# ---- The long-format results: one row per number (tables/results.csv, metrics.json "rows") -----
 METRICS_FORMAT_VERSION = 2  # 2: {"format_version", "rows", "results", "claims", ...}; 1 had datasets at the top
 RESULT_COLUMNS = ("dataset", "model", "method", "target", "metric", "m", "feature", "seed", "value", "ci_low",
                   "ci_high", "sd", "n", "reason")
 
 
-def metric_variants(metric: Metric, sizes: list[int], features: list[str]) -> list[tuple[str, int | None, str | None]]:
-    """(key in a result entry, m, feature) for each number a registry metric has: a group metric
-    once per requested m, feature KL once in all and once per feature."""
+def metric_variants(metric: Metric, sizes: list[int]) -> list[tuple[str, int | None, str | None]]:
+    """(key in a result entry, m, feature) of each number of a metric: a group metric's per requested m,
+    feature KL's overall and per feature."""
     if metric.kind == "group":
         return [(f"{metric.name}_m{m}", m, None) for m in sizes]
     if metric.kind == "distribution":
-        return [(metric.name, None, None), *((f"{metric.name}_by_feature", None, name) for name in features)]
+        return [(metric.name, None, None), *((f"{metric.name}_by_feature", None, name) for name in FEATURES)]
     return [(metric.name, None, None)]
 
 
-def entry_rows(entry: dict, fixed: dict, metrics: list[Metric], sizes: list[int], features: list[str]) -> list[dict]:
-    """The rows of one result entry (a method's macro row or one target's), pooled over seeds,
-    and with several training seeds one row per seed too (no interval: the pooled row has it)."""
+def result_rows(results: dict, datasets: dict, ev: dict) -> list[dict]:
+    """Every reported number as a row of RESULT_COLUMNS (docs/DESIGN.md, metrics.json and tables/results.csv)."""
     rows = []
-    for metric in metrics:
-        for key, m, feature in metric_variants(metric, sizes, features):
-            value, ci = entry.get(key), entry.get(f"{key}_ci")
-            if feature is not None:
-                value, ci = (value or {}).get(feature), (ci or {}).get(feature)
-            n = entry.get("judge", {}).get("n") if metric.kind == "judge" and "judge" in entry else entry.get("n")
-            reason = None if value is not None else (entry.get("reasons", {}).get(key.removesuffix("_by_feature"))
-                                                     or entry.get("reason") or "not computed")
-            rows.append({**fixed, "metric": metric.name, "m": m, "feature": feature, "seed": None, "value": value,
-                         "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None,
-                         "sd": entry.get(f"{key}_sd"), "n": n, "reason": reason})
-            for seed, seed_value in (entry.get(f"{key}_by_seed") or {}).items():
-                rows.append({**rows[-1], "seed": int(seed), "value": seed_value, "ci_low": None, "ci_high": None,
-                             "sd": None, "reason": None})
+    for dataset, model_tag, method, result in eval_report.result_cells(results):
+        metrics = [m for m in task_metrics(datasets[dataset]["task"]) if m.table or m.kind == "group"]
+        for target, entry in [("macro", result), *result.get("per_annotator", {}).items()]:
+            if entry.get("status") == "missing":
+                entry = {"reason": entry.get("reason")}
+            for metric in metrics:
+                for key, m, feature in metric_variants(metric, requested_group_sizes(ev)):
+                    value, ci = entry.get(key), entry.get(f"{key}_ci")
+                    if feature is not None:
+                        value, ci = (value or {}).get(feature), (ci or {}).get(feature)
+                    n = entry["judge"].get("n") if metric.kind == "judge" and "judge" in entry else entry.get("n")
+                    reason = None if value is not None else (
+                        entry.get("reasons", {}).get(key.removesuffix("_by_feature")) or entry.get("reason")
+                        or "not computed")
+                    rows.append({"dataset": dataset, "model": model_tag, "method": method, "target": target,
+                                 "metric": metric.name, "m": m, "feature": feature, "seed": None, "value": value,
+                                 "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None,
+                                 "sd": entry.get(f"{key}_sd"), "n": n, "reason": reason})
+                    for seed, seed_value in (entry.get(f"{key}_by_seed") or {}).items():
+                        rows.append({**rows[-1], "seed": int(seed), "value": seed_value, "ci_low": None,
+                                     "ci_high": None, "sd": None, "reason": None})
     return rows
 
 
-def result_rows(results: dict, datasets: dict, ev: dict) -> list[dict]:
-    """Every reported number as a row of RESULT_COLUMNS. `target` is "macro" (the mean over
-    target annotators) or an annotator; `m` the requested group size of a group metric;
-    `feature` one feature of feature KL; `seed` null for the value pooled over training seeds."""
-    sizes, rows = requested_group_sizes(ev), []
-    for dataset, model_tag, method, result in eval_report.result_cells(results):
-        metrics = [m for m in task_metrics(datasets[dataset]["task"]) if m.table or m.kind == "group"]
-        targets = [("macro", result), *result.get("per_annotator", {}).items()]
-        for target, entry in targets:
-            fixed = {"dataset": dataset, "model": model_tag, "method": method, "target": target}
-            rows += entry_rows(entry if entry.get("status") != "missing" else {"reason": entry.get("reason")},
-                               fixed, metrics, sizes, list(FEATURES))
-    return [{column: row[column] for column in RESULT_COLUMNS} for row in rows]
-
-
-# ----------------------------------------------------------------------------
-# Provenance of 06's outputs, and the adapters' model cards
-# ----------------------------------------------------------------------------
-# The config sections metrics.json and the report are made from, besides 01's files, 02's
-# summaries and the predictions files (which also record their own).
+# ---- Provenance of 06's outputs, the adapters' model cards, what the report shows from other files ---
 CONFIG_SECTIONS = ("seed", "torch_threads", "data", "eval", "embedder", "hlv", "generation", "models")
 
 
 def eval_recipe(cfg: dict, names: list[str]) -> dict:
-    """What metrics.json and the report are made from: 01's files, 02's summaries and every
-    predictions file present (each one checked against its own manifest when read), the config,
-    and which datasets, training seeds and methods it pools."""
+    """What metrics.json and the report are made from: 01's and 02's files, the predictions, the config."""
     inputs = []
     for name in names:
         inputs += common.data_files(cfg, name)
@@ -1948,8 +1533,7 @@ def eval_recipe(cfg: dict, names: list[str]) -> dict:
 
 
 def fill_adapter_cards(cfg: dict, results: dict) -> None:
-    """Each SFT/CAPO adapter's model card gets its annotator's test metrics (numbers only; with
-    several training seeds the pooled values, written into each seed's adapter)."""
+    """Each SFT/CAPO adapter's model card gets its annotator's test metrics (pooled over seeds)."""
     for dataset, models in results.items():
         for model_tag, methods in models.items():
             for method in TRAINED_METHODS:
@@ -1963,9 +1547,6 @@ def fill_adapter_cards(cfg: dict, results: dict) -> None:
                                                                source="06_eval.py, this run's test items")
 
 
-# ----------------------------------------------------------------------------
-# What the report shows from other files (eval_report reads none itself)
-# ----------------------------------------------------------------------------
 def hlv_outputs(cfg: dict, names: list[str]) -> dict[str, dict | None]:
     """{dataset: {"markdown": 02's .md texts, "figures": its .png paths}, or None without 02's summary}."""
     outputs = {}
@@ -1978,8 +1559,7 @@ def hlv_outputs(cfg: dict, names: list[str]) -> dict[str, dict | None]:
 
 
 def training_curves(cfg: dict, names: list[str]) -> list[tuple[str, dict, str]]:
-    """Panels (title, {annotator: (steps, values)}, y label): 04's and 05's training loss per
-    step (train_log.json) and CAPO's dev-selection score (selection.json), per (dataset, model)."""
+    """Panels (title, {annotator: (steps, values)}, y label): 04's and 05's loss, CAPO's dev selection."""
     panels = []
     for dataset in names:
         for model_cfg in common.model_configs(cfg):
@@ -2008,17 +1588,14 @@ def training_curves(cfg: dict, names: list[str]) -> list[tuple[str, dict, str]]:
 
 
 def rated_form_version(folder: Path) -> str | None:
-    """The version of the form in `folder` when raters' exports sit beside it (it must then
-    stay as it is), else None."""
+    """The version of the form in `folder` when raters' exports sit beside it, else None."""
     key = folder / "key.csv"
     if not key.exists() or not list(folder.glob("ratings-*.json")):
         return None
     return read_key(key)[0]
 
 
-# ----------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------
+# ---- main ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     parser = common.stage_parser(__doc__)
     parser.add_argument("--score-ratings", nargs="+", default=None, metavar="FILE",
@@ -2030,12 +1607,11 @@ def main(argv: list[str] | None = None) -> None:
         score_ratings(cfg, paths, Path(args.key) if args.key else paths[0].parent / "key.csv")
         return
     started = time.time()
-    check_group_config(cfg)
-    check_judge_config(cfg)
+    check_eval_config(cfg)
     common.set_seed(cfg["seed"])
     tables_dir = common.tables_dir(cfg)
 
-    # ---- data; done already if metrics.json was made from the same predictions, config and code
+    # ---- done already if metrics.json was made from the same predictions, config and code
     names = common.selected_datasets(cfg, args.dataset)
     for name in names:
         common.require_data(cfg, name)
@@ -2063,12 +1639,11 @@ def main(argv: list[str] | None = None) -> None:
     if not common.is_main_process():
         return
 
-    # ---- metrics and intervals per dataset, model and method
-    results, draws, plans = {}, {}, {}
+    # ---- metrics and intervals, the judge's verdicts, claims
+    results, draws = {}, {}
     for name, ds in datasets.items():
-        results[name], draws[name], plans[name] = evaluate_dataset(cfg, ds, loaded[name])
-    for name, ds in datasets.items():
-        attach_judge(results[name], draws[name], ds, jobs[name], judge_reason, judge, plans[name])
+        results[name], draws[name], plan = evaluate_dataset(cfg, ds, loaded[name])
+        attach_judge(results[name], draws[name], ds, jobs[name], judge_reason, judge, plan)
     common.write_jsonl(tables_dir / "judge_verdicts.jsonl",  # every reply, for auditing the judge
                        ({k: v for k, v in job.items() if k != "messages"} for dataset_jobs in jobs.values()
                         for job in dataset_jobs if "reply" in job))
@@ -2110,4 +1685,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     common.run_stage(main)
-

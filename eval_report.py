@@ -1,19 +1,11 @@
-"""eval_report.py: the presentation half of 06_eval.py (tables, figures, report.md, the
-human-validation form and its scores' markdown). Imported by 06_eval.py only:
-
-    python 06_eval.py --config configs/smoke.yaml     # tables/, report.md, human_eval/ of the run
-    python 06_eval.py --config configs/cpu.yaml --score-ratings runs/cpu/human_eval/ratings-*.json
-
-06_eval.py computes every model metric, interval, judge verdict, claim and human-rating score
-and hands plain dicts to this module, which only lays them out: it opens no run file (06 reads
-02's outputs, the training logs and the rating scores and passes them in). It never imports
-06 (the stage's file name is not a module name): the few names both must agree on (the human
-reference row's name, number formatting) live here and 06 imports them; 06 passes its metric
-registry in.
+"""eval_report.py: 06_eval.py's presentation: tables, figures, report.md, the human-validation form and its
+scores' markdown, from the plain dicts and the metric registry 06 hands over. It opens no run file and never
+imports 06 (not a module name), so the few names both need (the human row's name, formats, group sizes) live here.
 """
 from __future__ import annotations
 
 import csv
+import json
 import re
 import time
 from pathlib import Path
@@ -28,14 +20,9 @@ import yaml  # noqa: E402
 import common  # noqa: E402
 
 HUMAN = "human"  # reference row: the target's own held-out test explanations, scored the same way
+RATING_SCALE = (1, 5)  # human validation's ratings (our protocol; 06_eval.py, block HUMAN VALIDATION)
 
-# Human validation (our protocol: the paper's is not public): 1-5 ratings of coherence,
-# grounding (in the item) and style fidelity (to the target's examples), and the judge's forced
-# choice of the author; 06_eval.py's block "HUMAN VALIDATION" says how cells are drawn and scored.
-RATING_SCALE = (1, 5)
-
-# The paper's numbers, as summarised second-hand (VariErr NLI; the paper's text was not available).
-# Shown beside ours in the report, always labelled as the paper's.
+# The paper's numbers as summarised second-hand (VariErr NLI), shown beside ours as the paper's.
 PAPER_TABLE4 = [
     # model, method, label acc, feature KL, group clf conf, norm. imitation
     ("Qwen3-4B", "base", 0.472, None, None, None),
@@ -46,11 +33,8 @@ PAPER_TABLE4 = [
     ("Llama-3.2-3B", "capo", 0.512, 0.121, 0.924, 0.964),
 ]
 PAPER_JUDGE = {"dataset": "varierr", "method": "capo", "accuracy": 0.328, "chance": 0.25}
-
-
-# LeWiDi-2025's published results (the shared task's overview and Opt-ICL's system paper), lower
-# is better; shown in tables/lewidi.* beside this run's numbers, always labelled "published".
-# (dataset, system, soft, perspectivist)
+# LeWiDi-2025's published results (the overview and Opt-ICL's paper), lower is better, labelled
+# "published" in tables/lewidi.*: (dataset, system, soft, perspectivist)
 PUBLISHED_LEWIDI = [
     ("par", "best system (twinhter)", None, 0.080),
     ("par", "Opt-ICL", None, 0.119),
@@ -70,11 +54,7 @@ LEWIDI_CAVEAT = ("The shared task's blind test inputs carried each annotator's o
 def fmt(value, digits: int = 3) -> str:
     if value is None:
         return "-"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.{digits}f}"
+    return str(value) if isinstance(value, (bool, int)) else f"{value:.{digits}f}"
 
 
 def fmt_ci(value, interval, digits: int = 3) -> str:
@@ -84,15 +64,7 @@ def fmt_ci(value, interval, digits: int = 3) -> str:
     return f"{fmt(value, digits)} [{fmt(interval[0], digits)}, {fmt(interval[1], digits)}]"
 
 
-# ----------------------------------------------------------------------------
-# Tables: markdown + CSV; every cell is a value or says why not
-# ----------------------------------------------------------------------------
-def table_metrics(metrics) -> list:
-    """The registry's metrics that Table 4 and the per-annotator table show, in registry order.
-    `metrics` is 06's registry (06_eval.py, METRICS): name, label, direction, kind, tasks, ..."""
-    return [m for m in metrics if m.table]
-
-
+# ---- Tables: markdown + CSV; every cell is a value or says why not ----------------------------
 def rows_index(rows: list[dict]) -> dict[tuple, dict]:
     """06's results rows pooled over seeds, by (dataset, model, method, target, metric, m, feature)."""
     return {(r["dataset"], r["model"], r["method"], r["target"], r["metric"], r["m"], r["feature"]): r
@@ -113,8 +85,7 @@ def cell(index: dict, where: tuple, metric, task: dict, m: int | None = None, fe
 
 def write_table(path_stem: Path, header: list[str], rows: list[list[str]], title: str, notes: list[str]) -> str:
     """CSV with every cell in full; markdown with "missing: why" / "n/a: why" cells shortened to
-    "missing [k]" / "n/a [k]" and each distinct reason listed once under the table. Returns the
-    markdown (the report includes it)."""
+    "missing [k]" / "n/a [k]", each reason listed once under the table. Returns the markdown."""
     footnotes: dict[str, int] = {}
 
     def md_cell(text: str) -> str:
@@ -131,16 +102,20 @@ def write_table(path_stem: Path, header: list[str], rows: list[list[str]], title
     lines += [f"- [{number}] {reason}" for reason, number in footnotes.items()]
     markdown = "\n".join(lines) + "\n"
     common.atomic_write_text(path_stem.with_suffix(".md"), markdown)
-    with common.atomic_path(path_stem.with_suffix(".csv")) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(rows)
+    write_csv(path_stem.with_suffix(".csv"), header, rows)
     return markdown
 
 
+def write_csv(path: Path, columns: list[str], rows: list) -> None:
+    """A CSV of list rows, or of dict rows keyed by the columns."""
+    with common.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        writer.writerows([[row.get(c, "") for c in columns] if isinstance(row, dict) else row for row in rows])
+
+
 def ordered_methods(methods: dict) -> list[str]:
-    return [m for m in methods if m != HUMAN] + ([HUMAN] if HUMAN in methods else [])
+    return sorted(methods, key=lambda method: method == HUMAN)  # the human reference row last
 
 
 def result_cells(results: dict):
@@ -166,25 +141,22 @@ def primary_group_size(ev: dict) -> int:
 
 
 def group_sizes_used(result: dict, sizes: list[int]) -> str:
-    """`1, 5, 10, 50->18`: each requested m, with the m used where the cap changed it (a range
-    over targets where they differ)."""
-    used = result.get("group_m_used") or {}
+    """`1, 5, 10, 50->18`: each requested m, with the m used where the cap changed it (a range over
+    targets where they differ)."""
     parts = []
     for m in sizes:
-        span = used.get(str(m))
-        if span is None:
-            parts.append(f"{m}->missing")
-        elif isinstance(span, int):  # one target's entry
-            parts.append(str(m) if span == m else f"{m}->{span}")
-        else:
-            low, high = span
-            parts.append(str(m) if low == high == m else f"{m}->{low}" if low == high else f"{m}->{low}-{high}")
+        span = (result.get("group_m_used") or {}).get(str(m))
+        low, high = (span, span) if isinstance(span, int) else span or (None, None)  # an int: one target's
+        parts.append(f"{m}->missing" if span is None else str(m) if low == high == m else
+                     f"{m}->{low}" if low == high else f"{m}->{low}-{high}")
     return ", ".join(parts)
 
 
-def group_size_notes(ev: dict) -> list[str]:
+def table_notes(cfg: dict, features: list[str]) -> tuple[list[str], list[str]]:
+    """(the notes under Table 4 and the per-annotator table, the notes on group sizes)."""
+    ev = cfg["eval"]
     share = float(ev["group_size_max_share"])
-    return [
+    group_notes = [
         f"Group clf conf and norm. imitation at each m of eval.group_sizes ({', '.join(map(str, requested_group_sizes(ev)))}); "
         f"the plain columns of Table 4 are m = {primary_group_size(ev)} (the paper's group size). [low, high]: 95% "
         f"bootstrap interval over test items, {int(ev['bootstrap_group_draws'])} groups redrawn per resample.",
@@ -198,10 +170,6 @@ def group_size_notes(ev: dict) -> list[str]:
         "0 or 1 (the macro mean then moves in steps of 1/annotators: it saturates). Small m grades how "
         "recognisable single outputs are.",
     ]
-
-
-def table_notes(cfg: dict, features: list[str]) -> list[str]:
-    ev = cfg["eval"]
     return [
         "Per target annotator, then the mean over annotators. Unparsed outputs count as wrong "
         "(label), as the worst possible error (MAE) and are scored on their raw text (explanations).",
@@ -224,133 +192,98 @@ def table_notes(cfg: dict, features: list[str]) -> list[str]:
         "(our definition). Every m of eval.group_sizes: tables/group_sizes.",
         "Judge attribution: share of single outputs the judge attributes to the target annotator; "
         "chance = 1/annotators.",
-    ]
+    ], group_notes
 
 
 def write_tables(cfg: dict, results: dict, result_rows: list[dict], datasets: dict, metrics, features: list[str],
                  tables_dir: Path) -> dict[str, str]:
-    """Table 4, Table 6, judge attribution, the per-annotator breakdown and the group sizes, each
-    as .md and .csv. The numbers come from 06's results rows, the columns from its metric
-    registry (`metrics`); `results` gives each row's status, notes and the judge's counts.
-    Returns {table: markdown}."""
-    notes = table_notes(cfg, features)
-    shown = table_metrics(metrics)
-    by_name = {m.name: m for m in metrics}
-    index, primary = rows_index(result_rows), primary_group_size(cfg["eval"])
-    tables = {}
-    # Table 4
-    header = ["dataset", "model", "method", "status"] + [m.label for m in shown] + ["notes"]
-    rows = []
+    """Table 4, Table 6, judge attribution, the per-annotator breakdown and the group sizes, each as
+    .md and .csv: the numbers from 06's results rows, the columns from its metric registry
+    (`metrics`), each row's status, notes and judge counts from `results`. Returns {table: markdown}."""
+    ev, index = cfg["eval"], rows_index(result_rows)
+    sizes, shown = requested_group_sizes(ev), [m for m in metrics if m.table]
+    main = [(metric, primary_group_size(ev) if metric.kind == "group" else None) for metric in shown]
+    group, kl = [m for m in shown if m.kind == "group"], next(m for m in metrics if m.kind == "distribution")
+    rows: dict[str, list] = {"table4": [], "table6": [], "judge": [], "per_annotator": [], "group_sizes": []}
+    routes = set()
     for dataset, model_tag, method, result in result_cells(results):
-        task = datasets[dataset]["task"]
-        cells = ([f"missing: {result.get('reason', 'no predictions')}"] * len(shown) if result["status"] == "missing"
-                 else [cell(index, (dataset, model_tag, method, "macro"), metric, task,
-                            primary if metric.kind == "group" else None) for metric in shown])
-        rows.append([dataset, model_tag, method_label(method), result["status"], *cells, result.get("note", "")])
-    tables["table4"] = write_table(tables_dir / "table4_main", header, rows, "Table 4: main results (this run)", notes)
-
-    # Table 6
-    header = ["dataset", "model", "method", "status"] + list(features) + ["mean"]
-    rows = []
-    for dataset, model_tag, method, result in result_cells(results):
-        if method == HUMAN:
-            continue
-        if result["status"] == "missing":
-            rows.append([dataset, model_tag, method, "missing"]
-                        + [f"missing: {result.get('reason')}"] * (len(features) + 1))
-            continue
-        where, task = (dataset, model_tag, method, "macro"), datasets[dataset]["task"]
-        rows.append([dataset, model_tag, method, result["status"]]
-                    + [cell(index, where, by_name["feature_kl"], task, feature=name) for name in features]
-                    + [cell(index, where, by_name["feature_kl"], task)])
-    tables["table6"] = write_table(
-        tables_dir / "table6_feature_kl", header, rows,
-        "Table 6: feature KL by feature, KL(human || model)",
-        [notes[1], notes[3], "Features: " + ", ".join(features) + " (label: the label/score distribution, "
-         "with an 'unparsed' category)."])
-
-    # Judge attribution
-    header = ["dataset", "model", "method", "judged outputs", "correct", "accuracy", "chance",
-              "unparseable verdicts", "cells without output", "judge model", "calibration"]
-    rows, routes = [], set()
-    for dataset, model_tag, method, result in result_cells(results):
-        judge = result.get("judge", {})
-        routes.add(judge.get("judge_route"))
-        label = "calibration: " + method_label(method) if method == HUMAN else method_label(method)
-        if judge.get("accuracy") is None:
-            why = "missing: " + judge.get("reason", "not computed")
-            rows.append([dataset, model_tag, label, why, why, why, fmt(judge.get("chance")), why, why, why, why])
-            continue
-        reading = "n/a (see the calibration row)"
-        if method == HUMAN:
-            ci = judge.get("accuracy_ci")
-            reading = ("informative (interval above chance)" if ci and ci[0] > judge["chance"] else
-                       "UNINFORMATIVE: not above chance on the human references, so this column measures nothing here")
-        rows.append([dataset, model_tag, label, str(judge["n"]), str(judge["correct"]),
-                     fmt_ci(judge["accuracy"], judge.get("accuracy_ci")), fmt(judge["chance"]), str(judge["unparseable"]),
-                     str(judge["no_output"]), judge["judge_model"], reading])
-    tables["judge"] = write_table(
-        tables_dir / "judge_attribution", header, rows, "LLM-as-judge attribution",
-        [f"The same {int(cfg['eval']['judge_items'])} sampled test cells (item, target annotator) for every "
-         f"method; the judge sees {int(cfg['eval']['judge_examples_per_annotator'])} train responses of each "
-         "annotator and "
-         + ("answers in a short free reply, parsed (the endpoint offered no constraint; an unparseable "
-            "reply is counted and scored wrong). " if "free" in routes else
-            "answers by forced choice among the annotator IDs (so every output gets a verdict). ")
-         + "The judge model column names the judge (an endpoint judge with its URL, its server's model "
-         "id and how the choice was forced). "
-         "The calibration row is the judge on the targets' own human test responses: where its interval "
-         "is not above chance, the judge is uninformative for this profile. [low, high]: 95% bootstrap "
-         "interval over the judged cells' items, drawn per target annotator.",
-         f"Paper (as summarised): CAPO about {PAPER_JUDGE['accuracy']} on VariErr "
-         f"(chance {PAPER_JUDGE['chance']}), above SFT and prompting."])
-
-    # Per annotator
-    header = ["dataset", "model", "method", "annotator", "status", "n"] + [m.label for m in shown]
-    rows = []
-    for dataset, model_tag, method, result in result_cells(results):
-        if result["status"] == "missing":  # one row, not one per annotator
-            rows.append([dataset, model_tag, method_label(method), "all", "missing"]
-                        + [f"missing: {result.get('reason', 'missing')}"] * (len(shown) + 1))
-            continue
-        task = datasets[dataset]["task"]
-        for annotator in datasets[dataset]["annotators"]:
+        task, label, status = datasets[dataset]["task"], method_label(method), result["status"]
+        where, why = (dataset, model_tag, method, "macro"), f"missing: {result.get('reason', 'no predictions')}"
+        missing = status == "missing"
+        rows["table4"].append([dataset, model_tag, label, status, *([why] * len(shown) if missing else
+                               [cell(index, where, metric, task, m) for metric, m in main]), result.get("note", "")])
+        if method != HUMAN:
+            rows["table6"].append([dataset, model_tag, method, status] + (
+                [f"missing: {result.get('reason')}"] * (len(features) + 1) if missing else
+                [cell(index, where, kl, task, feature=name) for name in features] + [cell(index, where, kl, task)]))
+        rows["group_sizes"].append([dataset, model_tag, label, status] + (
+            [why] * (len(group) * len(sizes) + 1) if missing else
+            [cell(index, where, metric, task, m) for m in sizes for metric in group]
+            + [group_sizes_used(result, sizes)]))
+        if missing:  # one row, not one per annotator
+            rows["per_annotator"].append([dataset, model_tag, label, "all", "missing"]
+                                         + [f"missing: {result.get('reason', 'missing')}"] * (len(shown) + 1))
+        for annotator in [] if missing else datasets[dataset]["annotators"]:
             entry = result.get("per_annotator", {}).get(annotator)
             if entry is None or entry.get("status") != "ok":
-                why = (entry or result).get("reason", "missing")
-                rows.append([dataset, model_tag, method_label(method), annotator, "missing"]
-                            + [f"missing: {why}"] * (len(shown) + 1))
-                continue
-            rows.append([dataset, model_tag, method_label(method), annotator, "ok", str(entry["n"])]
-                        + [cell(index, (dataset, model_tag, method, annotator), metric, task,
-                                primary if metric.kind == "group" else None) for metric in shown])
-    tables["per_annotator"] = write_table(tables_dir / "per_annotator", header, rows, "Per-annotator breakdown", notes)
-
-    # Group metrics at every requested group size
-    sizes = requested_group_sizes(cfg["eval"])
-    group = [m for m in shown if m.kind == "group"]
-    header = (["dataset", "model", "method", "status"]
-              + [f"{metric.label} m={m}" for m in sizes for metric in group] + ["m used"])
-    rows = []
-    for dataset, model_tag, method, result in result_cells(results):
-        task = datasets[dataset]["task"]
-        if result["status"] == "missing":
-            rows.append([dataset, model_tag, method_label(method), "missing"]
-                        + [f"missing: {result.get('reason', 'no predictions')}"] * (len(group) * len(sizes) + 1))
+                reason = f"missing: {(entry or result).get('reason', 'missing')}"
+                rows["per_annotator"].append([dataset, model_tag, label, annotator, "missing",
+                                              *[reason] * (len(shown) + 1)])
+            else:
+                cells = [cell(index, (*where[:3], annotator), metric, task, m) for metric, m in main]
+                rows["per_annotator"].append([dataset, model_tag, label, annotator, "ok", str(entry["n"]), *cells])
+        judge = result.get("judge", {})
+        routes.add(judge.get("judge_route"))
+        label = "calibration: " + label if method == HUMAN else label
+        if judge.get("accuracy") is None:
+            why = "missing: " + judge.get("reason", "not computed")
+            rows["judge"].append([dataset, model_tag, label, why, why, why, fmt(judge.get("chance")), *[why] * 4])
             continue
-        rows.append([dataset, model_tag, method_label(method), result["status"]]
-                    + [cell(index, (dataset, model_tag, method, "macro"), metric, task, m)
-                       for m in sizes for metric in group]
-                    + [group_sizes_used(result, sizes)])
-    tables["group_sizes"] = write_table(
-        tables_dir / "group_sizes", header, rows, "Group classifier confidence and "
-        "normalised imitation by group size m", [*group_size_notes(cfg["eval"]), notes[0]])
-    return tables
+        ci = judge.get("accuracy_ci")
+        reading = ("n/a (see the calibration row)" if method != HUMAN else "informative (interval above chance)"
+                   if ci and ci[0] > judge["chance"] else
+                   "UNINFORMATIVE: not above chance on the human references, so this column measures nothing here")
+        rows["judge"].append([dataset, model_tag, label, str(judge["n"]), str(judge["correct"]),
+                              fmt_ci(judge["accuracy"], ci), fmt(judge["chance"]), str(judge["unparseable"]),
+                              str(judge["no_output"]), judge["judge_model"], reading])
+    notes, group_notes = table_notes(cfg, features)
+    first = ["dataset", "model", "method"]
+    return {
+        "table4": write_table(tables_dir / "table4_main", [*first, "status", *(m.label for m in shown), "notes"],
+                              rows["table4"], "Table 4: main results (this run)", notes),
+        "table6": write_table(
+            tables_dir / "table6_feature_kl", [*first, "status", *features, "mean"], rows["table6"],
+            "Table 6: feature KL by feature, KL(human || model)",
+            [notes[1], notes[3], "Features: " + ", ".join(features) + " (label: the label/score distribution, "
+             "with an 'unparsed' category)."]),
+        "judge": write_table(
+            tables_dir / "judge_attribution", [*first, "judged outputs", "correct", "accuracy", "chance",
+                                               "unparseable verdicts", "cells without output", "judge model",
+                                               "calibration"], rows["judge"], "LLM-as-judge attribution",
+            [f"The same {int(cfg['eval']['judge_items'])} sampled test cells (item, target annotator) for every "
+             f"method; the judge sees {int(cfg['eval']['judge_examples_per_annotator'])} train responses of each "
+             "annotator and "
+             + ("answers in a short free reply, parsed (the endpoint offered no constraint; an unparseable "
+                "reply is counted and scored wrong). " if "free" in routes else
+                "answers by forced choice among the annotator IDs (so every output gets a verdict). ")
+             + "The judge model column names the judge (an endpoint judge with its URL, its server's model "
+             "id and how the choice was forced). "
+             "The calibration row is the judge on the targets' own human test responses: where its interval "
+             "is not above chance, the judge is uninformative for this profile. [low, high]: 95% bootstrap "
+             "interval over the judged cells' items, drawn per target annotator.",
+             f"Paper (as summarised): CAPO about {PAPER_JUDGE['accuracy']} on VariErr "
+             f"(chance {PAPER_JUDGE['chance']}), above SFT and prompting."]),
+        "per_annotator": write_table(tables_dir / "per_annotator", [*first, "annotator", "status", "n",
+                                                                    *(m.label for m in shown)],
+                                     rows["per_annotator"], "Per-annotator breakdown", notes),
+        "group_sizes": write_table(
+            tables_dir / "group_sizes",
+            [*first, "status", *(f"{metric.label} m={m}" for m in sizes for metric in group), "m used"],
+            rows["group_sizes"], "Group classifier confidence and normalised imitation by group size m",
+            [*group_notes, notes[0]]),
+    }
 
 
-# ----------------------------------------------------------------------------
-# Figures: one bar chart per metric
-# ----------------------------------------------------------------------------
 def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> str:
     """tables/lewidi.{md,csv}: the shared task's official metrics for this run's methods and the
     kit's baselines (value [95% interval]) beside the published results (labelled published)."""
@@ -360,25 +293,21 @@ def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> str:
     for dataset, view in lewidi.items():
         soft_name, pe_name = view["metrics"]["soft"], view["metrics"]["pe"]
         for system in view["systems"]:
-            label = f"{system['model']}/{method_label(system['method'])}"
-            if system["status"] != "ok":
-                rows.append([dataset, "this run", label, soft_name, f"missing: {system['reason']}",
-                             pe_name, f"missing: {system['reason']}", "", ""])
-                continue
-            fallback = system.get("fallback")
-            rows.append([dataset, "this run", label, soft_name,
-                         fmt_ci(system["soft"], system["soft_ci"]) if system["soft"] is not None else "-",
-                         pe_name, fmt_ci(system["pe"], system["pe_ci"]) if system["pe"] is not None else "-",
+            label, fallback = f"{system['model']}/{method_label(system['method'])}", system.get("fallback")
+            soft, pe = ((f"missing: {system['reason']}",) * 2 if system["status"] != "ok" else
+                        (fmt_ci(system[k], system[f"{k}_ci"]) if system[k] is not None else "-"
+                         for k in ("soft", "pe")))
+            rows.append([dataset, "this run", label, soft_name, soft, pe_name, pe,
                          f"{fallback['unparsed']}, {fallback['missing']} / {fallback['cells']}" if fallback else "",
                          system.get("note", "")])
         for published_dataset, system, soft, pe in PUBLISHED_LEWIDI:
             if published_dataset == dataset:
                 rows.append([dataset, "published", system, soft_name, fmt(soft, 2) if soft is not None else "-",
                              pe_name, fmt(pe), "", "LeWiDi-2025 test set, all items"])
-    n_items = {d: f"{v['n_items']} of {v['n_test_items']}" for d, v in lewidi.items()}
+    n_items = ", ".join(f"{d}: {v['n_items']} of {v['n_test_items']}" for d, v in lewidi.items())
     notes = [LEWIDI_CAVEAT,
              "Lower is better. Ours: the mean over the test items this run scored "
-             f"({', '.join(f'{d}: {n}' for d, n in n_items.items())}), with a seeded 95% bootstrap interval over "
+             f"({n_items}), with a seeded 95% bootstrap interval over "
              "items (every system resampled on the same items); published: the full test set.",
              "Perspectivist prediction: each simulated annotator's parsed label. Soft label: the distribution of the "
              "item's simulated annotators' predicted labels (one generated label each; no label likelihoods). An "
@@ -394,6 +323,15 @@ def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> str:
              "yes/no distributions, perspectivist = per-label error rate over the item's annotators."]
     return write_table(tables_dir / "lewidi", header, rows, "The LeWiDi-2025 view: official metrics (lower is better)",
                        notes)
+
+
+# ---- Figures: one bar chart per metric, the training curves ----------------------------------
+def save_figure(fig, path: Path) -> bool:
+    fig.tight_layout()
+    with common.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_metric(results: dict, index: dict, datasets: dict, metric, m: int | None, path: Path) -> bool:
@@ -412,10 +350,9 @@ def plot_metric(results: dict, index: dict, datasets: dict, metric, m: int | Non
             xs = np.arange(len(methods)) + j * width
             found = [index.get((dataset, model_tag, method, "macro", metric.name, m, None), {}) for method in methods]
             values = [row.get("value") for row in found]
-            intervals = [[row["ci_low"], row["ci_high"]] if row.get("ci_low") is not None else None for row in found]
             # Error bars: the 95% bootstrap interval (asymmetric), none where it is missing.
-            errors = np.array([[v - ci[0], ci[1] - v] if v is not None and ci else [0.0, 0.0]
-                               for v, ci in zip(values, intervals)]).T.clip(min=0)
+            errors = np.array([[v - row["ci_low"], row["ci_high"] - v] if v is not None and row.get("ci_low")
+                               is not None else [0.0, 0.0] for v, row in zip(values, found)]).T.clip(min=0)
             ax.bar(xs, [v if v is not None else 0 for v in values], width, label=model_tag,
                    yerr=errors, capsize=2, error_kw={"linewidth": 0.8})
             for x, v in zip(xs, values):
@@ -425,14 +362,10 @@ def plot_metric(results: dict, index: dict, datasets: dict, metric, m: int | Non
         ax.set_xticklabels(methods, rotation=30, ha="right")
         ax.set_title(f"{dataset}: {metric.label}")
         if metric.chance:
-            chance = 1.0 / len(datasets[dataset]["annotators"])
-            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
+            ax.axhline(1.0 / len(datasets[dataset]["annotators"]), color="grey", linestyle="--", linewidth=1,
+                       label="chance")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with common.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def plot_training_curves(panels: list[tuple], path: Path) -> bool:
@@ -452,16 +385,10 @@ def plot_training_curves(panels: list[tuple], path: Path) -> bool:
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.tight_layout()
-    with common.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
-# ----------------------------------------------------------------------------
-# Human validation: the form (templates/human_form.html with 06's cells) and the scores
-# ----------------------------------------------------------------------------
+# ---- Human validation: the form (templates/human_form.html with 06's cells) and the scores ----
 FORM_TEMPLATE = Path(__file__).resolve().parent / "templates" / "human_form.html"
 FORM_DATA_SLOT = "/*FORM_DATA*/"
 
@@ -471,7 +398,6 @@ def write_human_form(data: dict, key_rows: list[dict], out_dir: Path, rated_vers
     `rated_version`: the version of the form already there when raters' exports sit beside it
     (06 reads it); a form of another version is then left as it is, with its key. Returns a
     one-line status for the report."""
-    import json
     template = FORM_TEMPLATE.read_text(encoding="utf-8")
     version = common.config_hash([template, data])[:12]
     key_path, form_path = out_dir / "key.csv", out_dir / "form.html"
@@ -487,14 +413,6 @@ def write_human_form(data: dict, key_rows: list[dict], out_dir: Path, rated_vers
     attention = sum(bool(row["attention_of"]) for row in key_rows)
     return (f"{form_path} (version {version}): {len(key_rows)} blinded responses to {len(targets)} test cells, "
             f"{attention} of them attention copies; the key is {key_path}")
-
-
-def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    with common.atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
 
 
 def ratings_markdown(scores: dict) -> str:
@@ -540,18 +458,6 @@ def hlv_section(hlv: dict, report_dir: Path) -> list[str]:
     return lines
 
 
-def paper_table4_markdown() -> list[str]:
-    lines = ["**The paper's numbers** (Table 4 as summarised second-hand; VariErr NLI; "
-             "not computed by this kit):", "",
-             "| model (paper) | method | label acc | feature KL (lower better) | group clf conf | norm. imitation |",
-             "|---|---|---|---|---|---|"]
-    for model, method, acc, kl, conf, imi in PAPER_TABLE4:
-        lines.append(f"| {model} | {method} | {fmt(acc)} | {fmt(kl) if kl is not None else 'not reported'} | "
-                     f"{fmt(conf) if conf is not None else 'not reported'} | "
-                     f"{fmt(imi) if imi is not None else 'not reported'} |")
-    return lines + [""]
-
-
 def claims_markdown(claims: list[dict], judge_calibration: dict, rules_note: str) -> list[str]:
     """The claims table (from metrics.json's `claims`) and the judge's calibration per dataset."""
     lines = ["| dataset | model | claim | metric | a | b | a - b [95% CI] | verdict |",
@@ -571,23 +477,20 @@ def claims_markdown(claims: list[dict], judge_calibration: dict, rules_note: str
             lines.append(f"- Judge on {dataset}: not calibrated ({calibration.get('reason', 'no verdicts')}); "
                          "its claims are not resolved.")
             continue
-        status = ("informative" if calibration["informative"] else
-                  "**uninformative for this profile** (its interval does not lie above chance): its claims are not "
-                  "resolved")
         lines.append(f"- Judge on {dataset}: accuracy on the human references "
                      f"{fmt_ci(calibration['accuracy'], calibration['ci'])} over {calibration['n']} cells, "
-                     f"chance {fmt(calibration['chance'])}: {status}.")
+                     f"chance {fmt(calibration['chance'])}: " + ("informative" if calibration["informative"] else
+                     "**uninformative for this profile** (its interval does not lie above chance): its claims are "
+                     "not resolved") + ".")
     return lines + [""]
 
 
 def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration: dict, rules_note: str,
                  datasets: dict, hlv: dict, tables: dict[str, str], figures: list[Path], curves: Path | None,
                  form_status: str, scores: str | None, started: float, lewidi: dict | None = None) -> Path:
-    """report.md from what 06 hands over (it reads no run file): the claims, 02's outputs
-    (`hlv`), the tables' markdown (`tables`), figure paths, the form's status and the human
-    scores' markdown (`scores`, None before a rating round)."""
-    run = common.run_dir(cfg)
-    path = common.report_path(cfg)
+    """report.md from what 06 hands over: the claims, 02's outputs (`hlv`), the tables' markdown,
+    figure paths, the form's status and the human scores' markdown (`scores`, None before a rating round)."""
+    run, path = common.run_dir(cfg), common.report_path(cfg)
 
     def include(markdown: str) -> list[str]:
         return [re.sub(r"^## ", "### ", markdown.strip(), flags=re.MULTILINE), ""]
@@ -599,12 +502,16 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
              "computed by this run.", "",
              f"Datasets: {', '.join(datasets)}. Models: {', '.join(m['tag'] for m in common.model_configs(cfg))}. "
              f"Judge: {common.model_configs(cfg)[0]['tag']} (the config's first model).", ""]
-    lines += ["## At a glance: do the paper's claims hold in this run?", ""]
-    lines += claims_markdown(claims, judge_calibration, rules_note)
-    lines += hlv_section(hlv, run)
-    lines += ["## 2. Main results (Table 4)", ""]
+    lines += ["## At a glance: do the paper's claims hold in this run?", "",
+              *claims_markdown(claims, judge_calibration, rules_note), *hlv_section(hlv, run),
+              "## 2. Main results (Table 4)", ""]
     if "varierr" in results:
-        lines += paper_table4_markdown()
+        lines += ["**The paper's numbers** (Table 4 as summarised second-hand; VariErr NLI; not computed by this "
+                  "kit):", "", "| model (paper) | method | label acc | feature KL (lower better) | group clf conf | "
+                  "norm. imitation |", "|---|---|---|---|---|---|"]
+        lines += [f"| {model} | {method} | {fmt(acc)} | " + " | ".join(fmt(v) if v is not None else "not reported"
+                                                                      for v in rest) + " |"
+                  for model, method, acc, *rest in PAPER_TABLE4] + [""]
     lines += include(tables["table4"])
     lines += ["### Group metrics at several group sizes", "",
               "Group classifier confidence and normalised imitation at every m of `eval.group_sizes`. Each m is "
@@ -614,18 +521,13 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
               "value is then close to 0 or 1 and the mean moves in steps of 1/annotators (it saturates), while "
               "small m grades how recognisable the outputs are. Table 4 and the claims use the largest m.", ""]
     lines += [re.sub(r"^### ", "#### ", block, flags=re.MULTILINE) for block in include(tables["group_sizes"])]
-    lines += ["## 3. Feature KL by feature (Table 6)", "", "The paper's Table 6 was not recovered.", ""]
-    lines += include(tables["table6"])
-    lines += ["## 4. LLM-as-judge attribution", "",
+    lines += ["## 3. Feature KL by feature (Table 6)", "", "The paper's Table 6 was not recovered.", "",
+              *include(tables["table6"]), "## 4. LLM-as-judge attribution", "",
               f"**Paper** (as summarised): CAPO about {PAPER_JUDGE['accuracy']} on VariErr, "
-              f"chance {PAPER_JUDGE['chance']}.", ""]
-    lines += include(tables["judge"])
-    lines += ["## 5. Per-annotator breakdown", ""]
-    lines += include(tables["per_annotator"])
-    lines += ["## 6. Figures", ""]
-    lines += ["Bars: the macro average; error bars: its 95% bootstrap interval.", ""]
-    lines += [f"![{p.stem}]({p.relative_to(run)})" for p in figures] + [""]
-    lines += ["### Training curves", ""]
+              f"chance {PAPER_JUDGE['chance']}.", "", *include(tables["judge"]),
+              "## 5. Per-annotator breakdown", "", *include(tables["per_annotator"]), "## 6. Figures", "",
+              "Bars: the macro average; error bars: its 95% bootstrap interval.", "",
+              *(f"![{p.stem}]({p.relative_to(run)})" for p in figures), "", "### Training curves", ""]
     if curves is not None:
         lines += ["Training loss per optimizer step (04 SFT, 05 CAPO; train_log.json) and CAPO's dev-selection "
                   "score per evaluation (selection.json), one line per annotator.", "",
@@ -634,22 +536,18 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
         lines += ["Not available: no train_log.json or selection.json under adapters/ (run 04_sft.py, "
                   "05_capo.py).", ""]
     lines += ["## 7. Human validation", "", f"Form: {form_status}.", ""]
-    if scores is not None:
-        lines += include(scores)
-    else:
-        lines += ["Not rated yet. Send form.html to the raters (it opens from disk in any browser), put their "
-                  "ratings-<rater>.json exports beside key.csv, then: `python 06_eval.py --config "
-                  f"{cfg.get('config_path', 'configs/<profile>.yaml')} --score-ratings "
-                  f"{run / 'human_eval'}/ratings-*.json`. "
-                  "Paper (as summarised, unverified): 82.8% agreement between two validators; CAPO judged more "
-                  "coherent, better grounded and closer to the target's style.", ""]
+    lines += include(scores) if scores is not None else [
+        "Not rated yet. Send form.html to the raters (it opens from disk in any browser), put their "
+        "ratings-<rater>.json exports beside key.csv, then: `python 06_eval.py --config "
+        f"{cfg.get('config_path', 'configs/<profile>.yaml')} --score-ratings {run / 'human_eval'}/ratings-*.json`. "
+        "Paper (as summarised, unverified): 82.8% agreement between two validators; CAPO judged more "
+        "coherent, better grounded and closer to the target's style.", ""]
     lines += ["## 8. The LeWiDi-2025 view", ""]
     if lewidi is None:
         lines += ["Skipped: this run uses the kit's own split (data.split: paper); run with `--split lewidi` "
                   "for the shared task's split, official metrics and submission files.", ""]
     else:
-        lines += [LEWIDI_CAVEAT, ""]
-        lines += include(tables["lewidi"])
+        lines += [LEWIDI_CAVEAT, "", *include(tables["lewidi"])]
         submissions = sorted({str(Path(p).parent.relative_to(run)) for view in lewidi.values()
                               for system in view["systems"] for p in system.get("submission", [])})
         lines += ["Submission files (the shared task's format, `id<TAB>python list`): "

@@ -13,7 +13,7 @@ import pytest
 
 import common
 from conftest import load_stage, mark_predictions
-from test_eval import NLI_TASK, PAR_TASK, make_fixture_run
+from test_eval import NLI_TASK, PAR_TASK, feature_histograms, make_fixture_run
 
 ev6 = load_stage("06_eval")
 
@@ -74,7 +74,7 @@ def test_weighted_kl_with_unit_weights_is_the_plain_kl():
             train[name].append(value)
     edges = ev6.feature_bin_edges(train, 3)
     edges["label"] = ev6.label_categories(NLI_TASK)
-    histograms = ev6.feature_histograms(rows, edges)
+    histograms = feature_histograms(rows, edges)
     for name, (bins, n_bins) in ev6.feature_bins(rows, edges).items():
         assert np.bincount(bins, minlength=n_bins) == pytest.approx(histograms[name])
 
