@@ -34,7 +34,9 @@ from eval_report import HUMAN, primary_group_size, requested_group_sizes
 
 PROMPTING_METHODS = ("base", "icl", "vp", "vp_icl")
 TRAINED_METHODS = ("sft", "capo")
-STAGE_OF_METHOD = {**{m: "03_prompt_baselines" for m in PROMPTING_METHODS}, "sft": "04_sft", "capo": "05_capo"}
+STAGE_OF_METHOD = {**{m: "03_prompt_baselines" for m in PROMPTING_METHODS},
+                   **{m + kind: f"0{4 + i}_{m}" for i, m in enumerate(TRAINED_METHODS) for kind in ("", "_shared")},
+                   "capo_all": "05_capo"}
 
 
 # ==== OUR DEFINITIONS ===================================================================================
@@ -291,7 +293,9 @@ def load_dataset(cfg: dict, dataset: str) -> dict:
 
 
 def expected_methods(cfg: dict) -> list[str]:
-    return list(cfg["baselines"]["methods"]) + list(TRAINED_METHODS)
+    """The prompting methods, then SFT and CAPO per annotator and shared, as `adapters` asks."""
+    return [*cfg["baselines"]["methods"], *(m for kind, suffix in (("per_annotator", ""), ("shared", "_shared"))
+                                            if kind in cfg["adapters"] for m in (f"sft{suffix}", f"capo{suffix}"))]
 
 
 def load_predictions(cfg: dict, ds: dict, model_tag: str, method: str) -> tuple[dict, dict]:
@@ -325,8 +329,10 @@ def redo_command(cfg: dict, dataset: str, method: str, annotator: str) -> str:
     """The command that remakes one predictions file."""
     stage = STAGE_OF_METHOD.get(method)
     if stage is None:
-        return f"the stage that wrote predictions/{dataset}/.../{method}/ (05_capo.py for capo_all)"
-    args = ["--dataset", dataset] + (["--annotators", annotator] if stage != "03_prompt_baselines" else [])
+        return f"the stage that wrote predictions/{dataset}/.../{method}/"
+    per_annotator = stage != "03_prompt_baselines" and not method.endswith("_shared")
+    args = ["--dataset", dataset, *(["--annotators", annotator] if per_annotator else []),
+            *(["--capo.pair_policy", "all"] if method == "capo_all" else [])]
     return common.stage_command(cfg, f"{stage}.py", *args)
 
 
@@ -1029,6 +1035,9 @@ def claims_check(results: dict, draws: dict, datasets: dict, calibration: dict) 
                      for metric, better in (*imitation, (decision, higher))]
             rows.append(claim(f"CAPO keeps SFT's {decision} (non-inferiority, margin {margin:g})", decision, "capo",
                               "sft", higher, margin))
+            rows += [claim(f"per-annotator {m.upper()} better than shared {m.upper()} on {metric}", metric, m,
+                           f"{m}_shared", better) for m in TRAINED_METHODS if {m, f"{m}_shared"} <= set(methods)
+                     for metric, better in (*imitation, (decision, higher))]
             for row in rows:
                 if "reason" in row:
                     continue
@@ -1536,15 +1545,19 @@ def fill_adapter_cards(cfg: dict, results: dict) -> None:
     """Each SFT/CAPO adapter's model card gets its annotator's test metrics (pooled over seeds)."""
     for dataset, models in results.items():
         for model_tag, methods in models.items():
-            for method in TRAINED_METHODS:
-                for annotator, entry in (methods.get(method) or {}).get("per_annotator", {}).items():
+            for method, result in methods.items():
+                if STAGE_OF_METHOD.get(method) not in ("04_sft", "05_capo"):
+                    continue
+                shared = method.endswith("_shared")  # one adapter: the mean over its targets
+                entries = {None: result} if shared else result.get("per_annotator", {})
+                for annotator, entry in entries.items():
                     for seed in common.training_seeds(cfg):
                         folder = common.adapter_dir(common.with_seed(cfg, seed), dataset, model_tag, method, annotator)
                         if folder.is_dir() and entry.get("status") == "ok":
                             numbers = {k: v for k, v in entry.items()
                                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                            common.update_adapter_card_metrics(folder, numbers,
-                                                               source="06_eval.py, this run's test items")
+                            common.update_adapter_card_metrics(folder, numbers, source="06_eval.py, this run's test "
+                                                               "items" + (", the mean over annotators" if shared else ""))
 
 
 def hlv_outputs(cfg: dict, names: list[str]) -> dict[str, dict | None]:
@@ -1559,31 +1572,33 @@ def hlv_outputs(cfg: dict, names: list[str]) -> dict[str, dict | None]:
 
 
 def training_curves(cfg: dict, names: list[str]) -> list[tuple[str, dict, str]]:
-    """Panels (title, {annotator: (steps, values)}, y label): 04's and 05's loss, CAPO's dev selection."""
+    """Panels (title, {annotator or "shared": (steps, values)}, y label): 04's and 05's training
+    loss, CAPO's dev-selection score."""
+    def curves(files, points_of):
+        lines = {}
+        for path in files:  # adapters/<method>/<annotator>/<file> or adapters/<method>_shared/<file>
+            points = points_of(common.read_json(path))
+            if points:
+                lines["shared" if path.parent.name.endswith("_shared") else path.parent.name] = tuple(zip(*points))
+        return lines
+
     panels = []
     for dataset in names:
         for model_cfg in common.model_configs(cfg):
             tag = model_cfg["tag"]
-            adapters = common.adapter_dir(cfg, dataset, tag, "sft", "x").parent.parent
+            adapters = common.adapter_dir(cfg, dataset, tag, "sft", None).parent
             for method in TRAINED_METHODS:
-                curves = {}
-                for log in sorted(adapters.glob(f"{method}/*/train_log.json")):
-                    history = common.read_json(log).get("log_history", [])
-                    points = [(row["step"], row["loss"]) for row in history if "loss" in row and "step" in row]
-                    if points:
-                        curves[log.parent.name] = tuple(zip(*points))
-                if curves:
-                    panels.append((f"{dataset}/{tag}: {method} training loss", curves, "loss"))
-            curves, measure = {}, None
-            for selection in sorted(adapters.glob("capo/*/selection.json")):
-                choice = common.read_json(selection)
-                points = [(row["step"], row["score"]) for row in choice.get("history") or []
-                          if row and row.get("score") is not None]
-                if points:
-                    curves[selection.parent.name] = tuple(zip(*points))
-                    measure = choice.get("measure") or measure
-            if curves:
-                panels.append((f"{dataset}/{tag}: CAPO dev selection", curves, measure or "score"))
+                logs = [*sorted(adapters.glob(f"{method}/*/train_log.json")), *adapters.glob(f"{method}_shared/train_log.json")]
+                loss = curves(logs, lambda log: [(row["step"], row["loss"]) for row in log.get("log_history", [])
+                                                 if "loss" in row and "step" in row])
+                if loss:
+                    panels.append((f"{dataset}/{tag}: {method} training loss", loss, "loss"))
+            selections = [*sorted(adapters.glob("capo/*/selection.json")), *adapters.glob("capo_shared/selection.json")]
+            scores = curves(selections, lambda choice: [(row["step"], row["score"]) for row in choice.get("history") or []
+                                                        if row and row.get("score") is not None])
+            if scores:
+                measure = next((common.read_json(p).get("measure") for p in selections), None)
+                panels.append((f"{dataset}/{tag}: CAPO dev selection", scores, measure or "score"))
     return panels
 
 
