@@ -1,31 +1,15 @@
-"""03_prompt_baselines.py: Base, ICL, VP and VP-ICL prompting -> predictions JSONL.
+"""03_prompt_baselines.py: the prompting baselines Base, ICL, VP and VP-ICL -> predictions JSONL.
 
     python 03_prompt_baselines.py --config configs/cpu.yaml --dataset varierr
-    python 03_prompt_baselines.py --config configs/smoke.yaml --dataset all
-    python 03_prompt_baselines.py --config configs/cpu.yaml --baselines.methods "[base, icl]" --baselines.icl_k 10
-    accelerate launch --num_processes 2 03_prompt_baselines.py --config configs/paper.yaml   # (dataset, annotator) units shared out
+    python 03_prompt_baselines.py --config configs/cpu.yaml --baselines.methods "[base, icl]"
+    accelerate launch --num_processes 2 03_prompt_baselines.py --config configs/paper.yaml   # annotators shared out
 
-Methods (the paper's four baselines; docs/CHOICES.md), all asking for `Label: ...` / `Explanation: ...`:
-  base    the annotator ID and the task instructions only
-  icl     + k demonstrations: the target annotator's own train responses (baselines.icl_k)
-  vp      + a value profile: the profile writer model's short description of how the
-          annotator decides and explains, written from a sample of their train responses
-  vp_icl  profile and demonstrations together
-
-Writes runs/<profile>/predictions/<dataset>/<model>/<method>/<annotator>.jsonl (one
-generation per test item the annotator labelled, docs/DESIGN.md prediction records; with
-data.max_eval_items, per item of a seeded sample of test items, as in 04-06) with a
-config.resolved.yaml in each method folder, and runs/<profile>/profiles/<dataset>/
-<annotator>.txt (+ .json: cache key, writer model, source items, prompt). A profile is
-reused while its key (writer model, prompt with its source responses, decoding settings)
-is unchanged and rewritten otherwise. The parse rate of every file is printed.
-
-Our choices where the paper is silent: demonstrations and profile sources are seeded
-random samples of the annotator's own train records (salted by purpose, dataset and
-annotator), the same demonstrations for every test item, in sampled order; one model
-(baselines.profile_writer, default the config's first) writes every profile, so all
-models are conditioned on the same text; only train records are ever shown, and a
-train item that is also a dev or test item stops the stage.
+Every method asks for `Label: ...` / `Explanation: ...` as a target annotator: base with the
+annotator ID and the task only; icl with baselines.icl_k of the annotator's own train responses as
+earlier turns; vp with a value profile (a short description of how the annotator decides and
+explains, written by the profile writer model from a seeded sample of their train responses,
+cached under profiles/); vp_icl with both. Only train records are ever shown. Writes
+predictions/<dataset>/<model>/<method>/<annotator>.jsonl; current files are kept.
 """
 from __future__ import annotations
 

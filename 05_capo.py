@@ -211,10 +211,11 @@ class AttributionMeasure:
 
     def __call__(self, model, trainer=None) -> dict:
         section, scores = self.cfg["capo"], []
-        for target, (requests, means) in self.targets.items():
-            predictions = common.generate_predictions(model, self.tokenizer, requests, self.task,
-                                                      self.cfg["generation"], method="capo", model_tag="",
-                                                      seed=self.cfg["seed"], desc="dev selection")
+        requests = [request for requests, _ in self.targets.values() for request in requests]  # one call for all
+        generated = common.generate_predictions(model, self.tokenizer, requests, self.task, self.cfg["generation"],
+                                                method="capo", model_tag="", seed=self.cfg["seed"], desc="dev selection")
+        for target, (_, means) in self.targets.items():
+            predictions = [p for p in generated if p["annotator"] == target]
             stand_ins = [{"item_id": p["item_id"], "label": p["label"],  # unparsed: the raw text stands in
                           "explanation": p["explanation"] if p["parse_ok"] else p["output"]} for p in predictions]
             X, _ = common.representation_vectors(self.cfg, stand_ins, self.representation, means=means)

@@ -224,6 +224,9 @@ def normalised_imitation(model_confidence: float | None, human_confidence: float
 # -- LLM-as-judge attribution: the judge sees k TRAIN responses of every annotator (label and explanation,
 #    no item text), then one response with its item, and names the annotator: a forced choice, the reply
 #    constrained to one of the IDs (engine.ReplyConstraint) and chosen greedily. The calibration row: the targets' own responses.
+JUDGE_MAX_ANNOTATORS = 16  # the prompt shows every annotator's examples; with more, the judge is reported missing
+
+
 def judge_messages(task: dict, annotators: list[str], examples: dict[str, list[dict]],
                    text_a: str, text_b: str, response: str) -> list[dict]:
     ids = ", ".join(annotators)
@@ -289,6 +292,7 @@ def load_dataset(cfg: dict, dataset: str) -> dict:
     # The bootstrap's units: each target's test items (those with a human reference), sorted.
     target_items = {a: sorted({item for item, ann in references if ann == a}) for a in annotators}
     return {"name": dataset, "task": task, "annotators": annotators, "train": train, "test": test,
+            "everyone": common.all_annotators(cfg, dataset),  # the judge's and the raters' candidates
             "references": dict(references), "items": items, "target_items": target_items}
 
 
@@ -809,7 +813,7 @@ def sample_keys(ds: dict, n: int, seed: int) -> list[tuple[str, str]]:
 
 def train_examples(ds: dict, k: int, seed: int) -> dict[str, list[dict]]:
     rng = random.Random(seed)
-    by_annotator = {a: [r for r in ds["train"] if r["annotator"] == a] for a in ds["annotators"]}
+    by_annotator = {a: [r for r in ds["train"] if r["annotator"] == a] for a in ds["everyone"]}
     return {a: rng.sample(records, min(k, len(records))) for a, records in by_annotator.items()}
 
 
@@ -828,9 +832,31 @@ def cell_sources(ds: dict, predictions: dict, item_id: str, target: str) -> dict
     return sources
 
 
+def example_cells(cfg: dict, ds: dict, predictions: dict) -> list[dict]:
+    """The report's examples: eval.example_items seeded test items (the same in every run with the
+    seed) and, for up to four of the targets who answered each, their own response and what every
+    method wrote for them (first training seed). Never on the blinded form."""
+    rng = random.Random(stable_seed(cfg["seed"], "examples", ds["name"]))
+    items = sorted({item for item, annotator in ds["references"] if annotator in ds["annotators"]})
+    examples = []
+    for item_id in sorted(rng.sample(items, min(int(cfg["eval"]["example_items"]), len(items)))):
+        targets = [a for a in ds["annotators"] if (item_id, a) in ds["references"]]
+        targets = sorted(rng.sample(targets, min(4, len(targets))), key=targets.index)
+        examples.append({"dataset": ds["name"], "item_id": item_id, "text_a": ds["items"][item_id]["text_a"],
+                         "text_b": ds["items"][item_id]["text_b"], "task": ds["task"], "targets": [
+                             {"target": target, "responses": [
+                                 (model_tag, method, None if p is None else p["label"] if p.get("parse_ok") else None,
+                                  None if p is None else explanation_text(p), bool(p and p.get("parse_ok")))
+                                 for (model_tag, method), p in cell_sources(ds, predictions, item_id, target).items()]}
+                             for target in targets]})
+    return examples
+
+
 def judge_jobs(cfg: dict, ds: dict, predictions: dict) -> list[dict]:
     """One judge prompt per sampled test cell and method (the same cells for every method)."""
     ev = cfg["eval"]
+    if len(ds["everyone"]) > JUDGE_MAX_ANNOTATORS:
+        return []
     keys = sample_keys(ds, int(ev["judge_items"]), stable_seed(cfg["seed"], "judge", ds["name"]))
     examples = train_examples(ds, int(ev["judge_examples_per_annotator"]),
                               stable_seed(cfg["seed"], "judge-ex", ds["name"]))
@@ -841,7 +867,7 @@ def judge_jobs(cfg: dict, ds: dict, predictions: dict) -> list[dict]:
             jobs.append({"dataset": ds["name"], "model": model_tag, "method": method, "annotator": annotator,
                          "item_id": item_id})
             if prediction is not None:
-                jobs[-1]["messages"] = judge_messages(ds["task"], ds["annotators"], examples, item["text_a"],
+                jobs[-1]["messages"] = judge_messages(ds["task"], ds["everyone"], examples, item["text_a"],
                                                       item["text_b"], response_text(prediction))
     return jobs
 
@@ -890,9 +916,11 @@ def run_judge(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]]) -> 
     return None, identity
 
 
-def judge_summary(jobs: list[dict], annotators: list[str], judge_reason: str | None, judge: dict) -> dict:
-    """Accuracy over the judged outputs, per annotator too, and chance: naming the most frequent target."""
-    chance = 1.0 / len(annotators)
+def judge_summary(jobs: list[dict], annotators: list[str], judge_reason: str | None, judge: dict,
+                  candidates: int | None = None) -> dict:
+    """Accuracy over the judged outputs, per target annotator too, and chance: naming the most frequent
+    target (without verdicts: one of the `candidates` annotators)."""
+    chance = 1.0 / (candidates or len(annotators))
     if judge_reason:
         return {"accuracy": None, "reason": judge_reason, "chance": chance}
     judged = [job for job in jobs if "messages" in job]
@@ -913,7 +941,7 @@ def attach_judge(results: dict, draws: dict, ds: dict, jobs: list[dict], judge_r
     """The judge's summary, judge_attribution and its interval on every row and target; its draws."""
 
     def summarise(jobs: list[dict]) -> tuple[dict, np.ndarray | None]:
-        summary = judge_summary(jobs, ds["annotators"], judge_reason, judge)
+        summary = judge_summary(jobs, ds["annotators"], judge_reason, judge, len(ds["everyone"]))
         if summary["accuracy"] is None:
             return summary, None
         numerator, denominator, per_annotator = 0.0, 0.0, {}
@@ -1052,17 +1080,24 @@ def claims_check(results: dict, draws: dict, datasets: dict, calibration: dict) 
     return claims
 
 
+WIDE_INTERVALS_BELOW = 30  # test items per target: with fewer, the report says the intervals are wide
+
+
 def claim_rules_note(datasets: dict) -> str:
-    """The report's text for the rules defined here: saturation and the non-inferiority margins."""
+    """The report's text for the rules defined here: saturation, the non-inferiority margins, and a
+    warning where few test items per target make the intervals wide."""
     margins = []
     for name, ds in datasets.items():
         decision, _, span = main_decision_metric(ds["task"])
         margins.append(f"{name} {decision} {KEPT_FRACTION_OF_RANGE * span:g}")
+    fewest = min((len(items) for ds in datasets.values() for items in ds["target_items"].values()), default=0)
+    wide = (f" **Few test items**: as few as {fewest} per target annotator, so the intervals are wide; a `not "
+            "resolved` here is no evidence either way." if fewest < WIDE_INTERVALS_BELOW else "")
     return (f"A group-metric claim between two methods whose per-target group classifier confidences all lie "
             f"within {SATURATION_TOLERANCE:g} of 0 or 1 is `not resolved` (saturated: it counts annotators, it "
             f"does not grade). Non-inferiority margin (our choice: {KEPT_FRACTION_OF_RANGE:.0%} of the metric's range; "
             f"{', '.join(margins)}): `holds` when the interval stays on the good side of the margin, "
-            "`contradicted` when it lies wholly beyond it.")
+            "`contradicted` when it lies wholly beyond it." + wide)
 
 
 # ==== HUMAN VALIDATION (our protocol) ====================================================================
@@ -1092,14 +1127,18 @@ def form_contents(cfg: dict, datasets: dict, predictions: dict, jobs: dict) -> t
                         for name, text in RATING_QUESTIONS.items()]}
     key = []
     for name, ds in datasets.items():
+        if len(ds["everyone"]) > JUDGE_MAX_ANNOTATORS:  # no rater chooses among a crowd: as for the judge
+            print(f"[eval] {name}: not on the human-validation form ({len(ds['everyone'])} annotators, more than "
+                  f"JUDGE_MAX_ANNOTATORS {JUDGE_MAX_ANNOTATORS})", flush=True)
+            continue
         verdicts = {(job["item_id"], job["annotator"], job["model"], job["method"]): job.get("verdict")
                     for job in jobs.get(name, []) if "messages" in job}
         examples = train_examples(ds, int(ev["judge_examples_per_annotator"]),
                                   stable_seed(cfg["seed"], "judge-ex", name))  # the judge's examples
         data["datasets"][name] = {
-            "text_a": ds["task"]["text_a_name"], "text_b": ds["task"]["text_b_name"], "annotators": ds["annotators"],
+            "text_a": ds["task"]["text_a_name"], "text_b": ds["task"]["text_b_name"], "annotators": ds["everyone"],
             "examples": {a: [f"Label: {r['label']} | Explanation: {r['explanation']}" for r in examples[a]]
-                         for a in ds["annotators"]}}
+                         for a in ds["everyone"]}}
         keys = sample_keys(ds, int(ev["human_sheet_items"]), stable_seed(cfg["seed"], "judge", name))
         for position, (item_id, target) in enumerate(keys):
             item = ds["items"][item_id]
@@ -1650,7 +1689,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- the judge first: the one part shared out over the processes of a launch
     jobs = {name: judge_jobs(cfg, ds, predictions[name]) for name, ds in datasets.items()}
     judge_reason, judge = run_judge(cfg, [job for dataset_jobs in jobs.values() for job in dataset_jobs],
-                                    {name: ds["annotators"] for name, ds in datasets.items()})
+                                    {name: ds["everyone"] for name, ds in datasets.items()})
     if not common.is_main_process():
         return
 
@@ -1658,7 +1697,9 @@ def main(argv: list[str] | None = None) -> None:
     results, draws = {}, {}
     for name, ds in datasets.items():
         results[name], draws[name], plan = evaluate_dataset(cfg, ds, loaded[name])
-        attach_judge(results[name], draws[name], ds, jobs[name], judge_reason, judge, plan)
+        crowd = (f"{len(ds['everyone'])} annotators, more than one judge prompt shows (JUDGE_MAX_ANNOTATORS "
+                 f"{JUDGE_MAX_ANNOTATORS})" if len(ds["everyone"]) > JUDGE_MAX_ANNOTATORS else None)
+        attach_judge(results[name], draws[name], ds, jobs[name], judge_reason or crowd, judge, plan)
     common.write_jsonl(tables_dir / "judge_verdicts.jsonl",  # every reply, for auditing the judge
                        ({k: v for k, v in job.items() if k != "messages"} for dataset_jobs in jobs.values()
                         for job in dataset_jobs if "reply" in job))
@@ -1690,6 +1731,8 @@ def main(argv: list[str] | None = None) -> None:
     form_status = eval_report.write_human_form(form_data, form_key, human_eval, rated_form_version(human_eval))
     scores = (human_eval / "scores.md").read_text(encoding="utf-8") if (human_eval / "scores.md").exists() else None
     common.save_resolved_config(cfg, tables_dir, stage="06_eval")
+    tables["examples"] = eval_report.write_examples(
+        tables_dir, [cell for name, ds in datasets.items() for cell in example_cells(cfg, ds, predictions[name])])
     report = eval_report.write_report(cfg, results, claims, calibration, claim_rules_note(datasets), datasets,
                                       hlv_outputs(cfg, names), tables, figures, curves, form_status, scores,
                                       started, lewidi=lewidi)

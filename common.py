@@ -71,6 +71,7 @@ data:
   max_items: int|null
   max_eval_items: int|null
   min_train_records_per_annotator: int
+  annotators?: list[str]|null = null
 models:
   - tag: str
     source: str
@@ -178,6 +179,7 @@ eval:
   judge_items: int
   human_sheet_items: int
   human_attention_cells: int
+  example_items?: int = 2
   bootstrap_resamples: int
   bootstrap_group_draws: int
 """)
@@ -590,8 +592,19 @@ def load_splits(cfg: dict, dataset: str) -> dict[str, list[dict]]:
             "test": load_eval_split(cfg, dataset, "test")}
 
 
-def dataset_annotators(cfg: dict, dataset: str) -> list[str]:
+def all_annotators(cfg: dict, dataset: str) -> list[str]:
+    """Every annotator of the dataset, as 01 found them."""
     return read_json(data_dir(cfg, dataset) / "stats.json")["annotators"]
+
+
+def dataset_annotators(cfg: dict, dataset: str) -> list[str]:
+    """The target annotators, whose behaviour 03-06 learn and score: data.annotators (everyone's
+    records stay: rejected responses, the classifier, the judge's candidates), or every annotator."""
+    everyone, chosen = all_annotators(cfg, dataset), cfg["data"]["annotators"]
+    unknown = [a for a in chosen or [] if a not in everyone]
+    if unknown:
+        raise InputError(f"data.annotators: {', '.join(unknown)} not in dataset '{dataset}' ({', '.join(everyone)})")
+    return [a for a in everyone if a in chosen] if chosen else everyone
 
 
 def normalize_label(value: Any, task: dict) -> str | int | None:
@@ -1894,6 +1907,8 @@ def _changed_value(key: str, old: Any, new: Any) -> str:
     `models` list its entry as models[<tag>])."""
     if isinstance(old, dict) and isinstance(new, dict):
         for sub in sorted(set(old) | set(new)):
+            if sub not in old:
+                return f"{key}.{sub} was not recorded (an older kit's recipe), now {json.dumps(new[sub])}"
             if old.get(sub) != new.get(sub):
                 return _changed_value(f"{key}.{sub}", old.get(sub), new.get(sub))
     if key == "models" and isinstance(old, list) and isinstance(new, list) and len(old) == len(new):

@@ -273,15 +273,42 @@ def write_tables(cfg: dict, results: dict, result_rows: list[dict], datasets: di
              "interval over the judged cells' items, drawn per target annotator.",
              f"Paper (as summarised): CAPO about {PAPER_JUDGE['accuracy']} on VariErr "
              f"(chance {PAPER_JUDGE['chance']}), above SFT and prompting."]),
-        "per_annotator": write_table(tables_dir / "per_annotator", [*first, "annotator", "status", "n",
-                                                                    *(m.label for m in shown)],
-                                     rows["per_annotator"], "Per-annotator breakdown", notes),
+        "per_annotator": per_annotator_table(tables_dir, [*first, "annotator", "status", "n", *(m.label for m in shown)],
+                                             rows["per_annotator"], notes),
         "group_sizes": write_table(
             tables_dir / "group_sizes",
             [*first, "status", *(f"{metric.label} m={m}" for m in sizes for metric in group), "m used"],
             rows["group_sizes"], "Group classifier confidence and normalised imitation by group size m",
             [*group_notes, notes[0]]),
     }
+
+
+LISTED_ANNOTATORS = 12  # beyond, the report summarises annotators (a crowd would be pages of rows)
+
+
+def per_annotator_table(tables_dir: Path, header: list[str], rows: list[list[str]], notes: list[str]) -> str:
+    """tables/per_annotator.{md,csv}, every annotator's row; its markdown for the report, or with more
+    than LISTED_ANNOTATORS annotators a summary: per method, each metric's min, median and max over
+    the annotators (tables/per_annotator_summary.{md,csv})."""
+    full = write_table(tables_dir / "per_annotator", header, rows, "Per-annotator breakdown", notes)
+    groups: dict[tuple, list[list[str]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[:3]), []).append(row)
+    if max(len(members) for members in groups.values()) <= LISTED_ANNOTATORS:
+        return full
+
+    def spread(texts: list[str]) -> str:
+        values = sorted(float(t.split(" ")[0]) for t in texts if t[:1].isdigit() or t[:1] == "-")
+        return (f"{fmt(values[0])} / {fmt(float(np.median(values)))} / {fmt(values[-1])}" if values
+                else "missing: no annotator has a value")
+    summary = [[*key, str(sum(r[4] == "ok" for r in members)), *(spread([r[col] for r in members if r[4] == "ok"])
+                                                                  for col in range(6, len(header)))]
+               for key, members in groups.items()]
+    return write_table(tables_dir / "per_annotator_summary", [*header[:3], "annotators with a value",
+                                                               *header[6:]], summary,
+                       "Per-annotator breakdown, summarised: min / median / max over annotators",
+                       [f"More than {LISTED_ANNOTATORS} annotators: every annotator's row is in tables/per_annotator.csv.",
+                        *notes])
 
 
 def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> str:
@@ -382,7 +409,8 @@ def plot_training_curves(panels: list[tuple], path: Path) -> bool:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=6)
+        if len(curves) <= LISTED_ANNOTATORS:
+            ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     return save_figure(fig, path)
@@ -458,6 +486,29 @@ def hlv_section(hlv: dict, report_dir: Path) -> list[str]:
     return lines
 
 
+def write_examples(tables_dir: Path, examples: list[dict]) -> str:
+    """tables/examples.md: per example item its two texts and, per target annotator, their own response
+    and what each method wrote for them. Returns the markdown."""
+    lines = ["## What the methods wrote: examples", "",
+             "Seeded test items (the same in every run with this seed). For each target annotator who answered the "
+             "item: their own test response, then what each method wrote when asked to answer as them. An output "
+             "that did not parse is shown raw, marked *(unparsed)*.", ""]
+    for example in examples:
+        task = example["task"]
+        lines += [f"### {example['dataset']}, item {example['item_id']}", "",
+                  f"- {task['text_a_name']}: {example['text_a']}", f"- {task['text_b_name']}: {example['text_b']}", ""]
+        for target in example["targets"]:
+            lines += [f"Answering as **{target['target']}**:", "", "| written by | label | explanation |", "|---|---|---|"]
+            for model_tag, method, label, explanation, parsed in target["responses"]:
+                who = f"{target['target']} (the human)" if method == HUMAN else f"{model_tag} / {method_label(method)}"
+                text = "no output" if explanation is None else explanation + ("" if parsed else " *(unparsed)*")
+                lines.append(f"| {who} | {'-' if label is None else label} | {text.replace('|', '/')} |")
+            lines.append("")
+    markdown = "\n".join(lines)
+    common.atomic_write_text(tables_dir / "examples.md", markdown)
+    return markdown
+
+
 def claims_markdown(claims: list[dict], judge_calibration: dict, rules_note: str) -> list[str]:
     """The claims table (from metrics.json's `claims`) and the judge's calibration per dataset."""
     lines = ["| dataset | model | claim | metric | a | b | a - b [95% CI] | verdict |",
@@ -503,7 +554,7 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
              f"Datasets: {', '.join(datasets)}. Models: {', '.join(m['tag'] for m in common.model_configs(cfg))}. "
              f"Judge: {common.model_configs(cfg)[0]['tag']} (the config's first model).", ""]
     lines += ["## At a glance: do the paper's claims hold in this run?", "",
-              *claims_markdown(claims, judge_calibration, rules_note), *hlv_section(hlv, run),
+              *claims_markdown(claims, judge_calibration, rules_note), tables["examples"], "", *hlv_section(hlv, run),
               "## 2. Main results (Table 4)", ""]
     if "varierr" in results:
         lines += ["**The paper's numbers** (Table 4 as summarised second-hand; VariErr NLI; not computed by this "

@@ -52,7 +52,7 @@ import common  # noqa: E402
 
 def bench_config(args) -> Path:
     """The profile (paper, or smoke with --tiny) with the stand-in model, written into the run dir."""
-    cfg = yaml.safe_load((ROOT / "configs" / ("smoke.yaml" if args.tiny else "paper.yaml")).read_text())
+    cfg, _ = common.read_profile(ROOT / "configs" / ("smoke.yaml" if args.tiny else "paper.yaml"))
     if not args.tiny:
         cfg["models"] = [{"tag": f"{args.architecture}-stand-in", "source": "random", "name_or_path": None,
                           "architecture": args.architecture, "num_layers": args.num_layers,

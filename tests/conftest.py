@@ -30,7 +30,7 @@ def load_stage(name: str):
 
 def write_config(tmp_path: Path, base: str = "smoke", **changes) -> Path:
     """A copy of configs/<base>.yaml with run_dir under tmp_path and `section.key` changes."""
-    cfg = yaml.safe_load((ROOT / "configs" / f"{base}.yaml").read_text())
+    cfg, _ = common.read_profile(ROOT / "configs" / f"{base}.yaml")  # over its base: chain
     cfg["run_dir"] = str(tmp_path / "run")
     for dotted, value in changes.items():
         node = cfg

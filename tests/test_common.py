@@ -38,7 +38,7 @@ def test_every_profile_parses_and_has_the_same_keys():
 
 
 def test_a_profile_names_its_base_and_changes_keys(tmp_path):
-    (tmp_path / "first.yaml").write_text((ROOT / "configs" / "smoke.yaml").read_text())
+    (tmp_path / "first.yaml").write_text(yaml.safe_dump(common.read_profile(ROOT / "configs" / "smoke.yaml")[0]))
     (tmp_path / "second.yaml").write_text("base: first\nprofile: second\ngeneration: {max_new_tokens: 5}\n")
     cfg = common.load_config(tmp_path / "second.yaml", ["--seed", "3"])
     smoke = common.load_config(ROOT / "configs" / "smoke.yaml")
@@ -105,7 +105,7 @@ def test_bad_yaml_names_the_file(tmp_path):
 
 def yaml_with(tmp_path, **changes) -> Path:
     """configs/smoke.yaml with `section__key` set (a key that is not there is added: a typo)."""
-    cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    cfg, _ = common.read_profile(ROOT / "configs" / "smoke.yaml")
     for dotted, value in changes.items():
         *parents, leaf = dotted.split("__")
         node = cfg
