@@ -2358,11 +2358,17 @@ def launch_stage(argv: list[str]) -> int:
     times, label, dataset, *args = argv
     launcher, peak, done = psutil.Process(), [0], threading.Event()
 
+    def rss(process) -> int:
+        try:
+            return process.memory_info().rss
+        except psutil.Error:  # it ended while it was read
+            return 0
+
     def sample() -> None:
         while not done.wait(0.5):
             try:
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in launcher.children(recursive=True)))
-            except psutil.Error:  # a process ended while it was read
+                peak[0] = max(peak[0], sum(map(rss, launcher.children(recursive=True))))
+            except psutil.Error:
                 pass
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
