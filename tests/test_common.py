@@ -367,7 +367,7 @@ def test_smollm2_gguf_loads_offline_and_generates():
     cfg = common.load_config(ROOT / "configs" / "cpu.yaml")
     model, tokenizer = common.load_model_and_tokenizer(cfg["models"][0], device="cpu")
     assert model.config.num_hidden_layers == 30 and "quantization_config" not in model.config.to_dict()
-    assert (common.smollm2_cache_dir() / "model.safetensors").exists()
+    assert (common.gguf_cache_dir() / "model.safetensors").exists()
     prompt = common.render_prompt(tokenizer, [{"role": "user", "content": "What colour is the sky?"}])
     ids = tokenizer([prompt], return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)

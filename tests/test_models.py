@@ -64,7 +64,7 @@ def test_stand_in_at_full_depth_has_the_published_shape(architecture, billions, 
 def test_stand_in_builds_on_cpu_at_reduced_depth_and_runs_with_the_kit_tokenizer():
     # any tokenizer folder will do (the real Qwen3 one: tests/test_templates.py); SmolLM2's is here offline
     entry = {"tag": "qwen3-4b", "source": "random", "architecture": "qwen3-4b", "num_layers": 1,
-             "tokenizer": str(common.smollm2_cache_dir()), "dtype": "bfloat16", "init_seed": 0}
+             "tokenizer": str(common.gguf_cache_dir()), "dtype": "bfloat16", "init_seed": 0}
     model, tokenizer = common.load_model_and_tokenizer(entry, device="cpu")
     a = common.STAND_IN_ARCHITECTURES["qwen3-4b"]
     assert len(model.model.layers) == 1 and model.dtype == torch.bfloat16
