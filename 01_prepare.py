@@ -5,42 +5,12 @@
     python 01_prepare.py --config configs/cpu.yaml --custom my.csv --name mine --label-type categorical
     python 01_prepare.py --config configs/cpu.yaml --split lewidi        # the LeWiDi-2025 split, in runs/cpu/lewidi/
 
-Raw files are looked up in --raw-dir, else $CAPO_RAW_DIR, else data/raw/ (and one folder
-below it). A missing built-in file is downloaded from its public source; offline, the stage
-stops with one line saying what is missing and where to put it.
-
-Writes runs/<profile>/data/<dataset>/{train,dev,test}.jsonl (one record per item, annotator,
-label and explanation; docs/DESIGN.md, annotation record), stats.json (counts, dropped records and
-why, the task description later stages read) and config.resolved.yaml.
-
-Our choices where the paper is silent (docs/CHOICES.md, Data): items are re-split 300/100/100
-with data.split_seed (never the training seed) over all 500 items of each dataset (not the shared task's split);
-VariErr `idk` marks yield no record; `valid` is a strict majority of the *other*
-annotators' makes_sense judgments (ties are invalid, no peer judgment gives null);
-paraphrase has no validity judgments (valid: null). Every explanation is stripped and its
-whitespace collapsed, because raw whitespace habits identify annotators.
-
---split lewidi (config data.split: lewidi) reads the LeWiDi-2025 files as published instead,
-VariErrNLI_{train,dev,test}.json and Paraphrase_{train,dev,test}.json, and keeps their split
-(read_lewidi: items keyed by split and published ID, one record per label of a multi-label
-annotation, explanations in the order of the `annotators` string, valid: null).
-
-The built-in raw files must be the known public releases (items per file and sha256 in
-KNOWN_RELEASES: varierr.json 500 items; Paraphrase_train/dev/test.json 400/50/50;
-VariErrNLI_train/dev/test.json 388/50/50); a cut,
-edited or re-released file stops the stage unless --accept-modified-raw is given, and is
-then listed under `modified_raw` in stats.json. An empty file always stops.
-
-Bring your own annotations (--custom FILE.jsonl or FILE.csv, UTF-8, a CSV may start with a BOM):
-- --name and every annotator ID become folder and file names, so they may hold only letters,
-  digits, '-', '_' and '.', and may not start with a dot (--name: not varierr or par).
-- categorical: JSON integer labels count as their string (0 -> "0"), with --labels 0,1 or with
-  the labels read from the file; one annotator may give an item several labels.
-- numeric: --score-range LOW,HIGH with LOW < HIGH (e.g. --score-range -5,5); one annotator
-  gives an item one score: two different scores stop the stage (--skip-invalid drops that
-  annotator's records on that item, counted in stats.json).
-- A folder, an empty file, a header without rows, or bytes that are not UTF-8 stop with one
-  line naming the file (and the line and byte offset where decoding failed).
+Reads the raw files (README, "Raw data"; downloaded when missing) or your own (README, "Bring your
+own annotations"), checks them (bad input stops with one line naming file, line and field;
+--skip-invalid drops and counts it instead), splits the items with data.split_seed (--split
+lewidi: the shared task's split) and writes runs/<profile>/data/<dataset>/{train,dev,test}.jsonl
+(one record per item, annotator, label and explanation), stats.json (counts, what was dropped and
+why, the task) and config.resolved.yaml. Our choices: docs/CHOICES.md, "Data".
 """
 from __future__ import annotations
 
@@ -59,34 +29,21 @@ from typing import Any
 import common
 from common import InputError, input_error, normalize_text
 
-RAW_SOURCES = {
-    "varierr.json": "https://raw.githubusercontent.com/mainlp/VariErr-NLI/main/varierr.json",
-    **{f"Paraphrase_{split}.json": ("https://raw.githubusercontent.com/Le-Wi-Di/le-wi-di.github.io/"
-                                    f"main/LeWiDi_3-2025/Paraphrase/Paraphrase_{split}.json")
-       for split in ("train", "dev", "test")},
-    **{f"VariErrNLI_{split}.json": ("https://raw.githubusercontent.com/Le-Wi-Di/le-wi-di.github.io/"
-                                    f"main/LeWiDi_3-2025/VariErrNLI/VariErrNLI_{split}.json")
-       for split in ("train", "dev", "test")},
-}
 SPLITS = ("train", "dev", "test")
-# What the kit knows of the public releases (items per file, sha256 of the file as published).
-# A cut, edited or re-released file stops the stage unless --accept-modified-raw is given.
-KNOWN_RELEASES = {
-    "varierr.json": {"items": 500,
-                     "sha256": "c8f9a634a69d72a6c390047ac242562b80a8caac08db19714db3f98bd40e13ea"},
-    "Paraphrase_train.json": {"items": 400,
-                              "sha256": "2ec98bad361732dbb568e4acea339edbbd747299fbd716e99812e4f14042bc53"},
-    "Paraphrase_dev.json": {"items": 50,
-                            "sha256": "821f8b142d63c9ccc38cb801fa6ca4cdcfe5049c8bfb151c7d7d3dd025db8e03"},
-    "Paraphrase_test.json": {"items": 50,
-                             "sha256": "5c2396b91ae84edcf64b1b529b8ade83b1fa3a78b4b930cbcf613b917875ae1d"},
-    "VariErrNLI_train.json": {"items": 388,
-                              "sha256": "466a507dec72eb118d528e52aa5a905cb23a4e5acaf7af02062938ea958d1a0d"},
-    "VariErrNLI_dev.json": {"items": 50,
-                            "sha256": "6d1b5ca80ee4eb79c608de828b386f524cacddc608d0396464c71d728b369efd"},
-    "VariErrNLI_test.json": {"items": 50,
-                             "sha256": "872fa56f32a999fd46954cae144528ea7445186cf35ca473fabf6d3eeb43340a"},
-}
+LEWIDI_URL = "https://raw.githubusercontent.com/Le-Wi-Di/le-wi-di.github.io/main/LeWiDi_3-2025"
+RAW_SOURCES = {"varierr.json": "https://raw.githubusercontent.com/mainlp/VariErr-NLI/main/varierr.json",
+               **{f"{prefix}_{split}.json": f"{LEWIDI_URL}/{prefix}/{prefix}_{split}.json"
+                  for prefix in ("Paraphrase", "VariErrNLI") for split in SPLITS}}
+# The public releases (items per file, sha256 as published); another file stops unless --accept-modified-raw.
+KNOWN_RELEASES = {name: {"items": items, "sha256": sha256} for name, items, sha256 in (
+    ("varierr.json", 500, "c8f9a634a69d72a6c390047ac242562b80a8caac08db19714db3f98bd40e13ea"),
+    ("Paraphrase_train.json", 400, "2ec98bad361732dbb568e4acea339edbbd747299fbd716e99812e4f14042bc53"),
+    ("Paraphrase_dev.json", 50, "821f8b142d63c9ccc38cb801fa6ca4cdcfe5049c8bfb151c7d7d3dd025db8e03"),
+    ("Paraphrase_test.json", 50, "5c2396b91ae84edcf64b1b529b8ade83b1fa3a78b4b930cbcf613b917875ae1d"),
+    ("VariErrNLI_train.json", 388, "466a507dec72eb118d528e52aa5a905cb23a4e5acaf7af02062938ea958d1a0d"),
+    ("VariErrNLI_dev.json", 50, "6d1b5ca80ee4eb79c608de828b386f524cacddc608d0396464c71d728b369efd"),
+    ("VariErrNLI_test.json", 50, "872fa56f32a999fd46954cae144528ea7445186cf35ca473fabf6d3eeb43340a"),
+)}
 # data.split lewidi: the shared task's own train/dev/test files (LeWiDi-2025), per dataset.
 LEWIDI_FILE_PREFIX = {"varierr": "VariErrNLI", "par": "Paraphrase"}
 LEWIDI_TEXT_FIELDS = {"varierr": ("context", "statement"), "par": ("Question1", "Question2")}
