@@ -22,7 +22,7 @@ import re
 import sys
 import urllib.error
 import urllib.request
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +47,16 @@ KNOWN_RELEASES = {name: {"items": items, "sha256": sha256} for name, items, sha2
 # data.split lewidi: the shared task's own train/dev/test files (LeWiDi-2025), per dataset.
 LEWIDI_FILE_PREFIX = {"varierr": "VariErrNLI", "par": "Paraphrase"}
 LEWIDI_TEXT_FIELDS = {"varierr": ("context", "statement"), "par": ("Question1", "Question2")}
-# Dataset names and annotator IDs become folder and file names in later stages.
-SAFE_NAME, SAFE_NAME_RULE = common.SAFE_NAME, common.SAFE_NAME_RULE
+SAFE_NAME, SAFE_NAME_RULE = common.SAFE_NAME, common.SAFE_NAME_RULE  # IDs become folder and file names
 
 
 class Collector:
-    """Records plus what was dropped and why. Without --skip-invalid, bad input stops the stage."""
+    """Records, item texts and what was dropped and why. Without --skip-invalid, bad input stops the stage."""
 
     def __init__(self, skip_invalid: bool):
         self.skip_invalid = skip_invalid
         self.records: list[dict] = []
-        self.items: dict[str, tuple[str, str]] = {}  # item_id -> (text_a, text_b)
+        self.items: dict[str, tuple[str, str]] = {}  # item_id -> (text_a, text_b), normalised
         self.dropped: Counter = Counter()
         self.modified_raw: list[dict] = []  # raw files accepted with --accept-modified-raw
         self.split_of: dict[str, str] = {}  # item_id -> split, when the source fixes the split (lewidi)
@@ -68,26 +67,29 @@ class Collector:
             raise error
         self.dropped[reason] += 1
 
-    def add(self, record: dict) -> None:
-        self.records.append(record)
+    def add(self, item_id: str, annotator: str, label, explanation: str, valid: bool | None = None) -> None:
+        """One record; its texts are the item's (self.items)."""
+        self.records.append({"item_id": item_id, "annotator": annotator, "label": label,
+                             "explanation": explanation, "valid": valid})
+
+
+def unsafe_id(path: Path, annotator: str, **where) -> InputError | None:
+    """The error for an annotator ID that cannot be a file name, else None."""
+    if SAFE_NAME.fullmatch(annotator):
+        return None
+    return input_error(path, f"annotator ID {annotator!r} is not path-safe ({SAFE_NAME_RULE})", **where)
 
 
 # ----------------------------------------------------------------------------
 # Raw files
 # ----------------------------------------------------------------------------
-def resolve_raw_dir(cli_value: str | None, cfg: dict) -> Path:
-    return Path(cli_value or cfg["data"]["raw_dir"] or os.environ.get("CAPO_RAW_DIR") or "data/raw")
-
-
 def find_raw_file(raw_dir: Path, name: str, download: bool = True) -> Path:
     """raw_dir/name or raw_dir/*/name; else download it into raw_dir (unless not `download`: then
     the path it would have); offline, stop clearly."""
-    candidates = [raw_dir / name, *sorted(raw_dir.glob(f"*/{name}"))] if raw_dir.exists() else []
-    for path in candidates:
+    for path in [raw_dir / name, *sorted(raw_dir.glob(f"*/{name}"))] if raw_dir.exists() else []:
         if path.is_file():
             return path
-    url = RAW_SOURCES[name]
-    target = raw_dir / name
+    url, target = RAW_SOURCES[name], raw_dir / name
     if not download:
         return target
     print(f"[prepare] {name} not in {raw_dir}; downloading {url}", flush=True)
@@ -102,12 +104,6 @@ def find_raw_file(raw_dir: Path, name: str, download: bool = True) -> Path:
     with common.atomic_path(target) as tmp:
         tmp.write_bytes(payload)
     return target
-
-
-def line_of(text: str, needle: str) -> int | None:
-    """1-based line of the first occurrence of needle (to point at an item in a JSON file)."""
-    pos = text.find(needle)
-    return None if pos < 0 else text.count("\n", 0, pos) + 1
 
 
 def checked_text(path: Path, encoding: str = "utf-8") -> str:
@@ -129,15 +125,11 @@ def checked_text(path: Path, encoding: str = "utf-8") -> str:
 
 
 def check_release(path: Path, items_found: int, known: dict, accept_modified: bool) -> dict | None:
-    """None if path is the known public release; else stop, or with accept_modified a note for stats.json.
-
-    known: {"items": count, "sha256": hex digest} of the release as published.
-    """
+    """None if path is the known release ({"items", "sha256"}); else stop, or with accept_modified
+    return the note stats.json lists under modified_raw."""
     found_sha = common.file_sha256(path)
     if found_sha == known["sha256"] and items_found == known["items"]:
         return None
-    note = {"file": path.name, "expected_items": known["items"], "found_items": items_found,
-            "expected_sha256": known["sha256"], "found_sha256": found_sha}
     if not accept_modified:
         raise InputError(f"{path}: not the known release of {path.name}: expected {known['items']} items "
                          f"(sha256 {known['sha256'][:12]}...), found {items_found} items "
@@ -145,24 +137,17 @@ def check_release(path: Path, items_found: int, known: dict, accept_modified: bo
                          "pass --accept-modified-raw to use it anyway (recorded in stats.json)")
     print(f"[prepare] warning: {path} is not the known release ({items_found} items, expected "
           f"{known['items']}); used because of --accept-modified-raw", flush=True)
-    return note
-
-
-def load_json_file(path: Path):
-    text = checked_text(path)
-    try:
-        return text, json.loads(text)
-    except json.JSONDecodeError as err:
-        raise input_error(path, f"malformed JSON ({err.msg})", line=err.lineno) from None
+    return {"file": path.name, "expected_items": known["items"], "found_items": items_found,
+            "expected_sha256": known["sha256"], "found_sha256": found_sha}
 
 
 # ----------------------------------------------------------------------------
-# Readers: one per source format, each filling a Collector
+# Readers of the built-in sources: each fills a Collector and returns {file: item count}
 # ----------------------------------------------------------------------------
-def read_varierr(path: Path, out: Collector) -> int:
-    """VariErr JSONL: one item a line, label lists of {annotator, reason, judgments}; returns the item count."""
+def read_varierr(name: str, sources: dict[str, Path], out: Collector) -> dict[Path, int]:
+    """VariErr JSONL: one item a line, label lists of {annotator, reason, judgments}."""
+    path = sources["varierr"]
     checked_text(path)
-    n_items = 0
     for lineno, item in common.iter_jsonl(path):
         for field in ("id", "context", "statement", *common.NLI_LABELS):
             if field not in item:
@@ -177,16 +162,16 @@ def read_varierr(path: Path, out: Collector) -> int:
                                   line=lineno, field=field)
         if item_id in out.items:
             raise input_error(path, "item id appears twice", line=lineno, item=item_id, field="id")
-        n_items += 1
         out.dropped["idk mark (no label)"] += len(item.get("idk") or [])
         out.items[item_id] = (normalize_text(item["context"]), normalize_text(item["statement"]))
         for label in common.NLI_LABELS:
             for entry in item[label]:
                 read_varierr_entry(path, lineno, item_id, label, entry, out)
-    return n_items
+    return {path: len(out.items)}
 
 
 def read_varierr_entry(path, lineno, item_id, label, entry, out: Collector) -> None:
+    """One annotator's label; `valid` is a strict majority of the other annotators' makes_sense."""
     where = dict(line=lineno, item=item_id)
     for field in ("annotator", "reason"):
         if field not in entry:
@@ -210,155 +195,130 @@ def read_varierr_entry(path, lineno, item_id, label, entry, out: Collector) -> N
     peers = [j.get("makes_sense") for j in judgments
              if j.get("annotator") != annotator and j.get("makes_sense") is not None]
     valid = None if not peers else sum(bool(p) for p in peers) * 2 > len(peers)
-    text_a, text_b = out.items[item_id]
-    out.add({"item_id": item_id, "annotator": f"A{annotator}", "text_a": text_a, "text_b": text_b,
-             "label": label, "explanation": explanation, "valid": valid})
-
-
-def add_explained_record(out: "Collector", path: Path, where: dict, item_id: str, annotator: str, label,
-                         raw_explanation) -> None:
-    """One record of the LeWiDi-format readers (no peer validity judgments: valid is null);
-    an empty explanation is bad input."""
-    explanation = normalize_text(raw_explanation if isinstance(raw_explanation, str) else "")
-    if not explanation:
-        return out.bad(input_error(path, f"empty explanation for {annotator}", field="other_info.explanations",
-                                   **where), "empty explanation")
-    out.add({"item_id": item_id, "annotator": annotator, "text_a": out.items[item_id][0],
-             "text_b": out.items[item_id][1], "label": label, "explanation": explanation, "valid": None})
+    out.add(item_id, f"A{annotator}", label, explanation, valid)
 
 
 def keyed_items(path: Path) -> list[tuple[str, Any, dict]]:
     """(item id, item, where) of a LeWiDi-format file: a JSON object keyed by item id; `where`
     points error messages at the item's line."""
-    text, data = load_json_file(path)
+    text = checked_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise input_error(path, f"malformed JSON ({err.msg})", line=err.lineno) from None
     if not isinstance(data, dict):
         raise input_error(path, "expected a JSON object keyed by item id")
-    return [(item_id, item, dict(line=line_of(text, f'"{item_id}"'), item=item_id)) for item_id, item in data.items()]
+
+    def line_of(item_id: str) -> int | None:
+        pos = text.find(f'"{item_id}"')
+        return None if pos < 0 else text.count("\n", 0, pos) + 1
+    return [(item_id, item, dict(line=line_of(item_id), item=item_id)) for item_id, item in data.items()]
 
 
-def read_paraphrase(paths: list[Path], out: Collector) -> dict[Path, int]:
-    """LeWiDi-2025 Par: {id: {text: {Question1, Question2}, annotators, annotations, other_info}}.
+def keyed_item_fields(path: Path, item, where: dict, text_fields: tuple[str, str], listed: str):
+    """(texts, annotators, annotations, explanations) of one LeWiDi-format item, checked:
+    {text: {...}, annotators: "Ann1,Ann2", annotations: {Ann1: ...}, other_info: {explanations: [...]}},
+    the i-th explanation belonging to the i-th entry of `annotators`."""
+    field_a, field_b = text_fields
+    try:
+        text_a, text_b = item["text"][field_a], item["text"][field_b]
+        annotators = [a.strip() for a in item["annotators"].split(",") if a.strip()]
+        annotations = item["annotations"]
+        explanations = item["other_info"]["explanations"]
+    except (KeyError, TypeError, AttributeError) as err:
+        raise input_error(path, "missing field", field=str(err).strip("'\""), **where) from None
+    for field, value, kind in ((f"text.{field_a}", text_a, str), (f"text.{field_b}", text_b, str),
+                               ("annotations", annotations, dict), ("other_info.explanations", explanations, list)):
+        if not isinstance(value, kind):
+            raise input_error(path, f"expected a {kind.__name__}, got {value!r}", field=field, **where)
+    if len(explanations) != len(annotators):
+        raise input_error(path, f"{len(explanations)} explanations for {len(annotators)} {listed}",
+                          field="other_info.explanations", **where)
+    return (normalize_text(text_a), normalize_text(text_b)), annotators, annotations, explanations
 
-    Returns the item count of each file."""
-    task = common.BUILTIN_TASKS["par"]
+
+def add_explained(out: Collector, path: Path, where: dict, item_id: str, annotator: str, label, raw) -> None:
+    """A record of the LeWiDi-format files (no peer judgments: valid is null); an empty explanation is bad input."""
+    explanation = normalize_text(raw if isinstance(raw, str) else "")
+    if not explanation:
+        return out.bad(input_error(path, f"empty explanation for {annotator}", field="other_info.explanations",
+                                   **where), "empty explanation")
+    out.add(item_id, annotator, label, explanation)
+
+
+def read_paraphrase(name: str, sources: dict[str, Path], out: Collector) -> dict[Path, int]:
+    """LeWiDi-2025 Par files for the kit's own split: one score in -5..5 per listed annotator."""
+    task = common.BUILTIN_TASKS[name]
     counts = {}
-    for path in paths:
+    for path in sources.values():
         items = keyed_items(path)
         counts[path] = len(items)
         for item_id, item, where in items:
             if item_id in out.items:
                 raise input_error(path, "item id appears twice (across the paraphrase files)", **where)
-            try:
-                questions = item["text"]
-                text_a, text_b = questions["Question1"], questions["Question2"]
-                annotators = [a.strip() for a in item["annotators"].split(",") if a.strip()]
-                scores = item["annotations"]
-                explanations = item["other_info"]["explanations"]
-            except (KeyError, TypeError, AttributeError) as err:
-                raise input_error(path, "missing field", field=str(err).strip("'\""), **where) from None
-            for field, value, kind in (("text.Question1", text_a, str), ("text.Question2", text_b, str),
-                                       ("annotations", scores, dict),
-                                       ("other_info.explanations", explanations, list)):
-                if not isinstance(value, kind):
-                    raise input_error(path, f"expected a {kind.__name__}, got {value!r}", field=field, **where)
-            if len(explanations) != len(annotators):
-                raise input_error(path, f"{len(explanations)} explanations for {len(annotators)} annotators",
-                                  field="other_info.explanations", **where)
-            out.items[item_id] = (normalize_text(text_a), normalize_text(text_b))
-            # The i-th explanation belongs to the i-th listed annotator.
-            for annotator, raw_explanation in zip(annotators, explanations):
-                if not SAFE_NAME.fullmatch(annotator):
-                    out.bad(input_error(path, f"annotator ID {annotator!r} is not path-safe ({SAFE_NAME_RULE})",
-                                        field="annotators", **where), "annotator ID not path-safe")
-                    continue
-                if annotator not in scores:
-                    out.bad(input_error(path, "no score for listed annotator",
-                                        field=f"annotations.{annotator}", **where), "missing score")
-                    continue
-                score = common.normalize_label(scores[annotator], task)
-                if score is None:
-                    out.bad(input_error(path, f"score {scores[annotator]!r} is not an integer in -5..5",
-                                        field=f"annotations.{annotator}", **where), "score out of range")
-                    continue
-                add_explained_record(out, path, where, item_id, annotator, score, raw_explanation)
+            texts, annotators, scores, explanations = keyed_item_fields(
+                path, item, where, LEWIDI_TEXT_FIELDS[name], "annotators")
+            out.items[item_id] = texts
+            for annotator, explanation in zip(annotators, explanations):
+                field = f"annotations.{annotator}"
+                if error := unsafe_id(path, annotator, field="annotators", **where):
+                    out.bad(error, "annotator ID not path-safe")
+                elif annotator not in scores:
+                    out.bad(input_error(path, "no score for listed annotator", field=field, **where), "missing score")
+                elif (score := common.normalize_label(scores[annotator], task)) is None:
+                    out.bad(input_error(path, f"score {scores[annotator]!r} is not an integer in -5..5", field=field,
+                                        **where), "score out of range")
+                else:
+                    add_explained(out, path, where, item_id, annotator, score, explanation)
     return counts
 
 
-def lewidi_item_id(split: str, source_id: str) -> str:
-    """VariErrNLI's published IDs name the premise, not the item: four test IDs also occur in
-    train with another hypothesis. Items are therefore keyed by split and ID ("test-23751")."""
-    return f"{split}-{source_id}"
+def read_lewidi(name: str, sources: dict[str, Path], out: Collector) -> dict[Path, int]:
+    """The LeWiDi-2025 files as published, keeping their split (README, "The LeWiDi-2025 view").
 
-
-def read_lewidi(name: str, paths: dict[str, Path], out: Collector) -> dict[Path, int]:
-    """LeWiDi-2025 files (VariErrNLI_*.json or Paraphrase_*.json), one per split, as published:
-    {id: {text: {...}, annotators: "Ann1,Ann2,Ann2", annotations: {Ann2: "entailment,neutral"},
-    other_info: {explanations: [...]}}}. A multi-label annotation ("entailment,neutral") gives one
-    record per label; the `annotators` string repeats an annotator once per label, and the i-th
-    explanation belongs to the i-th entry of that string (its k-th repeat to the k-th label).
-    Returns the item count of each file."""
+    Items are keyed by split and published ID ("test-23751"): VariErrNLI's IDs name the premise,
+    and a few test IDs occur in train with another hypothesis. A multi-label annotation
+    ("entailment,neutral") gives one record per label: `annotators` lists the annotator once per
+    label, and its k-th entry's explanation goes with the k-th label.
+    """
     task = common.BUILTIN_TASKS[name]
-    field_a, field_b = LEWIDI_TEXT_FIELDS[name]
     counts = {}
-    for split, path in paths.items():
+    for split, path in sources.items():
         items = keyed_items(path)
         counts[path] = len(items)
         for source_id, item, where in items:
-            item_id = lewidi_item_id(split, source_id)
-            try:
-                text_a, text_b = item["text"][field_a], item["text"][field_b]
-                annotators = [a.strip() for a in item["annotators"].split(",") if a.strip()]
-                annotations = item["annotations"]
-                explanations = item["other_info"]["explanations"]
-            except (KeyError, TypeError, AttributeError) as err:
-                raise input_error(path, "missing field", field=str(err).strip("'\""), **where) from None
-            for field, value, kind in ((f"text.{field_a}", text_a, str), (f"text.{field_b}", text_b, str),
-                                       ("annotations", annotations, dict),
-                                       ("other_info.explanations", explanations, list)):
-                if not isinstance(value, kind):
-                    raise input_error(path, f"expected a {kind.__name__}, got {value!r}", field=field, **where)
-            if len(explanations) != len(annotators):
-                raise input_error(path, f"{len(explanations)} explanations for {len(annotators)} entries in "
-                                  "`annotators`", field="other_info.explanations", **where)
-            out.items[item_id] = (normalize_text(text_a), normalize_text(text_b))
-            out.split_of[item_id] = split
+            item_id = f"{split}-{source_id}"
+            texts, annotators, annotations, explanations = keyed_item_fields(
+                path, item, where, LEWIDI_TEXT_FIELDS[name], "entries in `annotators`")
+            out.items[item_id], out.split_of[item_id] = texts, split
             out.lewidi_items[item_id] = {"id": source_id, "split": split, "annotators": list(annotations)}
             seen: Counter = Counter()  # how many of an annotator's entries were read so far
-            for annotator, raw_explanation in zip(annotators, explanations):
-                if not SAFE_NAME.fullmatch(annotator):
-                    raise input_error(path, f"annotator ID {annotator!r} is not path-safe ({SAFE_NAME_RULE})",
-                                      field="annotators", **where)
+            for annotator, explanation in zip(annotators, explanations):
+                field = f"annotations.{annotator}"
+                if error := unsafe_id(path, annotator, field="annotators", **where):
+                    raise error
                 if annotator not in annotations:
-                    raise input_error(path, "no annotation for listed annotator",
-                                      field=f"annotations.{annotator}", **where)
+                    raise input_error(path, "no annotation for listed annotator", field=field, **where)
                 raw = annotations[annotator]
                 labels = raw.split(",") if task["label_type"] == "categorical" and isinstance(raw, str) else [raw]
-                if sum(a == annotator for a in annotators) != len(labels):
+                if annotators.count(annotator) != len(labels):
                     raise input_error(path, f"{annotator} is listed {annotators.count(annotator)} times in "
-                                      f"`annotators` but has {len(labels)} labels", field=f"annotations.{annotator}",
-                                      **where)
+                                      f"`annotators` but has {len(labels)} labels", field=field, **where)
                 raw_label = labels[seen[annotator]]
                 seen[annotator] += 1
-                label = common.normalize_label(raw_label, task)
-                if label is None:
+                if (label := common.normalize_label(raw_label, task)) is None:
                     out.bad(input_error(path, f"{raw_label!r} is not a label of the task ({common.label_space(task)})",
-                                        field=f"annotations.{annotator}", **where), "label not of the task")
-                    continue
-                add_explained_record(out, path, where, item_id, annotator, label, raw_explanation)
+                                        field=field, **where), "label not of the task")
+                else:
+                    add_explained(out, path, where, item_id, annotator, label, explanation)
     return counts
 
 
-def fixed_splits(split_of: dict[str, str], max_items: int | None, seed: int) -> dict[str, list[str]]:
-    """The source's own split; with data.max_items a seeded sample of each split, in proportion."""
-    splits = {s: sorted(i for i, split in split_of.items() if split == s) for s in SPLITS}
-    total = len(split_of)
-    if max_items and max_items < total:
-        splits = {s: sorted(common.seeded_sample(ids, max(1, round(max_items * len(ids) / total)), f"{seed}/{s}"))
-                  for s, ids in splits.items()}
-    return splits
-
-
+# ----------------------------------------------------------------------------
+# Your own annotations (--custom)
+# ----------------------------------------------------------------------------
 CUSTOM_COLUMNS = ("item_id", "text_a", "text_b", "annotator", "label", "explanation")
+CUSTOM_OPTIONS = ("custom", "label_type", "labels", "score_range", "instruction")
 
 
 def iter_custom_rows(path: Path):
@@ -389,12 +349,9 @@ def categorical_value(value):
 
 
 def read_custom(path: Path, task: dict, out: Collector) -> None:
-    """Your own annotations: columns item_id, text_a, text_b, annotator, label, explanation (+ valid).
-
-    On a numeric task an annotator gives one score per item: two different scores for one item
-    stop the stage (with --skip-invalid, every record of that annotator on that item is dropped).
-    On a categorical task several labels per annotator and item are kept (VariErr has them).
-    """
+    """Your own annotations: the custom columns (+ valid). A numeric task takes one score per
+    annotator and item (two different ones are bad input: all that annotator's records on the item
+    go); a categorical one keeps several labels, as VariErr has them."""
     numeric = task["label_type"] == "numeric"
     first_score: dict[tuple[str, str], tuple[int, int]] = {}  # (item, annotator) -> (line, score)
     conflicting: set[tuple[str, str]] = set()
@@ -408,9 +365,8 @@ def read_custom(path: Path, task: dict, out: Collector) -> None:
             out.bad(input_error(path, "missing field", line=lineno, field=field), f"missing field {field}")
             continue
         item_id, annotator = str(row["item_id"]).strip(), str(row["annotator"]).strip()
-        if not SAFE_NAME.fullmatch(annotator):
-            out.bad(input_error(path, f"annotator ID {annotator!r} is not path-safe ({SAFE_NAME_RULE})",
-                                line=lineno, field="annotator"), "annotator ID not path-safe")
+        if error := unsafe_id(path, annotator, line=lineno, field="annotator"):
+            out.bad(error, "annotator ID not path-safe")
             continue
         label = common.normalize_label(row["label"] if numeric else categorical_value(row["label"]), task)
         if label is None:
@@ -419,8 +375,7 @@ def read_custom(path: Path, task: dict, out: Collector) -> None:
             continue
         explanation = normalize_text(str(row["explanation"] or ""))
         if not explanation:
-            out.bad(input_error(path, "empty explanation", line=lineno, field="explanation"),
-                    "empty explanation")
+            out.bad(input_error(path, "empty explanation", line=lineno, field="explanation"), "empty explanation")
             continue
         texts = (normalize_text(str(row["text_a"])), normalize_text(str(row["text_b"])))
         if out.items.setdefault(item_id, texts) != texts:
@@ -437,8 +392,7 @@ def read_custom(path: Path, task: dict, out: Collector) -> None:
                 continue
         valid = row.get("valid")
         valid = None if valid in (None, "") else str(valid).strip().lower() in ("1", "true", "yes")
-        out.add({"item_id": item_id, "annotator": annotator, "text_a": texts[0], "text_b": texts[1],
-                 "label": label, "explanation": explanation, "valid": valid})
+        out.add(item_id, annotator, label, explanation, valid)
     if not n_rows:
         raise InputError(f"{path}: no annotation rows (only a header?)")
     if conflicting:  # the first score of a conflicting pair is no more trustworthy than the second
@@ -447,20 +401,10 @@ def read_custom(path: Path, task: dict, out: Collector) -> None:
         out.records = kept
 
 
-def parse_score_range(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*([+-]?\d+)\s*,\s*([+-]?\d+)\s*", text)
-    if not match:
-        raise InputError(f"--score-range {text!r}: expected LOW,HIGH (two integers, e.g. -5,5)")
-    low, high = int(match[1]), int(match[2])
-    if low >= high:
-        raise InputError(f"--score-range {text!r}: LOW must be below HIGH (e.g. {high},{low})")
-    return low, high
-
-
-def custom_task(path: Path, label_type: str, labels: str | None, score_range: str | None,
-                instruction: str | None) -> dict:
+def custom_task(path: Path, options: dict) -> dict:
     """Task description for a custom set; labels / score range are read from the file if not given."""
-    if label_type == "categorical":
+    labels, score_range = options["labels"], options["score_range"]
+    if options["label_type"] == "categorical":
         if labels:
             found = [s.strip() for s in labels.split(",") if s.strip()]
             distinct = {label.lower() for label in found}
@@ -477,7 +421,12 @@ def custom_task(path: Path, label_type: str, labels: str | None, score_range: st
                                "and explain why in one or two sentences.")
     else:
         if score_range:
-            low, high = parse_score_range(score_range)
+            match = re.fullmatch(r"\s*([+-]?\d+)\s*,\s*([+-]?\d+)\s*", score_range)
+            if not match:
+                raise InputError(f"--score-range {score_range!r}: expected LOW,HIGH (two integers, e.g. -5,5)")
+            low, high = int(match[1]), int(match[2])
+            if low >= high:
+                raise InputError(f"--score-range {score_range!r}: LOW must be below HIGH (e.g. {high},{low})")
         else:
             values = []
             for lineno, row in iter_custom_rows(path):
@@ -489,124 +438,14 @@ def custom_task(path: Path, label_type: str, labels: str | None, score_range: st
             low, high = min(values), max(values)
         task = {"label_type": "numeric", "score_range": [low, high]}
         default_instruction = f"Rate the pair of texts from {low} to {high}, and explain why in one or two sentences."
-    task.update(text_a_name="Text A", text_b_name="Text B", instruction=instruction or default_instruction)
+    task.update(text_a_name="Text A", text_b_name="Text B", instruction=options["instruction"] or default_instruction)
     return task
-
-
-# ----------------------------------------------------------------------------
-# Splitting, checks, writing
-# ----------------------------------------------------------------------------
-def split_items(item_ids: list[str], split_items_cfg: list[int], seed: int,
-                max_items: int | None) -> dict[str, list[str]]:
-    """Seeded item split; sizes as configured when they add up, else the same fractions."""
-    rng = random.Random(seed)
-    order = sorted(item_ids)
-    rng.shuffle(order)
-    if max_items:
-        order = order[:max_items]
-    total = len(order)
-    if sum(split_items_cfg) == total:
-        n_train, n_dev = split_items_cfg[0], split_items_cfg[1]
-    else:
-        fractions = [n / sum(split_items_cfg) for n in split_items_cfg]
-        n_train, n_dev = round(total * fractions[0]), round(total * fractions[1])
-    return {"train": sorted(order[:n_train]), "dev": sorted(order[n_train:n_train + n_dev]),
-            "test": sorted(order[n_train + n_dev:])}
-
-
-def enforce_min_records(records: list[dict], splits: dict[str, list[str]], minimum: int,
-                        out: Collector, source: str) -> list[dict]:
-    """Every annotator needs `minimum` train records to get an adapter; else stop (or drop them)."""
-    train_items = set(splits["train"])
-    counts = Counter(r["annotator"] for r in records if r["item_id"] in train_items)
-    too_few = sorted(a for a in {r["annotator"] for r in records} if counts[a] < minimum)
-    for annotator in too_few:
-        out.bad(InputError(f"{source}: annotator {annotator} has {counts[annotator]} train records, fewer "
-                           f"than data.min_train_records_per_annotator={minimum} (field 'annotator')"),
-                f"annotator {annotator} below the minimum of {minimum} train records")
-    if too_few and out.skip_invalid:
-        dropped = [r for r in records if r["annotator"] in too_few]
-        out.dropped[f"records of annotators below the minimum"] += len(dropped)
-        records = [r for r in records if r["annotator"] not in too_few]
-    return records
-
-
-def annotator_sort_key(annotator: str):
-    """A2 < A10: numbers inside IDs compare as numbers."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", annotator)]
-
-
-def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dict[str, Path]) -> dict:
-    seed = cfg["data"]["split_seed"]  # never the training seed: a new training seed keeps the split
-    if out.split_of:  # data.split lewidi: the shared task's train/dev/test as published
-        splits = fixed_splits(out.split_of, cfg["data"]["max_items"], seed)
-    else:
-        splits = split_items(list(out.items), cfg["data"]["split_items"], seed, cfg["data"]["max_items"])
-    kept_items = {i for ids in splits.values() for i in ids}
-    records = [r for r in out.records if r["item_id"] in kept_items]
-    records = enforce_min_records(records, splits, cfg["data"]["min_train_records_per_annotator"], out,
-                                  ", ".join(str(p) for p in sources.values()))
-    # Exact duplicates (same item, annotator, label, explanation) are one unit.
-    unique, seen = [], set()
-    for r in records:
-        key = (r["item_id"], r["annotator"], json.dumps(r["label"]), r["explanation"])
-        if key in seen:
-            out.dropped["exact duplicate record"] += 1
-            continue
-        seen.add(key)
-        unique.append(r)
-    annotators = sorted({r["annotator"] for r in unique}, key=annotator_sort_key)
-    rank = {a: i for i, a in enumerate(annotators)}
-    by_split = defaultdict(list)
-    split_of = {i: s for s, ids in splits.items() for i in ids}
-    for r in unique:
-        split = split_of[r["item_id"]]
-        by_split[split].append({"dataset": name, "item_id": r["item_id"], "split": split,
-                                "annotator": r["annotator"], "text_a": r["text_a"], "text_b": r["text_b"],
-                                "label": r["label"], "explanation": r["explanation"], "valid": r["valid"]})
-    for rows in by_split.values():
-        rows.sort(key=lambda r: (r["item_id"], rank[r["annotator"]]))  # stable: keeps source order within
-
-    stats = {
-        "dataset": name,
-        "split": cfg["data"]["split"],
-        "split_seed": seed,
-        "task": task,
-        "annotators": annotators,
-        "items": {s: len(splits[s]) for s in SPLITS} | {"total": len(kept_items)},
-        "items_in_source": len(out.items),
-        "records": {s: len(by_split[s]) for s in SPLITS} | {"total": len(unique)},
-        "per_annotator": {a: {s: sum(r["annotator"] == a for r in by_split[s]) for s in SPLITS}
-                          for a in annotators},
-        "valid": {json.dumps(v): sum(r["valid"] is v for r in unique) for v in (True, False, None)},
-        "dropped": dict(sorted(out.dropped.items())),
-        "skip_invalid": out.skip_invalid,
-        "modified_raw": out.modified_raw,  # built-in raw files that are not the known release
-        "sources": {p.name: common.file_sha256(p) for p in sources.values()},
-    }
-    if out.lewidi_items:  # the published ID and annotator order of each item (06's submission files)
-        stats["lewidi_items"] = {i: out.lewidi_items[i] for i in sorted(kept_items)}
-    target = common.data_dir(cfg, name)
-    with common.atomic_dir(target) as tmp:
-        for split in SPLITS:
-            common.write_jsonl(tmp / f"{split}.jsonl", by_split[split])
-        common.write_json(tmp / "stats.json", stats)
-        common.save_resolved_config(cfg, tmp, stage="01_prepare")
-    return stats
-
-
-# The config sections a prepared dataset is made from, besides its source files (and the options
-# of --custom). Not `seed`: the split is drawn from data.split_seed, so a new training seed never
-# re-splits. torch_threads: every stage's parser applies it (01 computes nothing with torch).
-CONFIG_SECTIONS = ("data", "torch_threads")
-CUSTOM_OPTIONS = ("custom", "label_type", "labels", "score_range", "instruction")
 
 
 def custom_options_of(cfg: dict, name: str) -> dict:
     """The --custom options `name` was prepared with (from its manifest), to re-read the same file."""
-    manifest = common.read_json(common.manifest_path(common.data_dir(cfg, name))) \
-        if common.manifest_path(common.data_dir(cfg, name)).is_file() else {}
-    options = manifest.get("made_from", {}).get("options", {})
+    manifest = common.manifest_path(common.data_dir(cfg, name))
+    options = (common.read_json(manifest) if manifest.is_file() else {}).get("made_from", {}).get("options", {})
     if not options.get("custom"):
         raise InputError(f"unknown dataset '{name}': built-in ones are varierr and par, and no custom dataset of "
                          f"that name was prepared in {common.run_dir(cfg)} (prepare it with --custom FILE --name "
@@ -614,22 +453,10 @@ def custom_options_of(cfg: dict, name: str) -> dict:
     return options
 
 
-def glue_negative_values(argv: list[str]) -> list[str]:
-    """argparse reads the -5,5 of `--score-range -5,5` as an option; pass it as --score-range=-5,5."""
-    argv = list(argv)
-    for i in range(len(argv) - 1):
-        if argv[i] == "--score-range" and argv[i + 1].startswith("-"):
-            argv[i:i + 2] = [f"--score-range={argv[i + 1]}"]
-            break
-    return argv
-
-
 def check_custom_args(args) -> None:
     """Argument combinations for --custom; a flag that would be silently ignored stops too."""
-    custom_only = {"--name": args.name, "--label-type": args.label_type, "--labels": args.labels,
-                   "--score-range": args.score_range, "--instruction": args.instruction}
     if not args.custom:
-        given = [flag for flag, value in custom_only.items() if value is not None]
+        given = [f"--{key.replace('_', '-')}" for key in ("name", *CUSTOM_OPTIONS[1:]) if getattr(args, key) is not None]
         if given:
             raise InputError(f"{given[0]} is only used with --custom FILE")
         return
@@ -646,6 +473,108 @@ def check_custom_args(args) -> None:
         raise InputError("--labels is for --label-type categorical (numeric: --score-range LOW,HIGH)")
     if args.score_range is not None and args.label_type != "numeric":
         raise InputError("--score-range is for --label-type numeric (categorical: --labels a,b,c)")
+
+
+# ----------------------------------------------------------------------------
+# Splitting, checks, writing
+# ----------------------------------------------------------------------------
+def split_items(out: Collector, data_cfg: dict) -> dict[str, list[str]]:
+    """Item IDs per split: the source's own split (lewidi) or a seeded re-split by data.split_items
+    (sizes where they add up, else fractions); with data.max_items a seeded subset."""
+    seed, max_items = data_cfg["split_seed"], data_cfg["max_items"]  # never the training seed
+    if out.split_of:
+        splits = {s: sorted(i for i, split in out.split_of.items() if split == s) for s in SPLITS}
+        total = len(out.split_of)
+        if max_items and max_items < total:  # each split in proportion
+            splits = {s: sorted(common.seeded_sample(ids, max(1, round(max_items * len(ids) / total)), f"{seed}/{s}"))
+                      for s, ids in splits.items()}
+        return splits
+    order = sorted(out.items)
+    random.Random(seed).shuffle(order)
+    if max_items:
+        order = order[:max_items]
+    sizes = data_cfg["split_items"]
+    if sum(sizes) == len(order):
+        n_train, n_dev = sizes[0], sizes[1]
+    else:
+        n_train, n_dev = (round(len(order) * (n / sum(sizes))) for n in sizes[:2])
+    return {"train": sorted(order[:n_train]), "dev": sorted(order[n_train:n_train + n_dev]),
+            "test": sorted(order[n_train + n_dev:])}
+
+
+def enforce_min_records(records: list[dict], splits: dict[str, list[str]], minimum: int,
+                        out: Collector, source: str) -> list[dict]:
+    """Every annotator needs `minimum` train records to get an adapter; else stop (or drop them)."""
+    train_items = set(splits["train"])
+    counts = Counter(r["annotator"] for r in records if r["item_id"] in train_items)
+    too_few = sorted(a for a in {r["annotator"] for r in records} if counts[a] < minimum)
+    for annotator in too_few:
+        out.bad(InputError(f"{source}: annotator {annotator} has {counts[annotator]} train records, fewer "
+                           f"than data.min_train_records_per_annotator={minimum} (field 'annotator')"),
+                f"annotator {annotator} below the minimum of {minimum} train records")
+    if too_few and out.skip_invalid:
+        dropped = [r for r in records if r["annotator"] in too_few]
+        out.dropped["records of annotators below the minimum"] += len(dropped)
+        records = [r for r in records if r["annotator"] not in too_few]
+    return records
+
+
+def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dict[str, Path]) -> dict:
+    """Split the items, check and de-duplicate the records, write the splits and stats.json."""
+    splits = split_items(out, cfg["data"])
+    split_of = {i: s for s, ids in splits.items() for i in ids}
+    records = [r for r in out.records if r["item_id"] in split_of]
+    records = enforce_min_records(records, splits, cfg["data"]["min_train_records_per_annotator"], out,
+                                  ", ".join(str(p) for p in sources.values()))
+    unique, seen = [], set()  # exact duplicates (same item, annotator, label, explanation) are one unit
+    for r in records:
+        key = (r["item_id"], r["annotator"], json.dumps(r["label"]), r["explanation"])
+        if key in seen:
+            out.dropped["exact duplicate record"] += 1
+            continue
+        seen.add(key)
+        unique.append(r)
+    # A2 < A10: numbers inside IDs compare as numbers.
+    annotators = sorted({r["annotator"] for r in unique},
+                        key=lambda a: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", a)])
+    rank = {a: i for i, a in enumerate(annotators)}
+    by_split = {s: [] for s in SPLITS}
+    for r in sorted(unique, key=lambda r: (r["item_id"], rank[r["annotator"]])):  # stable: source order within
+        split, (text_a, text_b) = split_of[r["item_id"]], out.items[r["item_id"]]
+        by_split[split].append({"dataset": name, "item_id": r["item_id"], "split": split,
+                                "annotator": r["annotator"], "text_a": text_a, "text_b": text_b,
+                                "label": r["label"], "explanation": r["explanation"], "valid": r["valid"]})
+    stats = {
+        "dataset": name,
+        "split": cfg["data"]["split"],
+        "split_seed": cfg["data"]["split_seed"],
+        "task": task,
+        "annotators": annotators,
+        "items": {s: len(splits[s]) for s in SPLITS} | {"total": len(split_of)},
+        "items_in_source": len(out.items),
+        "records": {s: len(by_split[s]) for s in SPLITS} | {"total": len(unique)},
+        "per_annotator": {a: {s: sum(r["annotator"] == a for r in by_split[s]) for s in SPLITS}
+                          for a in annotators},
+        "valid": {json.dumps(v): sum(r["valid"] is v for r in unique) for v in (True, False, None)},
+        "dropped": dict(sorted(out.dropped.items())),
+        "skip_invalid": out.skip_invalid,
+        "modified_raw": out.modified_raw,  # built-in raw files that are not the known release
+        "sources": {p.name: common.file_sha256(p) for p in sources.values()},
+    }
+    if out.lewidi_items:  # the published ID and annotator order of each item (06's submission files)
+        stats["lewidi_items"] = {i: out.lewidi_items[i] for i in sorted(split_of)}
+    with common.atomic_dir(common.data_dir(cfg, name)) as tmp:
+        for split in SPLITS:
+            common.write_jsonl(tmp / f"{split}.jsonl", by_split[split])
+        common.write_json(tmp / "stats.json", stats)
+        common.save_resolved_config(cfg, tmp, stage="01_prepare")
+    return stats
+
+
+# The config sections a prepared dataset is made from, besides its source files (and the options
+# of --custom). Not `seed`: the split is drawn from data.split_seed, so a new training seed never
+# re-splits. torch_threads: every stage's parser applies it (01 computes nothing with torch).
+CONFIG_SECTIONS = ("data", "torch_threads")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -665,7 +594,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", help="for --custom categorical: the allowed labels, comma-separated")
     parser.add_argument("--score-range", help="for --custom numeric: LOW,HIGH (default: from the data)")
     parser.add_argument("--instruction", help="for --custom: the task instruction shown to the model")
-    argv = glue_negative_values(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i in range(len(argv) - 1):  # argparse takes the -5,5 of `--score-range -5,5` for an option
+        if argv[i] == "--score-range" and argv[i + 1].startswith("-"):
+            argv[i:i + 2] = [f"--score-range={argv[i + 1]}"]
+            break
     args, cfg = common.parse_stage_args(parser, argv)
     if not common.is_main_process():  # under `accelerate launch`: one process's work, done by rank 0
         return
@@ -676,7 +609,7 @@ def main(argv: list[str] | None = None) -> None:
     if lewidi and args.custom:
         raise InputError("--custom is not for data.split lewidi (which reads the LeWiDi-2025 files)")
 
-    # ---- which datasets, from which files: (name, sources, options)
+    # ---- which datasets, from which files: (name, sources, --custom options)
     wanted = []
     if args.custom:
         path = Path(args.custom)
@@ -685,24 +618,22 @@ def main(argv: list[str] | None = None) -> None:
         rows.close()
         if first_row is None:
             raise InputError(f"{path}: no annotation rows (only a header?)")
-        options = {key: getattr(args, key) for key in CUSTOM_OPTIONS}
-        options["custom"] = str(path.resolve())
+        options = {key: getattr(args, key) for key in CUSTOM_OPTIONS} | {"custom": str(path.resolve())}
         wanted.append((args.name, {"custom": Path(options["custom"])}, options))
     else:
-        raw_dir, fetch = resolve_raw_dir(args.raw_dir, cfg), not args.dry_run  # a dry run downloads nothing
+        raw_dir = Path(args.raw_dir or cfg["data"]["raw_dir"] or os.environ.get("CAPO_RAW_DIR") or "data/raw")
+        fetch = not args.dry_run  # a dry run downloads nothing
         if raw_dir.exists() and not raw_dir.is_dir():
             raise InputError(f"{raw_dir}: the raw folder (--raw-dir, data.raw_dir or $CAPO_RAW_DIR) "
                              "is a file, expected a folder")
         for name in common.selected_datasets(cfg, args.dataset):
-            if lewidi:
-                if name not in LEWIDI_FILE_PREFIX:
-                    raise InputError(f"data.split lewidi has the datasets {', '.join(LEWIDI_FILE_PREFIX)}, not '{name}'")
+            if lewidi and name not in LEWIDI_FILE_PREFIX:
+                raise InputError(f"data.split lewidi has the datasets {', '.join(LEWIDI_FILE_PREFIX)}, not '{name}'")
+            if lewidi or name == "par":  # the paper split's par files are the shared task's Paraphrase files
                 wanted.append((name, {s: find_raw_file(raw_dir, f"{LEWIDI_FILE_PREFIX[name]}_{s}.json", fetch)
                                       for s in SPLITS}, {}))
             elif name == "varierr":
                 wanted.append((name, {"varierr": find_raw_file(raw_dir, "varierr.json", fetch)}, {}))
-            elif name == "par":
-                wanted.append((name, {s: find_raw_file(raw_dir, f"Paraphrase_{s}.json", fetch) for s in SPLITS}, {}))
             else:  # a custom dataset prepared before: re-read the file it was prepared from
                 options = custom_options_of(cfg, name)
                 wanted.append((name, {"custom": Path(options["custom"])}, options))
@@ -722,18 +653,12 @@ def main(argv: list[str] | None = None) -> None:
             continue
         out = Collector(args.skip_invalid)
         if options:
-            task = custom_task(sources["custom"], options["label_type"], options["labels"], options["score_range"],
-                               options["instruction"])
+            task = custom_task(sources["custom"], options)
             read_custom(sources["custom"], task, out)
         else:
             task = common.BUILTIN_TASKS[name]
-            if lewidi:
-                item_counts = read_lewidi(name, sources, out)
-            elif name == "varierr":
-                item_counts = {sources["varierr"]: read_varierr(sources["varierr"], out)}
-            else:
-                item_counts = read_paraphrase(list(sources.values()), out)
-            for path, n_items in item_counts.items():  # the known public release, or an explicit yes
+            reader = read_lewidi if lewidi else read_varierr if name == "varierr" else read_paraphrase
+            for path, n_items in reader(name, sources, out).items():  # the known public release, or an explicit yes
                 note = check_release(path, n_items, KNOWN_RELEASES[path.name], args.accept_modified_raw)
                 if note:
                     out.modified_raw.append(note)
