@@ -47,7 +47,6 @@ KNOWN_RELEASES = {name: {"items": items, "sha256": sha256} for name, items, sha2
 # data.split lewidi: the shared task's own train/dev/test files (LeWiDi-2025), per dataset.
 LEWIDI_FILE_PREFIX = {"varierr": "VariErrNLI", "par": "Paraphrase"}
 LEWIDI_TEXT_FIELDS = {"varierr": ("context", "statement"), "par": ("Question1", "Question2")}
-SAFE_NAME, SAFE_NAME_RULE = common.SAFE_NAME, common.SAFE_NAME_RULE  # IDs become folder and file names
 
 
 class Collector:
@@ -59,13 +58,18 @@ class Collector:
         self.items: dict[str, tuple[str, str]] = {}  # item_id -> (text_a, text_b), normalised
         self.dropped: Counter = Counter()
         self.modified_raw: list[dict] = []  # raw files accepted with --accept-modified-raw
-        self.split_of: dict[str, str] = {}  # item_id -> split, when the source fixes the split (lewidi)
         self.lewidi_items: dict[str, dict] = {}  # item_id -> {"id", "split", "annotators"} as published
 
     def bad(self, error: InputError, reason: str) -> None:
         if not self.skip_invalid:
             raise error
         self.dropped[reason] += 1
+
+    def drop(self, records: list[dict], reason: str, unwanted) -> list[dict]:
+        """`records` without those where unwanted(record), counted under `reason`."""
+        kept = [r for r in records if not unwanted(r)]
+        self.dropped[reason] += len(records) - len(kept)
+        return kept
 
     def add(self, item_id: str, annotator: str, label, explanation: str, valid: bool | None = None) -> None:
         """One record; its texts are the item's (self.items)."""
@@ -74,18 +78,17 @@ class Collector:
 
 
 def unsafe_id(path: Path, annotator: str, **where) -> InputError | None:
-    """The error for an annotator ID that cannot be a file name, else None."""
-    if SAFE_NAME.fullmatch(annotator):
+    """The error for an annotator ID that cannot name a file (later stages' files), else None."""
+    if common.SAFE_NAME.fullmatch(annotator):
         return None
-    return input_error(path, f"annotator ID {annotator!r} is not path-safe ({SAFE_NAME_RULE})", **where)
+    return input_error(path, f"annotator ID {annotator!r} is not path-safe ({common.SAFE_NAME_RULE})", **where)
 
 
 # ----------------------------------------------------------------------------
 # Raw files
 # ----------------------------------------------------------------------------
 def find_raw_file(raw_dir: Path, name: str, download: bool = True) -> Path:
-    """raw_dir/name or raw_dir/*/name; else download it into raw_dir (unless not `download`: then
-    the path it would have); offline, stop clearly."""
+    """raw_dir/name or raw_dir/*/name, else downloaded there (without `download`: the path it would have)."""
     for path in [raw_dir / name, *sorted(raw_dir.glob(f"*/{name}"))] if raw_dir.exists() else []:
         if path.is_file():
             return path
@@ -97,9 +100,8 @@ def find_raw_file(raw_dir: Path, name: str, download: bool = True) -> Path:
         with urllib.request.urlopen(url, timeout=30) as response:
             payload = response.read()
     except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
         raise InputError(f"raw file {name} is missing from {raw_dir} and could not be downloaded "
-                         f"({reason}). Get it from {url} and put it in {raw_dir}/ "
+                         f"({getattr(err, 'reason', err)}). Get it from {url} and put it in {raw_dir}/ "
                          "(or pass --raw-dir / set CAPO_RAW_DIR).") from None
     with common.atomic_path(target) as tmp:
         tmp.write_bytes(payload)
@@ -116,17 +118,15 @@ def checked_text(path: Path, encoding: str = "utf-8") -> str:
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
         raise input_error(path, f"not UTF-8: byte {data[err.start]:#04x} at offset {err.start} cannot be "
-                                "decoded (save the file as UTF-8)", line=line) from None
+                                "decoded (save the file as UTF-8)", line=data.count(b"\n", 0, err.start) + 1) from None
     if not text.strip():
         raise InputError(f"{path}: file is empty")
     return text
 
 
 def check_release(path: Path, items_found: int, known: dict, accept_modified: bool) -> dict | None:
-    """None if path is the known release ({"items", "sha256"}); else stop, or with accept_modified
-    return the note stats.json lists under modified_raw."""
+    """None if path is the known release ({"items", "sha256"}); else stop, or with accept_modified its note."""
     found_sha = common.file_sha256(path)
     if found_sha == known["sha256"] and items_found == known["items"]:
         return None
@@ -199,8 +199,7 @@ def read_varierr_entry(path, lineno, item_id, label, entry, out: Collector) -> N
 
 
 def keyed_items(path: Path) -> list[tuple[str, Any, dict]]:
-    """(item id, item, where) of a LeWiDi-format file: a JSON object keyed by item id; `where`
-    points error messages at the item's line."""
+    """(item id, item, where: the item's line for error messages) of a JSON object keyed by item id."""
     text = checked_text(path)
     try:
         data = json.loads(text)
@@ -216,15 +215,13 @@ def keyed_items(path: Path) -> list[tuple[str, Any, dict]]:
 
 
 def keyed_item_fields(path: Path, item, where: dict, text_fields: tuple[str, str], listed: str):
-    """(texts, annotators, annotations, explanations) of one LeWiDi-format item, checked:
-    {text: {...}, annotators: "Ann1,Ann2", annotations: {Ann1: ...}, other_info: {explanations: [...]}},
-    the i-th explanation belonging to the i-th entry of `annotators`."""
+    """(texts, annotators, annotations, explanations) of one LeWiDi-format item, checked; the i-th
+    explanation belongs to the i-th entry of `annotators`."""
     field_a, field_b = text_fields
     try:
         text_a, text_b = item["text"][field_a], item["text"][field_b]
         annotators = [a.strip() for a in item["annotators"].split(",") if a.strip()]
-        annotations = item["annotations"]
-        explanations = item["other_info"]["explanations"]
+        annotations, explanations = item["annotations"], item["other_info"]["explanations"]
     except (KeyError, TypeError, AttributeError) as err:
         raise input_error(path, "missing field", field=str(err).strip("'\""), **where) from None
     for field, value, kind in ((f"text.{field_a}", text_a, str), (f"text.{field_b}", text_b, str),
@@ -274,13 +271,9 @@ def read_paraphrase(name: str, sources: dict[str, Path], out: Collector) -> dict
 
 
 def read_lewidi(name: str, sources: dict[str, Path], out: Collector) -> dict[Path, int]:
-    """The LeWiDi-2025 files as published, keeping their split (README, "The LeWiDi-2025 view").
-
-    Items are keyed by split and published ID ("test-23751"): VariErrNLI's IDs name the premise,
-    and a few test IDs occur in train with another hypothesis. A multi-label annotation
-    ("entailment,neutral") gives one record per label: `annotators` lists the annotator once per
-    label, and its k-th entry's explanation goes with the k-th label.
-    """
+    """The LeWiDi-2025 files as published, with their split. Items are keyed by split and ID (VariErrNLI's
+    IDs name the premise, not the item); an annotator listed k times in `annotators` gives k labels
+    ("entailment,neutral"), the k-th entry's explanation going with the k-th label."""
     task = common.BUILTIN_TASKS[name]
     counts = {}
     for split, path in sources.items():
@@ -290,7 +283,7 @@ def read_lewidi(name: str, sources: dict[str, Path], out: Collector) -> dict[Pat
             item_id = f"{split}-{source_id}"
             texts, annotators, annotations, explanations = keyed_item_fields(
                 path, item, where, LEWIDI_TEXT_FIELDS[name], "entries in `annotators`")
-            out.items[item_id], out.split_of[item_id] = texts, split
+            out.items[item_id] = texts
             out.lewidi_items[item_id] = {"id": source_id, "split": split, "annotators": list(annotations)}
             seen: Counter = Counter()  # how many of an annotator's entries were read so far
             for annotator, explanation in zip(annotators, explanations):
@@ -322,10 +315,7 @@ CUSTOM_OPTIONS = ("custom", "label_type", "labels", "score_range", "instruction"
 
 
 def iter_custom_rows(path: Path):
-    """(line number, row dict) from a JSONL or CSV file with the custom columns.
-
-    A folder, an empty file or bytes that are not UTF-8 stop first; a CSV may start with a BOM.
-    """
+    """(line number, row dict) of a JSONL or CSV file (UTF-8, a CSV may start with a BOM)."""
     if path.suffix.lower() != ".csv":
         checked_text(path)
         yield from common.iter_jsonl(path)
@@ -349,9 +339,8 @@ def categorical_value(value):
 
 
 def read_custom(path: Path, task: dict, out: Collector) -> None:
-    """Your own annotations: the custom columns (+ valid). A numeric task takes one score per
-    annotator and item (two different ones are bad input: all that annotator's records on the item
-    go); a categorical one keeps several labels, as VariErr has them."""
+    """Your own annotations. Numeric: one score per annotator and item (two different ones are bad
+    input, and all of them go); categorical: several labels are kept, as VariErr has them."""
     numeric = task["label_type"] == "numeric"
     first_score: dict[tuple[str, str], tuple[int, int]] = {}  # (item, annotator) -> (line, score)
     conflicting: set[tuple[str, str]] = set()
@@ -396,9 +385,8 @@ def read_custom(path: Path, task: dict, out: Collector) -> None:
     if not n_rows:
         raise InputError(f"{path}: no annotation rows (only a header?)")
     if conflicting:  # the first score of a conflicting pair is no more trustworthy than the second
-        kept = [r for r in out.records if (r["item_id"], r["annotator"]) not in conflicting]
-        out.dropped["two different scores from one annotator for one item"] += len(out.records) - len(kept)
-        out.records = kept
+        out.records = out.drop(out.records, "two different scores from one annotator for one item",
+                               lambda r: (r["item_id"], r["annotator"]) in conflicting)
 
 
 def custom_task(path: Path, options: dict) -> dict:
@@ -453,38 +441,39 @@ def custom_options_of(cfg: dict, name: str) -> dict:
     return options
 
 
-def check_custom_args(args) -> None:
+def check_custom_args(args, lewidi: bool) -> None:
     """Argument combinations for --custom; a flag that would be silently ignored stops too."""
     if not args.custom:
-        given = [f"--{key.replace('_', '-')}" for key in ("name", *CUSTOM_OPTIONS[1:]) if getattr(args, key) is not None]
+        given = [f"--{key.replace('_', '-')}" for key in ("name", *CUSTOM_OPTIONS[1:])
+                 if getattr(args, key) is not None]
         if given:
             raise InputError(f"{given[0]} is only used with --custom FILE")
         return
-    if args.accept_modified_raw:
-        raise InputError("--accept-modified-raw is for the built-in raw files, not --custom")
-    if not args.name:
-        raise InputError("--custom needs --name NAME (the dataset name later stages use)")
-    if not SAFE_NAME.fullmatch(args.name) or args.name in common.BUILTIN_DATASETS:
-        raise InputError(f"--name {args.name!r} is not allowed: use {SAFE_NAME_RULE}; "
-                         f"not {' or '.join(common.BUILTIN_DATASETS)}")
-    if not args.label_type:
-        raise InputError("--custom needs --label-type categorical|numeric")
-    if args.labels is not None and args.label_type != "categorical":
-        raise InputError("--labels is for --label-type categorical (numeric: --score-range LOW,HIGH)")
-    if args.score_range is not None and args.label_type != "numeric":
-        raise InputError("--score-range is for --label-type numeric (categorical: --labels a,b,c)")
+    for wrong, message in (
+            (args.accept_modified_raw, "--accept-modified-raw is for the built-in raw files, not --custom"),
+            (not args.name, "--custom needs --name NAME (the dataset name later stages use)"),
+            (not common.SAFE_NAME.fullmatch(args.name or "") or args.name in common.BUILTIN_DATASETS,
+             f"--name {args.name!r} is not allowed: use {common.SAFE_NAME_RULE}; "
+             f"not {' or '.join(common.BUILTIN_DATASETS)}"),
+            (not args.label_type, "--custom needs --label-type categorical|numeric"),
+            (args.labels is not None and args.label_type != "categorical",
+             "--labels is for --label-type categorical (numeric: --score-range LOW,HIGH)"),
+            (args.score_range is not None and args.label_type != "numeric",
+             "--score-range is for --label-type numeric (categorical: --labels a,b,c)"),
+            (lewidi, "--custom is not for data.split lewidi (which reads the LeWiDi-2025 files)")):
+        if wrong:
+            raise InputError(message)
 
 
 # ----------------------------------------------------------------------------
 # Splitting, checks, writing
 # ----------------------------------------------------------------------------
 def split_items(out: Collector, data_cfg: dict) -> dict[str, list[str]]:
-    """Item IDs per split: the source's own split (lewidi) or a seeded re-split by data.split_items
-    (sizes where they add up, else fractions); with data.max_items a seeded subset."""
+    """Item IDs per split: the source's (lewidi) or re-drawn by data.split_items; data.max_items: a seeded subset."""
     seed, max_items = data_cfg["split_seed"], data_cfg["max_items"]  # never the training seed
-    if out.split_of:
-        splits = {s: sorted(i for i, split in out.split_of.items() if split == s) for s in SPLITS}
-        total = len(out.split_of)
+    if out.lewidi_items:  # the source's own split
+        splits = {s: sorted(i for i, item in out.lewidi_items.items() if item["split"] == s) for s in SPLITS}
+        total = len(out.lewidi_items)
         if max_items and max_items < total:  # each split in proportion
             splits = {s: sorted(common.seeded_sample(ids, max(1, round(max_items * len(ids) / total)), f"{seed}/{s}"))
                       for s, ids in splits.items()}
@@ -493,11 +482,8 @@ def split_items(out: Collector, data_cfg: dict) -> dict[str, list[str]]:
     random.Random(seed).shuffle(order)
     if max_items:
         order = order[:max_items]
-    sizes = data_cfg["split_items"]
-    if sum(sizes) == len(order):
-        n_train, n_dev = sizes[0], sizes[1]
-    else:
-        n_train, n_dev = (round(len(order) * (n / sum(sizes))) for n in sizes[:2])
+    sizes, total = data_cfg["split_items"], len(order)
+    n_train, n_dev = sizes[:2] if sum(sizes) == total else (round(total * (n / sum(sizes))) for n in sizes[:2])
     return {"train": sorted(order[:n_train]), "dev": sorted(order[n_train:n_train + n_dev]),
             "test": sorted(order[n_train + n_dev:])}
 
@@ -513,9 +499,7 @@ def enforce_min_records(records: list[dict], splits: dict[str, list[str]], minim
                            f"than data.min_train_records_per_annotator={minimum} (field 'annotator')"),
                 f"annotator {annotator} below the minimum of {minimum} train records")
     if too_few and out.skip_invalid:
-        dropped = [r for r in records if r["annotator"] in too_few]
-        out.dropped["records of annotators below the minimum"] += len(dropped)
-        records = [r for r in records if r["annotator"] not in too_few]
+        records = out.drop(records, "records of annotators below the minimum", lambda r: r["annotator"] in too_few)
     return records
 
 
@@ -526,14 +510,12 @@ def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dic
     records = [r for r in out.records if r["item_id"] in split_of]
     records = enforce_min_records(records, splits, cfg["data"]["min_train_records_per_annotator"], out,
                                   ", ".join(str(p) for p in sources.values()))
-    unique, seen = [], set()  # exact duplicates (same item, annotator, label, explanation) are one unit
+    first_of: dict[tuple, dict] = {}  # exact duplicates (same item, annotator, label, explanation) are one unit
     for r in records:
-        key = (r["item_id"], r["annotator"], json.dumps(r["label"]), r["explanation"])
-        if key in seen:
-            out.dropped["exact duplicate record"] += 1
-            continue
-        seen.add(key)
-        unique.append(r)
+        first_of.setdefault((r["item_id"], r["annotator"], json.dumps(r["label"]), r["explanation"]), r)
+    unique = list(first_of.values())
+    if len(unique) < len(records):
+        out.dropped["exact duplicate record"] += len(records) - len(unique)
     # A2 < A10: numbers inside IDs compare as numbers.
     annotators = sorted({r["annotator"] for r in unique},
                         key=lambda a: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", a)])
@@ -545,19 +527,15 @@ def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dic
                                 "annotator": r["annotator"], "text_a": text_a, "text_b": text_b,
                                 "label": r["label"], "explanation": r["explanation"], "valid": r["valid"]})
     stats = {
-        "dataset": name,
-        "split": cfg["data"]["split"],
-        "split_seed": cfg["data"]["split_seed"],
-        "task": task,
-        "annotators": annotators,
+        "dataset": name, "split": cfg["data"]["split"], "split_seed": cfg["data"]["split_seed"],
+        "task": task, "annotators": annotators,
         "items": {s: len(splits[s]) for s in SPLITS} | {"total": len(split_of)},
         "items_in_source": len(out.items),
         "records": {s: len(by_split[s]) for s in SPLITS} | {"total": len(unique)},
         "per_annotator": {a: {s: sum(r["annotator"] == a for r in by_split[s]) for s in SPLITS}
                           for a in annotators},
         "valid": {json.dumps(v): sum(r["valid"] is v for r in unique) for v in (True, False, None)},
-        "dropped": dict(sorted(out.dropped.items())),
-        "skip_invalid": out.skip_invalid,
+        "dropped": dict(sorted(out.dropped.items())), "skip_invalid": out.skip_invalid,
         "modified_raw": out.modified_raw,  # built-in raw files that are not the known release
         "sources": {p.name: common.file_sha256(p) for p in sources.values()},
     }
@@ -589,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="paper: re-split the items (data.split_items); lewidi: the LeWiDi-2025 "
                              "train/dev/test files as published (same as --data.split lewidi)")
     parser.add_argument("--custom", help="your own annotations: a .jsonl or .csv file")
-    parser.add_argument("--name", help=f"dataset name for --custom ({SAFE_NAME_RULE})")
+    parser.add_argument("--name", help=f"dataset name for --custom ({common.SAFE_NAME_RULE})")
     parser.add_argument("--label-type", choices=["categorical", "numeric"], help="for --custom")
     parser.add_argument("--labels", help="for --custom categorical: the allowed labels, comma-separated")
     parser.add_argument("--score-range", help="for --custom numeric: LOW,HIGH (default: from the data)")
@@ -604,19 +582,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.split:
         cfg["data"]["split"] = args.split
-    check_custom_args(args)
     lewidi = cfg["data"]["split"] == "lewidi"
-    if lewidi and args.custom:
-        raise InputError("--custom is not for data.split lewidi (which reads the LeWiDi-2025 files)")
+    check_custom_args(args, lewidi)
 
     # ---- which datasets, from which files: (name, sources, --custom options)
     wanted = []
     if args.custom:
         path = Path(args.custom)
-        rows = iter_custom_rows(path)  # folder, missing or empty file, not UTF-8, no rows: stop here
-        first_row = next(rows, None)
-        rows.close()
-        if first_row is None:
+        if next(iter_custom_rows(path), None) is None:  # also a folder, an empty file, not UTF-8: stop here
             raise InputError(f"{path}: no annotation rows (only a header?)")
         options = {key: getattr(args, key) for key in CUSTOM_OPTIONS} | {"custom": str(path.resolve())}
         wanted.append((args.name, {"custom": Path(options["custom"])}, options))
