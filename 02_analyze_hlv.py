@@ -4,41 +4,13 @@
     python 02_analyze_hlv.py --config configs/cpu.yaml --dataset mine --hlv.group_sizes "[1, 5, 10]"
     accelerate launch 02_analyze_hlv.py --config configs/paper.yaml        # same; no training, one process is enough
 
-Reads every split of runs/<profile>/data/<dataset>/ (01's output: this is an analysis of the
-human annotations, not of a model). Writes runs/<profile>/hlv/<dataset>/:
-  summary.json           docs/DESIGN.md "hlv summary.json" (+ intervals, the control, details)
-  agreement.png/.md      pairwise Cohen's kappa (Fig 1)
-  identification.png/.md annotator identification accuracy against group size m (Fig 5),
-                         with the paper's reported figures beside ours
-  cache/                 sentence embeddings, keyed by embedder and texts
-  config.resolved.yaml
-
-Agreement. Cohen's kappa (sklearn) for every annotator pair on the items both annotated.
-Categorical labels (NLI): items where both gave exactly one label. Numeric scores
-(paraphrase): kappa on binned scores (hlv.par_kappa_binning: sign3 = {<0, 0, >0}, sign2 =
-{<=0, >0}, none = raw scores) and quadratic-weighted kappa on the raw scores. The paper's
-binning is not known (docs/CHOICES.md): both are our choice.
-
-Identification. E1..E4 as in common.REPRESENTATIONS, embedded with the profile's sentence
-embedder. A classifier (hlv.classifier, default multinomial logistic regression on
-standardised features) is trained on single responses of the training folds of an
-item-grouped k-fold split (no item is in both a training and a test fold). For each test
-fold, annotator and m in hlv.group_sizes, hlv.bootstrap_groups groups of that annotator's
-responses to m distinct test-fold items are drawn (seeded), averaged and classified.
-Accuracy is the mean over annotators (so chance is 1/number of annotators) and folds; the
-95% interval is a t-interval over the folds (disjoint item sets, so it reflects item
-sampling; the Monte Carlo error of the bootstrap groups is far smaller). m is capped at the
-items an annotator has in a test fold; the effective m is reported.
-
-E3/E4 residuals: an item's mean uses all annotators' responses to that item and nothing
-else. Because folds are item-grouped, computing it once before the split is identical to
-computing it inside each fold, and no training item informs a test residual (our choice;
-the paper's residualisation is not known in detail).
-
-Control: the same pipeline with annotator IDs permuted within each item, which keeps the
-items and texts but breaks the link between a text and its author; it must fall to chance.
-It is averaged over hlv.control_permutations permutations (one permutation scatters widely
-at large m, where a fold's groups of one annotator overlap heavily).
+Reads every split of 01's data (this analyses the human annotations, not a model) and writes
+runs/<profile>/hlv/<dataset>/: pairwise Cohen's kappa (agreement.png/.md, Fig 1); how well a
+classifier tells the annotators apart from groups of m of their explanations under item-grouped
+cross-validation, beside a control with the annotator IDs permuted within each item
+(identification.png/.md, Fig 5); summary.json (docs/DESIGN.md, "hlv summary.json"); cache/ (the
+sentence embeddings, keyed by embedder and texts) and config.resolved.yaml. The method and our
+choices: README "02_analyze_hlv" and docs/CHOICES.md.
 """
 from __future__ import annotations
 
