@@ -48,12 +48,7 @@ CONTROL_METHOD = ("annotator IDs permuted within each item (texts and items unch
 # ----------------------------------------------------------------------------
 # Agreement (Fig 1)
 # ----------------------------------------------------------------------------
-def cell_labels(records: list[dict]) -> dict[tuple[str, str], list]:
-    """(item_id, annotator) -> the labels that annotator gave to that item."""
-    cells: dict[tuple[str, str], list] = defaultdict(list)
-    for record in records:
-        cells[(record["item_id"], record["annotator"])].append(record["label"])
-    return cells
+BINNING_TEXT = {"sign3": "3-way sign {<0, 0, >0}", "sign2": "2-way {<=0, >0}", "none": "raw scores, unweighted"}
 
 
 def bin_score(score: int, binning: str):
@@ -64,9 +59,6 @@ def bin_score(score: int, binning: str):
     if binning == "none":
         return int(score)
     raise InputError(f"hlv.par_kappa_binning: unknown binning '{binning}' (sign3, sign2 or none)")
-
-
-BINNING_TEXT = {"sign3": "3-way sign {<0, 0, >0}", "sign2": "2-way {<=0, >0}", "none": "raw scores, unweighted"}
 
 
 def pair_kappa(first: list, second: list, labels: list, weights: str | None = None) -> tuple[float | None, str | None]:
@@ -81,65 +73,43 @@ def pair_kappa(first: list, second: list, labels: list, weights: str | None = No
     return float(value), None
 
 
-def summarise_pairs(pairs: dict[str, float | None]) -> tuple[float | None, float | None]:
-    values = [v for v in pairs.values() if v is not None]
-    return (min(values), max(values)) if values else (None, None)
-
-
 def pairwise_kappa(records: list[dict], annotators: list[str], task: dict, binning: str) -> dict:
-    """Cohen's kappa for every annotator pair on the items both gave exactly one label."""
-    cells = cell_labels(records)
+    """Cohen's kappa for every annotator pair on the items both gave exactly one label; scores are
+    binned (hlv.par_kappa_binning), and their quadratic-weighted kappa on the raw scores added."""
+    cells: dict[tuple[str, str], list] = defaultdict(list)  # (item, annotator) -> the labels given
+    for record in records:
+        cells[(record["item_id"], record["annotator"])].append(record["label"])
     single = {key: labels[0] for key, labels in cells.items() if len(labels) == 1}
     items = sorted({item for item, _ in cells})
-    numeric = task["label_type"] == "numeric"
-    if numeric:
-        low, high = task["score_range"]
-        binned_labels = sorted({bin_score(s, binning) for s in range(low, high + 1)})
-        raw_labels = list(range(low, high + 1))
-    else:
-        binned_labels = list(task["labels"])
-    result = {"pairs": {}, "n_items": {}, "missing": {}}
-    quadratic = {"pairs": {}, "missing": {}}
-    for i, first in enumerate(annotators):
-        for second in annotators[i + 1:]:
-            name = f"{first}|{second}"
-            shared = [item for item in items if (item, first) in single and (item, second) in single]
-            a = [single[(item, first)] for item in shared]
-            b = [single[(item, second)] for item in shared]
-            result["n_items"][name] = len(shared)
-            if numeric:
-                value, why = pair_kappa([bin_score(s, binning) for s in a], [bin_score(s, binning) for s in b],
-                                        binned_labels)
-                q_value, q_why = pair_kappa(a, b, raw_labels, weights="quadratic")
-                quadratic["pairs"][name] = q_value
-                if q_why:
-                    quadratic["missing"][name] = q_why
-            else:
-                value, why = pair_kappa(a, b, binned_labels)
-            result["pairs"][name] = value
+    shared = {(a, b): [item for item in items if (item, a) in single and (item, b) in single]
+              for i, a in enumerate(annotators) for b in annotators[i + 1:]}
+
+    def kappas(value_of, labels: list, weights: str | None = None) -> dict:
+        block = {"pairs": {}, "missing": {}}
+        for (a, b), pair_items in shared.items():
+            value, why = pair_kappa([value_of(single[(item, a)]) for item in pair_items],
+                                    [value_of(single[(item, b)]) for item in pair_items], labels, weights)
+            block["pairs"][f"{a}|{b}"] = value
             if why:
-                result["missing"][name] = why
-    result["min"], result["max"] = summarise_pairs(result["pairs"])
-    if numeric:
-        result["binning"] = (f"{BINNING_TEXT[binning]} of the scores; cells with exactly one score "
-                             "(our choice: the paper's binning is not stated)")
-        result["short"] = f"Cohen's kappa, scores binned {BINNING_TEXT[binning]}"
-        quadratic["min"], quadratic["max"] = summarise_pairs(quadratic["pairs"])
-        quadratic["binning"] = "raw scores, quadratic weights"
-        result["quadratic"] = quadratic
+                block["missing"][f"{a}|{b}"] = why
+        values = [v for v in block["pairs"].values() if v is not None]
+        block["min"], block["max"] = (min(values), max(values)) if values else (None, None)
+        return block
+
+    if task["label_type"] != "numeric":
+        block = kappas(lambda label: label, list(task["labels"]))
     else:
-        result["binning"] = "labels as given; items where both annotators gave exactly one label"
-        result["short"] = "Cohen's kappa, items where both gave exactly one label"
-    return result
-
-
-def kappa_matrix(pairs: dict[str, float | None], annotators: list[str]) -> np.ndarray:
-    matrix = np.full((len(annotators), len(annotators)), np.nan)
-    for name, value in pairs.items():
-        first, second = name.split("|")
-        i, j = annotators.index(first), annotators.index(second)
-        matrix[i, j] = matrix[j, i] = np.nan if value is None else value
-    return matrix
+        scores = list(range(task["score_range"][0], task["score_range"][1] + 1))
+        block = kappas(lambda s: bin_score(s, binning), sorted({bin_score(s, binning) for s in scores}))
+    result = {"pairs": block["pairs"], "n_items": {f"{a}|{b}": len(i) for (a, b), i in shared.items()}, **block}
+    if task["label_type"] != "numeric":
+        return result | {"binning": "labels as given; items where both annotators gave exactly one label",
+                         "short": "Cohen's kappa, items where both gave exactly one label"}
+    return result | {"binning": f"{BINNING_TEXT[binning]} of the scores; cells with exactly one score "
+                                "(our choice: the paper's binning is not stated)",
+                     "short": f"Cohen's kappa, scores binned {BINNING_TEXT[binning]}",
+                     "quadratic": kappas(lambda s: s, scores, "quadratic")
+                     | {"binning": "raw scores, quadratic weights"}}
 
 
 # ----------------------------------------------------------------------------
@@ -245,17 +215,6 @@ def control_accuracy(X: np.ndarray, labels: list[str], item_ids: list[str], anno
     return result
 
 
-def embed_representations(cfg: dict, records: list[dict], cache_dir: Path) -> dict[str, np.ndarray]:
-    """E1..E4 vectors for every record (E3/E4: residuals from all responses to each item)."""
-    item_ids = [record["item_id"] for record in records]
-    vectors = {}
-    for name in ("E1", "E2"):
-        vectors[name] = common.embed_texts(cfg, common.representation_texts(records, name), cache_dir)
-    for name, base in common.RESIDUAL_OF.items():
-        vectors[name] = common.remove_item_content(vectors[base], item_ids, common.item_means(vectors[base], item_ids))
-    return vectors
-
-
 # ----------------------------------------------------------------------------
 # Figures and tables
 # ----------------------------------------------------------------------------
@@ -274,49 +233,85 @@ def fmt(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def md_row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def save_figure(fig, path: Path) -> None:
     with common.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
     plt.close(fig)
 
 
-def plot_agreement(kappa: dict, annotators: list[str], dataset: str, path: Path) -> None:
-    panels = [(kappa["short"], kappa["pairs"])]
+def write_agreement(kappa: dict, annotators: list[str], dataset: str, out_dir: Path) -> None:
+    """agreement.png and agreement.md: one kappa matrix per block (scores: binned and quadratic-weighted)."""
+    blocks = [(kappa["short"], "kappa", kappa)]  # (figure title, table title, block)
     if "quadratic" in kappa:
-        panels.append(("quadratic-weighted kappa, raw scores", kappa["quadratic"]["pairs"]))
-    size = 1.1 * len(annotators) + 2
-    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False,
+        blocks.append(("quadratic-weighted kappa, raw scores", "quadratic-weighted kappa (raw scores)",
+                       kappa["quadratic"]))
+    n = len(annotators)
+    fig, axes = plt.subplots(1, len(blocks), figsize=((1.1 * n + 2) * len(blocks), 1.1 * n + 2), squeeze=False,
                              layout="constrained")
-    for ax, (title, pairs) in zip(axes[0], panels):
-        matrix = kappa_matrix(pairs, annotators)
+    lines = [f"# {dataset}: pairwise annotator agreement (Cohen's kappa)", "", f"Binning: {kappa['binning']}.", ""]
+    for ax, (figure_title, table_title, block) in zip(axes[0], blocks):
+        matrix = np.full((n, n), np.nan)
+        for pair, value in block["pairs"].items():
+            i, j = (annotators.index(a) for a in pair.split("|"))
+            matrix[i, j] = matrix[j, i] = np.nan if value is None else value
         image = ax.imshow(matrix, vmin=min(0.0, np.nanmin(matrix) if np.isfinite(matrix).any() else 0.0),
                           vmax=1.0, cmap="viridis")
-        for i in range(len(annotators)):
-            for j in range(len(annotators)):
+        for i in range(n):
+            for j in range(n):
                 if i != j:
                     value = matrix[i, j]
                     ax.text(j, i, "n/a" if np.isnan(value) else f"{value:.2f}", ha="center", va="center",
                             color="white" if np.isnan(value) or value < 0.6 else "black", fontsize=10)
-        ax.set_xticks(range(len(annotators)), annotators)
-        ax.set_yticks(range(len(annotators)), annotators)
-        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(n), annotators)
+        ax.set_yticks(range(n), annotators)
+        ax.set_title(figure_title, fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        lines += [f"## {table_title}: {fmt(block['min'])} to {fmt(block['max'])}", "",
+                  "| | " + " | ".join(annotators) + " |", "|---|" + "---|" * n]
+        lines += [md_row(first, *("-" if i == j else ("n/a" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.3f}")
+                                  for j in range(n))) for i, first in enumerate(annotators)]
+        lines += ["", *(f"- {name}: n/a ({why})" for name, why in block["missing"].items())]
+        if block["missing"]:
+            lines.append("")
     fig.suptitle(f"{dataset}: pairwise annotator agreement")
-    save_figure(fig, path)
+    save_figure(fig, out_dir / "agreement.png")
+    lines += ["Shared single-label items per pair: "
+              + ", ".join(f"{name} {count}" for name, count in kappa["n_items"].items()), "",
+              f"The paper reports pairwise kappa from {PAPER_REPORTED['kappa_range'][0]} to "
+              f"{PAPER_REPORTED['kappa_range'][1]} (from {PAPER_REPORTED['source']}).", ""]
+    common.atomic_write_text(out_dir / "agreement.md", "\n".join(lines))
 
 
-def plot_identification(identification: dict, control: dict, chance: float, dataset: str, path: Path) -> None:
+def measured(per_m: dict) -> dict:
+    """{m: row} of the group sizes that have an accuracy."""
+    return {m: row for m, row in per_m.items() if row.get("accuracy") is not None}
+
+
+def with_interval(row: dict) -> str:
+    if row.get("accuracy") is None:
+        return "n/a"
+    ci = row.get("ci95")
+    return f"{row['accuracy']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def write_identification(summary: dict, identification: dict, control: dict, out_dir: Path) -> None:
+    """identification.png (accuracy against m, the control and chance) and identification.md (the
+    same numbers, and the paper's figures beside ours)."""
+    dataset, chance, ms = summary["dataset"], summary["chance"], summary["group_sizes"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, per_m in identification.items():
-        ms = [m for m, row in per_m.items() if row.get("accuracy") is not None]
-        acc = np.array([per_m[m]["accuracy"] for m in ms])
-        lows = np.array([per_m[m]["ci95"][0] if per_m[m]["ci95"] else per_m[m]["accuracy"] for m in ms])
-        highs = np.array([per_m[m]["ci95"][1] if per_m[m]["ci95"] else per_m[m]["accuracy"] for m in ms])
-        line, = ax.plot(ms, acc, marker="o", label=f"{name}: {SHORT_NAMES.get(name, name)}")
-        ax.fill_between(ms, lows, highs, color=line.get_color(), alpha=0.15)
-    for index, (name, per_m) in enumerate(control.items()):
-        ms = [m for m, row in per_m.items() if row.get("accuracy") is not None]
-        ax.plot(ms, [per_m[m]["accuracy"] for m in ms], color="grey", linestyle=":", linewidth=1,
+        rows = measured(per_m)
+        bounds = np.array([row["ci95"] or [row["accuracy"]] * 2 for row in rows.values()]).reshape(-1, 2)
+        line, = ax.plot(list(rows), [row["accuracy"] for row in rows.values()], marker="o",
+                        label=f"{name}: {SHORT_NAMES.get(name, name)}")
+        ax.fill_between(list(rows), bounds[:, 0], bounds[:, 1], color=line.get_color(), alpha=0.15)
+    for index, per_m in enumerate(control.values()):
+        rows = measured(per_m)
+        ax.plot(list(rows), [row["accuracy"] for row in rows.values()], color="grey", linestyle=":", linewidth=1,
                 label="control: IDs permuted\nwithin item (E1-E4)" if index == 0 else None)
     ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
     ax.set_xscale("log")
@@ -329,77 +324,39 @@ def plot_identification(identification: dict, control: dict, chance: float, data
     ax.set_title(f"{dataset}: who wrote it? (item-grouped CV, 95% interval over folds)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center right")
-    save_figure(fig, path)
+    save_figure(fig, out_dir / "identification.png")
 
-
-def agreement_markdown(kappa: dict, annotators: list[str], dataset: str) -> str:
-    lines = [f"# {dataset}: pairwise annotator agreement (Cohen's kappa)", "",
-             f"Binning: {kappa['binning']}.", ""]
-    tables = [("kappa", kappa)] + ([("quadratic-weighted kappa (raw scores)", kappa["quadratic"])]
-                                   if "quadratic" in kappa else [])
-    for title, block in tables:
-        matrix = kappa_matrix(block["pairs"], annotators)
-        lines += [f"## {title}: {fmt(block['min'])} to {fmt(block['max'])}", "",
-                  "| | " + " | ".join(annotators) + " |", "|---|" + "---|" * len(annotators)]
-        for i, first in enumerate(annotators):
-            cells = ["-" if i == j else ("n/a" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.3f}")
-                     for j in range(len(annotators))]
-            lines.append(f"| {first} | " + " | ".join(cells) + " |")
-        lines.append("")
-        for name, why in block["missing"].items():
-            lines.append(f"- {name}: n/a ({why})")
-        if block["missing"]:
-            lines.append("")
-    lines += ["Shared single-label items per pair: "
-              + ", ".join(f"{name} {n}" for name, n in kappa["n_items"].items()), "",
-              f"The paper reports pairwise kappa from {PAPER_REPORTED['kappa_range'][0]} to "
-              f"{PAPER_REPORTED['kappa_range'][1]} (from {PAPER_REPORTED['source']}).", ""]
-    return "\n".join(lines)
-
-
-def identification_markdown(summary: dict) -> str:
-    ident, control = summary["identification_detail"], summary["control"]["identification_detail"]
-    ms = [str(m) for m in summary["group_sizes"]]
-    lines = [f"# {summary['dataset']}: annotator identification accuracy", "",
+    lines = [f"# {dataset}: annotator identification accuracy", "",
              f"Classifier: {summary['classifier']}; embedder: {summary['embedder']}; "
              f"{summary['folds']}-fold item-grouped CV; {summary['bootstrap_groups']} bootstrap groups per "
-             f"m, annotator and fold; chance {summary['chance']:.3f}. Cells: mean accuracy [95% interval "
-             "over folds].", "",
-             "| representation | " + " | ".join(f"m={m}" for m in ms) + " |", "|---|" + "---|" * len(ms)]
-
-    def cell(row):
-        if row.get("accuracy") is None:
-            return "n/a"
-        ci = row.get("ci95")
-        return f"{row['accuracy']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-
-    for name in ident:
-        lines.append(f"| {name} | " + " | ".join(cell(ident[name][m]) for m in ms) + " |")
-    for name in control:
-        lines.append(f"| control {name} | " + " | ".join(cell(control[name][m]) for m in ms) + " |")
-    effective = {m: ident[next(iter(ident))][m].get("effective_group_size") for m in ms}
-    capped = [f"m={m}: {e['min']}" for m, e in effective.items() if e and e["min"] < int(m)]
+             f"m, annotator and fold; chance {chance:.3f}. Cells: mean accuracy [95% interval over folds].", "",
+             md_row("representation", *(f"m={m}" for m in ms)), "|---|" + "---|" * len(ms)]
+    lines += [md_row(name, *(with_interval(per_m[m]) for m in ms)) for name, per_m in identification.items()]
+    lines += [md_row(f"control {name}", *(with_interval(per_m[m]) for m in ms)) for name, per_m in control.items()]
+    effective = {m: next(iter(identification.values()))[m].get("effective_group_size") for m in ms}
+    capped = [f"m={m}: {e['min']}" for m, e in effective.items() if e and e["min"] < m]
     if capped:
         lines += ["", "Group size capped by the items an annotator has in a test fold (smallest effective m): "
                   + ", ".join(capped) + "."]
+
+    def acc(per_m: dict, m: int) -> str:
+        return fmt(per_m[m].get("accuracy"), 3)
+
+    kappa, m_single, m_big = summary["kappa"], ms[0], (50 if 50 in ms else ms[-1])
     lines += ["", "Representations: " + "; ".join(f"{k} = {v}" for k, v in summary["representations"].items())
               + ".", "", "## The paper's figures beside ours", "",
               f"The paper's figures come from {PAPER_REPORTED['source']}.", "",
-              "| quantity | the paper's (reported) | ours |", "|---|---|---|"]
-    kappa = summary["kappa"]
-    acc = summary["identification"]
-    m_single, m_big = ms[0], ("50" if "50" in ms else ms[-1])
-    lines += [
-        f"| pairwise Cohen's kappa | {PAPER_REPORTED['kappa_range'][0]} to {PAPER_REPORTED['kappa_range'][1]} | "
-        f"{fmt(kappa['min'])} to {fmt(kappa['max'])} |",
-        f"| single-instance identification (m={m_single}) | {PAPER_REPORTED['single_instance_accuracy']:.1%} | "
-        f"E1 {fmt(acc['E1'][m_single], 3)}, E2 {fmt(acc['E2'][m_single], 3)} |",
-        f"| content removed, aggregated (m={m_big}) | {PAPER_REPORTED['content_removed_m50_accuracy']:.1%} (m=50) | "
-        f"E3 {fmt(acc['E3'][m_big], 3)}, E4 {fmt(acc['E4'][m_big], 3)} |",
-        f"| control (IDs permuted within item), m={m_big} | (chance) | "
-        + ", ".join(f"{k} {fmt(v[m_big], 3)}" for k, v in summary["control"]["identification"].items()) + " |",
-        f"| chance | 25% (4 annotators) | {summary['chance']:.3f} ({len(summary['annotators'])} annotators) |", ""]
-    return "\n".join(lines)
+              "| quantity | the paper's (reported) | ours |", "|---|---|---|",
+              f"| pairwise Cohen's kappa | {PAPER_REPORTED['kappa_range'][0]} to {PAPER_REPORTED['kappa_range'][1]} | "
+              f"{fmt(kappa['min'])} to {fmt(kappa['max'])} |",
+              f"| single-instance identification (m={m_single}) | {PAPER_REPORTED['single_instance_accuracy']:.1%} | "
+              f"E1 {acc(identification['E1'], m_single)}, E2 {acc(identification['E2'], m_single)} |",
+              f"| content removed, aggregated (m={m_big}) | {PAPER_REPORTED['content_removed_m50_accuracy']:.1%} "
+              f"(m=50) | E3 {acc(identification['E3'], m_big)}, E4 {acc(identification['E4'], m_big)} |",
+              f"| control (IDs permuted within item), m={m_big} | (chance) | "
+              + ", ".join(f"{name} {acc(per_m, m_big)}" for name, per_m in control.items()) + " |",
+              f"| chance | 25% (4 annotators) | {chance:.3f} ({len(summary['annotators'])} annotators) |", ""]
+    common.atomic_write_text(out_dir / "identification.md", "\n".join(lines))
 
 
 # ----------------------------------------------------------------------------
@@ -432,13 +389,17 @@ def analyse_dataset(cfg: dict, dataset: str) -> dict:
           + (f"; quadratic {fmt(kappa['quadratic']['min'])} to {fmt(kappa['quadratic']['max'])}"
              if "quadratic" in kappa else ""), flush=True)
 
-    # ---- identification (Fig 5) and its control
+    # ---- identification (Fig 5) and its control, on E1..E4 (E3/E4: minus the mean of all responses to the item)
     n_folds = min(int(hlv_cfg["folds"]), n_items)
     if n_folds < 2 or len(annotators) < 2:
         raise InputError(f"{common.data_dir(cfg, dataset)}: identification needs at least 2 items and 2 "
                          f"annotators (found {n_items} items, {len(annotators)} annotators)")
     folds = item_grouped_folds(item_ids, n_folds, seed)
-    vectors = embed_representations(cfg, records, common.embedding_cache_dir(cfg, dataset))
+    cache_dir = common.embedding_cache_dir(cfg, dataset)
+    vectors = {name: common.embed_texts(cfg, common.representation_texts(records, name), cache_dir)
+               for name in ("E1", "E2")}
+    for name, base in common.RESIDUAL_OF.items():
+        vectors[name] = common.remove_item_content(vectors[base], item_ids, common.item_means(vectors[base], item_ids))
     identification, control = {}, {}
     for name, X in vectors.items():
         started = time.time()
@@ -449,11 +410,10 @@ def analyse_dataset(cfg: dict, dataset: str) -> dict:
             + f" | control m={max(identification[name])} {fmt(control[name][max(control[name])].get('accuracy'), 3)}"
             + f" ({time.time() - started:.0f}s)", flush=True)
 
-    def by_m(detail: dict, key: str) -> dict:
-        return {name: {str(m): row.get(key) for m, row in per_m.items()} for name, per_m in detail.items()}
-
-    def stringify(detail: dict) -> dict:
-        return {name: {str(m): row for m, row in per_m.items()} for name, per_m in detail.items()}
+    def by_m(detail: dict, key: str | None = None) -> dict:
+        """{representation: {"m": row, or row[key]}}: JSON keys are strings."""
+        return {name: {str(m): row if key is None else row.get(key) for m, row in per_m.items()}
+                for name, per_m in detail.items()}
 
     summary = {
         "dataset": dataset, "annotators": annotators, "chance": 1.0 / len(annotators),
@@ -463,10 +423,9 @@ def analyse_dataset(cfg: dict, dataset: str) -> dict:
         "embedder": cfg["embedder"].get("name") or common.embedder_path(cfg["embedder"]),
         "classifier": common.annotator_classifier_name(hlv_cfg),
         "identification_ci95": by_m(identification, "ci95"),
-        "identification_detail": stringify(identification),
+        "identification_detail": by_m(identification),
         "control": {"method": CONTROL_METHOD, "identification": by_m(control, "accuracy"),
-                    "identification_ci95": by_m(control, "ci95"),
-                    "identification_detail": stringify(control)},
+                    "identification_ci95": by_m(control, "ci95"), "identification_detail": by_m(control)},
         "n_responses": len(records), "n_items": n_items, "folds": n_folds,
         "group_sizes": [int(m) for m in hlv_cfg["group_sizes"]],
         "bootstrap_groups": int(hlv_cfg["bootstrap_groups"]),
@@ -474,12 +433,8 @@ def analyse_dataset(cfg: dict, dataset: str) -> dict:
         "residual_means": "per item, over all annotators' responses to that item (within-item only)",
         "paper_reported": PAPER_REPORTED,
     }
-
-    # ---- save
-    plot_agreement(kappa, annotators, dataset, out_dir / "agreement.png")
-    plot_identification(identification, control, summary["chance"], dataset, out_dir / "identification.png")
-    common.atomic_write_text(out_dir / "agreement.md", agreement_markdown(kappa, annotators, dataset))
-    common.atomic_write_text(out_dir / "identification.md", identification_markdown(summary))
+    write_agreement(kappa, annotators, dataset, out_dir)
+    write_identification(summary, identification, control, out_dir)
     common.write_json(out_dir / "summary.json", rounded(summary))
     common.save_resolved_config(cfg, out_dir, stage="02_analyze_hlv")
     print(f"[hlv] {dataset}: wrote {out_dir}/summary.json, agreement.png/.md, identification.png/.md", flush=True)
