@@ -4,13 +4,12 @@
     python 02_analyze_hlv.py --config configs/cpu.yaml --dataset mine --hlv.group_sizes "[1, 5, 10]"
     accelerate launch 02_analyze_hlv.py --config configs/paper.yaml        # same; no training, one process is enough
 
-Reads every split of 01's data (this analyses the human annotations, not a model) and writes
-runs/<profile>/hlv/<dataset>/: pairwise Cohen's kappa (agreement.png/.md, Fig 1); how well a
-classifier tells the annotators apart from groups of m of their explanations under item-grouped
-cross-validation, beside a control with the annotator IDs permuted within each item
-(identification.png/.md, Fig 5); summary.json (docs/DESIGN.md, "hlv summary.json"); cache/ (the
-sentence embeddings, keyed by embedder and texts) and config.resolved.yaml. The method and our
-choices: README "02_analyze_hlv" and docs/CHOICES.md.
+Reads every split of 01's data (the human annotations, not a model's) and writes runs/<profile>/hlv/<dataset>/:
+pairwise Cohen's kappa (agreement.png/.md, Fig 1); how well a classifier tells the annotators apart
+from groups of m of their explanations, in item-grouped cross-validation, beside a control with the
+IDs permuted within each item (identification.png/.md, Fig 5); summary.json (docs/DESIGN.md, "hlv
+summary.json"); cache/ (sentence embeddings) and config.resolved.yaml. The method and our choices:
+README "02_analyze_hlv" and docs/CHOICES.md.
 """
 from __future__ import annotations
 
@@ -33,13 +32,9 @@ from common import InputError  # noqa: E402
 
 SPLITS = ("train", "dev", "test")
 # The paper's figures as summarised second-hand (docs/CHOICES.md); shown beside ours.
-PAPER_REPORTED = {
-    "kappa_range": [0.31, 0.41],
-    "single_instance_accuracy": 0.419,
-    "content_removed_m50_accuracy": 0.964,
-    "source": "second-hand summaries of the paper (docs/CHOICES.md); which "
-              "dataset, binning, representation and m each number belongs to is not stated",
-}
+PAPER_REPORTED = {"kappa_range": [0.31, 0.41], "single_instance_accuracy": 0.419, "content_removed_m50_accuracy": 0.964,
+                  "source": "second-hand summaries of the paper (docs/CHOICES.md); which "
+                            "dataset, binning, representation and m each number belongs to is not stated"}
 SHORT_NAMES = {"E1": "explanation", "E2": "label + explanation", "E3": "E1 - item mean", "E4": "E2 - item mean"}
 CONTROL_METHOD = ("annotator IDs permuted within each item (texts and items unchanged); mean over "
                   "hlv.control_permutations permutations, 95% t-interval over permutations")
@@ -48,17 +43,9 @@ CONTROL_METHOD = ("annotator IDs permuted within each item (texts and items unch
 # ----------------------------------------------------------------------------
 # Agreement (Fig 1)
 # ----------------------------------------------------------------------------
-BINNING_TEXT = {"sign3": "3-way sign {<0, 0, >0}", "sign2": "2-way {<=0, >0}", "none": "raw scores, unweighted"}
-
-
-def bin_score(score: int, binning: str):
-    if binning == "sign3":
-        return int(np.sign(score))
-    if binning == "sign2":
-        return int(score > 0)
-    if binning == "none":
-        return int(score)
-    raise InputError(f"hlv.par_kappa_binning: unknown binning '{binning}' (sign3, sign2 or none)")
+# hlv.par_kappa_binning: how scores are binned for kappa, and its description.
+BINNINGS = {"sign3": (lambda s: int(np.sign(s)), "3-way sign {<0, 0, >0}"),
+            "sign2": (lambda s: int(s > 0), "2-way {<=0, >0}"), "none": (int, "raw scores, unweighted")}
 
 
 def pair_kappa(first: list, second: list, labels: list, weights: str | None = None) -> tuple[float | None, str | None]:
@@ -96,20 +83,22 @@ def pairwise_kappa(records: list[dict], annotators: list[str], task: dict, binni
         block["min"], block["max"] = (min(values), max(values)) if values else (None, None)
         return block
 
+    n_items = {f"{a}|{b}": len(pair_items) for (a, b), pair_items in shared.items()}
     if task["label_type"] != "numeric":
         block = kappas(lambda label: label, list(task["labels"]))
-    else:
-        scores = list(range(task["score_range"][0], task["score_range"][1] + 1))
-        block = kappas(lambda s: bin_score(s, binning), sorted({bin_score(s, binning) for s in scores}))
-    result = {"pairs": block["pairs"], "n_items": {f"{a}|{b}": len(i) for (a, b), i in shared.items()}, **block}
-    if task["label_type"] != "numeric":
-        return result | {"binning": "labels as given; items where both annotators gave exactly one label",
-                         "short": "Cohen's kappa, items where both gave exactly one label"}
-    return result | {"binning": f"{BINNING_TEXT[binning]} of the scores; cells with exactly one score "
-                                "(our choice: the paper's binning is not stated)",
-                     "short": f"Cohen's kappa, scores binned {BINNING_TEXT[binning]}",
-                     "quadratic": kappas(lambda s: s, scores, "quadratic")
-                     | {"binning": "raw scores, quadratic weights"}}
+        return {"pairs": block["pairs"], "n_items": n_items, **block,
+                "binning": "labels as given; items where both annotators gave exactly one label",
+                "short": "Cohen's kappa, items where both gave exactly one label"}
+    if binning not in BINNINGS:
+        raise InputError(f"hlv.par_kappa_binning: unknown binning '{binning}' (sign3, sign2 or none)")
+    bin_score, binning_text = BINNINGS[binning]
+    scores = list(range(task["score_range"][0], task["score_range"][1] + 1))
+    block = kappas(bin_score, sorted({bin_score(s) for s in scores}))
+    return {"pairs": block["pairs"], "n_items": n_items, **block,
+            "binning": f"{binning_text} of the scores; cells with exactly one score "
+                       "(our choice: the paper's binning is not stated)",
+            "short": f"Cohen's kappa, scores binned {binning_text}",
+            "quadratic": kappas(lambda s: s, scores, "quadratic") | {"binning": "raw scores, quadratic weights"}}
 
 
 # ----------------------------------------------------------------------------
@@ -118,8 +107,7 @@ def pairwise_kappa(records: list[dict], annotators: list[str], task: dict, binni
 def item_grouped_folds(item_ids: list[str], n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train_rows, test_rows) per fold; every response to an item lands in the same fold."""
     splitter = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    rows = np.zeros(len(item_ids))
-    return list(splitter.split(rows, groups=item_ids))
+    return list(splitter.split(np.zeros(len(item_ids)), groups=item_ids))
 
 
 def permute_within_items(annotators: list[str], item_ids: list[str], seed) -> list[str]:
@@ -146,16 +134,10 @@ def t_interval(values: list[float]) -> list[float] | None:
 
 def identification_accuracy(X: np.ndarray, labels: list[str], item_ids: list[str], annotator_order: list[str],
                             folds: list, hlv_cfg: dict, seed: int) -> dict:
-    """Group-level identification accuracy per m: {m: {accuracy, ci95, per_fold, ...}}.
-
-    Per fold: fit on the training rows; for every annotator and m, draw bootstrap groups of
-    that annotator's responses to distinct test-fold items, average each group and classify
-    (common.group_scores, the sampler 05 and 06 use too).
-    """
-    labels_arr = np.asarray(labels)
-    items_arr = np.asarray(item_ids)
-    group_sizes = [int(m) for m in hlv_cfg["group_sizes"]]
-    n_groups = int(hlv_cfg["bootstrap_groups"])
+    """{m: {accuracy, ci95, per_fold, ...}}: per fold, a classifier fit on the training rows classifies
+    seeded groups of m of an annotator's responses to distinct test-fold items, averaged (common.group_scores)."""
+    labels_arr, items_arr = np.asarray(labels), np.asarray(item_ids)
+    group_sizes, n_groups = [int(m) for m in hlv_cfg["group_sizes"]], int(hlv_cfg["bootstrap_groups"])
     correct = {m: defaultdict(dict) for m in group_sizes}  # m -> fold -> annotator -> share correct
     effective = {m: [] for m in group_sizes}
     for fold, (train_rows, test_rows) in enumerate(folds):
@@ -193,12 +175,8 @@ def identification_accuracy(X: np.ndarray, labels: list[str], item_ids: list[str
 
 def control_accuracy(X: np.ndarray, labels: list[str], item_ids: list[str], annotator_order: list[str],
                      folds: list, hlv_cfg: dict, seed: int) -> dict:
-    """The identification pipeline on within-item permuted IDs, averaged over permutations.
-
-    One permutation leaves few independent cells at large m (a fold's groups of one annotator
-    overlap heavily), so its accuracy scatters around chance; the mean over
-    hlv.control_permutations permutations estimates the null level.
-    """
+    """identification_accuracy on annotator IDs permuted within items, averaged over
+    hlv.control_permutations permutations (one alone scatters widely at large m)."""
     runs = [identification_accuracy(X, permute_within_items(labels, item_ids, [seed, p]), item_ids,
                                     annotator_order, folds, hlv_cfg, seed)
             for p in range(int(hlv_cfg["control_permutations"]))]
@@ -260,12 +238,10 @@ def write_agreement(kappa: dict, annotators: list[str], dataset: str, out_dir: P
             matrix[i, j] = matrix[j, i] = np.nan if value is None else value
         image = ax.imshow(matrix, vmin=min(0.0, np.nanmin(matrix) if np.isfinite(matrix).any() else 0.0),
                           vmax=1.0, cmap="viridis")
-        for i in range(n):
-            for j in range(n):
-                if i != j:
-                    value = matrix[i, j]
-                    ax.text(j, i, "n/a" if np.isnan(value) else f"{value:.2f}", ha="center", va="center",
-                            color="white" if np.isnan(value) or value < 0.6 else "black", fontsize=10)
+        for (i, j), value in np.ndenumerate(matrix):
+            if i != j:
+                ax.text(j, i, "n/a" if np.isnan(value) else f"{value:.2f}", ha="center", va="center",
+                        color="white" if np.isnan(value) or value < 0.6 else "black", fontsize=10)
         ax.set_xticks(range(n), annotators)
         ax.set_yticks(range(n), annotators)
         ax.set_title(figure_title, fontsize=9)
@@ -362,21 +338,9 @@ def write_identification(summary: dict, identification: dict, control: dict, out
 # ----------------------------------------------------------------------------
 # One dataset
 # ----------------------------------------------------------------------------
-def check_hlv_config(hlv_cfg: dict, config_path: str) -> None:
-    sizes = hlv_cfg["group_sizes"]
-    if not isinstance(sizes, list) or not sizes or not all(isinstance(m, int) and m >= 1 for m in sizes):
-        raise common.input_error(config_path, "must be a non-empty list of positive integers", field="hlv.group_sizes")
-    for key, low in (("folds", 2), ("bootstrap_groups", 1), ("control_permutations", 1)):
-        if not isinstance(hlv_cfg[key], int) or hlv_cfg[key] < low:
-            raise common.input_error(config_path, f"must be an integer >= {low}", field=f"hlv.{key}")
-
-
 def analyse_dataset(cfg: dict, dataset: str) -> dict:
-    hlv_cfg = cfg["hlv"]
-    seed = int(cfg["seed"])
-    out_dir = common.hlv_dir(cfg, dataset)
+    hlv_cfg, seed, out_dir = cfg["hlv"], int(cfg["seed"]), common.hlv_dir(cfg, dataset)
     records = [record for split in SPLITS for record in common.load_split(cfg, dataset, split)]
-    task = common.load_task(cfg, dataset)
     annotators = common.dataset_annotators(cfg, dataset)
     item_ids = [record["item_id"] for record in records]
     labels = [record["annotator"] for record in records]
@@ -384,7 +348,7 @@ def analyse_dataset(cfg: dict, dataset: str) -> dict:
     print(f"[hlv] {dataset}: {len(records)} responses, {n_items} items, annotators {annotators}", flush=True)
 
     # ---- agreement (Fig 1)
-    kappa = pairwise_kappa(records, annotators, task, hlv_cfg["par_kappa_binning"])
+    kappa = pairwise_kappa(records, annotators, common.load_task(cfg, dataset), hlv_cfg["par_kappa_binning"])
     print(f"[hlv] {dataset}: kappa {fmt(kappa['min'])} to {fmt(kappa['max'])}"
           + (f"; quadratic {fmt(kappa['quadratic']['min'])} to {fmt(kappa['quadratic']['max'])}"
              if "quadratic" in kappa else ""), flush=True)
@@ -416,19 +380,15 @@ def analyse_dataset(cfg: dict, dataset: str) -> dict:
                 for name, per_m in detail.items()}
 
     summary = {
-        "dataset": dataset, "annotators": annotators, "chance": 1.0 / len(annotators),
-        "kappa": kappa,
-        "identification": by_m(identification, "accuracy"),
-        "representations": dict(common.REPRESENTATIONS),
+        "dataset": dataset, "annotators": annotators, "chance": 1.0 / len(annotators), "kappa": kappa,
+        "identification": by_m(identification, "accuracy"), "representations": dict(common.REPRESENTATIONS),
         "embedder": cfg["embedder"].get("name") or common.embedder_path(cfg["embedder"]),
         "classifier": common.annotator_classifier_name(hlv_cfg),
-        "identification_ci95": by_m(identification, "ci95"),
-        "identification_detail": by_m(identification),
+        "identification_ci95": by_m(identification, "ci95"), "identification_detail": by_m(identification),
         "control": {"method": CONTROL_METHOD, "identification": by_m(control, "accuracy"),
                     "identification_ci95": by_m(control, "ci95"), "identification_detail": by_m(control)},
         "n_responses": len(records), "n_items": n_items, "folds": n_folds,
-        "group_sizes": [int(m) for m in hlv_cfg["group_sizes"]],
-        "bootstrap_groups": int(hlv_cfg["bootstrap_groups"]),
+        "group_sizes": [int(m) for m in hlv_cfg["group_sizes"]], "bootstrap_groups": int(hlv_cfg["bootstrap_groups"]),
         "interval": "95% t-interval over the item-grouped folds",
         "residual_means": "per item, over all annotators' responses to that item (within-item only)",
         "paper_reported": PAPER_REPORTED,
@@ -451,7 +411,13 @@ def main(argv: list[str] | None = None) -> None:
     if not common.is_main_process():  # under `accelerate launch`: one process's work, done by rank 0
         return
     common.set_seed(cfg["seed"])
-    check_hlv_config(cfg["hlv"], cfg["config_path"])
+    hlv_cfg, sizes = cfg["hlv"], cfg["hlv"]["group_sizes"]
+    if not isinstance(sizes, list) or not sizes or not all(isinstance(m, int) and m >= 1 for m in sizes):
+        raise common.input_error(cfg["config_path"], "must be a non-empty list of positive integers",
+                                 field="hlv.group_sizes")
+    for key, low in (("folds", 2), ("bootstrap_groups", 1), ("control_permutations", 1)):
+        if not isinstance(hlv_cfg[key], int) or hlv_cfg[key] < low:
+            raise common.input_error(cfg["config_path"], f"must be an integer >= {low}", field=f"hlv.{key}")
     for dataset in common.selected_datasets(cfg, args.dataset):
         common.require_data(cfg, dataset)
         summary_path = common.hlv_dir(cfg, dataset) / "summary.json"
