@@ -5,12 +5,12 @@
     python 01_prepare.py --config configs/cpu.yaml --custom my.csv --name mine --label-type categorical
     python 01_prepare.py --config configs/cpu.yaml --split lewidi        # the LeWiDi-2025 split, in runs/cpu/lewidi/
 
-Reads the raw files (README, "Raw data"; downloaded when missing) or your own (README, "Bring your
-own annotations"), checks them (bad input stops with one line naming file, line and field;
---skip-invalid drops and counts it instead), splits the items with data.split_seed (--split
-lewidi: the shared task's split) and writes runs/<profile>/data/<dataset>/{train,dev,test}.jsonl
-(one record per item, annotator, label and explanation), stats.json (counts, what was dropped and
-why, the task) and config.resolved.yaml. Our choices: docs/CHOICES.md, "Data".
+Reads the raw files (README, "Raw data"; downloaded when missing) or your own (README, "Bring your own
+annotations"), checks them (bad input stops with one line naming file, line and field; --skip-invalid
+drops and counts it instead), splits the items with data.split_seed (--split lewidi: the shared task's
+split) and writes runs/<profile>/data/<dataset>/{train,dev,test}.jsonl (a record per item, annotator,
+label and explanation), stats.json (counts, what was dropped and why, the task) and config.resolved.yaml.
+Our choices: docs/CHOICES.md, "Data".
 """
 from __future__ import annotations
 
@@ -47,6 +47,9 @@ KNOWN_RELEASES = {name: {"items": items, "sha256": sha256} for name, items, sha2
 # data.split lewidi: the shared task's own train/dev/test files (LeWiDi-2025), per dataset.
 LEWIDI_FILE_PREFIX = {"varierr": "VariErrNLI", "par": "Paraphrase"}
 LEWIDI_TEXT_FIELDS = {"varierr": ("context", "statement"), "par": ("Question1", "Question2")}
+# --custom: the columns of your own annotations, and the options a dataset is prepared with.
+CUSTOM_COLUMNS = ("item_id", "text_a", "text_b", "annotator", "label", "explanation")
+CUSTOM_OPTIONS = ("custom", "label_type", "labels", "score_range", "instruction")
 
 
 class Collector:
@@ -85,7 +88,7 @@ def unsafe_id(path: Path, annotator: str, **where) -> InputError | None:
 
 
 # ----------------------------------------------------------------------------
-# Raw files
+# Files
 # ----------------------------------------------------------------------------
 def find_raw_file(raw_dir: Path, name: str, download: bool = True) -> Path:
     """raw_dir/name or raw_dir/*/name, else downloaded there (without `download`: the path it would have)."""
@@ -125,6 +128,25 @@ def checked_text(path: Path, encoding: str = "utf-8") -> str:
     return text
 
 
+def iter_rows(path: Path):
+    """(line number, row dict) of a JSONL or CSV file (UTF-8, a CSV may start with a BOM; checked first)."""
+    if path.suffix.lower() != ".csv":
+        checked_text(path)
+        yield from common.iter_jsonl(path)
+        return
+    checked_text(path, encoding="utf-8-sig")
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh)
+        try:
+            missing = [c for c in CUSTOM_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise input_error(path, "missing column", line=1, field=missing[0])
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as err:
+            raise input_error(path, f"malformed CSV ({err})", line=reader.line_num) from None
+
+
 def check_release(path: Path, items_found: int, known: dict, accept_modified: bool) -> dict | None:
     """None if path is the known release ({"items", "sha256"}); else stop, or with accept_modified its note."""
     found_sha = common.file_sha256(path)
@@ -147,8 +169,7 @@ def check_release(path: Path, items_found: int, known: dict, accept_modified: bo
 def read_varierr(name: str, sources: dict[str, Path], out: Collector) -> dict[Path, int]:
     """VariErr JSONL: one item a line, label lists of {annotator, reason, judgments}."""
     path = sources["varierr"]
-    checked_text(path)
-    for lineno, item in common.iter_jsonl(path):
+    for lineno, item in iter_rows(path):
         for field in ("id", "context", "statement", *common.NLI_LABELS):
             if field not in item:
                 raise input_error(path, "missing field", line=lineno, field=field)
@@ -186,8 +207,7 @@ def read_varierr_entry(path, lineno, item_id, label, entry, out: Collector) -> N
                                    field=f"{label}[].reason", **where), "explanation not a string")
     explanation = normalize_text(entry["reason"] or "")
     if not explanation:
-        return out.bad(input_error(path, "empty explanation", field=f"{label}[].reason", **where),
-                       "empty explanation")
+        return out.bad(input_error(path, "empty explanation", field=f"{label}[].reason", **where), "empty explanation")
     judgments = entry.get("judgments") or []
     if not isinstance(judgments, list) or not all(isinstance(j, dict) for j in judgments):
         raise input_error(path, "expected a list of {annotator, makes_sense} objects",
@@ -310,29 +330,6 @@ def read_lewidi(name: str, sources: dict[str, Path], out: Collector) -> dict[Pat
 # ----------------------------------------------------------------------------
 # Your own annotations (--custom)
 # ----------------------------------------------------------------------------
-CUSTOM_COLUMNS = ("item_id", "text_a", "text_b", "annotator", "label", "explanation")
-CUSTOM_OPTIONS = ("custom", "label_type", "labels", "score_range", "instruction")
-
-
-def iter_custom_rows(path: Path):
-    """(line number, row dict) of a JSONL or CSV file (UTF-8, a CSV may start with a BOM)."""
-    if path.suffix.lower() != ".csv":
-        checked_text(path)
-        yield from common.iter_jsonl(path)
-        return
-    checked_text(path, encoding="utf-8-sig")
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        try:
-            missing = [c for c in CUSTOM_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise input_error(path, "missing column", line=1, field=missing[0])
-            for row in reader:
-                yield reader.line_num, row
-        except csv.Error as err:
-            raise input_error(path, f"malformed CSV ({err})", line=reader.line_num) from None
-
-
 def categorical_value(value):
     """A JSON integer label is its string for a categorical task (JSON 0 -> "0", as a CSV gives it)."""
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
@@ -345,7 +342,7 @@ def read_custom(path: Path, task: dict, out: Collector) -> None:
     first_score: dict[tuple[str, str], tuple[int, int]] = {}  # (item, annotator) -> (line, score)
     conflicting: set[tuple[str, str]] = set()
     n_rows = 0
-    for lineno, row in iter_custom_rows(path):
+    for lineno, row in iter_rows(path):
         n_rows += 1
         # Label and explanation may be present but empty: those get their own messages below.
         field = next((c for c in CUSTOM_COLUMNS if row.get(c) is None
@@ -400,7 +397,7 @@ def custom_task(path: Path, options: dict) -> dict:
                 raise InputError(f"--labels {labels!r}: give at least two different labels, each once "
                                  "(labels compare case-insensitively)")
         else:
-            values = (categorical_value(row.get("label")) for _, row in iter_custom_rows(path))
+            values = (categorical_value(row.get("label")) for _, row in iter_rows(path))
             found = sorted({v.strip().lower() for v in values if isinstance(v, str) and v.strip()})
             if not found:
                 raise InputError(f"{path}: no label found in the 'label' column")
@@ -417,7 +414,7 @@ def custom_task(path: Path, options: dict) -> dict:
                 raise InputError(f"--score-range {score_range!r}: LOW must be below HIGH (e.g. {high},{low})")
         else:
             values = []
-            for lineno, row in iter_custom_rows(path):
+            for lineno, row in iter_rows(path):
                 try:
                     values.append(int(str(row.get("label")).strip()))
                 except ValueError:
@@ -444,10 +441,9 @@ def custom_options_of(cfg: dict, name: str) -> dict:
 def check_custom_args(args, lewidi: bool) -> None:
     """Argument combinations for --custom; a flag that would be silently ignored stops too."""
     if not args.custom:
-        given = [f"--{key.replace('_', '-')}" for key in ("name", *CUSTOM_OPTIONS[1:])
-                 if getattr(args, key) is not None]
-        if given:
-            raise InputError(f"{given[0]} is only used with --custom FILE")
+        for key in ("name", *CUSTOM_OPTIONS[1:]):
+            if getattr(args, key) is not None:
+                raise InputError(f"--{key.replace('_', '-')} is only used with --custom FILE")
         return
     for wrong, message in (
             (args.accept_modified_raw, "--accept-modified-raw is for the built-in raw files, not --custom"),
@@ -488,11 +484,10 @@ def split_items(out: Collector, data_cfg: dict) -> dict[str, list[str]]:
             "test": sorted(order[n_train + n_dev:])}
 
 
-def enforce_min_records(records: list[dict], splits: dict[str, list[str]], minimum: int,
-                        out: Collector, source: str) -> list[dict]:
+def enforce_min_records(records: list[dict], split_of: dict[str, str], minimum: int, out: Collector,
+                        source: str) -> list[dict]:
     """Every annotator needs `minimum` train records to get an adapter; else stop (or drop them)."""
-    train_items = set(splits["train"])
-    counts = Counter(r["annotator"] for r in records if r["item_id"] in train_items)
+    counts = Counter(r["annotator"] for r in records if split_of[r["item_id"]] == "train")
     too_few = sorted(a for a in {r["annotator"] for r in records} if counts[a] < minimum)
     for annotator in too_few:
         out.bad(InputError(f"{source}: annotator {annotator} has {counts[annotator]} train records, fewer "
@@ -508,7 +503,7 @@ def write_dataset(cfg: dict, name: str, task: dict, out: Collector, sources: dic
     splits = split_items(out, cfg["data"])
     split_of = {i: s for s, ids in splits.items() for i in ids}
     records = [r for r in out.records if r["item_id"] in split_of]
-    records = enforce_min_records(records, splits, cfg["data"]["min_train_records_per_annotator"], out,
+    records = enforce_min_records(records, split_of, cfg["data"]["min_train_records_per_annotator"], out,
                                   ", ".join(str(p) for p in sources.values()))
     first_of: dict[tuple, dict] = {}  # exact duplicates (same item, annotator, label, explanation) are one unit
     for r in records:
@@ -589,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
     wanted = []
     if args.custom:
         path = Path(args.custom)
-        if next(iter_custom_rows(path), None) is None:  # also a folder, an empty file, not UTF-8: stop here
+        if next(iter_rows(path), None) is None:  # also a folder, an empty file, not UTF-8: stop here
             raise InputError(f"{path}: no annotation rows (only a header?)")
         options = {key: getattr(args, key) for key in CUSTOM_OPTIONS} | {"custom": str(path.resolve())}
         wanted.append((args.name, {"custom": Path(options["custom"])}, options))
