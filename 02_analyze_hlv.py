@@ -248,8 +248,10 @@ def write_agreement(kappa: dict, annotators: list[str], dataset: str, out_dir: P
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
         lines += [f"## {table_title}: {fmt(block['min'])} to {fmt(block['max'])}", "",
                   "| | " + " | ".join(annotators) + " |", "|---|" + "---|" * n]
-        lines += [md_row(first, *("-" if i == j else ("n/a" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.3f}")
-                                  for j in range(n))) for i, first in enumerate(annotators)]
+        for i, first in enumerate(annotators):
+            cells = ["-" if i == j else "n/a" if np.isnan(value) else f"{value:.3f}"
+                     for j, value in enumerate(matrix[i])]
+            lines.append(md_row(first, *cells))
         lines += ["", *(f"- {name}: n/a ({why})" for name, why in block["missing"].items())]
         if block["missing"]:
             lines.append("")
