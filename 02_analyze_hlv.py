@@ -4,41 +4,12 @@
     python 02_analyze_hlv.py --config configs/cpu.yaml --dataset mine --hlv.group_sizes "[1, 5, 10]"
     accelerate launch 02_analyze_hlv.py --config configs/paper.yaml        # same; no training, one process is enough
 
-Reads every split of runs/<profile>/data/<dataset>/ (01's output: this is an analysis of the
-human annotations, not of a model). Writes runs/<profile>/hlv/<dataset>/:
-  summary.json           docs/DESIGN.md "hlv summary.json" (+ intervals, the control, details)
-  agreement.png/.md      pairwise Cohen's kappa (Fig 1)
-  identification.png/.md annotator identification accuracy against group size m (Fig 5),
-                         with the paper's reported figures beside ours
-  cache/                 sentence embeddings, keyed by embedder and texts
-  config.resolved.yaml
-
-Agreement. Cohen's kappa (sklearn) for every annotator pair on the items both annotated.
-Categorical labels (NLI): items where both gave exactly one label. Numeric scores
-(paraphrase): kappa on binned scores (hlv.par_kappa_binning: sign3 = {<0, 0, >0}, sign2 =
-{<=0, >0}, none = raw scores) and quadratic-weighted kappa on the raw scores. The paper's
-binning is not known (docs/CHOICES.md): both are our choice.
-
-Identification. E1..E4 as in common.REPRESENTATIONS, embedded with the profile's sentence
-embedder. A classifier (hlv.classifier, default multinomial logistic regression on
-standardised features) is trained on single responses of the training folds of an
-item-grouped k-fold split (no item is in both a training and a test fold). For each test
-fold, annotator and m in hlv.group_sizes, hlv.bootstrap_groups groups of that annotator's
-responses to m distinct test-fold items are drawn (seeded), averaged and classified.
-Accuracy is the mean over annotators (so chance is 1/number of annotators) and folds; the
-95% interval is a t-interval over the folds (disjoint item sets, so it reflects item
-sampling; the Monte Carlo error of the bootstrap groups is far smaller). m is capped at the
-items an annotator has in a test fold; the effective m is reported.
-
-E3/E4 residuals: an item's mean uses all annotators' responses to that item and nothing
-else. Because folds are item-grouped, computing it once before the split is identical to
-computing it inside each fold, and no training item informs a test residual (our choice;
-the paper's residualisation is not known in detail).
-
-Control: the same pipeline with annotator IDs permuted within each item, which keeps the
-items and texts but breaks the link between a text and its author; it must fall to chance.
-It is averaged over hlv.control_permutations permutations (one permutation scatters widely
-at large m, where a fold's groups of one annotator overlap heavily).
+Reads every split of 01's data (the human annotations, not a model's) and writes runs/<profile>/hlv/<dataset>/:
+pairwise Cohen's kappa (agreement.png/.md, Fig 1); how well a classifier tells the annotators apart
+from groups of m of their explanations, in item-grouped cross-validation, beside a control with the
+IDs permuted within each item (identification.png/.md, Fig 5); summary.json (docs/DESIGN.md, "hlv
+summary.json"); cache/ (sentence embeddings) and config.resolved.yaml. The method and our choices:
+README "02_analyze_hlv" and docs/CHOICES.md.
 """
 from __future__ import annotations
 
@@ -61,13 +32,9 @@ from common import InputError  # noqa: E402
 
 SPLITS = ("train", "dev", "test")
 # The paper's figures as summarised second-hand (docs/CHOICES.md); shown beside ours.
-PAPER_REPORTED = {
-    "kappa_range": [0.31, 0.41],
-    "single_instance_accuracy": 0.419,
-    "content_removed_m50_accuracy": 0.964,
-    "source": "second-hand summaries of the paper (docs/CHOICES.md); which "
-              "dataset, binning, representation and m each number belongs to is not stated",
-}
+PAPER_REPORTED = {"kappa_range": [0.31, 0.41], "single_instance_accuracy": 0.419, "content_removed_m50_accuracy": 0.964,
+                  "source": "second-hand summaries of the paper (docs/CHOICES.md); which "
+                            "dataset, binning, representation and m each number belongs to is not stated"}
 SHORT_NAMES = {"E1": "explanation", "E2": "label + explanation", "E3": "E1 - item mean", "E4": "E2 - item mean"}
 CONTROL_METHOD = ("annotator IDs permuted within each item (texts and items unchanged); mean over "
                   "hlv.control_permutations permutations, 95% t-interval over permutations")
@@ -76,25 +43,9 @@ CONTROL_METHOD = ("annotator IDs permuted within each item (texts and items unch
 # ----------------------------------------------------------------------------
 # Agreement (Fig 1)
 # ----------------------------------------------------------------------------
-def cell_labels(records: list[dict]) -> dict[tuple[str, str], list]:
-    """(item_id, annotator) -> the labels that annotator gave to that item."""
-    cells: dict[tuple[str, str], list] = defaultdict(list)
-    for record in records:
-        cells[(record["item_id"], record["annotator"])].append(record["label"])
-    return cells
-
-
-def bin_score(score: int, binning: str):
-    if binning == "sign3":
-        return int(np.sign(score))
-    if binning == "sign2":
-        return int(score > 0)
-    if binning == "none":
-        return int(score)
-    raise InputError(f"hlv.par_kappa_binning: unknown binning '{binning}' (sign3, sign2 or none)")
-
-
-BINNING_TEXT = {"sign3": "3-way sign {<0, 0, >0}", "sign2": "2-way {<=0, >0}", "none": "raw scores, unweighted"}
+# hlv.par_kappa_binning: how scores are binned for kappa, and its description.
+BINNINGS = {"sign3": (lambda s: int(np.sign(s)), "3-way sign {<0, 0, >0}"),
+            "sign2": (lambda s: int(s > 0), "2-way {<=0, >0}"), "none": (int, "raw scores, unweighted")}
 
 
 def pair_kappa(first: list, second: list, labels: list, weights: str | None = None) -> tuple[float | None, str | None]:
@@ -109,65 +60,45 @@ def pair_kappa(first: list, second: list, labels: list, weights: str | None = No
     return float(value), None
 
 
-def summarise_pairs(pairs: dict[str, float | None]) -> tuple[float | None, float | None]:
-    values = [v for v in pairs.values() if v is not None]
-    return (min(values), max(values)) if values else (None, None)
-
-
 def pairwise_kappa(records: list[dict], annotators: list[str], task: dict, binning: str) -> dict:
-    """Cohen's kappa for every annotator pair on the items both gave exactly one label."""
-    cells = cell_labels(records)
+    """Cohen's kappa for every annotator pair on the items both gave exactly one label; scores are
+    binned (hlv.par_kappa_binning), and their quadratic-weighted kappa on the raw scores added."""
+    cells: dict[tuple[str, str], list] = defaultdict(list)  # (item, annotator) -> the labels given
+    for record in records:
+        cells[(record["item_id"], record["annotator"])].append(record["label"])
     single = {key: labels[0] for key, labels in cells.items() if len(labels) == 1}
     items = sorted({item for item, _ in cells})
-    numeric = task["label_type"] == "numeric"
-    if numeric:
-        low, high = task["score_range"]
-        binned_labels = sorted({bin_score(s, binning) for s in range(low, high + 1)})
-        raw_labels = list(range(low, high + 1))
-    else:
-        binned_labels = list(task["labels"])
-    result = {"pairs": {}, "n_items": {}, "missing": {}}
-    quadratic = {"pairs": {}, "missing": {}}
-    for i, first in enumerate(annotators):
-        for second in annotators[i + 1:]:
-            name = f"{first}|{second}"
-            shared = [item for item in items if (item, first) in single and (item, second) in single]
-            a = [single[(item, first)] for item in shared]
-            b = [single[(item, second)] for item in shared]
-            result["n_items"][name] = len(shared)
-            if numeric:
-                value, why = pair_kappa([bin_score(s, binning) for s in a], [bin_score(s, binning) for s in b],
-                                        binned_labels)
-                q_value, q_why = pair_kappa(a, b, raw_labels, weights="quadratic")
-                quadratic["pairs"][name] = q_value
-                if q_why:
-                    quadratic["missing"][name] = q_why
-            else:
-                value, why = pair_kappa(a, b, binned_labels)
-            result["pairs"][name] = value
+    shared = {(a, b): [item for item in items if (item, a) in single and (item, b) in single]
+              for i, a in enumerate(annotators) for b in annotators[i + 1:]}
+
+    def kappas(value_of, labels: list, weights: str | None = None) -> dict:
+        block = {"pairs": {}, "missing": {}}
+        for (a, b), pair_items in shared.items():
+            value, why = pair_kappa([value_of(single[(item, a)]) for item in pair_items],
+                                    [value_of(single[(item, b)]) for item in pair_items], labels, weights)
+            block["pairs"][f"{a}|{b}"] = value
             if why:
-                result["missing"][name] = why
-    result["min"], result["max"] = summarise_pairs(result["pairs"])
-    if numeric:
-        result["binning"] = (f"{BINNING_TEXT[binning]} of the scores; cells with exactly one score "
-                             "(our choice: the paper's binning is not stated)")
-        result["short"] = f"Cohen's kappa, scores binned {BINNING_TEXT[binning]}"
-        quadratic["min"], quadratic["max"] = summarise_pairs(quadratic["pairs"])
-        quadratic["binning"] = "raw scores, quadratic weights"
-        result["quadratic"] = quadratic
-    else:
-        result["binning"] = "labels as given; items where both annotators gave exactly one label"
-        result["short"] = "Cohen's kappa, items where both gave exactly one label"
-    return result
+                block["missing"][f"{a}|{b}"] = why
+        values = [v for v in block["pairs"].values() if v is not None]
+        block["min"], block["max"] = (min(values), max(values)) if values else (None, None)
+        return block
 
-
-def kappa_matrix(pairs: dict[str, float | None], annotators: list[str]) -> np.ndarray:
-    matrix = np.full((len(annotators), len(annotators)), np.nan)
-    for name, value in pairs.items():
-        first, second = name.split("|")
-        i, j = annotators.index(first), annotators.index(second)
-        matrix[i, j] = matrix[j, i] = np.nan if value is None else value
-    return matrix
+    n_items = {f"{a}|{b}": len(pair_items) for (a, b), pair_items in shared.items()}
+    if task["label_type"] != "numeric":
+        block = kappas(lambda label: label, list(task["labels"]))
+        return {"pairs": block["pairs"], "n_items": n_items, **block,
+                "binning": "labels as given; items where both annotators gave exactly one label",
+                "short": "Cohen's kappa, items where both gave exactly one label"}
+    if binning not in BINNINGS:
+        raise InputError(f"hlv.par_kappa_binning: unknown binning '{binning}' (sign3, sign2 or none)")
+    bin_score, binning_text = BINNINGS[binning]
+    scores = list(range(task["score_range"][0], task["score_range"][1] + 1))
+    block = kappas(bin_score, sorted({bin_score(s) for s in scores}))
+    return {"pairs": block["pairs"], "n_items": n_items, **block,
+            "binning": f"{binning_text} of the scores; cells with exactly one score "
+                       "(our choice: the paper's binning is not stated)",
+            "short": f"Cohen's kappa, scores binned {binning_text}",
+            "quadratic": kappas(lambda s: s, scores, "quadratic") | {"binning": "raw scores, quadratic weights"}}
 
 
 # ----------------------------------------------------------------------------
@@ -176,8 +107,7 @@ def kappa_matrix(pairs: dict[str, float | None], annotators: list[str]) -> np.nd
 def item_grouped_folds(item_ids: list[str], n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train_rows, test_rows) per fold; every response to an item lands in the same fold."""
     splitter = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    rows = np.zeros(len(item_ids))
-    return list(splitter.split(rows, groups=item_ids))
+    return list(splitter.split(np.zeros(len(item_ids)), groups=item_ids))
 
 
 def permute_within_items(annotators: list[str], item_ids: list[str], seed) -> list[str]:
@@ -204,16 +134,10 @@ def t_interval(values: list[float]) -> list[float] | None:
 
 def identification_accuracy(X: np.ndarray, labels: list[str], item_ids: list[str], annotator_order: list[str],
                             folds: list, hlv_cfg: dict, seed: int) -> dict:
-    """Group-level identification accuracy per m: {m: {accuracy, ci95, per_fold, ...}}.
-
-    Per fold: fit on the training rows; for every annotator and m, draw bootstrap groups of
-    that annotator's responses to distinct test-fold items, average each group and classify
-    (common.group_scores, the sampler 05 and 06 use too).
-    """
-    labels_arr = np.asarray(labels)
-    items_arr = np.asarray(item_ids)
-    group_sizes = [int(m) for m in hlv_cfg["group_sizes"]]
-    n_groups = int(hlv_cfg["bootstrap_groups"])
+    """{m: {accuracy, ci95, per_fold, ...}}: per fold, a classifier fit on the training rows classifies
+    seeded groups of m of an annotator's responses to distinct test-fold items, averaged (common.group_scores)."""
+    labels_arr, items_arr = np.asarray(labels), np.asarray(item_ids)
+    group_sizes, n_groups = [int(m) for m in hlv_cfg["group_sizes"]], int(hlv_cfg["bootstrap_groups"])
     correct = {m: defaultdict(dict) for m in group_sizes}  # m -> fold -> annotator -> share correct
     effective = {m: [] for m in group_sizes}
     for fold, (train_rows, test_rows) in enumerate(folds):
@@ -251,12 +175,8 @@ def identification_accuracy(X: np.ndarray, labels: list[str], item_ids: list[str
 
 def control_accuracy(X: np.ndarray, labels: list[str], item_ids: list[str], annotator_order: list[str],
                      folds: list, hlv_cfg: dict, seed: int) -> dict:
-    """The identification pipeline on within-item permuted IDs, averaged over permutations.
-
-    One permutation leaves few independent cells at large m (a fold's groups of one annotator
-    overlap heavily), so its accuracy scatters around chance; the mean over
-    hlv.control_permutations permutations estimates the null level.
-    """
+    """identification_accuracy on annotator IDs permuted within items, averaged over
+    hlv.control_permutations permutations (one alone scatters widely at large m)."""
     runs = [identification_accuracy(X, permute_within_items(labels, item_ids, [seed, p]), item_ids,
                                     annotator_order, folds, hlv_cfg, seed)
             for p in range(int(hlv_cfg["control_permutations"]))]
@@ -271,17 +191,6 @@ def control_accuracy(X: np.ndarray, labels: list[str], item_ids: list[str], anno
                      "effective_group_size": runs[0][m]["effective_group_size"],
                      "groups_per_annotator_and_fold": runs[0][m]["groups_per_annotator_and_fold"]}
     return result
-
-
-def embed_representations(cfg: dict, records: list[dict], cache_dir: Path) -> dict[str, np.ndarray]:
-    """E1..E4 vectors for every record (E3/E4: residuals from all responses to each item)."""
-    item_ids = [record["item_id"] for record in records]
-    vectors = {}
-    for name in ("E1", "E2"):
-        vectors[name] = common.embed_texts(cfg, common.representation_texts(records, name), cache_dir)
-    for name, base in common.RESIDUAL_OF.items():
-        vectors[name] = common.remove_item_content(vectors[base], item_ids, common.item_means(vectors[base], item_ids))
-    return vectors
 
 
 # ----------------------------------------------------------------------------
@@ -302,49 +211,85 @@ def fmt(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def md_row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def save_figure(fig, path: Path) -> None:
     with common.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
     plt.close(fig)
 
 
-def plot_agreement(kappa: dict, annotators: list[str], dataset: str, path: Path) -> None:
-    panels = [(kappa["short"], kappa["pairs"])]
+def write_agreement(kappa: dict, annotators: list[str], dataset: str, out_dir: Path) -> None:
+    """agreement.png and agreement.md: one kappa matrix per block (scores: binned and quadratic-weighted)."""
+    blocks = [(kappa["short"], "kappa", kappa)]  # (figure title, table title, block)
     if "quadratic" in kappa:
-        panels.append(("quadratic-weighted kappa, raw scores", kappa["quadratic"]["pairs"]))
-    size = 1.1 * len(annotators) + 2
-    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False,
+        blocks.append(("quadratic-weighted kappa, raw scores", "quadratic-weighted kappa (raw scores)",
+                       kappa["quadratic"]))
+    n = len(annotators)
+    fig, axes = plt.subplots(1, len(blocks), figsize=((1.1 * n + 2) * len(blocks), 1.1 * n + 2), squeeze=False,
                              layout="constrained")
-    for ax, (title, pairs) in zip(axes[0], panels):
-        matrix = kappa_matrix(pairs, annotators)
+    lines = [f"# {dataset}: pairwise annotator agreement (Cohen's kappa)", "", f"Binning: {kappa['binning']}.", ""]
+    for ax, (figure_title, table_title, block) in zip(axes[0], blocks):
+        matrix = np.full((n, n), np.nan)
+        for pair, value in block["pairs"].items():
+            i, j = (annotators.index(a) for a in pair.split("|"))
+            matrix[i, j] = matrix[j, i] = np.nan if value is None else value
         image = ax.imshow(matrix, vmin=min(0.0, np.nanmin(matrix) if np.isfinite(matrix).any() else 0.0),
                           vmax=1.0, cmap="viridis")
-        for i in range(len(annotators)):
-            for j in range(len(annotators)):
-                if i != j:
-                    value = matrix[i, j]
-                    ax.text(j, i, "n/a" if np.isnan(value) else f"{value:.2f}", ha="center", va="center",
-                            color="white" if np.isnan(value) or value < 0.6 else "black", fontsize=10)
-        ax.set_xticks(range(len(annotators)), annotators)
-        ax.set_yticks(range(len(annotators)), annotators)
-        ax.set_title(title, fontsize=9)
+        for (i, j), value in np.ndenumerate(matrix):
+            if i != j:
+                ax.text(j, i, "n/a" if np.isnan(value) else f"{value:.2f}", ha="center", va="center",
+                        color="white" if np.isnan(value) or value < 0.6 else "black", fontsize=10)
+        ax.set_xticks(range(n), annotators)
+        ax.set_yticks(range(n), annotators)
+        ax.set_title(figure_title, fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        lines += [f"## {table_title}: {fmt(block['min'])} to {fmt(block['max'])}", "",
+                  "| | " + " | ".join(annotators) + " |", "|---|" + "---|" * n]
+        for i, first in enumerate(annotators):
+            cells = ["-" if i == j else "n/a" if np.isnan(value) else f"{value:.3f}"
+                     for j, value in enumerate(matrix[i])]
+            lines.append(md_row(first, *cells))
+        lines += ["", *(f"- {name}: n/a ({why})" for name, why in block["missing"].items())]
+        if block["missing"]:
+            lines.append("")
     fig.suptitle(f"{dataset}: pairwise annotator agreement")
-    save_figure(fig, path)
+    save_figure(fig, out_dir / "agreement.png")
+    lines += ["Shared single-label items per pair: "
+              + ", ".join(f"{name} {count}" for name, count in kappa["n_items"].items()), "",
+              f"The paper reports pairwise kappa from {PAPER_REPORTED['kappa_range'][0]} to "
+              f"{PAPER_REPORTED['kappa_range'][1]} (from {PAPER_REPORTED['source']}).", ""]
+    common.atomic_write_text(out_dir / "agreement.md", "\n".join(lines))
 
 
-def plot_identification(identification: dict, control: dict, chance: float, dataset: str, path: Path) -> None:
+def measured(per_m: dict) -> dict:
+    """{m: row} of the group sizes that have an accuracy."""
+    return {m: row for m, row in per_m.items() if row.get("accuracy") is not None}
+
+
+def with_interval(row: dict) -> str:
+    if row.get("accuracy") is None:
+        return "n/a"
+    ci = row.get("ci95")
+    return f"{row['accuracy']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def write_identification(summary: dict, identification: dict, control: dict, out_dir: Path) -> None:
+    """identification.png (accuracy against m, the control and chance) and identification.md (the
+    same numbers, and the paper's figures beside ours)."""
+    dataset, chance, ms = summary["dataset"], summary["chance"], summary["group_sizes"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, per_m in identification.items():
-        ms = [m for m, row in per_m.items() if row.get("accuracy") is not None]
-        acc = np.array([per_m[m]["accuracy"] for m in ms])
-        lows = np.array([per_m[m]["ci95"][0] if per_m[m]["ci95"] else per_m[m]["accuracy"] for m in ms])
-        highs = np.array([per_m[m]["ci95"][1] if per_m[m]["ci95"] else per_m[m]["accuracy"] for m in ms])
-        line, = ax.plot(ms, acc, marker="o", label=f"{name}: {SHORT_NAMES.get(name, name)}")
-        ax.fill_between(ms, lows, highs, color=line.get_color(), alpha=0.15)
-    for index, (name, per_m) in enumerate(control.items()):
-        ms = [m for m, row in per_m.items() if row.get("accuracy") is not None]
-        ax.plot(ms, [per_m[m]["accuracy"] for m in ms], color="grey", linestyle=":", linewidth=1,
+        rows = measured(per_m)
+        bounds = np.array([row["ci95"] or [row["accuracy"]] * 2 for row in rows.values()]).reshape(-1, 2)
+        line, = ax.plot(list(rows), [row["accuracy"] for row in rows.values()], marker="o",
+                        label=f"{name}: {SHORT_NAMES.get(name, name)}")
+        ax.fill_between(list(rows), bounds[:, 0], bounds[:, 1], color=line.get_color(), alpha=0.15)
+    for index, per_m in enumerate(control.values()):
+        rows = measured(per_m)
+        ax.plot(list(rows), [row["accuracy"] for row in rows.values()], color="grey", linestyle=":", linewidth=1,
                 label="control: IDs permuted\nwithin item (E1-E4)" if index == 0 else None)
     ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
     ax.set_xscale("log")
@@ -357,97 +302,47 @@ def plot_identification(identification: dict, control: dict, chance: float, data
     ax.set_title(f"{dataset}: who wrote it? (item-grouped CV, 95% interval over folds)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center right")
-    save_figure(fig, path)
+    save_figure(fig, out_dir / "identification.png")
 
-
-def agreement_markdown(kappa: dict, annotators: list[str], dataset: str) -> str:
-    lines = [f"# {dataset}: pairwise annotator agreement (Cohen's kappa)", "",
-             f"Binning: {kappa['binning']}.", ""]
-    tables = [("kappa", kappa)] + ([("quadratic-weighted kappa (raw scores)", kappa["quadratic"])]
-                                   if "quadratic" in kappa else [])
-    for title, block in tables:
-        matrix = kappa_matrix(block["pairs"], annotators)
-        lines += [f"## {title}: {fmt(block['min'])} to {fmt(block['max'])}", "",
-                  "| | " + " | ".join(annotators) + " |", "|---|" + "---|" * len(annotators)]
-        for i, first in enumerate(annotators):
-            cells = ["-" if i == j else ("n/a" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.3f}")
-                     for j in range(len(annotators))]
-            lines.append(f"| {first} | " + " | ".join(cells) + " |")
-        lines.append("")
-        for name, why in block["missing"].items():
-            lines.append(f"- {name}: n/a ({why})")
-        if block["missing"]:
-            lines.append("")
-    lines += ["Shared single-label items per pair: "
-              + ", ".join(f"{name} {n}" for name, n in kappa["n_items"].items()), "",
-              f"The paper reports pairwise kappa from {PAPER_REPORTED['kappa_range'][0]} to "
-              f"{PAPER_REPORTED['kappa_range'][1]} (from {PAPER_REPORTED['source']}).", ""]
-    return "\n".join(lines)
-
-
-def identification_markdown(summary: dict) -> str:
-    ident, control = summary["identification_detail"], summary["control"]["identification_detail"]
-    ms = [str(m) for m in summary["group_sizes"]]
-    lines = [f"# {summary['dataset']}: annotator identification accuracy", "",
+    lines = [f"# {dataset}: annotator identification accuracy", "",
              f"Classifier: {summary['classifier']}; embedder: {summary['embedder']}; "
              f"{summary['folds']}-fold item-grouped CV; {summary['bootstrap_groups']} bootstrap groups per "
-             f"m, annotator and fold; chance {summary['chance']:.3f}. Cells: mean accuracy [95% interval "
-             "over folds].", "",
-             "| representation | " + " | ".join(f"m={m}" for m in ms) + " |", "|---|" + "---|" * len(ms)]
-
-    def cell(row):
-        if row.get("accuracy") is None:
-            return "n/a"
-        ci = row.get("ci95")
-        return f"{row['accuracy']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-
-    for name in ident:
-        lines.append(f"| {name} | " + " | ".join(cell(ident[name][m]) for m in ms) + " |")
-    for name in control:
-        lines.append(f"| control {name} | " + " | ".join(cell(control[name][m]) for m in ms) + " |")
-    effective = {m: ident[next(iter(ident))][m].get("effective_group_size") for m in ms}
-    capped = [f"m={m}: {e['min']}" for m, e in effective.items() if e and e["min"] < int(m)]
+             f"m, annotator and fold; chance {chance:.3f}. Cells: mean accuracy [95% interval over folds].", "",
+             md_row("representation", *(f"m={m}" for m in ms)), "|---|" + "---|" * len(ms)]
+    lines += [md_row(name, *(with_interval(per_m[m]) for m in ms)) for name, per_m in identification.items()]
+    lines += [md_row(f"control {name}", *(with_interval(per_m[m]) for m in ms)) for name, per_m in control.items()]
+    effective = {m: next(iter(identification.values()))[m].get("effective_group_size") for m in ms}
+    capped = [f"m={m}: {e['min']}" for m, e in effective.items() if e and e["min"] < m]
     if capped:
         lines += ["", "Group size capped by the items an annotator has in a test fold (smallest effective m): "
                   + ", ".join(capped) + "."]
+
+    def acc(per_m: dict, m: int) -> str:
+        return fmt(per_m[m].get("accuracy"), 3)
+
+    kappa, m_single, m_big = summary["kappa"], ms[0], (50 if 50 in ms else ms[-1])
     lines += ["", "Representations: " + "; ".join(f"{k} = {v}" for k, v in summary["representations"].items())
               + ".", "", "## The paper's figures beside ours", "",
               f"The paper's figures come from {PAPER_REPORTED['source']}.", "",
-              "| quantity | the paper's (reported) | ours |", "|---|---|---|"]
-    kappa = summary["kappa"]
-    acc = summary["identification"]
-    m_single, m_big = ms[0], ("50" if "50" in ms else ms[-1])
-    lines += [
-        f"| pairwise Cohen's kappa | {PAPER_REPORTED['kappa_range'][0]} to {PAPER_REPORTED['kappa_range'][1]} | "
-        f"{fmt(kappa['min'])} to {fmt(kappa['max'])} |",
-        f"| single-instance identification (m={m_single}) | {PAPER_REPORTED['single_instance_accuracy']:.1%} | "
-        f"E1 {fmt(acc['E1'][m_single], 3)}, E2 {fmt(acc['E2'][m_single], 3)} |",
-        f"| content removed, aggregated (m={m_big}) | {PAPER_REPORTED['content_removed_m50_accuracy']:.1%} (m=50) | "
-        f"E3 {fmt(acc['E3'][m_big], 3)}, E4 {fmt(acc['E4'][m_big], 3)} |",
-        f"| control (IDs permuted within item), m={m_big} | (chance) | "
-        + ", ".join(f"{k} {fmt(v[m_big], 3)}" for k, v in summary["control"]["identification"].items()) + " |",
-        f"| chance | 25% (4 annotators) | {summary['chance']:.3f} ({len(summary['annotators'])} annotators) |", ""]
-    return "\n".join(lines)
+              "| quantity | the paper's (reported) | ours |", "|---|---|---|",
+              f"| pairwise Cohen's kappa | {PAPER_REPORTED['kappa_range'][0]} to {PAPER_REPORTED['kappa_range'][1]} | "
+              f"{fmt(kappa['min'])} to {fmt(kappa['max'])} |",
+              f"| single-instance identification (m={m_single}) | {PAPER_REPORTED['single_instance_accuracy']:.1%} | "
+              f"E1 {acc(identification['E1'], m_single)}, E2 {acc(identification['E2'], m_single)} |",
+              f"| content removed, aggregated (m={m_big}) | {PAPER_REPORTED['content_removed_m50_accuracy']:.1%} "
+              f"(m=50) | E3 {acc(identification['E3'], m_big)}, E4 {acc(identification['E4'], m_big)} |",
+              f"| control (IDs permuted within item), m={m_big} | (chance) | "
+              + ", ".join(f"{name} {acc(per_m, m_big)}" for name, per_m in control.items()) + " |",
+              f"| chance | 25% (4 annotators) | {chance:.3f} ({len(summary['annotators'])} annotators) |", ""]
+    common.atomic_write_text(out_dir / "identification.md", "\n".join(lines))
 
 
 # ----------------------------------------------------------------------------
 # One dataset
 # ----------------------------------------------------------------------------
-def check_hlv_config(hlv_cfg: dict, config_path: str) -> None:
-    sizes = hlv_cfg["group_sizes"]
-    if not isinstance(sizes, list) or not sizes or not all(isinstance(m, int) and m >= 1 for m in sizes):
-        raise common.input_error(config_path, "must be a non-empty list of positive integers", field="hlv.group_sizes")
-    for key, low in (("folds", 2), ("bootstrap_groups", 1), ("control_permutations", 1)):
-        if not isinstance(hlv_cfg[key], int) or hlv_cfg[key] < low:
-            raise common.input_error(config_path, f"must be an integer >= {low}", field=f"hlv.{key}")
-
-
 def analyse_dataset(cfg: dict, dataset: str) -> dict:
-    hlv_cfg = cfg["hlv"]
-    seed = int(cfg["seed"])
-    out_dir = common.hlv_dir(cfg, dataset)
+    hlv_cfg, seed, out_dir = cfg["hlv"], int(cfg["seed"]), common.hlv_dir(cfg, dataset)
     records = [record for split in SPLITS for record in common.load_split(cfg, dataset, split)]
-    task = common.load_task(cfg, dataset)
     annotators = common.dataset_annotators(cfg, dataset)
     item_ids = [record["item_id"] for record in records]
     labels = [record["annotator"] for record in records]
@@ -455,18 +350,22 @@ def analyse_dataset(cfg: dict, dataset: str) -> dict:
     print(f"[hlv] {dataset}: {len(records)} responses, {n_items} items, annotators {annotators}", flush=True)
 
     # ---- agreement (Fig 1)
-    kappa = pairwise_kappa(records, annotators, task, hlv_cfg["par_kappa_binning"])
+    kappa = pairwise_kappa(records, annotators, common.load_task(cfg, dataset), hlv_cfg["par_kappa_binning"])
     print(f"[hlv] {dataset}: kappa {fmt(kappa['min'])} to {fmt(kappa['max'])}"
           + (f"; quadratic {fmt(kappa['quadratic']['min'])} to {fmt(kappa['quadratic']['max'])}"
              if "quadratic" in kappa else ""), flush=True)
 
-    # ---- identification (Fig 5) and its control
+    # ---- identification (Fig 5) and its control, on E1..E4 (E3/E4: minus the mean of all responses to the item)
     n_folds = min(int(hlv_cfg["folds"]), n_items)
     if n_folds < 2 or len(annotators) < 2:
         raise InputError(f"{common.data_dir(cfg, dataset)}: identification needs at least 2 items and 2 "
                          f"annotators (found {n_items} items, {len(annotators)} annotators)")
     folds = item_grouped_folds(item_ids, n_folds, seed)
-    vectors = embed_representations(cfg, records, common.embedding_cache_dir(cfg, dataset))
+    cache_dir = common.embedding_cache_dir(cfg, dataset)
+    vectors = {name: common.embed_texts(cfg, common.representation_texts(records, name), cache_dir)
+               for name in ("E1", "E2")}
+    for name, base in common.RESIDUAL_OF.items():
+        vectors[name] = common.remove_item_content(vectors[base], item_ids, common.item_means(vectors[base], item_ids))
     identification, control = {}, {}
     for name, X in vectors.items():
         started = time.time()
@@ -477,37 +376,27 @@ def analyse_dataset(cfg: dict, dataset: str) -> dict:
             + f" | control m={max(identification[name])} {fmt(control[name][max(control[name])].get('accuracy'), 3)}"
             + f" ({time.time() - started:.0f}s)", flush=True)
 
-    def by_m(detail: dict, key: str) -> dict:
-        return {name: {str(m): row.get(key) for m, row in per_m.items()} for name, per_m in detail.items()}
-
-    def stringify(detail: dict) -> dict:
-        return {name: {str(m): row for m, row in per_m.items()} for name, per_m in detail.items()}
+    def by_m(detail: dict, key: str | None = None) -> dict:
+        """{representation: {"m": row, or row[key]}}: JSON keys are strings."""
+        return {name: {str(m): row if key is None else row.get(key) for m, row in per_m.items()}
+                for name, per_m in detail.items()}
 
     summary = {
-        "dataset": dataset, "annotators": annotators, "chance": 1.0 / len(annotators),
-        "kappa": kappa,
-        "identification": by_m(identification, "accuracy"),
-        "representations": dict(common.REPRESENTATIONS),
+        "dataset": dataset, "annotators": annotators, "chance": 1.0 / len(annotators), "kappa": kappa,
+        "identification": by_m(identification, "accuracy"), "representations": dict(common.REPRESENTATIONS),
         "embedder": cfg["embedder"].get("name") or common.embedder_path(cfg["embedder"]),
         "classifier": common.annotator_classifier_name(hlv_cfg),
-        "identification_ci95": by_m(identification, "ci95"),
-        "identification_detail": stringify(identification),
+        "identification_ci95": by_m(identification, "ci95"), "identification_detail": by_m(identification),
         "control": {"method": CONTROL_METHOD, "identification": by_m(control, "accuracy"),
-                    "identification_ci95": by_m(control, "ci95"),
-                    "identification_detail": stringify(control)},
+                    "identification_ci95": by_m(control, "ci95"), "identification_detail": by_m(control)},
         "n_responses": len(records), "n_items": n_items, "folds": n_folds,
-        "group_sizes": [int(m) for m in hlv_cfg["group_sizes"]],
-        "bootstrap_groups": int(hlv_cfg["bootstrap_groups"]),
+        "group_sizes": [int(m) for m in hlv_cfg["group_sizes"]], "bootstrap_groups": int(hlv_cfg["bootstrap_groups"]),
         "interval": "95% t-interval over the item-grouped folds",
         "residual_means": "per item, over all annotators' responses to that item (within-item only)",
         "paper_reported": PAPER_REPORTED,
     }
-
-    # ---- save
-    plot_agreement(kappa, annotators, dataset, out_dir / "agreement.png")
-    plot_identification(identification, control, summary["chance"], dataset, out_dir / "identification.png")
-    common.atomic_write_text(out_dir / "agreement.md", agreement_markdown(kappa, annotators, dataset))
-    common.atomic_write_text(out_dir / "identification.md", identification_markdown(summary))
+    write_agreement(kappa, annotators, dataset, out_dir)
+    write_identification(summary, identification, control, out_dir)
     common.write_json(out_dir / "summary.json", rounded(summary))
     common.save_resolved_config(cfg, out_dir, stage="02_analyze_hlv")
     print(f"[hlv] {dataset}: wrote {out_dir}/summary.json, agreement.png/.md, identification.png/.md", flush=True)
@@ -524,7 +413,13 @@ def main(argv: list[str] | None = None) -> None:
     if not common.is_main_process():  # under `accelerate launch`: one process's work, done by rank 0
         return
     common.set_seed(cfg["seed"])
-    check_hlv_config(cfg["hlv"], cfg["config_path"])
+    hlv_cfg, sizes = cfg["hlv"], cfg["hlv"]["group_sizes"]
+    if not isinstance(sizes, list) or not sizes or not all(isinstance(m, int) and m >= 1 for m in sizes):
+        raise common.input_error(cfg["config_path"], "must be a non-empty list of positive integers",
+                                 field="hlv.group_sizes")
+    for key, low in (("folds", 2), ("bootstrap_groups", 1), ("control_permutations", 1)):
+        if not isinstance(hlv_cfg[key], int) or hlv_cfg[key] < low:
+            raise common.input_error(cfg["config_path"], f"must be an integer >= {low}", field=f"hlv.{key}")
     for dataset in common.selected_datasets(cfg, args.dataset):
         common.require_data(cfg, dataset)
         summary_path = common.hlv_dir(cfg, dataset) / "summary.json"
