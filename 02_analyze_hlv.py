@@ -221,13 +221,20 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
+LISTED = 12  # annotators shown one by one; a crowd's pairwise kappas are summarised instead
+
+
 def write_agreement(kappa: dict, annotators: list[str], dataset: str, out_dir: Path) -> None:
-    """agreement.png and agreement.md: one kappa matrix per block (scores: binned and quadratic-weighted)."""
+    """agreement.png and agreement.md: one kappa matrix per block (scores: binned and quadratic-weighted);
+    with more than LISTED annotators, their distribution."""
     blocks = [(kappa["short"], "kappa", kappa)]  # (figure title, table title, block)
     if "quadratic" in kappa:
         blocks.append(("quadratic-weighted kappa, raw scores", "quadratic-weighted kappa (raw scores)",
                        kappa["quadratic"]))
     n = len(annotators)
+    if n > LISTED:
+        write_agreement_summary(kappa, blocks, n, dataset, out_dir)
+        return
     fig, axes = plt.subplots(1, len(blocks), figsize=((1.1 * n + 2) * len(blocks), 1.1 * n + 2), squeeze=False,
                              layout="constrained")
     lines = [f"# {dataset}: pairwise annotator agreement (Cohen's kappa)", "", f"Binning: {kappa['binning']}.", ""]
@@ -261,6 +268,26 @@ def write_agreement(kappa: dict, annotators: list[str], dataset: str, out_dir: P
               + ", ".join(f"{name} {count}" for name, count in kappa["n_items"].items()), "",
               f"The paper reports pairwise kappa from {PAPER_REPORTED['kappa_range'][0]} to "
               f"{PAPER_REPORTED['kappa_range'][1]} (from {PAPER_REPORTED['source']}).", ""]
+    common.atomic_write_text(out_dir / "agreement.md", "\n".join(lines))
+
+
+def write_agreement_summary(kappa: dict, blocks: list, n: int, dataset: str, out_dir: Path) -> None:
+    """A crowd's agreement: per block, the pairs' kappa as a histogram and its quartiles."""
+    fig, axes = plt.subplots(1, len(blocks), figsize=(5 * len(blocks), 3.5), squeeze=False, layout="constrained")
+    lines = [f"# {dataset}: pairwise annotator agreement (Cohen's kappa), {n} annotators", "",
+             f"Binning: {kappa['binning']}. {n * (n - 1) // 2} pairs; a pair has a value where it shares items.", ""]
+    for ax, (figure_title, table_title, block) in zip(axes[0], blocks):
+        values = np.array([v for v in block["pairs"].values() if v is not None])
+        ax.hist(values, bins=20)
+        ax.set_title(f"{figure_title}: {len(values)} pairs", fontsize=9)
+        ax.set_xlabel("kappa")
+        quartiles = np.percentile(values, [25, 50, 75]) if len(values) else [np.nan] * 3
+        lines += [f"## {table_title}: {fmt(block['min'])} to {fmt(block['max'])}", "",
+                  f"{len(values)} pairs with a value; quartiles {' / '.join(fmt(float(q)) for q in quartiles)}.", ""]
+    fig.suptitle(f"{dataset}: pairwise annotator agreement")
+    save_figure(fig, out_dir / "agreement.png")
+    shared = list(kappa["n_items"].values())
+    lines += [f"Shared items per pair: {min(shared, default=0)} to {max(shared, default=0)}.", ""]
     common.atomic_write_text(out_dir / "agreement.md", "\n".join(lines))
 
 
@@ -343,11 +370,12 @@ def write_identification(summary: dict, identification: dict, control: dict, out
 def analyse_dataset(cfg: dict, dataset: str) -> dict:
     hlv_cfg, seed, out_dir = cfg["hlv"], int(cfg["seed"]), common.hlv_dir(cfg, dataset)
     records = [record for split in SPLITS for record in common.load_split(cfg, dataset, split)]
-    annotators = common.dataset_annotators(cfg, dataset)
+    annotators = common.all_annotators(cfg, dataset)  # everyone, whichever annotators 03-06 target
     item_ids = [record["item_id"] for record in records]
     labels = [record["annotator"] for record in records]
     n_items = len(set(item_ids))
-    print(f"[hlv] {dataset}: {len(records)} responses, {n_items} items, annotators {annotators}", flush=True)
+    listed = ", ".join(annotators[:LISTED]) + (f", ... ({len(annotators)} in all)" if len(annotators) > LISTED else "")
+    print(f"[hlv] {dataset}: {len(records)} responses, {n_items} items, annotators {listed}", flush=True)
 
     # ---- agreement (Fig 1)
     kappa = pairwise_kappa(records, annotators, common.load_task(cfg, dataset), hlv_cfg["par_kappa_binning"])
