@@ -374,8 +374,8 @@ def analyse_dataset(cfg: dict, dataset: str) -> dict:
     item_ids = [record["item_id"] for record in records]
     labels = [record["annotator"] for record in records]
     n_items = len(set(item_ids))
-    listed = ", ".join(annotators[:LISTED]) + (f", ... ({len(annotators)} in all)" if len(annotators) > LISTED else "")
-    print(f"[hlv] {dataset}: {len(records)} responses, {n_items} items, annotators {listed}", flush=True)
+    print(f"[hlv] {dataset}: {len(records)} responses, {n_items} items, annotators {common.listed(annotators)}",
+          flush=True)
 
     # ---- agreement (Fig 1)
     kappa = pairwise_kappa(records, annotators, common.load_task(cfg, dataset), hlv_cfg["par_kappa_binning"])

@@ -375,7 +375,8 @@ def adapter_recipe(cfg: dict, unit: dict) -> dict:
     """What a CAPO adapter depends on: its pairs, the SFT adapter it starts from, 01's files (dev
     selection) and the config."""
     return common.recipe(cfg, "05_capo", [*unit["pairs_paths"], unit["upstream"][0], *common.data_files(cfg, unit["dataset"])],
-                         CONFIG_SECTIONS, model_tag=unit["model"]["tag"], bf16_native=common.native_bf16())
+                         CONFIG_SECTIONS, model_tag=unit["model"]["tag"], bf16_native=common.native_bf16(),
+                         **({"targets": unit["targets"]} if unit["name"] is None else {}))
 
 
 def train_adapter(cfg: dict, args, unit: dict, adapter, made_from: dict) -> None:

@@ -1577,6 +1577,7 @@ def eval_recipe(cfg: dict, names: list[str]) -> dict:
     return common.recipe(cfg, "06_eval", inputs, CONFIG_SECTIONS,
                          code=("eval_report.py", "endpoint_judge.py", "templates/human_form.html"), datasets=names,
                          seeds=common.training_seeds(cfg), methods=expected_methods(cfg),
+                         targets={name: common.dataset_annotators(cfg, name) for name in names},
                          bf16_native=common.native_bf16())
 
 

@@ -62,6 +62,7 @@ seeds: list[int]|null
 torch_threads: int|null
 run_dir: str
 datasets: list[str]
+targets?: list[str]|null = null
 adapters: list[str]
 data:
   raw_dir: str|null
@@ -71,7 +72,6 @@ data:
   max_items: int|null
   max_eval_items: int|null
   min_train_records_per_annotator: int
-  annotators?: list[str]|null = null
 models:
   - tag: str
     source: str
@@ -592,18 +592,23 @@ def load_splits(cfg: dict, dataset: str) -> dict[str, list[dict]]:
             "test": load_eval_split(cfg, dataset, "test")}
 
 
+def listed(names: list[str], shown: int = 12) -> str:
+    """'a, b, c' or, for a crowd, 'a, b, ... (200 in all)'."""
+    return ", ".join(names) if len(names) <= shown else f"{', '.join(names[:shown])}, ... ({len(names)} in all)"
+
+
 def all_annotators(cfg: dict, dataset: str) -> list[str]:
     """Every annotator of the dataset, as 01 found them."""
     return read_json(data_dir(cfg, dataset) / "stats.json")["annotators"]
 
 
 def dataset_annotators(cfg: dict, dataset: str) -> list[str]:
-    """The target annotators, whose behaviour 03-06 learn and score: data.annotators (everyone's
-    records stay: rejected responses, the classifier, the judge's candidates), or every annotator."""
-    everyone, chosen = all_annotators(cfg, dataset), cfg["data"]["annotators"]
+    """The target annotators, whose behaviour 03-06 learn and score: `targets` (everyone's records
+    stay: rejected responses, the classifier, the judge's candidates), or every annotator."""
+    everyone, chosen = all_annotators(cfg, dataset), cfg["targets"]
     unknown = [a for a in chosen or [] if a not in everyone]
     if unknown:
-        raise InputError(f"data.annotators: {', '.join(unknown)} not in dataset '{dataset}' ({', '.join(everyone)})")
+        raise InputError(f"targets: {', '.join(unknown)} not in dataset '{dataset}' ({listed(everyone)})")
     return [a for a in everyone if a in chosen] if chosen else everyone
 
 
@@ -1518,8 +1523,7 @@ def select_annotators(cfg: dict, dataset: str, choice: str | None) -> list[str]:
     wanted = [name.strip() for name in choice.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in known]
     if unknown:
-        raise InputError(f"--annotators: {', '.join(unknown)} not in dataset '{dataset}' "
-                         f"(annotators: {', '.join(known)})")
+        raise InputError(f"--annotators: {', '.join(unknown)} not in dataset '{dataset}' (annotators: {listed(known)})")
     return wanted
 
 
@@ -1875,6 +1879,8 @@ OUTPUT_NEUTRAL_KEYS = {
     "run_dir": "where outputs go (inputs inside it are named relative to it)",
     "datasets": "which datasets a stage works on; each output is one dataset's",
     "adapters": "which kinds of adapter 04/05 train (per annotator, shared); each kind has folders of its own",
+    "targets": "which annotators are targets; a per-annotator output is its own annotator's (shared adapters "
+               "and 06 record the targets they were made for)",
     "seeds": "which training seeds run; each seed's 03-05 outputs have a folder of their own",
     "baselines.methods": "which prompting methods 03 runs; each method has a predictions file of its own",
     "data.raw_dir": "where 01 finds the raw files; their paths and contents are its recipe's inputs",

@@ -6,7 +6,7 @@
 
 The data is tests/test_crowd.py's invented crowd (200 annotators, each with a verbal habit of
 their own), prepared once by 01 (smoke profile: the tiny model, one process). Each kind then runs
-04 and 05 with --force on the first N annotators as targets (`data.annotators`) in a run directory
+04 and 05 with --force on the first N annotators as targets (`targets`) in a run directory
 of its own copied from the prepared one: `adapters: [per_annotator]` trains 2N adapters (SFT and
 CAPO per target), `adapters: [shared]` trains two, on the same examples and pairs (the shared
 budget is the per-annotator adapters' together). Reported per kind: wall seconds of 04 and 05
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_crowd import ANNOTATORS, write_crowd  # noqa: E402
 
 BUDGET = ["--data.min_train_records_per_annotator", "3", "--sft.max_train_examples", "2", "--capo.max_pairs", "2",
-          "--capo.eval_every_steps", "1000", "--eval.bertscore", "false"]
+          "--capo.eval_every_steps", "1000", "--capo.select_min_dev_items", "1", "--eval.bertscore", "false"]
 
 
 def stage(name: str, run: Path, kind: str, targets: list[str], log: Path) -> dict:
@@ -39,7 +39,7 @@ def stage(name: str, run: Path, kind: str, targets: list[str], log: Path) -> dic
     command = [sys.executable, "-c", "import sys, common; sys.exit(common.launch_stage(sys.argv[1:]))", str(times), name,
                "crowd", "--num_machines", "1", "--num_processes", "1", "--mixed_precision", "no", "--dynamo_backend",
                "no", f"{name}.py", "--config", "configs/smoke.yaml", "--dataset", "crowd", "--force", "--run_dir",
-               str(run), *BUDGET, "--adapters", f"[{kind}]", "--data.annotators", f"[{', '.join(targets)}]"]
+               str(run), *BUDGET, "--adapters", f"[{kind}]", "--targets", f"[{', '.join(targets)}]"]
     with open(log, "w") as out:
         done = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     if done.returncode:

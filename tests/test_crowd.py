@@ -50,6 +50,7 @@ def test_two_hundred_annotators_run_end_to_end_with_one_shared_adapter(tmp_path)
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     budget = ["--run_dir", str(run), *data, "--adapters", "[shared]", "--baselines.methods", "[base]",
               "--sft.max_train_examples", "2", "--capo.max_pairs", "2", "--capo.eval_every_steps", "1000",
+              "--capo.select_min_dev_items", "1",
               "--eval.bertscore", "false", "--hlv.bootstrap_groups", "20", "--hlv.folds", "2",
               "--hlv.control_permutations", "1"]
     done = subprocess.run(["bash", "run_all.sh", "--profile", "smoke", "--dataset", "crowd", "--", *budget],
