@@ -1684,8 +1684,10 @@ def train_adapters(cfg: dict, args, stage: str, units: list[dict], recipe_of: Ca
         tag, dataset = unit["model"]["tag"], unit["dataset"]
         adapter = adapter_dir(cfg, dataset, tag, unit["method"], unit["name"])
         paths = {target: predictions_path(cfg, dataset, tag, unit["method"], target) for target in unit["targets"]}
+        where = (str(next(iter(paths.values()))) if unit["name"] else
+                 f"{method_dir(cfg, dataset, tag, unit['method'])}/ ({len(paths)} targets)")
         row = {"dataset": dataset, "model": tag, "annotator": unit["name"] or "shared", "method": unit["method"],
-               "adapter": str(adapter), "path": ", ".join(map(str, paths.values())), **unit.get("summary", {})}
+               "adapter": str(adapter), "path": where, **unit.get("summary", {})}
         if unit.get("skip"):
             print(f"[{label}] {unit['skip']}", flush=True)
             done.append({**row, "path": None, "parse_rate": None, "seconds": 0.0})
