@@ -1,26 +1,28 @@
 """Every shipped profile, with its own model entries, through every stage's recipe.
 
-For each configs/*.yaml: 01 prepares the data for real, then `bash run_all.sh --profile <name>
---dry-run` has every later stage build the recipe of each output it would make, for every model
-entry as the profile ships it (tags with dots included), and say what it would do. The paper
-profile's hub models get stand-in weights (their architecture, narrowed, random) in a Hugging
-Face cache laid out as `hf download` leaves it, so its entries stay as shipped: only the weights
-are substituted. The rehearsal's stand-ins find their tokenizers in the same cache.
+For each configs/*.yaml: 01 prepares the data for real, then every later stage builds the recipe
+of each output it would make, for every model entry as the profile ships it (tags with dots
+included), and says what it would do: `bash run_all.sh --profile paper --dry-run` as README
+writes it, the other profiles through the same dry run in this process (common.run_all_dry_run,
+which run_all.sh calls). The paper profile's hub models get stand-in weights (their architecture,
+narrowed, random) in a Hugging Face cache laid out as `hf download` leaves it, so its entries stay
+as shipped: only the weights are substituted. The rehearsal's stand-ins find their tokenizers in
+the same cache; tests/test_rehearsal.py runs the rehearsal for real.
 
     CAPO_RAW_DIR=<raw files> CAPO_TOKENIZERS=<tokenizer folders> .venv/bin/python -m pytest -q tests/test_profiles.py
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import common
-from conftest import ROOT, TOKENIZER_FOLDER_OF, TOKENIZERS, hf_download, hf_download_tokenizers
+from conftest import ROOT, TOKENIZER_FOLDER_OF, TOKENIZERS, hf_download, load_stage
 
 RAW = Path(os.environ.get("CAPO_RAW_DIR", "/nonexistent"))
 PROFILES = sorted(path.stem for path in (ROOT / "configs").glob("*.yaml"))
@@ -53,23 +55,43 @@ def hub_cache(tmp_path_factory):
     return cache
 
 
-@pytest.mark.parametrize("profile", PROFILES)
-def test_dry_run_builds_every_recipe_for_the_profile_s_own_models(profile, hub_cache, tmp_path):
+def assert_every_recipe_built(profile: str, out: str) -> None:
     cfg = common.load_config(ROOT / "configs" / f"{profile}.yaml")
-    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1", "CAPO_NO_PROGRESS": "1"}
-    overrides = ["--run_dir", str(tmp_path / "run")]
-    prepared = subprocess.run([sys.executable, "01_prepare.py", "--config", f"configs/{profile}.yaml",
-                               "--raw-dir", str(RAW), *overrides], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert prepared.returncode == 0, prepared.stderr[-2000:]
-    done = subprocess.run(["bash", "run_all.sh", "--profile", profile, "--dry-run", "--", *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0 and "error" not in out.lower() and "Traceback" not in out, out[-3000:]
+    assert "error" not in out.lower() and "Traceback" not in out, out[-3000:]
     for stage in ("02_analyze_hlv", "03_prompt_baselines", "04_sft", "05_capo", "06_eval"):
         assert f"== {stage}" in out
     for model in cfg["models"]:  # every entry's outputs were planned by 03, 04 and 05 (their recipes built)
         for dataset in cfg["datasets"]:
-            for method in ("base", "sft", "capo"):
+            methods = ["base", *(m for kind, m in (("per_annotator", "sft"), ("per_annotator", "capo"),
+                                                    ("shared", "sft_shared"), ("shared", "capo_shared"))
+                                 if kind in cfg["adapters"])]
+            for method in methods:
                 planned = f"predictions/{dataset}/{model['tag']}/{method}/"
-                assert planned in out, f"no dry-run line for {planned}"
+                assert planned in out, f"{profile}: no dry-run line for {planned}"
     assert "[eval] dry run:" in out
+
+
+def test_readme_dry_run_of_the_paper_profile_builds_every_recipe(hub_cache, tmp_path):
+    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1", "CAPO_NO_PROGRESS": "1"}
+    overrides = ["--run_dir", str(tmp_path / "run")]
+    prepared = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "01_prepare.py", "--config", "configs/paper.yaml",
+                               "--raw-dir", str(RAW), *overrides], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    done = subprocess.run(["bash", "run_all.sh", "--profile", "paper", "--dry-run", "--", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0
+    assert_every_recipe_built("paper", done.stdout + done.stderr)
+
+
+@pytest.mark.parametrize("profile", [p for p in PROFILES if p != "paper"])
+def test_every_other_profile_builds_every_recipe_in_a_dry_run(profile, hub_cache, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))  # read at import
+    overrides = ["--run_dir", str(tmp_path / "run")]
+    load_stage("01_prepare").main(["--config", f"configs/{profile}.yaml", "--raw-dir", str(RAW), *overrides])
+    cfg = common.load_config(ROOT / "configs" / f"{profile}.yaml")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        common.run_all_dry_run([f"configs/{profile}.yaml", "all", ",".join(map(str, common.training_seeds(cfg))),
+                                *overrides])
+    assert_every_recipe_built(profile, printed.getvalue())

@@ -1,5 +1,5 @@
-"""The rehearsal preset (configs/rehearsal.yaml) as README runs it, reduced for CI to one dataset
-and two training seeds: `bash run_all.sh --profile rehearsal` on two CPU processes, with both
+"""The rehearsal preset (configs/rehearsal.yaml) as README runs it, reduced for CI to one dataset,
+two training seeds and two target annotators (both models, per-annotator and shared adapters): `bash run_all.sh --profile rehearsal` on two CPU processes, with both
 paper stand-ins (the paper's tags, architectures, tokenizers and chat templates), from a Hugging
 Face cache that holds only what README's fetch command leaves (two tokenizer files per model),
 offline. Everything else is the paper profile's: free replies, thinking off, ICL, VP, SFT, CAPO
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.skipif(not (RAW / "varierr").exists() and not (RAW / "v
                                 reason="needs CAPO_RAW_DIR (the raw files) and CAPO_TOKENIZERS (qwen3/, llama3/)")
 MODELS = {"qwen3-4b", "llama3.2-3b"}  # the paper profile's tags
 CI_REDUCTION = ["--dataset", "varierr", "--seeds", "42,43"]
+TARGETS = ["A0", "A1"]  # every annotator's responses still make the pairs and train the classifier
 
 
 def test_rehearsal_runs_the_paper_profile_with_both_stand_ins_on_two_cpu_processes(tmp_path):
@@ -35,7 +36,7 @@ def test_rehearsal_runs_the_paper_profile_with_both_stand_ins_on_two_cpu_process
     run = tmp_path / "rehearsal"
     env = {**os.environ, "CAPO_NO_PROGRESS": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(["bash", "run_all.sh", "--profile", "rehearsal", *CI_REDUCTION, "--raw-dir", str(RAW),
-                           "--", "--run_dir", str(run)],
+                           "--", "--run_dir", str(run), "--targets", f"[{', '.join(TARGETS)}]"],
                           cwd=ROOT, capture_output=True, text=True, timeout=1500, env=env)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "(process 1 of 2)" in done.stdout and "Traceback" not in done.stdout + done.stderr
@@ -44,8 +45,8 @@ def test_rehearsal_runs_the_paper_profile_with_both_stand_ins_on_two_cpu_process
     rows = metrics["results"]["varierr"]
     assert set(rows) == MODELS
     for model, methods in rows.items():
-        assert {"base", "icl", "vp", "vp_icl", "sft", "capo", "human"} <= set(methods)
-        for method in ("base", "icl", "vp", "vp_icl", "sft", "capo"):
+        assert {"base", "icl", "vp", "vp_icl", "sft", "capo", "sft_shared", "capo_shared", "human"} <= set(methods)
+        for method in ("base", "icl", "vp", "vp_icl", "sft", "capo", "sft_shared", "capo_shared"):
             row = methods[method]
             assert row["seeds"] == [42, 43] and "parse_rate_sd" in row  # two seeds, pooled with their spread
             # Unparsed replies are counted and scored as wrong, not dropped
@@ -57,8 +58,9 @@ def test_rehearsal_runs_the_paper_profile_with_both_stand_ins_on_two_cpu_process
             if unparsed == len(predictions):
                 assert row["label_acc"] == 0.0
         for seed in (42, 43):  # CAPO selected a checkpoint on dev for every adapter of both models
-            selections = list((run / "seeds" / str(seed) / "adapters" / "varierr" / model).glob("capo/*/selection.json"))
-            assert len(selections) == 4 and all(json.loads(s.read_text())["history"] for s in selections)
+            adapters = run / "seeds" / str(seed) / "adapters" / "varierr" / model
+            selections = [*adapters.glob("capo/*/selection.json"), *adapters.glob("capo_shared/selection.json")]
+            assert len(selections) == len(TARGETS) + 1 and all(json.loads(s.read_text())["history"] for s in selections)
     calibration = metrics["judge_calibration"]["varierr"]
     assert calibration["n"] and calibration["accuracy"] is not None  # the judge (the first model) ran
 
