@@ -413,7 +413,8 @@ def analyse_dataset(cfg: dict, dataset: str) -> dict:
         "dataset": dataset, "annotators": annotators, "chance": 1.0 / len(annotators), "kappa": kappa,
         "identification": by_m(identification, "accuracy"), "representations": dict(common.REPRESENTATIONS),
         "embedder": cfg["embedder"].get("name") or common.embedder_path(cfg["embedder"]),
-        "classifier": common.annotator_classifier_name(hlv_cfg),
+        "classifier": (f"{hlv_cfg['classifier']} ({'standardised features, ' if hlv_cfg['standardize'] else ''}"
+                       f"C={hlv_cfg['C']})"),
         "identification_ci95": by_m(identification, "ci95"), "identification_detail": by_m(identification),
         "control": {"method": CONTROL_METHOD, "identification": by_m(control, "accuracy"),
                     "identification_ci95": by_m(control, "ci95"), "identification_detail": by_m(control)},

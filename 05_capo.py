@@ -252,18 +252,28 @@ def selection_dev_records(cfg: dict, dataset: str, dev_records: list[dict], anno
     return [record for record in dev_records if record["item_id"] in keep], len(items)
 
 
+def selectable_targets(cfg: dict, splits: dict, targets: list[str]) -> list[str]:
+    """The targets with at least capo.select_min_dev_items dev items: those the attribution scores."""
+    return [t for t in targets if len({r["item_id"] for r in splits["dev"] if r["annotator"] == t})
+            >= int(cfg["capo"]["select_min_dev_items"])]
+
+
 def selection_plan(cfg: dict, splits: dict, annotator: str | list[str], dev_pairs: list[dict]) -> tuple[str | None, str]:
     """(AttributionMeasure.name, DevLossMeasure.name or None, why) for the targets' dev records: the
-    attribution needs capo.select_min_dev_items dev items of every target and two annotators."""
+    attribution needs two annotators and a target with capo.select_min_dev_items dev items (a
+    shared adapter's: the targets that have them)."""
     section = cfg["capo"]
     targets = [annotator] if isinstance(annotator, str) else annotator
-    dev_items = min(len({r["item_id"] for r in splits["dev"] if r["annotator"] == t}) for t in targets)
+    dev_items = {t: len({r["item_id"] for r in splits["dev"] if r["annotator"] == t}) for t in targets}
+    enough = selectable_targets(cfg, splits, targets)
     if len({r["annotator"] for r in splits["train"]}) < 2:
         why = "fewer than two annotators to train a classifier on"
-    elif dev_items < int(section["select_min_dev_items"]):
-        why = f"{dev_items} dev items (< capo.select_min_dev_items {section['select_min_dev_items']})"
+    elif not enough:
+        why = f"{max(dev_items.values())} dev items (< capo.select_min_dev_items {section['select_min_dev_items']})"
     else:
-        return AttributionMeasure.name, f"{dev_items} dev items (>= capo.select_min_dev_items {section['select_min_dev_items']})"
+        share = f" for {len(enough)} of {len(targets)} targets" if len(enough) < len(targets) else ""
+        return AttributionMeasure.name, (f"{min(dev_items[t] for t in enough)} dev items (>= "
+                                         f"capo.select_min_dev_items {section['select_min_dev_items']}){share}")
     if dev_pairs:
         return DevLossMeasure.name, why + f"; falling back to DPO loss on {len(dev_pairs)} dev pairs"
     return None, why + "; no dev pairs either: the last step is kept"
@@ -400,7 +410,7 @@ def train_adapter(cfg: dict, args, unit: dict, adapter, made_from: dict) -> None
     measure = selection = None
     if plan == AttributionMeasure.name:
         measure = AttributionMeasure(cfg, unit["dataset"], unit["task"], {**unit["splits"], "dev": dev_all},
-                                     unit["targets"], tokenizer)
+                                     selectable_targets(cfg, splits, unit["targets"]), tokenizer)
     elif plan == DevLossMeasure.name:
         measure = DevLossMeasure()
     if measure:

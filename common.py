@@ -904,18 +904,6 @@ def stand_in_config(model_cfg: dict, tokenizer=None):
     return AutoConfig.for_model(model_type, **values)
 
 
-def stand_in_parameter_count(architecture: str, num_layers: int | None = None) -> int:
-    """Parameters of a stand-in by formula (tied embeddings, bias-free projections, RMSNorm
-    weights; Qwen3 adds a per-head-dim RMSNorm on queries and keys)."""
-    a = STAND_IN_ARCHITECTURES[architecture]
-    hidden, heads, kv_heads, head_dim = a["hidden_size"], a["num_attention_heads"], a["num_key_value_heads"], a["head_dim"]
-    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o; k, v
-    mlp = 3 * hidden * a["intermediate_size"]  # gate, up, down
-    norms = 2 * hidden + (2 * head_dim if a["model_type"] == "qwen3" else 0)
-    layers = num_layers or a["num_hidden_layers"]
-    return a["vocab_size"] * hidden + layers * (attention + mlp + norms) + hidden
-
-
 def build_stand_in_model(model_cfg: dict, tokenizer, device: str, dtype):
     """A paper-architecture model with seeded random weights, built straight on `device`
     (a 4B model is not first materialised on the CPU)."""
@@ -1153,12 +1141,6 @@ def representation_vectors(cfg: dict, records: list[dict], representation: str,
     if means is None:
         means = item_means(vectors, item_ids)
     return remove_item_content(vectors, item_ids, means), means
-
-
-def annotator_classifier_name(hlv_cfg: dict) -> str:
-    kind = hlv_cfg["classifier"]
-    scaled = "standardised features, " if hlv_cfg["standardize"] else ""
-    return f"{kind} ({scaled}C={hlv_cfg['C']})"
 
 
 def fit_annotator_classifier(hlv_cfg: dict, X, y: list[str], seed: int):
