@@ -1,5 +1,6 @@
 """Many short two-process launches in a row, run_all.sh's way (common.accelerate_launch): counts the
-launches that do not exit 0, and prints each failure's tail (which process, which signal).
+launches that do not exit 0, and prints each failure's tail (which process, which signal). Exits
+1 if a launch failed or kept its gloo threads after leaving the group.
 
     .venv/bin/python bench/stress_exit.py --launches 200                          # stage-like payload
     .venv/bin/python bench/stress_exit.py --launches 50 --probe --gloo-delay-ms 60
@@ -20,15 +21,14 @@ process only), all inside common.run_stage. Payloads:
 aborts prints its aborting thread's stack and its threads' names (in the failure's tail). With
 --gloo-delay-ms N, gloo's worker threads also pause a random 0..N ms after finishing each
 collective, as on a busy machine, which makes the exit race this script looks for frequent
-(docs/DESIGN.md, "Processes"). --one-core pins a launch to one CPU. --cores DIR lets the
-processes write core dumps into DIR (kernel.core_pattern permitting) for
-`gdb -batch -ex "thread apply all bt" PYTHON CORE`. Results go in bench/RESULTS.md.
+(docs/DESIGN.md, "Processes"). Each process also reports the gloo threads it still has once
+common.run_stage has left the group: none, unless something still holds the group. Results go in
+bench/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -69,6 +69,10 @@ PAYLOAD = textwrap.dedent("""
         print("summary:", done, flush=True)
 
     common.run_stage(main)
+    # what of the group is still up once run_stage has left it (nothing, when the group was freed)
+    names = [open(f"/proc/self/task/{{task}}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+    print(f"[stress_exit] process {{os.environ['RANK']}}: gloo threads after leave_process_group: "
+          f"{{sorted(n for n in names if 'gloo' in n)}}", flush=True)
 """)
 
 LAUNCH = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -83,11 +87,12 @@ def build_probe(work: Path) -> Path:
 
 
 def failure_tail(text: str, lines: int) -> str:
-    """The lines that say what failed: the launcher's verdict, terminate/abort lines, a backtrace."""
+    """A failure's output from its first line that says what failed (terminate, the probe's
+    backtrace, the launcher's verdict), at most `lines` lines of it."""
     kept = text.strip().splitlines()
-    marks = ("exit_probe", "terminate called", "failed on process", "exitcode", "Signal", "signal")
+    marks = ("terminate called", "exit_probe", "exitcode", "failed on process", "Traceback")
     first = next((i for i, line in enumerate(kept) if any(m in line for m in marks)), max(len(kept) - lines, 0))
-    return "\n".join(kept[first:][-lines:] if len(kept) - first > lines * 4 else kept[first:])
+    return "\n".join(kept[first:first + lines])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,13 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--payload", choices=("stage-like", "minimal", "no-leave"), default="stage-like")
     parser.add_argument("--probe", action="store_true", help="preload bench/exit_probe.c (backtrace on abort)")
     parser.add_argument("--gloo-delay-ms", type=int, default=0,
-                        help="with --probe: gloo's worker threads pause this long after finishing a collective")
-    parser.add_argument("--cores", type=Path, help="write core dumps into this folder")
-    parser.add_argument("--one-core", action="store_true",
-                        help="pin every process of a launch to one CPU (a busy machine: more preemption)")
+                        help="gloo's worker threads pause up to this long after each collective (implies --probe)")
     parser.add_argument("--stop-after", type=int, default=0, help="stop after this many failures (0: never)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds one launch may take")
-    parser.add_argument("--tail", type=int, default=40, help="lines of a failure's output to print")
+    parser.add_argument("--tail", type=int, default=60, help="lines of a failure's output to print")
     args = parser.parse_args(argv)
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -110,32 +112,25 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         script = work / "payload.py"
         script.write_text(PAYLOAD.format(root=str(ROOT), kind=args.payload))
-        if args.probe:
+        if args.probe or args.gloo_delay_ms:
             env["LD_PRELOAD"] = str(build_probe(work))
             env["EXIT_PROBE_GLOO_DELAY_MS"] = str(args.gloo_delay_ms)
-        cwd = ROOT
-        if args.cores:
-            args.cores.mkdir(parents=True, exist_ok=True)
-            cwd = args.cores.resolve()  # core_pattern "core" writes into the process's folder
-
-        def prepare_child() -> None:
-            if args.cores:
-                resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,) * 2)
-            if args.one_core:
-                os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import common; "
                    "sys.exit(common.accelerate_launch(sys.argv[1:]))", *LAUNCH, str(script)]
-        failures, started = [], time.time()
+        failures, group_left_up, started = [], [], time.time()
         for launch in range(1, args.launches + 1):
             t0 = time.time()
             try:
-                done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
-                                      timeout=args.timeout, preexec_fn=prepare_child)
+                done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                                      timeout=args.timeout)
                 code, output = done.returncode, done.stdout + done.stderr
             except subprocess.TimeoutExpired as err:
                 code = "timeout"
                 output = "".join(o.decode() if isinstance(o, bytes) else (o or "") for o in (err.stdout, err.stderr))
             seconds = time.time() - t0
+            if any(not line.endswith("[]") for line in output.splitlines()
+                   if "gloo threads after leave_process_group" in line):
+                group_left_up.append(launch)
             if code != 0:
                 failures.append(launch)
                 print(f"--- launch {launch}: exit {code} after {seconds:.1f}s ---\n{failure_tail(output, args.tail)}",
@@ -145,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             elif launch % 10 == 0:
                 print(f"launch {launch}: ok ({seconds:.1f}s); {len(failures)} failed so far", flush=True)
         total = time.time() - started
-    print(f"{args.payload}: {launch} launches, {len(failures)} not exit 0 {failures or ''}; "
+    print(f"{args.payload}: {launch} launches, {len(failures)} not exit 0{f' {failures}' if failures else ''}; "
+          f"{len(group_left_up)} with gloo threads up after leave_process_group; "
           f"{total:.0f}s ({total / launch:.1f}s a launch)", flush=True)
-    return 1 if failures else 0
+    return 1 if failures or (group_left_up and args.payload != "no-leave") else 0
 
 
 if __name__ == "__main__":
