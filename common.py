@@ -2273,6 +2273,7 @@ def process_state():
     """accelerate's PartialState of this launch: gloo between CPU processes, NCCL between GPUs;
     under plain `python`, one process. Its first call joins the process group."""
     import torch
+    import torch.distributed.nn  # noqa: F401  before the group exists: see leave_process_group
     from accelerate import PartialState
     return PartialState(cpu=not torch.cuda.is_available())
 
@@ -2416,9 +2417,12 @@ def accelerate_launch(argv: list[str]) -> int:
 
 
 def leave_process_group() -> None:
-    """A process of a launch leaves its process group when its stage is done: otherwise gloo's
-    threads can abort the interpreter's exit ("terminate called without an active exception",
-    seen once in 30-odd two-process runs, after every output had been written)."""
+    """A process of a launch leaves its process group when its stage is done: the group's gloo
+    worker threads are joined here, not left to the interpreter's exit, where one that drops a
+    collective's tensors late takes the GIL, Python ends the thread, and the process aborts
+    ("terminate called without an active exception"; docs/DESIGN.md, "Processes"). This frees
+    the group only if nothing else holds it: torch.distributed.nn's functions take group.WORLD as
+    a default argument when imported, so process_state imports it before the group exists."""
     if "torch" not in sys.modules:
         return
     import torch.distributed as dist
