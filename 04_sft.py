@@ -108,7 +108,8 @@ def training_rows(cfg: dict, unit: dict, tokenizer) -> tuple[list[dict], list[di
         sample = common.seeded_sample(train, section["max_train_examples"], f"{cfg['seed']}/{dataset}/{target}")
         counts["per_target"].append(len(sample))
         train_rows += sample
-        dev_rows += common.seeded_sample(dev, section["max_dev_examples"], f"{cfg['data']['split_seed']}/{dataset}/{target}/dev")
+        dev_rows += common.seeded_sample(dev, section["max_dev_examples"],
+                                         f"{cfg['data']['split_seed']}/{dataset}/{target}/dev")
     return train_rows, dev_rows, counts
 
 
@@ -168,8 +169,9 @@ def train_adapter(cfg: dict, args, unit: dict, adapter, made_from: dict) -> None
         common.write_json(folder / "train_log.json", {
             "dataset": unit["dataset"], "model": unit["model"]["tag"], "annotator": unit["name"],
             "annotators": unit["targets"], "method": unit["method"], "train_examples": len(train_rows),
-            "train_examples_available": counts["available"], "budget": common.training_budget(len(train_rows), cfg["sft"]),
-            "dev_examples": len(dev_rows), "left_out_too_long": {"train": counts["too_long"], "dev": counts["dev_too_long"]},
+            "train_examples_available": counts["available"],
+            "budget": common.training_budget(len(train_rows), cfg["sft"]), "dev_examples": len(dev_rows),
+            "left_out_too_long": {"train": counts["too_long"], "dev": counts["dev_too_long"]},
             "world_size": common.world_size(), "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
             "train_loss": result.training_loss, "steps": trainer.state.global_step, "dev_loss_per_epoch": dev_losses,
             "resumed_from": resume_from, "seconds": round(time.time() - started, 1), "supervised_example": supervised,

@@ -172,7 +172,8 @@ def budget_lines(budget: dict) -> list[str]:
                                       ("fewer pairs per step", capo_b["per_step"] < sft_b["per_step"])) if fewer]
     if short:
         lines.append(f"warning: CAPO gets {' and '.join(short)} than SFT (CAPO {capo_text}, from {capo_b['examples']} "
-                     f"pairs x {capo_b['epochs']:g} epoch(s) / global batch {capo_b['global_batch_size']}; SFT {sft_text}, "
+                     f"pairs x {capo_b['epochs']:g} epoch(s) / global batch {capo_b['global_batch_size']}; "
+                     f"SFT {sft_text}, "
                      f"from {sft_b['examples']} examples x {sft_b['epochs']:g} epoch(s) / global batch "
                      f"{sft_b['global_batch_size']}): CAPO vs SFT compares unequal training; see capo.max_pairs, "
                      f"capo.epochs, capo.global_batch_size")
@@ -213,7 +214,8 @@ class AttributionMeasure:
         section, scores = self.cfg["capo"], []
         requests = [request for requests, _ in self.targets.values() for request in requests]  # one call for all
         generated = common.generate_predictions(model, self.tokenizer, requests, self.task, self.cfg["generation"],
-                                                method="capo", model_tag="", seed=self.cfg["seed"], desc="dev selection")
+                                                method="capo", model_tag="", seed=self.cfg["seed"],
+                                                desc="dev selection")
         for target, (_, means) in self.targets.items():
             predictions = [p for p in generated if p["annotator"] == target]
             stand_ins = [{"item_id": p["item_id"], "label": p["label"],  # unparsed: the raw text stands in
@@ -224,7 +226,8 @@ class AttributionMeasure:
             scores.append((result, common.parse_rate(predictions)))
         return {"score": mean_or_none([r["mean_prob"] for r, _ in scores]),
                 "group_accuracy": mean_or_none([r["accuracy"] for r, _ in scores]),
-                "group_size": min(r["group_size"] for r, _ in scores), "dev_parse_rate": mean_or_none([p for _, p in scores])}
+                "group_size": min(r["group_size"] for r, _ in scores),
+                "dev_parse_rate": mean_or_none([p for _, p in scores])}
 
 
 def mean_or_none(values: list) -> float | None:
@@ -258,7 +261,8 @@ def selectable_targets(cfg: dict, splits: dict, targets: list[str]) -> list[str]
             >= int(cfg["capo"]["select_min_dev_items"])]
 
 
-def selection_plan(cfg: dict, splits: dict, annotator: str | list[str], dev_pairs: list[dict]) -> tuple[str | None, str]:
+def selection_plan(cfg: dict, splits: dict, annotator: str | list[str],
+                   dev_pairs: list[dict]) -> tuple[str | None, str]:
     """(AttributionMeasure.name, DevLossMeasure.name or None, why) for the targets' dev records: the
     attribution needs two annotators and a target with capo.select_min_dev_items dev items (a
     shared adapter's: the targets that have them)."""
@@ -384,8 +388,8 @@ def build_trainer(cfg: dict, model_cfg: dict, sft_path, train_pairs: list[dict],
 def adapter_recipe(cfg: dict, unit: dict) -> dict:
     """What a CAPO adapter depends on: its pairs, the SFT adapter it starts from, 01's files (dev
     selection) and the config."""
-    return common.recipe(cfg, "05_capo", [*unit["pairs_paths"], unit["upstream"][0], *common.data_files(cfg, unit["dataset"])],
-                         CONFIG_SECTIONS, model_tag=unit["model"]["tag"], bf16_native=common.native_bf16(),
+    inputs = [*unit["pairs_paths"], unit["upstream"][0], *common.data_files(cfg, unit["dataset"])]
+    return common.recipe(cfg, "05_capo", inputs, CONFIG_SECTIONS, model_tag=unit["model"]["tag"], bf16_native=common.native_bf16(),
                          **({"targets": unit["targets"]} if unit["name"] is None else {}))
 
 

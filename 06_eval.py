@@ -223,7 +223,8 @@ def normalised_imitation(model_confidence: float | None, human_confidence: float
 
 # -- LLM-as-judge attribution: the judge sees k TRAIN responses of every annotator (label and explanation,
 #    no item text), then one response with its item, and names the annotator: a forced choice, the reply
-#    constrained to one of the IDs (engine.ReplyConstraint) and chosen greedily. The calibration row: the targets' own responses.
+#    constrained to one of the IDs (engine.ReplyConstraint) and chosen greedily. The calibration row:
+#    the targets' own responses.
 JUDGE_MAX_ANNOTATORS = 16  # the prompt shows every annotator's examples; with more, the judge is reported missing
 
 
@@ -1596,8 +1597,8 @@ def fill_adapter_cards(cfg: dict, results: dict) -> None:
                         if folder.is_dir() and entry.get("status") == "ok":
                             numbers = {k: v for k, v in entry.items()
                                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                            common.update_adapter_card_metrics(folder, numbers, source="06_eval.py, this run's test "
-                                                               "items" + (", the mean over annotators" if shared else ""))
+                            source = "06_eval.py, this run's test items" + (", the mean over annotators" * shared)
+                            common.update_adapter_card_metrics(folder, numbers, source=source)
 
 
 def hlv_outputs(cfg: dict, names: list[str]) -> dict[str, dict | None]:
@@ -1628,13 +1629,15 @@ def training_curves(cfg: dict, names: list[str]) -> list[tuple[str, dict, str]]:
             tag = model_cfg["tag"]
             adapters = common.adapter_dir(cfg, dataset, tag, "sft", None).parent
             for method in TRAINED_METHODS:
-                logs = [*sorted(adapters.glob(f"{method}/*/train_log.json")), *adapters.glob(f"{method}_shared/train_log.json")]
+                logs = [*sorted(adapters.glob(f"{method}/*/train_log.json")),
+                        *adapters.glob(f"{method}_shared/train_log.json")]
                 loss = curves(logs, lambda log: [(row["step"], row["loss"]) for row in log.get("log_history", [])
                                                  if "loss" in row and "step" in row])
                 if loss:
                     panels.append((f"{dataset}/{tag}: {method} training loss", loss, "loss"))
             selections = [*sorted(adapters.glob("capo/*/selection.json")), *adapters.glob("capo_shared/selection.json")]
-            scores = curves(selections, lambda choice: [(row["step"], row["score"]) for row in choice.get("history") or []
+            scores = curves(selections, lambda choice: [(row["step"], row["score"])
+                                                        for row in choice.get("history") or []
                                                         if row and row.get("score") is not None])
             if scores:
                 measure = next((common.read_json(p).get("measure") for p in selections), None)

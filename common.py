@@ -1555,7 +1555,8 @@ def finish_adapter_dir(adapter_dir: str | Path, cfg: dict, model_cfg: dict) -> N
                     "dequantised to float32.",
             "hub": f"`{hub_id}` ({model_cfg['dtype']})."}.get(
         model_cfg["source"], f"none on a hub: a model built in-process by the kit ({model_cfg['source']}); load it "
-                             "with `common.load_adapter_model(model_cfg, adapter_dir)`. It demonstrates the pipeline only.")
+                             "with `common.load_adapter_model(model_cfg, adapter_dir)`. It demonstrates the pipeline "
+                             "only.")
     used = ", ".join(f"{key.replace('_', ' ')} {log[key]}" for key in
                      ("train_examples", "dev_examples", "train_pairs", "dev_pairs", "steps") if key in log)
     if selection is not None:
@@ -1565,7 +1566,8 @@ def finish_adapter_dir(adapter_dir: str | Path, cfg: dict, model_cfg: dict) -> N
                     + (f", score {chosen}" if chosen is not None else "") + "; every evaluation in `selection.json`.")
     else:
         dev = ", ".join(f"epoch {row['epoch']:g}: {row['dev_loss']:.4f}" for row in log.get("dev_loss_per_epoch", []))
-        selected = "none: the last epoch's adapter is kept" + (f"; dev loss per epoch (logged only): {dev}." if dev else ".")
+        selected = ("none: the last epoch's adapter is kept"
+                    + (f"; dev loss per epoch (logged only): {dev}." if dev else "."))
     load = (["import common  # capo-kit", "model, tokenizer = common.load_adapter_model(model_cfg, adapter_dir)"]
             if hub_id is None else ["from peft import AutoPeftModelForCausalLM",
                                     'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")'])
@@ -1713,7 +1715,8 @@ def train_adapters(cfg: dict, args, stage: str, units: list[dict], recipe_of: Ca
     return done
 
 
-def predict_targets(cfg: dict, stage: str, unit: dict, adapter: Path, paths: dict[str, Path], redo: bool) -> float | None:
+def predict_targets(cfg: dict, stage: str, unit: dict, adapter: Path, paths: dict[str, Path],
+                    redo: bool) -> float | None:
     """Each target's greedy test predictions with the adapter (one generation call per target, so a
     file does not depend on which others are made), unless current; returns the parse rate of all."""
     made_from = adapter_predictions_recipe(cfg, stage, unit["dataset"], unit["model"], adapter)
@@ -2385,7 +2388,8 @@ def launch_stage(argv: list[str]) -> int:
     seconds, megabytes = round(time.time() - started), round(max(peak[0], largest) / 2 ** 20)
     if code == 0:
         with open(times, "a", encoding="utf-8") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\t{label}\t{dataset}\t{seconds}\t{megabytes}\n")
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            fh.write(f"{when}\t{label}\t{dataset}\t{seconds}\t{megabytes}\n")
         print(f"== {label} done in {seconds}s (peak memory of its processes together {megabytes} MB; "
               f"appended to {times})", flush=True)
     return code

@@ -223,8 +223,9 @@ def _continuous_batches(model, tokenizer, texts: list[str], settings: dict, cons
     pending = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))[::-1]  # pop() takes the longest
     results: list[list[int]] = [[] for _ in texts]
     live: _DecodeBatch | None = None
+    shared_attention = SHARED_PREFIX_ATTENTION if shared_prefix is not None else None
     with tqdm(total=len(texts), desc=desc, unit="prompt", leave=False, disable=not progress) as bar, \
-            _decoding(settings, device), _attention(model, SHARED_PREFIX_ATTENTION if shared_prefix is not None else None):
+            _decoding(settings, device), _attention(model, shared_attention):
         while pending or live is not None:
             free = batch_size - (0 if live is None else len(live.rows))
             mergeable = live is None or patches.cache_mergeable(live.cache)

@@ -273,8 +273,8 @@ def write_tables(cfg: dict, results: dict, result_rows: list[dict], datasets: di
              "interval over the judged cells' items, drawn per target annotator.",
              f"Paper (as summarised): CAPO about {PAPER_JUDGE['accuracy']} on VariErr "
              f"(chance {PAPER_JUDGE['chance']}), above SFT and prompting."]),
-        "per_annotator": per_annotator_table(tables_dir, [*first, "annotator", "status", "n", *(m.label for m in shown)],
-                                             rows["per_annotator"], notes),
+        "per_annotator": per_annotator_table(
+            tables_dir, [*first, "annotator", "status", "n", *(m.label for m in shown)], rows["per_annotator"], notes),
         "group_sizes": write_table(
             tables_dir / "group_sizes",
             [*first, "status", *(f"{metric.label} m={m}" for m in sizes for metric in group), "m used"],
@@ -307,8 +307,8 @@ def per_annotator_table(tables_dir: Path, header: list[str], rows: list[list[str
     return write_table(tables_dir / "per_annotator_summary", [*header[:3], "annotators with a value",
                                                                *header[6:]], summary,
                        "Per-annotator breakdown, summarised: min / median / max over annotators",
-                       [f"More than {LISTED_ANNOTATORS} annotators: every annotator's row is in tables/per_annotator.csv.",
-                        *notes])
+                       [f"More than {LISTED_ANNOTATORS} annotators: every annotator's row is in "
+                        "tables/per_annotator.csv.", *notes])
 
 
 def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> str:
@@ -498,7 +498,8 @@ def write_examples(tables_dir: Path, examples: list[dict]) -> str:
         lines += [f"### {example['dataset']}, item {example['item_id']}", "",
                   f"- {task['text_a_name']}: {example['text_a']}", f"- {task['text_b_name']}: {example['text_b']}", ""]
         for target in example["targets"]:
-            lines += [f"Answering as **{target['target']}**:", "", "| written by | label | explanation |", "|---|---|---|"]
+            lines += [f"Answering as **{target['target']}**:", "", "| written by | label | explanation |",
+                      "|---|---|---|"]
             for model_tag, method, label, explanation, parsed in target["responses"]:
                 who = f"{target['target']} (the human)" if method == HUMAN else f"{model_tag} / {method_label(method)}"
                 text = "no output" if explanation is None else explanation + ("" if parsed else " *(unparsed)*")
