@@ -1597,7 +1597,7 @@ def fill_adapter_cards(cfg: dict, results: dict) -> None:
                         if folder.is_dir() and entry.get("status") == "ok":
                             numbers = {k: v for k, v in entry.items()
                                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                            source = "06_eval.py, this run's test items" + (", the mean over annotators" * shared)
+                            source = "06_eval.py, this run's test items" + (", mean over annotators" if shared else "")
                             common.update_adapter_card_metrics(folder, numbers, source=source)
 
 
