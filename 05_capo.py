@@ -408,7 +408,7 @@ def train_adapter(cfg: dict, args, unit: dict, adapter, made_from: dict) -> None
     resume_from = common.checkpoint_to_resume(work_dir, args.resume, label, made_from)
     work_dir.mkdir(parents=True, exist_ok=True)
 
-    plan, why = selection_plan(cfg, {**unit["splits"], "dev": splits["dev"]}, unit["targets"], dev_pairs)
+    plan, why = selection_plan(cfg, splits, unit["targets"], dev_pairs)
     trainer, tokenizer = build_trainer(cfg, unit["model"], sft_path, pairs,
                                        dev_pairs if plan == DevLossMeasure.name else [], work_dir)
     measure = selection = None
