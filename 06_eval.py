@@ -1701,7 +1701,7 @@ def main(argv: list[str] | None = None) -> None:
     results, draws = {}, {}
     for name, ds in datasets.items():
         results[name], draws[name], plan = evaluate_dataset(cfg, ds, loaded[name])
-        crowd = (f"{len(ds['everyone'])} annotators, more than one judge prompt shows (JUDGE_MAX_ANNOTATORS "
+        crowd = (f"{len(ds['everyone'])} annotators: more than one judge prompt can show (JUDGE_MAX_ANNOTATORS "
                  f"{JUDGE_MAX_ANNOTATORS})" if len(ds["everyone"]) > JUDGE_MAX_ANNOTATORS else None)
         attach_judge(results[name], draws[name], ds, jobs[name], judge_reason or crowd, judge, plan)
     common.write_jsonl(tables_dir / "judge_verdicts.jsonl",  # every reply, for auditing the judge
