@@ -97,6 +97,20 @@ def hf_download_tokenizers(cache: Path) -> None:
         hf_download(cache, repo_id, {name: (TOKENIZERS / folder / name).read_bytes() for name in common.TOKENIZER_FILES})
 
 
+PORTABLE_TOOLS = ("bash", "sh", "env", "dirname", "date", "mkdir", "tee", "cat", "sed", "rm", "git")
+
+
+def portable_path(folder: Path) -> str:
+    """A PATH holding only the tools run_all.sh, setup.sh and run_tests.sh may use beside bash's
+    builtins (as on macOS: no GNU nproc, time, sha256sum or readlink -f): links in `folder`."""
+    import shutil
+    folder.mkdir(parents=True, exist_ok=True)
+    for tool in PORTABLE_TOOLS:
+        if shutil.which(tool) and not (folder / tool).exists():
+            (folder / tool).symlink_to(shutil.which(tool))
+    return str(folder)
+
+
 @pytest.fixture
 def smoke_config(tmp_path):
     return write_config(tmp_path)

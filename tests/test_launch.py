@@ -98,3 +98,48 @@ def test_one_process_shares_everything_with_itself():
     assert common.this_process_share([1, 2, 3]) == [1, 2, 3] and common.gather_to_all([4]) == [4]
     with common.training_alone():
         assert common.is_main_process()
+
+
+# ---- the launcher on a laptop: bash 3.2, BSD tools, no GPU or no paper weights --------------------
+BASH4_OR_GNU = {"mapfile": "bash 4", "readarray": "bash 4", "declare -A": "bash 4", "${!": "bash 4 indirection",
+                ",,}": "bash 4", "^^}": "bash 4", "|&": "bash 4", "&>>": "bash 4", "coproc": "bash 4",
+                "nproc": "GNU coreutils", "/usr/bin/time": "GNU time", "sha256sum": "GNU coreutils",
+                "readlink -f": "GNU coreutils", "sed -i": "GNU sed", "date -d": "GNU date"}
+
+
+def test_the_shell_scripts_use_nothing_bash_3_2_or_bsd_userland_lacks():
+    for script in ("run_all.sh", "setup.sh", "run_tests.sh"):
+        text = "\n".join(line.split(" #")[0] for line in (ROOT / script).read_text().splitlines()
+                         if not line.lstrip().startswith("#"))
+        found = {construct: why for construct, why in BASH4_OR_GNU.items() if construct in text}
+        assert not found, f"{script} uses {found}"
+        # an empty array expanded under `set -u` is an error in bash < 4.4: guard it as ${a[@]+"${a[@]}"}
+        assert '"${extra[@]}"' not in text.replace('${extra[@]+"${extra[@]}"}', ""), script
+
+
+def test_with_gpus_but_without_the_papers_weights_the_default_is_cpu_said_in_one_line(monkeypatch, capsys):
+    import torch
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(common, "hub_model_cached", lambda repo_id: False)
+    common.run_all_plan(["", "", ""])
+    out, err = capsys.readouterr()
+    assert out.split()[0] == "cpu" and out.split()[3:5] == ["2", "0"]  # a process per GPU, no CPU threads
+    assert err.count("\n") == 1 and "paper profile's models are not in the local Hugging Face cache" in err
+    assert "--profile paper --download-models" in err
+    common.run_all_plan(["", "", "1"])  # --download-models: paper, and the hub models to fetch
+    out = capsys.readouterr().out.split()
+    assert out[0] == "paper" and "Qwen/Qwen3-4B" in out and "meta-llama/Llama-3.2-3B-Instruct" in out
+    monkeypatch.setattr(common, "hub_model_cached", lambda repo_id: True)  # the weights are here
+    common.run_all_plan(["", "", ""])
+    assert capsys.readouterr().out.split()[:2] == ["paper", "runs/paper"]
+
+
+def test_setup_stops_in_one_line_on_a_python_other_than_3_11(tmp_path):
+    fake = tmp_path / "python3.13"
+    fake.write_text('#!/bin/sh\nif [ "$1" = "-V" ]; then echo "Python 3.13.1"; exit 0; fi\nexit 1\n')
+    fake.chmod(0o755)
+    done = subprocess.run(["bash", "setup.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "CAPO_VENV": str(tmp_path / "venv")})
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"setup.sh: capo-kit needs Python 3.11; {fake} is Python 3.13.1 (choose one: PYTHON=python3.11 bash setup.sh)"]
+    assert not (tmp_path / "venv").exists()

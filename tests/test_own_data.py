@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, portable_path
 
 STYLES = {"r1": "Plainly, {}.", "r2": "I think {} here.", "r3": "{}, as the texts say."}
 FACTS = ["the cup is full", "the door is open", "the dog sleeps", "the road is wet", "the shop is closed",
@@ -31,7 +32,7 @@ def write_mine(path):
                                      "label": label, "explanation": style.format(fact)}) + "\n")
 
 
-def prepare_and_run(tmp_path, *run_all_args):
+def prepare_and_run(tmp_path, *run_all_args, env=None):
     """01 --custom on the invented file, then run_all.sh on it; returns (run dir, budget, stdout)."""
     mine, run = tmp_path / "mine.jsonl", tmp_path / "run"
     write_mine(mine)
@@ -43,14 +44,18 @@ def prepare_and_run(tmp_path, *run_all_args):
     budget = ["--run_dir", str(run), "--eval.bertscore", "false", "--eval.judge_items", "4",
               "--sft.epochs", "1", "--capo.max_pairs", "4"]
     full = subprocess.run(["bash", "run_all.sh", "--profile", "smoke", "--dataset", "mine", *run_all_args,
-                           "--", *budget], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                           "--", *budget], cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     return run, budget, full.stdout
 
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
-    return prepare_and_run(tmp_path_factory.mktemp("one"), "--processes", "1")
+    """The one-process run, on a PATH without GNU nproc, time or sha256sum (as on a Mac)."""
+    folder = tmp_path_factory.mktemp("one")
+    path = portable_path(folder / "bin")
+    assert not any(shutil.which(tool, path=path) for tool in ("nproc", "time", "sha256sum"))
+    return prepare_and_run(folder, "--processes", "1", env={**os.environ, "PATH": path})
 
 
 def test_readme_own_data_commands_run_end_to_end(one_process_run):
