@@ -36,6 +36,7 @@ def test_lm_head_on_labelled_positions_only_finds_trls_switch():
     assert callable(getattr(trl_utils, "_use_triton", None)), \
         "patches.lm_head_on_labelled_positions_only: trl.trainer.utils._use_triton is gone"
     try:
+        patches.lm_head_on_labelled_positions_only(enabled=False)  # an in-process stage may have left it on
         assert trl_utils._use_triton(torch.device("cpu")) is False  # what the patch is for
         assert patches.lm_head_on_labelled_positions_only() is True
         assert trl_utils._use_triton(torch.device("cpu")) is True
