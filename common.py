@@ -1661,7 +1661,7 @@ def train_adapters(cfg: dict, args, stage: str, units: list[dict], recipe_of: Ca
     not trained), "upstream" (the adapter it starts from, which must be current, and the command
     that remakes it) and "announce" (lines printed first). Returns every process's summary rows."""
     import patches
-    patches.silence_library_deprecations()
+    patches.silence_library_warnings()
     done = []
     for unit in training_share(units, args.data_parallel):
         label, started = unit_label(unit), time.time()

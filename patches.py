@@ -134,7 +134,11 @@ def attention_implementation(model) -> str:
 
 # ---- peft 0.21 and trl 1.16 read PreTrainedModel.is_gradient_checkpointing, which transformers
 # 5.23 deprecates for is_activation_checkpointing: the FutureWarning is theirs, not the kit's
-# (the kit passes activation_checkpointing). Without this: a warning per model in every log.
-def silence_library_deprecations() -> None:
+# (the kit passes activation_checkpointing). peft 0.21's save_pretrained looks for the base model's
+# config on the hub to learn whether the vocabulary was resized; offline it warns and assumes it
+# was not, which holds: the kit never resizes it. Without this: warnings in every training log.
+def silence_library_warnings() -> None:
     import warnings
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Could not find a config file in .* will assume that the vocabulary "
+                                              "was not modified", category=UserWarning)

@@ -18,7 +18,7 @@ WRITTEN_FOR = {  # patch -> (package, the version it was written and tested agai
     "reset_accelerate_state": ("accelerate", "1.15.0"),
     "append_layer_class": ("transformers", "5.23.0"),
     "attention_implementation": ("transformers", "5.23.0"),
-    "silence_library_deprecations": ("peft", "0.21.2"),
+    "silence_library_warnings": ("peft", "0.21.2"),
 }
 
 
@@ -90,3 +90,23 @@ def test_attention_implementation_reads_the_models_setting(tiny_model):
     model, _ = tiny_model
     assert patches.attention_implementation(model) in ("sdpa", "eager"), \
         "patches.attention_implementation: config._attn_implementation no longer names the model's attention"
+
+
+def test_silence_library_warnings_matches_the_libraries_own_messages():
+    import inspect
+    import warnings
+
+    import peft.utils.save_and_load
+    import transformers.modeling_utils
+    assert "will assume that the vocabulary was not modified" in inspect.getsource(peft.utils.save_and_load), \
+        "patches.silence_library_warnings: peft's vocabulary warning changed"
+    assert "`is_gradient_checkpointing` is deprecated" in inspect.getsource(transformers.modeling_utils), \
+        "patches.silence_library_warnings: transformers' deprecation warning changed"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patches.silence_library_warnings()
+        warnings.warn("Could not find a config file in HuggingFaceTB/SmolLM2-135M-Instruct - will assume that the "
+                      "vocabulary was not modified.", UserWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("another warning", UserWarning)
+    assert [str(w.message) for w in caught] == ["another warning"]
