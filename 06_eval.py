@@ -89,7 +89,7 @@ GROUP_METRICS = tuple(m.name for m in METRICS if m.kind == "group")
 ROW_KINDS = ("item", "similarity", "distribution")  # scored from a method's rows, per target
 
 
-def task_metrics(task: dict, kinds: tuple[str, ...] = (*ROW_KINDS, "group", "judge")) -> list[Metric]:
+def task_metrics(task: dict, kinds: tuple[str, ...] = (*ROW_KINDS, "group", "info", "judge")) -> list[Metric]:
     """The registry's metrics that apply to `task`, of the given kinds, in registry order."""
     return [m for m in METRICS if task["label_type"] in m.tasks and m.kind in kinds]
 

@@ -436,6 +436,7 @@ def test_end_to_end_every_table_every_column(evaluated_run):
     assert all(value.startswith("missing") for value in capo[4:-1])
     par_sft = next(row for row in rows if row[0] == "par" and row[2] == "sft")
     assert par_sft[header.index("label acc")].startswith("n/a: ")
+    assert int(par_sft[header.index("group m")]) == par["sft"]["group_m"]
     assert "missing [" in (tables / "table4_main.md").read_text()  # markdown: reasons as footnotes
     assert {row[2] for row in rows if row[0] == "varierr"} >= {"base", "icl", "vp", "vp_icl", "sft", "capo"}
     assert list((tables).glob("fig_*.png")) and (tables / "config.resolved.yaml").exists()
