@@ -5,7 +5,7 @@
     python 01_prepare.py --config configs/cpu.yaml --custom my.csv --name mine --label-type categorical
     python 01_prepare.py --config configs/cpu.yaml --split lewidi        # the LeWiDi-2025 split, in runs/cpu/lewidi/
 
-Reads the raw files (README, "Raw data"; downloaded when missing) or your own (README, "Bring your own
+Reads the raw files (README, "Raw data"; downloaded when missing) or your own (README, "Your own
 annotations"), checks them (bad input stops with one line naming file, line and field; --skip-invalid
 drops and counts it instead), splits the items with data.split_seed (--split lewidi: the shared task's
 split) and writes runs/<profile>/data/<dataset>/{train,dev,test}.jsonl (a record per item, annotator,

@@ -9,7 +9,7 @@ pairwise Cohen's kappa (agreement.png/.md, Fig 1); how well a classifier tells t
 from groups of m of their explanations, in item-grouped cross-validation, beside a control with the
 IDs permuted within each item (identification.png/.md, Fig 5); summary.json (docs/DESIGN.md, "hlv
 summary.json"); cache/ (sentence embeddings) and config.resolved.yaml. The method and our choices:
-README "02_analyze_hlv" and docs/CHOICES.md.
+docs/CHOICES.md.
 """
 from __future__ import annotations
 

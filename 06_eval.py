@@ -42,7 +42,7 @@ STAGE_OF_METHOD = {**{m: "03_prompt_baselines" for m in PROMPTING_METHODS},
 # ==== OUR DEFINITIONS ===================================================================================
 # The paper's formulas, word lists, bins, judge prompt and human protocol are not public: every
 # reconstruction is in this block (the human-validation protocol in HUMAN VALIDATION below), to be
-# swapped when the paper's code appears; the README lists each one.
+# swapped when the paper's code appears; docs/CHOICES.md lists each one.
 
 # -- The metric registry, from which the tables, figures, results rows, claims and report are made.
 #    kind: item (a mean over test rows), similarity (of the best match with the target's references),

@@ -1890,11 +1890,14 @@ def recorded_config(cfg: dict, section: str) -> Any:
     return json.loads(json.dumps(_without_neutral(config_value(cfg, section), section), default=str))
 
 
+KIT_MODULES = ("common.py", "engine.py", "patches.py")  # every stage runs them: a change makes its outputs stale
+
+
 def recipe(cfg: dict, stage: str, inputs: Iterable[str | Path], sections: Iterable[str], *,
            model_tag: str | None = None, code: Iterable[str] = (), **extra: Any) -> dict:
     """What an output of `stage` is made from now: input hashes, the config `sections` it reads
     (top-level keys such as `generation`; `models[]` is the entry of `model_tag`), less
-    OUTPUT_NEUTRAL_KEYS, and code hashes (the stage's script, common.py and any module in `code`)."""
+    OUTPUT_NEUTRAL_KEYS, and code hashes (the stage's script, KIT_MODULES and any file in `code`)."""
     sections = [f"models[{model_tag}]" if s == "models[]" else s for s in sections]
     for section in sections:
         known = section in CONFIG_SCHEMA or (section.startswith("models[") and config_value(cfg, section))
@@ -1903,7 +1906,7 @@ def recipe(cfg: dict, stage: str, inputs: Iterable[str | Path], sections: Iterab
     made = {"stage": stage,
             "inputs": {_input_key(cfg, p): content_hash(p) for p in inputs},
             "config": {section: recorded_config(cfg, section) for section in sections},
-            "code": {name: content_hash(KIT_ROOT / name) for name in (f"{stage}.py", "common.py", *code)},
+            "code": {name: content_hash(KIT_ROOT / name) for name in (f"{stage}.py", *KIT_MODULES, *code)},
             **extra}
     return json.loads(json.dumps(made, sort_keys=True, default=str))  # the form it has once saved
 

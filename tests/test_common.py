@@ -79,6 +79,21 @@ def test_a_tag_with_dots_is_a_recipe_section_and_a_changed_value_names_it():
         common.recipe(cfg, "04_sft", [], ("sft.lora_r",))
 
 
+def test_a_change_to_the_decoder_or_a_patch_makes_every_stages_outputs_stale(tmp_path, monkeypatch):
+    import shutil
+    for name in ("03_prompt_baselines.py", *common.KIT_MODULES):
+        shutil.copy(ROOT / name, tmp_path / name)
+    monkeypatch.setattr(common, "KIT_ROOT", tmp_path)
+    cfg = common.load_config(ROOT / "configs" / "smoke.yaml")
+    made = common.recipe(cfg, "03_prompt_baselines", [], ("generation",))
+    assert {"03_prompt_baselines.py", "common.py", "engine.py", "patches.py"} <= set(made["code"])
+    for module in ("engine.py", "patches.py"):
+        (tmp_path / module).write_text((tmp_path / module).read_text() + "\n# changed\n")
+        again = common.recipe(cfg, "03_prompt_baselines", [], ("generation",))
+        assert module in common._first_difference(made, again)
+        made = again
+
+
 def test_overrides_are_typed_and_strict():
     cfg = common.load_config(ROOT / "configs" / "smoke.yaml", ["--seed", "7", "--data.max_items=12",
                                                                 "--datasets", "[varierr]"])
