@@ -190,8 +190,9 @@ def table_notes(cfg: dict, features: list[str]) -> tuple[list[str], list[str]]:
         "responses), so that a group is a real subsample; 'group m' is the smallest m used). "
         "Norm. imitation = that confidence / the same for the target's human test explanations at the same m "
         "(our definition). Every m of eval.group_sizes: tables/group_sizes.",
-        "Judge attribution: share of single outputs the judge attributes to the target annotator; "
-        "chance = 1/annotators.",
+        "Judge attribution: share of single outputs the judge attributes to the target annotator; its "
+        "chance (tables/judge_attribution) is always naming the most frequent target; the figures' chance line "
+        "is 1/annotators, every annotator being a candidate.",
     ], group_notes
 
 
@@ -389,7 +390,8 @@ def plot_metric(results: dict, index: dict, datasets: dict, metric, m: int | Non
         ax.set_xticklabels(methods, rotation=30, ha="right")
         ax.set_title(f"{dataset}: {metric.label}")
         if metric.chance:
-            ax.axhline(1.0 / len(datasets[dataset]["annotators"]), color="grey", linestyle="--", linewidth=1,
+            # every annotator is a candidate (the classifier's classes, the judge's choices), targets or not
+            ax.axhline(1.0 / len(datasets[dataset]["everyone"]), color="grey", linestyle="--", linewidth=1,
                        label="chance")
         ax.legend(fontsize=7)
     return save_figure(fig, path)

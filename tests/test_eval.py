@@ -682,3 +682,17 @@ def test_a_judge_setting_that_cannot_work_stops_in_one_line(judge, message):
     cfg["eval"]["judge"].update(judge)
     with pytest.raises(common.InputError, match=message):
         ev6.check_eval_config(cfg)
+
+
+def test_the_figures_chance_line_counts_every_annotator_when_only_some_are_targets(tmp_path, monkeypatch):
+    """With `targets: [A0, A3]` of four annotators, a classifier over all four gives chance 0.25, not 0.5."""
+    import matplotlib.axes
+    lines = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y=0, **kw: lines.append(y))
+    datasets = {"varierr": {"task": {"label_type": "categorical"}, "annotators": ["A0", "A3"],
+                            "everyone": ["A0", "A1", "A2", "A3"]}}
+    results = {"varierr": {"tiny": {"sft": {"status": "ok"}}}}
+    index = {("varierr", "tiny", "sft", "macro", "group_clf_conf", 50, None): {"value": 0.6, "ci_low": 0.5,
+                                                                              "ci_high": 0.7}}
+    assert eval_report.plot_metric(results, index, datasets, ev6.METRIC["group_clf_conf"], 50, tmp_path / "f.png")
+    assert lines == [0.25]
