@@ -2,7 +2,7 @@
 # Regenerates every table of the CAPO reproduction, stage by stage (bash 3.2 or later, Linux or macOS).
 #
 #   bash run_all.sh                      # cpu profile; paper on a machine with GPUs and the paper's weights
-#   bash run_all.sh --profile tour       # ten minutes with a real model (configs/<profile>.yaml)
+#   bash run_all.sh --profile tour       # a quarter of an hour with a real model (configs/<profile>.yaml)
 #   bash run_all.sh --dataset varierr    # one dataset, or a name you prepared with 01_prepare.py --custom
 #   bash run_all.sh --raw-dir data/raw   # where 01 finds the raw files (sets CAPO_RAW_DIR)
 #   bash run_all.sh --seeds 42,43,44     # 03-05 once per training seed (same split), 06 pools them
