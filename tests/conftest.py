@@ -20,17 +20,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import common  # noqa: E402
 
 
-# The longest files first, so that the two xdist workers (--dist loadfile) end together instead of
-# one running the rehearsal alone at the end; the rest keep their order.
-LONGEST_FIRST = ("test_rehearsal.py", "test_own_data.py", "test_judge_endpoint.py", "test_bench.py",
-                 "test_multiprocess.py", "test_profiles.py", "test_recipes.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 def load_stage(name: str):
     """Import a numbered stage script (its file name is not a valid module name)."""
     spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
