@@ -389,7 +389,8 @@ def adapter_recipe(cfg: dict, unit: dict) -> dict:
     """What a CAPO adapter depends on: its pairs, the SFT adapter it starts from, 01's files (dev
     selection) and the config."""
     inputs = [*unit["pairs_paths"], unit["upstream"][0], *common.data_files(cfg, unit["dataset"])]
-    return common.recipe(cfg, "05_capo", inputs, CONFIG_SECTIONS, model_tag=unit["model"]["tag"], bf16_native=common.native_bf16(),
+    return common.recipe(cfg, "05_capo", inputs, CONFIG_SECTIONS, model_tag=unit["model"]["tag"],
+                         bf16_native=common.native_bf16(),
                          **({"targets": unit["targets"]} if unit["name"] is None else {}))
 
 

@@ -552,8 +552,8 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
     lines = [f"# capo-kit report: profile `{cfg['profile']}`", "",
              "A reproduction attempt of CAPO (arXiv 2605.28802). The paper's full text and code were not available: "
              "every metric marked 'our definition' is a reconstruction (see the kit's docs/METRICS.md and "
-             "docs/CHOICES.md, and 06_eval.py's block OUR DEFINITIONS). Numbers labelled 'paper' are the paper's, as summarised second-hand; all others were "
-             "computed by this run.", "",
+             "docs/CHOICES.md, and 06_eval.py's block OUR DEFINITIONS). Numbers labelled 'paper' are the paper's, "
+             "as summarised second-hand; all others were computed by this run.", "",
              f"Datasets: {', '.join(datasets)}. Models: {', '.join(m['tag'] for m in common.model_configs(cfg))}. "
              f"Judge: {common.model_configs(cfg)[0]['tag']} (the config's first model).", ""]
     lines += ["## At a glance: do the paper's claims hold in this run?", "",

@@ -1,9 +1,10 @@
 """The rehearsal preset (configs/rehearsal.yaml) as README runs it, reduced for CI to one dataset,
-two training seeds and two target annotators (both models, per-annotator and shared adapters): `bash run_all.sh --profile rehearsal` on two CPU processes, with both
-paper stand-ins (the paper's tags, architectures, tokenizers and chat templates), from a Hugging
-Face cache that holds only what README's fetch command leaves (two tokenizer files per model),
-offline. Everything else is the paper profile's: free replies, thinking off, ICL, VP, SFT, CAPO
-with its dev selection, the judge, the report.
+two training seeds and two target annotators (both models, per-annotator and shared adapters):
+`bash run_all.sh --profile rehearsal` on two CPU processes, with both paper stand-ins (the paper's
+tags, architectures, tokenizers and chat templates), from a Hugging Face cache that holds only
+what README's fetch command leaves (two tokenizer files per model), offline. Everything else is
+the paper profile's: free replies, thinking off, ICL, VP, SFT, CAPO with its dev selection, the
+judge, the report.
 
     CAPO_RAW_DIR=<raw files> CAPO_TOKENIZERS=<tokenizer folders> .venv/bin/python -m pytest -q tests/test_rehearsal.py
 
