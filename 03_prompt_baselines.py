@@ -76,8 +76,8 @@ def profile_request(cfg: dict, dataset: str, annotator: str, task: dict, train: 
                              {k: gen_cfg[k] for k in ("max_new_tokens", "do_sample", "temperature")},
                              cfg["seed"])
     folder = common.profiles_dir(cfg, dataset)
-    return {"dataset": dataset, "annotator": annotator, "sources": sources, "messages": messages, "key": key, "gen_cfg": gen_cfg,
-            "text_path": folder / f"{annotator}.txt", "meta_path": folder / f"{annotator}.json"}
+    return {"dataset": dataset, "annotator": annotator, "sources": sources, "messages": messages, "key": key,
+            "gen_cfg": gen_cfg, "text_path": folder / f"{annotator}.txt", "meta_path": folder / f"{annotator}.json"}
 
 
 def profile_is_current(request: dict) -> bool:
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     methods = list(base_cfg["methods"])
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise common.InputError(f"{cfg['config_path']}: baselines.methods has unknown {unknown} (known: {list(METHODS)})")
+        raise common.InputError(f"{cfg['config_path']}: baselines.methods has unknown {unknown} "
+                                f"(known: {list(METHODS)})")
     models = ordered_models(cfg)
     writer = models[0]
 
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     for dataset in common.selected_datasets(cfg, args.dataset):
         common.require_data(cfg, dataset)
         train = common.load_split(cfg, dataset, "train")
-        check_no_leakage(train, common.load_split(cfg, dataset, "dev") + common.load_split(cfg, dataset, "test"), dataset)
+        held_out = common.load_split(cfg, dataset, "dev") + common.load_split(cfg, dataset, "test")
+        check_no_leakage(train, held_out, dataset)
         test = common.load_eval_split(cfg, dataset, "test")
         data[dataset] = {"train": train, "test": test, "task": common.load_task(cfg, dataset),
                          "annotators": common.dataset_annotators(cfg, dataset)}
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                 made_from = prediction_recipe(cfg, dataset, model_cfg, method,
                                               profile_requests[(dataset, annotator)]["text_path"])
                 reason = "--force" if args.force else common.why_not_current(path, made_from)
-                profile_stale = method.startswith("vp") and not profile_is_current(profile_requests[(dataset, annotator)])
+                profile_stale = (method.startswith("vp")
+                                 and not profile_is_current(profile_requests[(dataset, annotator)]))
                 if not reason and profile_stale:
                     reason = "its value profile is missing or stale"
                 if args.dry_run:

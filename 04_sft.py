@@ -115,9 +115,7 @@ def training_rows(cfg: dict, unit: dict, tokenizer) -> tuple[list[dict], list[di
 
 def adapter_recipe(cfg: dict, unit: dict) -> dict:
     """What an SFT adapter depends on: 01's files and the config (a shared one: its targets too)."""
-    return common.recipe(cfg, "04_sft", common.data_files(cfg, unit["dataset"]), CONFIG_SECTIONS,
-                         model_tag=unit["model"]["tag"], bf16_native=common.native_bf16(),
-                         **({"targets": unit["targets"]} if unit["name"] is None else {}))
+    return common.adapter_recipe(cfg, "04_sft", unit, common.data_files(cfg, unit["dataset"]), CONFIG_SECTIONS)
 
 
 def sft_budget_lines(cfg: dict, unit: dict, examples: int, per_target: list[int]) -> list[str]:

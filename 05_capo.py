@@ -255,21 +255,15 @@ def selection_dev_records(cfg: dict, dataset: str, dev_records: list[dict], anno
     return [record for record in dev_records if record["item_id"] in keep], len(items)
 
 
-def selectable_targets(cfg: dict, splits: dict, targets: list[str]) -> list[str]:
-    """The targets with at least capo.select_min_dev_items dev items: those the attribution scores."""
-    return [t for t in targets if len({r["item_id"] for r in splits["dev"] if r["annotator"] == t})
-            >= int(cfg["capo"]["select_min_dev_items"])]
-
-
 def selection_plan(cfg: dict, splits: dict, annotator: str | list[str],
-                   dev_pairs: list[dict]) -> tuple[str | None, str]:
-    """(AttributionMeasure.name, DevLossMeasure.name or None, why) for the targets' dev records: the
-    attribution needs two annotators and a target with capo.select_min_dev_items dev items (a
-    shared adapter's: the targets that have them)."""
+                   dev_pairs: list[dict]) -> tuple[str | None, str, list[str]]:
+    """(AttributionMeasure.name, DevLossMeasure.name or None; why; the targets the attribution
+    scores) for the targets' dev records: the attribution needs two annotators and a target with
+    capo.select_min_dev_items dev items (a shared adapter's: the targets that have them)."""
     section = cfg["capo"]
     targets = [annotator] if isinstance(annotator, str) else annotator
     dev_items = {t: len({r["item_id"] for r in splits["dev"] if r["annotator"] == t}) for t in targets}
-    enough = selectable_targets(cfg, splits, targets)
+    enough = [t for t in targets if dev_items[t] >= int(section["select_min_dev_items"])]
     if len({r["annotator"] for r in splits["train"]}) < 2:
         why = "fewer than two annotators to train a classifier on"
     elif not enough:
@@ -277,10 +271,10 @@ def selection_plan(cfg: dict, splits: dict, annotator: str | list[str],
     else:
         share = f" for {len(enough)} of {len(targets)} targets" if len(enough) < len(targets) else ""
         return AttributionMeasure.name, (f"{min(dev_items[t] for t in enough)} dev items (>= "
-                                         f"capo.select_min_dev_items {section['select_min_dev_items']}){share}")
+                                         f"capo.select_min_dev_items {section['select_min_dev_items']}){share}"), enough
     if dev_pairs:
-        return DevLossMeasure.name, why + f"; falling back to DPO loss on {len(dev_pairs)} dev pairs"
-    return None, why + "; no dev pairs either: the last step is kept"
+        return DevLossMeasure.name, why + f"; falling back to DPO loss on {len(dev_pairs)} dev pairs", []
+    return None, why + "; no dev pairs either: the last step is kept", []
 
 
 class DevSelection(TrainerCallback):
@@ -389,9 +383,7 @@ def adapter_recipe(cfg: dict, unit: dict) -> dict:
     """What a CAPO adapter depends on: its pairs, the SFT adapter it starts from, 01's files (dev
     selection) and the config."""
     inputs = [*unit["pairs_paths"], unit["upstream"][0], *common.data_files(cfg, unit["dataset"])]
-    return common.recipe(cfg, "05_capo", inputs, CONFIG_SECTIONS, model_tag=unit["model"]["tag"],
-                         bf16_native=common.native_bf16(),
-                         **({"targets": unit["targets"]} if unit["name"] is None else {}))
+    return common.adapter_recipe(cfg, "05_capo", unit, inputs, CONFIG_SECTIONS)
 
 
 def train_adapter(cfg: dict, args, unit: dict, adapter, made_from: dict) -> None:
@@ -409,13 +401,13 @@ def train_adapter(cfg: dict, args, unit: dict, adapter, made_from: dict) -> None
     resume_from = common.checkpoint_to_resume(work_dir, args.resume, label, made_from)
     work_dir.mkdir(parents=True, exist_ok=True)
 
-    plan, why = selection_plan(cfg, splits, unit["targets"], dev_pairs)
+    plan, why, scored = selection_plan(cfg, splits, unit["targets"], dev_pairs)
     trainer, tokenizer = build_trainer(cfg, unit["model"], sft_path, pairs,
                                        dev_pairs if plan == DevLossMeasure.name else [], work_dir)
     measure = selection = None
     if plan == AttributionMeasure.name:
         measure = AttributionMeasure(cfg, unit["dataset"], unit["task"], {**unit["splits"], "dev": dev_all},
-                                     selectable_targets(cfg, splits, unit["targets"]), tokenizer)
+                                     scored, tokenizer)
     elif plan == DevLossMeasure.name:
         measure = DevLossMeasure()
     if measure:

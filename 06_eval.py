@@ -211,7 +211,8 @@ def capped_group_size(requested: int, n_outputs: int, n_human: int, share: float
     cap = int(np.floor(share * n + 1e-9))
     if cap < 1:
         return None, (f"too few responses for a group that is a real subsample: m={requested} capped at "
-                      f"floor({share:g} x n={n}) = {cap} (n = min(outputs {n_outputs}, human test responses {n_human}))")
+                      f"floor({share:g} x n={n}) = {cap} "
+                      f"(n = min(outputs {n_outputs}, human test responses {n_human}))")
     return min(int(requested), cap), None
 
 
@@ -675,7 +676,8 @@ def macro(per_target: dict, draws: dict, metric: str, feature: str | None = None
         return float(np.mean(values)), np.nanmean(np.vstack(resamples), axis=0)
 
 
-def method_row(ds: dict, per_target: dict, target_draws: dict, metrics: list[str], unmatched: dict) -> tuple[dict, dict]:
+def method_row(ds: dict, per_target: dict, target_draws: dict, metrics: list[str],
+               unmatched: dict) -> tuple[dict, dict]:
     """The macro row of one method from its per-target entries: (row, {metric: (B,) draws})."""
     ok = {a: e for a, e in per_target.items() if e.get("status") == "ok"}
     result = {"status": "ok" if len(ok) == len(ds["annotators"]) else ("partial" if ok else "missing"),
@@ -774,8 +776,9 @@ def evaluate_dataset(cfg: dict, ds: dict, loaded: dict) -> tuple[dict, dict, dic
             add_seed_spread(result, [score(rows_of_seed, missing, u)[0] for rows_of_seed, u in seed_rows], seeds)
         results.setdefault(model_tag, {})[method] = result
         draws.setdefault(model_tag, {})[method] = method_draws
-        detail = (f"n={result['n']}, norm_imitation {eval_report.fmt_ci(result.get('norm_imitation'), result.get('norm_imitation_ci'))}"
-                  if result["status"] != "missing" else result.get("reason"))
+        imitation = eval_report.fmt_ci(result.get("norm_imitation"), result.get("norm_imitation_ci"))
+        detail = (f"n={result['n']}, norm_imitation {imitation}" if result["status"] != "missing"
+                  else result.get("reason"))
         print(f"[eval] {ds['name']} {model_tag} {method}: {result['status']} ({detail})", flush=True)
     reference, reference_draws = score(None, {}, {})
     for model_tag in results:
@@ -1227,7 +1230,8 @@ def read_ratings(paths: list[Path], version: str, key: dict[str, dict]) -> dict[
     return raters
 
 
-def bootstrap_mean_interval(values_by_unit: list[list[float]], seed: int, resamples: int) -> tuple[float | None, list | None]:
+def bootstrap_mean_interval(values_by_unit: list[list[float]], seed: int,
+                            resamples: int) -> tuple[float | None, list | None]:
     """The mean of every value and its 95% interval from resampling the units (cells)."""
     flat = [v for unit in values_by_unit for v in unit]
     if not flat:

@@ -897,7 +897,6 @@ def stand_in_config(model_cfg: dict, tokenizer=None):
                       num_key_value_heads=max(1, heads // group), head_dim=int(size["hidden_size"]) // heads)
     if tokenizer is not None:
         values["vocab_size"] = max(values["vocab_size"], len(tokenizer))
-    if tokenizer is not None:
         values.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
     model_type = values.pop("model_type")
@@ -916,9 +915,6 @@ def build_stand_in_model(model_cfg: dict, tokenizer, device: str, dtype):
             torch.cuda.manual_seed_all(model_cfg["init_seed"])
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
-
-
-
 
 
 def hub_model_ids(cfg: dict, with_metrics: bool = False) -> list[str]:
@@ -1624,6 +1620,13 @@ def update_adapter_card_metrics(adapter_dir: str | Path, metrics: dict, source: 
 
 # The config sections an adapter's test predictions (04, 05) are made from, besides the adapter.
 ADAPTER_PREDICTION_SECTIONS = ("seed", "torch_threads", "data", "generation", "models[]")
+
+
+def adapter_recipe(cfg: dict, stage: str, unit: dict, inputs: list, sections: Iterable[str]) -> dict:
+    """What an adapter of `unit` is made from: `inputs`, the config `sections`, its base model's
+    entry and this machine's bf16 (a shared adapter: its targets too)."""
+    return recipe(cfg, stage, inputs, sections, model_tag=unit["model"]["tag"], bf16_native=native_bf16(),
+                  **({"targets": unit["targets"]} if unit["name"] is None else {}))
 
 
 def adapter_predictions_recipe(cfg: dict, stage: str, dataset: str, model_cfg: dict, adapter_path: Path) -> dict:

@@ -86,8 +86,8 @@ def route_request(route: str, choices: list[str]) -> dict:
     if route == "json_schema":
         schema = {"type": "object", "properties": {"annotator": {"type": "string", "enum": choices}},
                   "required": ["annotator"], "additionalProperties": False}
-        return {"max_tokens": 32, "response_format": {"type": "json_schema",
-                                                      "json_schema": {"name": "verdict", "schema": schema, "strict": True}}}
+        verdict = {"name": "verdict", "schema": schema, "strict": True}
+        return {"max_tokens": 32, "response_format": {"type": "json_schema", "json_schema": verdict}}
     return {"max_tokens": FREE_REPLY_TOKENS}
 
 

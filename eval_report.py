@@ -157,7 +157,8 @@ def table_notes(cfg: dict, features: list[str]) -> tuple[list[str], list[str]]:
     ev = cfg["eval"]
     share = float(ev["group_size_max_share"])
     group_notes = [
-        f"Group clf conf and norm. imitation at each m of eval.group_sizes ({', '.join(map(str, requested_group_sizes(ev)))}); "
+        "Group clf conf and norm. imitation at each m of eval.group_sizes "
+        f"({', '.join(map(str, requested_group_sizes(ev)))}); "
         f"the plain columns of Table 4 are m = {primary_group_size(ev)} (the paper's group size). [low, high]: 95% "
         f"bootstrap interval over test items, {int(ev['bootstrap_group_draws'])} groups redrawn per resample.",
         f"Cap (our choice): each m is used as min(m, floor({share:g} x n)), n = min(the target's outputs, its human "
@@ -469,7 +470,8 @@ def ratings_markdown(scores: dict) -> str:
         lines.append(f"- {pair['raters'][0]} vs {pair['raters'][1]}: {kappa} over {pair['cells']} cells")
     lines += ["", "Attention checks (a human reference shown twice; passed = the same attribution and ratings "
               "within 1):"]
-    lines += [f"- {rater}: {check['passed']} of {check['pairs']} passed" for rater, check in scores["attention"].items()]
+    lines += [f"- {rater}: {check['passed']} of {check['pairs']} passed"
+              for rater, check in scores["attention"].items()]
     return "\n".join(lines) + "\n"
 
 

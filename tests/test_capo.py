@@ -260,11 +260,14 @@ def test_selection_falls_back_to_dev_loss_when_dev_is_small(tmp_path):
     cfg = common.load_config(write_config(tmp_path, capo__select_min_dev_items=3))
     splits = {"train": [rec("i1", "A0", "entailment", "x"), rec("i1", "A1", "entailment", "y")],
               "dev": [rec("d1", "A0", "entailment", "x", split="dev"), rec("d1", "A1", "entailment", "z", "dev")]}
-    plan, why = capo.selection_plan(cfg, splits, "A0", dev_pairs=[{"item_id": "d1"}])
-    assert plan == "dev_dpo_loss" and "1 dev items" in why
+    plan, why, scored = capo.selection_plan(cfg, splits, "A0", dev_pairs=[{"item_id": "d1"}])
+    assert plan == "dev_dpo_loss" and "1 dev items" in why and scored == []
     assert capo.selection_plan(cfg, splits, "A0", dev_pairs=[])[0] is None
     splits["dev"] += [rec(f"d{i}", "A0", "neutral", "w", split="dev") for i in range(2, 4)]
-    assert capo.selection_plan(cfg, splits, "A0", dev_pairs=[])[0] == "group_target_confidence"
+    assert capo.selection_plan(cfg, splits, "A0", dev_pairs=[])[::2] == ("group_target_confidence", ["A0"])
+    # a shared adapter's plan scores only the targets with enough dev items
+    plan, why, scored = capo.selection_plan(cfg, splits, ["A0", "A1"], dev_pairs=[])
+    assert (plan, scored) == ("group_target_confidence", ["A0"]) and why.endswith("for 1 of 2 targets")
 
 
 def completion_logps(model, batch) -> torch.Tensor:
