@@ -393,7 +393,9 @@ def train_adapter(cfg: dict, args, unit: dict, adapter, made_from: dict) -> None
     dev_records = {t: selection_dev_records(cfg, unit["dataset"], dev_all, t) for t in unit["targets"]}
     dev_items = {t: sorted({r["item_id"] for r in records if r["annotator"] == t})
                  for t, (records, _) in dev_records.items()}
-    splits = {**unit["splits"], "dev": [r for records, _ in dev_records.values() for r in records]}
+    # The plan counts each target's own sampled dev items (a shared adapter's samples overlap).
+    splits = {**unit["splits"], "dev": [r for t, (records, _) in dev_records.items() for r in records
+                                        if r["annotator"] == t]}
     dev_pairs = [pair for t, (records, _) in dev_records.items() for pair in build_pairs(
         records, unit["task"], t, section["pair_policy"], section["score_delta"], section["rejected_valid_only"],
         split="dev")]
