@@ -776,8 +776,8 @@ def evaluate_dataset(cfg: dict, ds: dict, loaded: dict) -> tuple[dict, dict, dic
             add_seed_spread(result, [score(rows_of_seed, missing, u)[0] for rows_of_seed, u in seed_rows], seeds)
         results.setdefault(model_tag, {})[method] = result
         draws.setdefault(model_tag, {})[method] = method_draws
-        imitation = eval_report.fmt_ci(result.get("norm_imitation"), result.get("norm_imitation_ci"))
-        detail = (f"n={result['n']}, norm_imitation {imitation}" if result["status"] != "missing"
+        norm_imitation = eval_report.fmt_ci(result.get("norm_imitation"), result.get("norm_imitation_ci"))
+        detail = (f"n={result['n']}, norm_imitation {norm_imitation}" if result["status"] != "missing"
                   else result.get("reason"))
         print(f"[eval] {ds['name']} {model_tag} {method}: {result['status']} ({detail})", flush=True)
     reference, reference_draws = score(None, {}, {})
