@@ -5,12 +5,10 @@
     python 01_prepare.py --config configs/cpu.yaml --custom my.csv --name mine --label-type categorical
     python 01_prepare.py --config configs/cpu.yaml --split lewidi        # the LeWiDi-2025 split, in runs/cpu/lewidi/
 
-Reads the raw files (README, "Raw data"; downloaded when missing) or your own (README, "Your own
-annotations"), checks them (bad input stops with one line naming file, line and field; --skip-invalid
-drops and counts it instead), splits the items with data.split_seed (--split lewidi: the shared task's
-split) and writes runs/<profile>/data/<dataset>/{train,dev,test}.jsonl (a record per item, annotator,
-label and explanation), stats.json (counts, what was dropped and why, the task) and config.resolved.yaml.
-Our choices: docs/CHOICES.md, "Data".
+Reads the raw files (downloaded when missing) or your own, checks them (bad input stops with one
+line; --skip-invalid drops and counts it), splits the items and writes
+runs/<profile>/data/<dataset>/{train,dev,test}.jsonl, stats.json and config.resolved.yaml.
+Details: README, "Raw data" and "Your own annotations"; our choices: docs/CHOICES.md, "Data".
 """
 from __future__ import annotations
 
@@ -87,9 +85,7 @@ def unsafe_id(path: Path, annotator: str, **where) -> InputError | None:
     return input_error(path, f"annotator ID {annotator!r} is not path-safe ({common.SAFE_NAME_RULE})", **where)
 
 
-# ----------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------
+# ---- Files ----
 def find_raw_file(raw_dir: Path, name: str, download: bool = True) -> Path:
     """raw_dir/name or raw_dir/*/name, else downloaded there (without `download`: the path it would have)."""
     for path in [raw_dir / name, *sorted(raw_dir.glob(f"*/{name}"))] if raw_dir.exists() else []:
@@ -163,9 +159,7 @@ def check_release(path: Path, items_found: int, known: dict, accept_modified: bo
             "expected_sha256": known["sha256"], "found_sha256": found_sha}
 
 
-# ----------------------------------------------------------------------------
-# Readers of the built-in sources: each fills a Collector and returns {file: item count}
-# ----------------------------------------------------------------------------
+# ---- Readers of the built-in sources: each fills a Collector and returns {file: item count} ----
 def read_varierr(name: str, sources: dict[str, Path], out: Collector) -> dict[Path, int]:
     """VariErr JSONL: one item a line, label lists of {annotator, reason, judgments}."""
     path = sources["varierr"]
@@ -327,9 +321,7 @@ def read_lewidi(name: str, sources: dict[str, Path], out: Collector) -> dict[Pat
     return counts
 
 
-# ----------------------------------------------------------------------------
-# Your own annotations (--custom)
-# ----------------------------------------------------------------------------
+# ---- Your own annotations (--custom) ----
 def categorical_value(value):
     """A JSON integer label is its string for a categorical task (JSON 0 -> "0", as a CSV gives it)."""
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
@@ -461,9 +453,7 @@ def check_custom_args(args, lewidi: bool) -> None:
             raise InputError(message)
 
 
-# ----------------------------------------------------------------------------
-# Splitting, checks, writing
-# ----------------------------------------------------------------------------
+# ---- Splitting, checks, writing ----
 def split_items(out: Collector, data_cfg: dict) -> dict[str, list[str]]:
     """Item IDs per split: the source's (lewidi) or re-drawn by data.split_items; data.max_items: a seeded subset."""
     seed, max_items = data_cfg["split_seed"], data_cfg["max_items"]  # never the training seed
