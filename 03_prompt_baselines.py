@@ -4,12 +4,11 @@
     python 03_prompt_baselines.py --config configs/cpu.yaml --baselines.methods "[base, icl]"
     accelerate launch --num_processes 2 03_prompt_baselines.py --config configs/paper.yaml   # annotators shared out
 
-Every method asks for `Label: ...` / `Explanation: ...` as a target annotator: base with the
-annotator ID and the task only; icl with baselines.icl_k of the annotator's own train responses as
-earlier turns; vp with a value profile (a short description of how the annotator decides and
-explains, written by the profile writer model from a seeded sample of their train responses,
-cached under profiles/); vp_icl with both. Only train records are ever shown. Writes
-predictions/<dataset>/<model>/<method>/<annotator>.jsonl; current files are kept.
+Each method asks for `Label: ...` / `Explanation: ...` as the target annotator: base with the ID and
+task only, icl with baselines.icl_k of the annotator's train responses as earlier turns, vp with a
+value profile the writer model made from a sample of them (cached under profiles/), vp_icl with
+both; only train records are shown. Writes predictions/<dataset>/<model>/<method>/<annotator>.jsonl;
+current files are kept. Our choices: docs/CHOICES.md, "Prompting baselines".
 """
 from __future__ import annotations
 
@@ -176,12 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         for dataset, annotator in units:
             for method in methods:
                 path = common.predictions_path(cfg, dataset, model_cfg["tag"], method, annotator)
-                made_from = prediction_recipe(cfg, dataset, model_cfg, method,
-                                              profile_requests[(dataset, annotator)]["text_path"])
+                request = profile_requests[(dataset, annotator)]
+                made_from = prediction_recipe(cfg, dataset, model_cfg, method, request["text_path"])
                 reason = "--force" if args.force else common.why_not_current(path, made_from)
-                profile_stale = (method.startswith("vp")
-                                 and not profile_is_current(profile_requests[(dataset, annotator)]))
-                if not reason and profile_stale:
+                if not reason and method.startswith("vp") and not profile_is_current(request):
                     reason = "its value profile is missing or stale"
                 if args.dry_run:
                     common.say_plan("03", path, reason)

@@ -4,12 +4,10 @@
     python 04_sft.py --config configs/cpu.yaml --resume             # continue an interrupted run
     accelerate launch --num_processes 2 04_sft.py --config configs/paper.yaml   # adapters shared out
 
-Per annotator (`adapters: [per_annotator]`, method sft) an adapter learns that annotator's train
-responses; with `shared` in `adapters` one adapter (method sft_shared) learns every annotator's,
-each with its own annotator named in the prompt. The prompt is the Base prompt
-(common.build_messages); the loss covers the response and its end-of-turn token only. Writes
-adapters/<dataset>/<model>/<method>/[<annotator>/] and each target's test predictions under
-predictions/; current adapters are kept, --force redoes them.
+Per annotator (method sft) an adapter learns that annotator's train responses to the Base prompt;
+with `shared` in `adapters` one adapter (sft_shared) learns every annotator's. The loss covers the
+response and its end-of-turn token only. Writes adapters/ and each target's test predictions;
+current adapters are kept, --force redoes them. Our choices: docs/CHOICES.md, "SFT".
 """
 from __future__ import annotations
 
@@ -59,9 +57,10 @@ def sft_config(cfg: dict, output_dir, has_dev: bool, **changes) -> SFTConfig:
     return common.trainer_config(SFTConfig, cfg, "sft", settings)
 
 
-def within_max_length(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
-    """Rows whose prompt + response fit in max_length tokens, and how many did not. Dropped, not
-    truncated: a cut response would teach the model to stop mid-sentence, or never."""
+def within_max_length(records: list[dict], unit: dict, target: str, tokenizer, max_length: int):
+    """(`target`'s rows whose prompt + response fit in max_length tokens, how many did not). Dropped,
+    not truncated: a cut response would teach the model to stop mid-sentence, or never."""
+    rows = sft_examples(records, unit["task"], target)
     kept = [row for row in rows
             if len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True,
                                                  return_dict=False, **common.CHAT_TEMPLATE_KWARGS))
@@ -94,14 +93,12 @@ def training_rows(cfg: dict, unit: dict, tokenizer) -> tuple[list[dict], list[di
     """(train rows, dev rows, counts) of a unit's targets: each target's rows within sft.max_length,
     its train rows a seeded sample of sft.max_train_examples and its dev rows of sft.max_dev_examples
     (the dev loss is logged, not used for selection); a shared adapter gets every target's."""
-    section, dataset = cfg["sft"], unit["dataset"]
+    section, dataset, max_length = cfg["sft"], unit["dataset"], int(cfg["sft"]["max_length"])
     train_rows, dev_rows = [], []
     counts = {"available": 0, "too_long": 0, "dev_too_long": 0, "per_target": []}
     for target in unit["targets"]:
-        train, too_long = within_max_length(sft_examples(unit["splits"]["train"], unit["task"], target), tokenizer,
-                                            int(section["max_length"]))
-        dev, dev_too_long = within_max_length(sft_examples(unit["splits"]["dev"], unit["task"], target), tokenizer,
-                                              int(section["max_length"]))
+        train, too_long = within_max_length(unit["splits"]["train"], unit, target, tokenizer, max_length)
+        dev, dev_too_long = within_max_length(unit["splits"]["dev"], unit, target, tokenizer, max_length)
         counts["available"] += len(train)
         counts["too_long"] += too_long
         counts["dev_too_long"] += dev_too_long

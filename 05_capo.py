@@ -4,14 +4,12 @@
     python 05_capo.py --config configs/cpu.yaml --capo.pair_policy all    # ablation, method capo_all
     accelerate launch --num_processes 2 05_capo.py --config configs/paper.yaml   # adapters shared out
 
-For every train item and target annotator: chosen = the target's response, rejected = another
-annotator's response to the same item with the same NLI label (paraphrase: a score within
-capo.score_delta), so the contrast is the explanation, not the decision. The policy starts from
-the target's SFT adapter; trl keeps a frozen copy of it as the reference. Every
-capo.eval_every_steps the adapter generates on dev and the step whose outputs a classifier of
-human annotators attributes most confidently to the target is kept. With `shared` in `adapters`,
-capo_shared continues sft_shared on every annotator's pairs. Writes pairs/, adapters/ and the
-test predictions; current adapters are kept, --force redoes them.
+Pairs per train item and target: chosen = the target's response, rejected = another annotator's
+with the same label (paraphrase: a score within capo.score_delta). DPO starts from the target's SFT
+adapter, trl's frozen copy of it is the reference; dev selection keeps the step whose generations
+a classifier of the annotators attributes most confidently to the target. `shared` in `adapters`:
+capo_shared continues sft_shared. Writes pairs/, adapters/ and test predictions; current adapters
+are kept. Our choices: docs/CHOICES.md, "CAPO".
 """
 from __future__ import annotations
 
@@ -37,17 +35,11 @@ METHOD_OF_POLICY = {"same_label": "capo", "all": "capo_all"}
 CONFIG_SECTIONS = ("seed", "torch_threads", "data", "capo", "hlv", "embedder", "generation", "models[]")
 
 
-# ----------------------------------------------------------------------------
-# Pairs
-# ----------------------------------------------------------------------------
+# ---- Pairs ----
 def same_label(a, b, task: dict, score_delta: float) -> bool:
     if task["label_type"] == "numeric":
         return abs(float(a) - float(b)) <= score_delta
     return a == b
-
-
-def response_text(record: dict) -> str:
-    return common.format_response(record["label"], record["explanation"])
 
 
 def build_pairs(records: list[dict], task: dict, target: str, policy: str, score_delta: float,
@@ -75,7 +67,8 @@ def build_pairs(records: list[dict], task: dict, target: str, policy: str, score
                 if policy == "same_label" and not same_label(chosen["label"], other["label"], task, score_delta):
                     counts["skipped_other_label"] += 1
                     continue
-                chosen_text, rejected_text = response_text(chosen), response_text(other)
+                chosen_text = common.format_response(chosen["label"], chosen["explanation"])
+                rejected_text = common.format_response(other["label"], other["explanation"])
                 if common.normalize_text(chosen_text).casefold() == common.normalize_text(rejected_text).casefold():
                     counts["skipped_identical"] += 1
                     continue
@@ -151,10 +144,8 @@ def budgets(cfg: dict, train_records: list[dict], annotator: str | list[str], n_
     SFT's budget as 04 logged it in the SFT adapter's train_log.json; without that log, from the
     config: min(sft.max_train_examples, the annotator's train examples), summed over annotators."""
     log_path = Path(sft_adapter) / "train_log.json" if sft_adapter else None
-    logged = common.read_json(log_path).get("budget") if log_path and log_path.is_file() else None
-    if logged:
-        sft = logged
-    else:
+    sft = common.read_json(log_path).get("budget") if log_path and log_path.is_file() else None
+    if not sft:
         cap = cfg["sft"]["max_train_examples"]
         targets = [annotator] if isinstance(annotator, str) else annotator
         examples = [sum(1 for record in train_records if record["annotator"] == target) for target in targets]
@@ -173,21 +164,13 @@ def budget_lines(budget: dict) -> list[str]:
     if short:
         lines.append(f"warning: CAPO gets {' and '.join(short)} than SFT (CAPO {capo_text}, from {capo_b['examples']} "
                      f"pairs x {capo_b['epochs']:g} epoch(s) / global batch {capo_b['global_batch_size']}; "
-                     f"SFT {sft_text}, "
-                     f"from {sft_b['examples']} examples x {sft_b['epochs']:g} epoch(s) / global batch "
-                     f"{sft_b['global_batch_size']}): CAPO vs SFT compares unequal training; see capo.max_pairs, "
-                     f"capo.epochs, capo.global_batch_size")
+                     f"SFT {sft_text}, from {sft_b['examples']} examples x {sft_b['epochs']:g} epoch(s) / global "
+                     f"batch {sft_b['global_batch_size']}): CAPO vs SFT compares unequal training; see "
+                     "capo.max_pairs, capo.epochs, capo.global_batch_size")
     return lines
 
 
-def trl_rows(pairs: list[dict]) -> list[dict]:
-    return [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
-             "chat_template_kwargs": dict(common.CHAT_TEMPLATE_KWARGS)} for p in pairs]
-
-
-# ----------------------------------------------------------------------------
-# Checkpoint selection on dev
-# ----------------------------------------------------------------------------
+# ---- Checkpoint selection on dev ----
 class AttributionMeasure:
     """How confidently a classifier of human annotators attributes the adapter's dev generations to
     their targets (our choice of aggregation-aware selection): per target, groups of
@@ -280,10 +263,10 @@ def selection_plan(cfg: dict, splits: dict, annotator: str | list[str],
 class DevSelection(TrainerCallback):
     """Scores the adapter every `every` steps and at the end; keeps the best one in `best_dir`."""
 
-    def __init__(self, measure, every: int, work_dir, name: str):
+    def __init__(self, measure, every: int, work_dir, name: str, trainer):
         self.measure, self.every, self.name = measure, max(1, int(every)), name
+        self.trainer = trainer  # the dev-loss measure evaluates with it
         self.best_dir, self.log_path = work_dir / "best", work_dir / "selection_progress.json"
-        self.trainer = None  # set after the trainer exists (the dev-loss measure evaluates with it)
         saved = common.read_json(self.log_path) if self.log_path.exists() else {}
         self.history = {int(step): row for step, row in saved.get("history", {}).items()}
 
@@ -312,8 +295,7 @@ class DevSelection(TrainerCallback):
             note = "best so far" if improved else ("SFT start, not a candidate" if step == 0 else
                                                    f"best stays step {previous_best['step'] if previous_best else '-'}")
             print(f"[{self.name}] step {step}: {self.measure.name} = {row['score']} ({note})", flush=True)
-        if self.trainer is not None:
-            self.trainer.accelerator.wait_for_everyone()
+        self.trainer.accelerator.wait_for_everyone()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if 0 not in self.history:
@@ -324,9 +306,7 @@ class DevSelection(TrainerCallback):
             self.evaluate(model, state.global_step, state.epoch)
 
 
-# ----------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------
+# ---- Training ----
 def dpo_config(cfg: dict, output_dir, **changes) -> DPOConfig:
     """trl's DPOConfig from the `capo:` section (changes: benchmark variants), `capo.trainer` on top."""
     section = cfg["capo"]
@@ -350,7 +330,8 @@ def pairs_dataset(pairs: list[dict], folder, args: DPOConfig) -> Dataset:
     trl's precompute_ref_log_probs writes the reference log-probs into the dataset's cache folder
     on rank 0 and every rank opens that file, so it must be a folder all share (an in-memory
     Dataset's is a per-process temp dir; compare trl issue #6291), and --resume finds it again."""
-    rows = trl_rows(pairs)
+    rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
+             "chat_template_kwargs": dict(common.CHAT_TEMPLATE_KWARGS)} for p in pairs]
     path = Path(folder) / f"pairs-{common.config_hash(rows)}"
     with args.main_process_first(local=False, desc="saving the pairs dataset"):
         if args.process_index == 0 and not (path / "state.json").is_file():
@@ -413,8 +394,7 @@ def train_adapter(cfg: dict, args, unit: dict, adapter, made_from: dict) -> None
     elif plan == DevLossMeasure.name:
         measure = DevLossMeasure()
     if measure:
-        selection = DevSelection(measure, section["eval_every_steps"], work_dir, label)
-        selection.trainer = trainer
+        selection = DevSelection(measure, section["eval_every_steps"], work_dir, label, trainer)
         trainer.add_callback(selection)
     available = sum(n for _, n in dev_records.values())
     print(f"[{label}] {len(pairs)} train pairs ({section['pair_policy']}), {len(dev_pairs)} dev pairs; policy = "
