@@ -22,11 +22,8 @@ METHODS = ("base", "icl", "vp", "vp_icl")
 
 # ---- demonstrations and profile sources: train records of the target annotator only --------
 def sample_train_records(train: list[dict], annotator: str, k: int, seed: int, purpose: str) -> list[dict]:
-    """A seeded sample of up to k of `annotator`'s train records (all of them if fewer).
-
-    Sorting first makes the sample independent of file order; the string seed makes it
-    differ per purpose ("icl", "profile"), dataset and annotator.
-    """
+    """A seeded sample of up to k of `annotator`'s train records (all of them if fewer); sorted first,
+    so independent of file order, and seeded per purpose ("icl", "profile"), dataset and annotator."""
     own = sorted((r for r in train if r["annotator"] == annotator and r["split"] == "train"),
                  key=lambda r: (r["item_id"], str(r["label"]), r["explanation"]))
     dataset = own[0]["dataset"] if own else ""
@@ -192,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"[03] {len(todo)} of {len(models) * len(units) * len(methods)} predictions files to (re)do"
           f"{common.process_label()}; the rest are current", flush=True)
-    stale_profiles = [profile_requests[(d, a)] for d, a in units if not profile_is_current(profile_requests[(d, a)])
+    stale_profiles = [request for (d, a), request in profile_requests.items() if not profile_is_current(request)
                       and any(m.startswith("vp") for _, d2, a2, m, _ in todo if (d2, a2) == (d, a))]
 
     # ---- models: each loaded once, only if it has work; the profile writer goes first ----
@@ -235,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     if not common.is_main_process():
         return
     print("[03] parse rate per dataset, model and method:")
-    for dataset, tag, method in sorted(dict.fromkeys((s[0], s[1], s[2]) for s in summary)):
+    for dataset, tag, method in sorted({s[:3] for s in summary}):
         rows = [s for s in summary if s[:3] == (dataset, tag, method)]
         total = sum(s[4] for s in rows)
         parsed = sum(round(s[4] * s[5]) for s in rows if s[5] is not None)

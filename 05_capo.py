@@ -131,9 +131,9 @@ def write_pairs(cfg: dict, dataset: str, task: dict, splits: dict, model_tag: st
                 row[name]["pairs_used"] = len(all_pairs[annotator])
                 row[name]["items_used"] = len({p["item_id"] for p in all_pairs[annotator]})
         stats["per_annotator"][annotator] = row
-        if write and common.is_main_process():
-            common.write_jsonl(pairs_dir / f"{annotator}.jsonl", all_pairs[annotator])
     if write and common.is_main_process():
+        for annotator, pairs in all_pairs.items():
+            common.write_jsonl(pairs_dir / f"{annotator}.jsonl", pairs)
         common.write_json(out_dir / "pairs_stats.json", stats)
         common.save_resolved_config(cfg, out_dir, stage="05_capo")
     return all_pairs
@@ -361,8 +361,7 @@ def build_trainer(cfg: dict, model_cfg: dict, sft_path, train_pairs: list[dict],
 
 
 def adapter_recipe(cfg: dict, unit: dict) -> dict:
-    """What a CAPO adapter depends on: its pairs, the SFT adapter it starts from, 01's files (dev
-    selection) and the config."""
+    """What a CAPO adapter depends on: its pairs, its SFT adapter, 01's files (dev selection), the config."""
     inputs = [*unit["pairs_paths"], unit["upstream"][0], *common.data_files(cfg, unit["dataset"])]
     return common.adapter_recipe(cfg, "05_capo", unit, inputs, CONFIG_SECTIONS)
 
