@@ -13,6 +13,7 @@ are kept. Our choices: docs/CHOICES.md, "CAPO".
 """
 from __future__ import annotations
 
+import itertools
 import random
 import shutil
 import time
@@ -96,14 +97,9 @@ def sample_pairs_across_items(pairs: list[dict], cap: int | None, seed_key: str)
     rng.shuffle(items)
     for item in items:
         rng.shuffle(by_item[item])
-    keep: list[int] = []
-    for turn in range(max(len(indices) for indices in by_item.values())):
-        for item in items:
-            if turn < len(by_item[item]):
-                keep.append(by_item[item][turn])
-                if len(keep) == int(cap):
-                    return [pairs[i] for i in sorted(keep)]
-    return [pairs[i] for i in sorted(keep)]
+    turns = itertools.zip_longest(*(by_item[item] for item in items))
+    round_robin = [index for turn in turns for index in turn if index is not None]
+    return [pairs[i] for i in sorted(round_robin[:int(cap)])]
 
 
 def write_pairs(cfg: dict, dataset: str, task: dict, splits: dict, model_tag: str, policy: str,
