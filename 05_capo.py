@@ -175,17 +175,17 @@ class AttributionMeasure:
     name = "group_target_confidence"
     greater_is_better = True
 
-    def __init__(self, cfg: dict, dataset: str, task: dict, splits: dict, targets: list[str], tokenizer):
+    def __init__(self, cfg: dict, dataset: str, task: dict, train: list[dict], dev_of: dict[str, list[dict]],
+                 tokenizer):
         self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
         self.representation = cfg["capo"]["select_representation"]
         cache_dir = common.embedding_cache_dir(cfg, dataset)  # 02's embedding cache (keyed by texts)
-        X_train, _ = common.representation_vectors(cfg, splits["train"], self.representation, cache_dir)
-        self.classifier = common.fit_annotator_classifier(cfg["hlv"], X_train,
-                                                          [r["annotator"] for r in splits["train"]], cfg["seed"])
-        # Per target: its sampled dev items, item content removed with the human dev responses' mean.
+        X_train, _ = common.representation_vectors(cfg, train, self.representation, cache_dir)
+        self.classifier = common.fit_annotator_classifier(cfg["hlv"], X_train, [r["annotator"] for r in train],
+                                                          cfg["seed"])
+        # Per target: its selection dev records, item content removed with the human dev responses' mean.
         self.targets = {}
-        for target in targets:
-            dev = selection_dev_records(cfg, dataset, splits["dev"], target)[0]
+        for target, dev in dev_of.items():
             _, means = common.representation_vectors(cfg, dev, self.representation, cache_dir)
             self.targets[target] = (common.annotator_requests(dev, task, target), means)
 
@@ -384,8 +384,8 @@ def train_adapter(cfg: dict, args, unit: dict, adapter, made_from: dict) -> None
                                        dev_pairs if plan == DevLossMeasure.name else [], work_dir)
     measure = selection = None
     if plan == AttributionMeasure.name:
-        measure = AttributionMeasure(cfg, unit["dataset"], unit["task"], {**unit["splits"], "dev": dev_all},
-                                     scored, tokenizer)
+        measure = AttributionMeasure(cfg, unit["dataset"], unit["task"], unit["splits"]["train"],
+                                     {t: dev_records[t][0] for t in scored}, tokenizer)
     elif plan == DevLossMeasure.name:
         measure = DevLossMeasure()
     if measure:
