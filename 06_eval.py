@@ -1,19 +1,17 @@
 """06_eval.py: every metric with its 95% interval, the LLM judge, the claims check and the report.
 
     python 06_eval.py --config configs/cpu.yaml --dataset all            # varierr + par
-    python 06_eval.py --config configs/smoke.yaml --eval.judge.backend none --eval.bertscore false
     python 06_eval.py --config configs/cpu.yaml --score-ratings runs/cpu/human_eval/ratings-*.json
     accelerate launch 06_eval.py --config configs/paper.yaml             # the judge shared out over processes
 
-Reads data/ (01), hlv/ (02, for the report), predictions/<dataset>/<model>/<method>/ (03-05 and any other
-method folder, ablations; a missing method is a row that says why) and the adapters' training logs. Writes
-metrics.json (format: docs/DESIGN.md), tables/ (results.csv, every table as .md and .csv, judge_verdicts.jsonl,
-figures), human_eval/form.html and key.csv, report.md, and with data.split lewidi tables/lewidi.* and
-lewidi_submissions/; eval_report.py lays them out. --score-ratings scores the form's exports into
-human_eval/scores.{json,md}. Every definition the paper does not give is in the block OUR DEFINITIONS.
+Scores predictions/<dataset>/<model>/<method>/ (03-05, any other method folder; a missing method is a row that
+says why) against data/ (01) into metrics.json (docs/DESIGN.md), tables/, figures, the human-validation form
+and report.md (laid out by eval_report.py); with data.split lewidi also the shared task's view and submission
+files. --score-ratings scores the form's exports. Every definition the paper does not give is in OUR DEFINITIONS.
 """
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import time
@@ -800,11 +798,11 @@ def add_seed_spread(result: dict, seed_results: list[dict], seeds: list[int]) ->
             result[f"{metric}_by_seed"] = {str(seed): v for seed, v in zip(seeds, values)}
 
 
-# ---- LLM-as-judge attribution -------------------------------------------------------------------------
+# ---- The judge at work: its sampled cells, its run over the processes, its verdicts on every row --------
 def sample_keys(ds: dict, n: int, seed: int) -> list[tuple[str, str]]:
     """n (item, annotator) test cells, balanced over annotators (round robin), seeded."""
     rng = random.Random(seed)
-    per_annotator = {a: sorted({item for item, ann in ds["references"] if ann == a}) for a in ds["annotators"]}
+    per_annotator = {a: list(ds["target_items"][a]) for a in ds["annotators"]}
     for items in per_annotator.values():
         rng.shuffle(items)
     keys = []
@@ -1000,7 +998,7 @@ def judge_calibration(results: dict) -> dict:
     return {**calibration, "reason": "the judge's accuracy on the human references is not above chance"}
 
 
-# ---- Claims: paired differences between two methods on the same resampled items ---------------
+# ---- The claims check: each claim's paired difference and verdict, the report's note on its rules -----
 def verdict(ci: list[float] | None, higher_is_better: bool, margin: float = 0.0) -> str:
     """holds / contradicted / not resolved for a - b with interval `ci`; margin > 0: non-inferiority of a."""
     if ci is None:
@@ -1285,15 +1283,13 @@ def score_ratings(cfg: dict, paths: list[Path], key_path: Path) -> dict:
         targets = [key[cell]["target"] for cell in rated]
         entry["chance"] = max(targets.count(t) for t in set(targets)) / len(targets) if targets else None
         methods.append(entry)
-    kappas = []
-    names = sorted(raters)
-    for i, first in enumerate(names):
-        for second in names[i + 1:]:
-            shared = [cell for cell in counted if cell in raters[first] and cell in raters[second]]
-            a = [raters[first][cell]["attribution"] for cell in shared]
-            b = [raters[second][cell]["attribution"] for cell in shared]
-            kappa = float(cohen_kappa_score(a, b)) if shared and len(set(a) | set(b)) > 1 else None
-            kappas.append({"raters": [first, second], "cells": len(shared), "kappa": kappa})
+    kappas, names = [], sorted(raters)
+    for first, second in itertools.combinations(names, 2):
+        shared = [cell for cell in counted if cell in raters[first] and cell in raters[second]]
+        a = [raters[first][cell]["attribution"] for cell in shared]
+        b = [raters[second][cell]["attribution"] for cell in shared]
+        kappa = float(cohen_kappa_score(a, b)) if shared and len(set(a) | set(b)) > 1 else None
+        kappas.append({"raters": [first, second], "cells": len(shared), "kappa": kappa})
     attention = {}
     for rater, answers in sorted(raters.items()):
         pairs = [(row["attention_of"], cell) for cell, row in key.items()
@@ -1488,18 +1484,16 @@ def lewidi_dataset_view(cfg: dict, ds: dict, predictions: dict) -> dict:
     systems.append({"model": "baseline", "method": "most_frequent", "status": "ok",
                     **scores(rows_of(lambda item, a: {fallback[a]})),
                     "note": "each annotator's most frequent train label; soft: the distribution of those labels"})
-    mean = scores(mean_train)
     systems.append({"model": "baseline", "method": "mean_train_distribution", "status": "ok",
-                    "soft": mean["soft"], "soft_ci": mean["soft_ci"], "pe": None, "pe_ci": None,
+                    **scores(mean_train), "pe": None, "pe_ci": None,
                     "note": "soft: the mean train soft label for every item",
                     "submission": write_submission(cfg, name, task, stats, "baseline", "organisers", mean_train)})
     if task["label_type"] == "categorical":
         # The published VariErrNLI baseline sets every yes/no variable to its most frequent train
         # value pooled over labels and annotators, not each annotator's most frequent label.
         value = most_frequent_yes_no(label_sets(ds["train"]))
-        yes_no = scores(rows_of(lambda item, a: value))
         systems.append({"model": "baseline", "method": "most_frequent_yes_no", "status": "ok",
-                        "soft": None, "soft_ci": None, "pe": yes_no["pe"], "pe_ci": yes_no["pe_ci"],
+                        **scores(rows_of(lambda item, a: value)), "soft": None, "soft_ci": None,
                         "note": f"every yes/no variable at its most frequent train value "
                                 f"({'yes' if value else 'no'}), pooled over labels and annotators"})
     soft_name, pe_name = LEWIDI_METRICS[name]
