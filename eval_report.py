@@ -324,15 +324,14 @@ def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> str:
         for system in view["systems"]:
             label, fallback = f"{system['model']}/{method_label(system['method'])}", system.get("fallback")
             soft, pe = ((f"missing: {system['reason']}",) * 2 if system["status"] != "ok" else
-                        (fmt_ci(system[k], system[f"{k}_ci"]) if system[k] is not None else "-"
-                         for k in ("soft", "pe")))
+                        (fmt_ci(system[k], system[f"{k}_ci"]) for k in ("soft", "pe")))
             rows.append([dataset, "this run", label, soft_name, soft, pe_name, pe,
                          f"{fallback['unparsed']}, {fallback['missing']} / {fallback['cells']}" if fallback else "",
                          system.get("note", "")])
         for published_dataset, system, soft, pe in PUBLISHED_LEWIDI:
             if published_dataset == dataset:
-                rows.append([dataset, "published", system, soft_name, fmt(soft, 2) if soft is not None else "-",
-                             pe_name, fmt(pe), "", "LeWiDi-2025 test set, all items"])
+                rows.append([dataset, "published", system, soft_name, fmt(soft, 2), pe_name, fmt(pe), "",
+                             "LeWiDi-2025 test set, all items"])
     n_items = ", ".join(f"{d}: {v['n_items']} of {v['n_test_items']}" for d, v in lewidi.items())
     notes = [LEWIDI_CAVEAT,
              "Lower is better. Ours: the mean over the test items this run scored "
