@@ -5,11 +5,10 @@
     accelerate launch 02_analyze_hlv.py --config configs/paper.yaml        # same; no training, one process is enough
 
 Reads every split of 01's data (the human annotations, not a model's) and writes runs/<profile>/hlv/<dataset>/:
-pairwise Cohen's kappa (agreement.png/.md, Fig 1); how well a classifier tells the annotators apart
-from groups of m of their explanations, in item-grouped cross-validation, beside a control with the
-IDs permuted within each item (identification.png/.md, Fig 5); summary.json (docs/DESIGN.md, "hlv
-summary.json"); cache/ (sentence embeddings) and config.resolved.yaml. The method and our choices:
-docs/CHOICES.md.
+pairwise Cohen's kappa (agreement.png/.md, Fig 1); how well a classifier tells the annotators apart from
+groups of m of their explanations, in item-grouped cross-validation, beside a control with the IDs permuted
+within each item (identification.png/.md, Fig 5); summary.json (docs/DESIGN.md, "hlv summary.json");
+cache/ (sentence embeddings) and config.resolved.yaml. The method and our choices: docs/CHOICES.md.
 """
 from __future__ import annotations
 
@@ -40,9 +39,7 @@ CONTROL_METHOD = ("annotator IDs permuted within each item (texts and items unch
                   "hlv.control_permutations permutations, 95% t-interval over permutations")
 
 
-# ----------------------------------------------------------------------------
-# Agreement (Fig 1)
-# ----------------------------------------------------------------------------
+# ---- Agreement (Fig 1) -----------------------------------------------------------------------
 # hlv.par_kappa_binning: how scores are binned for kappa, and its description.
 BINNINGS = {"sign3": (lambda s: int(np.sign(s)), "3-way sign {<0, 0, >0}"),
             "sign2": (lambda s: int(s > 0), "2-way {<=0, >0}"), "none": (int, "raw scores, unweighted")}
@@ -101,9 +98,7 @@ def pairwise_kappa(records: list[dict], annotators: list[str], task: dict, binni
             "quadratic": kappas(lambda s: s, scores, "quadratic") | {"binning": "raw scores, quadratic weights"}}
 
 
-# ----------------------------------------------------------------------------
-# Identification (Fig 5)
-# ----------------------------------------------------------------------------
+# ---- Identification (Fig 5) ------------------------------------------------------------------
 def item_grouped_folds(item_ids: list[str], n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train_rows, test_rows) per fold; every response to an item lands in the same fold."""
     splitter = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
@@ -193,9 +188,7 @@ def control_accuracy(X: np.ndarray, labels: list[str], item_ids: list[str], anno
     return result
 
 
-# ----------------------------------------------------------------------------
-# Figures and tables
-# ----------------------------------------------------------------------------
+# ---- Figures and tables ----------------------------------------------------------------------
 def rounded(obj, digits: int = 5):
     """Floats rounded for a readable summary.json (far below the bootstrap noise)."""
     if isinstance(obj, float):
@@ -364,9 +357,7 @@ def write_identification(summary: dict, identification: dict, control: dict, out
     common.atomic_write_text(out_dir / "identification.md", "\n".join(lines))
 
 
-# ----------------------------------------------------------------------------
-# One dataset
-# ----------------------------------------------------------------------------
+# ---- One dataset -----------------------------------------------------------------------------
 def analyse_dataset(cfg: dict, dataset: str) -> dict:
     hlv_cfg, seed, out_dir = cfg["hlv"], int(cfg["seed"]), common.hlv_dir(cfg, dataset)
     records = [record for split in SPLITS for record in common.load_split(cfg, dataset, split)]
@@ -390,12 +381,9 @@ def analyse_dataset(cfg: dict, dataset: str) -> dict:
                          f"annotators (found {n_items} items, {len(annotators)} annotators)")
     folds = item_grouped_folds(item_ids, n_folds, seed)
     cache_dir = common.embedding_cache_dir(cfg, dataset)
-    vectors = {name: common.embed_texts(cfg, common.representation_texts(records, name), cache_dir)
-               for name in ("E1", "E2")}
-    for name, base in common.RESIDUAL_OF.items():
-        vectors[name] = common.remove_item_content(vectors[base], item_ids, common.item_means(vectors[base], item_ids))
     identification, control = {}, {}
-    for name, X in vectors.items():
+    for name in common.REPRESENTATIONS:
+        X, _ = common.representation_vectors(cfg, records, name, cache_dir)
         started = time.time()
         identification[name] = identification_accuracy(X, labels, item_ids, annotators, folds, hlv_cfg, seed)
         control[name] = control_accuracy(X, labels, item_ids, annotators, folds, hlv_cfg, seed)

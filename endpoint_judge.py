@@ -1,29 +1,24 @@
 """endpoint_judge.py: 06's LLM judge served by any OpenAI-compatible endpoint (eval.judge.backend:
-openai), kept apart from the models it judges. Imported by 06_eval.py only:
+openai: a local llama.cpp, vLLM or `transformers serve` server, or a hosted API), kept apart from the
+models it judges. Imported by 06_eval.py only:
 
     python 06_eval.py --config configs/cpu.yaml --eval.judge.backend openai \
         --eval.judge.base_url http://127.0.0.1:8080/v1 --eval.judge.model NAME [--eval.judge.api_key_env VAR]
 
-The endpoint can be a local llama.cpp, vLLM or `transformers serve` server, or a hosted API. The
-judge answers the same forced choice as the local judge (06's `judge_messages`: which annotator
-wrote this response?), by the first of these the server honours (checked with one probe
-request each, before the first real request):
-  guided_choice   vLLM's `guided_choice`: the reply is exactly one annotator ID, greedy;
-  grammar         llama.cpp's GBNF `grammar`: the same;
-  json_schema     `response_format` with a JSON schema whose one field is an enum of the IDs;
-  free            a short free reply, parsed like the local judge's (unparseable: scored wrong).
-A constrained greedy reply is the local judge's decision token by token (the most likely ID under
-the constraint). Reading top log-probabilities instead would need each ID to be one token on the
-server's tokenizer, which a client cannot know (A0..A3 are two tokens in SmolLM2's), so it is not
-used. Which route ran goes into metrics.json and the report.
+The judge answers the local judge's forced choice (06's `judge_messages`: which annotator wrote
+this response?) by the first of ROUTES the server honours, probed once before the first real
+request: vLLM's `guided_choice`, llama.cpp's GBNF `grammar`, a `response_format` JSON schema with an
+enum of the IDs (each greedy: the local judge's decision token by token), else a short free reply
+parsed like the local judge's (unparseable: scored wrong). Top log-probabilities are not used: they
+need each ID to be one token on the server's tokenizer, which a client cannot know (A0..A3 are two
+tokens in SmolLM2's). Which route ran goes into metrics.json and the report.
 
-The client is the `openai` package: a timeout per request, retries with exponential backoff on
-429, 5xx and dropped connections (its own), at most eval.judge.max_concurrency requests in
-flight. The key is read from the environment variable eval.judge.api_key_env, and is written
-nowhere. Every reply is appended, as it arrives, to a cache in the run directory
-(judge_cache/<identity>.jsonl, keyed by a hash of the judge's identity and the prompt): a rerun,
-or a run stopped halfway, asks the server only for what is missing, so the verdicts are the same.
-The identity is (base URL, model name); the server's own model id is recorded beside it.
+The `openai` client brings a timeout per request and its own retries with exponential backoff (429,
+5xx, dropped connections); at most eval.judge.max_concurrency requests are in flight. The key is read
+from the environment variable eval.judge.api_key_env and written nowhere. Replies are appended as they
+arrive to judge_cache/<identity>.jsonl in the run directory, keyed by the judge's identity (base URL,
+model; the server's own model id is recorded beside it) and the prompt: a rerun, or a run stopped
+halfway, asks only for what is missing, so the verdicts are the same.
 """
 from __future__ import annotations
 
@@ -45,12 +40,10 @@ PROBE_CHOICE = "zebra-7"  # a reply no model gives unprompted: seeing it means t
 
 def client(judge: dict):
     """An OpenAI client for the endpoint; the key from its environment variable."""
-    key = "no-key"
-    if judge["api_key_env"]:
-        key = os.environ.get(judge["api_key_env"])
-        if not key:
-            raise InputError(f"eval.judge.api_key_env: the environment variable {judge['api_key_env']} is not set "
-                             f"(it holds the key for {judge['base_url']})")
+    key = os.environ.get(judge["api_key_env"]) if judge["api_key_env"] else "no-key"
+    if not key:
+        raise InputError(f"eval.judge.api_key_env: the environment variable {judge['api_key_env']} is not set "
+                         f"(it holds the key for {judge['base_url']})")
     return openai.OpenAI(base_url=judge["base_url"], api_key=key, timeout=float(judge["timeout_s"]),
                          max_retries=int(judge["max_retries"]))
 
@@ -91,21 +84,17 @@ def route_request(route: str, choices: list[str]) -> dict:
     return {"max_tokens": FREE_REPLY_TOKENS}
 
 
-def reply_text(route: str, content: str | None) -> str:
+def ask(api, judge: dict, route: str, messages: list[dict], choices: list[str]) -> str:
     """The reply as the local judge would give it: the ID itself (json_schema unwrapped)."""
-    content = content or ""
+    response = api.chat.completions.create(model=judge["model"], messages=messages, temperature=0.0,
+                                           **route_request(route, choices))
+    content = response.choices[0].message.content or ""
     if route == "json_schema":
         try:
             return str(json.loads(content).get("annotator", ""))
         except (json.JSONDecodeError, AttributeError):
-            return content
+            pass
     return content
-
-
-def ask(api, judge: dict, route: str, messages: list[dict], choices: list[str]) -> str:
-    response = api.chat.completions.create(model=judge["model"], messages=messages, temperature=0.0,
-                                           **route_request(route, choices))
-    return reply_text(route, response.choices[0].message.content)
 
 
 def find_route(api, judge: dict) -> str:
@@ -134,27 +123,25 @@ def served_model_id(api, judge: dict) -> str | None:
     return judge["model"] if judge["model"] in ids else (ids[0] if len(ids) == 1 else None)
 
 
-class ReplyCache:
-    """Replies of one judge identity, one JSON line each, appended as they arrive. A line cut
-    short by a kill is skipped on reading (that reply is asked again)."""
+class ReplyCache(dict):
+    """Replies of one judge identity by key, one JSON line each in `path`, appended as they arrive.
+    A line cut short by a kill is skipped on reading (that reply is asked again)."""
 
     def __init__(self, path: Path):
-        self.path, self.lock, self.entries = path, threading.Lock(), {}
+        super().__init__()
+        self.path, self.lock = path, threading.Lock()
         if path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                self.entries[entry["key"]] = entry
-
-    def get(self, key: str):
-        return self.entries.get(key)
+                self[entry["key"]] = entry
 
     def put(self, key: str, **values) -> None:
         entry = {"key": key, **values}
         with self.lock:
-            self.entries[key] = entry
+            self[key] = entry
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
@@ -183,7 +170,7 @@ def run(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]], parse_ver
                          + f", {about['route']}")
     keyed = [(common.config_hash([identity["base_url"], identity["model"], about["route"], job["messages"]]), job)
              for job in jobs]
-    missing = list({key: job for key, job in keyed if cache.get(key) is None}.items())  # one request per prompt
+    missing = list({key: job for key, job in keyed if key not in cache}.items())  # one request per prompt
     prompt_chars = sum(len(m["content"]) for _, job in missing for m in job["messages"])
     print(f"[eval] judge {identity['label']}: {len(missing)} requests to send for {len(jobs)} verdicts "
           f"({len({key for key, _ in keyed}) - len(missing)} distinct prompts answered from the cache), about "
@@ -192,21 +179,18 @@ def run(cfg: dict, jobs: list[dict], annotators: dict[str, list[str]], parse_ver
         api = api or client(judge)
 
         def answer(key: str, job: dict) -> None:
-            reply = ask(api, judge, about["route"], job["messages"], annotators[job["dataset"]])
-            cache.put(key, reply=reply)
+            cache.put(key, reply=ask(api, judge, about["route"], job["messages"], annotators[job["dataset"]]))
 
         with ThreadPoolExecutor(max_workers=int(judge["max_concurrency"])) as pool:
             futures = [pool.submit(answer, key, job) for key, job in missing]
             try:
                 for future in as_completed(futures):
                     future.result()
-            except Exception as err:
-                for other in futures:
-                    other.cancel()
-                if isinstance(err, openai.APIError):
-                    raise one_line(err, judge) from None
-                raise
+            except openai.APIError as err:
+                raise one_line(err, judge) from None
+            finally:
+                pool.shutdown(cancel_futures=True)  # after a failure, the requests not yet sent are dropped
     for key, job in keyed:
-        job["reply"] = cache.get(key)["reply"]
+        job["reply"] = cache[key]["reply"]
         job["verdict"] = parse_verdict(job["reply"], annotators[job["dataset"]])
     return identity

@@ -324,15 +324,14 @@ def write_lewidi_table(cfg: dict, lewidi: dict, tables_dir: Path) -> str:
         for system in view["systems"]:
             label, fallback = f"{system['model']}/{method_label(system['method'])}", system.get("fallback")
             soft, pe = ((f"missing: {system['reason']}",) * 2 if system["status"] != "ok" else
-                        (fmt_ci(system[k], system[f"{k}_ci"]) if system[k] is not None else "-"
-                         for k in ("soft", "pe")))
+                        (fmt_ci(system[k], system[f"{k}_ci"]) for k in ("soft", "pe")))
             rows.append([dataset, "this run", label, soft_name, soft, pe_name, pe,
                          f"{fallback['unparsed']}, {fallback['missing']} / {fallback['cells']}" if fallback else "",
                          system.get("note", "")])
         for published_dataset, system, soft, pe in PUBLISHED_LEWIDI:
             if published_dataset == dataset:
-                rows.append([dataset, "published", system, soft_name, fmt(soft, 2) if soft is not None else "-",
-                             pe_name, fmt(pe), "", "LeWiDi-2025 test set, all items"])
+                rows.append([dataset, "published", system, soft_name, fmt(soft, 2), pe_name, fmt(pe), "",
+                             "LeWiDi-2025 test set, all items"])
     n_items = ", ".join(f"{d}: {v['n_items']} of {v['n_test_items']}" for d, v in lewidi.items())
     notes = [LEWIDI_CAVEAT,
              "Lower is better. Ours: the mean over the test items this run scored "
@@ -364,9 +363,8 @@ def save_figure(fig, path: Path) -> bool:
 
 
 def plot_metric(results: dict, index: dict, datasets: dict, metric, m: int | None, path: Path) -> bool:
-    """One bar chart of registry `metric` (at group size `m` for a group metric) from the results
-    rows' macro values and intervals (`index`: rows_index of them), a panel per dataset it
-    applies to; False if none."""
+    """One bar chart of registry `metric` (at group size `m` for a group metric): the macro values and
+    intervals of rows_index `index`, a panel per dataset it applies to; False (no file) if none."""
     panels = [d for d in results if datasets[d]["task"]["label_type"] in metric.tasks]
     if not panels:
         return False
@@ -557,10 +555,10 @@ def write_report(cfg: dict, results: dict, claims: list[dict], judge_calibration
              "docs/CHOICES.md, and 06_eval.py's block OUR DEFINITIONS). Numbers labelled 'paper' are the paper's, "
              "as summarised second-hand; all others were computed by this run.", "",
              f"Datasets: {', '.join(datasets)}. Models: {', '.join(m['tag'] for m in common.model_configs(cfg))}. "
-             f"Judge: {common.model_configs(cfg)[0]['tag']} (the config's first model).", ""]
-    lines += ["## At a glance: do the paper's claims hold in this run?", "",
-              *claims_markdown(claims, judge_calibration, rules_note), tables["examples"], "", *hlv_section(hlv, run),
-              "## 2. Main results (Table 4)", ""]
+             f"Judge: {common.model_configs(cfg)[0]['tag']} (the config's first model).", "",
+             "## At a glance: do the paper's claims hold in this run?", "",
+             *claims_markdown(claims, judge_calibration, rules_note), tables["examples"], "", *hlv_section(hlv, run),
+             "## 2. Main results (Table 4)", ""]
     if "varierr" in results:
         lines += ["**The paper's numbers** (Table 4 as summarised second-hand; VariErr NLI; not computed by this "
                   "kit):", "", "| model (paper) | method | label acc | feature KL (lower better) | group clf conf | "
