@@ -240,14 +240,6 @@ def check_config(node: Any, schema: Any, source: str, where: str = "") -> None:
             raise InputError(f"{source}: missing config key '{where + '.' if where else ''}{key}'")
 
 
-def _coerce(text: str) -> Any:
-    """CLI override values are parsed as YAML scalars/lists (`3`, `1e-4`, `true`, `[a, b]`)."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text  # the schema check names the key and the value
-
-
 # Mappings whose entries are not the kit's keys but pass through to trl's config classes (validated
 # there, see trainer_config): `--sft.trainer.optim adafactor` adds an entry.
 OPEN_CONFIG_MAPPINGS = ("sft.trainer", "capo.trainer")
@@ -278,7 +270,10 @@ def apply_overrides(cfg: dict, overrides: list[str], source: str = "command line
             nearest = difflib.get_close_matches(parts[-1], known, n=1, cutoff=0.6)
             hint = f" (did you mean '{'.'.join(parts[:-1] + nearest)}'?)" if nearest else ""
             raise InputError(f"{source}: unknown config key '{key}'{hint}")
-        node[parts[-1]] = _coerce(value)
+        try:  # values are YAML scalars or lists (`3`, `1e-4`, `true`, `[a, b]`)
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            node[parts[-1]] = value  # the schema check names the key and the value
     return cfg
 
 
@@ -289,8 +284,7 @@ ADAPTER_KINDS = ("per_annotator", "shared")
 
 
 def check_names(cfg: dict, source: str) -> None:
-    """Model tags name folders, recipe sections and table rows: each a safe name, none twice; the
-    adapter kinds are known ones."""
+    """Known adapter kinds; model tags (folders, recipe sections, table rows) safe and distinct."""
     unknown = [kind for kind in cfg["adapters"] if kind not in ADAPTER_KINDS]
     if unknown or not cfg["adapters"]:
         raise InputError(f"{source}: adapters: {cfg['adapters']!r}; list one or both of {', '.join(ADAPTER_KINDS)}")
@@ -311,8 +305,8 @@ def merged(base: dict, changes: dict) -> dict:
 
 
 def read_profile(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, list[str]]:
-    """(the profile at `path`, merged over the profile its `base:` names, if any; the chain of
-    files, base first). `base: paper` names configs/paper.yaml beside it."""
+    """(the profile merged over its `base:` chain, the chain's files base first); `base: paper`
+    names configs/paper.yaml beside it."""
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
     if path.resolve() in seen:
@@ -333,8 +327,7 @@ def read_profile(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, list[st
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """The profile at `path` (over its `base:` chain) with `overrides` applied, checked against
-    CONFIG_SCHEMA."""
+    """The profile at `path` (over its `base:` chain) with `overrides`, checked against CONFIG_SCHEMA."""
     path = Path(path)
     cfg, chain = read_profile(path)
     check_config(cfg, CONFIG_SCHEMA, str(path) if len(chain) == 1 else f"{path} (over {', '.join(chain[:-1])})")
@@ -405,8 +398,7 @@ DATA_SPLITS = ("paper", "lewidi")
 
 
 def run_dir(cfg: dict) -> Path:
-    """The profile's run_dir; runs of the LeWiDi-2025 split (data.split: lewidi) go to
-    <run_dir>/lewidi/, so the two splits never share data, predictions or adapters."""
+    """The profile's run_dir, or <run_dir>/lewidi/ for the LeWiDi-2025 split (no shared outputs)."""
     split = cfg["data"]["split"]
     if split not in DATA_SPLITS:
         raise InputError(f"data.split is {split!r}; expected one of {', '.join(DATA_SPLITS)}")
@@ -440,8 +432,7 @@ def hlv_dir(cfg: dict, dataset: str) -> Path:
 
 
 def embedding_cache_dir(cfg: dict, dataset: str) -> Path:
-    """Sentence embeddings keyed by embedder and texts: 02 fills it, 05 reuses it (06 keeps its own,
-    eval_cache_dir, beside the scores it caches)."""
+    """Sentence embeddings: 02 fills it, 05 reuses it (06 has its own, eval_cache_dir)."""
     return hlv_dir(cfg, dataset) / "cache"
 
 
@@ -553,10 +544,10 @@ def data_files(cfg: dict, dataset: str) -> list[Path]:
 
 def require_data(cfg: dict, dataset: str) -> None:
     """Stop unless 01 finished `dataset` with the config (split seed, sizes) and code now present."""
+    redo = stage_command(cfg, "01_prepare.py", "--dataset", dataset)
     if not data_dir(cfg, dataset).is_dir():
-        raise InputError(f"{data_dir(cfg, dataset)}: no prepared data for '{dataset}'; run: "
-                         + stage_command(cfg, "01_prepare.py", "--dataset", dataset))
-    require_current(data_dir(cfg, dataset), cfg, stage_command(cfg, "01_prepare.py", "--dataset", dataset))
+        raise InputError(f"{data_dir(cfg, dataset)}: no prepared data for '{dataset}'; run: {redo}")
+    require_current(data_dir(cfg, dataset), cfg, redo)
 
 
 def load_task(cfg: dict, dataset: str) -> dict:
@@ -569,9 +560,8 @@ def load_split(cfg: dict, dataset: str, split: str) -> list[dict]:
 
 
 def load_eval_split(cfg: dict, dataset: str, split: str) -> list[dict]:
-    """The dev or test records that 03-06 generate on and score: every item, or with
-    data.max_eval_items the records of a seeded sample of that many items (a CPU budget;
-    01 and 02 always use every item)."""
+    """The dev or test records 03-06 generate on and score: every item's, or with
+    data.max_eval_items a seeded sample of items' (a CPU budget; 01 and 02 use every item)."""
     records = load_split(cfg, dataset, split)
     items = sorted({record["item_id"] for record in records})
     keep = set(seeded_sample(items, cfg["data"]["max_eval_items"], f"{cfg['data']['split_seed']}/{dataset}/{split}"))
@@ -598,7 +588,6 @@ def listed(names: list[str], shown: int = 12) -> str:
 
 
 def all_annotators(cfg: dict, dataset: str) -> list[str]:
-    """Every annotator of the dataset, as 01 found them."""
     return read_json(data_dir(cfg, dataset) / "stats.json")["annotators"]
 
 
@@ -617,23 +606,15 @@ def normalize_label(value: Any, task: dict) -> str | int | None:
     if task["label_type"] == "categorical":
         if not isinstance(value, str):
             return None
-        text = value.strip().lower()
-        for label in task["labels"]:
-            if text == label.lower():
-                return label
-        return None
+        return next((label for label in task["labels"] if value.strip().lower() == label.lower()), None)
     low, high = task["score_range"]
-    if isinstance(value, bool):
+    if (isinstance(value, float) and value.is_integer()
+            or isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value)):
+        value = int(value)
+
+    if not isinstance(value, int) or isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        score = value
-    elif isinstance(value, float) and value.is_integer():
-        score = int(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        score = int(value)
-    else:
-        return None
-    return score if low <= score <= high else None
+    return value if low <= value <= high else None
 
 
 def format_response(label: str | int, explanation: str) -> str:
@@ -646,12 +627,9 @@ _RESPONSE_RE = re.compile(r"^\s*label\s*:\s*(?P<label>[^\n]*?)\s*\n+\s*explanati
 
 
 def parse_response(text: str, task: dict) -> tuple[str | int | None, str | None, bool]:
-    """Strict parse of `Label: X\\nExplanation: Y` -> (label, explanation, parse_ok).
-
-    Anything else (no label line, a label outside the task's set, a score that is not an
-    integer in range, an empty explanation) gives (None, None, False). Text after the
-    explanation's first blank line is dropped (small models ramble on).
-    """
+    """Strict parse of `Label: X\\nExplanation: Y` -> (label, explanation, parse_ok); anything else
+    gives (None, None, False). Text after the explanation's first blank line is dropped (small
+    models ramble on)."""
     if not isinstance(text, str):
         return None, None, False
     text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
@@ -676,12 +654,9 @@ def label_space(task: dict) -> str:
 def build_messages(task: dict, annotator: str, text_a: str, text_b: str, *,
                    profile: str | None = None,
                    demonstrations: list[dict] | None = None) -> list[dict]:
-    """Chat messages asking `annotator` to label one item.
-
-    Base = ID and instructions only; VP adds a value profile; ICL adds demonstrations
-    (records of the same annotator, shown as earlier user/assistant turns). SFT and CAPO
-    train on the Base form, so the adapter alone carries the annotator's behaviour.
-    """
+    """Chat messages asking `annotator` to label one item. Base = ID and instructions only; VP adds
+    a value profile; ICL adds demonstrations (the annotator's records as earlier turns). SFT and
+    CAPO train on the Base form, so the adapter alone carries the annotator's behaviour."""
     system = (f"You are annotator {annotator}. {task['instruction']} "
               f"Answer in exactly this format:\nLabel: <{label_space(task)}>\n"
               f"Explanation: <your explanation>")
@@ -719,15 +694,12 @@ PREDICTION_FIELDS = ("dataset", "item_id", "annotator", "method", "model", "seed
 
 
 def annotator_requests(records: list[dict], task: dict, annotator: str, **prompt_kwargs) -> list[dict]:
-    """One generation request per distinct item `annotator` labelled in `records`, by item_id.
-
-    `prompt_kwargs` go to build_messages (profile=..., demonstrations=...). An item the
-    annotator labelled twice (two VariErr labels) is asked once.
-    """
+    """One generation request per distinct item `annotator` labelled in `records`, by item_id (an
+    item labelled twice is asked once); `prompt_kwargs` go to build_messages."""
     items: dict[str, dict] = {}
     for record in records:
-        if record["annotator"] == annotator and record["item_id"] not in items:
-            items[record["item_id"]] = record
+        if record["annotator"] == annotator:
+            items.setdefault(record["item_id"], record)
     return [{"dataset": record["dataset"], "item_id": item_id, "annotator": annotator,
              "messages": build_messages(task, annotator, record["text_a"], record["text_b"],
                                         **prompt_kwargs)}
@@ -735,9 +707,9 @@ def annotator_requests(records: list[dict], task: dict, annotator: str, **prompt
 
 
 def response_openings(task: dict) -> list[str]:
-    """What every reply must begin with when generation.constrain_response is on: the response
-    format's opening with one of the task's labels (categories, or every integer in the score
-    range); the explanation after it is free."""
+    """What every reply begins with under generation.constrain_response: the format's opening
+    with one of the task's labels; the explanation after it is free."""
+
     if task["label_type"] == "categorical":
         labels = task["labels"]
     else:
