@@ -1,18 +1,8 @@
-"""common.py: what two or more capo-kit stages share. Its sections, in the order a reader meets them:
-
-  config        load_config: a profile (over its `base:` chain) and `--section.key value`
-                overrides, every key checked against CONFIG_SCHEMA; the stages' argument parsers
-  run layout    every path under runs/<profile>/ (data_dir, predictions_path, adapter_dir, ...)
-  data          the task of a dataset, the split loaders, the response format and its parser,
-                the prompts (build_messages) and the chat-template variables
-  models        tokenizers and models per source: hub (paper), gguf (SmolLM2 from its package,
-                cpu), tiny (smoke), random stand-ins of the paper's architectures
-  classifier    sentence embeddings, E1-E4, the annotator classifier, grouped confidence
-  generation    prediction records, through engine.py (the decoder)
-  training      trainer settings, the adapter loop of 04 and 05, adapter folders, model cards
-  provenance    manifests: what each output was made from (recipe, why_not_current, stale_reason)
-  plumbing      one-line errors and the stage entry point, seeding, atomic files, JSON(L)
-  processes     each process's share of a stage's units under `accelerate launch`
+"""common.py: what two or more capo-kit stages share. Its sections, each opened by a banner that
+says what it holds: config (load_config, the stages' argument parsers), run layout (every path
+under runs/<profile>/), data and prompts, models and tokenizers, the annotator classifier,
+generation (through engine.py), training (the adapter loop of 04 and 05), provenance (manifests),
+plumbing (one-line errors, atomic files, JSON(L)), processes (`accelerate launch`).
 
 Private APIs of the pinned libraries are used in patches.py only.
 """
@@ -800,8 +790,7 @@ def build_tiny_model(model_cfg: dict, tokenizer):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng():
         torch.manual_seed(model_cfg["init_seed"])
-        model = LlamaForCausalLM(config)
-    return model
+        return LlamaForCausalLM(config)
 
 
 # Paper-shaped stand-ins (`source: random`) to measure speed and memory without the weights: the
@@ -865,8 +854,7 @@ def build_stand_in_model(model_cfg: dict, tokenizer, device: str, dtype):
     config = stand_in_config(model_cfg, tokenizer)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(model_cfg["init_seed"])  # seeds the CUDA generators too
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def hub_model_ids(cfg: dict, with_metrics: bool = False) -> list[str]:
@@ -1413,8 +1401,7 @@ def load_adapter_model(model_cfg: dict, adapter_path: str | Path, device: str | 
     """(PeftModel, tokenizer): the base model of `model_cfg` with a saved adapter, for inference."""
     from peft import PeftModel
     base, tokenizer = load_model_and_tokenizer(model_cfg, device=device)
-    model = PeftModel.from_pretrained(base, str(adapter_path))
-    return model.eval(), tokenizer
+    return PeftModel.from_pretrained(base, str(adapter_path)).eval(), tokenizer
 
 
 # Adapter folders are made portable: adapter_config.json names the base model by its hub ID (not
@@ -1603,7 +1590,7 @@ def train_adapters(cfg: dict, args, stage: str, units: list[dict], recipe_of: Ca
             continue
         if upstream:
             require_current(upstream, cfg, redo_upstream)
-        with training_processes(args.data_parallel):
+        with contextlib.nullcontext() if args.data_parallel else training_alone():  # DDP, or each alone
             if is_main_process():
                 for line in unit.get("announce", []):
                     print(f"[{label}] {line}", flush=True)
@@ -1955,7 +1942,8 @@ def save_resolved_config(cfg: dict, out_dir: str | Path, stage: str, argv: list[
             "python": platform.python_version(),
             "platform": platform.platform(),
             "git_sha": git_sha(),
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "world_size": world_size(),
+
             "packages": package_versions(),
         },
     }
@@ -2347,10 +2335,6 @@ def training_share(units: list, data_parallel: bool) -> list:
     processes train each one together), else its own share (each trains its own alone)."""
     return list(units) if data_parallel else this_process_share(units)
 
-
-def training_processes(data_parallel: bool):
-    """The context a 04/05 unit runs in: the launch's world (DDP) or training_alone()."""
-    return contextlib.nullcontext() if data_parallel else training_alone()
 
 
 @contextlib.contextmanager
