@@ -179,8 +179,7 @@ SCHEMA_TYPES = {"null": type(None), "int": int, "float": (int, float), "bool": b
 
 
 def _type_ok(value: Any, spec: str) -> bool:
-    """Whether `value` fits a schema type such as `int`, `float|null` or `list[str]` (a bool is
-    not a number)."""
+    """Whether `value` fits a schema type such as `int`, `float|null` or `list[str]` (bools are no numbers)."""
     for kind in spec.split("|"):
         if kind.startswith("list[") and isinstance(value, list):
             return all(_type_ok(item, kind[5:-1]) for item in value)
@@ -518,12 +517,9 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
-DATA_FILES = ("train.jsonl", "dev.jsonl", "test.jsonl", "stats.json")
-
-
 def data_files(cfg: dict, dataset: str) -> list[Path]:
     """01's files for `dataset`: the inputs every later stage's recipe names."""
-    return [data_dir(cfg, dataset) / name for name in DATA_FILES]
+    return [data_dir(cfg, dataset) / name for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "stats.json")]
 
 
 def require_data(cfg: dict, dataset: str) -> None:
@@ -595,7 +591,6 @@ def normalize_label(value: Any, task: dict) -> str | int | None:
     if (isinstance(value, float) and value.is_integer()
             or isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value)):
         value = int(value)
-
     if not isinstance(value, int) or isinstance(value, bool):
         return None
     return value if low <= value <= high else None
@@ -690,7 +685,6 @@ def annotator_requests(records: list[dict], task: dict, annotator: str, **prompt
 def response_openings(task: dict) -> list[str]:
     """What every reply begins with under generation.constrain_response: the format's opening
     with one of the task's labels; the explanation after it is free."""
-
     if task["label_type"] == "categorical":
         labels = task["labels"]
     else:
@@ -1216,7 +1210,6 @@ def native_bf16() -> bool:
     """Whether this machine computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU
     with AVX512-BF16 or AMX (Linux: /proc/cpuinfo). Elsewhere torch emulates bf16, far slower than
     float32 (bench/RESULTS.md), so the bf16 settings fall back to float32."""
-
     import torch
     if torch.cuda.is_available():
         return bool(torch.cuda.is_bf16_supported())
@@ -1541,7 +1534,6 @@ def adapter_units(cfg: dict, dataset: str, data: dict, method: str, choice: str 
                              f"(annotators: {listed(annotators)})")
         annotators = wanted
     units = []
-
     for model_cfg in model_configs(cfg):
         base = {"dataset": dataset, "model": model_cfg, "task": data["task"], "splits": data["splits"]}
         if "per_annotator" in cfg["adapters"]:
@@ -1562,7 +1554,10 @@ def train_adapters(cfg: dict, args, stage: str, units: list[dict], recipe_of: Ca
     then write each target's test predictions unless current. A unit may carry "skip" (why it is
     not trained), "upstream" (the adapter it starts from, which must be current, and the command
     that remakes it) and "announce" (lines printed first). Returns every process's summary rows."""
+    import gc
+
     import patches
+    import torch
     patches.silence_library_warnings()
     done = []
     for unit in training_share(units, args.data_parallel):
@@ -1599,7 +1594,9 @@ def train_adapters(cfg: dict, args, stage: str, units: list[dict], recipe_of: Ca
             if reason:
                 print(f"[{label}] training ({reason}){process_label()}", flush=True)
                 train(unit, adapter, made_from)
-                free_memory()  # the trainer and its models are gone with train()'s frame
+                gc.collect()  # the trainer and its models are gone with train()'s frame
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             else:
                 print(f"[{label}] adapter is current (same inputs, config and code); not retrained", flush=True)
             if not is_main_process():
@@ -1639,15 +1636,6 @@ def predict_targets(cfg: dict, stage: str, unit: dict, adapter: Path, paths: dic
         write_manifest(path, made_from)
         predictions += made
     return parse_rate(predictions)
-
-
-def free_memory() -> None:
-    import gc
-
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def save_adapter(cfg: dict, unit: dict, adapter: Path, made_from: dict, work_dir: Path, write: Callable) -> None:
@@ -1943,7 +1931,6 @@ def save_resolved_config(cfg: dict, out_dir: str | Path, stage: str, argv: list[
             "platform": platform.platform(),
             "git_sha": git_sha(),
             "world_size": world_size(),
-
             "packages": package_versions(),
         },
     }
@@ -2014,7 +2001,10 @@ def _umask() -> int:
 
 
 def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.{os.getpid()}-"  # the writer's process ID: see _remove_stale_temps
+    """This writer's temp prefix (its process ID: see _writer_alive), in a ready, cleaned folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
+    return f".{path.name}.{os.getpid()}-"
 
 
 def _writer_alive(temp: Path, path: Path) -> bool:
@@ -2043,8 +2033,6 @@ def _remove_stale_temps(path: Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in the target's folder; rename it over `path` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -2061,8 +2049,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temp folder beside `path`; it replaces `path` whole only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
@@ -2336,14 +2322,12 @@ def training_share(units: list, data_parallel: bool) -> list:
     return list(units) if data_parallel else this_process_share(units)
 
 
-
 @contextlib.contextmanager
 def training_alone():
     """Inside, this process trains by itself while the others of the launch train their own
     adapters (04/05's default split): the trainer sees a world of one (no DDP, no gradient
     exchange). The process group stays up for wait_for_everyone / gather_to_all outside; on GPUs
     each process keeps the device its launch gave it."""
-
     if world_size() == 1:
         yield
         return
