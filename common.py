@@ -288,8 +288,7 @@ def merged(base: dict, changes: dict) -> dict:
 
 
 def read_profile(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, list[str]]:
-    """(the profile merged over its `base:` chain, the chain's files base first); `base: paper`
-    names configs/paper.yaml beside it."""
+    """(the profile over its `base:` chain, the chain's files base first); `base: paper`: paper.yaml beside it."""
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
     if path.resolve() in seen:
@@ -841,8 +840,7 @@ def stand_in_config(model_cfg: dict, tokenizer=None):
 
 
 def build_stand_in_model(model_cfg: dict, tokenizer, device: str, dtype):
-    """A paper-architecture model with seeded random weights, built straight on `device`
-    (a 4B model is not first materialised on the CPU)."""
+    """A paper-architecture model with seeded random weights, built straight on `device` (not on the CPU)."""
     import torch
     from transformers import AutoModelForCausalLM
     config = stand_in_config(model_cfg, tokenizer)
@@ -1164,8 +1162,7 @@ def group_target_confidence(clf, X, target: str, group_size: int, n_groups: int,
 # ----------------------------------------------------------------------------
 def generate_predictions(model, tokenizer, requests: list[dict], task: dict, gen_cfg: dict, *,
                          method: str, model_tag: str, seed: int, desc: str = "generate") -> list[dict]:
-    """Prediction records (PREDICTION_FIELDS) for `requests` (dataset, item_id, annotator,
-    messages), in order; generation.constrain_response fixes each reply's opening."""
+    """Prediction records (PREDICTION_FIELDS) for `requests` (dataset, item_id, annotator, messages), in order."""
     from engine import ReplyConstraint
     constraint = (ReplyConstraint(tokenizer, response_openings(task), end_at_line_break=True)
                   if gen_cfg["constrain_response"] else None)
@@ -1855,8 +1852,7 @@ def why_not_current(output: str | Path, made_from: dict) -> str | None:
 
 
 def stale_reason(output: str | Path, cfg: dict) -> str | None:
-    """A consumer's check of an upstream output: are the inputs, config values and code its
-    manifest records still what is here now? None if so; else the reason."""
+    """A consumer's check of an upstream output: None if what its manifest records is still here, else why not."""
     output = Path(output)
     manifest = _read_manifest(output) if output.exists() else None
     if manifest is None:
@@ -2008,8 +2004,7 @@ def _temp_prefix(path: Path) -> str:
 
 
 def _writer_alive(temp: Path, path: Path) -> bool:
-    """Whether the process that named `temp` still runs (another process of a launch may be
-    writing the same path, e.g. a shared cache file)."""
+    """Whether the process that named `temp` still runs (another process may write the same path)."""
     pid = temp.name[len(path.name) + 2:].split("-", 1)[0]
     if not pid.isdigit() or int(pid) == os.getpid():
         return False
@@ -2317,8 +2312,7 @@ def wait_for_everyone() -> None:
 
 
 def training_share(units: list, data_parallel: bool) -> list:
-    """The adapters (04/05) this process works on: all of them with --data-parallel (the
-    processes train each one together), else its own share (each trains its own alone)."""
+    """The adapters (04/05) this process trains: all with --data-parallel (together), else its own share."""
     return list(units) if data_parallel else this_process_share(units)
 
 
