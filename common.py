@@ -1996,8 +1996,9 @@ def _umask() -> int:
     return mask
 
 
-def _temp_prefix(path: Path) -> str:
-    """This writer's temp prefix (its process ID: see _writer_alive), in a ready, cleaned folder."""
+def _temp_prefix_in_clean_folder(path: Path) -> str:
+    """This writer's temp prefix (its process ID: see _writer_alive), once the target's folder
+    exists and dead writers' temps are gone from it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
     return f".{path.name}.{os.getpid()}-"
@@ -2028,7 +2029,7 @@ def _remove_stale_temps(path: Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in the target's folder; rename it over `path` only on success."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix_in_clean_folder(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the user's umask
@@ -2044,7 +2045,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temp folder beside `path`; it replaces `path` whole only on success."""
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix_in_clean_folder(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
