@@ -27,6 +27,7 @@ import common
 import endpoint_judge
 import engine
 import eval_report
+import patches
 from common import InputError, input_error
 from eval_report import HUMAN, primary_group_size, requested_group_sizes
 
@@ -402,9 +403,10 @@ def bertscore_f1(outputs: list[str], references: list[list[str]], ev: dict) -> t
     try:
         import bert_score
         model = str(common.package_dir(spec.split(":", 1)[1]) / "model") if spec.startswith("package:") else spec
-        _, _, f1 = bert_score.score([out for out, _ in pairs], [list(refs) for _, refs in pairs],
-                                    model_type=model, num_layers=ev["bertscore_num_layers"],
-                                    batch_size=64, device=common.default_device(), verbose=False)
+        with patches.bert_score_in_input_order():
+            _, _, f1 = bert_score.score([out for out, _ in pairs], [list(refs) for _, refs in pairs],
+                                        model_type=model, num_layers=ev["bertscore_num_layers"],
+                                        batch_size=64, device=common.default_device(), verbose=False)
     except Exception as err:  # a missing model or an offline hub must not stop the report
         return None, f"bert-score could not run with {spec}: {type(err).__name__}: {err}"
     score_of = dict(zip(pairs, f1.tolist()))

@@ -7,6 +7,7 @@ the job.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 
@@ -68,6 +69,22 @@ def reset_accelerate_state() -> None:
     from accelerate.state import AcceleratorState, GradientState
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+# ---- bert-score 0.3.13 (bert_score.utils' module-level `set`): BERTScore the same on every run.
+# bert_cos_score_idf batches its sentences as `sorted(list(set(...)), key=word count)`: ties keep
+# the set's order, which Python's per-process string hashing changes from run to run. Other
+# batches pad differently, and F1 moves in its last float32 digits (06's metrics.json and
+# tables/results.csv then differ between two runs of the same inputs). Inside the block, the
+# set keeps the order in which the sentences first came, so the batches are the same every run.
+@contextlib.contextmanager
+def bert_score_in_input_order():
+    import bert_score.utils as bert_score_utils
+    bert_score_utils.set = lambda items: list(dict.fromkeys(items))  # found before builtins' set
+    try:
+        yield
+    finally:
+        del bert_score_utils.set
 
 
 # ---- transformers 5.23 (cache_utils.DynamicLayer internals: keys/values, lazy_initialization;

@@ -6,6 +6,11 @@ if the library now does the job), then update the version pinned here and in req
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,7 @@ WRITTEN_FOR = {  # patch -> (package, the version it was written and tested agai
     "lm_head_on_labelled_positions_only": ("trl", "1.16.0"),
     "fingerprint_tokenizer_without_copies": ("datasets", "5.2.0"),
     "reset_accelerate_state": ("accelerate", "1.15.0"),
+    "bert_score_in_input_order": ("bert-score", "0.3.13"),
     "append_layer_class": ("transformers", "5.23.0"),
     "attention_implementation": ("transformers", "5.23.0"),
     "silence_library_warnings": ("peft", "0.21.2"),
@@ -110,3 +116,36 @@ def test_silence_library_warnings_matches_the_libraries_own_messages():
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("another warning", UserWarning)
     assert [str(w.message) for w in caught] == ["another warning"]
+
+
+# One process per hash seed: which batches bert-score embeds, its model stubbed out (shapes only).
+BERT_SCORE_BATCHES = """
+import collections, json, torch, bert_score.utils as utils, patches
+batches = []
+def embed(sentences, model, tokenizer, idf_dict, device="cpu", all_layers=False):
+    batches.append(list(sentences))
+    n = len(sentences)
+    return torch.ones(n, 2, 4), torch.ones(n, 2, dtype=torch.long), torch.ones(n, 2)
+utils.get_bert_embedding = embed
+hyps = [f"output number {i}" for i in range(12)]
+refs = [f"reference number {i}" for i in range(12)]
+idf = collections.defaultdict(lambda: 1.0)
+utils.bert_cos_score_idf(torch.nn.Linear(1, 1), refs, hyps, None, idf, batch_size=5, device="cpu")
+plain, batches = batches, []
+with patches.bert_score_in_input_order():
+    utils.bert_cos_score_idf(torch.nn.Linear(1, 1), refs, hyps, None, idf, batch_size=5, device="cpu")
+print(json.dumps({"plain": plain, "patched": batches}))
+"""
+
+
+def test_bert_score_in_input_order_gives_the_same_batches_whatever_the_hash_seed():
+    runs = []
+    for seed in ("1", "2", "3"):
+        out = subprocess.run([sys.executable, "-c", BERT_SCORE_BATCHES], capture_output=True, text=True, check=True,
+                             cwd=Path(patches.__file__).parent, env={**os.environ, "PYTHONHASHSEED": seed})
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert len({json.dumps(run["plain"]) for run in runs}) > 1, \
+        "patches.bert_score_in_input_order: bert-score's batches no longer depend on the hash seed; delete the patch?"
+    assert all(run["patched"] == runs[0]["patched"] for run in runs)
+    assert runs[0]["patched"][0] == (["reference number 0", "reference number 1", "reference number 2",
+                                      "reference number 3", "reference number 4"])  # first come, first batched
