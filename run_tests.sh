@@ -10,5 +10,8 @@ bash setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 where=tests  # unless a test path is given
 for arg in "$@"; do case "$arg" in tests|tests/*) where="" ;; esac; done
-# -rs: say why a test was skipped; --dist loadfile: a file's module fixtures are built once
-exec .venv/bin/python -m pytest -q -rs -n "${CAPO_TEST_WORKERS:-2}" --dist loadfile $where "$@"
+# -rs: say why a test was skipped; --dist loadfile: a file's module fixtures are built once; -W: peft
+# and trl read transformers' deprecated is_gradient_checkpointing (the stages hide it the same way:
+# patches.silence_library_warnings)
+exec .venv/bin/python -m pytest -q -rs -n "${CAPO_TEST_WORKERS:-2}" --dist loadfile \
+  -W "ignore:\`is_gradient_checkpointing\` is deprecated:FutureWarning" $where "$@"
