@@ -57,10 +57,9 @@ def sft_config(cfg: dict, output_dir, has_dev: bool, **changes) -> SFTConfig:
     return common.trainer_config(SFTConfig, cfg, "sft", settings)
 
 
-def within_max_length(records: list[dict], unit: dict, target: str, tokenizer, max_length: int):
-    """(`target`'s rows whose prompt + response fit in max_length tokens, how many did not). Dropped,
-    not truncated: a cut response would teach the model to stop mid-sentence, or never."""
-    rows = sft_examples(records, unit["task"], target)
+def within_max_length(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
+    """Rows whose prompt + response fit in max_length tokens, and how many did not. Dropped, not
+    truncated: a cut response would teach the model to stop mid-sentence, or never."""
     kept = [row for row in rows
             if len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True,
                                                  return_dict=False, **common.CHAT_TEMPLATE_KWARGS))
@@ -97,8 +96,10 @@ def training_rows(cfg: dict, unit: dict, tokenizer) -> tuple[list[dict], list[di
     train_rows, dev_rows = [], []
     counts = {"available": 0, "too_long": 0, "dev_too_long": 0, "per_target": []}
     for target in unit["targets"]:
-        train, too_long = within_max_length(unit["splits"]["train"], unit, target, tokenizer, max_length)
-        dev, dev_too_long = within_max_length(unit["splits"]["dev"], unit, target, tokenizer, max_length)
+        train, too_long = within_max_length(sft_examples(unit["splits"]["train"], unit["task"], target), tokenizer,
+                                            max_length)
+        dev, dev_too_long = within_max_length(sft_examples(unit["splits"]["dev"], unit["task"], target), tokenizer,
+                                              max_length)
         counts["available"] += len(train)
         counts["too_long"] += too_long
         counts["dev_too_long"] += dev_too_long
