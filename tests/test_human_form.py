@@ -137,6 +137,31 @@ def test_two_raters_rate_reload_export_and_06_scores_them(form_run, tmp_path):
     assert "Krippendorff" in report and "ana vs ben" in report
 
 
+def test_progress_survives_a_reload_that_loses_either_store(form_run, tmp_path):
+    """Chromium now and then reloads a page opened from disk with an empty localStorage; the tab's
+    sessionStorage still holds the progress. A new tab has no sessionStorage; localStorage does."""
+    from selenium.webdriver.common.by import By
+    _, run_dir = form_run
+    form = (run_dir / "human_eval" / "form.html").as_uri()
+    progress = "return [state.rater, JSON.stringify(state.answers)]"
+    driver = browser(tmp_path)
+    try:
+        driver.get(form)
+        driver.find_element(By.ID, "rater").send_keys("cleo")
+        driver.find_element(By.ID, "begin").click()
+        press(driver, "1", "4", "3", "2")
+        before = driver.execute_script(progress)
+        assert before[0] == "cleo" and len(json.loads(before[1])) == 1
+        driver.execute_script("state = null; localStorage.clear()")  # as that reload sees it, and no save on unload
+        driver.refresh()
+        assert driver.execute_script(progress) == before
+        driver.execute_script("state = null; sessionStorage.clear()")  # as a new tab or a restarted browser
+        driver.refresh()
+        assert driver.execute_script(progress) == before
+    finally:
+        driver.quit()
+
+
 def test_the_first_cell_renders_with_every_part_visible(form_run, tmp_path):
     from selenium.webdriver.common.by import By
     import matplotlib.image
