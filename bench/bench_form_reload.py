@@ -31,15 +31,12 @@ def main() -> None:
     parser.add_argument("--form", type=Path, help="a form.html (default: build the fixture form)")
     parser.add_argument("--reloads", type=int, default=150)
     args = parser.parse_args()
-    from selenium.webdriver.common.by import By
-    from test_human_form import browser, press
+    from test_human_form import browser, open_as, press
     with tempfile.TemporaryDirectory() as folder:
         form = args.form or fixture_form(Path(folder))
         driver = browser(Path(folder))
         try:
-            driver.get(form.resolve().as_uri())
-            driver.find_element(By.ID, "rater").send_keys("ana")
-            driver.find_element(By.ID, "begin").click()
+            open_as(driver, form, "ana")
             press(driver, "1", "4", "3", "2")
             lost = empty = 0
             for _ in range(args.reloads):

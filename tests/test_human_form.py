@@ -56,6 +56,14 @@ def press(driver, *keys: str) -> None:
         ActionChains(driver).send_keys(key).perform()
 
 
+def open_as(driver, form: Path, rater: str) -> None:
+    """Open the form from disk, as a rater does, and begin as `rater`."""
+    from selenium.webdriver.common.by import By
+    driver.get(form.resolve().as_uri())
+    driver.find_element(By.ID, "rater").send_keys(rater)
+    driver.find_element(By.ID, "begin").click()
+
+
 def wait_for(path: Path, timeout: float = 20) -> Path:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -70,9 +78,7 @@ def rate_everything(driver, form: Path, rater: str, attribution_key: str, rating
     ratings), reloading the page once after `reload_after` cells; returns the positions seen."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    driver.get(form.as_uri())
-    driver.find_element(By.ID, "rater").send_keys(rater)
-    driver.find_element(By.ID, "begin").click()
+    open_as(driver, form, rater)
     total = driver.execute_script("return state.order.length")
     for done in range(total):
         if done == reload_after:
@@ -140,15 +146,11 @@ def test_two_raters_rate_reload_export_and_06_scores_them(form_run, tmp_path):
 def test_progress_survives_a_reload_that_loses_either_store(form_run, tmp_path):
     """Chromium now and then reloads a page opened from disk with an empty localStorage; the tab's
     sessionStorage still holds the progress. A new tab has no sessionStorage; localStorage does."""
-    from selenium.webdriver.common.by import By
     _, run_dir = form_run
-    form = (run_dir / "human_eval" / "form.html").as_uri()
     progress = "return [state.rater, JSON.stringify(state.answers)]"
     driver = browser(tmp_path)
     try:
-        driver.get(form)
-        driver.find_element(By.ID, "rater").send_keys("cleo")
-        driver.find_element(By.ID, "begin").click()
+        open_as(driver, run_dir / "human_eval" / "form.html", "cleo")
         press(driver, "1", "4", "3", "2")
         before = driver.execute_script(progress)
         assert before[0] == "cleo" and len(json.loads(before[1])) == 1
@@ -168,9 +170,7 @@ def test_the_first_cell_renders_with_every_part_visible(form_run, tmp_path):
     config, run_dir = form_run
     driver = browser(tmp_path)
     try:
-        driver.get((run_dir / "human_eval" / "form.html").as_uri())
-        driver.find_element(By.ID, "rater").send_keys("screenshot")
-        driver.find_element(By.ID, "begin").click()
+        open_as(driver, run_dir / "human_eval" / "form.html", "screenshot")
         height = driver.execute_script("return window.innerHeight")
         for part in ("text-a", "text-b", "response", "examples", "questions", "progress"):
             element = driver.find_element(By.ID, part)
